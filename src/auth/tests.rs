@@ -1,0 +1,193 @@
+//! Verification against the in-memory store: what is read, when argon2 runs, what is refused.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::cache::CacheSettings;
+use crate::lifecycle::{self, TokenSpec};
+use crate::store::memory::MemoryBackend;
+use crate::store::{Owner, Store};
+use crate::token::Argon2Params;
+
+const ARGON2: Argon2Params = Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 };
+
+struct Fixture {
+    backend: Arc<MemoryBackend>,
+    store: Store,
+    verifier: Arc<Verifier>,
+    user: User,
+    token: String,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let backend = Arc::new(MemoryBackend::default());
+        let store = Store::new(backend.clone(), Duration::from_millis(200));
+        let cache = Arc::new(Cache::new(
+            store.clone(),
+            CacheSettings { capacity: 100, ttl: Duration::from_secs(60) },
+        ));
+        let follower = cache.clone();
+        tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
+        while !cache.is_live() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let verifier = Arc::new(Verifier::new(cache, 100, 2));
+        let user = lifecycle::create_user(
+            &store,
+            "acme",
+            "ann@example.com",
+            Role::Editor,
+            BTreeMap::new(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let token = issue(&store, &user, TokenSpec::default()).await;
+        let f = Fixture { backend, store, verifier, user, token };
+        // The creations above publish invalidations too; let them land first.
+        f.settle(0, 2).await;
+        f
+    }
+
+    /// Waits until the follower has applied everything published so far.
+    async fn settle(&self, applied_before: u64, expected_new: u64) {
+        let cache = self.verifier.cache();
+        for _ in 0..1000 {
+            if cache.invalidations_applied() >= applied_before + expected_new {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("invalidation not applied");
+    }
+}
+
+async fn issue(store: &Store, user: &User, spec: TokenSpec) -> String {
+    lifecycle::issue_token(store, ARGON2, &user.org, Owner::User(user.id.clone()), spec)
+        .await
+        .unwrap()
+        .0
+        .token
+}
+
+fn invalid(r: Result<Principal, AuthError>) -> Invalid {
+    match r {
+        Err(AuthError::Invalid(i)) => i,
+        other => panic!("expected an invalid token, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_valid_token_verifies_and_then_hits_the_cache() {
+    let f = Fixture::new().await;
+    let p = f.verifier.verify(&f.token).await.unwrap();
+    assert_eq!(p.subject(), format!("user:{}", f.user.id));
+    assert_eq!(p.role_on("any"), Role::Editor);
+    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+
+    let reads = f.backend.reads();
+    for _ in 0..10 {
+        f.verifier.verify(&f.token).await.unwrap();
+    }
+    assert_eq!(f.backend.reads(), reads, "a cache hit must not read the store");
+    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1, "a cache hit must not run argon2");
+}
+
+#[tokio::test]
+async fn a_bad_checksum_is_refused_without_touching_the_store() {
+    let f = Fixture::new().await;
+    let mut bad = f.token.clone().into_bytes();
+    let last = bad.len() - 1;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).unwrap();
+    let reads = f.backend.reads();
+    assert_eq!(invalid(f.verifier.verify(&bad).await), Invalid::Malformed);
+    assert_eq!(invalid(f.verifier.verify("tgp_short").await), Invalid::Malformed);
+    assert_eq!(f.backend.reads(), reads);
+}
+
+#[tokio::test]
+async fn unknown_id_and_wrong_secret_are_both_refused() {
+    let f = Fixture::new().await;
+    let unknown = crate::token::generate(crate::token::TokenKind::Pat).token;
+    assert_eq!(invalid(f.verifier.verify(&unknown).await), Invalid::Unknown);
+    // Same id, another secret, a valid checksum.
+    let other = crate::token::generate(crate::token::TokenKind::Pat).token;
+    let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &f.token[..10], &other[10..40]));
+    assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
+    // After the right secret is proven, a wrong one is still refused (now without argon2).
+    f.verifier.verify(&f.token).await.unwrap();
+    let runs = f.verifier.stats().argon2_runs.load(Ordering::SeqCst);
+    assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
+    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), runs);
+    assert_eq!(Invalid::Unknown.description(), Invalid::WrongSecret.description());
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_store_read_and_one_argon2_run() {
+    let f = Fixture::new().await;
+    let reads = f.backend.reads();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (v, t) = (f.verifier.clone(), f.token.clone());
+            tokio::spawn(async move { v.verify(&t).await.map(|_| ()) })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+    // One read of the token, one of its user.
+    assert_eq!(f.backend.reads() - reads, 2);
+}
+
+#[tokio::test]
+async fn expiry_is_checked_against_the_clock() {
+    let f = Fixture::new().await;
+    let spec = TokenSpec { expires_at: Some(now_millis() + 300), ..TokenSpec::default() };
+    let token = issue(&f.store, &f.user, spec).await;
+    f.verifier.verify(&token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(invalid(f.verifier.verify(&token).await), Invalid::Expired);
+}
+
+#[tokio::test]
+async fn role_change_suspension_revocation_and_removal_apply_to_the_next_request() {
+    let f = Fixture::new().await;
+    f.verifier.verify(&f.token).await.unwrap();
+
+    let applied = f.verifier.cache().invalidations_applied();
+    let mut user = f.user.clone();
+    user.org_role = Role::Viewer;
+    f.store.update_user(&user).await.unwrap();
+    f.settle(applied, 1).await;
+    assert_eq!(f.verifier.verify(&f.token).await.unwrap().role_on("x"), Role::Viewer);
+
+    let applied = f.verifier.cache().invalidations_applied();
+    user.status = UserStatus::Suspended;
+    f.store.update_user(&user).await.unwrap();
+    f.settle(applied, 1).await;
+    assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::OwnerSuspended);
+
+    let applied = f.verifier.cache().invalidations_applied();
+    user.status = UserStatus::Active;
+    f.store.update_user(&user).await.unwrap();
+    let id = crate::token::parse(&f.token).unwrap().id;
+    f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
+    f.settle(applied, 2).await;
+    assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::Revoked);
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_an_infrastructure_error_and_recovers() {
+    let f = Fixture::new().await;
+    f.backend.set_down(true);
+    assert!(matches!(f.verifier.verify(&f.token).await, Err(AuthError::Unavailable(_))));
+    f.backend.set_down(false);
+    // The follower resubscribes; until then the store is read directly.
+    assert!(f.verifier.verify(&f.token).await.is_ok());
+}

@@ -1,0 +1,271 @@
+//! The in-process cache (moka) of store records, kept true by the invalidation feed.
+//!
+//! Records (tokens, users, services) are cached separately, so a role change or a suspension
+//! invalidates one user entry and applies to every token of that user on the next request.
+//! Concurrent misses of one key share one store read (moka's `try_get_with`).
+//!
+//! Two rules keep a stale record from ever being used:
+//! - While the invalidation feed is down, the cache is bypassed (every lookup reads the store) and
+//!   everything cached before is dropped; it is used again only once the feed is back.
+//! - A load that was in flight while its key was invalidated must not win: every entry carries the
+//!   generation at which its store read started, every invalidation records the generation at which
+//!   it happened, and an entry older than its key's last invalidation is treated as a miss.
+
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::store::{Invalidation, Service, Store, StoreError, TokenRecord, User};
+use crate::token::TokenId;
+
+/// Capacity and lifetime of cached entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Most entries per record kind.
+    pub capacity: u64,
+    /// Longest an entry lives even without an invalidation.
+    pub ttl: Duration,
+}
+
+struct Entry<V> {
+    value: Arc<V>,
+    generation: u64,
+}
+
+impl<V> Clone for Entry<V> {
+    fn clone(&self) -> Self {
+        Entry { value: self.value.clone(), generation: self.generation }
+    }
+}
+
+/// Why a load produced nothing to cache. Not-found is an error here only so moka does not cache it.
+#[derive(Debug, Clone)]
+enum Miss {
+    NotFound,
+    Store(StoreError),
+}
+
+struct Generations {
+    current: AtomicU64,
+    all_dropped_at: AtomicU64,
+    live: AtomicBool,
+}
+
+struct RecordCache<K, V> {
+    entries: moka::future::Cache<K, Entry<V>>,
+    invalidated_at: moka::sync::Cache<K, u64>,
+}
+
+impl<K, V> RecordCache<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn new(settings: CacheSettings, load_bound: Duration) -> Self {
+        RecordCache {
+            entries: moka::future::Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.ttl)
+                .build(),
+            // An invalidation must be remembered as long as a stale entry could live.
+            invalidated_at: moka::sync::Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.ttl + load_bound * 2)
+                .build(),
+        }
+    }
+
+    fn is_fresh(&self, key: &K, entry: &Entry<V>, gens: &Generations) -> bool {
+        entry.generation >= gens.all_dropped_at.load(Ordering::Acquire)
+            && self.invalidated_at.get(key).is_none_or(|g| entry.generation >= g)
+    }
+
+    async fn get_or_load<F, Fut>(
+        &self,
+        key: &K,
+        gens: &Generations,
+        load: F,
+    ) -> Result<Option<Arc<V>>, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<V>, StoreError>>,
+    {
+        if !gens.live.load(Ordering::Acquire) {
+            return Ok(load().await?.map(Arc::new));
+        }
+        if let Some(entry) = self.entries.get(key).await {
+            if self.is_fresh(key, &entry, gens) {
+                return Ok(Some(entry.value));
+            }
+            self.entries.invalidate(key).await;
+        }
+        let loaded = self
+            .entries
+            .try_get_with_by_ref(key, async {
+                let generation = gens.current.load(Ordering::Acquire);
+                match load().await {
+                    Ok(Some(v)) => Ok(Entry { value: Arc::new(v), generation }),
+                    Ok(None) => Err(Miss::NotFound),
+                    Err(e) => Err(Miss::Store(e)),
+                }
+            })
+            .await;
+        match loaded {
+            // A shared load that started before an invalidation: read again, uncached.
+            Ok(entry) if !self.is_fresh(key, &entry, gens) => {
+                self.entries.invalidate(key).await;
+                Ok(load().await?.map(Arc::new))
+            }
+            Ok(entry) => Ok(Some(entry.value)),
+            Err(miss) => match miss.as_ref() {
+                Miss::NotFound => Ok(None),
+                Miss::Store(e) => Err(e.clone()),
+            },
+        }
+    }
+
+    async fn invalidate(&self, key: &K, generation: u64) {
+        self.invalidated_at.insert(key.clone(), generation);
+        self.entries.invalidate(key).await;
+    }
+
+    fn clear(&self) {
+        self.entries.invalidate_all();
+    }
+}
+
+/// Cached tokens, users and services of one gateway instance.
+pub struct Cache {
+    store: Store,
+    gens: Generations,
+    tokens: RecordCache<TokenId, TokenRecord>,
+    users: RecordCache<String, User>,
+    services: RecordCache<String, Service>,
+    invalidations: AtomicU64,
+}
+
+impl Cache {
+    /// An empty cache in front of `store`. It is bypassed until [`Cache::follow`] has subscribed.
+    pub fn new(store: Store, settings: CacheSettings) -> Cache {
+        let bound = store.timeout();
+        Cache {
+            gens: Generations {
+                current: AtomicU64::new(1),
+                all_dropped_at: AtomicU64::new(0),
+                live: AtomicBool::new(false),
+            },
+            tokens: RecordCache::new(settings, bound),
+            users: RecordCache::new(settings, bound),
+            services: RecordCache::new(settings, bound),
+            invalidations: AtomicU64::new(0),
+            store,
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether the cache is in use (the invalidation feed is live).
+    pub fn is_live(&self) -> bool {
+        self.gens.live.load(Ordering::Acquire)
+    }
+
+    /// How many invalidations this instance has applied.
+    pub fn invalidations_applied(&self) -> u64 {
+        self.invalidations.load(Ordering::Relaxed)
+    }
+
+    /// A token record, from the cache or the store.
+    pub async fn token(&self, id: &TokenId) -> Result<Option<Arc<TokenRecord>>, StoreError> {
+        self.tokens.get_or_load(id, &self.gens, || self.store.get_token(id)).await
+    }
+
+    /// A user record, from the cache or the store.
+    pub async fn user(&self, id: &String) -> Result<Option<Arc<User>>, StoreError> {
+        self.users.get_or_load(id, &self.gens, || self.store.get_user(id)).await
+    }
+
+    /// A service record, from the cache or the store.
+    pub async fn service(&self, id: &String) -> Result<Option<Arc<Service>>, StoreError> {
+        self.services.get_or_load(id, &self.gens, || self.store.get_service(id)).await
+    }
+
+    /// Applies one invalidation.
+    pub async fn invalidate(&self, inv: &Invalidation) {
+        let generation = self.gens.current.fetch_add(1, Ordering::AcqRel) + 1;
+        match inv {
+            Invalidation::Token(id) => self.tokens.invalidate(id, generation).await,
+            Invalidation::User(id) => self.users.invalidate(id, generation).await,
+            Invalidation::Service(id) => self.services.invalidate(id, generation).await,
+        }
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stops using the cache and drops everything in it.
+    fn go_dark(&self) {
+        self.gens.live.store(false, Ordering::Release);
+        self.drop_all();
+    }
+
+    /// Drops everything, including loads in flight, and starts using the cache.
+    fn go_live(&self) {
+        self.drop_all();
+        self.gens.live.store(true, Ordering::Release);
+    }
+
+    fn drop_all(&self) {
+        let generation = self.gens.current.fetch_add(1, Ordering::AcqRel) + 1;
+        self.gens.all_dropped_at.store(generation, Ordering::Release);
+        self.tokens.clear();
+        self.users.clear();
+        self.services.clear();
+    }
+
+    /// Follows the invalidation feed until `stop` resolves: subscribes, goes live, applies every
+    /// invalidation; when the feed is lost, goes dark and subscribes again with backoff.
+    pub async fn follow(&self, mut stop: impl std::future::Future<Output = ()> + Unpin) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let subscribed = tokio::select! {
+                s = self.store.subscribe() => s,
+                _ = &mut stop => return,
+            };
+            match subscribed {
+                Ok(mut feed) => {
+                    self.go_live();
+                    tracing::info!(store = %self.store.describe(), "invalidation feed live; cache in use");
+                    backoff = Duration::from_millis(50);
+                    loop {
+                        tokio::select! {
+                            inv = feed.next() => match inv {
+                                Some(inv) => self.invalidate(&inv).await,
+                                None => break,
+                            },
+                            _ = &mut stop => return,
+                        }
+                    }
+                    self.go_dark();
+                    tracing::warn!(
+                        "invalidation feed lost; cache dropped, reading the store until it is back"
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "invalidation feed not available yet");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut stop => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,93 @@
+//! The cache is used only while the invalidation feed is live, and never serves a record loaded
+//! before that record's last invalidation.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::lifecycle;
+use crate::policy::Role;
+use crate::store::memory::MemoryBackend;
+use crate::store::Attributes;
+
+async fn live_cache() -> (Arc<MemoryBackend>, Arc<Cache>) {
+    let backend = Arc::new(MemoryBackend::default());
+    let store = Store::new(backend.clone(), Duration::from_millis(200));
+    let cache = Arc::new(Cache::new(store, CacheSettings { capacity: 100, ttl: Duration::from_secs(60) }));
+    let follower = cache.clone();
+    tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
+    wait(|| cache.is_live()).await;
+    (backend, cache)
+}
+
+async fn wait(cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test]
+async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
+    let (backend, cache) = live_cache().await;
+    let user = lifecycle::create_user(
+        cache.store(),
+        "acme",
+        "a@x.io",
+        Role::Viewer,
+        BTreeMap::new(),
+        Attributes::new(),
+    )
+    .await
+    .unwrap();
+    wait(|| cache.invalidations_applied() >= 1).await;
+    cache.user(&user.id).await.unwrap().unwrap();
+    let reads = backend.reads();
+    cache.user(&user.id).await.unwrap().unwrap();
+    assert_eq!(backend.reads(), reads, "hit");
+
+    backend.set_down(true);
+    wait(|| !cache.is_live()).await;
+    assert!(cache.user(&user.id).await.is_err(), "a dark cache reads the store, which is down");
+    backend.set_down(false);
+    // Until the feed is back every lookup reads the store.
+    wait(|| cache.is_live()).await;
+    let reads = backend.reads();
+    cache.user(&user.id).await.unwrap().unwrap();
+    assert_eq!(backend.reads(), reads + 1, "the cache was dropped while dark");
+}
+
+#[tokio::test]
+async fn an_entry_loaded_before_its_invalidation_is_never_served() {
+    let (backend, cache) = live_cache().await;
+    let mut user = lifecycle::create_user(
+        cache.store(),
+        "acme",
+        "a@x.io",
+        Role::Viewer,
+        BTreeMap::new(),
+        Attributes::new(),
+    )
+    .await
+    .unwrap();
+    wait(|| cache.invalidations_applied() >= 1).await;
+    // Simulate the race: a load starts, the record changes and is invalidated, then the load lands.
+    let generation = cache.gens.current.load(Ordering::Acquire);
+    cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
+    user.org_role = Role::Admin;
+    cache.store().update_user(&user).await.unwrap();
+    wait(|| cache.invalidations_applied() >= 2).await;
+    cache
+        .users
+        .entries
+        .insert(
+            user.id.clone(),
+            Entry { value: Arc::new(User { org_role: Role::Viewer, ..user.clone() }), generation },
+        )
+        .await;
+    let reads = backend.reads();
+    assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
+    assert_eq!(backend.reads(), reads + 1);
+}

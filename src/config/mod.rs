@@ -1,0 +1,679 @@
+//! Configuration: the YAML file is read into raw serde structs, then validated into one [`Config`]
+//! with real types (addresses resolved, durations parsed, permissions interned, routes built).
+//!
+//! Validation never stops at the first problem: every error is collected with its YAML path
+//! (`routes[1].upstream: ...`), including every unknown key, so one `check-config` run shows all.
+
+mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+use crate::cache::CacheSettings;
+use crate::policy::{Policy, Role, MAX_PERMISSIONS};
+use crate::route::{normalize_host, RequiredPermission, Route, RouteSpec, RouteTable};
+use crate::token::Argon2Params;
+use raw::*;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// YAML path, e.g. `routes[0].upstream`; empty for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The problems, in file order where known.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match issue.path.as_str() {
+                "" => write!(f, "{}", issue.message)?,
+                path => write!(f, "{path}: {}", issue.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn single(path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { issues: vec![ConfigIssue { path: path.into(), message: message.into() }] }
+    }
+}
+
+/// Where tokens are kept.
+#[derive(Clone)]
+pub struct StoreSettings {
+    /// Redis, if configured.
+    pub redis: Option<RedisSettings>,
+    /// Bound on every store call.
+    pub timeout: Duration,
+}
+
+/// Redis connection settings. The URL may hold a password, so `Debug` redacts it.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and of the invalidation channel.
+    pub key_prefix: String,
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redis = self.redis.as_ref().map(|r| (redact_url(&r.url), r.key_prefix.clone()));
+        f.debug_struct("StoreSettings").field("redis", &redis).field("timeout", &self.timeout).finish()
+    }
+}
+
+/// `redis://user:pass@host` -> `redis://***@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Where the gateway looks for a token.
+#[derive(Debug, Clone)]
+pub struct CredentialSettings {
+    /// `Authorization: Bearer <token>`.
+    pub bearer: bool,
+    /// Query parameter name (used only on routes with `query_token: true`).
+    pub query_param: String,
+    /// An API-key header, if any.
+    pub api_key_header: Option<HeaderName>,
+}
+
+/// One identity header the gateway can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityField {
+    /// `user:<id>` / `service:<name>`.
+    Subject,
+    /// The token id.
+    TokenId,
+    /// `pat` / `service`.
+    TokenKind,
+    /// The route's org.
+    Org,
+    /// The route's project.
+    Project,
+    /// The route's environment.
+    Environment,
+    /// The role in effect.
+    Role,
+    /// Effective permissions.
+    Permissions,
+    /// The user's email.
+    Email,
+    /// All attributes as JSON.
+    Attributes,
+    /// One header per scalar attribute.
+    Attr,
+}
+
+impl IdentityField {
+    /// Every field, in header order.
+    pub const ALL: [IdentityField; 11] = [
+        IdentityField::Subject,
+        IdentityField::TokenId,
+        IdentityField::TokenKind,
+        IdentityField::Org,
+        IdentityField::Project,
+        IdentityField::Environment,
+        IdentityField::Role,
+        IdentityField::Permissions,
+        IdentityField::Email,
+        IdentityField::Attributes,
+        IdentityField::Attr,
+    ];
+
+    /// The name after the prefix (`subject` -> `x-auth-subject`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            IdentityField::Subject => "subject",
+            IdentityField::TokenId => "token-id",
+            IdentityField::TokenKind => "token-kind",
+            IdentityField::Org => "org",
+            IdentityField::Project => "project",
+            IdentityField::Environment => "environment",
+            IdentityField::Role => "role",
+            IdentityField::Permissions => "permissions",
+            IdentityField::Email => "email",
+            IdentityField::Attributes => "attributes",
+            IdentityField::Attr => "attr",
+        }
+    }
+}
+
+/// The identity namespace and which headers go in it.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Lowercase prefix of every identity header; client headers with it are removed.
+    pub prefix: String,
+    /// Enabled fields with their full header names (`attr` holds the prefix of per-attribute names).
+    pub headers: Vec<(IdentityField, String)>,
+    /// Request id header, set on the upstream request and the response.
+    pub request_id_header: HeaderName,
+}
+
+impl IdentitySettings {
+    /// The full header name of a field, if enabled.
+    pub fn header(&self, field: IdentityField) -> Option<&str> {
+        self.headers.iter().find(|(f, _)| *f == field).map(|(_, h)| h.as_str())
+    }
+}
+
+/// Argon2 parameters and how many checks may run at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Argon2Settings {
+    /// Cost parameters for new hashes.
+    pub params: Argon2Params,
+    /// Concurrent verifications, off the request threads.
+    pub max_concurrency: usize,
+}
+
+/// Graceful shutdown bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownSettings {
+    /// Time new connections are still accepted after SIGTERM.
+    pub grace: Duration,
+    /// Time in-flight requests get to finish after that.
+    pub timeout: Duration,
+}
+
+/// A project's environments.
+#[derive(Debug, Clone, Default)]
+pub struct OrgSettings {
+    /// Project name to its environments.
+    pub projects: BTreeMap<String, Vec<String>>,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Proxy worker threads.
+    pub threads: usize,
+    /// Shutdown bounds.
+    pub shutdown: ShutdownSettings,
+    /// Store settings.
+    pub store: StoreSettings,
+    /// Cache settings.
+    pub cache: CacheSettings,
+    /// Credential sources.
+    pub credentials: CredentialSettings,
+    /// Identity headers.
+    pub identity: IdentitySettings,
+    /// Roles, permissions and scope presets.
+    pub policy: Policy,
+    /// Argon2 settings.
+    pub argon2: Argon2Settings,
+    /// Orgs with their projects and environments.
+    pub orgs: BTreeMap<String, OrgSettings>,
+    /// The routes.
+    pub routes: RouteTable,
+    /// Default log level (overridden by `RUST_LOG`).
+    pub log_level: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::single("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    /// Validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut issues = Vec::new();
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mut unknown = |path: serde_ignored::Path<'_>| {
+            issues.push(ConfigIssue { path: yaml_path(&path), message: "unknown field".into() });
+        };
+        let raw: Result<Option<RawConfig>, _> =
+            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(de, &mut unknown));
+        let raw = match raw {
+            Ok(raw) => raw.unwrap_or_default(),
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                let path = if path == "." { String::new() } else { path };
+                issues.push(ConfigIssue { path, message });
+                return Err(ConfigError { issues });
+            }
+        };
+        let mut v = Validator { issues };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.issues.is_empty() => Ok(c),
+            _ => Err(ConfigError { issues: v.issues }),
+        }
+    }
+}
+
+fn yaml_path(path: &serde_ignored::Path<'_>) -> String {
+    match path {
+        serde_ignored::Path::Root => String::new(),
+        serde_ignored::Path::Seq { parent, index } => format!("{}[{index}]", yaml_path(parent)),
+        serde_ignored::Path::Map { parent, key } => match yaml_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => yaml_path(parent),
+    }
+}
+
+struct Validator {
+    issues: Vec<ConfigIssue>,
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl Validator {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue { path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.error(path, "must be greater than zero");
+                    default
+                }
+                Err(e) => {
+                    self.error(path, format!("not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\""));
+                    default
+                }
+            },
+        }
+    }
+
+    fn header_name(&mut self, path: &str, value: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(value.to_ascii_lowercase().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.error(path, format!("{value:?} is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error("listen", format!("{listen_text:?} is not an address like 127.0.0.1:8080"));
+                None
+            }
+        };
+        let threads = raw.threads.unwrap_or(2);
+        if threads == 0 {
+            self.error("threads", "must be at least 1");
+        }
+        let shutdown = raw.shutdown.unwrap_or_default();
+        let shutdown = ShutdownSettings {
+            grace: self.duration("shutdown.grace", shutdown.grace, Duration::from_secs(1)),
+            timeout: self.duration("shutdown.timeout", shutdown.timeout, Duration::from_secs(10)),
+        };
+        let store = self.store(raw.store.unwrap_or_default());
+        let cache = raw.cache.unwrap_or_default();
+        let capacity = cache.capacity.unwrap_or(100_000);
+        if capacity == 0 {
+            self.error("cache.capacity", "must be at least 1");
+        }
+        let cache =
+            CacheSettings { capacity, ttl: self.duration("cache.ttl", cache.ttl, Duration::from_secs(300)) };
+        let credentials = self.credentials(raw.credentials.unwrap_or_default());
+        let identity = self.identity(raw.identity.unwrap_or_default());
+        let policy = self.policy(raw.roles.unwrap_or_default(), raw.scopes.unwrap_or_default());
+        let argon2 = self.argon2(raw.argon2.unwrap_or_default());
+        let orgs = self.orgs(raw.orgs.unwrap_or_default());
+        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy);
+        let log_level = raw.log.and_then(|l| l.level).unwrap_or_else(|| "info".into());
+        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+            self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
+        }
+        Some(Config {
+            listen: listen?,
+            threads,
+            shutdown,
+            store,
+            cache,
+            credentials,
+            identity: identity?,
+            policy,
+            argon2,
+            orgs,
+            routes,
+            log_level,
+        })
+    }
+
+    fn store(&mut self, raw: RawStore) -> StoreSettings {
+        let timeout = self.duration("store.timeout", raw.timeout, Duration::from_millis(500));
+        let redis = raw.redis.map(|r| {
+            let url = r.url.unwrap_or_default();
+            if let Err(e) = crate::store::redis::check_url(&url) {
+                self.error("store.redis.url", e);
+            }
+            RedisSettings { url, key_prefix: r.key_prefix.unwrap_or_else(|| "tollgate:".into()) }
+        });
+        StoreSettings { redis, timeout }
+    }
+
+    fn credentials(&mut self, raw: RawCredentials) -> CredentialSettings {
+        let query_param = raw.query_param.unwrap_or_else(|| "access_token".into());
+        if query_param.is_empty() || query_param.contains(['&', '=', '#', ' ']) {
+            self.error("credentials.query_param", format!("{query_param:?} is not a usable parameter name"));
+        }
+        let api_key_header =
+            raw.api_key_header.and_then(|h| self.header_name("credentials.api_key_header", &h));
+        if api_key_header.as_ref().is_some_and(|h| h == http::header::AUTHORIZATION) {
+            self.error("credentials.api_key_header", "must differ from Authorization; use `bearer: true`");
+        }
+        CredentialSettings { bearer: raw.bearer.unwrap_or(true), query_param, api_key_header }
+    }
+
+    fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
+        let prefix = raw.prefix.unwrap_or_else(|| "x-auth-".into()).to_ascii_lowercase();
+        let prefix_ok = self.header_name("identity.prefix", &format!("{prefix}x")).is_some();
+        let fields: Vec<IdentityField> = match raw.headers {
+            None => IdentityField::ALL.to_vec(),
+            Some(names) => names
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    let field = IdentityField::ALL.into_iter().find(|f| f.suffix() == n);
+                    if field.is_none() {
+                        let known: Vec<&str> = IdentityField::ALL.iter().map(|f| f.suffix()).collect();
+                        self.error(
+                            format!("identity.headers[{i}]"),
+                            format!("unknown header {n:?}; known: {}", known.join(", ")),
+                        );
+                    }
+                    field
+                })
+                .collect(),
+        };
+        let request_id_header = self.header_name(
+            "identity.request_id_header",
+            raw.request_id_header.as_deref().unwrap_or("x-request-id"),
+        );
+        if request_id_header.as_ref().is_some_and(|h| h.as_str().starts_with(&prefix)) {
+            self.error(
+                "identity.request_id_header",
+                "must not be inside the identity prefix, which is stripped",
+            );
+        }
+        let headers = fields.into_iter().map(|f| (f, format!("{prefix}{}", f.suffix()))).collect();
+        Some(IdentitySettings { prefix, headers, request_id_header: request_id_header? })
+            .filter(|_| prefix_ok)
+    }
+
+    fn policy(
+        &mut self,
+        roles: BTreeMap<String, Vec<String>>,
+        scopes: BTreeMap<String, Vec<String>>,
+    ) -> Policy {
+        let mut all_roles = Policy::default_roles();
+        for (name, perms) in roles {
+            match Role::parse(&name) {
+                Some(role) => {
+                    all_roles.insert(role, perms);
+                }
+                None => self
+                    .error(format!("roles.{name}"), "unknown role; roles are guest, viewer, editor, admin"),
+            }
+        }
+        let mut all_scopes = Policy::default_scopes();
+        all_scopes.extend(scopes);
+        for (name, perms) in all_roles
+            .iter()
+            .map(|(r, p)| (format!("roles.{r}"), p))
+            .chain(all_scopes.iter().map(|(s, p)| (format!("scopes.{s}"), p)))
+        {
+            for (i, p) in perms.iter().enumerate() {
+                if !is_name(p) || p.contains('.') {
+                    self.error(
+                        format!("{name}[{i}]"),
+                        format!("{p:?} is not a permission name (letters, digits, - and _)"),
+                    );
+                }
+            }
+        }
+        let count = Policy::permission_count(&all_roles, &all_scopes);
+        if count > MAX_PERMISSIONS {
+            self.error(
+                "roles",
+                format!("{count} distinct permissions; at most {MAX_PERMISSIONS} are supported"),
+            );
+        }
+        Policy::new(&all_roles, all_scopes)
+    }
+
+    fn argon2(&mut self, raw: RawArgon2) -> Argon2Settings {
+        let d = Argon2Params::default();
+        let params = Argon2Params {
+            memory_kib: raw.memory_kib.unwrap_or(d.memory_kib),
+            iterations: raw.iterations.unwrap_or(d.iterations),
+            parallelism: raw.parallelism.unwrap_or(d.parallelism),
+        };
+        if let Err(e) = params.validate() {
+            self.error("argon2", format!("invalid parameters: {e}"));
+        }
+        let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
+        let max_concurrency = raw.max_concurrency.unwrap_or(cpus);
+        if max_concurrency == 0 {
+            self.error("argon2.max_concurrency", "must be at least 1");
+        }
+        Argon2Settings { params, max_concurrency }
+    }
+
+    fn orgs(&mut self, raw: BTreeMap<String, RawOrg>) -> BTreeMap<String, OrgSettings> {
+        let mut orgs = BTreeMap::new();
+        for (org, raw_org) in raw {
+            if !is_name(&org) {
+                self.error(format!("orgs.{org}"), "org names use letters, digits, '-', '_' and '.'");
+            }
+            let mut settings = OrgSettings::default();
+            for (project, raw_project) in raw_org.projects.unwrap_or_default() {
+                let path = format!("orgs.{org}.projects.{project}");
+                if !is_name(&project) {
+                    self.error(&path, "project names use letters, digits, '-', '_' and '.'");
+                }
+                let envs = raw_project.environments.unwrap_or_default();
+                if envs.is_empty() {
+                    self.error(format!("{path}.environments"), "list at least one environment");
+                }
+                for (i, env) in envs.iter().enumerate() {
+                    if !is_name(env) {
+                        self.error(
+                            format!("{path}.environments[{i}]"),
+                            format!("{env:?} is not a valid environment name"),
+                        );
+                    }
+                }
+                settings.projects.insert(project, envs);
+            }
+            orgs.insert(org, settings);
+        }
+        orgs
+    }
+
+    fn routes(
+        &mut self,
+        raw: Vec<RawRoute>,
+        orgs: &BTreeMap<String, OrgSettings>,
+        policy: &Policy,
+    ) -> RouteTable {
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = |field: &str| format!("routes[{i}].{field}");
+            let public = r.auth == Some(RawAuth::None);
+            let path_prefix = match r.path {
+                Some(p) if p.starts_with('/') => p,
+                Some(p) => {
+                    self.error(at("path"), format!("{p:?} must start with '/'"));
+                    continue;
+                }
+                None => {
+                    self.error(at("path"), "missing; every route needs a path prefix");
+                    continue;
+                }
+            };
+            let host = r.host.map(|h| normalize_host(&h));
+            if !seen.insert((host.clone(), path_prefix.clone())) {
+                self.error(
+                    at("path"),
+                    format!("another route already has host {host:?} and path {path_prefix:?}"),
+                );
+            }
+            let addresses: Vec<String> = match (r.upstream, r.upstreams) {
+                (Some(one), None) => vec![one],
+                (None, Some(many)) if !many.is_empty() => many,
+                (Some(_), Some(_)) => {
+                    self.error(at("upstreams"), "give either `upstream` or `upstreams`, not both");
+                    vec![]
+                }
+                _ => {
+                    self.error(at("upstream"), "missing; give `upstream: host:port` or `upstreams: [...]`");
+                    vec![]
+                }
+            };
+            let mut upstreams = Vec::new();
+            for (j, addr) in addresses.iter().enumerate() {
+                let path =
+                    if addresses.len() == 1 { at("upstream") } else { format!("routes[{i}].upstreams[{j}]") };
+                match addr.to_socket_addrs().map(|mut a| a.next()) {
+                    Ok(Some(a)) => upstreams.push(a),
+                    Ok(None) => self.error(path, format!("{addr:?} resolves to no address")),
+                    Err(e) => self.error(path, format!("{addr:?} is not a reachable host:port ({e})")),
+                }
+            }
+            let (org, project, environment) =
+                self.route_target(i, &r.org, &r.project, &r.environment, orgs, public);
+            let mut methods = std::collections::HashMap::new();
+            for (method, perm) in r.permissions.unwrap_or_default() {
+                let path = format!("routes[{i}].permissions.{method}");
+                let Ok(m) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+                    self.error(path, format!("{method:?} is not an HTTP method"));
+                    continue;
+                };
+                if let Some(p) = self.required(&path, &perm, policy) {
+                    methods.insert(m, p);
+                }
+            }
+            let (Some(read_default), Some(write_default)) =
+                (self.required(&at("path"), "read", policy), self.required(&at("path"), "write", policy))
+            else {
+                continue;
+            };
+            routes.push(Route::new(RouteSpec {
+                name: r.name.unwrap_or_else(|| path_prefix.clone()),
+                host,
+                path_prefix,
+                upstreams,
+                org,
+                project,
+                environment,
+                public,
+                query_token: r.query_token.unwrap_or(false),
+                methods,
+                read_default,
+                write_default,
+            }));
+        }
+        RouteTable::new(routes)
+    }
+
+    fn required(&mut self, path: &str, name: &str, policy: &Policy) -> Option<RequiredPermission> {
+        match policy.permission(name) {
+            Some(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
+            None => {
+                self.error(path, format!("permission {name:?} is granted by no role"));
+                None
+            }
+        }
+    }
+
+    fn route_target(
+        &mut self,
+        i: usize,
+        org: &Option<String>,
+        project: &Option<String>,
+        environment: &Option<String>,
+        orgs: &BTreeMap<String, OrgSettings>,
+        public: bool,
+    ) -> (String, String, String) {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        let (org, project, environment) = match (org, project, environment) {
+            (Some(o), Some(p), Some(e)) => (o.clone(), p.clone(), e.clone()),
+            _ if public => {
+                return (
+                    org.clone().unwrap_or_default(),
+                    project.clone().unwrap_or_default(),
+                    environment.clone().unwrap_or_default(),
+                )
+            }
+            _ => {
+                for (field, value) in [("org", org), ("project", project), ("environment", environment)] {
+                    if value.is_none() {
+                        self.error(
+                            at(field),
+                            "missing; a protected route names its org, project and environment",
+                        );
+                    }
+                }
+                return Default::default();
+            }
+        };
+        match orgs.get(&org).map(|o| o.projects.get(&project)) {
+            None => self.error(at("org"), format!("org {org:?} is not defined under `orgs`")),
+            Some(None) => {
+                self.error(at("project"), format!("project {project:?} is not defined in org {org:?}"))
+            }
+            Some(Some(envs)) if !envs.contains(&environment) => self.error(
+                at("environment"),
+                format!(
+                    "environment {environment:?} is not one of project {project:?}'s: {}",
+                    envs.join(", ")
+                ),
+            ),
+            Some(Some(_)) => {}
+        }
+        (org, project, environment)
+    }
+}
+
+#[cfg(test)]
+mod tests;

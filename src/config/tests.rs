@@ -1,0 +1,123 @@
+//! Config validation: every error, each with its YAML path.
+
+use super::*;
+
+const GOOD: &str = r#"
+listen: 127.0.0.1:18080
+store:
+  redis: { url: "redis://127.0.0.1:6379" }
+  timeout: 250ms
+credentials: { api_key_header: X-API-Key }
+orgs:
+  acme:
+    projects:
+      shop: { environments: [production, staging] }
+routes:
+  - name: shop
+    path: /shop
+    upstream: 127.0.0.1:9000
+    org: acme
+    project: shop
+    environment: production
+    query_token: true
+    permissions: { DELETE: admin }
+  - path: /health
+    upstream: 127.0.0.1:9000
+    auth: none
+"#;
+
+fn errors(yaml: &str) -> Vec<String> {
+    match Config::parse(yaml) {
+        Ok(_) => vec![],
+        Err(e) => e.issues.iter().map(|i| format!("{}: {}", i.path, i.message)).collect(),
+    }
+}
+
+/// Checks that parsing fails and that each expected fragment appears in some error line.
+fn check(yaml: &str, expected: &[&str]) {
+    let errs = errors(yaml);
+    for want in expected {
+        assert!(errs.iter().any(|e| e.contains(want)), "no error containing {want:?} in {errs:#?}");
+    }
+    assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+}
+
+#[test]
+fn a_good_config_loads() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.listen.port(), 18080);
+    assert_eq!(c.store.timeout, Duration::from_millis(250));
+    assert_eq!(c.credentials.api_key_header.as_ref().map(|h| h.as_str()), Some("x-api-key"));
+    let r = c.routes.find(None, "/shop/items").unwrap();
+    assert!(r.query_token);
+    assert_eq!(r.required_permission(&http::Method::DELETE).name, "admin");
+    assert!(c.routes.find(None, "/health").unwrap().public);
+    assert_eq!(c.identity.header(IdentityField::Subject), Some("x-auth-subject"));
+}
+
+#[test]
+fn an_empty_file_is_a_valid_config_with_defaults() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert!(c.store.redis.is_none());
+}
+
+#[test]
+fn every_unknown_field_is_reported_with_its_path() {
+    let yaml = GOOD
+        .replace("    query_token: true", "    query_token: true\n    colour: blue")
+        .replace("listen:", "lisen: x\nlisten:");
+    check(&yaml, &["lisen: unknown field", "routes[0].colour: unknown field"]);
+}
+
+#[test]
+fn semantic_errors_are_all_collected() {
+    let yaml = GOOD
+        .replace("upstream: 127.0.0.1:9000\n    org", "upstream: not-an-address\n    org")
+        .replace("environment: production", "environment: prod")
+        .replace("timeout: 250ms", "timeout: soon")
+        .replace("DELETE: admin", "DELETE: superpower");
+    check(
+        &yaml,
+        &[
+            "store.timeout: not a duration",
+            "routes[0].upstream: \"not-an-address\"",
+            "routes[0].environment: environment \"prod\" is not one of",
+            "routes[0].permissions.DELETE: permission \"superpower\" is granted by no role",
+        ],
+    );
+}
+
+#[test]
+fn structural_errors() {
+    check("listen: nowhere", &["listen: \"nowhere\" is not an address"]);
+    check(
+        "routes:\n  - path: /x\n    upstream: 127.0.0.1:1\n",
+        &["routes[0].org: missing", "routes[0].project: missing", "routes[0].environment: missing"],
+    );
+    check("routes:\n  - upstream: 127.0.0.1:1\n    auth: none\n", &["routes[0].path: missing"]);
+    check("routes:\n  - path: /x\n    auth: none\n", &["routes[0].upstream: missing"]);
+    check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
+    check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);
+    check(
+        "orgs: { acme: { projects: { shop: {} } } }",
+        &["orgs.acme.projects.shop.environments: list at least one"],
+    );
+    check(
+        "identity: { headers: [subject, nickname] }",
+        &["identity.headers[1]: unknown header \"nickname\""],
+    );
+    check("orgs: { acme: { projects: { shop: { environments: [p] } } } }\nroutes:\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n", &["routes[1].path: another route"]);
+}
+
+#[test]
+fn a_type_error_names_its_path() {
+    check("cache: { capacity: lots }", &["cache.capacity: invalid type"]);
+}
+
+#[test]
+fn the_redis_password_is_redacted_in_debug() {
+    let c = Config::parse("store: { redis: { url: 'redis://:hunter2@127.0.0.1:6379' } }").unwrap();
+    let shown = format!("{:?}", c.store);
+    assert!(!shown.contains("hunter2"), "{shown}");
+}

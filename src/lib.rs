@@ -1,0 +1,13 @@
+//! Tollgate: an authentication gateway on Pingora. See ARCHITECTURE.md for the map.
+
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod lifecycle;
+pub mod policy;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod token;

@@ -1,0 +1,169 @@
+//! The Pingora `ProxyHttp` implementation. Each phase is a few lines that delegate:
+//! `request_filter` matches the route, takes the credential, verifies and authorizes it, and keeps
+//! the resulting [`Permit`] in the request context (or answers the client itself);
+//! `upstream_peer` and `upstream_request_filter` need that permit to pick the upstream and to
+//! strip and inject headers, so no request reaches an upstream unchecked.
+
+pub mod credential;
+pub mod headers;
+pub mod reject;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::{Error, ErrorType};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::policy::{self, Permit};
+use reject::Rejection;
+
+/// The gateway: hot-swappable config and the verifier.
+pub struct Gateway {
+    config: Arc<ArcSwap<Config>>,
+    verifier: Arc<Verifier>,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    request_id: String,
+    config: Option<Arc<Config>>,
+    permit: Option<Permit>,
+    rejection: Option<Rejection>,
+}
+
+impl Gateway {
+    /// A gateway serving `config` (which may be swapped while running) with `verifier`.
+    pub fn new(config: Arc<ArcSwap<Config>>, verifier: Arc<Verifier>) -> Gateway {
+        Gateway { config, verifier }
+    }
+
+    /// Route, credential, verification, authorization: a permit or the reason for refusal.
+    async fn admit(&self, config: &Config, req: &RequestHeader) -> Result<Permit, Rejection> {
+        let host = match req.uri.host() {
+            Some(h) => Some(h),
+            None => {
+                let mut hosts = req.headers.get_all(http::header::HOST).iter();
+                let host = hosts.next();
+                if hosts.next().is_some() {
+                    return Err(Rejection::BadRequest("the Host header appears more than once"));
+                }
+                host.map(|h| h.to_str().map_err(|_| Rejection::BadRequest("the Host header is not text")))
+                    .transpose()?
+            }
+        };
+        let route = config.routes.find(host, req.uri.path()).ok_or(Rejection::NoRoute)?.clone();
+        if route.public {
+            return Ok(Permit::public(route));
+        }
+        let presented = credential::extract(&config.credentials, &route, req)?;
+        let principal = self.verifier.verify(presented).await?;
+        policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)
+    }
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn missing_permit() -> Box<Error> {
+    Error::explain(ErrorType::InternalError, "request reached the upstream phase without a permit")
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx { request_id: new_request_id(), config: None, permit: None, rejection: None }
+    }
+
+    /// Verifies and authorizes; keeps the permit, or answers the client and stops.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        let config = self.config.load_full();
+        let admitted = self.admit(&config, session.req_header()).await;
+        match admitted {
+            Ok(permit) => {
+                ctx.permit = Some(permit);
+                ctx.config = Some(config);
+                Ok(false)
+            }
+            Err(rejection) => {
+                rejection.send(session, &ctx.request_id, config.identity.request_id_header.as_str()).await?;
+                ctx.rejection = Some(rejection);
+                Ok(true)
+            }
+        }
+    }
+
+    /// The permit's route names the upstream.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let permit = ctx.permit.as_ref().ok_or_else(missing_permit)?;
+        let addr = permit
+            .route()
+            .next_upstream()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
+        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+    }
+
+    /// Strips the credential and forged identity headers, injects the permit's identity.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let (Some(permit), Some(config)) = (&ctx.permit, &ctx.config) else {
+            return Err(missing_permit());
+        };
+        headers::forward(config, permit, upstream_request, &ctx.request_id)
+    }
+
+    /// Tells the client the request id, and warns holders of a token in a rotation's grace.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let Some(config) = &ctx.config {
+            response.insert_header(config.identity.request_id_header.clone(), ctx.request_id.as_str())?;
+        }
+        if ctx.permit.as_ref().and_then(Permit::grant).is_some_and(|g| g.principal.deprecated()) {
+            response.insert_header("deprecation", "true")?;
+        }
+        Ok(())
+    }
+
+    /// The access line: never the token, only its id.
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let grant = ctx.permit.as_ref().and_then(Permit::grant);
+        tracing::debug!(
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            path = %session.req_header().uri.path(),
+            route = ctx.permit.as_ref().map(|p| p.route().name.as_str()).unwrap_or("-"),
+            token_id = grant.map(|g| g.principal.token_id().as_str()).unwrap_or("-"),
+            outcome = ctx.rejection.as_ref().map(Rejection::label).unwrap_or("allowed"),
+            status,
+            error = error.map(|e| e.to_string()),
+            "request"
+        );
+    }
+
+    /// Pingora's own error lines show this; the query string may hold a token, so it is dropped.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
+    }
+}

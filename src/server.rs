@@ -1,0 +1,57 @@
+//! Assembles the running gateway: one Pingora server built from our [`Config`], with the proxy
+//! service and the invalidation follower as a background service.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::auth::Verifier;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::proxy::Gateway;
+use crate::store;
+
+/// Follows the store's invalidation feed for the cache until shutdown.
+struct Follower(Arc<Cache>);
+
+#[async_trait]
+impl BackgroundService for Follower {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = Box::pin(async move {
+            let _ = shutdown.changed().await;
+        });
+        self.0.follow(stop).await;
+    }
+}
+
+/// Runs the gateway until a shutdown signal; exits the process.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let store = store::open(&config.store)?;
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.shutdown.grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown.timeout.as_secs().max(1)),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let cache = Arc::new(Cache::new(store.clone(), config.cache));
+    let verifier =
+        Arc::new(Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency));
+    let listen = config.listen;
+    let routes = config.routes.iter().count();
+    let config = Arc::new(ArcSwap::from_pointee(config));
+
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(config, verifier));
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service("invalidation follower", Follower(cache)));
+
+    tracing::info!(%listen, routes, store = %store.describe(), "tollgate gateway listening");
+    server.run_forever()
+}

@@ -1,0 +1,121 @@
+//! An in-memory backend for unit tests: one process, nothing on disk. Counts reads so tests can
+//! prove that a request path did not touch the store, and can be switched off to act unreachable.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+
+use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
+
+#[derive(Default)]
+struct State {
+    kv: HashMap<String, String>,
+    sets: HashMap<String, BTreeSet<String>>,
+}
+
+/// The in-memory backend.
+pub struct MemoryBackend {
+    state: Mutex<State>,
+    /// `None` tells subscribers the feed is lost.
+    feed: broadcast::Sender<Option<Invalidation>>,
+    reads: AtomicU64,
+    down: AtomicBool,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend {
+            state: Mutex::default(),
+            feed: broadcast::channel(1024).0,
+            reads: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+        }
+    }
+}
+
+impl MemoryBackend {
+    /// How many reads (`get`, `members`) have been served.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Makes every call fail as if the store were unreachable, or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            let _ = self.feed.send(None);
+        }
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("memory backend switched off".into()));
+        }
+        // A panic while holding the lock cannot leave half a batch: batches apply after all checks.
+        Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(self.state()?.kv.get(key).cloned())
+    }
+
+    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(self.state()?.sets.get(set).map(|s| s.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        {
+            let mut state = self.state()?;
+            if let Some(k) = batch.absent.iter().find(|k| state.kv.contains_key(*k)) {
+                return Err(StoreError::Conflict(k.clone()));
+            }
+            for (k, v) in batch.put {
+                state.kv.insert(k, v);
+            }
+            for k in batch.del {
+                state.kv.remove(&k);
+            }
+            for (set, member) in batch.sadd {
+                state.sets.entry(set).or_default().insert(member);
+            }
+            for (set, member) in batch.srem {
+                if let Some(s) = state.sets.get_mut(&set) {
+                    s.remove(&member);
+                }
+            }
+        }
+        for msg in batch.publish {
+            if let Some(inv) = Invalidation::decode(&msg) {
+                // No subscriber is not an error.
+                let _ = self.feed.send(Some(inv));
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        drop(self.state()?);
+        let rx = self.feed.subscribe();
+        // A lagging receiver has lost messages: end the stream so the cache is dropped.
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(Some(inv)) => Some((inv, rx)),
+                Ok(None) | Err(_) => None,
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    fn describe(&self) -> String {
+        "memory (tests only)".into()
+    }
+}

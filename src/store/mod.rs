@@ -1,0 +1,382 @@
+//! The store of orgs, users, services and tokens, and the invalidation feed that tells every
+//! gateway instance what changed.
+//!
+//! The domain logic (keys, indexes, which change invalidates what) is written once in [`Store`], over
+//! a small [`Backend`] trait that each storage engine implements: reads of single keys and sets, an
+//! atomic conditional batch of writes that also publishes the invalidations, and a subscription.
+//! A write is acknowledged only once the backend has it, and every write carries its invalidations
+//! in the same atomic batch, so no change can land without telling the other instances.
+
+pub mod memory;
+mod model;
+pub mod redis;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::Stream;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use model::*;
+
+use crate::token::TokenId;
+
+/// A store failure. `Unavailable` is an infrastructure fault (503 at the gateway); the others are
+/// about the request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A unique key is already taken (duplicate email, service name, token id).
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// A record the change needs does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record at {key}: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+/// What changed, as told to every instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Invalidation {
+    /// A token record changed (revoked, rotated, created).
+    Token(TokenId),
+    /// A user changed (role, status, removal).
+    User(String),
+    /// A service changed (roles, attributes, deletion).
+    Service(String),
+}
+
+impl Invalidation {
+    /// The wire form: `token:<id>`, `user:<id>`, `service:<id>`.
+    pub fn encode(&self) -> String {
+        match self {
+            Invalidation::Token(id) => format!("token:{id}"),
+            Invalidation::User(id) => format!("user:{id}"),
+            Invalidation::Service(id) => format!("service:{id}"),
+        }
+    }
+
+    /// Parses the wire form.
+    pub fn decode(s: &str) -> Option<Invalidation> {
+        let (kind, id) = s.split_once(':')?;
+        match kind {
+            "token" => TokenId::parse(id).map(Invalidation::Token),
+            "user" => Some(Invalidation::User(id.to_string())),
+            "service" => Some(Invalidation::Service(id.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// A stream of invalidations; it ends when the subscription is lost.
+pub type InvalidationStream = Pin<Box<dyn Stream<Item = Invalidation> + Send>>;
+
+/// An atomic, conditional set of writes. Either all apply or, when a key in `absent` exists, none.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Batch {
+    /// Keys that must not exist.
+    pub absent: Vec<String>,
+    /// Keys to set to JSON values.
+    pub put: Vec<(String, String)>,
+    /// Keys to delete.
+    pub del: Vec<String>,
+    /// Set members to add: (set, member).
+    pub sadd: Vec<(String, String)>,
+    /// Set members to remove: (set, member).
+    pub srem: Vec<(String, String)>,
+    /// Invalidations to publish once the writes are applied.
+    pub publish: Vec<String>,
+}
+
+impl Batch {
+    fn put<T: Serialize>(&mut self, key: String, value: &T) -> Result<(), StoreError> {
+        let json = serde_json::to_string(value)
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        self.put.push((key, json));
+        Ok(())
+    }
+
+    fn invalidate(&mut self, inv: Invalidation) {
+        self.publish.push(inv.encode());
+    }
+}
+
+/// A storage engine. Keys are logical (`token:tgp_x`); a backend may prefix them.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Reads the members of a set.
+    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError>;
+    /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists.
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Subscribes to invalidations. Returns once the subscription is live.
+    async fn subscribe(&self) -> Result<InvalidationStream, StoreError>;
+    /// A one-line description for logs (never a password).
+    fn describe(&self) -> String;
+}
+
+/// The domain operations on top of a backend, each bounded by the store timeout.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend.describe()).finish()
+    }
+}
+
+fn token_key(id: &TokenId) -> String {
+    format!("token:{id}")
+}
+fn user_key(id: &str) -> String {
+    format!("user:{id}")
+}
+fn service_key(id: &str) -> String {
+    format!("service:{id}")
+}
+fn org_key(name: &str) -> String {
+    format!("org:{name}")
+}
+fn user_email_key(org: &str, email: &str) -> String {
+    format!("user-email:{org}:{}", email.to_lowercase())
+}
+fn service_name_key(org: &str, name: &str) -> String {
+    format!("service-name:{org}:{name}")
+}
+fn org_users_key(org: &str) -> String {
+    format!("org-users:{org}")
+}
+fn org_services_key(org: &str) -> String {
+    format!("org-services:{org}")
+}
+fn org_tokens_key(org: &str) -> String {
+    format!("org-tokens:{org}")
+}
+fn owner_tokens_key(owner: &Owner) -> String {
+    match owner {
+        Owner::User(id) => format!("user-tokens:{id}"),
+        Owner::Service(id) => format!("service-tokens:{id}"),
+    }
+}
+
+/// Opens the store the config names.
+pub fn open(settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
+    match &settings.redis {
+        Some(r) => {
+            let backend = redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?;
+            Ok(Store::new(Arc::new(backend), settings.timeout))
+        }
+        None => Err(StoreError::Unavailable(
+            "no store configured: set store.redis.url (the embedded store is not built yet)".into(),
+        )),
+    }
+}
+
+impl Store {
+    /// A store over `backend`, every call bounded by `timeout`.
+    pub fn new(backend: Arc<dyn Backend>, timeout: Duration) -> Store {
+        Store { backend, timeout }
+    }
+
+    /// The backend's description.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The bound on every store call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    async fn read<T: DeserializeOwned>(&self, key: String) -> Result<Option<T>, StoreError> {
+        let Some(json) = self.bounded(self.backend.get(&key)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&json).map(Some).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })
+    }
+
+    async fn read_many<T: DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            // A member whose record is gone (deleted between the two reads) is skipped.
+            if let Some(v) = self.read(key).await? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.bounded(self.backend.commit(batch)).await
+    }
+
+    /// Subscribes to the invalidation feed.
+    pub async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        self.bounded(self.backend.subscribe()).await
+    }
+
+    /// Checks the backend answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.read::<serde_json::Value>("ping".to_string()).await.map(|_| ())
+    }
+
+    /// A token by id.
+    pub async fn get_token(&self, id: &TokenId) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(token_key(id)).await
+    }
+
+    /// A user by id.
+    pub async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        self.read(user_key(id)).await
+    }
+
+    /// A service by id.
+    pub async fn get_service(&self, id: &str) -> Result<Option<Service>, StoreError> {
+        self.read(service_key(id)).await
+    }
+
+    /// An org by name.
+    pub async fn get_org(&self, name: &str) -> Result<Option<Org>, StoreError> {
+        self.read(org_key(name)).await
+    }
+
+    /// A user by org and email.
+    pub async fn find_user_by_email(&self, org: &str, email: &str) -> Result<Option<User>, StoreError> {
+        match self.read::<String>(user_email_key(org, email)).await? {
+            Some(id) => self.get_user(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A service by org and name.
+    pub async fn find_service_by_name(&self, org: &str, name: &str) -> Result<Option<Service>, StoreError> {
+        match self.read::<String>(service_name_key(org, name)).await? {
+            Some(id) => self.get_service(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The users of an org.
+    pub async fn list_users(&self, org: &str) -> Result<Vec<User>, StoreError> {
+        let ids = self.bounded(self.backend.members(&org_users_key(org))).await?;
+        self.read_many(ids.iter().map(|id| user_key(id)).collect()).await
+    }
+
+    /// The tokens of a user or service.
+    pub async fn list_owner_tokens(&self, owner: &Owner) -> Result<Vec<TokenRecord>, StoreError> {
+        let ids = self.bounded(self.backend.members(&owner_tokens_key(owner))).await?;
+        self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
+            .await
+    }
+
+    /// Creates an org; `Conflict` if it exists.
+    pub async fn create_org(&self, org: &Org) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.absent.push(org_key(&org.name));
+        b.put(org_key(&org.name), org)?;
+        self.commit(b).await
+    }
+
+    /// Creates a user; `Conflict` if the email is taken in the org.
+    pub async fn create_user(&self, user: &User) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        let email_key = user_email_key(&user.org, &user.email);
+        b.absent.extend([email_key.clone(), user_key(&user.id)]);
+        b.put(user_key(&user.id), user)?;
+        b.put(email_key, &user.id)?;
+        b.sadd.push((org_users_key(&user.org), user.id.clone()));
+        b.invalidate(Invalidation::User(user.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Replaces a user's record (role, status, attributes) and tells every instance.
+    pub async fn update_user(&self, user: &User) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.put(user_key(&user.id), user)?;
+        b.invalidate(Invalidation::User(user.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Creates a service; `Conflict` if the name is taken in the org.
+    pub async fn create_service(&self, service: &Service) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        let name_key = service_name_key(&service.org, &service.name);
+        b.absent.extend([name_key.clone(), service_key(&service.id)]);
+        b.put(service_key(&service.id), service)?;
+        b.put(name_key, &service.id)?;
+        b.sadd.push((org_services_key(&service.org), service.id.clone()));
+        b.invalidate(Invalidation::Service(service.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Deletes a service; its tokens stop at once because their owner is gone.
+    pub async fn delete_service(&self, service: &Service) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
+        b.srem.push((org_services_key(&service.org), service.id.clone()));
+        b.invalidate(Invalidation::Service(service.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Stores a new token; `Conflict` if the id is taken.
+    pub async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.absent.push(token_key(&token.id));
+        b.put(token_key(&token.id), token)?;
+        b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
+        b.sadd.push((owner_tokens_key(&token.owner), token.id.to_string()));
+        b.invalidate(Invalidation::Token(token.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Replaces a token's record (revocation, rotation) and tells every instance.
+    pub async fn update_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.put(token_key(&token.id), token)?;
+        b.invalidate(Invalidation::Token(token.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Revokes a token now.
+    pub async fn revoke_token(
+        &self,
+        id: &TokenId,
+        reason: Option<String>,
+        by: Option<String>,
+    ) -> Result<(), StoreError> {
+        let mut token =
+            self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        token.revoked = Some(Revocation { at: now_millis(), reason, by });
+        self.update_token(&token).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+//! The records the store holds: orgs, users, services and tokens, serialized as JSON.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Role;
+use crate::token::{TokenId, TokenKind};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// The current time in milliseconds since the Unix epoch.
+pub fn now_millis() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+}
+
+/// Formats a timestamp as RFC 3339 (UTC, seconds).
+pub fn format_millis(ms: Millis) -> String {
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Free-form attributes: any JSON object.
+pub type Attributes = serde_json::Map<String, serde_json::Value>;
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Org {
+    /// Unique name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// Whether a user may act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    /// Normal.
+    Active,
+    /// Blocked: every token of the user is refused until reactivated.
+    Suspended,
+}
+
+/// A person in an org.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Stable id (`u_` + base62), used in `X-Auth-Subject`.
+    pub id: String,
+    /// The org the user belongs to.
+    pub org: String,
+    /// Email, unique in the org.
+    pub email: String,
+    /// Active or suspended. A removed user has no record.
+    pub status: UserStatus,
+    /// Role in the whole org.
+    pub org_role: Role,
+    /// Roles on single projects.
+    #[serde(default)]
+    pub project_roles: BTreeMap<String, Role>,
+    /// Attributes (groups, department, ...).
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// A service account, owned by the org.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    /// Stable id (`s_` + base62); the name can change.
+    pub id: String,
+    /// The org that owns it.
+    pub org: String,
+    /// Name, unique in the org, used in `X-Auth-Subject`.
+    pub name: String,
+    /// Role in the whole org, if any.
+    pub org_role: Option<Role>,
+    /// Roles on single projects.
+    #[serde(default)]
+    pub project_roles: BTreeMap<String, Role>,
+    /// Attributes injected for the upstream.
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// The user who created it (informational: the service survives them).
+    pub created_by: Option<String>,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// Whose token it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "id", rename_all = "lowercase")]
+pub enum Owner {
+    /// A user's personal access token.
+    User(String),
+    /// A service's token.
+    Service(String),
+}
+
+/// A scope narrowing a token below its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    /// The preset it came from, if any.
+    pub name: Option<String>,
+    /// The permissions, resolved when the token was issued.
+    pub permissions: Vec<String>,
+}
+
+/// When and why a token stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// From this time on the token is refused; in the future during a rotation's grace.
+    pub at: Millis,
+    /// Why, if given.
+    pub reason: Option<String>,
+    /// Who revoked it.
+    pub by: Option<String>,
+}
+
+/// A stored token: everything but the secret, of which only an argon2id hash is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The public id.
+    pub id: TokenId,
+    /// PAT or service token.
+    pub kind: TokenKind,
+    /// The org it works in.
+    pub org: String,
+    /// The user or service it acts for.
+    pub owner: Owner,
+    /// A name chosen by the owner.
+    pub display_name: Option<String>,
+    /// argon2id PHC string of the secret.
+    pub secret_hash: String,
+    /// Narrowing below the owner's role; `None` means all of the role's permissions.
+    pub scope: Option<Scope>,
+    /// Environments it may be used in; `None` means all.
+    pub environments: Option<Vec<String>>,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Expiry time, if any.
+    pub expires_at: Option<Millis>,
+    /// Revocation, if any.
+    pub revoked: Option<Revocation>,
+}
+
+impl TokenRecord {
+    /// Whether the token has expired at `now`.
+    pub fn is_expired(&self, now: Millis) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Whether the token is revoked at `now` (a rotation's grace ends in the future).
+    pub fn is_revoked(&self, now: Millis) -> bool {
+        self.revoked.as_ref().is_some_and(|r| r.at <= now)
+    }
+}

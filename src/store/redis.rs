@@ -1,0 +1,165 @@
+//! The Redis backend: one multiplexed connection (redis-rs `ConnectionManager`, which reconnects by
+//! itself) for reads and writes, a Lua script for atomic conditional batches, and a dedicated pub/sub
+//! connection with a heartbeat for invalidations. This is the only module that talks to Redis.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use tokio::sync::OnceCell;
+
+use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
+
+/// Applies a batch atomically: checks that the `absent` keys do not exist, then writes, then publishes.
+const COMMIT_SCRIPT: &str = r#"
+local b = cjson.decode(ARGV[1])
+for _, k in ipairs(b.absent) do
+  if redis.call('EXISTS', k) == 1 then return k end
+end
+for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end
+for _, k in ipairs(b.del) do redis.call('DEL', k) end
+for _, m in ipairs(b.sadd) do redis.call('SADD', m[1], m[2]) end
+for _, m in ipairs(b.srem) do redis.call('SREM', m[1], m[2]) end
+for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
+return ''
+"#;
+
+/// How often the subscription proves it is alive.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The Redis backend.
+pub struct RedisBackend {
+    client: redis::Client,
+    prefix: String,
+    channel: String,
+    timeout: Duration,
+    conn: OnceCell<ConnectionManager>,
+    script: redis::Script,
+    display: String,
+}
+
+impl RedisBackend {
+    /// A backend for `url`, with every key under `prefix`. Connects lazily, on first use, so the
+    /// connection's driver lives in the runtime that serves requests.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisBackend, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let info = client.get_connection_info();
+        Ok(RedisBackend {
+            display: format!(
+                "redis at {} (db {}, prefix {prefix:?})",
+                info.addr(),
+                info.redis_settings().db()
+            ),
+            client,
+            prefix: prefix.to_string(),
+            channel: format!("{prefix}invalidate"),
+            timeout,
+            conn: OnceCell::new(),
+            script: redis::Script::new(COMMIT_SCRIPT),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(self.timeout);
+                self.client.get_connection_manager_with_config(config).await.map_err(unavailable)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn().await?.get(self.key(key)).await.map_err(unavailable)
+    }
+
+    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
+        self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
+    }
+
+    async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
+        let unprefixed: Vec<String> = batch.absent.clone();
+        batch.absent.iter_mut().for_each(|k| *k = self.key(k));
+        batch.put.iter_mut().for_each(|(k, _)| *k = self.key(k));
+        batch.del.iter_mut().for_each(|k| *k = self.key(k));
+        batch.sadd.iter_mut().chain(batch.srem.iter_mut()).for_each(|(s, _)| *s = self.key(s));
+        let encoded = serde_json::to_string(&batch)
+            .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
+        let mut conn = self.conn().await?;
+        let conflict: String =
+            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(unavailable)?;
+        if conflict.is_empty() {
+            return Ok(());
+        }
+        let key = unprefixed.into_iter().find(|k| self.key(k) == conflict).unwrap_or(conflict);
+        Err(StoreError::Conflict(key))
+    }
+
+    async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
+        let (mut sink, mut messages) = pubsub.split();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
+        let timeout = self.timeout;
+        // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered,
+        // or the receiver is gone; the cache then treats the channel as lost.
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            loop {
+                tokio::select! {
+                    msg = messages.next() => {
+                        let Some(msg) = msg else { return };
+                        let payload: String = msg.get_payload().unwrap_or_default();
+                        let Some(inv) = Invalidation::decode(&payload) else {
+                            tracing::warn!(payload = %payload, "ignoring malformed invalidation");
+                            continue;
+                        };
+                        if tx.send(inv).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = beat.tick() => {
+                        let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) || tx.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+        Ok(stream.boxed())
+    }
+
+    fn describe(&self) -> String {
+        self.display.clone()
+    }
+}
+
+/// Checks that `url` is a Redis URL, without connecting. The message never repeats the URL, which
+/// may hold a password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Err("missing; write e.g. redis://127.0.0.1:6379".into());
+    }
+    redis::Client::open(url).map(|_| ()).map_err(|_| "not a valid Redis URL (redis://host:port[/db])".into())
+}

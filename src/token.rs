@@ -1,0 +1,379 @@
+//! Token format: generation, parsing with checksum, and the two secret checks (argon2id at rest, a
+//! keyed fast digest for cache hits).
+//!
+//! A token is `tgp_` or `tgs_`, 6 id characters, a 30-character base62 secret (178 bits) and a
+//! 6-character base62 CRC32 of everything before it. The first 10 characters are the token id, which
+//! is not secret. Parsing is pure and rejects anything malformed before a cache or store is touched.
+
+use std::fmt;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const PREFIX_LEN: usize = 4;
+const ID_CHARS: usize = 6;
+const SECRET_CHARS: usize = 30;
+const CHECKSUM_CHARS: usize = 6;
+/// Length of a token id: prefix plus id characters, e.g. `tgp_a1B2c3`.
+pub const ID_LEN: usize = PREFIX_LEN + ID_CHARS;
+/// Length of a whole token.
+pub const TOKEN_LEN: usize = ID_LEN + SECRET_CHARS + CHECKSUM_CHARS;
+
+/// Who a token belongs to, as told by its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// A personal access token: acts with its user's current role.
+    Pat,
+    /// A service token: acts with the service's fixed roles.
+    Service,
+}
+
+impl TokenKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            TokenKind::Pat => "tgp_",
+            TokenKind::Service => "tgs_",
+        }
+    }
+
+    fn from_prefix(prefix: &str) -> Option<Self> {
+        match prefix {
+            "tgp_" => Some(TokenKind::Pat),
+            "tgs_" => Some(TokenKind::Service),
+            _ => None,
+        }
+    }
+
+    /// The name used in `X-Auth-Token-Kind` and in listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Pat => "pat",
+            TokenKind::Service => "service",
+        }
+    }
+}
+
+/// The public, non-secret first 10 characters of a token.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TokenId(String);
+
+impl TokenId {
+    /// Parses a token id as shown in lists (`tgp_a1B2c3`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let kind_ok = s.get(..PREFIX_LEN).and_then(TokenKind::from_prefix).is_some();
+        let body_ok = s.len() == ID_LEN && s.bytes().skip(PREFIX_LEN).all(is_base62);
+        (kind_ok && body_ok).then(|| TokenId(s.to_owned()))
+    }
+
+    /// The kind told by the id's prefix.
+    pub fn kind(&self) -> TokenKind {
+        // The constructor only admits known prefixes.
+        TokenKind::from_prefix(&self.0[..PREFIX_LEN]).unwrap_or(TokenKind::Pat)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TokenId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TokenId::parse(&s).ok_or_else(|| format!("not a token id: {s:?}"))
+    }
+}
+
+impl From<TokenId> for String {
+    fn from(id: TokenId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenId({})", self.0)
+    }
+}
+
+/// A token that passed the format and checksum checks. Borrowed from the request.
+pub struct ParsedToken<'a> {
+    /// The token id (first 10 characters).
+    pub id: TokenId,
+    /// The secret part. Never logged.
+    pub secret: &'a str,
+}
+
+impl fmt::Debug for ParsedToken<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParsedToken").field("id", &self.id).field("secret", &"<redacted>").finish()
+    }
+}
+
+/// Why a string is not a well-formed token. Never shown to clients in detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Wrong length.
+    #[error("wrong length")]
+    Length,
+    /// Unknown prefix.
+    #[error("unknown prefix")]
+    Prefix,
+    /// A character outside base62.
+    #[error("character outside base62")]
+    Alphabet,
+    /// The checksum does not match.
+    #[error("checksum mismatch")]
+    Checksum,
+}
+
+/// Checks format and checksum. Pure: no cache or store is involved.
+pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
+    if token.len() != TOKEN_LEN {
+        return Err(FormatError::Length);
+    }
+    let prefix = token.get(..PREFIX_LEN).ok_or(FormatError::Prefix)?;
+    TokenKind::from_prefix(prefix).ok_or(FormatError::Prefix)?;
+    if !token.bytes().skip(PREFIX_LEN).all(is_base62) {
+        return Err(FormatError::Alphabet);
+    }
+    // All bytes are ASCII from here, so slicing cannot split a character.
+    let (body, checksum) = token.split_at(TOKEN_LEN - CHECKSUM_CHARS);
+    if checksum.as_bytes() != crc_base62(body) {
+        return Err(FormatError::Checksum);
+    }
+    Ok(ParsedToken {
+        id: TokenId(token[..ID_LEN].to_owned()),
+        secret: &token[ID_LEN..TOKEN_LEN - CHECKSUM_CHARS],
+    })
+}
+
+/// A freshly generated token. The full text exists only here and is shown once.
+pub struct NewToken {
+    /// The whole token, to show once.
+    pub token: String,
+    /// Its id.
+    pub id: TokenId,
+}
+
+impl fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewToken").field("id", &self.id).field("token", &"<redacted>").finish()
+    }
+}
+
+impl NewToken {
+    /// The secret part of the token, for hashing.
+    pub fn secret(&self) -> &str {
+        &self.token[ID_LEN..TOKEN_LEN - CHECKSUM_CHARS]
+    }
+}
+
+/// Generates a new random token of the given kind from the OS random source.
+pub fn generate(kind: TokenKind) -> NewToken {
+    let mut body = String::with_capacity(TOKEN_LEN);
+    body.push_str(kind.prefix());
+    body.push_str(&random_base62(ID_CHARS + SECRET_CHARS));
+    let checksum = crc_base62(&body);
+    body.extend(checksum.iter().map(|&b| b as char));
+    NewToken { id: TokenId(body[..ID_LEN].to_owned()), token: body }
+}
+
+/// `len` random base62 characters from the OS random source (ids, secrets).
+pub fn random_base62(len: usize) -> String {
+    let mut rng = rand::rngs::OsRng;
+    (0..len).map(|_| BASE62[rng.gen_range(0..62)] as char).collect()
+}
+
+/// Appends the checksum to a token body (tests forge well-formed tokens with it).
+#[cfg(test)]
+pub(crate) fn with_checksum_for_tests(body: &str) -> String {
+    let checksum = crc_base62(body);
+    format!("{body}{}", String::from_utf8_lossy(&checksum))
+}
+
+fn is_base62(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+
+fn crc_base62(body: &str) -> [u8; CHECKSUM_CHARS] {
+    let mut n = crc32fast::hash(body.as_bytes());
+    let mut out = [b'0'; CHECKSUM_CHARS];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Argon2id settings from config, with a constructor that validates them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Argon2Params {
+    /// Memory cost in KiB.
+    pub memory_kib: u32,
+    /// Number of passes.
+    pub iterations: u32,
+    /// Degree of parallelism.
+    pub parallelism: u32,
+}
+
+impl Default for Argon2Params {
+    /// OWASP's recommended argon2id baseline: 19 MiB, 2 passes, 1 lane.
+    fn default() -> Self {
+        Argon2Params { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 }
+    }
+}
+
+impl Argon2Params {
+    fn hasher(&self) -> Result<Argon2<'static>, argon2::Error> {
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None)?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    }
+
+    /// Checks the parameters without hashing anything; the message names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.hasher().map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// Hashes a secret into a PHC string (`$argon2id$v=19$m=...`). CPU-heavy: call off request threads.
+pub fn hash_secret(secret: &str, params: &Argon2Params) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    let hasher = params.hasher().map_err(|_| argon2::password_hash::Error::ParamsMaxExceeded)?;
+    Ok(hasher.hash_password(secret.as_bytes(), &salt)?.to_string())
+}
+
+/// Verifies a secret against a stored PHC string. The parameters come from the string itself, so
+/// tokens hashed under older settings keep working. CPU-heavy: call off request threads.
+pub fn verify_secret(secret: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(hash) => Argon2::default().verify_password(secret.as_bytes(), &hash).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A keyed BLAKE3 digest of a secret, used to recognise a secret already checked with argon2.
+///
+/// The key is random per process, so the digests held in memory are useless outside it.
+/// Equality on [`blake3::Hash`] is constant-time.
+pub struct SecretDigester {
+    key: [u8; 32],
+}
+
+impl SecretDigester {
+    /// A digester with a fresh random key.
+    pub fn new() -> Self {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill(&mut key);
+        SecretDigester { key }
+    }
+
+    /// The digest of a secret.
+    pub fn digest(&self, secret: &str) -> blake3::Hash {
+        blake3::keyed_hash(&self.key, secret.as_bytes())
+    }
+}
+
+impl Default for SecretDigester {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast_params() -> Argon2Params {
+        Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 }
+    }
+
+    #[test]
+    fn generated_tokens_parse_back() {
+        for kind in [TokenKind::Pat, TokenKind::Service] {
+            let new = generate(kind);
+            assert_eq!(new.token.len(), TOKEN_LEN);
+            let parsed = parse(&new.token).unwrap();
+            assert_eq!(parsed.id, new.id);
+            assert_eq!(parsed.id.kind(), kind);
+            assert_eq!(parsed.secret, new.secret());
+            assert!(new.token.starts_with(kind.prefix()));
+        }
+    }
+
+    #[test]
+    fn secret_has_at_least_160_bits() {
+        let bits = SECRET_CHARS as f64 * 62f64.log2();
+        assert!(bits >= 160.0, "{bits}");
+    }
+
+    #[test]
+    fn malformed_tokens_are_rejected_with_the_reason() {
+        let good = generate(TokenKind::Pat).token;
+        let flip = |i: usize| {
+            let mut b = good.clone().into_bytes();
+            b[i] = if b[i] == b'a' { b'b' } else { b'a' };
+            String::from_utf8(b).unwrap()
+        };
+        let check = |input: &str, expected: FormatError| {
+            assert_eq!(parse(input).err(), Some(expected), "{input}");
+        };
+        check("", FormatError::Length);
+        check(&good[..TOKEN_LEN - 1], FormatError::Length);
+        check(&format!("{good}x"), FormatError::Length);
+        check(&format!("tgx_{}", &good[4..]), FormatError::Prefix);
+        check(&format!("{}-{}", &good[..20], &good[21..]), FormatError::Alphabet);
+        check(&format!("{}é{}", &good[..20], &good[22..]), FormatError::Alphabet);
+        check(&flip(12), FormatError::Checksum);
+        check(&flip(TOKEN_LEN - 1), FormatError::Checksum);
+        // The kind is covered by the checksum too.
+        check(&format!("tgs_{}", &good[4..]), FormatError::Checksum);
+    }
+
+    #[test]
+    fn token_id_parsing() {
+        let new = generate(TokenKind::Service);
+        assert_eq!(TokenId::parse(new.id.as_str()), Some(new.id.clone()));
+        assert_eq!(TokenId::parse("tgp_abc"), None);
+        assert_eq!(TokenId::parse("xyz_abcdef"), None);
+        assert_eq!(TokenId::parse("tgp_abc-ef"), None);
+    }
+
+    #[test]
+    fn argon2_round_trip() {
+        let new = generate(TokenKind::Pat);
+        let phc = hash_secret(new.secret(), &fast_params()).unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_secret(new.secret(), &phc));
+        assert!(!verify_secret("wrong", &phc));
+        assert!(!verify_secret(new.secret(), "not a hash"));
+    }
+
+    #[test]
+    fn digests_are_keyed() {
+        let (a, b) = (SecretDigester::new(), SecretDigester::new());
+        assert_eq!(a.digest("s"), a.digest("s"));
+        assert_ne!(a.digest("s"), a.digest("t"));
+        assert_ne!(a.digest("s"), b.digest("s"));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let new = generate(TokenKind::Pat);
+        assert!(!format!("{new:?}").contains(new.secret()));
+        let parsed = parse(&new.token).unwrap();
+        assert!(!format!("{parsed:?}").contains(new.secret()));
+    }
+}
