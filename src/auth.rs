@@ -264,7 +264,7 @@ impl Verifier {
             return Err(AuthError::Invalid(Invalid::OwnerGone));
         }
         let deprecated = record.revoked.is_some();
-        Ok(Principal { token: record, owner, deprecated })
+        Ok(Principal::new(record, owner, deprecated))
     }
 
     /// Proves the secret: by digest when proven before, else by argon2 (one run for concurrent

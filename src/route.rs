@@ -143,7 +143,7 @@ impl RouteTable {
             }
         }
         let longest_first = |v: &mut Vec<Arc<Route>>| {
-            v.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+            v.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         };
         table.by_host.values_mut().for_each(longest_first);
         longest_first(&mut table.any_host);

@@ -60,11 +60,16 @@ impl ConfigError {
 /// Where tokens are kept.
 #[derive(Clone)]
 pub struct StoreSettings {
-    /// Redis, if configured.
+    /// Redis, if configured; otherwise the embedded store.
     pub redis: Option<RedisSettings>,
+    /// The embedded store's file, used when no Redis is configured.
+    pub embedded_path: std::path::PathBuf,
     /// Bound on every store call.
     pub timeout: Duration,
 }
+
+/// Where the embedded store keeps its file when neither Redis nor a path is configured.
+pub const DEFAULT_EMBEDDED_PATH: &str = "tollgate-data/tollgate.redb";
 
 /// Redis connection settings. The URL may hold a password, so `Debug` redacts it.
 #[derive(Clone)]
@@ -78,7 +83,11 @@ pub struct RedisSettings {
 impl fmt::Debug for StoreSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let redis = self.redis.as_ref().map(|r| (redact_url(&r.url), r.key_prefix.clone()));
-        f.debug_struct("StoreSettings").field("redis", &redis).field("timeout", &self.timeout).finish()
+        f.debug_struct("StoreSettings")
+            .field("redis", &redis)
+            .field("embedded_path", &self.embedded_path)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -387,7 +396,11 @@ impl Validator {
             }
             RedisSettings { url, key_prefix: r.key_prefix.unwrap_or_else(|| "tollgate:".into()) }
         });
-        StoreSettings { redis, timeout }
+        if redis.is_some() && raw.embedded.is_some() {
+            self.error("store", "configure either `redis` or `embedded`, not both");
+        }
+        let embedded_path = raw.embedded.and_then(|e| e.path).unwrap_or_else(|| DEFAULT_EMBEDDED_PATH.into());
+        StoreSettings { redis, embedded_path: embedded_path.into(), timeout }
     }
 
     fn credentials(&mut self, raw: RawCredentials) -> CredentialSettings {

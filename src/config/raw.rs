@@ -31,6 +31,7 @@ pub struct RawShutdown {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawStore {
     pub redis: Option<RawRedis>,
+    pub embedded: Option<RawEmbedded>,
     pub timeout: Option<String>,
 }
 
@@ -38,6 +39,11 @@ pub struct RawStore {
 pub struct RawRedis {
     pub url: Option<String>,
     pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEmbedded {
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

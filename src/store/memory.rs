@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use tokio::sync::broadcast;
 
-use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
+use super::feed::LocalFeed;
+use super::{Backend, Batch, InvalidationStream, StoreError};
 
 #[derive(Default)]
 struct State {
@@ -20,8 +19,7 @@ struct State {
 /// The in-memory backend.
 pub struct MemoryBackend {
     state: Mutex<State>,
-    /// `None` tells subscribers the feed is lost.
-    feed: broadcast::Sender<Option<Invalidation>>,
+    feed: LocalFeed,
     reads: AtomicU64,
     down: AtomicBool,
 }
@@ -30,7 +28,7 @@ impl Default for MemoryBackend {
     fn default() -> Self {
         MemoryBackend {
             state: Mutex::default(),
-            feed: broadcast::channel(1024).0,
+            feed: LocalFeed::default(),
             reads: AtomicU64::new(0),
             down: AtomicBool::new(false),
         }
@@ -47,7 +45,7 @@ impl MemoryBackend {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
         if down {
-            let _ = self.feed.send(None);
+            self.feed.close();
         }
     }
 
@@ -93,26 +91,13 @@ impl Backend for MemoryBackend {
                 }
             }
         }
-        for msg in batch.publish {
-            if let Some(inv) = Invalidation::decode(&msg) {
-                // No subscriber is not an error.
-                let _ = self.feed.send(Some(inv));
-            }
-        }
+        self.feed.publish(&batch.publish);
         Ok(())
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
         drop(self.state()?);
-        let rx = self.feed.subscribe();
-        // A lagging receiver has lost messages: end the stream so the cache is dropped.
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            match rx.recv().await {
-                Ok(Some(inv)) => Some((inv, rx)),
-                Ok(None) | Err(_) => None,
-            }
-        });
-        Ok(stream.boxed())
+        Ok(self.feed.subscribe())
     }
 
     fn describe(&self) -> String {

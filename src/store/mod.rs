@@ -7,6 +7,8 @@
 //! A write is acknowledged only once the backend has it, and every write carries its invalidations
 //! in the same atomic batch, so no change can land without telling the other instances.
 
+pub mod embedded;
+mod feed;
 pub mod memory;
 mod model;
 pub mod redis;
@@ -178,15 +180,11 @@ fn owner_tokens_key(owner: &Owner) -> String {
 
 /// Opens the store the config names.
 pub fn open(settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
-    match &settings.redis {
-        Some(r) => {
-            let backend = redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?;
-            Ok(Store::new(Arc::new(backend), settings.timeout))
-        }
-        None => Err(StoreError::Unavailable(
-            "no store configured: set store.redis.url (the embedded store is not built yet)".into(),
-        )),
-    }
+    let backend: Arc<dyn Backend> = match &settings.redis {
+        Some(r) => Arc::new(redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?),
+        None => Arc::new(embedded::EmbeddedBackend::open(&settings.embedded_path)?),
+    };
+    Ok(Store::new(backend, settings.timeout))
 }
 
 impl Store {

@@ -1,4 +1,5 @@
-//! Store semantics on the in-memory backend; the integration tests run the same operations on Redis.
+//! Store semantics, run against every backend: memory, embedded, and Redis when a `redis-server`
+//! binary is installed (the integration tests always need one; .ci/run installs it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,13 +11,65 @@ use super::*;
 use crate::lifecycle;
 use crate::policy::Role;
 
-fn store() -> Store {
-    Store::new(Arc::new(MemoryBackend::default()), Duration::from_millis(200))
+/// A store per backend. The returned guard keeps temporary files and servers alive.
+fn stores() -> Vec<(Store, Box<dyn std::any::Any>)> {
+    let timeout = Duration::from_millis(500);
+    let mut out: Vec<(Store, Box<dyn std::any::Any>)> =
+        vec![(Store::new(Arc::new(MemoryBackend::default()), timeout), Box::new(()))];
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = embedded::EmbeddedBackend::open(&dir.path().join("sub/store.redb")).unwrap();
+    out.push((Store::new(Arc::new(embedded), timeout), Box::new(dir)));
+    if let Some(server) = RedisServer::start() {
+        let backend = redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap();
+        out.push((Store::new(Arc::new(backend), timeout), Box::new(server)));
+    }
+    out
+}
+
+/// A throwaway `redis-server` for the store tests.
+struct RedisServer {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    fn start() -> Option<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(RedisServer { port, child });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test]
 async fn unique_keys_conflict_and_change_nothing() {
-    let s = store();
+    for (s, _guard) in stores() {
+        unique_keys_conflict(&s).await;
+    }
+}
+
+async fn unique_keys_conflict(s: &Store) {
+    let s = s.clone();
     let user = lifecycle::create_user(
         &s,
         "acme",
@@ -47,7 +100,13 @@ async fn unique_keys_conflict_and_change_nothing() {
 
 #[tokio::test]
 async fn writes_publish_invalidations() {
-    let s = store();
+    for (s, _guard) in stores() {
+        writes_publish(&s).await;
+    }
+}
+
+async fn writes_publish(s: &Store) {
+    let s = s.clone();
     let mut feed = s.subscribe().await.unwrap();
     let svc = lifecycle::create_service(
         &s,
@@ -91,4 +150,22 @@ fn invalidation_wire_form_round_trips() {
     }
     assert_eq!(Invalidation::decode("token:nope"), None);
     assert_eq!(Invalidation::decode("garbage"), None);
+}
+
+#[tokio::test]
+async fn the_embedded_store_keeps_its_data_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let open =
+        || Store::new(Arc::new(embedded::EmbeddedBackend::open(&path).unwrap()), Duration::from_millis(500));
+    let user = {
+        let s = open();
+        lifecycle::create_user(&s, "acme", "a@x.io", Role::Admin, BTreeMap::new(), Attributes::new())
+            .await
+            .unwrap()
+    };
+    let s = open();
+    assert_eq!(s.get_user(&user.id).await.unwrap(), Some(user));
+    // A second process cannot open the same file while it is open.
+    assert!(embedded::EmbeddedBackend::open(&path).is_err());
 }

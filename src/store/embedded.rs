@@ -1,0 +1,132 @@
+//! The embedded backend: a redb database file on disk, for a single gateway node without Redis.
+//! Every commit is durable (redb fsyncs on commit) before it is acknowledged. Invalidations stay in
+//! the process, which is enough because only one process can open the file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::feed::LocalFeed;
+use super::{Backend, Batch, InvalidationStream, StoreError};
+
+const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
+/// Set membership as (set, member) keys.
+const SETS: TableDefinition<(&str, &str), ()> = TableDefinition::new("sets");
+
+/// The embedded backend.
+pub struct EmbeddedBackend {
+    db: Arc<Database>,
+    path: PathBuf,
+    feed: LocalFeed,
+}
+
+fn failed(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("embedded store: {e}"))
+}
+
+impl EmbeddedBackend {
+    /// Opens (or creates) the database file, creating its directory.
+    pub fn open(path: &Path) -> Result<EmbeddedBackend, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => failed(format!(
+                "{} is in use by another tollgate process (the embedded store serves one process)",
+                path.display()
+            )),
+            other => failed(format!("cannot open {}: {other}", path.display())),
+        })?;
+        // Create the tables so that reads never meet a missing table.
+        let tx = db.begin_write().map_err(failed)?;
+        tx.open_table(KV).map_err(failed)?;
+        tx.open_table(SETS).map_err(failed)?;
+        tx.commit().map_err(failed)?;
+        Ok(EmbeddedBackend { db: Arc::new(db), path: path.to_path_buf(), feed: LocalFeed::default() })
+    }
+
+    /// Runs blocking database work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || work(&db)).await.map_err(failed)?
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(failed)?;
+            let table = tx.open_table(KV).map_err(failed)?;
+            Ok(table.get(key.as_str()).map_err(failed)?.map(|v| v.value().to_string()))
+        })
+        .await
+    }
+
+    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
+        let set = set.to_string();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(failed)?;
+            let table = tx.open_table(SETS).map_err(failed)?;
+            let mut out = Vec::new();
+            for row in table.range((set.as_str(), "")..).map_err(failed)? {
+                let (key, _) = row.map_err(failed)?;
+                let (s, member) = key.value();
+                if s != set {
+                    break;
+                }
+                out.push(member.to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let publish = batch.publish.clone();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(failed)?;
+            {
+                let mut kv = tx.open_table(KV).map_err(failed)?;
+                for k in &batch.absent {
+                    if kv.get(k.as_str()).map_err(failed)?.is_some() {
+                        // Dropping the transaction without commit changes nothing.
+                        return Err(StoreError::Conflict(k.clone()));
+                    }
+                }
+                for (k, v) in &batch.put {
+                    kv.insert(k.as_str(), v.as_str()).map_err(failed)?;
+                }
+                for k in &batch.del {
+                    kv.remove(k.as_str()).map_err(failed)?;
+                }
+                let mut sets = tx.open_table(SETS).map_err(failed)?;
+                for (s, m) in &batch.sadd {
+                    sets.insert((s.as_str(), m.as_str()), ()).map_err(failed)?;
+                }
+                for (s, m) in &batch.srem {
+                    sets.remove((s.as_str(), m.as_str())).map_err(failed)?;
+                }
+            }
+            tx.commit().map_err(failed)
+        })
+        .await?;
+        self.feed.publish(&publish);
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        Ok(self.feed.subscribe())
+    }
+
+    fn describe(&self) -> String {
+        format!("embedded store at {}", self.path.display())
+    }
+}

@@ -1,0 +1,90 @@
+//! The command line: `check-config` reports every error with its YAML path; `bootstrap` prints a
+//! working admin token once.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn check_config(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(tollgate_bin()).arg("check-config").arg("--config").arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.yaml");
+    let out = Command::new(tollgate_bin()).arg("check-config").arg("--config").arg(example).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_config_names_the_yaml_path_of_every_error() {
+    let yaml = r#"
+listen: 127.0.0.1:8080
+cache: { capacity: 10, colour: blue }
+orgs: { acme: { projects: { shop: { environments: [production] } } } }
+routes:
+  - { path: /a, upstream: "no-such-host.invalid:80", org: acme, project: shop, environment: production }
+  - { path: /b, upstream: "127.0.0.1:1", org: acme, project: shop, environment: production, retries: 3 }
+"#;
+    let (ok, text) = check_config(yaml);
+    assert!(!ok);
+    assert!(text.contains("cache.colour: unknown field"), "{text}");
+    assert!(text.contains("routes[1].retries: unknown field"), "{text}");
+    assert!(text.contains("routes[0].upstream:"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+#[test]
+fn check_config_reports_a_missing_file_readably() {
+    let out = Command::new(tollgate_bin())
+        .args(["check-config", "--config", "/nonexistent/tollgate.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/tollgate.yaml"));
+}
+
+#[tokio::test]
+async fn bootstrap_prints_a_working_admin_token_once() {
+    let redis = Redis::start();
+    let upstream = Upstream::start().await;
+    let port = free_port();
+    let config = gateway_config(port, &redis.url(), upstream.port);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(tollgate_bin())
+        .arg("bootstrap")
+        .arg("--config")
+        .arg(&path)
+        .args(["--org", "acme", "--email", "root@example.com"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token =
+        stdout.lines().find_map(|l| l.strip_prefix("Access token: ")).expect("token line").to_string();
+
+    let gateway = Gateway::start_with(port, &config);
+    let resp =
+        reqwest::Client::new().delete(gateway.url("/shop/x")).bearer_auth(&token).send().await.unwrap();
+    let echo = echoed(resp).await;
+    assert_eq!(echo["headers"]["x-auth-role"][0], "admin");
+
+    // The same email cannot be bootstrapped twice.
+    let again = Command::new(tollgate_bin())
+        .arg("bootstrap")
+        .arg("--config")
+        .arg(&path)
+        .args(["--org", "acme", "--email", "root@example.com"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert!(!gateway.log_text().contains(&token));
+}

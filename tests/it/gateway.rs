@@ -1,0 +1,336 @@
+//! The gateway end to end: real redis-server, real upstream, real `tollgate serve`.
+
+use std::time::Duration;
+
+use tollgate::lifecycle::TokenSpec;
+use tollgate::policy::Role;
+use tollgate::store::{now_millis, Scope, UserStatus};
+use tollgate::token;
+
+use crate::support::*;
+
+fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name][0].as_str()
+}
+
+async fn error_body(resp: reqwest::Response, status: u16) -> (Option<String>, serde_json::Value) {
+    assert_eq!(resp.status(), status);
+    let www = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    let body: serde_json::Value = resp.json().await.expect("JSON error body");
+    assert!(body["request_id"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
+    (www, body)
+}
+
+#[tokio::test]
+async fn a_valid_pat_reaches_the_upstream_with_identity_and_without_the_credential() {
+    let mut w = World::start().await;
+    let user = w
+        .user(
+            "acme",
+            "ann@example.com",
+            Role::Editor,
+            serde_json::json!({"groups": ["eng"], "tier": "gold", "name": "Zoë"}),
+        )
+        .await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let resp = w.get(&w.gateway, "/shop/items", &token).await;
+    assert!(resp.headers().get("x-request-id").is_some());
+    let echo = echoed(resp).await;
+    assert_eq!(echo["uri"], "/shop/items");
+    assert!(echo["headers"].get("authorization").is_none(), "the credential must not reach the upstream");
+    let expect = [
+        ("x-auth-subject", format!("user:{}", user.id)),
+        ("x-auth-token-id", token[..10].to_string()),
+        ("x-auth-token-kind", "pat".into()),
+        ("x-auth-org", "acme".into()),
+        ("x-auth-project", "shop".into()),
+        ("x-auth-environment", "production".into()),
+        ("x-auth-role", "editor".into()),
+        ("x-auth-permissions", "read,write,execute".into()),
+        ("x-auth-email", "ann@example.com".into()),
+        ("x-auth-attr-tier", "gold".into()),
+        ("x-auth-attr-domain", "example.com".into()),
+    ];
+    for (name, value) in expect {
+        assert_eq!(header(&echo, name), Some(value.as_str()), "{name}");
+    }
+    let attrs: serde_json::Value = serde_json::from_str(header(&echo, "x-auth-attributes").unwrap()).unwrap();
+    assert_eq!(attrs["groups"], serde_json::json!(["eng"]));
+    assert_eq!(attrs["name"], "Zoë");
+    assert!(header(&echo, "x-auth-attributes").unwrap().is_ascii());
+    assert!(header(&echo, "x-request-id").is_some());
+
+    // The API-key header works too and is stripped as well.
+    let resp = w.http.get(w.gateway.url("/shop")).header("X-API-Key", &token).send().await.unwrap();
+    let echo = echoed(resp).await;
+    assert!(echo["headers"].get("x-api-key").is_none());
+    assert_eq!(header(&echo, "x-auth-subject"), Some(format!("user:{}", user.id).as_str()));
+}
+
+#[tokio::test]
+async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "q@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let url = w.gateway.url(&format!("/shop/search?z=1&access_token={token}&a=%20x&b"));
+    let echo = echoed(w.http.get(url).send().await.unwrap()).await;
+    assert_eq!(echo["uri"], "/shop/search?z=1&a=%20x&b");
+    assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
+
+    // On a route that does not allow query tokens it is no credential at all.
+    let url = w.gateway.url(&format!("/noquery/search?access_token={token}"));
+    let (www, body) = error_body(w.http.get(url).send().await.unwrap(), 401).await;
+    assert_eq!(www.as_deref(), Some("Bearer realm=\"tollgate\""));
+    assert_eq!(body["error"], "unauthorized");
+}
+
+#[tokio::test]
+async fn forged_identity_headers_never_reach_the_upstream() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "f@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let resp = w
+        .http
+        .get(w.gateway.url("/shop"))
+        .bearer_auth(&token)
+        .header("X-Auth-Subject", "user:root")
+        .header("X-Auth-Role", "admin")
+        .header("x-auth-anything", "forged")
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    assert_eq!(header(&echo, "x-auth-subject"), Some(format!("user:{}", user.id).as_str()));
+    assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
+    assert_eq!(echo["headers"]["x-auth-subject"].as_array().unwrap().len(), 1);
+    assert!(echo["headers"].get("x-auth-anything").is_none());
+
+    // A public route needs no token and still strips the namespace.
+    let resp = w
+        .http
+        .get(w.gateway.url("/public/page"))
+        .header("X-Auth-Subject", "user:root")
+        .header("X-Auth-Org", "acme")
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    let forged: Vec<&String> =
+        echo["headers"].as_object().unwrap().keys().filter(|k| k.starts_with("x-auth-")).collect();
+    assert!(forged.is_empty(), "{forged:?}");
+}
+
+#[tokio::test]
+async fn a_bad_checksum_is_refused_before_any_store_access_and_unknown_reads_like_wrong_secret() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "c@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let mut bad = token.clone().into_bytes();
+    let i = bad.len() - 3;
+    bad[i] = if bad[i] == b'x' { b'y' } else { b'x' };
+    let bad = String::from_utf8(bad).unwrap();
+
+    w.redis.reset_stats();
+    let (_, malformed) = error_body(w.get(&w.gateway, "/shop", &bad).await, 401).await;
+    assert_eq!(w.redis.command_calls("get"), 0, "a malformed token must not reach the store");
+
+    // The counter does count: an unknown but well-formed id reads the store.
+    let unknown = token::generate(token::TokenKind::Pat).token;
+    let (www_unknown, unknown_body) = error_body(w.get(&w.gateway, "/shop", &unknown).await, 401).await;
+    assert!(w.redis.command_calls("get") > 0);
+
+    // Same id, other secret, valid checksum.
+    let other = token::generate(token::TokenKind::Pat).token;
+    let body = format!("{}{}", &token[..10], &other[10..40]);
+    let wrong = checksummed(&body);
+    let (www_wrong, wrong_body) = error_body(w.get(&w.gateway, "/shop", &wrong).await, 401).await;
+
+    assert_eq!(www_unknown.as_deref(), Some("Bearer realm=\"tollgate\", error=\"invalid_token\""));
+    assert_eq!(www_unknown, www_wrong);
+    for field in ["error", "error_description"] {
+        assert_eq!(unknown_body[field], wrong_body[field], "{field}");
+        assert_eq!(unknown_body[field], malformed[field], "{field}");
+    }
+}
+
+/// A well-formed token with the given 40-character body (prefix, id and secret).
+fn checksummed(body: &str) -> String {
+    let crc = crc32fast::hash(body.as_bytes());
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = crc;
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = B62[(n % 62) as usize];
+        n /= 62;
+    }
+    let token = format!("{body}{}", String::from_utf8_lossy(&out));
+    assert!(token::parse(&token).is_ok(), "test helper must produce a well-formed token");
+    token
+}
+
+#[tokio::test]
+async fn a_token_with_a_two_second_ttl_works_then_is_refused() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "t@example.com", Role::Viewer, serde_json::json!({})).await;
+    let expires_at = now_millis() + 2_000;
+    let token = w.pat(&user, TokenSpec { expires_at: Some(expires_at), ..TokenSpec::default() }).await;
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200);
+    let wait = (expires_at - now_millis()).max(0) as u64 + 50;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let (_, body) = error_body(w.get(&w.gateway, "/shop", &token).await, 401).await;
+    assert_eq!(body["error"], "invalid_token");
+    assert_eq!(body["error_description"], "the access token has expired");
+}
+
+#[tokio::test]
+async fn scope_environment_and_org_are_enforced_with_403() {
+    let mut w = World::start().await;
+    let editor = w.user("acme", "e@example.com", Role::Editor, serde_json::json!({})).await;
+    let read_only = w
+        .pat(
+            &editor,
+            TokenSpec {
+                scope: Some(Scope { name: Some("read".into()), permissions: vec!["read".into()] }),
+                ..TokenSpec::default()
+            },
+        )
+        .await;
+    assert_eq!(w.get(&w.gateway, "/shop", &read_only).await.status(), 200);
+    let (www, body) = error_body(w.post(&w.gateway, "/shop", &read_only).await, 403).await;
+    assert_eq!(www.as_deref(), Some("Bearer realm=\"tollgate\", error=\"insufficient_scope\""));
+    assert_eq!(body["error"], "insufficient_scope");
+    assert!(body["error_description"].as_str().unwrap().contains("write"));
+
+    let staging_only = w
+        .pat(&editor, TokenSpec { environments: Some(vec!["staging".into()]), ..TokenSpec::default() })
+        .await;
+    assert_eq!(w.post(&w.gateway, "/staging", &staging_only).await.status(), 200);
+    let (_, body) = error_body(w.get(&w.gateway, "/shop", &staging_only).await, 403).await;
+    assert!(body["error_description"].as_str().unwrap().contains("production"));
+
+    let outsider = w.user("globex", "o@globex.com", Role::Admin, serde_json::json!({})).await;
+    let foreign = w.pat(&outsider, TokenSpec::default()).await;
+    assert_eq!(w.get(&w.gateway, "/globex", &foreign).await.status(), 200);
+    error_body(w.get(&w.gateway, "/shop", &foreign).await, 403).await;
+
+    // The route's per-method permission: DELETE needs admin, which an editor lacks.
+    let full = w.pat(&editor, TokenSpec::default()).await;
+    let resp = w.http.delete(w.gateway.url("/shop/1")).bearer_auth(&full).send().await.unwrap();
+    error_body(resp, 403).await;
+}
+
+#[tokio::test]
+async fn role_changes_suspension_and_revocation_reach_every_instance() {
+    let mut w = World::start().await;
+    let second = w.second_gateway();
+    let mut user = w.user("acme", "r@example.com", Role::Editor, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let gateways = [&w.gateway, &second];
+    for g in gateways {
+        // Warm both caches.
+        assert_eq!(w.post(g, "/shop", &token).await.status(), 200);
+    }
+
+    let within = Duration::from_secs(2);
+    user.org_role = Role::Viewer;
+    w.store.update_user(&user).await.unwrap();
+    for g in gateways {
+        assert!(eventually(within, || async { w.post(g, "/shop", &token).await.status() == 403 }).await);
+        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "a viewer can still read");
+    }
+
+    user.status = UserStatus::Suspended;
+    w.store.update_user(&user).await.unwrap();
+    for g in gateways {
+        assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 401 }).await);
+    }
+
+    user.status = UserStatus::Active;
+    w.store.update_user(&user).await.unwrap();
+    for g in gateways {
+        assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 200 }).await);
+    }
+
+    let id = token::parse(&token).unwrap().id;
+    w.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
+    for g in gateways {
+        assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 401 }).await);
+        let (_, body) = error_body(w.get(g, "/shop", &token).await, 401).await;
+        assert_eq!(body["error_description"], "the access token has been revoked");
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_redis_gives_503_with_retry_after_and_recovery_needs_no_restart() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "d@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    w.redis.stop();
+    // The client's own timeout (10 s) would fail this test if the gateway hung.
+    let resp = w.get(&w.gateway, "/shop", &token).await;
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let (_, body) = error_body(resp, 503).await;
+    assert_eq!(body["error"], "temporarily_unavailable");
+
+    w.redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            w.get(&w.gateway, "/shop", &token).await.status() == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn no_route_is_a_404_json() {
+    let w = World::start().await;
+    let resp = w.http.get(w.gateway.url("/nowhere")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers().get("content-type").unwrap(), "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_never_a_5xx() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "b@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let addr = w.gateway.addr();
+    let status = |raw: &str| raw.split(' ').nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+
+    let dup = format!(
+        "GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let raw = raw_request(addr, dup.as_bytes());
+    assert_eq!(status(&raw), 400, "{raw}");
+    assert!(raw.contains("invalid_request"));
+
+    let both = format!("GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nX-API-Key: {token}\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&raw_request(addr, both.as_bytes())), 400);
+
+    let utf8 =
+        b"GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tgp_\xff\xfe\r\nConnection: close\r\n\r\n";
+    let raw = raw_request(addr, utf8);
+    assert_eq!(status(&raw), 401, "{raw}");
+
+    for junk in ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer tgp_", "Bearer a b c", "Bearer tgp_\u{0}"]
+    {
+        let resp = w
+            .http
+            .get(w.gateway.url("/shop"))
+            .header("Authorization", junk.replace('\u{0}', ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{junk:?}");
+    }
+
+    let huge = format!("Bearer {}", "a".repeat(60_000));
+    let resp = w.http.get(w.gateway.url("/shop")).header("Authorization", huge).send().await.unwrap();
+    assert!(resp.status().is_client_error(), "{}", resp.status());
+}

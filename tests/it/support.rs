@@ -1,0 +1,343 @@
+//! What the integration tests need, started for real: a `redis-server` on a free port owned by the
+//! test, an upstream that echoes what it received, and `tollgate` processes.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tollgate::lifecycle::{self, TokenSpec};
+use tollgate::policy::Role;
+use tollgate::store::redis::RedisBackend;
+use tollgate::store::{Attributes, Owner, Store, User};
+use tollgate::token::Argon2Params;
+
+/// Cheap argon2 settings so tests spend their time on behaviour, not hashing.
+pub const ARGON2: Argon2Params = Argon2Params { memory_kib: 512, iterations: 1, parallelism: 1 };
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {port}");
+}
+
+/// A `redis-server` with AOF (`appendfsync always`) in a temporary directory.
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut redis = Redis { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), child: None };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see .ci/run)");
+        wait_for_port(self.port, "redis-server", &mut child);
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server; its AOF keeps every acknowledged write.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A synchronous connection for inspecting the server (INFO, CONFIG).
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("redis connection")
+    }
+
+    /// How many times a command has run since the last `CONFIG RESETSTAT`.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.client()).expect("INFO");
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut self.client()).expect("RESETSTAT");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An HTTP upstream that answers every request with JSON of what it received.
+pub struct Upstream {
+    pub port: u16,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                        for (name, value) in req.headers() {
+                            headers
+                                .entry(name.as_str().to_string())
+                                .or_default()
+                                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+                        }
+                        let body = serde_json::json!({
+                            "method": req.method().as_str(),
+                            "uri": req.uri().to_string(),
+                            "headers": headers,
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .expect("response"),
+                        )
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Upstream { port }
+    }
+}
+
+/// The config every gateway test uses: two orgs, and routes for each case.
+pub fn gateway_config(port: u16, redis_url: &str, upstream: u16) -> String {
+    format!(
+        r#"
+listen: 127.0.0.1:{port}
+threads: 2
+log: {{ level: debug }}
+store:
+  redis: {{ url: "{redis_url}", key_prefix: "t:" }}
+  timeout: 300ms
+cache: {{ capacity: 1000, ttl: 60s }}
+credentials: {{ query_param: access_token, api_key_header: X-API-Key }}
+argon2: {{ memory_kib: {mem}, iterations: 1, parallelism: 1, max_concurrency: 2 }}
+orgs:
+  acme:
+    projects:
+      shop: {{ environments: [production, staging] }}
+  globex:
+    projects:
+      web: {{ environments: [production] }}
+routes:
+  - {{ name: shop, path: /shop, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production, query_token: true, permissions: {{ DELETE: admin }} }}
+  - {{ name: staging, path: /staging, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: staging }}
+  - {{ name: noquery, path: /noquery, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production }}
+  - {{ name: globex, path: /globex, upstream: "127.0.0.1:{upstream}", org: globex, project: web, environment: production }}
+  - {{ name: public, path: /public, upstream: "127.0.0.1:{upstream}", auth: none }}
+"#,
+        mem = ARGON2.memory_kib
+    )
+}
+
+/// A running `tollgate serve`, its log captured to a file.
+pub struct Gateway {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(redis: &Redis, upstream: &Upstream) -> Gateway {
+        let port = free_port();
+        Gateway::start_with(port, &gateway_config(port, &redis.url(), upstream.port))
+    }
+
+    pub fn start_with(port: u16, config: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("tollgate.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("tollgate.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn tollgate");
+        wait_for_port(port, "tollgate", &mut child);
+        Gateway { port, child, _dir: dir, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis, an upstream, one gateway, and a store handle for creating users and tokens.
+pub struct World {
+    pub redis: Redis,
+    pub upstream: Upstream,
+    pub gateway: Gateway,
+    pub store: Store,
+    pub http: reqwest::Client,
+    pub secrets: Vec<String>,
+}
+
+impl World {
+    pub async fn start() -> World {
+        let redis = Redis::start();
+        let upstream = Upstream::start().await;
+        let gateway = Gateway::start(&redis, &upstream);
+        let backend = RedisBackend::new(&redis.url(), "t:", Duration::from_millis(300)).expect("backend");
+        let store = Store::new(Arc::new(backend), Duration::from_millis(300));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        World { redis, upstream, gateway, store, http, secrets: Vec::new() }
+    }
+
+    /// A second gateway on the same Redis and upstream.
+    pub fn second_gateway(&self) -> Gateway {
+        Gateway::start(&self.redis, &self.upstream)
+    }
+
+    pub async fn user(&self, org: &str, email: &str, role: Role, attributes: serde_json::Value) -> User {
+        let attributes: Attributes = serde_json::from_value(attributes).expect("attributes object");
+        lifecycle::ensure_org(&self.store, org).await.expect("org");
+        lifecycle::create_user(&self.store, org, email, role, BTreeMap::new(), attributes)
+            .await
+            .expect("user")
+    }
+
+    /// Issues a PAT for `user` and remembers its text for the log scan.
+    pub async fn pat(&mut self, user: &User, spec: TokenSpec) -> String {
+        let (token, _) =
+            lifecycle::issue_token(&self.store, ARGON2, &user.org, Owner::User(user.id.clone()), spec)
+                .await
+                .expect("token");
+        self.secrets.push(token.token.clone());
+        token.token
+    }
+
+    pub async fn get(&self, gateway: &Gateway, path: &str, token: &str) -> reqwest::Response {
+        self.http.get(gateway.url(path)).bearer_auth(token).send().await.expect("request")
+    }
+
+    pub async fn post(&self, gateway: &Gateway, path: &str, token: &str) -> reqwest::Response {
+        self.http.post(gateway.url(path)).bearer_auth(token).body("{}").send().await.expect("request")
+    }
+}
+
+impl Drop for World {
+    /// No log line of the gateway may contain a token this test issued.
+    fn drop(&mut self) {
+        let log = self.gateway.log_text();
+        for secret in &self.secrets {
+            assert!(!log.contains(secret.as_str()), "the gateway log contains an issued token");
+        }
+    }
+}
+
+/// Polls `f` until it returns true, for at most `within`. Cross-instance invalidation travels
+/// through Redis pub/sub, so a second instance learns of a change a few milliseconds later.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The JSON the echo upstream sent back.
+pub async fn echoed(resp: reqwest::Response) -> serde_json::Value {
+    assert_eq!(resp.status(), 200, "expected the upstream's answer");
+    resp.json().await.expect("echo json")
+}
+
+/// Raw HTTP/1.1 exchange, for requests a client library refuses to send.
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn tollgate_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_tollgate"))
+}
