@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use crate::store::{Invalidation, Service, Store, StoreError, TokenRecord, User};
+use crate::store::{CommitListener, Invalidation, Service, Store, StoreError, TokenRecord, User};
 use crate::token::TokenId;
 
 /// Capacity and lifetime of cached entries.
@@ -127,8 +127,13 @@ where
         }
     }
 
-    async fn invalidate(&self, key: &K, generation: u64) {
+    /// Marks the key's entry stale at once (the generation check refuses it); removal follows.
+    fn mark_stale(&self, key: &K, generation: u64) {
         self.invalidated_at.insert(key.clone(), generation);
+    }
+
+    async fn invalidate(&self, key: &K, generation: u64) {
+        self.mark_stale(key, generation);
         self.entries.invalidate(key).await;
     }
 
@@ -197,13 +202,17 @@ impl Cache {
 
     /// Applies one invalidation.
     pub async fn invalidate(&self, inv: &Invalidation) {
-        let generation = self.gens.current.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = self.next_generation();
         match inv {
             Invalidation::Token(id) => self.tokens.invalidate(id, generation).await,
             Invalidation::User(id) => self.users.invalidate(id, generation).await,
             Invalidation::Service(id) => self.services.invalidate(id, generation).await,
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.gens.current.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Stops using the cache and drops everything in it.
@@ -219,7 +228,7 @@ impl Cache {
     }
 
     fn drop_all(&self) {
-        let generation = self.gens.current.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = self.next_generation();
         self.gens.all_dropped_at.store(generation, Ordering::Release);
         self.tokens.clear();
         self.users.clear();
@@ -263,6 +272,20 @@ impl Cache {
                 _ = &mut stop => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+impl CommitListener for Cache {
+    /// This process's own writes make the cached records stale before the write call returns.
+    fn committed(&self, changed: &[Invalidation]) {
+        for inv in changed {
+            let generation = self.next_generation();
+            match inv {
+                Invalidation::Token(id) => self.tokens.mark_stale(id, generation),
+                Invalidation::User(id) => self.users.mark_stale(id, generation),
+                Invalidation::Service(id) => self.services.mark_stale(id, generation),
+            }
         }
     }
 }

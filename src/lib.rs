@@ -1,5 +1,7 @@
 //! Tollgate: an authentication gateway on Pingora. See ARCHITECTURE.md for the map.
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod cli;

@@ -1,27 +1,253 @@
-//! Lifecycle operations shared by `bootstrap`, the admin API and tests: creating orgs, users,
-//! services and tokens. Secrets are hashed off the async threads and shown only in the return value.
+//! Lifecycle operations on orgs, users, services and tokens: who may do what, and the store changes
+//! with their audit entries. Used by the admin API, `bootstrap` and tests. Secrets are hashed off the
+//! async threads and exist only in the return value of the call that makes them.
+//!
+//! Nobody can grant more than they hold: a new token's scope and environments stay within the
+//! caller's effective rights, and a service's roles within its creator's at creation.
 
 use std::collections::BTreeMap;
 
-use crate::policy::Role;
-use crate::store::{
-    now_millis, Attributes, Millis, Org, Owner, Scope, Service, Store, StoreError, TokenRecord, User,
-    UserStatus,
-};
-use crate::token::{self, Argon2Params, NewToken, TokenKind};
+use serde::{Deserialize, Serialize};
 
-/// A lifecycle failure.
+use crate::auth::{OwnerRecord, Principal};
+use crate::config::Config;
+use crate::policy::{PermSet, Role};
+use crate::store::{
+    format_millis, now_millis, Attributes, AuditEvent, Millis, Org, Owner, Revocation, RoleSet, Scope,
+    Service, Store, StoreError, TokenRecord, User, UserStatus,
+};
+use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
+
+/// A lifecycle failure; the admin API maps each kind to one status.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     /// The store refused or could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The thing named does not exist (or is not visible to the caller).
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is taken, or the request is ambiguous.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
     /// Hashing the secret failed (bad argon2 parameters).
     #[error("hashing the token secret failed: {0}")]
     Hash(String),
 }
 
-/// What a new token may do.
+type Result<T> = std::result::Result<T, LifecycleError>;
+
+fn conflict(e: StoreError, what: impl FnOnce() -> String) -> LifecycleError {
+    match e {
+        StoreError::Conflict(_) => LifecycleError::Conflict(what()),
+        other => LifecycleError::Store(other),
+    }
+}
+
+/// Who is acting, with the rights in effect for this call.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// `user:<id>`, `service:<name>` or `bootstrap`.
+    pub subject: String,
+    /// The org the actor belongs to; nobody reaches another.
+    pub org: String,
+    /// The user behind the token, if a user.
+    pub user_id: Option<String>,
+    /// Roles now.
+    pub roles: RoleSet,
+    /// The calling token's scope, if narrowed.
+    pub scope: Option<Vec<String>>,
+    /// The calling token's environments, if restricted.
+    pub environments: Option<Vec<String>>,
+}
+
+impl Actor {
+    /// The actor behind a verified principal.
+    pub fn from_principal(p: &Principal) -> Actor {
+        let (subject, user_id, roles) = match p.owner() {
+            OwnerRecord::User(u) => (
+                format!("user:{}", u.id),
+                Some(u.id.clone()),
+                RoleSet { org: u.org_role, projects: u.project_roles.clone() },
+            ),
+            OwnerRecord::Service(s) => (
+                format!("service:{}", s.name),
+                None,
+                RoleSet { org: s.org_role.unwrap_or(Role::Guest), projects: s.project_roles.clone() },
+            ),
+        };
+        Actor {
+            subject,
+            org: p.org().to_string(),
+            user_id,
+            roles,
+            scope: p.scope().map(<[String]>::to_vec),
+            environments: p.environments().map(<[String]>::to_vec),
+        }
+    }
+
+    /// Permissions in effect for org-wide actions: the org role's, narrowed by the token's scope.
+    fn org_permissions(&self, config: &Config) -> PermSet {
+        self.permissions_for(config, self.roles.org)
+    }
+
+    fn permissions_for(&self, config: &Config, role: Role) -> PermSet {
+        let p = config.policy.role_permissions(role);
+        match &self.scope {
+            Some(scope) => p.intersect(config.policy.set_of(scope)),
+            None => p,
+        }
+    }
+
+    fn may(&self, config: &Config, permission: &str) -> bool {
+        config.policy.permission(permission).is_some_and(|bit| self.org_permissions(config).contains(bit))
+    }
+
+    fn require_admin(&self, config: &Config) -> Result<()> {
+        if self.roles.org == Role::Admin && self.may(config, "admin") {
+            Ok(())
+        } else {
+            Err(LifecycleError::Forbidden(
+                "this needs an org admin (role admin, token with the admin permission)".into(),
+            ))
+        }
+    }
+
+    fn require_org(&self, org: &str) -> Result<()> {
+        if self.org == org {
+            Ok(())
+        } else {
+            // Other orgs are not even confirmed to exist.
+            Err(LifecycleError::NotFound(format!("org {org:?} not found")))
+        }
+    }
+
+    fn require_write(&self, config: &Config) -> Result<()> {
+        if self.may(config, "write") {
+            Ok(())
+        } else {
+            Err(LifecycleError::Forbidden("this needs the write permission in effect".into()))
+        }
+    }
+
+    fn audit(&self, action: &str, target: impl Into<String>) -> AuditEvent {
+        AuditEvent {
+            at: now_millis(),
+            org: self.org.clone(),
+            actor: self.subject.clone(),
+            action: action.to_string(),
+            target: target.into(),
+            token_id: None,
+            reason: None,
+            details: serde_json::Value::Null,
+        }
+    }
+}
+
+/// What a new token may do, as asked for by a client.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueRequest {
+    /// Name shown in lists.
+    pub display_name: Option<String>,
+    /// Lifetime in minutes.
+    pub ttl_minutes: Option<i64>,
+    /// Expiry as RFC 3339.
+    pub expires: Option<String>,
+    /// A scope preset name.
+    pub scope: Option<String>,
+    /// An explicit permission list instead of a preset.
+    pub permissions: Option<Vec<String>>,
+    /// Environments the token may be used in.
+    pub environments: Option<Vec<String>>,
+}
+
+/// A rotation request: the new token keeps the old one's settings unless overridden.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// New scope preset.
+    pub scope: Option<String>,
+    /// New permission list.
+    pub permissions: Option<Vec<String>>,
+    /// New expiry (RFC 3339).
+    pub expires: Option<String>,
+    /// New lifetime in minutes.
+    pub ttl_minutes: Option<i64>,
+    /// Seconds the old token keeps working (with a `Deprecation` header); 0 revokes it at once.
+    pub grace_seconds: Option<i64>,
+}
+
+/// A token as shown to clients: never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Token id.
+    pub id: String,
+    /// `pat` or `service`.
+    pub kind: String,
+    /// Org.
+    pub org: String,
+    /// `user:<email>` or `service:<name>`.
+    pub owner: String,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// Scope preset name, if any.
+    pub scope: Option<String>,
+    /// Scope permissions, if narrowed.
+    pub permissions: Option<Vec<String>>,
+    /// Environments, if restricted.
+    pub environments: Option<Vec<String>>,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Expiry time (RFC 3339).
+    pub expires_at: Option<String>,
+    /// `active`, `deprecated` (in a rotation's grace), `expired`, `revoked` or `rotated`.
+    pub status: String,
+    /// When it was or will be revoked.
+    pub revoked_at: Option<String>,
+    /// Why.
+    pub revoke_reason: Option<String>,
+    /// The token that replaced it.
+    pub rotated_to: Option<String>,
+    /// Last use time (RFC 3339).
+    pub last_used_at: Option<String>,
+    /// Last use client IP.
+    pub last_used_ip: Option<String>,
+}
+
+/// A new token: its text (shown once) and its details.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedToken {
+    /// The whole token. Shown once.
+    pub token: String,
+    /// Details.
+    #[serde(flatten)]
+    pub details: TokenView,
+}
+
+/// The status of a token at `now`.
+pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
+    match &t.revoked {
+        Some(r) if r.at <= now => {
+            if t.rotated_to.is_some() {
+                "rotated"
+            } else {
+                "revoked"
+            }
+        }
+        _ if t.is_expired(now) => "expired",
+        Some(_) => "deprecated",
+        None => "active",
+    }
+}
+
+/// Validated token settings, ready to store.
 #[derive(Debug, Clone, Default)]
 pub struct TokenSpec {
     /// Name shown in lists.
@@ -34,14 +260,804 @@ pub struct TokenSpec {
     pub expires_at: Option<Millis>,
 }
 
-/// Generates, hashes and stores a token for `owner`; returns the token text (to show once).
-pub async fn issue_token(
-    store: &Store,
+fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) -> Result<Option<Millis>> {
+    match (ttl_minutes, expires) {
+        (Some(_), Some(_)) => {
+            Err(LifecycleError::Invalid("give --ttl-minutes or --expires, not both".into()))
+        }
+        (Some(m), None) if m <= 0 => {
+            Err(LifecycleError::Invalid(format!("ttl_minutes must be positive, got {m}")))
+        }
+        (Some(m), None) => Ok(Some(now + m.saturating_mul(60_000))),
+        (None, Some(text)) => {
+            let t = humantime::parse_rfc3339_weak(text).map_err(|_| {
+                LifecycleError::Invalid(format!(
+                    "expires {text:?} is not an RFC 3339 time like 2026-12-31T23:59:59Z"
+                ))
+            })?;
+            let ms = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0);
+            if ms <= now {
+                return Err(LifecycleError::Invalid(format!("expires {text:?} is in the past")));
+            }
+            Ok(Some(ms))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The lifecycle service over one store and the config in force.
+pub struct Lifecycle<'a> {
+    store: &'a Store,
+    config: &'a Config,
+}
+
+impl<'a> Lifecycle<'a> {
+    /// Operations on `store` under `config`.
+    pub fn new(store: &'a Store, config: &'a Config) -> Lifecycle<'a> {
+        Lifecycle { store, config }
+    }
+
+    fn argon2(&self) -> Argon2Params {
+        self.config.argon2.params
+    }
+
+    /// Validates a scope, environments and expiry against the config and the caller's rights.
+    fn spec(
+        &self,
+        actor: &Actor,
+        display_name: Option<String>,
+        scope: Option<String>,
+        permissions: Option<Vec<String>>,
+        environments: Option<Vec<String>>,
+        expires_at: Option<Millis>,
+        now: Millis,
+    ) -> Result<TokenSpec> {
+        let policy = &self.config.policy;
+        let scope = match (scope, permissions) {
+            (Some(_), Some(_)) => {
+                return Err(LifecycleError::Invalid("give --scope or --permission, not both".into()))
+            }
+            (Some(name), None) => {
+                let perms = policy.scope_preset(&name).ok_or_else(|| {
+                    LifecycleError::Invalid(format!(
+                        "unknown scope {name:?}; presets: {}",
+                        policy.scope_names().join(", ")
+                    ))
+                })?;
+                Some(Scope { name: Some(name), permissions: perms.to_vec() })
+            }
+            (None, Some(perms)) => {
+                if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
+                    return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
+                }
+                Some(Scope { name: None, permissions: perms })
+            }
+            (None, None) => None,
+        };
+        // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
+        let held = actor.permissions_for(self.config, actor.roles.highest());
+        let wanted = match &scope {
+            Some(s) => policy.set_of(&s.permissions),
+            None => policy.role_permissions(actor.roles.highest()),
+        };
+        if !held.contains(wanted) {
+            return Err(LifecycleError::Forbidden(format!(
+                "the token would have more rights ({}) than you hold ({})",
+                policy.names_of(wanted),
+                policy.names_of(held)
+            )));
+        }
+        if let Some(envs) = &environments {
+            let known: Vec<&String> = self
+                .config
+                .orgs
+                .get(&actor.org)
+                .map(|o| o.projects.values().flatten().collect())
+                .unwrap_or_default();
+            if let Some(bad) = envs.iter().find(|e| !known.contains(e)) {
+                return Err(LifecycleError::Invalid(format!(
+                    "unknown environment {bad:?} in org {:?}",
+                    actor.org
+                )));
+            }
+            if let Some(mine) = &actor.environments {
+                if let Some(bad) = envs.iter().find(|e| !mine.contains(e)) {
+                    return Err(LifecycleError::Forbidden(format!(
+                        "your token may not be used in environment {bad:?}"
+                    )));
+                }
+            }
+        }
+        let environments = environments.or_else(|| actor.environments.clone());
+        let limits = &self.config.tokens;
+        if expires_at.is_none() && limits.require_expiry {
+            return Err(LifecycleError::Invalid(
+                "this gateway requires an expiry: give --ttl-minutes or --expires".into(),
+            ));
+        }
+        if let (Some(max), Some(at)) = (limits.max_ttl, expires_at) {
+            if at - now > max.as_millis() as Millis {
+                return Err(LifecycleError::Invalid(format!(
+                    "the expiry is beyond the maximum lifetime of {}",
+                    humantime::format_duration(max)
+                )));
+            }
+        }
+        let display_name = display_name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+        if display_name.as_ref().is_some_and(|n| n.chars().count() > 100) {
+            return Err(LifecycleError::Invalid("display names are at most 100 characters".into()));
+        }
+        Ok(TokenSpec { display_name, scope, environments, expires_at })
+    }
+
+    async fn owner_label(&self, owner: &Owner) -> String {
+        match owner {
+            Owner::User(id) => match self.store.get_user(id).await {
+                Ok(Some(u)) => format!("user:{}", u.email),
+                _ => format!("user:{id}"),
+            },
+            Owner::Service(id) => match self.store.get_service(id).await {
+                Ok(Some(s)) => format!("service:{}", s.name),
+                _ => format!("service:{id}"),
+            },
+        }
+    }
+
+    /// The client view of a token.
+    pub async fn view(&self, t: &TokenRecord) -> Result<TokenView> {
+        let last = self.store.last_use(&t.id).await?;
+        Ok(TokenView {
+            id: t.id.to_string(),
+            kind: t.kind.as_str().to_string(),
+            org: t.org.clone(),
+            owner: self.owner_label(&t.owner).await,
+            display_name: t.display_name.clone(),
+            scope: t.scope.as_ref().and_then(|s| s.name.clone()),
+            permissions: t.scope.as_ref().map(|s| s.permissions.clone()),
+            environments: t.environments.clone(),
+            created_at: format_millis(t.created_at),
+            expires_at: t.expires_at.map(format_millis),
+            status: token_status(t, now_millis()).to_string(),
+            revoked_at: t.revoked.as_ref().map(|r| format_millis(r.at)),
+            revoke_reason: t.revoked.as_ref().and_then(|r| r.reason.clone()),
+            rotated_to: t.rotated_to.as_ref().map(|id| id.to_string()),
+            last_used_at: last.as_ref().map(|l| format_millis(l.at)),
+            last_used_ip: last.map(|l| l.ip),
+        })
+    }
+
+    async fn mint(&self, org: &str, owner: Owner, spec: TokenSpec) -> Result<(NewToken, TokenRecord)> {
+        mint(self.argon2(), org, owner, spec).await
+    }
+
+    async fn issued(&self, new: NewToken, record: &TokenRecord) -> Result<IssuedToken> {
+        Ok(IssuedToken { token: new.token, details: self.view(record).await? })
+    }
+
+    /// Issues a personal access token to the calling user.
+    pub async fn issue_pat(&self, actor: &Actor, req: IssueRequest) -> Result<IssuedToken> {
+        let user_id = actor
+            .user_id
+            .clone()
+            .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
+        actor.require_write(self.config)?;
+        let now = now_millis();
+        let expires_at = parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?;
+        let spec = self.spec(
+            actor,
+            req.display_name,
+            req.scope,
+            req.permissions,
+            req.environments,
+            expires_at,
+            now,
+        )?;
+        let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
+        let mut audit = actor.audit("token.issue", record.id.to_string());
+        audit.token_id = Some(record.id.to_string());
+        self.store.insert_token(&record, Some(&audit)).await?;
+        self.issued(new, &record).await
+    }
+
+    /// A token the caller may see: their own, or any in their org for an admin.
+    async fn visible_token(&self, actor: &Actor, id: &str) -> Result<TokenRecord> {
+        let not_found = || LifecycleError::NotFound(format!("token {id} not found"));
+        let id = TokenId::parse(id).ok_or_else(not_found)?;
+        let t = self.store.get_token(&id).await?.ok_or_else(not_found)?;
+        if t.org != actor.org {
+            return Err(not_found());
+        }
+        let own = matches!(&t.owner, Owner::User(u) if Some(u) == actor.user_id.as_ref());
+        if !own && actor.require_admin(self.config).is_err() {
+            return Err(not_found());
+        }
+        Ok(t)
+    }
+
+    /// Lists tokens: the caller's own, or (admins) a given user's or service's; `all` adds inactive ones.
+    pub async fn list_tokens(&self, actor: &Actor, all: bool, owner: Option<&str>) -> Result<Vec<TokenView>> {
+        let owner = match owner {
+            None => Owner::User(
+                actor
+                    .user_id
+                    .clone()
+                    .ok_or_else(|| LifecycleError::Invalid("a service lists tokens with --owner".into()))?,
+            ),
+            Some(name) => {
+                actor.require_admin(self.config)?;
+                self.owner_by_name(&actor.org, name).await?
+            }
+        };
+        let now = now_millis();
+        let mut tokens = self.store.list_owner_tokens(&owner).await?;
+        tokens.retain(|t| all || matches!(token_status(t, now), "active" | "deprecated"));
+        tokens.sort_by_key(|t| t.created_at);
+        let mut out = Vec::with_capacity(tokens.len());
+        for t in &tokens {
+            out.push(self.view(t).await?);
+        }
+        Ok(out)
+    }
+
+    async fn owner_by_name(&self, org: &str, name: &str) -> Result<Owner> {
+        if let Some(u) = self.store.find_user_by_email(org, name).await? {
+            return Ok(Owner::User(u.id));
+        }
+        if let Some(s) = self.store.find_service_by_name(org, name).await? {
+            return Ok(Owner::Service(s.id));
+        }
+        Err(LifecycleError::NotFound(format!("no user or service {name:?} in org {org:?}")))
+    }
+
+    /// One token's details.
+    pub async fn get_token(&self, actor: &Actor, id: &str) -> Result<TokenView> {
+        let t = self.visible_token(actor, id).await?;
+        self.view(&t).await
+    }
+
+    /// Revokes a token by id, or the caller's token with a display name (refused when ambiguous).
+    pub async fn revoke(
+        &self,
+        actor: &Actor,
+        id: Option<&str>,
+        display_name: Option<&str>,
+        reason: Option<String>,
+    ) -> Result<TokenView> {
+        let mut t = match (id, display_name) {
+            (Some(id), None) => self.visible_token(actor, id).await?,
+            (None, Some(name)) => {
+                let now = now_millis();
+                let mine = self.list_owned(actor).await?;
+                let matches: Vec<TokenRecord> = mine
+                    .into_iter()
+                    .filter(|t| t.display_name.as_deref() == Some(name) && token_status(t, now) != "revoked")
+                    .collect();
+                match matches.len() {
+                    0 => return Err(LifecycleError::NotFound(format!("no token named {name:?}"))),
+                    1 => matches
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| LifecycleError::NotFound(name.to_string()))?,
+                    _ => {
+                        let ids: Vec<String> = matches.iter().map(|t| t.id.to_string()).collect();
+                        return Err(LifecycleError::Conflict(format!(
+                            "{} tokens are named {name:?}: {}; revoke one by id",
+                            ids.len(),
+                            ids.join(", ")
+                        )));
+                    }
+                }
+            }
+            _ => return Err(LifecycleError::Invalid("give a token id or --display-name".into())),
+        };
+        if t.is_revoked(now_millis()) {
+            return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
+        }
+        t.revoked =
+            Some(Revocation { at: now_millis(), reason: reason.clone(), by: Some(actor.subject.clone()) });
+        let mut audit = actor.audit("token.revoke", t.id.to_string());
+        audit.token_id = Some(t.id.to_string());
+        audit.reason = reason;
+        self.store.update_token(&t, Some(&audit)).await?;
+        self.view(&t).await
+    }
+
+    async fn list_owned(&self, actor: &Actor) -> Result<Vec<TokenRecord>> {
+        match &actor.user_id {
+            Some(id) => Ok(self.store.list_owner_tokens(&Owner::User(id.clone())).await?),
+            None => Ok(vec![]),
+        }
+    }
+
+    /// Replaces a token with a new one of the same settings (overridable); the old one stops now or
+    /// at the end of the grace period.
+    pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
+        actor.require_write(self.config)?;
+        let mut old = self.visible_token(actor, id).await?;
+        let now = now_millis();
+        if old.revoked.is_some() || old.is_expired(now) {
+            return Err(LifecycleError::Conflict(format!("token {} is not active; issue a new one", old.id)));
+        }
+        let grace = req.grace_seconds.unwrap_or(0);
+        if !(0..=7 * 24 * 3600).contains(&grace) {
+            return Err(LifecycleError::Invalid(format!(
+                "grace_seconds must be between 0 and 604800, got {grace}"
+            )));
+        }
+        let expires_at = match (req.ttl_minutes, req.expires.as_deref()) {
+            (None, None) => old.expires_at,
+            (ttl, expires) => parse_expiry(ttl, expires, now)?,
+        };
+        let (scope, permissions) = match (req.scope, req.permissions) {
+            (None, None) => match &old.scope {
+                Some(Scope { name: Some(n), .. }) => (Some(n.clone()), None),
+                Some(Scope { name: None, permissions }) => (None, Some(permissions.clone())),
+                None => (None, None),
+            },
+            other => other,
+        };
+        // A service token is rotated on behalf of its service, within the service's rights.
+        let owner_actor = match &old.owner {
+            Owner::Service(sid) => {
+                let s = self
+                    .store
+                    .get_service(sid)
+                    .await?
+                    .ok_or_else(|| LifecycleError::NotFound("service gone".into()))?;
+                Actor {
+                    roles: RoleSet {
+                        org: s.org_role.unwrap_or(Role::Guest),
+                        projects: s.project_roles.clone(),
+                    },
+                    scope: None,
+                    environments: None,
+                    ..actor.clone()
+                }
+            }
+            Owner::User(_) => actor.clone(),
+        };
+        let spec = self.spec(
+            &owner_actor,
+            old.display_name.clone(),
+            scope,
+            permissions,
+            old.environments.clone(),
+            expires_at,
+            now,
+        )?;
+        let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
+        old.revoked = Some(Revocation {
+            at: now + grace * 1000,
+            reason: Some(format!("rotated to {}", record.id)),
+            by: Some(actor.subject.clone()),
+        });
+        old.rotated_to = Some(record.id.clone());
+        let mut audit = actor.audit("token.rotate", old.id.to_string());
+        audit.token_id = Some(old.id.to_string());
+        audit.details = serde_json::json!({ "new_token_id": record.id.to_string(), "grace_seconds": grace });
+        self.store.rotate_token(&old, &record, Some(&audit)).await?;
+        self.issued(new, &record).await
+    }
+
+    fn check_roles(&self, org: &str, project_roles: &BTreeMap<String, Role>) -> Result<()> {
+        let projects = self.config.orgs.get(org).map(|o| &o.projects);
+        for project in project_roles.keys() {
+            if !projects.is_some_and(|p| p.contains_key(project)) {
+                return Err(LifecycleError::Invalid(format!(
+                    "project {project:?} is not defined in org {org:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a user (admins only).
+    pub async fn add_user(
+        &self,
+        actor: &Actor,
+        org: &str,
+        email: &str,
+        org_role: Role,
+        project_roles: BTreeMap<String, Role>,
+        attributes: Attributes,
+    ) -> Result<User> {
+        actor.require_org(org)?;
+        actor.require_admin(self.config)?;
+        if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
+            return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
+        }
+        self.check_roles(org, &project_roles)?;
+        let user = new_user(org, email, org_role, project_roles, attributes);
+        let mut audit = actor.audit("user.add", format!("user:{email}"));
+        audit.details = serde_json::json!({ "org_role": org_role, "project_roles": user.project_roles });
+        self.store
+            .create_user(&user, Some(&audit))
+            .await
+            .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
+        Ok(user)
+    }
+
+    async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {
+        actor.require_org(org)?;
+        self.store
+            .find_user_by_email(org, email)
+            .await?
+            .ok_or_else(|| LifecycleError::NotFound(format!("no user {email} in org {org}")))
+    }
+
+    /// The users of an org (admins only).
+    pub async fn list_users(&self, actor: &Actor, org: &str) -> Result<Vec<User>> {
+        actor.require_org(org)?;
+        actor.require_admin(self.config)?;
+        let mut users = self.store.list_users(org).await?;
+        users.sort_by(|a, b| a.email.cmp(&b.email));
+        Ok(users)
+    }
+
+    /// One user (admins, or the user themself).
+    pub async fn show_user(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {
+        let user = self.user_in(actor, org, email).await?;
+        if actor.user_id.as_deref() != Some(user.id.as_str()) {
+            actor.require_admin(self.config)?;
+        }
+        Ok(user)
+    }
+
+    /// Changes a user's org role and/or one project role (admins only).
+    pub async fn set_user_role(
+        &self,
+        actor: &Actor,
+        org: &str,
+        email: &str,
+        change: RoleChange,
+    ) -> Result<User> {
+        actor.require_admin(self.config)?;
+        let mut user = self.user_in(actor, org, email).await?;
+        let project_roles = change.apply(&mut user.org_role, &mut user.project_roles)?;
+        self.check_roles(org, &project_roles)?;
+        let mut audit = actor.audit("user.set_role", format!("user:{email}"));
+        audit.details = serde_json::to_value(&change).unwrap_or_default();
+        self.store.update_user(&user, Some(&audit)).await?;
+        Ok(user)
+    }
+
+    /// Suspends or reactivates a user (admins only). Suspension blocks every PAT of the user at once.
+    pub async fn set_user_status(
+        &self,
+        actor: &Actor,
+        org: &str,
+        email: &str,
+        status: UserStatus,
+        reason: Option<String>,
+    ) -> Result<User> {
+        actor.require_admin(self.config)?;
+        let mut user = self.user_in(actor, org, email).await?;
+        if actor.user_id.as_deref() == Some(user.id.as_str()) && status == UserStatus::Suspended {
+            return Err(LifecycleError::Invalid("you cannot suspend yourself".into()));
+        }
+        user.status = status;
+        let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
+        let mut audit = actor.audit(action, format!("user:{email}"));
+        audit.reason = reason;
+        self.store.update_user(&user, Some(&audit)).await?;
+        Ok(user)
+    }
+
+    /// Removes a user and revokes their PATs (admins only). Services they created stay.
+    pub async fn remove_user(
+        &self,
+        actor: &Actor,
+        org: &str,
+        email: &str,
+        reason: Option<String>,
+    ) -> Result<usize> {
+        actor.require_admin(self.config)?;
+        let user = self.user_in(actor, org, email).await?;
+        if actor.user_id.as_deref() == Some(user.id.as_str()) {
+            return Err(LifecycleError::Invalid("you cannot remove yourself".into()));
+        }
+        let now = now_millis();
+        let mut tokens = self.store.list_owner_tokens(&Owner::User(user.id.clone())).await?;
+        tokens.retain(|t| !t.is_revoked(now));
+        for t in &mut tokens {
+            t.revoked = Some(Revocation {
+                at: now,
+                reason: Some("owner removed".into()),
+                by: Some(actor.subject.clone()),
+            });
+        }
+        let mut audit = actor.audit("user.remove", format!("user:{email}"));
+        audit.reason = reason;
+        audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
+        self.store.delete_user(&user, &tokens, Some(&audit)).await?;
+        Ok(tokens.len())
+    }
+
+    fn may_manage_service(&self, actor: &Actor, s: &Service) -> Result<()> {
+        if actor.require_admin(self.config).is_ok() {
+            return Ok(());
+        }
+        match (&s.created_by, &actor.user_id) {
+            (Some(creator), Some(me)) if creator == me && actor.may(self.config, "write") => Ok(()),
+            _ => Err(LifecycleError::Forbidden("only org admins and the service's creator manage it".into())),
+        }
+    }
+
+    /// The roles a service may have: never above its creator's at creation, nor the actor's now.
+    fn check_service_roles(&self, actor: &Actor, s: &Service) -> Result<()> {
+        self.check_roles(&s.org, &s.project_roles)?;
+        let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
+        for cap in caps.iter().flatten() {
+            if let Some(role) = s.org_role.filter(|r| *r > cap.org) {
+                return Err(LifecycleError::Forbidden(format!(
+                    "a service's org role ({role}) may not exceed its creator's or yours ({})",
+                    cap.org
+                )));
+            }
+            for (project, role) in &s.project_roles {
+                if *role > cap.on(project) {
+                    return Err(LifecycleError::Forbidden(format!(
+                        "a service's role on project {project:?} ({role}) may not exceed its creator's or yours ({})",
+                        cap.on(project)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a service and its first token. Users with at least the editor role may create one,
+    /// with roles no higher than their own.
+    pub async fn create_service(&self, actor: &Actor, req: CreateService) -> Result<(Service, IssuedToken)> {
+        actor.require_org(&req.org)?;
+        let creator = actor
+            .user_id
+            .clone()
+            .ok_or_else(|| LifecycleError::Forbidden("services are created by users".into()))?;
+        if actor.roles.org < Role::Editor || !actor.may(self.config, "write") {
+            return Err(LifecycleError::Forbidden(
+                "creating a service needs the editor role or higher".into(),
+            ));
+        }
+        if !is_service_name(&req.name) {
+            return Err(LifecycleError::Invalid(format!(
+                "{:?} is not a service name (letters, digits, '-', '_', '.', up to 64)",
+                req.name
+            )));
+        }
+        if req.org_role.is_none() && req.project_roles.is_empty() {
+            return Err(LifecycleError::Invalid("give --org-role or --project with --project-role".into()));
+        }
+        let service = Service {
+            id: format!("s_{}", token::random_base62(12)),
+            org: req.org.clone(),
+            name: req.name.clone(),
+            org_role: req.org_role,
+            project_roles: req.project_roles,
+            attributes: req.attributes,
+            created_by: Some(creator),
+            creator_roles: Some(actor.roles.clone()),
+            created_at: now_millis(),
+        };
+        self.check_service_roles(actor, &service)?;
+        let mut audit = actor.audit("service.create", format!("service:{}", service.name));
+        audit.details =
+            serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
+        let (org, name) = (req.org.clone(), req.name.clone());
+        self.store
+            .create_service(&service, Some(&audit))
+            .await
+            .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
+        let spec =
+            TokenSpec { display_name: Some(format!("{} token", service.name)), ..TokenSpec::default() };
+        let (new, record) = self.mint(&service.org, Owner::Service(service.id.clone()), spec).await?;
+        let mut audit = actor.audit("token.issue", record.id.to_string());
+        audit.token_id = Some(record.id.to_string());
+        self.store.insert_token(&record, Some(&audit)).await?;
+        let issued = self.issued(new, &record).await?;
+        Ok((service, issued))
+    }
+
+    async fn service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Service> {
+        actor.require_org(org)?;
+        self.store
+            .find_service_by_name(org, name)
+            .await?
+            .ok_or_else(|| LifecycleError::NotFound(format!("no service {name:?} in org {org:?}")))
+    }
+
+    /// The services of an org (editors and admins).
+    pub async fn list_services(&self, actor: &Actor, org: &str) -> Result<Vec<Service>> {
+        actor.require_org(org)?;
+        if actor.roles.org < Role::Editor {
+            return Err(LifecycleError::Forbidden("listing services needs the editor role or higher".into()));
+        }
+        let mut services = self.store.list_services(org).await?;
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(services)
+    }
+
+    /// One service.
+    pub async fn show_service(&self, actor: &Actor, org: &str, name: &str) -> Result<Service> {
+        let s = self.service_in(actor, org, name).await?;
+        if actor.roles.org < Role::Editor {
+            return Err(LifecycleError::Forbidden("viewing services needs the editor role or higher".into()));
+        }
+        Ok(s)
+    }
+
+    /// Renames a service and/or replaces its attributes (`{}` clears them).
+    pub async fn edit_service(
+        &self,
+        actor: &Actor,
+        org: &str,
+        name: &str,
+        new_name: Option<String>,
+        attributes: Option<Attributes>,
+    ) -> Result<Service> {
+        let mut s = self.service_in(actor, org, name).await?;
+        self.may_manage_service(actor, &s)?;
+        if new_name.is_none() && attributes.is_none() {
+            return Err(LifecycleError::Invalid("give --new-name and/or --attributes".into()));
+        }
+        if let Some(n) = &new_name {
+            if !is_service_name(n) {
+                return Err(LifecycleError::Invalid(format!("{n:?} is not a service name")));
+            }
+            s.name = n.clone();
+        }
+        if let Some(a) = attributes {
+            s.attributes = a;
+        }
+        let mut audit = actor.audit("service.edit", format!("service:{name}"));
+        audit.details = serde_json::json!({ "new_name": new_name, "attributes": s.attributes });
+        let taken = s.name.clone();
+        self.store
+            .update_service(name, &s, Some(&audit))
+            .await
+            .map_err(|e| conflict(e, || format!("service {taken:?} already exists in org {org:?}")))?;
+        Ok(s)
+    }
+
+    /// Changes a service's org role, or sets or removes one project role.
+    pub async fn set_service_role(
+        &self,
+        actor: &Actor,
+        org: &str,
+        name: &str,
+        change: RoleChange,
+    ) -> Result<Service> {
+        let mut s = self.service_in(actor, org, name).await?;
+        self.may_manage_service(actor, &s)?;
+        let mut org_role = s.org_role.unwrap_or(Role::Guest);
+        let had_org_role = s.org_role.is_some();
+        change.apply(&mut org_role, &mut s.project_roles)?;
+        s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
+        self.check_service_roles(actor, &s)?;
+        let mut audit = actor.audit("service.set_role", format!("service:{name}"));
+        audit.details = serde_json::to_value(&change).unwrap_or_default();
+        self.store.update_service(name, &s, Some(&audit)).await?;
+        Ok(s)
+    }
+
+    /// Deletes a service; its tokens (and anything they minted) stop at once.
+    pub async fn delete_service(&self, actor: &Actor, org: &str, name: &str) -> Result<()> {
+        let s = self.service_in(actor, org, name).await?;
+        self.may_manage_service(actor, &s)?;
+        let audit = actor.audit("service.delete", format!("service:{name}"));
+        self.store.delete_service(&s, Some(&audit)).await?;
+        Ok(())
+    }
+
+    /// The org's audit log, newest first, optionally for one token (admins only).
+    pub async fn audit_log(
+        &self,
+        actor: &Actor,
+        org: &str,
+        token_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>> {
+        actor.require_org(org)?;
+        actor.require_admin(self.config)?;
+        let mut events = self.store.audit_log(org, self.config.audit_max).await?;
+        if let Some(id) = token_id {
+            events.retain(|e| e.token_id.as_deref() == Some(id) || e.target == id);
+        }
+        events.truncate(limit);
+        Ok(events)
+    }
+}
+
+/// A role change: the org role, or one project's role set or removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// New org role.
+    pub org_role: Option<Role>,
+    /// The project whose role changes.
+    pub project: Option<String>,
+    /// Its new role.
+    pub project_role: Option<Role>,
+    /// Remove the project's role instead.
+    #[serde(default)]
+    pub remove: bool,
+}
+
+impl RoleChange {
+    fn apply(
+        &self,
+        org_role: &mut Role,
+        projects: &mut BTreeMap<String, Role>,
+    ) -> Result<BTreeMap<String, Role>> {
+        match (self.org_role, &self.project, self.project_role, self.remove) {
+            (Some(r), None, None, false) => *org_role = r,
+            (None, Some(p), Some(r), false) => {
+                projects.insert(p.clone(), r);
+            }
+            (None, Some(p), None, true) => {
+                if projects.remove(p).is_none() {
+                    return Err(LifecycleError::NotFound(format!("no role on project {p:?} to remove")));
+                }
+            }
+            _ => {
+                return Err(LifecycleError::Invalid(
+                    "give --org-role, or --project with --project-role, or --project with --remove".into(),
+                ))
+            }
+        }
+        Ok(projects.clone())
+    }
+}
+
+/// A service to create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    /// Org.
+    #[serde(default)]
+    pub org: String,
+    /// Name, unique in the org.
+    pub name: String,
+    /// Org role.
+    pub org_role: Option<Role>,
+    /// Project roles.
+    #[serde(default)]
+    pub project_roles: BTreeMap<String, Role>,
+    /// Attributes.
+    #[serde(default)]
+    pub attributes: Attributes,
+}
+
+fn is_service_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn new_user(
+    org: &str,
+    email: &str,
+    org_role: Role,
+    project_roles: BTreeMap<String, Role>,
+    attributes: Attributes,
+) -> User {
+    User {
+        id: format!("u_{}", token::random_base62(12)),
+        org: org.to_string(),
+        email: email.to_string(),
+        status: UserStatus::Active,
+        org_role,
+        project_roles,
+        attributes,
+        created_at: now_millis(),
+    }
+}
+
+/// Generates a token and hashes its secret (off the async threads) into a record, not yet stored.
+async fn mint(
     argon2: Argon2Params,
     org: &str,
     owner: Owner,
     spec: TokenSpec,
-) -> Result<(NewToken, TokenRecord), LifecycleError> {
+) -> Result<(NewToken, TokenRecord)> {
     let kind = match owner {
         Owner::User(_) => TokenKind::Pat,
         Owner::Service(_) => TokenKind::Service,
@@ -64,13 +1080,26 @@ pub async fn issue_token(
         created_at: now_millis(),
         expires_at: spec.expires_at,
         revoked: None,
+        rotated_to: None,
     };
-    store.insert_token(&record).await?;
+    Ok((new, record))
+}
+
+/// Generates, hashes and stores a token directly (bootstrap and tests: no actor checks).
+pub async fn issue_token(
+    store: &Store,
+    argon2: Argon2Params,
+    org: &str,
+    owner: Owner,
+    spec: TokenSpec,
+) -> Result<(NewToken, TokenRecord)> {
+    let (new, record) = mint(argon2, org, owner, spec).await?;
+    store.insert_token(&record, None).await?;
     Ok((new, record))
 }
 
 /// Creates the org if it does not exist yet.
-pub async fn ensure_org(store: &Store, name: &str) -> Result<(), LifecycleError> {
+pub async fn ensure_org(store: &Store, name: &str) -> Result<()> {
     if store.get_org(name).await?.is_none() {
         match store.create_org(&Org { name: name.to_string(), created_at: now_millis() }).await {
             Ok(()) | Err(StoreError::Conflict(_)) => {}
@@ -80,7 +1109,7 @@ pub async fn ensure_org(store: &Store, name: &str) -> Result<(), LifecycleError>
     Ok(())
 }
 
-/// Creates an active user.
+/// Creates an active user directly (bootstrap and tests: no actor checks).
 pub async fn create_user(
     store: &Store,
     org: &str,
@@ -88,22 +1117,16 @@ pub async fn create_user(
     org_role: Role,
     project_roles: BTreeMap<String, Role>,
     attributes: Attributes,
-) -> Result<User, LifecycleError> {
-    let user = User {
-        id: format!("u_{}", token::random_base62(12)),
-        org: org.to_string(),
-        email: email.to_string(),
-        status: UserStatus::Active,
-        org_role,
-        project_roles,
-        attributes,
-        created_at: now_millis(),
-    };
-    store.create_user(&user).await?;
+) -> Result<User> {
+    let user = new_user(org, email, org_role, project_roles, attributes);
+    store
+        .create_user(&user, None)
+        .await
+        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok(user)
 }
 
-/// Creates a service.
+/// Creates a service directly (tests: no actor checks).
 pub async fn create_service(
     store: &Store,
     org: &str,
@@ -112,7 +1135,7 @@ pub async fn create_service(
     project_roles: BTreeMap<String, Role>,
     attributes: Attributes,
     created_by: Option<String>,
-) -> Result<Service, LifecycleError> {
+) -> Result<Service> {
     let service = Service {
         id: format!("s_{}", token::random_base62(12)),
         org: org.to_string(),
@@ -121,21 +1144,36 @@ pub async fn create_service(
         project_roles,
         attributes,
         created_by,
+        creator_roles: None,
         created_at: now_millis(),
     };
-    store.create_service(&service).await?;
+    store.create_service(&service, None).await?;
     Ok(service)
 }
 
-/// The org's first admin and a token for them.
+/// The org's first admin and a token for them, audited as done by `bootstrap`.
 pub async fn bootstrap(
     store: &Store,
     argon2: Argon2Params,
     org: &str,
     email: &str,
-) -> Result<(User, NewToken), LifecycleError> {
+) -> Result<(User, NewToken)> {
     ensure_org(store, org).await?;
-    let user = create_user(store, org, email, Role::Admin, BTreeMap::new(), Attributes::new()).await?;
+    let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
+    let audit = AuditEvent {
+        at: now_millis(),
+        org: org.to_string(),
+        actor: "bootstrap".into(),
+        action: "user.add".into(),
+        target: format!("user:{email}"),
+        token_id: None,
+        reason: None,
+        details: serde_json::json!({ "org_role": "admin" }),
+    };
+    store
+        .create_user(&user, Some(&audit))
+        .await
+        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     let spec = TokenSpec { display_name: Some("bootstrap".into()), ..TokenSpec::default() };
     let (token, _) = issue_token(store, argon2, org, Owner::User(user.id.clone()), spec).await?;
     Ok((user, token))

@@ -166,6 +166,11 @@ impl Policy {
         self.scopes.get(name).map(Vec::as_slice)
     }
 
+    /// The scope preset names.
+    pub fn scope_names(&self) -> Vec<&str> {
+        self.scopes.keys().map(String::as_str).collect()
+    }
+
     /// Comma-separated names of a set, in registry order.
     pub fn names_of(&self, set: PermSet) -> String {
         let mut out = String::new();

@@ -9,6 +9,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
+use crate::admin::{AdminService, AdminState};
+use crate::audit::LastUseLog;
 use crate::auth::Verifier;
 use crate::cache::Cache;
 use crate::config::Config;
@@ -28,9 +30,28 @@ impl BackgroundService for Follower {
     }
 }
 
+/// Writes last-use records in batches until shutdown.
+struct LastUseFlusher {
+    log: Arc<LastUseLog>,
+    store: store::Store,
+    interval: std::time::Duration,
+}
+
+#[async_trait]
+impl BackgroundService for LastUseFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = Box::pin(async move {
+            let _ = shutdown.changed().await;
+        });
+        self.log.run(&self.store, self.interval, stop).await;
+    }
+}
+
 /// Runs the gateway until a shutdown signal; exits the process.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let store = store::open(&config.store)?;
+    let store = store::open(&config.store)?.with_audit_max(config.audit_max);
+    let admin_listener = std::net::TcpListener::bind(config.admin.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(config.shutdown.grace.as_secs()),
@@ -41,17 +62,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     server.bootstrap();
 
     let cache = Arc::new(Cache::new(store.clone(), config.cache));
+    let listener: Arc<dyn store::CommitListener> = cache.clone();
+    store.set_listener(Arc::downgrade(&listener));
     let verifier =
         Arc::new(Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency));
-    let listen = config.listen;
+    let (listen, admin_listen) = (config.listen, config.admin.listen);
+    let flush_interval = config.admin.last_use_flush;
     let routes = config.routes.iter().count();
     let config = Arc::new(ArcSwap::from_pointee(config));
+    let last_use = Arc::new(LastUseLog::default());
 
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(config, verifier));
+    let gateway = Gateway::new(config.clone(), verifier.clone(), last_use.clone());
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
+    let admin = AdminState { config, verifier, store: store.clone() };
+    server.add_service(AdminService::new(admin_listener, admin));
     server.add_service(background_service("invalidation follower", Follower(cache)));
+    let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
+    server.add_service(background_service("last-use flusher", flusher));
 
-    tracing::info!(%listen, routes, store = %store.describe(), "tollgate gateway listening");
+    tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
     server.run_forever()
 }

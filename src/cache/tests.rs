@@ -77,7 +77,7 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     let generation = cache.gens.current.load(Ordering::Acquire);
     cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
     user.org_role = Role::Admin;
-    cache.store().update_user(&user).await.unwrap();
+    cache.store().update_user(&user, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
     cache
         .users

@@ -243,6 +243,30 @@ pub struct Config {
     pub routes: RouteTable,
     /// Default log level (overridden by `RUST_LOG`).
     pub log_level: String,
+    /// Admin API listener.
+    pub admin: AdminSettings,
+    /// Limits on new tokens.
+    pub tokens: TokenLimits,
+    /// Audit entries kept per org.
+    pub audit_max: usize,
+}
+
+/// The admin API listener.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminSettings {
+    /// Address of the admin API (and its health endpoints).
+    pub listen: SocketAddr,
+    /// How often last-use records are written to the store, in one batch.
+    pub last_use_flush: Duration,
+}
+
+/// Limits on the tokens users may issue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenLimits {
+    /// Longest lifetime a new token may have.
+    pub max_ttl: Option<Duration>,
+    /// Whether every new token needs an expiry.
+    pub require_expiry: bool,
 }
 
 impl Config {
@@ -371,7 +395,33 @@ impl Validator {
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
         }
+        let admin = raw.admin.unwrap_or_default();
+        let admin_text = admin.listen.unwrap_or_else(|| "127.0.0.1:8081".into());
+        let admin_listen = match admin_text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error("admin.listen", format!("{admin_text:?} is not an address like 127.0.0.1:8081"));
+                None
+            }
+        };
+        if admin_listen.is_some() && admin_listen == listen {
+            self.error("admin.listen", "must differ from `listen`");
+        }
+        let last_use_flush =
+            self.duration("admin.last_use_flush", admin.last_use_flush, Duration::from_secs(5));
+        let tokens = raw.tokens.unwrap_or_default();
+        let tokens = TokenLimits {
+            max_ttl: tokens.max_ttl.map(|t| self.duration("tokens.max_ttl", Some(t), Duration::from_secs(1))),
+            require_expiry: tokens.require_expiry.unwrap_or(false),
+        };
+        let audit_max = raw.audit.and_then(|a| a.max_entries).unwrap_or(crate::store::DEFAULT_AUDIT_MAX);
+        if audit_max == 0 {
+            self.error("audit.max_entries", "must be at least 1");
+        }
         Some(Config {
+            admin: AdminSettings { listen: admin_listen?, last_use_flush },
+            tokens,
+            audit_max,
             listen: listen?,
             threads,
             shutdown,

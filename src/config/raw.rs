@@ -20,6 +20,26 @@ pub struct RawConfig {
     pub orgs: Option<BTreeMap<String, RawOrg>>,
     pub routes: Option<Vec<RawRoute>>,
     pub log: Option<RawLog>,
+    pub admin: Option<RawAdmin>,
+    pub tokens: Option<RawTokens>,
+    pub audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub last_use_flush: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTokens {
+    pub max_ttl: Option<String>,
+    pub require_expiry: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAudit {
+    pub max_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -64,6 +64,7 @@ fn principal(c: &Case) -> Principal {
         created_at: 0,
         expires_at: None,
         revoked: None,
+        rotated_to: None,
     };
     Principal::new(Arc::new(token), OwnerRecord::User(Arc::new(user)), false)
 }

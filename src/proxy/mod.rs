@@ -17,6 +17,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 
+use crate::audit::LastUseLog;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::policy::{self, Permit};
@@ -26,6 +27,7 @@ use reject::Rejection;
 pub struct Gateway {
     config: Arc<ArcSwap<Config>>,
     verifier: Arc<Verifier>,
+    last_use: Arc<LastUseLog>,
 }
 
 /// Per-request state.
@@ -37,9 +39,10 @@ pub struct RequestCtx {
 }
 
 impl Gateway {
-    /// A gateway serving `config` (which may be swapped while running) with `verifier`.
-    pub fn new(config: Arc<ArcSwap<Config>>, verifier: Arc<Verifier>) -> Gateway {
-        Gateway { config, verifier }
+    /// A gateway serving `config` (which may be swapped while running) with `verifier`, noting
+    /// each token's last use in `last_use`.
+    pub fn new(config: Arc<ArcSwap<Config>>, verifier: Arc<Verifier>, last_use: Arc<LastUseLog>) -> Gateway {
+        Gateway { config, verifier, last_use }
     }
 
     /// Route, credential, verification, authorization: a permit or the reason for refusal.
@@ -147,6 +150,10 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
+        if let Some(g) = grant {
+            let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            self.last_use.note(g.principal.token_id(), ip);
+        }
         tracing::debug!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,

@@ -14,6 +14,8 @@ use super::{Backend, Batch, InvalidationStream, StoreError};
 const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
 /// Set membership as (set, member) keys.
 const SETS: TableDefinition<(&str, &str), ()> = TableDefinition::new("sets");
+/// List entries as (list, descending sequence) keys, so a forward range reads newest first.
+const LISTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("lists");
 
 /// The embedded backend.
 pub struct EmbeddedBackend {
@@ -44,6 +46,7 @@ impl EmbeddedBackend {
         let tx = db.begin_write().map_err(failed)?;
         tx.open_table(KV).map_err(failed)?;
         tx.open_table(SETS).map_err(failed)?;
+        tx.open_table(LISTS).map_err(failed)?;
         tx.commit().map_err(failed)?;
         Ok(EmbeddedBackend { db: Arc::new(db), path: path.to_path_buf(), feed: LocalFeed::default() })
     }
@@ -89,6 +92,21 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
+    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(failed)?;
+            let table = tx.open_table(LISTS).map_err(failed)?;
+            let mut out = Vec::new();
+            for row in table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(failed)?.take(limit)
+            {
+                out.push(row.map_err(failed)?.1.value().to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let publish = batch.publish.clone();
         self.blocking(move |db| {
@@ -113,6 +131,25 @@ impl Backend for EmbeddedBackend {
                 }
                 for (s, m) in &batch.srem {
                     sets.remove((s.as_str(), m.as_str())).map_err(failed)?;
+                }
+                let mut lists = tx.open_table(LISTS).map_err(failed)?;
+                for (list, value, max) in &batch.lpush {
+                    let range = (list.as_str(), 0)..=(list.as_str(), u64::MAX);
+                    // The newest entry has the smallest key: one below the current smallest.
+                    let newest =
+                        lists.range(range.clone()).map_err(failed)?.next().transpose().map_err(failed)?;
+                    let seq = newest.map_or(u64::MAX, |(k, _)| k.value().1.saturating_sub(1));
+                    lists.insert((list.as_str(), seq), value.as_str()).map_err(failed)?;
+                    let stale: Vec<u64> = lists
+                        .range(range)
+                        .map_err(failed)?
+                        .skip(*max)
+                        .map(|row| row.map(|(k, _)| k.value().1))
+                        .collect::<Result<_, _>>()
+                        .map_err(failed)?;
+                    for seq in stale {
+                        lists.remove((list.as_str(), seq)).map_err(failed)?;
+                    }
                 }
             }
             tx.commit().map_err(failed)

@@ -1,7 +1,7 @@
 //! An in-memory backend for unit tests: one process, nothing on disk. Counts reads so tests can
 //! prove that a request path did not touch the store, and can be switched off to act unreachable.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -14,6 +14,7 @@ use super::{Backend, Batch, InvalidationStream, StoreError};
 struct State {
     kv: HashMap<String, String>,
     sets: HashMap<String, BTreeSet<String>>,
+    lists: HashMap<String, VecDeque<String>>,
 }
 
 /// The in-memory backend.
@@ -70,6 +71,11 @@ impl Backend for MemoryBackend {
         Ok(self.state()?.sets.get(set).map(|s| s.iter().cloned().collect()).unwrap_or_default())
     }
 
+    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(self.state()?.lists.get(key).map(|l| l.iter().take(limit).cloned().collect()).unwrap_or_default())
+    }
+
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         {
             let mut state = self.state()?;
@@ -89,6 +95,11 @@ impl Backend for MemoryBackend {
                 if let Some(s) = state.sets.get_mut(&set) {
                     s.remove(&member);
                 }
+            }
+            for (key, value, max) in batch.lpush {
+                let list = state.lists.entry(key).or_default();
+                list.push_front(value);
+                list.truncate(max);
             }
         }
         self.feed.publish(&batch.publish);

@@ -99,6 +99,8 @@ pub struct Batch {
     pub sadd: Vec<(String, String)>,
     /// Set members to remove: (set, member).
     pub srem: Vec<(String, String)>,
+    /// Values to push at the front of a list, which is then trimmed to `max` entries.
+    pub lpush: Vec<(String, String, usize)>,
     /// Invalidations to publish once the writes are applied.
     pub publish: Vec<String>,
 }
@@ -114,6 +116,22 @@ impl Batch {
     fn invalidate(&mut self, inv: Invalidation) {
         self.publish.push(inv.encode());
     }
+
+    fn audit(&mut self, event: Option<&AuditEvent>, max: usize) -> Result<(), StoreError> {
+        if let Some(event) = event {
+            let json = serde_json::to_string(event)
+                .map_err(|e| StoreError::Corrupt { key: audit_key(&event.org), reason: e.to_string() })?;
+            self.lpush.push((audit_key(&event.org), json, max));
+        }
+        Ok(())
+    }
+}
+
+/// Told, synchronously, of the invalidations of every write this process commits, so that its own
+/// cache never serves what it has just changed (other instances hear of it through the feed).
+pub trait CommitListener: Send + Sync {
+    /// The write is in the store; these records changed.
+    fn committed(&self, changed: &[Invalidation]);
 }
 
 /// A storage engine. Keys are logical (`token:tgp_x`); a backend may prefix them.
@@ -123,6 +141,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Reads the members of a set.
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError>;
+    /// Reads up to `limit` entries of a list, newest first.
+    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
     /// Subscribes to invalidations. Returns once the subscription is live.
@@ -136,7 +156,12 @@ pub trait Backend: Send + Sync + 'static {
 pub struct Store {
     backend: Arc<dyn Backend>,
     timeout: Duration,
+    audit_max: usize,
+    listener: Arc<std::sync::OnceLock<std::sync::Weak<dyn CommitListener>>>,
 }
+
+/// Audit entries kept per org unless configured otherwise.
+pub const DEFAULT_AUDIT_MAX: usize = 10_000;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,6 +196,12 @@ fn org_services_key(org: &str) -> String {
 fn org_tokens_key(org: &str) -> String {
     format!("org-tokens:{org}")
 }
+fn audit_key(org: &str) -> String {
+    format!("audit:{org}")
+}
+fn last_use_key(id: &TokenId) -> String {
+    format!("last-use:{id}")
+}
 fn owner_tokens_key(owner: &Owner) -> String {
     match owner {
         Owner::User(id) => format!("user-tokens:{id}"),
@@ -190,7 +221,18 @@ pub fn open(settings: &crate::config::StoreSettings) -> Result<Store, StoreError
 impl Store {
     /// A store over `backend`, every call bounded by `timeout`.
     pub fn new(backend: Arc<dyn Backend>, timeout: Duration) -> Store {
-        Store { backend, timeout }
+        Store { backend, timeout, audit_max: DEFAULT_AUDIT_MAX, listener: Arc::default() }
+    }
+
+    /// Registers the local cache to hear of this process's writes (once; later calls are ignored).
+    pub fn set_listener(&self, listener: std::sync::Weak<dyn CommitListener>) {
+        let _ = self.listener.set(listener);
+    }
+
+    /// Keeps at most `max` audit entries per org.
+    pub fn with_audit_max(mut self, max: usize) -> Store {
+        self.audit_max = max.max(1);
+        self
     }
 
     /// The backend's description.
@@ -232,7 +274,13 @@ impl Store {
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.bounded(self.backend.commit(batch)).await
+        let changed: Vec<Invalidation> =
+            batch.publish.iter().filter_map(|m| Invalidation::decode(m)).collect();
+        self.bounded(self.backend.commit(batch)).await?;
+        if let Some(listener) = self.listener.get().and_then(std::sync::Weak::upgrade) {
+            listener.committed(&changed);
+        }
+        Ok(())
     }
 
     /// Subscribes to the invalidation feed.
@@ -303,8 +351,9 @@ impl Store {
     }
 
     /// Creates a user; `Conflict` if the email is taken in the org.
-    pub async fn create_user(&self, user: &User) -> Result<(), StoreError> {
+    pub async fn create_user(&self, user: &User, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         let email_key = user_email_key(&user.org, &user.email);
         b.absent.extend([email_key.clone(), user_key(&user.id)]);
         b.put(user_key(&user.id), user)?;
@@ -315,16 +364,22 @@ impl Store {
     }
 
     /// Replaces a user's record (role, status, attributes) and tells every instance.
-    pub async fn update_user(&self, user: &User) -> Result<(), StoreError> {
+    pub async fn update_user(&self, user: &User, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         b.put(user_key(&user.id), user)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
     }
 
     /// Creates a service; `Conflict` if the name is taken in the org.
-    pub async fn create_service(&self, service: &Service) -> Result<(), StoreError> {
+    pub async fn create_service(
+        &self,
+        service: &Service,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         let name_key = service_name_key(&service.org, &service.name);
         b.absent.extend([name_key.clone(), service_key(&service.id)]);
         b.put(service_key(&service.id), service)?;
@@ -335,8 +390,13 @@ impl Store {
     }
 
     /// Deletes a service; its tokens stop at once because their owner is gone.
-    pub async fn delete_service(&self, service: &Service) -> Result<(), StoreError> {
+    pub async fn delete_service(
+        &self,
+        service: &Service,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
         b.srem.push((org_services_key(&service.org), service.id.clone()));
         b.invalidate(Invalidation::Service(service.id.clone()));
@@ -344,8 +404,13 @@ impl Store {
     }
 
     /// Stores a new token; `Conflict` if the id is taken.
-    pub async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+    pub async fn insert_token(
+        &self,
+        token: &TokenRecord,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         b.absent.push(token_key(&token.id));
         b.put(token_key(&token.id), token)?;
         b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
@@ -355,14 +420,19 @@ impl Store {
     }
 
     /// Replaces a token's record (revocation, rotation) and tells every instance.
-    pub async fn update_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+    pub async fn update_token(
+        &self,
+        token: &TokenRecord,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
         b.put(token_key(&token.id), token)?;
         b.invalidate(Invalidation::Token(token.id.clone()));
         self.commit(b).await
     }
 
-    /// Revokes a token now.
+    /// Revokes a token now, without an audit entry (tests; the admin API goes through `lifecycle`).
     pub async fn revoke_token(
         &self,
         id: &TokenId,
@@ -372,7 +442,104 @@ impl Store {
         let mut token =
             self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
         token.revoked = Some(Revocation { at: now_millis(), reason, by });
-        self.update_token(&token).await
+        self.update_token(&token, None).await
+    }
+
+    /// Renames a service (the name index moves with it) or changes its roles or attributes.
+    pub async fn update_service(
+        &self,
+        old_name: &str,
+        service: &Service,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
+        if old_name != service.name {
+            let new_key = service_name_key(&service.org, &service.name);
+            b.absent.push(new_key.clone());
+            b.del.push(service_name_key(&service.org, old_name));
+            b.put(new_key, &service.id)?;
+        }
+        b.put(service_key(&service.id), service)?;
+        b.invalidate(Invalidation::Service(service.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Removes a user and revokes the given tokens (theirs) in one change.
+    pub async fn delete_user(
+        &self,
+        user: &User,
+        revoked: &[TokenRecord],
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
+        b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
+        b.srem.push((org_users_key(&user.org), user.id.clone()));
+        for token in revoked {
+            b.put(token_key(&token.id), token)?;
+            b.invalidate(Invalidation::Token(token.id.clone()));
+        }
+        b.invalidate(Invalidation::User(user.id.clone()));
+        self.commit(b).await
+    }
+
+    /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation.
+    pub async fn rotate_token(
+        &self,
+        old: &TokenRecord,
+        new: &TokenRecord,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.audit(audit, self.audit_max)?;
+        b.absent.push(token_key(&new.id));
+        b.put(token_key(&old.id), old)?;
+        b.put(token_key(&new.id), new)?;
+        b.sadd.push((org_tokens_key(&new.org), new.id.to_string()));
+        b.sadd.push((owner_tokens_key(&new.owner), new.id.to_string()));
+        b.invalidate(Invalidation::Token(old.id.clone()));
+        b.invalidate(Invalidation::Token(new.id.clone()));
+        self.commit(b).await
+    }
+
+    /// The services of an org.
+    pub async fn list_services(&self, org: &str) -> Result<Vec<Service>, StoreError> {
+        let ids = self.bounded(self.backend.members(&org_services_key(org))).await?;
+        self.read_many(ids.iter().map(|id| service_key(id)).collect()).await
+    }
+
+    /// Every token of an org.
+    pub async fn list_org_tokens(&self, org: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        let ids = self.bounded(self.backend.members(&org_tokens_key(org))).await?;
+        self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
+            .await
+    }
+
+    /// The newest `limit` audit entries of an org.
+    pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let entries = self.bounded(self.backend.list(&audit_key(org), limit)).await?;
+        entries
+            .into_iter()
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt { key: audit_key(org), reason: e.to_string() })
+            })
+            .collect()
+    }
+
+    /// Writes a batch of last-use records; nothing is invalidated (they are not cached).
+    pub async fn record_last_use(&self, uses: &[(TokenId, LastUse)]) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        for (id, last) in uses {
+            b.put(last_use_key(id), last)?;
+        }
+        self.commit(b).await
+    }
+
+    /// When and from where a token was last used.
+    pub async fn last_use(&self, id: &TokenId) -> Result<Option<LastUse>, StoreError> {
+        self.read(last_use_key(id)).await
     }
 }
 

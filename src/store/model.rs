@@ -67,6 +67,28 @@ pub struct User {
     pub created_at: Millis,
 }
 
+/// An org role and per-project roles, as held by a user at some moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSet {
+    /// Role in the whole org.
+    pub org: Role,
+    /// Roles on single projects.
+    #[serde(default)]
+    pub projects: BTreeMap<String, Role>,
+}
+
+impl RoleSet {
+    /// The role on a project: the higher of the org role and the project role.
+    pub fn on(&self, project: &str) -> Role {
+        self.projects.get(project).copied().map_or(self.org, |p| p.max(self.org))
+    }
+
+    /// The highest role anywhere.
+    pub fn highest(&self) -> Role {
+        self.projects.values().copied().fold(self.org, Role::max)
+    }
+}
+
 /// A service account, owned by the org.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Service {
@@ -86,6 +108,9 @@ pub struct Service {
     pub attributes: Attributes,
     /// The user who created it (informational: the service survives them).
     pub created_by: Option<String>,
+    /// The creator's roles when it was created: the service's roles may never exceed them.
+    #[serde(default)]
+    pub creator_roles: Option<RoleSet>,
     /// Creation time.
     pub created_at: Millis,
 }
@@ -145,6 +170,9 @@ pub struct TokenRecord {
     pub expires_at: Option<Millis>,
     /// Revocation, if any.
     pub revoked: Option<Revocation>,
+    /// The token that replaced this one in a rotation.
+    #[serde(default)]
+    pub rotated_to: Option<TokenId>,
 }
 
 impl TokenRecord {
@@ -157,4 +185,35 @@ impl TokenRecord {
     pub fn is_revoked(&self, now: Millis) -> bool {
         self.revoked.as_ref().is_some_and(|r| r.at <= now)
     }
+}
+
+/// One entry of an org's audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When.
+    pub at: Millis,
+    /// The org.
+    pub org: String,
+    /// Who: `user:<id>`, `service:<name>`, or `bootstrap`.
+    pub actor: String,
+    /// What, e.g. `token.issue`, `user.suspend`.
+    pub action: String,
+    /// On what: a token id, `user:<email>`, `service:<name>`.
+    pub target: String,
+    /// The token involved, if any.
+    pub token_id: Option<String>,
+    /// The reason given, if any.
+    pub reason: Option<String>,
+    /// Anything else worth keeping (new role, new name).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// When and from where a token was last used, written in batches by each gateway instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastUse {
+    /// Time of the last request.
+    pub at: Millis,
+    /// The client's IP address.
+    pub ip: String,
 }

@@ -22,6 +22,10 @@ for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end
 for _, k in ipairs(b.del) do redis.call('DEL', k) end
 for _, m in ipairs(b.sadd) do redis.call('SADD', m[1], m[2]) end
 for _, m in ipairs(b.srem) do redis.call('SREM', m[1], m[2]) end
+for _, l in ipairs(b.lpush) do
+  redis.call('LPUSH', l[1], l[2])
+  redis.call('LTRIM', l[1], 0, l[3] - 1)
+end
 for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 return ''
 "#;
@@ -95,12 +99,18 @@ impl Backend for RedisBackend {
         self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
     }
 
+    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let stop = limit.max(1) as isize - 1;
+        self.conn().await?.lrange(self.key(key), 0, stop).await.map_err(unavailable)
+    }
+
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
         let unprefixed: Vec<String> = batch.absent.clone();
         batch.absent.iter_mut().for_each(|k| *k = self.key(k));
         batch.put.iter_mut().for_each(|(k, _)| *k = self.key(k));
         batch.del.iter_mut().for_each(|k| *k = self.key(k));
         batch.sadd.iter_mut().chain(batch.srem.iter_mut()).for_each(|(s, _)| *s = self.key(s));
+        batch.lpush.iter_mut().for_each(|(l, _, _)| *l = self.key(l));
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;

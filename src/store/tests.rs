@@ -89,7 +89,7 @@ async fn unique_keys_conflict(s: &Store) {
         Attributes::new(),
     )
     .await;
-    assert!(matches!(again, Err(lifecycle::LifecycleError::Store(StoreError::Conflict(_)))), "{again:?}");
+    assert!(matches!(again, Err(lifecycle::LifecycleError::Conflict(_))), "{again:?}");
     assert_eq!(s.list_users("acme").await.unwrap(), vec![user.clone()]);
     assert_eq!(s.find_user_by_email("acme", "ann@example.com").await.unwrap(), Some(user));
     // Another org may use the same email.
@@ -134,7 +134,7 @@ async fn writes_publish(s: &Store) {
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
     assert_eq!(feed.next().await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
-    s.delete_service(&svc).await.unwrap();
+    s.delete_service(&svc, None).await.unwrap();
     assert_eq!(feed.next().await, Some(Invalidation::Service(svc.id.clone())));
     assert_eq!(s.get_service(&svc.id).await.unwrap(), None);
     assert_eq!(s.find_service_by_name("acme", "etl").await.unwrap(), None);

@@ -236,20 +236,20 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
 
     let within = Duration::from_secs(2);
     user.org_role = Role::Viewer;
-    w.store.update_user(&user).await.unwrap();
+    w.store.update_user(&user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.post(g, "/shop", &token).await.status() == 403 }).await);
         assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "a viewer can still read");
     }
 
     user.status = UserStatus::Suspended;
-    w.store.update_user(&user).await.unwrap();
+    w.store.update_user(&user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 401 }).await);
     }
 
     user.status = UserStatus::Active;
-    w.store.update_user(&user).await.unwrap();
+    w.store.update_user(&user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 200 }).await);
     }

@@ -157,9 +157,12 @@ impl Upstream {
 
 /// The config every gateway test uses: two orgs, and routes for each case.
 pub fn gateway_config(port: u16, redis_url: &str, upstream: u16) -> String {
+    let admin = free_port();
     format!(
         r#"
 listen: 127.0.0.1:{port}
+admin: {{ listen: "127.0.0.1:{admin}", last_use_flush: 200ms }}
+tokens: {{ max_ttl: 30d }}
 threads: 2
 log: {{ level: debug }}
 store:
@@ -189,6 +192,7 @@ routes:
 /// A running `tollgate serve`, its log captured to a file.
 pub struct Gateway {
     pub port: u16,
+    pub admin_port: u16,
     child: Child,
     _dir: tempfile::TempDir,
     pub log: PathBuf,
@@ -216,11 +220,22 @@ impl Gateway {
             .spawn()
             .expect("spawn tollgate");
         wait_for_port(port, "tollgate", &mut child);
-        Gateway { port, child, _dir: dir, log }
+        let admin_port = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin: { listen: \"127.0.0.1:"))
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(8081);
+        wait_for_port(admin_port, "tollgate admin API", &mut child);
+        Gateway { port, admin_port, child, _dir: dir, log }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
     }
 
     pub fn addr(&self) -> SocketAddr {

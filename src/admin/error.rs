@@ -1,0 +1,107 @@
+//! The admin API's one error type and its mapping to JSON responses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::auth::AuthError;
+use crate::lifecycle::LifecycleError;
+use crate::store::StoreError;
+
+/// Everything an admin call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No Bearer token.
+    #[error("this API needs a Bearer token")]
+    Unauthenticated,
+    /// The token is refused.
+    #[error("the access token is invalid")]
+    InvalidToken,
+    /// The token is refused, with the verifier's reason.
+    #[error("{0}")]
+    Refused(&'static str),
+    /// Malformed request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Not found.
+    #[error("{0}")]
+    NotFound(String),
+    /// Taken or ambiguous.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store is unreachable.
+    #[error("the store is unreachable; retry shortly")]
+    Unavailable,
+    /// Something that should not happen.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::Invalid(i) => ApiError::Refused(i.description()),
+            AuthError::Unavailable(_) => ApiError::Unavailable,
+        }
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> ApiError {
+        match e {
+            LifecycleError::Forbidden(m) => ApiError::Forbidden(m),
+            LifecycleError::NotFound(m) => ApiError::NotFound(m),
+            LifecycleError::Conflict(m) => ApiError::Conflict(m),
+            LifecycleError::Invalid(m) => ApiError::BadRequest(m),
+            LifecycleError::Hash(m) => ApiError::Internal(m),
+            LifecycleError::Store(StoreError::Unavailable(_)) => ApiError::Unavailable,
+            LifecycleError::Store(StoreError::Conflict(k)) => {
+                ApiError::Conflict(format!("{k} already exists"))
+            }
+            LifecycleError::Store(StoreError::NotFound(k)) => ApiError::NotFound(format!("{k} not found")),
+            LifecycleError::Store(e @ StoreError::Corrupt { .. }) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidToken | ApiError::Refused(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "admin API internal error");
+        }
+        let body = Json(serde_json::json!({ "error": code, "error_description": self.to_string() }));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            let value = match code {
+                "unauthorized" => "Bearer realm=\"tollgate\"".to_string(),
+                _ => format!("Bearer realm=\"tollgate\", error=\"{code}\""),
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                response.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+            }
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,512 @@
+//! The admin API: JSON over HTTP on its own listener, authenticated with Tollgate's own tokens.
+//! Handlers are thin: they turn the caller's token into an [`Actor`] and call [`Lifecycle`]; every
+//! error becomes a response in one place ([`ApiError`]). The router is a plain function, so it can be
+//! served by the Pingora service below or called directly.
+
+mod error;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pingora::server::ListenFds;
+use pingora::server::ShutdownWatch;
+use pingora::services::Service;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::lifecycle::{Actor, CreateService, IssueRequest, Lifecycle, RoleChange, RotateRequest};
+use crate::policy::Role;
+use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
+pub use error::ApiError;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The config in force.
+    pub config: Arc<ArcSwap<Config>>,
+    /// Verifies callers' tokens (shares the gateway's cache).
+    pub verifier: Arc<Verifier>,
+    /// The store.
+    pub store: Store,
+}
+
+/// The caller, authenticated by a Bearer token.
+pub struct Caller(pub Actor);
+
+impl FromRequestParts<AdminState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Caller, ApiError> {
+        let header = parts.headers.get(http::header::AUTHORIZATION).ok_or(ApiError::Unauthenticated)?;
+        let value = header.to_str().map_err(|_| ApiError::InvalidToken)?;
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => return Err(ApiError::Unauthenticated),
+        };
+        let principal = state.verifier.verify(token).await?;
+        Ok(Caller(Actor::from_principal(&principal)))
+    }
+}
+
+/// A JSON body whose rejection is a JSON error naming what is wrong.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// The router with every route.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tokens", get(list_tokens).post(issue_token))
+        .route("/v1/tokens/revoke", post(revoke_by_name))
+        .route("/v1/tokens/{id}", get(get_token))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
+        .route("/v1/tokens/{id}/rotate", post(rotate_token))
+        .route("/v1/orgs/{org}/users", get(list_users).post(add_user))
+        .route("/v1/orgs/{org}/users/{email}", get(show_user).delete(remove_user))
+        .route("/v1/orgs/{org}/users/{email}/role", post(set_user_role))
+        .route("/v1/orgs/{org}/users/{email}/suspend", post(suspend_user))
+        .route("/v1/orgs/{org}/users/{email}/reactivate", post(reactivate_user))
+        .route("/v1/orgs/{org}/services", get(list_services).post(create_service))
+        .route("/v1/orgs/{org}/services/{name}", get(show_service).patch(edit_service).delete(delete_service))
+        .route("/v1/orgs/{org}/services/{name}/role", post(set_service_role))
+        .route("/v1/orgs/{org}/audit", get(audit))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// The OpenAPI document of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    match s.store.ping().await {
+        Ok(()) => Json(serde_json::json!({ "status": "ready", "store": s.store.describe() })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unavailable", "reason": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+/// The caller as the API sees them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// `user:<id>` or `service:<name>`.
+    pub subject: String,
+    /// Org.
+    pub org: String,
+    /// Org role.
+    pub org_role: Role,
+}
+
+async fn whoami(Caller(a): Caller) -> Json<WhoAmI> {
+    Json(WhoAmI { subject: a.subject, org: a.org, org_role: a.roles.org })
+}
+
+macro_rules! lifecycle {
+    ($s:expr, $l:ident) => {
+        let config = $s.config.load_full();
+        let $l = Lifecycle::new(&$s.store, &config);
+    };
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+    owner: Option<String>,
+}
+
+async fn list_tokens(State(s): State<AdminState>, Caller(a): Caller, Query(q): Query<ListQuery>) -> Response {
+    lifecycle!(s, l);
+    reply(l.list_tokens(&a, q.all, q.owner.as_deref()).await)
+}
+
+async fn issue_token(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Body(req): Body<IssueRequest>,
+) -> Response {
+    lifecycle!(s, l);
+    created(l.issue_pat(&a, req).await)
+}
+
+async fn get_token(State(s): State<AdminState>, Caller(a): Caller, Path(id): Path<String>) -> Response {
+    lifecycle!(s, l);
+    reply(l.get_token(&a, &id).await)
+}
+
+/// A revocation request.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Revoke the caller's token with this display name (when no id is in the path).
+    pub display_name: Option<String>,
+    /// Why, kept in the audit log.
+    pub reason: Option<String>,
+}
+
+async fn revoke_token(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path(id): Path<String>,
+    Body(req): Body<RevokeRequest>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.revoke(&a, Some(&id), None, req.reason).await)
+}
+
+async fn revoke_by_name(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Body(req): Body<RevokeRequest>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.revoke(&a, None, req.display_name.as_deref(), req.reason).await)
+}
+
+async fn rotate_token(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path(id): Path<String>,
+    Body(req): Body<RotateRequest>,
+) -> Response {
+    lifecycle!(s, l);
+    created(l.rotate(&a, &id, req).await)
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserView {
+    /// Id (used in `X-Auth-Subject`).
+    pub id: String,
+    /// Org.
+    pub org: String,
+    /// Email.
+    pub email: String,
+    /// `active` or `suspended`.
+    pub status: UserStatus,
+    /// Org role.
+    pub org_role: Role,
+    /// Project roles.
+    pub project_roles: std::collections::BTreeMap<String, Role>,
+    /// Attributes.
+    pub attributes: Attributes,
+    /// Creation time.
+    pub created_at: String,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> UserView {
+        UserView {
+            id: u.id,
+            org: u.org,
+            email: u.email,
+            status: u.status,
+            org_role: u.org_role,
+            project_roles: u.project_roles,
+            attributes: u.attributes,
+            created_at: format_millis(u.created_at),
+        }
+    }
+}
+
+/// A user to add.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddUser {
+    /// Email, unique in the org.
+    pub email: String,
+    /// Org role.
+    pub org_role: Role,
+    /// Project roles.
+    #[serde(default)]
+    pub project_roles: std::collections::BTreeMap<String, Role>,
+    /// Attributes.
+    #[serde(default)]
+    pub attributes: Attributes,
+}
+
+async fn list_users(State(s): State<AdminState>, Caller(a): Caller, Path(org): Path<String>) -> Response {
+    lifecycle!(s, l);
+    reply(l.list_users(&a, &org).await.map(|us| us.into_iter().map(UserView::from).collect::<Vec<_>>()))
+}
+
+async fn add_user(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path(org): Path<String>,
+    Body(u): Body<AddUser>,
+) -> Response {
+    lifecycle!(s, l);
+    created(
+        l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes).await.map(UserView::from),
+    )
+}
+
+async fn show_user(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, email)): Path<(String, String)>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.show_user(&a, &org, &email).await.map(UserView::from))
+}
+
+async fn set_user_role(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, email)): Path<(String, String)>,
+    Body(change): Body<RoleChange>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.set_user_role(&a, &org, &email, change).await.map(UserView::from))
+}
+
+/// An optional reason, for suspensions and removals.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// Why.
+    pub reason: Option<String>,
+}
+
+async fn suspend_user(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, email)): Path<(String, String)>,
+    Body(r): Body<Reason>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.set_user_status(&a, &org, &email, UserStatus::Suspended, r.reason).await.map(UserView::from))
+}
+
+async fn reactivate_user(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, email)): Path<(String, String)>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.set_user_status(&a, &org, &email, UserStatus::Active, None).await.map(UserView::from))
+}
+
+async fn remove_user(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, email)): Path<(String, String)>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(
+        l.remove_user(&a, &org, &email, None)
+            .await
+            .map(|n| serde_json::json!({ "removed": email, "revoked_tokens": n })),
+    )
+}
+
+/// A service as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Name.
+    pub name: String,
+    /// Org.
+    pub org: String,
+    /// Org role.
+    pub org_role: Option<Role>,
+    /// Project roles.
+    pub project_roles: std::collections::BTreeMap<String, Role>,
+    /// Attributes.
+    pub attributes: Attributes,
+    /// Creation time.
+    pub created_at: String,
+}
+
+impl From<ServiceRecord> for ServiceView {
+    fn from(s: ServiceRecord) -> ServiceView {
+        ServiceView {
+            name: s.name,
+            org: s.org,
+            org_role: s.org_role,
+            project_roles: s.project_roles,
+            attributes: s.attributes,
+            created_at: format_millis(s.created_at),
+        }
+    }
+}
+
+/// A created service with its first token (shown once).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedService {
+    /// The service.
+    pub service: ServiceView,
+    /// Its token, shown once.
+    pub token: String,
+    /// The token's id.
+    pub token_id: String,
+}
+
+async fn list_services(State(s): State<AdminState>, Caller(a): Caller, Path(org): Path<String>) -> Response {
+    lifecycle!(s, l);
+    reply(l.list_services(&a, &org).await.map(|ss| ss.into_iter().map(ServiceView::from).collect::<Vec<_>>()))
+}
+
+async fn create_service(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path(org): Path<String>,
+    Body(mut req): Body<CreateService>,
+) -> Response {
+    lifecycle!(s, l);
+    req.org = org;
+    created(l.create_service(&a, req).await.map(|(svc, t)| CreatedService {
+        service: svc.into(),
+        token_id: t.details.id,
+        token: t.token,
+    }))
+}
+
+async fn show_service(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.show_service(&a, &org, &name).await.map(ServiceView::from))
+}
+
+/// A service edit: rename and/or replace attributes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditService {
+    /// New name.
+    pub new_name: Option<String>,
+    /// New attributes; `{}` clears them.
+    pub attributes: Option<Attributes>,
+}
+
+async fn edit_service(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, name)): Path<(String, String)>,
+    Body(e): Body<EditService>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.edit_service(&a, &org, &name, e.new_name, e.attributes).await.map(ServiceView::from))
+}
+
+async fn set_service_role(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, name)): Path<(String, String)>,
+    Body(change): Body<RoleChange>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.set_service_role(&a, &org, &name, change).await.map(ServiceView::from))
+}
+
+async fn delete_service(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.delete_service(&a, &org, &name).await.map(|()| serde_json::json!({ "deleted": name })))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    token_id: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path(org): Path<String>,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    lifecycle!(s, l);
+    reply(l.audit_log(&a, &org, q.token_id.as_deref(), q.limit.unwrap_or(100)).await)
+}
+
+fn reply<T: Serialize>(r: Result<T, crate::lifecycle::LifecycleError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn created<T: Serialize>(r: Result<T, crate::lifecycle::LifecycleError>) -> Response {
+    match r {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The admin API as a Pingora service, on a listener bound before the server starts.
+pub struct AdminService {
+    listener: Option<std::net::TcpListener>,
+    state: AdminState,
+}
+
+impl AdminService {
+    /// Serves `state` on an already-bound listener (so a taken port fails at start, with a message).
+    pub fn new(listener: std::net::TcpListener, state: AdminState) -> AdminService {
+        AdminService { listener: Some(listener), state }
+    }
+}
+
+#[async_trait]
+impl Service for AdminService {
+    async fn start_service(&mut self, _fds: Option<ListenFds>, mut shutdown: ShutdownWatch, _per_fd: usize) {
+        let Some(listener) = self.listener.take() else { return };
+        let listener =
+            match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin listener unusable");
+                    return;
+                }
+            };
+        let app = router(self.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    }
+
+    fn name(&self) -> &str {
+        "admin API"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+}

@@ -1,0 +1,69 @@
+//! Last-use tracking: the proxy notes each authenticated request's token id, time and client IP in
+//! memory; a background task writes them to the store in one batch every few seconds, so the request
+//! path never writes to the store.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::store::{now_millis, LastUse, Store};
+use crate::token::TokenId;
+
+/// Pending last-use records of one instance.
+#[derive(Default)]
+pub struct LastUseLog {
+    pending: Mutex<HashMap<TokenId, LastUse>>,
+}
+
+impl LastUseLog {
+    /// Notes a use; only the latest per token is kept until the next flush.
+    pub fn note(&self, id: &TokenId, ip: Option<std::net::IpAddr>) {
+        let ip = ip.map(|a| a.to_string()).unwrap_or_default();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.get_mut(id) {
+            Some(last) => {
+                last.at = now_millis();
+                last.ip = ip;
+            }
+            None => {
+                pending.insert(id.clone(), LastUse { at: now_millis(), ip });
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<(TokenId, LastUse)> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect()
+    }
+
+    /// Writes what is pending. On a store failure the records are kept for the next flush.
+    pub async fn flush(&self, store: &Store) {
+        let batch = self.take();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = store.record_last_use(&batch).await {
+            tracing::warn!(error = %e, records = batch.len(), "could not write last-use records; will retry");
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, last) in batch {
+                pending.entry(id).or_insert(last);
+            }
+        }
+    }
+
+    /// Flushes every `interval` until `stop` resolves, then once more.
+    pub async fn run(
+        &self,
+        store: &Store,
+        interval: Duration,
+        mut stop: impl std::future::Future<Output = ()> + Unpin,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.flush(store).await,
+                _ = &mut stop => break,
+            }
+        }
+        self.flush(store).await;
+    }
+}

@@ -1,0 +1,79 @@
+//! The CLI's side of the admin API: authenticated JSON requests, errors as one-line reasons, and
+//! plain text tables.
+
+use anyhow::{anyhow, Context};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An admin API client.
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+        Ok(Client { http, server: server.trim_end_matches('/').to_string(), token })
+    }
+
+    /// Sends a request and decodes the JSON answer, or fails with the API's reason.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
+        let token =
+            self.token.as_deref().ok_or_else(|| anyhow!("no token: pass --token or set TOLLGATE_TOKEN"))?;
+        let url = format!("{}{path}", self.server);
+        let mut req = self.http.request(method, &url).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp =
+            req.send().await.with_context(|| format!("cannot reach the admin API at {}", self.server))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the admin API's answer")?;
+        if !status.is_success() {
+            let reason = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error_description"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(anyhow!("{reason} ({})", status.as_u16()));
+        }
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+    }
+}
+
+/// Percent-encodes a path segment (emails carry '@' and '+').
+pub fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prints rows under headers, columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,751 @@
+//! The `tollgate` command line. `serve`, `check-config` and `bootstrap` work on a config file; every
+//! other command is a client of the admin API (`--server`, `--token`, `--json`).
+
+mod client;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::admin::{
+    AddUser, CreatedService, EditService, Reason, RevokeRequest, ServiceView, UserView, WhoAmI,
+};
+use crate::config::Config;
+use crate::lifecycle::{CreateService, IssueRequest, IssuedToken, RoleChange, RotateRequest, TokenView};
+use crate::policy::Role;
+use crate::store::{Attributes, AuditEvent};
+use crate::{lifecycle, server, store};
+use client::{segment, table, Client};
+
+/// Tollgate: an authentication gateway.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    /// Admin API address.
+    #[arg(long, global = true, env = "TOLLGATE_SERVER", default_value = "http://127.0.0.1:8081")]
+    server: String,
+    /// Token to authenticate with.
+    #[arg(long, global = true, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print every error with its YAML path.
+    CheckConfig {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create an org's first admin user and print their token (once).
+    Bootstrap {
+        /// The YAML config file (for the store and argon2 settings).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The org to create or use.
+        #[arg(long)]
+        org: String,
+        /// The admin's email.
+        #[arg(long)]
+        email: String,
+    },
+    /// Personal access tokens (and any token, for admins).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Users of an org.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Service accounts of an org.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// The audit log of an org.
+    Audit {
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        /// Only entries about this token.
+        #[arg(long)]
+        token_id: Option<String>,
+        /// Most entries to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Issue a personal access token; it is shown once.
+    Issue {
+        /// A name to recognise it by.
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Lifetime in minutes.
+        #[arg(long, conflicts_with = "expires", allow_negative_numbers = true)]
+        ttl_minutes: Option<i64>,
+        /// Expiry time (RFC 3339).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Scope preset (read, execute, read-write, admin, or one from config).
+        #[arg(long, conflicts_with = "permission")]
+        scope: Option<String>,
+        /// Explicit permissions instead of a preset (repeatable).
+        #[arg(long)]
+        permission: Vec<String>,
+        /// Environments the token works in (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+    },
+    /// List your active tokens.
+    List {
+        /// Include revoked, expired and rotated tokens, with their status.
+        #[arg(long)]
+        all: bool,
+        /// Another user's (email) or a service's (name) tokens; admins only.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Show one token.
+    Get {
+        /// Token id.
+        id: String,
+    },
+    /// Revoke a token by id, or yours by display name.
+    Revoke {
+        /// Token id.
+        #[arg(required_unless_present = "display_name")]
+        id: Option<String>,
+        /// Revoke your token with this name (refused when several have it).
+        #[arg(long, conflicts_with = "id")]
+        display_name: Option<String>,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Replace a token with a new one; the old one stops now or after the grace period.
+    Rotate {
+        /// Token id.
+        id: String,
+        /// New scope preset.
+        #[arg(long, conflicts_with = "permission")]
+        scope: Option<String>,
+        /// New explicit permissions (repeatable).
+        #[arg(long)]
+        permission: Vec<String>,
+        /// New expiry (RFC 3339).
+        #[arg(long, conflicts_with = "ttl_minutes")]
+        expires: Option<String>,
+        /// New lifetime in minutes.
+        #[arg(long, allow_negative_numbers = true)]
+        ttl_minutes: Option<i64>,
+        /// Seconds the old token keeps working, answering with a Deprecation header.
+        #[arg(long, allow_negative_numbers = true)]
+        grace_seconds: Option<i64>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RoleArgs {
+    /// New org role.
+    #[arg(long, value_parser = parse_role)]
+    org_role: Option<Role>,
+    /// Project whose role to set or remove.
+    #[arg(long)]
+    project: Option<String>,
+    /// Role on that project.
+    #[arg(long, value_parser = parse_role, requires = "project")]
+    project_role: Option<Role>,
+    /// Remove the project's role.
+    #[arg(long, requires = "project")]
+    remove: bool,
+}
+
+impl RoleArgs {
+    fn change(&self) -> RoleChange {
+        RoleChange {
+            org_role: self.org_role,
+            project: self.project.clone(),
+            project_role: self.project_role,
+            remove: self.remove,
+        }
+    }
+
+    fn project_roles(&self) -> anyhow::Result<BTreeMap<String, Role>> {
+        match (&self.project, self.project_role) {
+            (Some(p), Some(r)) => Ok(BTreeMap::from([(p.clone(), r)])),
+            (None, None) => Ok(BTreeMap::new()),
+            _ => Err(anyhow!("give --project and --project-role together")),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Add a user.
+    Add {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        roles: RoleArgs,
+        /// Attributes as a JSON object.
+        #[arg(long)]
+        attributes: Option<String>,
+    },
+    /// List users.
+    List {
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Show a user.
+    Show {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Change a user's org role or one project role.
+    SetRole {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        roles: RoleArgs,
+    },
+    /// Suspend a user: all their tokens stop until reactivated.
+    Suspend {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reactivate a suspended user.
+    Reactivate {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Remove a user and revoke their tokens; services they created stay.
+    Remove {
+        /// Email.
+        email: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Create a service; its token is shown once.
+    Create {
+        /// Name.
+        name: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        roles: RoleArgs,
+        /// Attributes as a JSON object.
+        #[arg(long)]
+        attributes: Option<String>,
+    },
+    /// List services.
+    List {
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Show a service.
+    Show {
+        /// Name.
+        name: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Rename a service or replace its attributes (`{}` clears them).
+    Edit {
+        /// Name.
+        name: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        /// New name.
+        #[arg(long)]
+        new_name: Option<String>,
+        /// New attributes as a JSON object.
+        #[arg(long)]
+        attributes: Option<String>,
+    },
+    /// Change a service's org role, or set or remove a project role.
+    SetRole {
+        /// Name.
+        name: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        roles: RoleArgs,
+    },
+    /// Delete a service; its tokens stop at once.
+    Delete {
+        /// Name.
+        name: String,
+        /// Org (default: yours).
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("unknown role {s:?}; roles are guest, viewer, editor, admin"))
+}
+
+fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
+    let Some(text) = text else { return Ok(None) };
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow!("--attributes is not valid JSON: {e}"))?;
+    match value {
+        serde_json::Value::Object(map) => Ok(Some(map)),
+        _ => Err(anyhow!("--attributes must be a JSON object, like '{{\"team\":\"data\"}}'")),
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(fut)
+}
+
+/// Runs the command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = load(&config)?;
+            init_logging(&config.log_level);
+            server::run(config)
+        }
+        Command::CheckConfig { config: path } => {
+            let config = load(&path)?;
+            println!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
+            Ok(())
+        }
+        Command::Bootstrap { config, org, email } => {
+            let config = load(&config)?;
+            init_logging("warn");
+            block_on(async {
+                let store = store::open(&config.store)?.with_audit_max(config.audit_max);
+                let (user, token) = lifecycle::bootstrap(&store, config.argon2.params, &org, &email)
+                    .await
+                    .with_context(|| format!("bootstrapping org {org:?}"))?;
+                println!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
+                println!("Access token: {}", token.token);
+                println!("Store it now: it will not be shown again.");
+                Ok(())
+            })
+        }
+        command => {
+            let api = Api { client: Client::new(&cli.server, cli.token)?, json: cli.json };
+            block_on(api.run(command))
+        }
+    }
+}
+
+struct Api {
+    client: Client,
+    json: bool,
+}
+
+const NONE: Option<&()> = None;
+
+impl Api {
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.client.call(Method::GET, path, NONE).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.client.call(method, path, Some(body)).await
+    }
+
+    async fn org(&self, org: Option<String>) -> anyhow::Result<String> {
+        match org {
+            Some(o) => Ok(o),
+            None => Ok(self.get::<WhoAmI>("/v1/whoami").await?.org),
+        }
+    }
+
+    /// Prints JSON with `--json`, else runs `human`.
+    fn show<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            human(value);
+        }
+        Ok(())
+    }
+
+    async fn run(&self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Token(cmd) => self.token(cmd).await,
+            Command::User(cmd) => self.user(cmd).await,
+            Command::Service(cmd) => self.service(cmd).await,
+            Command::Audit { org, token_id, limit } => {
+                let org = self.org(org).await?;
+                let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
+                if let Some(id) = token_id {
+                    path.push_str(&format!("&token_id={}", segment(&id)));
+                }
+                let events: Vec<AuditEvent> = self.get(&path).await?;
+                self.show(&events, |events| {
+                    let rows = events
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                store::format_millis(e.at),
+                                e.actor.clone(),
+                                e.action.clone(),
+                                e.target.clone(),
+                                e.reason.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect::<Vec<_>>();
+                    table(&["TIME", "ACTOR", "ACTION", "TARGET", "REASON"], &rows);
+                })
+            }
+            Command::Serve { .. } | Command::CheckConfig { .. } | Command::Bootstrap { .. } => Ok(()),
+        }
+    }
+
+    async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
+        match cmd {
+            TokenCmd::Issue { display_name, ttl_minutes, expires, scope, permission, env } => {
+                let req = IssueRequest {
+                    display_name,
+                    ttl_minutes,
+                    expires,
+                    scope,
+                    permissions: (!permission.is_empty()).then_some(permission),
+                    environments: (!env.is_empty()).then_some(env),
+                };
+                let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
+                self.show(&issued, print_issued)
+            }
+            TokenCmd::List { all, owner } => {
+                let mut path = format!("/v1/tokens?all={all}");
+                if let Some(o) = owner {
+                    path.push_str(&format!("&owner={}", segment(&o)));
+                }
+                let tokens: Vec<TokenView> = self.get(&path).await?;
+                self.show(&tokens, |tokens| {
+                    let mut headers = vec!["ID", "DISPLAY NAME", "CREATED", "EXPIRES"];
+                    if all {
+                        headers.push("STATUS");
+                    }
+                    let rows = tokens
+                        .iter()
+                        .map(|t| {
+                            let mut row = vec![
+                                t.id.clone(),
+                                t.display_name.clone().unwrap_or_default(),
+                                short_time(&t.created_at),
+                                t.expires_at.as_deref().map_or("Never".into(), short_time),
+                            ];
+                            if all {
+                                row.push(t.status.clone());
+                            }
+                            row
+                        })
+                        .collect::<Vec<_>>();
+                    table(&headers, &rows);
+                })
+            }
+            TokenCmd::Get { id } => {
+                let t: TokenView = self.get(&format!("/v1/tokens/{}", segment(&id))).await?;
+                self.show(&t, print_token)
+            }
+            TokenCmd::Revoke { id, display_name, reason } => {
+                let (path, req) = match id {
+                    Some(id) => (
+                        format!("/v1/tokens/{}/revoke", segment(&id)),
+                        RevokeRequest { display_name: None, reason },
+                    ),
+                    None => ("/v1/tokens/revoke".to_string(), RevokeRequest { display_name, reason }),
+                };
+                let t: TokenView = self.send(Method::POST, &path, &req).await?;
+                self.show(&t, |t| println!("Revoked token {}.", t.id))
+            }
+            TokenCmd::Rotate { id, scope, permission, expires, ttl_minutes, grace_seconds } => {
+                let req = RotateRequest {
+                    scope,
+                    permissions: (!permission.is_empty()).then_some(permission),
+                    expires,
+                    ttl_minutes,
+                    grace_seconds,
+                };
+                let issued: IssuedToken =
+                    self.send(Method::POST, &format!("/v1/tokens/{}/rotate", segment(&id)), &req).await?;
+                self.show(&issued, |t| {
+                    match grace_seconds.filter(|g| *g > 0) {
+                        Some(g) => println!("Rotated {id}; the old token keeps working for {g} seconds."),
+                        None => println!("Rotated {id}; the old token is revoked."),
+                    }
+                    print_issued(t);
+                })
+            }
+        }
+    }
+
+    async fn user(&self, cmd: UserCmd) -> anyhow::Result<()> {
+        match cmd {
+            UserCmd::Add { email, org, roles, attributes } => {
+                let attributes = parse_attributes(attributes.as_deref())?.unwrap_or_default();
+                let org_role = roles.org_role.ok_or_else(|| anyhow!("give --org-role"))?;
+                let body = AddUser { email, org_role, project_roles: roles.project_roles()?, attributes };
+                let org = self.org(org).await?;
+                let u: UserView =
+                    self.send(Method::POST, &format!("/v1/orgs/{}/users", segment(&org)), &body).await?;
+                self.show(&u, |u| {
+                    println!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role)
+                })
+            }
+            UserCmd::List { org } => {
+                let org = self.org(org).await?;
+                let users: Vec<UserView> = self.get(&format!("/v1/orgs/{}/users", segment(&org))).await?;
+                self.show(&users, |users| {
+                    let rows = users
+                        .iter()
+                        .map(|u| {
+                            vec![
+                                u.email.clone(),
+                                u.id.clone(),
+                                u.org_role.to_string(),
+                                status_text(u.status),
+                                roles_text(&u.project_roles),
+                            ]
+                        })
+                        .collect::<Vec<_>>();
+                    table(&["EMAIL", "ID", "ORG ROLE", "STATUS", "PROJECT ROLES"], &rows);
+                })
+            }
+            UserCmd::Show { email, org } => {
+                let org = self.org(org).await?;
+                let u: UserView =
+                    self.get(&format!("/v1/orgs/{}/users/{}", segment(&org), segment(&email))).await?;
+                self.show(&u, print_user)
+            }
+            UserCmd::SetRole { email, org, roles } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/users/{}/role", segment(&org), segment(&email));
+                let u: UserView = self.send(Method::POST, &path, &roles.change()).await?;
+                self.show(&u, print_user)
+            }
+            UserCmd::Suspend { email, org, reason } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/users/{}/suspend", segment(&org), segment(&email));
+                let u: UserView = self.send(Method::POST, &path, &Reason { reason }).await?;
+                self.show(&u, |u| println!("Suspended {}: all their tokens are refused.", u.email))
+            }
+            UserCmd::Reactivate { email, org } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/users/{}/reactivate", segment(&org), segment(&email));
+                let u: UserView = self.send(Method::POST, &path, &serde_json::json!({})).await?;
+                self.show(&u, |u| println!("Reactivated {}.", u.email))
+            }
+            UserCmd::Remove { email, org } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/users/{}", segment(&org), segment(&email));
+                let v: serde_json::Value = self.client.call(Method::DELETE, &path, NONE).await?;
+                self.show(&v, |v| println!("Removed {email}; revoked {} token(s).", v["revoked_tokens"]))
+            }
+        }
+    }
+
+    async fn service(&self, cmd: ServiceCmd) -> anyhow::Result<()> {
+        match cmd {
+            ServiceCmd::Create { name, org, roles, attributes } => {
+                let org = self.org(org).await?;
+                let body = CreateService {
+                    org: String::new(),
+                    name,
+                    org_role: roles.org_role,
+                    project_roles: roles.project_roles()?,
+                    attributes: parse_attributes(attributes.as_deref())?.unwrap_or_default(),
+                };
+                let created: CreatedService =
+                    self.send(Method::POST, &format!("/v1/orgs/{}/services", segment(&org)), &body).await?;
+                self.show(&created, |c| {
+                    println!("Created service {:?} in org {:?}.", c.service.name, c.service.org);
+                    println!("Access token: {}", c.token);
+                    println!("Store it now: it will not be shown again.");
+                })
+            }
+            ServiceCmd::List { org } => {
+                let org = self.org(org).await?;
+                let services: Vec<ServiceView> =
+                    self.get(&format!("/v1/orgs/{}/services", segment(&org))).await?;
+                self.show(&services, |services| {
+                    let rows = services
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.org_role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                                roles_text(&s.project_roles),
+                                serde_json::Value::Object(s.attributes.clone()).to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>();
+                    table(&["NAME", "ORG ROLE", "PROJECT ROLES", "ATTRIBUTES"], &rows);
+                })
+            }
+            ServiceCmd::Show { name, org } => {
+                let org = self.org(org).await?;
+                let s: ServiceView =
+                    self.get(&format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name))).await?;
+                self.show(&s, print_service)
+            }
+            ServiceCmd::Edit { name, org, new_name, attributes } => {
+                let org = self.org(org).await?;
+                let body = EditService { new_name, attributes: parse_attributes(attributes.as_deref())? };
+                let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
+                let s: ServiceView = self.send(Method::PATCH, &path, &body).await?;
+                self.show(&s, print_service)
+            }
+            ServiceCmd::SetRole { name, org, roles } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/services/{}/role", segment(&org), segment(&name));
+                let s: ServiceView = self.send(Method::POST, &path, &roles.change()).await?;
+                self.show(&s, print_service)
+            }
+            ServiceCmd::Delete { name, org } => {
+                let org = self.org(org).await?;
+                let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
+                let v: serde_json::Value = self.client.call(Method::DELETE, &path, NONE).await?;
+                self.show(&v, |_| {
+                    println!("Deleted service {name:?} from org {org:?}; its tokens are refused.")
+                })
+            }
+        }
+    }
+}
+
+/// `2026-11-22T21:09:03Z` -> `2026-11-22 21:09`.
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.get(..16).map(|s| s.replace('T', " ")).unwrap_or_else(|| rfc3339.to_string())
+}
+
+fn status_text(s: store::UserStatus) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn roles_text(roles: &BTreeMap<String, Role>) -> String {
+    roles.iter().map(|(p, r)| format!("{p}:{r}")).collect::<Vec<_>>().join(",")
+}
+
+fn print_issued(t: &IssuedToken) {
+    println!("Token issued: {}", t.details.id);
+    if let Some(name) = &t.details.display_name {
+        println!("Display name: {name}");
+    }
+    println!("Expires:      {}", t.details.expires_at.as_deref().unwrap_or("never"));
+    println!("Access token: {}", t.token);
+    println!("Store it now: it will not be shown again.");
+}
+
+fn print_token(t: &TokenView) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let scope = match (&t.scope, &t.permissions) {
+        (Some(name), Some(p)) => format!("{name} ({})", p.join(",")),
+        (None, Some(p)) => p.join(","),
+        _ => "all of the owner's permissions".into(),
+    };
+    let rows = [
+        ("ID", t.id.clone()),
+        ("Kind", t.kind.clone()),
+        ("Owner", t.owner.clone()),
+        ("Display name", or_dash(&t.display_name)),
+        ("Status", t.status.clone()),
+        ("Scope", scope),
+        ("Environments", t.environments.as_ref().map_or("all".into(), |e| e.join(","))),
+        ("Created", t.created_at.clone()),
+        ("Expires", t.expires_at.clone().unwrap_or_else(|| "never".into())),
+        (
+            "Last used",
+            match (&t.last_used_at, &t.last_used_ip) {
+                (Some(at), Some(ip)) => format!("{at} from {ip}"),
+                _ => "never".into(),
+            },
+        ),
+        ("Revoked", or_dash(&t.revoked_at)),
+        ("Reason", or_dash(&t.revoke_reason)),
+        ("Rotated to", or_dash(&t.rotated_to)),
+    ];
+    for (k, v) in rows {
+        println!("{:<14}{v}", format!("{k}:"));
+    }
+}
+
+fn print_user(u: &UserView) {
+    println!("{:<15}{}", "Email:", u.email);
+    println!("{:<15}{}", "ID:", u.id);
+    println!("{:<15}{}", "Org:", u.org);
+    println!("{:<15}{}", "Org role:", u.org_role);
+    println!("{:<15}{}", "Project roles:", roles_text(&u.project_roles));
+    println!("{:<15}{}", "Status:", status_text(u.status));
+    println!("{:<15}{}", "Attributes:", serde_json::Value::Object(u.attributes.clone()));
+}
+
+fn print_service(s: &ServiceView) {
+    println!("{:<15}{}", "Name:", s.name);
+    println!("{:<15}{}", "Org:", s.org);
+    println!("{:<15}{}", "Org role:", s.org_role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()));
+    println!("{:<15}{}", "Project roles:", roles_text(&s.project_roles));
+    println!("{:<15}{}", "Attributes:", serde_json::Value::Object(s.attributes.clone()));
+    println!("{:<15}{}", "Created:", s.created_at);
+}
