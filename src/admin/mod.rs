@@ -251,6 +251,19 @@ pub struct AddUser {
     /// Attributes.
     #[serde(default)]
     pub attributes: Attributes,
+    /// Also issue the user's first personal access token (shown once, in the answer).
+    #[serde(default)]
+    pub issue_token: bool,
+}
+
+/// An added user, with their first token when one was asked for.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddedUser {
+    /// The user.
+    #[serde(flatten)]
+    pub user: UserView,
+    /// Their first token, shown once.
+    pub token: Option<String>,
 }
 
 async fn list_users(State(s): State<AdminState>, Caller(a): Caller, Path(org): Path<String>) -> Response {
@@ -265,9 +278,15 @@ async fn add_user(
     Body(u): Body<AddUser>,
 ) -> Response {
     lifecycle!(s, l);
-    created(
-        l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes).await.map(UserView::from),
-    )
+    let added = async {
+        let user = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes).await?;
+        let token = match u.issue_token {
+            true => Some(l.issue_first_token(&a, &user).await?),
+            false => None,
+        };
+        Ok(AddedUser { user: user.into(), token })
+    };
+    created(added.await)
 }
 
 async fn show_user(

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::admin::{
-    AddUser, CreatedService, EditService, Reason, RevokeRequest, ServiceView, UserView, WhoAmI,
+    AddUser, AddedUser, CreatedService, EditService, Reason, RevokeRequest, ServiceView, UserView, WhoAmI,
 };
 use crate::config::Config;
 use crate::lifecycle::{CreateService, IssueRequest, IssuedToken, RoleChange, RotateRequest, TokenView};
@@ -208,6 +208,9 @@ enum UserCmd {
         /// Attributes as a JSON object.
         #[arg(long)]
         attributes: Option<String>,
+        /// Also issue the user's first token (shown once) to hand over to them.
+        #[arg(long)]
+        issue_token: bool,
     },
     /// List users.
     List {
@@ -543,15 +546,26 @@ impl Api {
 
     async fn user(&self, cmd: UserCmd) -> anyhow::Result<()> {
         match cmd {
-            UserCmd::Add { email, org, roles, attributes } => {
+            UserCmd::Add { email, org, roles, attributes, issue_token } => {
                 let attributes = parse_attributes(attributes.as_deref())?.unwrap_or_default();
                 let org_role = roles.org_role.ok_or_else(|| anyhow!("give --org-role"))?;
-                let body = AddUser { email, org_role, project_roles: roles.project_roles()?, attributes };
+                let body = AddUser {
+                    email,
+                    org_role,
+                    project_roles: roles.project_roles()?,
+                    attributes,
+                    issue_token,
+                };
                 let org = self.org(org).await?;
-                let u: UserView =
+                let added: AddedUser =
                     self.send(Method::POST, &format!("/v1/orgs/{}/users", segment(&org)), &body).await?;
-                self.show(&u, |u| {
-                    println!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role)
+                self.show(&added, |a| {
+                    let u = &a.user;
+                    println!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role);
+                    if let Some(token) = &a.token {
+                        println!("Access token: {token}");
+                        println!("Hand it over now: it will not be shown again.");
+                    }
                 })
             }
             UserCmd::List { org } => {

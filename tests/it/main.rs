@@ -5,4 +5,5 @@
 
 mod cli;
 mod gateway;
+mod lifecycle;
 mod support;

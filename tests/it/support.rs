@@ -174,13 +174,14 @@ argon2: {{ memory_kib: {mem}, iterations: 1, parallelism: 1, max_concurrency: 2 
 orgs:
   acme:
     projects:
-      shop: {{ environments: [production, staging] }}
+      shop: {{ environments: [production, staging, dev] }}
   globex:
     projects:
       web: {{ environments: [production] }}
 routes:
   - {{ name: shop, path: /shop, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production, query_token: true, permissions: {{ DELETE: admin }} }}
   - {{ name: staging, path: /staging, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: staging }}
+  - {{ name: dev, path: /dev, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: dev }}
   - {{ name: noquery, path: /noquery, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production }}
   - {{ name: globex, path: /globex, upstream: "127.0.0.1:{upstream}", org: globex, project: web, environment: production }}
   - {{ name: public, path: /public, upstream: "127.0.0.1:{upstream}", auth: none }}
@@ -314,6 +315,77 @@ impl Drop for World {
         for secret in &self.secrets {
             assert!(!log.contains(secret.as_str()), "the gateway log contains an issued token");
         }
+    }
+}
+
+/// The `tollgate` CLI pointed at a gateway's admin API with a token.
+pub struct Cli {
+    pub server: String,
+    pub token: String,
+}
+
+/// What a CLI run printed, and whether it succeeded.
+#[derive(Debug)]
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// The value after `Access token: `, which must be printed.
+    pub fn token(&self) -> String {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Access token: "))
+            .unwrap_or_else(|| panic!("no token in {self:?}"))
+            .to_string()
+    }
+
+    /// Asserts success and returns stdout.
+    pub fn ok(self) -> String {
+        assert!(self.ok, "command failed: {self:?}");
+        self.stdout
+    }
+
+    /// Asserts failure and returns stderr.
+    pub fn failed(self) -> String {
+        assert!(!self.ok, "command should have failed: {self:?}");
+        assert!(!self.stderr.contains("panicked"), "{self:?}");
+        self.stderr
+    }
+}
+
+impl Cli {
+    pub fn new(gateway: &Gateway, token: &str) -> Cli {
+        Cli { server: gateway.admin_url(), token: token.to_string() }
+    }
+
+    pub fn as_token(&self, token: &str) -> Cli {
+        Cli { server: self.server.clone(), token: token.to_string() }
+    }
+
+    /// Runs `tollgate ARGS` with `TOLLGATE_SERVER` and `TOLLGATE_TOKEN` set.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(tollgate_bin())
+            .args(args)
+            .env("TOLLGATE_SERVER", &self.server)
+            .env("TOLLGATE_TOKEN", &self.token)
+            .output()
+            .expect("run tollgate");
+        Output {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs with `--json` and parses the answer.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all).ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
     }
 }
 

@@ -1,0 +1,393 @@
+//! The token lifecycle through the CLI binary, against a running gateway and a real redis-server:
+//! the seed documents' scenarios, rights that cannot grow, org isolation, and bad input.
+
+use std::time::Duration;
+
+use tollgate::lifecycle;
+use tollgate::store::format_millis;
+
+use crate::support::*;
+
+/// The org's first admin (bootstrapped through the library) and a CLI acting as them.
+async fn admin(w: &mut World, org: &str) -> Cli {
+    lifecycle::ensure_org(&w.store, org).await.unwrap();
+    let (_, token) = lifecycle::bootstrap(&w.store, ARGON2, org, &format!("admin@{org}.io")).await.unwrap();
+    w.secrets.push(token.token.clone());
+    Cli::new(&w.gateway, &token.token)
+}
+
+/// Adds a user through the CLI and returns a CLI acting as them.
+fn add_user(w: &mut World, admin: &Cli, email: &str, role: &str) -> Cli {
+    let out = admin.run(&["user", "add", email, "--org-role", role, "--issue-token"]);
+    let token = out.token();
+    w.secrets.push(token.clone());
+    admin.as_token(&token)
+}
+
+fn issued(w: &mut World, out: Output) -> String {
+    let token = out.token();
+    w.secrets.push(token.clone());
+    token
+}
+
+async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> u16 {
+    w.http.request(method, w.gateway.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
+
+    let mcp =
+        issued(&mut w, ann.run(&["token", "issue", "--display-name", "MCP Token", "--ttl-minutes", "1440"]));
+    let local = issued(&mut w, ann.run(&["token", "issue", "--display-name", "Local Development"]));
+    let (mcp_id, local_id) = (mcp[..10].to_string(), local[..10].to_string());
+
+    let listed = ann.run(&["token", "list"]).ok();
+    assert!(listed.starts_with("ID"), "{listed}");
+    assert!(listed.contains("DISPLAY NAME") && listed.contains("EXPIRES"), "{listed}");
+    let mcp_line = listed.lines().find(|l| l.contains(&mcp_id)).expect("MCP token listed");
+    assert!(mcp_line.contains("MCP Token"));
+    let local_line = listed.lines().find(|l| l.contains(&local_id)).expect("local token listed");
+    assert!(local_line.trim_end().ends_with("Never"), "{local_line}");
+    let details = ann.json(&["token", "get", &mcp_id]);
+    let expires = details["expires_at"].as_str().unwrap().to_string();
+    let in_a_day = format_millis(tollgate::store::now_millis() + 24 * 3600 * 1000);
+    assert_eq!(expires[..13], in_a_day[..13], "a 24-hour TTL");
+
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &mcp).await, 200);
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 200);
+
+    // Last use is written in batches, then shown with the client address.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ann.json(&["token", "get", &mcp_id])["last_used_ip"].as_str() == Some("127.0.0.1")
+        })
+        .await
+    );
+
+    ann.run(&["token", "revoke", &mcp_id, "--reason", "no longer in use"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &mcp).await, 401, "refused once the call returns");
+    ann.run(&["token", "revoke", "--display-name", "Local Development"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 401);
+
+    let active = ann.run(&["token", "list"]).ok();
+    assert!(!active.contains(&mcp_id) && !active.contains(&local_id), "{active}");
+    let all = ann.run(&["token", "list", "--all"]).ok();
+    assert!(all.lines().next().unwrap().contains("STATUS"), "{all}");
+    for id in [&mcp_id, &local_id] {
+        assert!(all.lines().any(|l| l.contains(id.as_str()) && l.trim_end().ends_with("revoked")), "{all}");
+    }
+
+    // Several tokens with one name: refused, naming them.
+    let a = issued(&mut w, ann.run(&["token", "issue", "--display-name", "ci"]));
+    let b = issued(&mut w, ann.run(&["token", "issue", "--display-name", "ci"]));
+    let err = ann.run(&["token", "revoke", "--display-name", "ci"]).failed();
+    assert!(err.contains(&a[..10]) && err.contains(&b[..10]), "{err}");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &a).await, 200, "nothing was revoked");
+
+    // The audit log has who did what, with the reason.
+    let audit = admin.json(&["audit", "--token-id", &mcp_id]);
+    let actions: Vec<&str> =
+        audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["token.revoke", "token.issue"]);
+    assert_eq!(audit[0]["reason"], "no longer in use");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_token_with_two_environments_works_only_there() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
+    let out = ann.run(&["token", "issue", "--scope", "execute", "--env", "production", "--env", "staging"]);
+    let token = issued(&mut w, out);
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
+    assert_eq!(status(&w, reqwest::Method::GET, "/staging", &token).await, 200);
+    assert_eq!(status(&w, reqwest::Method::GET, "/dev", &token).await, 403, "not its environment");
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403, "execute has no write");
+    let details = ann.json(&["token", "get", &token[..10]]);
+    assert_eq!(details["scope"], "execute");
+    assert_eq!(details["environments"], serde_json::json!(["production", "staging"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grace() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
+    let old =
+        issued(&mut w, ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]));
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &old).await, 200);
+
+    let expires = format_millis(tollgate::store::now_millis() + 3 * 24 * 3600 * 1000);
+    let out = ann.run(&[
+        "token",
+        "rotate",
+        &old[..10],
+        "--scope",
+        "read",
+        "--expires",
+        &expires,
+        "--grace-seconds",
+        "2",
+    ]);
+    let new = issued(&mut w, out);
+    let details = ann.json(&["token", "get", &new[..10]]);
+    assert_eq!(details["scope"], "read");
+    assert_eq!(details["expires_at"], expires);
+    assert_eq!(details["display_name"], "deploy");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &new).await, 200);
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &new).await, 403, "the new scope applies");
+
+    let resp = w.http.get(w.gateway.url("/shop")).bearer_auth(&old).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the old token works during its grace");
+    assert!(resp.headers().get("deprecation").is_some(), "and says it is deprecated");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(&w, reqwest::Method::GET, "/shop", &old).await == 401
+        })
+        .await
+    );
+    let all = ann.run(&["token", "list", "--all"]).ok();
+    assert!(all.lines().any(|l| l.contains(&old[..10]) && l.trim_end().ends_with("rotated")), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_manages_services_end_to_end() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+
+    let out = admin.run(&["service", "create", "reporting", "--org", "acme", "--org-role", "viewer"]);
+    assert!(out.stdout.contains("Created service \"reporting\" in org \"acme\"."), "{out:?}");
+    let reporting = issued(&mut w, out);
+    assert!(reporting.starts_with("tgs_"));
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &reporting).await, 403);
+
+    let out = admin.run(&[
+        "service",
+        "create",
+        "embed",
+        "--org",
+        "acme",
+        "--project",
+        "shop",
+        "--project-role",
+        "editor",
+        "--attributes",
+        r#"{"tier":"gold","region":"us-west"}"#,
+    ]);
+    let embed = issued(&mut w, out);
+    let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
+    assert_eq!(echo["headers"]["x-auth-subject"][0], "service:embed");
+    assert_eq!(echo["headers"]["x-auth-token-kind"][0], "service");
+    assert_eq!(echo["headers"]["x-auth-attr-tier"][0], "gold");
+    assert_eq!(echo["headers"]["x-auth-role"][0], "editor");
+
+    admin.run(&["service", "edit", "embed", "--attributes", r#"{"tier":"silver"}"#]).ok();
+    let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
+    assert_eq!(echo["headers"]["x-auth-attr-tier"][0], "silver", "the next request sees the edit");
+    assert!(echo["headers"].get("x-auth-attr-region").is_none());
+    admin.run(&["service", "edit", "embed", "--attributes", "{}"]).ok();
+    let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
+    assert_eq!(echo["headers"]["x-auth-attributes"][0], "{}");
+
+    admin.run(&["service", "set-role", "embed", "--org-role", "viewer"]).ok();
+    admin.run(&["service", "set-role", "embed", "--project", "shop", "--remove"]).ok();
+    let shown = admin.json(&["service", "show", "embed"]);
+    assert_eq!(shown["org_role"], "viewer");
+    assert_eq!(shown["project_roles"], serde_json::json!({}));
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &embed).await, 403, "now a viewer");
+
+    admin.run(&["service", "edit", "embed", "--new-name", "dashboards"]).ok();
+    let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
+    assert_eq!(echo["headers"]["x-auth-subject"][0], "service:dashboards");
+    let listed = admin.run(&["service", "list"]).ok();
+    assert!(
+        listed.contains("dashboards") && listed.contains("reporting") && !listed.contains("embed"),
+        "{listed}"
+    );
+
+    admin.run(&["service", "delete", "dashboards"]).ok();
+    assert_eq!(
+        status(&w, reqwest::Method::GET, "/shop", &embed).await,
+        401,
+        "a deleted service's token is refused"
+    );
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_grants_more_than_they_hold() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let viewer = add_user(&mut w, &admin, "val@acme.io", "viewer");
+    let editor = add_user(&mut w, &admin, "ed@acme.io", "editor");
+
+    let err = viewer.run(&["service", "create", "sneaky", "--org-role", "viewer"]).failed();
+    assert!(err.contains("editor role"), "{err}");
+    let err = viewer.run(&["token", "issue", "--scope", "admin"]).failed();
+    assert!(err.contains("more rights"), "{err}");
+    // The viewer's own default token can only read.
+    let token = issued(&mut w, viewer.run(&["token", "issue"]));
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403);
+
+    let err = editor.run(&["service", "create", "big", "--org-role", "admin"]).failed();
+    assert!(err.contains("may not exceed"), "{err}");
+    let etl = issued(&mut w, editor.run(&["service", "create", "etl", "--org-role", "editor"]));
+    let err = admin.run(&["service", "set-role", "etl", "--org-role", "admin"]).failed();
+    assert!(err.contains("may not exceed"), "a service made by an editor cannot become admin: {err}");
+
+    // Removing the editor kills their PATs and leaves their service working.
+    let ed_pat = issued(&mut w, editor.run(&["token", "issue"]));
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 200);
+    let out = admin.run(&["user", "remove", "ed@acme.io"]).ok();
+    assert!(out.contains("revoked 2 token(s)"), "{out}");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 401);
+    assert_eq!(
+        status(&w, reqwest::Method::POST, "/shop", &etl).await,
+        200,
+        "the service survives its creator"
+    );
+
+    // Suspension and role changes through the CLI.
+    admin.run(&["user", "suspend", "val@acme.io", "--reason", "offboarding"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
+    admin.run(&["user", "reactivate", "val@acme.io"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
+    admin.run(&["user", "set-role", "val@acme.io", "--org-role", "editor"]).ok();
+    assert_eq!(
+        status(&w, reqwest::Method::POST, "/shop", &token).await,
+        200,
+        "the PAT follows its owner's role"
+    );
+    let shown = admin.json(&["user", "show", "val@acme.io"]);
+    assert_eq!(shown["org_role"], "editor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pat_cannot_reach_another_org_and_non_admins_cannot_list_others_tokens() {
+    let mut w = World::start().await;
+    let acme = admin(&mut w, "acme").await;
+    let globex = admin(&mut w, "globex").await;
+    acme.run(&["service", "create", "etl", "--org-role", "viewer"]).ok();
+    let ann = add_user(&mut w, &acme, "ann@acme.io", "editor");
+    ann.run(&["token", "issue", "--display-name", "mine"]).ok();
+
+    for args in [
+        vec!["user", "list", "--org", "acme"],
+        vec!["user", "show", "ann@acme.io", "--org", "acme"],
+        vec!["user", "suspend", "ann@acme.io", "--org", "acme"],
+        vec!["service", "show", "etl", "--org", "acme"],
+        vec!["service", "delete", "etl", "--org", "acme"],
+        vec!["audit", "--org", "acme"],
+    ] {
+        let err = globex.run(&args).failed();
+        assert!(err.contains("not found"), "{args:?}: {err}");
+    }
+    let err = globex.run(&["token", "get", &ann.token[..10]]).failed();
+    assert!(err.contains("not found"), "{err}");
+    let err = globex.run(&["token", "revoke", &ann.token[..10]]).failed();
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &globex.token).await, 403);
+
+    let bob = add_user(&mut w, &acme, "bob@acme.io", "editor");
+    let err = bob.run(&["token", "list", "--owner", "ann@acme.io"]).failed();
+    assert!(err.contains("org admin"), "{err}");
+    let err = bob.run(&["token", "get", &ann.token[..10]]).failed();
+    assert!(err.contains("not found"), "{err}");
+    let listed = acme.json(&["token", "list", "--owner", "ann@acme.io"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "an admin can: {listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    admin.run(&["service", "create", "etl", "--org-role", "viewer"]).ok();
+    let before = admin.json(&["service", "list"]);
+    let audit_before = admin.json(&["audit"]).as_array().unwrap().len();
+
+    let err = admin.run(&["service", "create", "x", "--org-role", "viewer", "--attributes", "{bad"]).failed();
+    assert!(err.contains("--attributes is not valid JSON"), "{err}");
+    let err = admin.run(&["service", "create", "x", "--org-role", "viewer", "--attributes", "[1]"]).failed();
+    assert!(err.contains("JSON object"), "{err}");
+    let err = admin.run(&["user", "add", "bob@acme.io", "--org-role", "superuser"]).failed();
+    assert!(err.contains("unknown role"), "{err}");
+    let err = admin.run(&["token", "issue", "--ttl-minutes", "-5"]).failed();
+    assert!(err.contains("ttl_minutes must be positive"), "{err}");
+    let err = admin.run(&["token", "issue", "--expires", "tomorrow"]).failed();
+    assert!(err.contains("RFC 3339"), "{err}");
+    let err = admin.run(&["token", "issue", "--ttl-minutes", "100000"]).failed();
+    assert!(err.contains("maximum lifetime"), "{err}");
+    let err = admin.run(&["token", "issue", "--scope", "everything"]).failed();
+    assert!(err.contains("unknown scope"), "{err}");
+    let err = admin.run(&["token", "issue", "--env", "moon"]).failed();
+    assert!(err.contains("unknown environment"), "{err}");
+    let err = admin.run(&["service", "create", "etl", "--org-role", "viewer"]).failed();
+    assert!(err.contains("already exists"), "{err}");
+    let err = admin.run(&["service", "create", "bad name!", "--org-role", "viewer"]).failed();
+    assert!(err.contains("not a service name"), "{err}");
+    let err = admin.run(&["user", "add", "not-an-email", "--org-role", "viewer"]).failed();
+    assert!(err.contains("not an email"), "{err}");
+    admin.run(&["user", "add", "bob@acme.io", "--org-role", "viewer"]).ok();
+    let err = admin.run(&["user", "add", "bob@acme.io", "--org-role", "viewer"]).failed();
+    assert!(err.contains("already exists"), "{err}");
+    let err = admin
+        .run(&["service", "set-role", "etl", "--project", "nowhere", "--project-role", "viewer"])
+        .failed();
+    assert!(err.contains("not defined"), "{err}");
+
+    // The API itself answers JSON errors, never a 5xx.
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/orgs/acme/users", w.gateway.admin_url());
+    for body in
+        [r#"{"email":"c@acme.io","org_role":"superuser"}"#, r#"{"email":"c@acme.io"}"#, "{not json", "[]"]
+    {
+        let resp = http
+            .post(&url)
+            .bearer_auth(&admin.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(json["error"], "invalid_request", "{body}");
+        assert!(!json["error_description"].as_str().unwrap().is_empty());
+    }
+    let resp = http.get(format!("{}/v1/tokens", w.gateway.admin_url())).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_some());
+
+    assert_eq!(admin.json(&["service", "list"]), before, "nothing changed");
+    // Only the one successful `user add` was audited.
+    assert_eq!(admin.json(&["audit"]).as_array().unwrap().len(), audit_before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_serves_its_openapi_document_and_health() {
+    let w = World::start().await;
+    let http = reqwest::Client::new();
+    let doc: serde_json::Value = http
+        .get(format!("{}/openapi.json", w.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in
+        ["/v1/tokens", "/v1/tokens/{id}/rotate", "/v1/orgs/{org}/services/{name}", "/v1/orgs/{org}/audit"]
+    {
+        assert!(doc["paths"].get(path).is_some(), "{path}");
+    }
+    let health = http.get(format!("{}/healthz", w.gateway.admin_url())).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = http.get(format!("{}/readyz", w.gateway.admin_url())).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
