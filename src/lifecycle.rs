@@ -1173,3 +1173,6 @@ pub async fn bootstrap(
     let (token, _) = issue_token(store, argon2, org, Owner::User(user.id.clone()), spec).await?;
     Ok((user, token))
 }
+
+#[cfg(test)]
+mod tests;

@@ -169,3 +169,39 @@ async fn the_embedded_store_keeps_its_data_across_a_reopen() {
     // A second process cannot open the same file while it is open.
     assert!(embedded::EmbeddedBackend::open(&path).is_err());
 }
+
+#[tokio::test]
+async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
+    for (s, _guard) in stores() {
+        let s = s.with_audit_max(3);
+        let svc = lifecycle::create_service(
+            &s,
+            "acme",
+            "etl",
+            Some(Role::Viewer),
+            BTreeMap::new(),
+            Attributes::new(),
+            None,
+        )
+        .await
+        .unwrap();
+        for i in 0..5 {
+            let event = AuditEvent {
+                at: i,
+                org: "acme".into(),
+                actor: "user:u_1".into(),
+                action: format!("step.{i}"),
+                target: "service:etl".into(),
+                token_id: None,
+                reason: None,
+                details: serde_json::Value::Null,
+            };
+            s.update_service("etl", &svc, Some(&event)).await.unwrap();
+        }
+        let actions: Vec<String> =
+            s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(actions, ["step.4", "step.3", "step.2"], "{}", s.describe());
+        assert_eq!(s.audit_log("acme", 1).await.unwrap().len(), 1);
+        assert!(s.audit_log("other", 10).await.unwrap().is_empty());
+    }
+}
