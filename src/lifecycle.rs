@@ -422,6 +422,19 @@ impl<'a> Lifecycle<'a> {
         mint(self.argon2(), org, owner, spec).await
     }
 
+    /// Stores a freshly minted token with its audit entry.
+    async fn store_issued(
+        &self,
+        actor: &Actor,
+        record: &TokenRecord,
+        details: serde_json::Value,
+    ) -> Result<()> {
+        let mut audit = actor.audit("token.issue", record.id.to_string());
+        audit.token_id = Some(record.id.to_string());
+        audit.details = details;
+        Ok(self.store.insert_token(record, Some(&audit)).await?)
+    }
+
     async fn issued(&self, new: NewToken, record: &TokenRecord) -> Result<IssuedToken> {
         Ok(IssuedToken { token: new.token, details: self.view(record).await? })
     }
@@ -436,9 +449,7 @@ impl<'a> Lifecycle<'a> {
         let expires_at = parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?;
         let spec = self.spec(actor, req, expires_at, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
-        let mut audit = actor.audit("token.issue", record.id.to_string());
-        audit.token_id = Some(record.id.to_string());
-        self.store.insert_token(&record, Some(&audit)).await?;
+        self.store_issued(actor, &record, serde_json::Value::Null).await?;
         self.issued(new, &record).await
     }
 
@@ -536,8 +547,12 @@ impl<'a> Lifecycle<'a> {
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
         }
-        t.revoked =
-            Some(Revocation { at: now_millis(), reason: reason.clone(), by: Some(actor.subject.clone()) });
+        t.revoked = Some(Revocation {
+            at: now_millis(),
+            decided_at: None,
+            reason: reason.clone(),
+            by: Some(actor.subject.clone()),
+        });
         let mut audit = actor.audit("token.revoke", t.id.to_string());
         audit.token_id = Some(t.id.to_string());
         audit.reason = reason;
@@ -609,6 +624,7 @@ impl<'a> Lifecycle<'a> {
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Revocation {
             at: now + grace * 1000,
+            decided_at: Some(now),
             reason: Some(format!("rotated to {}", record.id)),
             by: Some(actor.subject.clone()),
         });
@@ -665,10 +681,8 @@ impl<'a> Lifecycle<'a> {
         let expires_at = self.config.tokens.max_ttl.map(|t| now_millis() + t.as_millis() as Millis);
         let spec = TokenSpec { display_name: Some("initial".into()), expires_at, ..TokenSpec::default() };
         let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
-        let mut audit = actor.audit("token.issue", record.id.to_string());
-        audit.token_id = Some(record.id.to_string());
-        audit.details = serde_json::json!({ "for": format!("user:{}", user.email) });
-        self.store.insert_token(&record, Some(&audit)).await?;
+        self.store_issued(actor, &record, serde_json::json!({ "for": format!("user:{}", user.email) }))
+            .await?;
         Ok(new.token)
     }
 
@@ -757,6 +771,7 @@ impl<'a> Lifecycle<'a> {
         for t in &mut tokens {
             t.revoked = Some(Revocation {
                 at: now,
+                decided_at: None,
                 reason: Some("owner removed".into()),
                 by: Some(actor.subject.clone()),
             });
@@ -846,9 +861,7 @@ impl<'a> Lifecycle<'a> {
         let spec =
             TokenSpec { display_name: Some(format!("{} token", service.name)), ..TokenSpec::default() };
         let (new, record) = self.mint(&service.org, Owner::Service(service.id.clone()), spec).await?;
-        let mut audit = actor.audit("token.issue", record.id.to_string());
-        audit.token_id = Some(record.id.to_string());
-        self.store.insert_token(&record, Some(&audit)).await?;
+        self.store_issued(actor, &record, serde_json::Value::Null).await?;
         let issued = self.issued(new, &record).await?;
         Ok((service, issued))
     }

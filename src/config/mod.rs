@@ -349,6 +349,18 @@ impl Validator {
         }
     }
 
+    /// A listen address, or `default` when not given.
+    fn address(&mut self, path: &str, value: Option<String>, default: &str) -> Option<SocketAddr> {
+        let text = value.unwrap_or_else(|| default.to_string());
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(path, format!("{text:?} is not an address like {default}"));
+                None
+            }
+        }
+    }
+
     fn header_name(&mut self, path: &str, value: &str) -> Option<HeaderName> {
         match HeaderName::from_bytes(value.to_ascii_lowercase().as_bytes()) {
             Ok(h) => Some(h),
@@ -360,14 +372,7 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
-        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen = match listen_text.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.error("listen", format!("{listen_text:?} is not an address like 127.0.0.1:8080"));
-                None
-            }
-        };
+        let listen = self.address("listen", raw.listen, "127.0.0.1:8080");
         let threads = raw.threads.unwrap_or(2);
         if threads == 0 {
             self.error("threads", "must be at least 1");
@@ -396,14 +401,7 @@ impl Validator {
             self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
         }
         let admin = raw.admin.unwrap_or_default();
-        let admin_text = admin.listen.unwrap_or_else(|| "127.0.0.1:8081".into());
-        let admin_listen = match admin_text.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.error("admin.listen", format!("{admin_text:?} is not an address like 127.0.0.1:8081"));
-                None
-            }
-        };
+        let admin_listen = self.address("admin.listen", admin.listen, "127.0.0.1:8081");
         if admin_listen.is_some() && admin_listen == listen {
             self.error("admin.listen", "must differ from `listen`");
         }

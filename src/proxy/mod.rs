@@ -140,8 +140,15 @@ impl ProxyHttp for Gateway {
         if let Some(config) = &ctx.config {
             response.insert_header(config.identity.request_id_header.clone(), ctx.request_id.as_str())?;
         }
-        if ctx.permit.as_ref().and_then(Permit::grant).is_some_and(|g| g.principal.deprecated()) {
-            response.insert_header("deprecation", "true")?;
+        let grant = ctx.permit.as_ref().and_then(Permit::grant);
+        if let Some(revocation) =
+            grant.filter(|g| g.principal.deprecated()).and_then(|g| g.principal.token().revoked.as_ref())
+        {
+            // RFC 9745 (Deprecation: @seconds) and RFC 8594 (Sunset: HTTP-date of the end of grace).
+            let since = revocation.decided_at.unwrap_or(revocation.at) / 1000;
+            response.insert_header("deprecation", format!("@{since}"))?;
+            let end = std::time::UNIX_EPOCH + std::time::Duration::from_millis(revocation.at.max(0) as u64);
+            response.insert_header("sunset", httpdate::fmt_http_date(end))?;
         }
         Ok(())
     }

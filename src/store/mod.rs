@@ -441,7 +441,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut token =
             self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
-        token.revoked = Some(Revocation { at: now_millis(), reason, by });
+        token.revoked = Some(Revocation { at: now_millis(), decided_at: None, reason, by });
         self.update_token(&token, None).await
     }
 

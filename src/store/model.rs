@@ -139,6 +139,9 @@ pub struct Scope {
 pub struct Revocation {
     /// From this time on the token is refused; in the future during a rotation's grace.
     pub at: Millis,
+    /// When the revocation was decided (the start of a rotation's grace).
+    #[serde(default)]
+    pub decided_at: Option<Millis>,
     /// Why, if given.
     pub reason: Option<String>,
     /// Who revoked it.

@@ -143,7 +143,9 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
 
     let resp = w.http.get(w.gateway.url("/shop")).bearer_auth(&old).send().await.unwrap();
     assert_eq!(resp.status(), 200, "the old token works during its grace");
-    assert!(resp.headers().get("deprecation").is_some(), "and says it is deprecated");
+    let deprecation = resp.headers().get("deprecation").expect("and says it is deprecated").to_str().unwrap();
+    assert!(deprecation.starts_with('@'), "{deprecation}");
+    assert!(resp.headers().get("sunset").is_some(), "and when it stops");
     assert!(
         eventually(Duration::from_secs(5), || async {
             status(&w, reqwest::Method::GET, "/shop", &old).await == 401
