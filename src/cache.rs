@@ -57,6 +57,29 @@ struct Generations {
 struct RecordCache<K, V> {
     entries: moka::future::Cache<K, Entry<V>>,
     invalidated_at: moka::sync::Cache<K, u64>,
+    hits: prometheus::IntCounter,
+    misses: prometheus::IntCounter,
+}
+
+/// The cache's instruments.
+#[derive(Clone)]
+pub struct CacheStats {
+    /// Lookups by record kind and result (`hit` or `miss`).
+    pub lookups: prometheus::IntCounterVec,
+    /// Entries evicted for capacity.
+    pub evictions: prometheus::IntCounter,
+    /// Invalidations applied from the feed.
+    pub invalidations: prometheus::IntCounter,
+}
+
+impl Default for CacheStats {
+    fn default() -> Self {
+        CacheStats {
+            lookups: crate::metrics::counter_vec("tollgate_cache_lookups_total", "Cache lookups by record kind and result (hit or miss; while the feed is down every lookup is a miss)", &["kind", "result"]),
+            evictions: crate::metrics::counter("tollgate_cache_evictions_total", "Entries evicted for capacity"),
+            invalidations: crate::metrics::counter("tollgate_invalidations_total", "Invalidations received from the feed"),
+        }
+    }
 }
 
 impl<K, V> RecordCache<K, V>
@@ -64,11 +87,19 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
-    fn new(settings: CacheSettings, load_bound: Duration) -> Self {
+    fn new(settings: CacheSettings, load_bound: Duration, stats: &CacheStats, kind: &str) -> Self {
+        let evictions = stats.evictions.clone();
         RecordCache {
+            hits: stats.lookups.with_label_values(&[kind, "hit"]),
+            misses: stats.lookups.with_label_values(&[kind, "miss"]),
             entries: moka::future::Cache::builder()
                 .max_capacity(settings.capacity)
                 .time_to_live(settings.ttl)
+                .eviction_listener(move |_, _, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        evictions.inc();
+                    }
+                })
                 .build(),
             // An invalidation must be remembered as long as a stale entry could live.
             invalidated_at: moka::sync::Cache::builder()
@@ -94,14 +125,17 @@ where
         Fut: std::future::Future<Output = Result<Option<V>, StoreError>>,
     {
         if !gens.live.load(Ordering::Acquire) {
+            self.misses.inc();
             return Ok(load().await?.map(Arc::new));
         }
         if let Some(entry) = self.entries.get(key).await {
             if self.is_fresh(key, &entry, gens) {
+                self.hits.inc();
                 return Ok(Some(entry.value));
             }
             self.entries.invalidate(key).await;
         }
+        self.misses.inc();
         let loaded = self
             .entries
             .try_get_with_by_ref(key, async {
@@ -150,22 +184,25 @@ pub struct Cache {
     users: RecordCache<String, User>,
     services: RecordCache<String, Service>,
     invalidations: AtomicU64,
+    stats: CacheStats,
 }
 
 impl Cache {
     /// An empty cache in front of `store`. It is bypassed until [`Cache::follow`] has subscribed.
     pub fn new(store: Store, settings: CacheSettings) -> Cache {
         let bound = store.timeout();
+        let stats = CacheStats::default();
         Cache {
             gens: Generations {
                 current: AtomicU64::new(1),
                 all_dropped_at: AtomicU64::new(0),
                 live: AtomicBool::new(false),
             },
-            tokens: RecordCache::new(settings, bound),
-            users: RecordCache::new(settings, bound),
-            services: RecordCache::new(settings, bound),
+            tokens: RecordCache::new(settings, bound, &stats, "token"),
+            users: RecordCache::new(settings, bound, &stats, "user"),
+            services: RecordCache::new(settings, bound, &stats, "service"),
             invalidations: AtomicU64::new(0),
+            stats,
             store,
         }
     }
@@ -178,6 +215,11 @@ impl Cache {
     /// Whether the cache is in use (the invalidation feed is live).
     pub fn is_live(&self) -> bool {
         self.gens.live.load(Ordering::Acquire)
+    }
+
+    /// The cache's instruments.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
     }
 
     /// How many invalidations this instance has applied.
@@ -209,6 +251,7 @@ impl Cache {
             Invalidation::Service(id) => self.services.invalidate(id, generation).await,
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.stats.invalidations.inc();
     }
 
     fn next_generation(&self) -> u64 {

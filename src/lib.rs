@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod route;

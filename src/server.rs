@@ -14,6 +14,7 @@ use crate::audit::LastUseLog;
 use crate::auth::Verifier;
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::metrics::{Metrics, ProxyMetrics};
 use crate::proxy::Gateway;
 use crate::store;
 
@@ -72,11 +73,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(ArcSwap::from_pointee(config));
     let last_use = Arc::new(LastUseLog::default());
 
-    let gateway = Gateway::new(config.clone(), verifier.clone(), last_use.clone());
+    let proxy_metrics = ProxyMetrics::default();
+    let metrics = Arc::new(Metrics::new(
+        vec![
+            Box::new(proxy_metrics.requests.clone()),
+            Box::new(proxy_metrics.auth_latency.clone()),
+            Box::new(cache.stats().lookups.clone()),
+            Box::new(cache.stats().evictions.clone()),
+            Box::new(cache.stats().invalidations.clone()),
+            Box::new(store.stats().latency.clone()),
+            Box::new(store.stats().errors.clone()),
+        ],
+        verifier.stats().clone(),
+    ));
+    let gateway = Gateway::new(config.clone(), verifier.clone(), last_use.clone(), proxy_metrics);
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
-    let admin = AdminState { config, verifier, store: store.clone() };
+    let admin = AdminState { config, verifier, store: store.clone(), metrics };
     server.add_service(AdminService::new(admin_listener, admin));
     server.add_service(background_service("invalidation follower", Follower(cache)));
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };

@@ -37,6 +37,8 @@ pub struct AdminState {
     pub verifier: Arc<Verifier>,
     /// The store.
     pub store: Store,
+    /// Every instrument, for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The caller, authenticated by a Bearer token.
@@ -77,6 +79,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/v1/whoami", get(whoami))
         .route("/v1/tokens", get(list_tokens).post(issue_token))
         .route("/v1/tokens/revoke", post(revoke_by_name))
@@ -101,6 +104,10 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 async fn openapi() -> Response {
     ([(http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -243,6 +243,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// Default log level (overridden by `RUST_LOG`).
     pub log_level: String,
+    /// Whether to write one access line per request (at info level).
+    pub access_log: bool,
     /// Admin API listener.
     pub admin: AdminSettings,
     /// Limits on new tokens.
@@ -396,7 +398,9 @@ impl Validator {
         let argon2 = self.argon2(raw.argon2.unwrap_or_default());
         let orgs = self.orgs(raw.orgs.unwrap_or_default());
         let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy);
-        let log_level = raw.log.and_then(|l| l.level).unwrap_or_else(|| "info".into());
+        let log = raw.log.unwrap_or_default();
+        let access_log = log.access.unwrap_or(true);
+        let log_level = log.level.unwrap_or_else(|| "info".into());
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
         }
@@ -432,6 +436,7 @@ impl Validator {
             orgs,
             routes,
             log_level,
+            access_log,
         })
     }
 

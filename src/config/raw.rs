@@ -129,4 +129,5 @@ pub struct RawRoute {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawLog {
     pub level: Option<String>,
+    pub access: Option<bool>,
 }

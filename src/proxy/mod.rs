@@ -20,7 +20,9 @@ use pingora::{Error, ErrorType};
 use crate::audit::LastUseLog;
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::metrics::ProxyMetrics;
 use crate::policy::{self, Permit};
+use crate::route::Route;
 use reject::Rejection;
 
 /// The gateway: hot-swappable config and the verifier.
@@ -28,11 +30,13 @@ pub struct Gateway {
     config: Arc<ArcSwap<Config>>,
     verifier: Arc<Verifier>,
     last_use: Arc<LastUseLog>,
+    metrics: ProxyMetrics,
 }
 
 /// Per-request state.
 pub struct RequestCtx {
     request_id: String,
+    route: Option<Arc<Route>>,
     config: Option<Arc<Config>>,
     permit: Option<Permit>,
     rejection: Option<Rejection>,
@@ -41,12 +45,22 @@ pub struct RequestCtx {
 impl Gateway {
     /// A gateway serving `config` (which may be swapped while running) with `verifier`, noting
     /// each token's last use in `last_use`.
-    pub fn new(config: Arc<ArcSwap<Config>>, verifier: Arc<Verifier>, last_use: Arc<LastUseLog>) -> Gateway {
-        Gateway { config, verifier, last_use }
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        verifier: Arc<Verifier>,
+        last_use: Arc<LastUseLog>,
+        metrics: ProxyMetrics,
+    ) -> Gateway {
+        Gateway { config, verifier, last_use, metrics }
     }
 
     /// Route, credential, verification, authorization: a permit or the reason for refusal.
-    async fn admit(&self, config: &Config, req: &RequestHeader) -> Result<Permit, Rejection> {
+    async fn admit(
+        &self,
+        config: &Config,
+        req: &RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<Permit, Rejection> {
         let host = match req.uri.host() {
             Some(h) => Some(h),
             None => {
@@ -60,6 +74,7 @@ impl Gateway {
             }
         };
         let route = config.routes.find(host, req.uri.path()).ok_or(Rejection::NoRoute)?.clone();
+        ctx.route = Some(route.clone());
         if route.public {
             return Ok(Permit::public(route));
         }
@@ -82,17 +97,19 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx { request_id: new_request_id(), config: None, permit: None, rejection: None }
+        RequestCtx { request_id: new_request_id(), route: None, config: None, permit: None, rejection: None }
     }
 
     /// Verifies and authorizes; keeps the permit, or answers the client and stops.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         let config = self.config.load_full();
-        let admitted = self.admit(&config, session.req_header()).await;
+        ctx.config = Some(config.clone());
+        let timer = self.metrics.auth_latency.start_timer();
+        let admitted = self.admit(&config, session.req_header(), ctx).await;
+        timer.observe_duration();
         match admitted {
             Ok(permit) => {
                 ctx.permit = Some(permit);
-                ctx.config = Some(config);
                 Ok(false)
             }
             Err(rejection) => {
@@ -153,21 +170,29 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// The access line: never the token, only its id.
+    /// Counts the request, notes the token's last use, and writes the access line (the token id,
+    /// never the token).
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
+        let outcome = ctx.rejection.as_ref().map(Rejection::label).unwrap_or("allowed");
+        self.metrics.requests.with_label_values(&[route, outcome]).inc();
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
         if let Some(g) = grant {
             let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
             self.last_use.note(g.principal.token_id(), ip);
         }
-        tracing::debug!(
+        if !ctx.config.as_ref().map_or_else(|| self.config.load().access_log, |c| c.access_log) {
+            return;
+        }
+        tracing::info!(
+            target: "tollgate::access",
             request_id = %ctx.request_id,
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),
-            route = ctx.permit.as_ref().map(|p| p.route().name.as_str()).unwrap_or("-"),
+            route,
             token_id = grant.map(|g| g.principal.token_id().as_str()).unwrap_or("-"),
-            outcome = ctx.rejection.as_ref().map(Rejection::label).unwrap_or("allowed"),
+            outcome,
             status,
             error = error.map(|e| e.to_string()),
             "request"

@@ -158,6 +158,28 @@ pub struct Store {
     timeout: Duration,
     audit_max: usize,
     listener: Arc<std::sync::OnceLock<std::sync::Weak<dyn CommitListener>>>,
+    stats: StoreStats,
+}
+
+/// The store's instruments.
+#[derive(Clone)]
+pub struct StoreStats {
+    /// Latency of every store call.
+    pub latency: prometheus::Histogram,
+    /// Calls that failed for want of the store (timeouts, connection errors).
+    pub errors: prometheus::IntCounter,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            latency: crate::metrics::histogram("tollgate_store_seconds", "Latency of store calls"),
+            errors: crate::metrics::counter(
+                "tollgate_store_errors_total",
+                "Store calls that found the store unreachable",
+            ),
+        }
+    }
 }
 
 /// Audit entries kept per org unless configured otherwise.
@@ -221,7 +243,13 @@ pub fn open(settings: &crate::config::StoreSettings) -> Result<Store, StoreError
 impl Store {
     /// A store over `backend`, every call bounded by `timeout`.
     pub fn new(backend: Arc<dyn Backend>, timeout: Duration) -> Store {
-        Store { backend, timeout, audit_max: DEFAULT_AUDIT_MAX, listener: Arc::default() }
+        Store {
+            backend,
+            timeout,
+            audit_max: DEFAULT_AUDIT_MAX,
+            listener: Arc::default(),
+            stats: StoreStats::default(),
+        }
     }
 
     /// Registers the local cache to hear of this process's writes (once; later calls are ignored).
@@ -249,10 +277,21 @@ impl Store {
         &self,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let timer = self.stats.latency.start_timer();
+        let result = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
+        };
+        timer.observe_duration();
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            self.stats.errors.inc();
         }
+        result
+    }
+
+    /// The store's instruments.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
     }
 
     async fn read<T: DeserializeOwned>(&self, key: String) -> Result<Option<T>, StoreError> {

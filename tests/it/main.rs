@@ -6,4 +6,5 @@
 mod cli;
 mod gateway;
 mod lifecycle;
+mod ops;
 mod support;

@@ -185,8 +185,10 @@ routes:
   - {{ name: noquery, path: /noquery, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production }}
   - {{ name: globex, path: /globex, upstream: "127.0.0.1:{upstream}", org: globex, project: web, environment: production }}
   - {{ name: public, path: /public, upstream: "127.0.0.1:{upstream}", auth: none }}
+  - {{ name: dead, path: /dead, upstream: "127.0.0.1:{dead}", org: acme, project: shop, environment: production, query_token: true }}
 "#,
-        mem = ARGON2.memory_kib
+        mem = ARGON2.memory_kib,
+        dead = free_port(),
     )
 }
 
