@@ -1,6 +1,7 @@
 //! Assembles the running gateway: one Pingora server built from our [`Config`], with the proxy
 //! service and the invalidation follower as a background service.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -48,8 +49,89 @@ impl BackgroundService for LastUseFlusher {
     }
 }
 
+/// Reloads the config on SIGHUP and when the file changes. An invalid file is refused with every
+/// error logged, and the running config stays. New requests use the new config; requests in flight
+/// keep the one they started with.
+struct ConfigWatcher {
+    path: PathBuf,
+    config: Arc<ArcSwap<Config>>,
+}
+
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+}
+
+impl ConfigWatcher {
+    fn reload(&self, why: &str) {
+        match Config::load(&self.path) {
+            Ok(new) => {
+                let old = self.config.load();
+                for (field, changed) in [
+                    ("listen", old.listen != new.listen),
+                    ("admin.listen", old.admin.listen != new.admin.listen),
+                    ("threads", old.threads != new.threads),
+                    ("store", format!("{:?}", old.store) != format!("{:?}", new.store)),
+                    ("cache", old.cache != new.cache),
+                ] {
+                    if changed {
+                        tracing::warn!(field, "this setting changed but applies only after a restart");
+                    }
+                }
+                let routes = new.routes.iter().count();
+                self.config.store(Arc::new(new));
+                tracing::info!(path = %self.path.display(), why, routes, "config reloaded");
+            }
+            Err(e) => {
+                let errors: Vec<String> =
+                    e.issues.iter().map(|i| format!("{}: {}", i.path, i.message)).collect();
+                tracing::error!(
+                    path = %self.path.display(),
+                    why,
+                    errors = ?errors,
+                    "config reload refused; the running config stays"
+                );
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ConfigWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; reloads follow file changes only");
+                None
+            }
+        };
+        let mut stamp = file_stamp(&self.path);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    stamp = file_stamp(&self.path);
+                    self.reload("SIGHUP");
+                }
+                _ = tick.tick() => {
+                    let now = file_stamp(&self.path);
+                    if now != stamp {
+                        stamp = now;
+                        self.reload("file changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs the gateway until a shutdown signal; exits the process.
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let store = store::open(&config.store)?.with_audit_max(config.audit_max);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;
@@ -90,11 +172,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
+    let watched = config.clone();
     let admin = AdminState { config, verifier, store: store.clone(), metrics };
     server.add_service(AdminService::new(admin_listener, admin));
     server.add_service(background_service("invalidation follower", Follower(cache)));
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
     server.add_service(background_service("last-use flusher", flusher));
+    let watcher = ConfigWatcher { path: path.to_path_buf(), config: watched };
+    server.add_service(background_service("config watcher", watcher));
 
     tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
     server.run_forever()

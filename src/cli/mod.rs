@@ -364,10 +364,10 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> any
 /// Runs the command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config } => {
-            let config = load(&config)?;
+        Command::Serve { config: path } => {
+            let config = load(&path)?;
             init_logging(&config.log_level);
-            server::run(config)
+            server::run(config, &path)
         }
         Command::CheckConfig { config: path } => {
             let config = load(&path)?;

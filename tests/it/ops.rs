@@ -59,3 +59,87 @@ async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() 
     assert!(log.contains("/dead/x"), "Pingora's error line is there: {log}");
     // World's drop scans the whole log for every issued token.
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "r@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let original = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+
+    // Steady load on an existing route for the whole test (bounded in count and time).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, url, token, stop) = (w.http.clone(), w.gateway.url("/shop"), token.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && ok < 20_000
+                && std::time::Instant::now() < deadline
+            {
+                match http.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    let added = original.replace(
+        "  - { name: public,",
+        &format!("  - {{ name: added, path: /added, upstream: \"127.0.0.1:{}\", auth: none }}\n  - {{ name: public,", w.upstream.port),
+    );
+    std::fs::write(&w.gateway.config_path, &added).unwrap();
+    w.gateway.signal("HUP");
+    let added_answers = eventually(std::time::Duration::from_secs(5), || async {
+        w.http.get(w.gateway.url("/added/x")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+    });
+    assert!(added_answers.await, "a route added by reload answers");
+
+    // An invalid file (picked up by the file watch, no signal) changes nothing and says why.
+    std::fs::write(&w.gateway.config_path, format!("{added}\nbogus_key: 1\n")).unwrap();
+    let refused = eventually(std::time::Duration::from_secs(5), || async {
+        w.gateway.log_text().contains("config reload refused")
+    });
+    assert!(refused.await, "{}", w.gateway.log_text());
+    assert!(w.gateway.log_text().contains("bogus_key: unknown field"));
+    assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across reloads: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
+    let mut w = World::start().await;
+    let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+    let port = free_port();
+    let config = config
+        .replace(&format!("listen: 127.0.0.1:{}", w.gateway.port), &format!("listen: 127.0.0.1:{port}"))
+        .replace("threads: 2", "threads: 2\nshutdown: { grace: 1s, timeout: 2s }")
+        .replace(
+            &format!("127.0.0.1:{}\", last_use_flush", w.gateway.admin_port),
+            &format!("127.0.0.1:{}\", last_use_flush", free_port()),
+        );
+    let mut g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "s@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    assert_eq!(w.get(&g, "/shop", &token).await.status(), 200);
+    g.signal("TERM");
+    // Grace (1 s) plus the shutdown timeout (2 s), with room for a loaded machine.
+    let status = g.wait_exit(std::time::Duration::from_secs(20)).expect("the gateway exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    w.gateway.signal("TERM");
+    assert!(w.gateway.wait_exit(std::time::Duration::from_secs(30)).is_some());
+}

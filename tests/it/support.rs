@@ -196,6 +196,7 @@ routes:
 pub struct Gateway {
     pub port: u16,
     pub admin_port: u16,
+    pub config_path: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
     pub log: PathBuf,
@@ -230,7 +231,7 @@ impl Gateway {
             .and_then(|p| p.parse().ok())
             .unwrap_or(8081);
         wait_for_port(admin_port, "tollgate admin API", &mut child);
-        Gateway { port, admin_port, child, _dir: dir, log }
+        Gateway { port, admin_port, config_path, child, _dir: dir, log }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -243,6 +244,24 @@ impl Gateway {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Sends a signal (`HUP`, `TERM`) to the gateway process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn log_text(&self) -> String {
