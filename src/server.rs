@@ -130,9 +130,27 @@ impl BackgroundService for ConfigWatcher {
     }
 }
 
+/// No revocation may be lost: say so at start when the store could lose acknowledged writes.
+fn warn_if_not_durable(store: &store::Store) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "could not check the store's durability"),
+    };
+    match runtime.block_on(store.durability_warning()) {
+        Ok(None) => {}
+        Ok(Some(why)) => tracing::warn!(store = %store.describe(), "store is not durable: {why}"),
+        Err(e) => tracing::warn!(
+            store = %store.describe(),
+            error = %e,
+            "store unreachable at start; requests that need it get 503 until it is back"
+        ),
+    }
+}
+
 /// Runs the gateway until a shutdown signal; exits the process.
 pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let store = store::open(&config.store)?.with_audit_max(config.audit_max);
+    warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;
     let conf = ServerConf {

@@ -163,6 +163,11 @@ impl Backend for EmbeddedBackend {
         Ok(self.feed.subscribe())
     }
 
+    async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
+        // redb fsyncs every commit before it returns.
+        Ok(None)
+    }
+
     fn describe(&self) -> String {
         format!("embedded store at {}", self.path.display())
     }

@@ -111,6 +111,10 @@ impl Backend for MemoryBackend {
         Ok(self.feed.subscribe())
     }
 
+    async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
+        Ok(Some("the in-memory store keeps nothing across a restart".into()))
+    }
+
     fn describe(&self) -> String {
         "memory (tests only)".into()
     }

@@ -149,6 +149,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError>;
     /// A one-line description for logs (never a password).
     fn describe(&self) -> String;
+    /// Why an acknowledged write could still be lost, if it could.
+    async fn durability_warning(&self) -> Result<Option<String>, StoreError>;
 }
 
 /// The domain operations on top of a backend, each bounded by the store timeout.
@@ -325,6 +327,11 @@ impl Store {
     /// Subscribes to the invalidation feed.
     pub async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
         self.bounded(self.backend.subscribe()).await
+    }
+
+    /// Why an acknowledged write could still be lost, if it could.
+    pub async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
+        self.bounded(self.backend.durability_warning()).await
     }
 
     /// Checks the backend answers.

@@ -163,6 +163,29 @@ impl Backend for RedisBackend {
     fn describe(&self) -> String {
         self.display.clone()
     }
+
+    /// Asks the server for its persistence settings on a connection of its own (this may run in a
+    /// short-lived runtime at start-up, which must not own the shared connection).
+    async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
+        let conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        let setting = |name: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let pair: Vec<String> =
+                    redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+                Ok::<_, redis::RedisError>(pair.get(1).cloned().unwrap_or_default())
+            }
+        };
+        let (aof, fsync) = match (setting("appendonly").await, setting("appendfsync").await) {
+            (Ok(a), Ok(f)) => (a, f),
+            _ => return Ok(Some("could not read Redis persistence settings (CONFIG GET refused)".into())),
+        };
+        Ok(match (aof.as_str(), fsync.as_str()) {
+            ("yes", "always") => None,
+            ("yes", other) => Some(format!("Redis runs AOF with appendfsync {other}: up to a second of revocations can be lost in a crash; use appendfsync always")),
+            _ => Some("Redis runs without AOF: revocations can be lost in a crash; run it with appendonly yes and appendfsync always".into()),
+        })
+    }
 }
 
 /// Checks that `url` is a Redis URL, without connecting. The message never repeats the URL, which

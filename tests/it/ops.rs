@@ -143,3 +143,18 @@ async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
     w.gateway.signal("TERM");
     assert!(w.gateway.wait_exit(std::time::Duration::from_secs(30)).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_warns_when_redis_could_lose_a_revocation() {
+    let w = World::start().await;
+    assert!(!w.gateway.log_text().contains("not durable"), "AOF with appendfsync always is durable");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg("everysec")
+        .query(&mut w.redis.client())
+        .unwrap();
+    let second = w.second_gateway();
+    let log = second.log_text();
+    assert!(log.contains("store is not durable") && log.contains("appendfsync everysec"), "{log}");
+}
