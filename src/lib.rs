@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod echo;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;

@@ -2,6 +2,7 @@
 //! other command is a client of the admin API (`--server`, `--token`, `--json`).
 
 mod client;
+mod quickstart;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,6 +47,25 @@ enum Command {
         /// The YAML config file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Start a demo gateway on the embedded store, in front of a built-in echo upstream, and print
+    /// a working token and the lines to try.
+    Quickstart {
+        /// Where to keep the config and the data.
+        #[arg(long, default_value = "tollgate-quickstart")]
+        dir: PathBuf,
+        /// Gateway port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Admin API port.
+        #[arg(long, default_value_t = 8081)]
+        admin_port: u16,
+    },
+    /// Serve the echo upstream (answers every request with JSON of what it received).
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
     },
     /// Validate a config file and print every error with its YAML path.
     CheckConfig {
@@ -346,7 +366,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
 }
 
-fn init_logging(default_level: &str) {
+pub(crate) fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -368,6 +388,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&path)?;
             init_logging(&config.log_level);
             server::run(config, &path)
+        }
+        Command::Quickstart { dir, port, admin_port } => quickstart::run(&dir, port, admin_port),
+        Command::Echo { listen } => {
+            init_logging("info");
+            block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                tracing::info!(%listen, "echo upstream listening");
+                Ok(crate::echo::serve(listener).await?)
+            })
         }
         Command::CheckConfig { config: path } => {
             let config = load(&path)?;
@@ -461,7 +492,11 @@ impl Api {
                     table(&["TIME", "ACTOR", "ACTION", "TARGET", "REASON"], &rows);
                 })
             }
-            Command::Serve { .. } | Command::CheckConfig { .. } | Command::Bootstrap { .. } => Ok(()),
+            Command::Serve { .. }
+            | Command::CheckConfig { .. }
+            | Command::Bootstrap { .. }
+            | Command::Quickstart { .. }
+            | Command::Echo { .. } => Ok(()),
         }
     }
 

@@ -22,6 +22,16 @@ fn check_config_accepts_the_shipped_example() {
 }
 
 #[test]
+fn the_docker_compose_config_is_valid_but_for_its_compose_host_names() {
+    // `echo` resolves only inside the compose network; everything else must be valid as shipped.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/docker.yaml");
+    let text = std::fs::read_to_string(path).unwrap().replace("echo:9000", "127.0.0.1:9000");
+    if let Err(e) = tollgate::config::Config::parse(&text) {
+        panic!("config/docker.yaml: {e}");
+    }
+}
+
+#[test]
 fn check_config_names_the_yaml_path_of_every_error() {
     let yaml = r#"
 listen: 127.0.0.1:8080

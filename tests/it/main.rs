@@ -7,4 +7,5 @@ mod cli;
 mod gateway;
 mod lifecycle;
 mod ops;
+mod quickstart;
 mod support;

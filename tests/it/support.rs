@@ -8,11 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tollgate::lifecycle::{self, TokenSpec};
 use tollgate::policy::Role;
 use tollgate::store::redis::RedisBackend;
@@ -123,34 +118,7 @@ impl Upstream {
     pub async fn start() -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let port = listener.local_addr().expect("addr").port();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                tokio::spawn(async move {
-                    let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                        for (name, value) in req.headers() {
-                            headers
-                                .entry(name.as_str().to_string())
-                                .or_default()
-                                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
-                        }
-                        let body = serde_json::json!({
-                            "method": req.method().as_str(),
-                            "uri": req.uri().to_string(),
-                            "headers": headers,
-                        });
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body.to_string())))
-                                .expect("response"),
-                        )
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
-            }
-        });
+        tokio::spawn(tollgate::echo::serve(listener));
         Upstream { port }
     }
 }

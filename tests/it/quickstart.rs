@@ -1,0 +1,121 @@
+//! `tollgate quickstart`, followed as a newcomer would: run it, read what it prints, try it. Also
+//! shows that the embedded store keeps tokens, and revocations, across a restart.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+struct Quickstart {
+    child: Child,
+    printed: Vec<String>,
+}
+
+impl Quickstart {
+    /// Starts it and reads its instructions (everything up to the `token list` line).
+    fn start(dir: &std::path::Path, port: u16, admin_port: u16) -> Quickstart {
+        let mut child = Command::new(tollgate_bin())
+            .arg("quickstart")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let last = line.contains("token list");
+                let _ = tx.send(line);
+                if last {
+                    break;
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            let last = line.contains("token list");
+            printed.push(line);
+            if last {
+                break;
+            }
+        }
+        assert!(printed.iter().any(|l| l.contains("token list")), "quickstart printed: {printed:#?}");
+        Quickstart { child, printed }
+    }
+
+    fn token(&self) -> String {
+        self.printed.iter().find_map(|l| l.strip_prefix("Access token: ")).expect("a token").to_string()
+    }
+
+    /// The URL of the authenticated curl line.
+    fn curl_url(&self) -> String {
+        let line =
+            self.printed.iter().find(|l| l.contains("curl -i -H")).expect("a curl line with the token");
+        line.split_whitespace().last().unwrap().to_string()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..1500 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Quickstart {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str) {
+    let ready = eventually(Duration::from_secs(30), || async { http.get(url).send().await.is_ok() }).await;
+    assert!(ready, "{url} never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("qs");
+    let (port, admin_port) = (free_port(), free_port());
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+
+    let mut first = Quickstart::start(&dir, port, admin_port);
+    let token = first.token();
+    let url = first.curl_url();
+    wait_ready(&http, &url).await;
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "the first curl line: no token");
+    let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the second curl line");
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert!(echo["headers"]["x-auth-subject"][0].as_str().unwrap().starts_with("user:u_"));
+    assert_eq!(echo["headers"]["x-auth-org"][0], "demo");
+
+    // The third line: the CLI against its admin API. Issue one token and revoke another.
+    let cli = Cli { server: format!("http://127.0.0.1:{admin_port}"), token: token.clone() };
+    assert!(cli.run(&["token", "list"]).ok().contains(&token[..10]));
+    let kept = cli.run(&["token", "issue", "--display-name", "kept"]).token();
+    let revoked = cli.run(&["token", "issue", "--display-name", "gone"]).token();
+    cli.run(&["token", "revoke", &revoked[..10]]).ok();
+    first.stop();
+
+    let second = Quickstart::start(&dir, port, admin_port);
+    wait_ready(&http, &url).await;
+    for (t, expected) in [(&token, 200), (&kept, 200), (&revoked, 401), (&second.token(), 200)] {
+        assert_eq!(http.get(&url).bearer_auth(t).send().await.unwrap().status(), expected, "{}", &t[..10]);
+    }
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    for t in [&token, &kept, &revoked] {
+        assert!(!log.contains(t.as_str()), "a token reached the log");
+    }
+}
