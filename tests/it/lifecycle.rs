@@ -12,22 +12,18 @@ use crate::support::*;
 async fn admin(w: &mut World, org: &str) -> Cli {
     lifecycle::ensure_org(&w.store, org).await.unwrap();
     let (_, token) = lifecycle::bootstrap(&w.store, ARGON2, org, &format!("admin@{org}.io")).await.unwrap();
-    w.secrets.push(token.token.clone());
+    remember_secret(&token.token);
     Cli::new(&w.gateway, &token.token)
 }
 
 /// Adds a user through the CLI and returns a CLI acting as them.
-fn add_user(w: &mut World, admin: &Cli, email: &str, role: &str) -> Cli {
+fn add_user(admin: &Cli, email: &str, role: &str) -> Cli {
     let out = admin.run(&["user", "add", email, "--org-role", role, "--issue-token"]);
-    let token = out.token();
-    w.secrets.push(token.clone());
-    admin.as_token(&token)
+    admin.as_token(&out.token())
 }
 
-fn issued(w: &mut World, out: Output) -> String {
-    let token = out.token();
-    w.secrets.push(token.clone());
-    token
+fn issued(out: Output) -> String {
+    out.token()
 }
 
 async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> u16 {
@@ -38,11 +34,10 @@ async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> 
 async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
-    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
+    let ann = add_user(&admin, "ann@acme.io", "editor");
 
-    let mcp =
-        issued(&mut w, ann.run(&["token", "issue", "--display-name", "MCP Token", "--ttl-minutes", "1440"]));
-    let local = issued(&mut w, ann.run(&["token", "issue", "--display-name", "Local Development"]));
+    let mcp = issued(ann.run(&["token", "issue", "--display-name", "MCP Token", "--ttl-minutes", "1440"]));
+    let local = issued(ann.run(&["token", "issue", "--display-name", "Local Development"]));
     let (mcp_id, local_id) = (mcp[..10].to_string(), local[..10].to_string());
 
     let listed = ann.run(&["token", "list"]).ok();
@@ -82,8 +77,8 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     }
 
     // Several tokens with one name: refused, naming them.
-    let a = issued(&mut w, ann.run(&["token", "issue", "--display-name", "ci"]));
-    let b = issued(&mut w, ann.run(&["token", "issue", "--display-name", "ci"]));
+    let a = issued(ann.run(&["token", "issue", "--display-name", "ci"]));
+    let b = issued(ann.run(&["token", "issue", "--display-name", "ci"]));
     let err = ann.run(&["token", "revoke", "--display-name", "ci"]).failed();
     assert!(err.contains(&a[..10]) && err.contains(&b[..10]), "{err}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &a).await, 200, "nothing was revoked");
@@ -100,9 +95,9 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
 async fn a_scoped_token_with_two_environments_works_only_there() {
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
-    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
+    let ann = add_user(&admin, "ann@acme.io", "editor");
     let out = ann.run(&["token", "issue", "--scope", "execute", "--env", "production", "--env", "staging"]);
-    let token = issued(&mut w, out);
+    let token = issued(out);
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
     assert_eq!(status(&w, reqwest::Method::GET, "/staging", &token).await, 200);
     assert_eq!(status(&w, reqwest::Method::GET, "/dev", &token).await, 403, "not its environment");
@@ -116,9 +111,8 @@ async fn a_scoped_token_with_two_environments_works_only_there() {
 async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grace() {
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
-    let ann = add_user(&mut w, &admin, "ann@acme.io", "editor");
-    let old =
-        issued(&mut w, ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]));
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    let old = issued(ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]));
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &old).await, 200);
 
     let expires = format_millis(tollgate::store::now_millis() + 3 * 24 * 3600 * 1000);
@@ -133,7 +127,7 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
         "--grace-seconds",
         "2",
     ]);
-    let new = issued(&mut w, out);
+    let new = issued(out);
     let details = ann.json(&["token", "get", &new[..10]]);
     assert_eq!(details["scope"], "read");
     assert_eq!(details["expires_at"], expires);
@@ -163,7 +157,7 @@ async fn an_admin_manages_services_end_to_end() {
 
     let out = admin.run(&["service", "create", "reporting", "--org", "acme", "--org-role", "viewer"]);
     assert!(out.stdout.contains("Created service \"reporting\" in org \"acme\"."), "{out:?}");
-    let reporting = issued(&mut w, out);
+    let reporting = issued(out);
     assert!(reporting.starts_with("tgs_"));
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &reporting).await, 403);
@@ -181,7 +175,7 @@ async fn an_admin_manages_services_end_to_end() {
         "--attributes",
         r#"{"tier":"gold","region":"us-west"}"#,
     ]);
-    let embed = issued(&mut w, out);
+    let embed = issued(out);
     let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
     assert_eq!(echo["headers"]["x-auth-subject"][0], "service:embed");
     assert_eq!(echo["headers"]["x-auth-token-kind"][0], "service");
@@ -225,25 +219,25 @@ async fn an_admin_manages_services_end_to_end() {
 async fn nobody_grants_more_than_they_hold() {
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
-    let viewer = add_user(&mut w, &admin, "val@acme.io", "viewer");
-    let editor = add_user(&mut w, &admin, "ed@acme.io", "editor");
+    let viewer = add_user(&admin, "val@acme.io", "viewer");
+    let editor = add_user(&admin, "ed@acme.io", "editor");
 
     let err = viewer.run(&["service", "create", "sneaky", "--org-role", "viewer"]).failed();
     assert!(err.contains("editor role"), "{err}");
     let err = viewer.run(&["token", "issue", "--scope", "admin"]).failed();
     assert!(err.contains("more rights"), "{err}");
     // The viewer's own default token can only read.
-    let token = issued(&mut w, viewer.run(&["token", "issue"]));
+    let token = issued(viewer.run(&["token", "issue"]));
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403);
 
     let err = editor.run(&["service", "create", "big", "--org-role", "admin"]).failed();
     assert!(err.contains("may not exceed"), "{err}");
-    let etl = issued(&mut w, editor.run(&["service", "create", "etl", "--org-role", "editor"]));
+    let etl = issued(editor.run(&["service", "create", "etl", "--org-role", "editor"]));
     let err = admin.run(&["service", "set-role", "etl", "--org-role", "admin"]).failed();
     assert!(err.contains("may not exceed"), "a service made by an editor cannot become admin: {err}");
 
     // Removing the editor kills their PATs and leaves their service working.
-    let ed_pat = issued(&mut w, editor.run(&["token", "issue"]));
+    let ed_pat = issued(editor.run(&["token", "issue"]));
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 200);
     let out = admin.run(&["user", "remove", "ed@acme.io"]).ok();
     assert!(out.contains("revoked 2 token(s)"), "{out}");
@@ -275,7 +269,7 @@ async fn a_pat_cannot_reach_another_org_and_non_admins_cannot_list_others_tokens
     let acme = admin(&mut w, "acme").await;
     let globex = admin(&mut w, "globex").await;
     acme.run(&["service", "create", "etl", "--org-role", "viewer"]).ok();
-    let ann = add_user(&mut w, &acme, "ann@acme.io", "editor");
+    let ann = add_user(&acme, "ann@acme.io", "editor");
     ann.run(&["token", "issue", "--display-name", "mine"]).ok();
 
     for args in [
@@ -295,7 +289,7 @@ async fn a_pat_cannot_reach_another_org_and_non_admins_cannot_list_others_tokens
     assert!(err.contains("not found"), "{err}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &globex.token).await, 403);
 
-    let bob = add_user(&mut w, &acme, "bob@acme.io", "editor");
+    let bob = add_user(&acme, "bob@acme.io", "editor");
     let err = bob.run(&["token", "list", "--owner", "ann@acme.io"]).failed();
     assert!(err.contains("org admin"), "{err}");
     let err = bob.run(&["token", "get", &ann.token[..10]]).failed();

@@ -238,9 +238,30 @@ impl Gateway {
 }
 
 impl Drop for Gateway {
+    /// Stops the process, then checks that no line of its log holds any token issued so far in
+    /// this test run.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            assert_no_secret_in(&self.log_text(), &self.log.display().to_string());
+        }
+    }
+}
+
+/// Every token the test run has issued or been shown.
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers a token so that every gateway log is checked for it.
+pub fn remember_secret(token: &str) {
+    SECRETS.lock().unwrap_or_else(|e| e.into_inner()).push(token.to_string());
+}
+
+/// Panics if `text` contains any remembered token.
+pub fn assert_no_secret_in(text: &str, what: &str) {
+    let secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(s) = secrets.iter().find(|s| text.contains(s.as_str())) {
+        panic!("{what} contains the token with id {}", &s[..10]);
     }
 }
 
@@ -251,7 +272,6 @@ pub struct World {
     pub gateway: Gateway,
     pub store: Store,
     pub http: reqwest::Client,
-    pub secrets: Vec<String>,
 }
 
 impl World {
@@ -262,7 +282,7 @@ impl World {
         let backend = RedisBackend::new(&redis.url(), "t:", Duration::from_millis(300)).expect("backend");
         let store = Store::new(Arc::new(backend), Duration::from_millis(300));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-        World { redis, upstream, gateway, store, http, secrets: Vec::new() }
+        World { redis, upstream, gateway, store, http }
     }
 
     /// A second gateway on the same Redis and upstream.
@@ -284,7 +304,7 @@ impl World {
             lifecycle::issue_token(&self.store, ARGON2, &user.org, Owner::User(user.id.clone()), spec)
                 .await
                 .expect("token");
-        self.secrets.push(token.token.clone());
+        remember_secret(&token.token);
         token.token
     }
 
@@ -294,16 +314,6 @@ impl World {
 
     pub async fn post(&self, gateway: &Gateway, path: &str, token: &str) -> reqwest::Response {
         self.http.post(gateway.url(path)).bearer_auth(token).body("{}").send().await.expect("request")
-    }
-}
-
-impl Drop for World {
-    /// No log line of the gateway may contain a token this test issued.
-    fn drop(&mut self) {
-        let log = self.gateway.log_text();
-        for secret in &self.secrets {
-            assert!(!log.contains(secret.as_str()), "the gateway log contains an issued token");
-        }
     }
 }
 
@@ -322,13 +332,16 @@ pub struct Output {
 }
 
 impl Output {
-    /// The value after `Access token: `, which must be printed.
+    /// The value after `Access token: `, which must be printed; remembered for the log scans.
     pub fn token(&self) -> String {
-        self.stdout
+        let token = self
+            .stdout
             .lines()
             .find_map(|l| l.strip_prefix("Access token: "))
             .unwrap_or_else(|| panic!("no token in {self:?}"))
-            .to_string()
+            .to_string();
+        remember_secret(&token);
+        token
     }
 
     /// Asserts success and returns stdout.
