@@ -48,9 +48,12 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let local_line = listed.lines().find(|l| l.contains(&local_id)).expect("local token listed");
     assert!(local_line.trim_end().ends_with("Never"), "{local_line}");
     let details = ann.json(&["token", "get", &mcp_id]);
-    let expires = details["expires_at"].as_str().unwrap().to_string();
-    let in_a_day = format_millis(tollgate::store::now_millis() + 24 * 3600 * 1000);
-    assert_eq!(expires[..13], in_a_day[..13], "a 24-hour TTL");
+    let expires = humantime::parse_rfc3339(details["expires_at"].as_str().unwrap()).unwrap();
+    let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        lifetime > Duration::from_secs(24 * 3600 - 120) && lifetime <= Duration::from_secs(24 * 3600),
+        "a 24-hour TTL: {lifetime:?}"
+    );
 
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &mcp).await, 200);
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 200);
