@@ -178,8 +178,9 @@ impl IdentityField {
 pub struct IdentitySettings {
     /// Lowercase prefix of every identity header; client headers with it are removed.
     pub prefix: String,
-    /// Enabled fields with their full header names (`attr` holds the prefix of per-attribute names).
-    pub headers: Vec<(IdentityField, String)>,
+    /// Enabled fields with their full header names, parsed once (`attr` holds the prefix of
+    /// per-attribute names).
+    pub headers: Vec<(IdentityField, HeaderName)>,
     /// Request id header, set on the upstream request and the response.
     pub request_id_header: HeaderName,
 }
@@ -500,7 +501,13 @@ impl Validator {
                 "must not be inside the identity prefix, which is stripped",
             );
         }
-        let headers = fields.into_iter().map(|f| (f, format!("{prefix}{}", f.suffix()))).collect();
+        // The prefix was checked above, so every name is valid; an invalid one is left out.
+        let headers = fields
+            .into_iter()
+            .filter_map(|f| {
+                HeaderName::from_bytes(format!("{prefix}{}", f.suffix()).as_bytes()).ok().map(|h| (f, h))
+            })
+            .collect();
         Some(IdentitySettings { prefix, headers, request_id_header: request_id_header? })
             .filter(|_| prefix_ok)
     }

@@ -25,7 +25,7 @@ pub fn forward(
     for name in forged {
         req.remove_header(&name);
     }
-    req.insert_header(identity.request_id_header.clone(), request_id)?;
+    req.insert_header(&identity.request_id_header, request_id)?;
 
     let Some(grant) = permit.grant() else {
         return Ok(());
@@ -57,11 +57,11 @@ pub fn forward(
             },
             IdentityField::Attributes => ascii_json(&attributes),
             IdentityField::Attr => {
-                insert_attr_headers(req, name, &attributes)?;
+                insert_attr_headers(req, name.as_str(), &attributes)?;
                 continue;
             }
         };
-        req.insert_header(name.clone(), value)?;
+        req.insert_header(name, value)?;
     }
     Ok(())
 }
