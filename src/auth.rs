@@ -272,35 +272,38 @@ impl Verifier {
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = blake3::hash(record.secret_hash.as_bytes());
-        // Two tries: a concurrent request with another secret may have run the shared argon2 check
-        // and failed; then this request's secret is checked on its own.
-        for _ in 0..2 {
-            let proven = self
-                .proven
-                .try_get_with_by_ref(&parsed.id, async {
-                    if self.argon2(parsed.secret, &record.secret_hash).await {
-                        Ok(Proven { secret: digest, phc })
-                    } else {
-                        Err(digest)
-                    }
-                })
-                .await;
-            match proven {
-                // blake3::Hash compares in constant time.
-                Ok(p) if p.phc == phc => {
-                    return if p.secret == digest {
-                        Ok(())
-                    } else {
-                        Err(AuthError::Invalid(Invalid::WrongSecret))
-                    };
+        let proven = self
+            .proven
+            .try_get_with_by_ref(&parsed.id, async {
+                if self.argon2(parsed.secret, &record.secret_hash).await {
+                    Ok(Proven { secret: digest, phc })
+                } else {
+                    Err(digest)
                 }
-                // The stored hash changed since it was proven: prove again.
-                Ok(_) => self.proven.invalidate(&parsed.id).await,
-                Err(failed) if *failed == digest => return Err(AuthError::Invalid(Invalid::WrongSecret)),
-                Err(_) => continue,
+            })
+            .await;
+        match proven {
+            // blake3::Hash compares in constant time.
+            Ok(p) if p.phc == phc => {
+                if p.secret == digest {
+                    Ok(())
+                } else {
+                    Err(AuthError::Invalid(Invalid::WrongSecret))
+                }
+            }
+            Err(failed) if *failed == digest => Err(AuthError::Invalid(Invalid::WrongSecret)),
+            // The shared check ran for another secret (a concurrent wrong guess) and failed, or the
+            // stored hash changed since it was proven: this request's secret is checked on its own,
+            // so nobody guessing wrong secrets for a known id can make the right one fail.
+            _ => {
+                if self.argon2(parsed.secret, &record.secret_hash).await {
+                    self.proven.insert(parsed.id.clone(), Proven { secret: digest, phc }).await;
+                    Ok(())
+                } else {
+                    Err(AuthError::Invalid(Invalid::WrongSecret))
+                }
             }
         }
-        Err(AuthError::Invalid(Invalid::WrongSecret))
     }
 
     async fn argon2(&self, secret: &str, phc: &str) -> bool {

@@ -101,11 +101,9 @@ where
                     }
                 })
                 .build(),
-            // An invalidation must be remembered as long as a stale entry could live.
-            invalidated_at: moka::sync::Cache::builder()
-                .max_capacity(settings.capacity)
-                .time_to_live(settings.ttl + load_bound * 2)
-                .build(),
+            // An invalidation must be remembered as long as a stale entry could live, so this map is
+            // bounded by time only: a capacity bound could evict (or refuse) a marker still needed.
+            invalidated_at: moka::sync::Cache::builder().time_to_live(settings.ttl + load_bound * 2).build(),
         }
     }
 

@@ -252,6 +252,9 @@ pub struct TokenSpec {
     pub expires_at: Option<Millis>,
 }
 
+/// 9999-12-31T23:59:59Z: the last instant RFC 3339 can write.
+const MAX_EXPIRY: Millis = 253_402_300_799_000;
+
 fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) -> Result<Option<Millis>> {
     match (ttl_minutes, expires) {
         (Some(_), Some(_)) => {
@@ -260,7 +263,10 @@ fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) ->
         (Some(m), None) if m <= 0 => {
             Err(LifecycleError::Invalid(format!("ttl_minutes must be positive, got {m}")))
         }
-        (Some(m), None) => Ok(Some(now + m.saturating_mul(60_000))),
+        (Some(m), None) => match m.checked_mul(60_000).and_then(|ms| now.checked_add(ms)) {
+            Some(at) if at <= MAX_EXPIRY => Ok(Some(at)),
+            _ => Err(LifecycleError::Invalid(format!("ttl_minutes {m} ends after the year 9999"))),
+        },
         (None, Some(text)) => {
             let t = humantime::parse_rfc3339_weak(text).map_err(|_| {
                 LifecycleError::Invalid(format!(
@@ -270,6 +276,9 @@ fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) ->
             let ms = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0);
             if ms <= now {
                 return Err(LifecycleError::Invalid(format!("expires {text:?} is in the past")));
+            }
+            if ms > MAX_EXPIRY {
+                return Err(LifecycleError::Invalid(format!("expires {text:?} is after the year 9999")));
             }
             Ok(Some(ms))
         }
@@ -419,7 +428,7 @@ impl<'a> Lifecycle<'a> {
     }
 
     async fn mint(&self, org: &str, owner: Owner, spec: TokenSpec) -> Result<(NewToken, TokenRecord)> {
-        mint(self.argon2(), org, owner, spec).await
+        mint(self.store, self.argon2(), org, owner, spec).await
     }
 
     /// Stores a freshly minted token with its audit entry.
@@ -524,7 +533,10 @@ impl<'a> Lifecycle<'a> {
                 let mine = self.list_owned(actor).await?;
                 let matches: Vec<TokenRecord> = mine
                     .into_iter()
-                    .filter(|t| t.display_name.as_deref() == Some(name) && token_status(t, now) != "revoked")
+                    .filter(|t| {
+                        t.display_name.as_deref() == Some(name)
+                            && matches!(token_status(t, now), "active" | "deprecated")
+                    })
                     .collect();
                 match matches.len() {
                     0 => return Err(LifecycleError::NotFound(format!("no token named {name:?}"))),
@@ -544,6 +556,7 @@ impl<'a> Lifecycle<'a> {
             }
             _ => return Err(LifecycleError::Invalid("give a token id or --display-name".into())),
         };
+        let before = t.clone();
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
         }
@@ -556,7 +569,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("token.revoke", t.id.to_string());
         audit.token_id = Some(t.id.to_string());
         audit.reason = reason;
-        self.store.update_token(&t, Some(&audit)).await?;
+        self.store.update_token(&before, &t, Some(&audit)).await?;
         self.view(&t).await
     }
 
@@ -571,6 +584,7 @@ impl<'a> Lifecycle<'a> {
     /// at the end of the grace period.
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
         let mut old = self.visible_token(actor, id).await?;
+        let before = old.clone();
         let now = now_millis();
         if old.revoked.is_some() || old.is_expired(now) {
             return Err(LifecycleError::Conflict(format!("token {} is not active; issue a new one", old.id)));
@@ -632,7 +646,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("token.rotate", old.id.to_string());
         audit.token_id = Some(old.id.to_string());
         audit.details = serde_json::json!({ "new_token_id": record.id.to_string(), "grace_seconds": grace });
-        self.store.rotate_token(&old, &record, Some(&audit)).await?;
+        self.store.rotate_token(&before, &old, &record, Some(&audit)).await?;
         self.issued(new, &record).await
     }
 
@@ -703,13 +717,19 @@ impl<'a> Lifecycle<'a> {
         Ok(users)
     }
 
-    /// One user (admins, or the user themself).
+    /// One user (admins, or the user themself). A non-admin asking for anyone else is refused the
+    /// same way whether that user exists or not.
     pub async fn show_user(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {
-        let user = self.user_in(actor, org, email).await?;
-        if actor.user_id.as_deref() != Some(user.id.as_str()) {
-            actor.require_admin(self.config)?;
+        actor.require_org(org)?;
+        let user = self.store.find_user_by_email(org, email).await?;
+        match user {
+            Some(u) if actor.user_id.as_deref() == Some(u.id.as_str()) => Ok(u),
+            _ if actor.require_admin(self.config).is_err() => {
+                Err(LifecycleError::Forbidden("only org admins see other users".into()))
+            }
+            Some(u) => Ok(u),
+            None => Err(LifecycleError::NotFound(format!("no user {email} in org {org}"))),
         }
-        Ok(user)
     }
 
     /// Changes a user's org role and/or one project role (admins only).
@@ -720,13 +740,15 @@ impl<'a> Lifecycle<'a> {
         email: &str,
         change: RoleChange,
     ) -> Result<User> {
+        actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let mut user = self.user_in(actor, org, email).await?;
+        let before = user.clone();
         let project_roles = change.apply(&mut user.org_role, &mut user.project_roles)?;
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_user(&user, Some(&audit)).await?;
+        self.store.update_user(&before, &user, Some(&audit)).await?;
         Ok(user)
     }
 
@@ -739,8 +761,10 @@ impl<'a> Lifecycle<'a> {
         status: UserStatus,
         reason: Option<String>,
     ) -> Result<User> {
+        actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let mut user = self.user_in(actor, org, email).await?;
+        let before = user.clone();
         if actor.user_id.as_deref() == Some(user.id.as_str()) && status == UserStatus::Suspended {
             return Err(LifecycleError::Invalid("you cannot suspend yourself".into()));
         }
@@ -748,7 +772,7 @@ impl<'a> Lifecycle<'a> {
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
         let mut audit = actor.audit(action, format!("user:{email}"));
         audit.reason = reason;
-        self.store.update_user(&user, Some(&audit)).await?;
+        self.store.update_user(&before, &user, Some(&audit)).await?;
         Ok(user)
     }
 
@@ -760,6 +784,7 @@ impl<'a> Lifecycle<'a> {
         email: &str,
         reason: Option<String>,
     ) -> Result<usize> {
+        actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let user = self.user_in(actor, org, email).await?;
         if actor.user_id.as_deref() == Some(user.id.as_str()) {
@@ -887,11 +912,11 @@ impl<'a> Lifecycle<'a> {
 
     /// One service.
     pub async fn show_service(&self, actor: &Actor, org: &str, name: &str) -> Result<Service> {
-        let s = self.service_in(actor, org, name).await?;
+        actor.require_org(org)?;
         if actor.roles.org < Role::Editor {
             return Err(LifecycleError::Forbidden("viewing services needs the editor role or higher".into()));
         }
-        Ok(s)
+        self.service_in(actor, org, name).await
     }
 
     /// Renames a service and/or replaces its attributes (`{}` clears them).
@@ -904,6 +929,7 @@ impl<'a> Lifecycle<'a> {
         attributes: Option<Attributes>,
     ) -> Result<Service> {
         let mut s = self.service_in(actor, org, name).await?;
+        let before = s.clone();
         self.may_manage_service(actor, &s)?;
         if new_name.is_none() && attributes.is_none() {
             return Err(LifecycleError::Invalid("give --new-name and/or --attributes".into()));
@@ -921,7 +947,7 @@ impl<'a> Lifecycle<'a> {
         audit.details = serde_json::json!({ "new_name": new_name, "attributes": s.attributes });
         let taken = s.name.clone();
         self.store
-            .update_service(name, &s, Some(&audit))
+            .update_service(&before, &s, Some(&audit))
             .await
             .map_err(|e| conflict(e, || format!("service {taken:?} already exists in org {org:?}")))?;
         Ok(s)
@@ -936,6 +962,7 @@ impl<'a> Lifecycle<'a> {
         change: RoleChange,
     ) -> Result<Service> {
         let mut s = self.service_in(actor, org, name).await?;
+        let before = s.clone();
         self.may_manage_service(actor, &s)?;
         let mut org_role = s.org_role.unwrap_or(Role::Guest);
         let had_org_role = s.org_role.is_some();
@@ -944,7 +971,7 @@ impl<'a> Lifecycle<'a> {
         self.check_service_roles(actor, &s)?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_service(name, &s, Some(&audit)).await?;
+        self.store.update_service(&before, &s, Some(&audit)).await?;
         Ok(s)
     }
 
@@ -1059,8 +1086,22 @@ fn new_user(
     }
 }
 
+/// Generates a token whose id is not taken yet. Ids have 6 base62 characters (5.7e10 of them), so
+/// among a million tokens a few collisions are expected; a taken id is simply drawn again. (The
+/// store's atomic "absent" check still guards the write itself.)
+async fn fresh_token(store: &Store, kind: TokenKind) -> Result<NewToken> {
+    for _ in 0..8 {
+        let new = token::generate(kind);
+        if store.get_token(&new.id).await?.is_none() {
+            return Ok(new);
+        }
+    }
+    Err(LifecycleError::Conflict("no free token id after 8 draws; try again".into()))
+}
+
 /// Generates a token and hashes its secret (off the async threads) into a record, not yet stored.
 async fn mint(
+    store: &Store,
     argon2: Argon2Params,
     org: &str,
     owner: Owner,
@@ -1070,7 +1111,7 @@ async fn mint(
         Owner::User(_) => TokenKind::Pat,
         Owner::Service(_) => TokenKind::Service,
     };
-    let new = token::generate(kind);
+    let new = fresh_token(store, kind).await?;
     let secret = new.secret().to_owned();
     let hash = tokio::task::spawn_blocking(move || token::hash_secret(&secret, &argon2))
         .await
@@ -1101,7 +1142,7 @@ pub async fn issue_token(
     owner: Owner,
     spec: TokenSpec,
 ) -> Result<(NewToken, TokenRecord)> {
-    let (new, record) = mint(argon2, org, owner, spec).await?;
+    let (new, record) = mint(store, argon2, org, owner, spec).await?;
     store.insert_token(&record, None).await?;
     Ok((new, record))
 }

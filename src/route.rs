@@ -164,6 +164,20 @@ impl RouteTable {
     }
 }
 
+/// Refuses paths that an upstream could read as another path than the one routed on: dot-segments
+/// (`/public/../admin`), encoded dots and separators (`%2e`, `%2f`, `%5c`) and backslashes. Routing
+/// on the raw path is then the same as routing on the normalised one.
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    if path.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err("the path has a dot-segment (./ or ../)");
+    }
+    let lower = path.to_ascii_lowercase();
+    if path.contains('\\') || ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+        return Err("the path has an encoded dot or separator, or a backslash");
+    }
+    Ok(())
+}
+
 /// Lowercases a host and drops a port (`API.example.com:8080` -> `api.example.com`).
 pub fn normalize_host(host: &str) -> String {
     let without_port = if let Some(end) = host.strip_prefix('[').and_then(|_| host.find(']')) {
@@ -248,6 +262,18 @@ mod tests {
         r.upstreams = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
         let ports: Vec<u16> = (0..4).map(|_| r.next_upstream().unwrap().port()).collect();
         assert_eq!(ports, [1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn paths_that_could_be_read_as_another_path_are_refused() {
+        for bad in
+            ["/public/../shop", "/./shop", "/shop/..", "/a/%2e%2e/b", "/a/%2E/b", "/a%2fb", "/a%5Cb", "/a\\b"]
+        {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        for good in ["/", "/shop/items", "/a/.well-known/x", "/a/..b/c", "/files/v1.2.3", "/q%20x"] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
+        }
     }
 
     #[test]

@@ -62,6 +62,9 @@ impl From<LifecycleError> for ApiError {
                 ApiError::Conflict(format!("{k} already exists"))
             }
             LifecycleError::Store(StoreError::NotFound(k)) => ApiError::NotFound(format!("{k} not found")),
+            LifecycleError::Store(e @ StoreError::Changed(_)) => {
+                ApiError::Conflict(format!("{e}; try again"))
+            }
             LifecycleError::Store(e @ StoreError::Corrupt { .. }) => ApiError::Internal(e.to_string()),
         }
     }

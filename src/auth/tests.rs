@@ -162,20 +162,23 @@ async fn role_change_suspension_revocation_and_removal_apply_to_the_next_request
 
     let applied = f.verifier.cache().invalidations_applied();
     let mut user = f.user.clone();
+    let before = user.clone();
     user.org_role = Role::Viewer;
-    f.store.update_user(&user, None).await.unwrap();
+    f.store.update_user(&before, &user, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(f.verifier.verify(&f.token).await.unwrap().role_on("x"), Role::Viewer);
 
     let applied = f.verifier.cache().invalidations_applied();
+    let before = user.clone();
     user.status = UserStatus::Suspended;
-    f.store.update_user(&user, None).await.unwrap();
+    f.store.update_user(&before, &user, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::OwnerSuspended);
 
     let applied = f.verifier.cache().invalidations_applied();
+    let before = user.clone();
     user.status = UserStatus::Active;
-    f.store.update_user(&user, None).await.unwrap();
+    f.store.update_user(&before, &user, None).await.unwrap();
     let id = crate::token::parse(&f.token).unwrap().id;
     f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
     f.settle(applied, 2).await;
@@ -190,4 +193,20 @@ async fn an_unreachable_store_is_an_infrastructure_error_and_recovers() {
     f.backend.set_down(false);
     // The follower resubscribes; until then the store is read directly.
     assert!(f.verifier.verify(&f.token).await.is_ok());
+}
+
+#[tokio::test]
+async fn concurrent_wrong_guesses_for_a_known_id_never_make_the_right_secret_fail() {
+    let f = Fixture::new().await;
+    let other = crate::token::generate(crate::token::TokenKind::Pat).token;
+    let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &f.token[..10], &other[10..40]));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (v, t) = (f.verifier.clone(), if i == 8 { f.token.clone() } else { wrong.clone() });
+        tasks.push(tokio::spawn(async move { (i == 8, v.verify(&t).await.is_ok()) }));
+    }
+    for t in tasks {
+        let (right, ok) = t.await.unwrap();
+        assert_eq!(right, ok, "only the right secret verifies, and it always does");
+    }
 }

@@ -76,8 +76,9 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     // Simulate the race: a load starts, the record changes and is invalidated, then the load lands.
     let generation = cache.gens.current.load(Ordering::Acquire);
     cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
+    let before = user.clone();
     user.org_role = Role::Admin;
-    cache.store().update_user(&user, None).await.unwrap();
+    cache.store().update_user(&before, &user, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
     cache
         .users

@@ -125,7 +125,8 @@ pub fn ascii_json<T: serde::Serialize>(value: &T) -> String {
     let json = serde_json::to_string(value).unwrap_or_default();
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        if c.is_ascii() {
+        // serde_json escapes control characters below 0x20; DEL is not allowed in a header either.
+        if c.is_ascii() && c != '\u{7f}' {
             out.push(c);
         } else {
             let mut units = [0u16; 2];
@@ -143,9 +144,10 @@ mod tests {
 
     #[test]
     fn ascii_json_escapes_and_stays_valid() {
-        let v = serde_json::json!({"name": "Zoë", "emoji": "🙂", "n": 1});
+        let v = serde_json::json!({"name": "Zoë", "emoji": "🙂", "n": 1, "del": "a\u{7f}b"});
         let s = ascii_json(&v);
-        assert!(s.is_ascii(), "{s}");
+        assert!(s.is_ascii() && !s.contains('\u{7f}'), "{s}");
+        assert!(http::HeaderValue::from_str(&s).is_ok(), "{s}");
         assert!(s.contains("\\u00eb"));
         let back: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(back, v);

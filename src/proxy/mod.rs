@@ -22,7 +22,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::metrics::ProxyMetrics;
 use crate::policy::{self, Permit};
-use crate::route::Route;
+use crate::route::{self, normalize_host, Route};
 use reject::Rejection;
 
 /// The gateway: hot-swappable config and the verifier.
@@ -61,18 +61,25 @@ impl Gateway {
         req: &RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Permit, Rejection> {
-        let host = match req.uri.host() {
-            Some(h) => Some(h),
-            None => {
-                let mut hosts = req.headers.get_all(http::header::HOST).iter();
-                let host = hosts.next();
-                if hosts.next().is_some() {
-                    return Err(Rejection::BadRequest("the Host header appears more than once"));
-                }
-                host.map(|h| h.to_str().map_err(|_| Rejection::BadRequest("the Host header is not text")))
-                    .transpose()?
+        let mut hosts = req.headers.get_all(http::header::HOST).iter();
+        let header_host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(Rejection::BadRequest("the Host header appears more than once"));
+        }
+        let header_host = header_host
+            .map(|h| h.to_str().map_err(|_| Rejection::BadRequest("the Host header is not text")))
+            .transpose()?;
+        // An absolute-form target must name the same host as the Host header the upstream will see.
+        let host = match (req.uri.host(), header_host) {
+            (Some(uri), Some(header)) if normalize_host(uri) != normalize_host(header) => {
+                return Err(Rejection::BadRequest(
+                    "the request target and the Host header name different hosts",
+                ));
             }
+            (Some(uri), _) => Some(uri),
+            (None, header) => header,
         };
+        route::check_path(req.uri.path()).map_err(Rejection::BadRequest)?;
         let route = config.routes.find(host, req.uri.path()).ok_or(Rejection::NoRoute)?.clone();
         ctx.route = Some(route.clone());
         if route.public {

@@ -21,7 +21,7 @@ const LISTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("lists");
 pub struct EmbeddedBackend {
     db: Arc<Database>,
     path: PathBuf,
-    feed: LocalFeed,
+    feed: Arc<LocalFeed>,
 }
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
@@ -48,7 +48,7 @@ impl EmbeddedBackend {
         tx.open_table(SETS).map_err(failed)?;
         tx.open_table(LISTS).map_err(failed)?;
         tx.commit().map_err(failed)?;
-        Ok(EmbeddedBackend { db: Arc::new(db), path: path.to_path_buf(), feed: LocalFeed::default() })
+        Ok(EmbeddedBackend { db: Arc::new(db), path: path.to_path_buf(), feed: Arc::default() })
     }
 
     /// Runs blocking database work off the async threads.
@@ -108,7 +108,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        let publish = batch.publish.clone();
+        let feed = self.feed.clone();
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(failed)?;
             {
@@ -117,6 +117,11 @@ impl Backend for EmbeddedBackend {
                     if kv.get(k.as_str()).map_err(failed)?.is_some() {
                         // Dropping the transaction without commit changes nothing.
                         return Err(StoreError::Conflict(k.clone()));
+                    }
+                }
+                for (k, v) in &batch.expect {
+                    if kv.get(k.as_str()).map_err(failed)?.is_none_or(|cur| cur.value() != v.as_str()) {
+                        return Err(StoreError::Changed(k.clone()));
                     }
                 }
                 for (k, v) in &batch.put {
@@ -152,11 +157,13 @@ impl Backend for EmbeddedBackend {
                     }
                 }
             }
-            tx.commit().map_err(failed)
+            tx.commit().map_err(failed)?;
+            // Published here, with the commit, so that a caller who stopped waiting (a store
+            // timeout) cannot leave the change unannounced.
+            feed.publish(&batch.publish);
+            Ok(())
         })
-        .await?;
-        self.feed.publish(&publish);
-        Ok(())
+        .await
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {

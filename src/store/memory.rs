@@ -82,6 +82,9 @@ impl Backend for MemoryBackend {
             if let Some(k) = batch.absent.iter().find(|k| state.kv.contains_key(*k)) {
                 return Err(StoreError::Conflict(k.clone()));
             }
+            if let Some((k, _)) = batch.expect.iter().find(|(k, v)| state.kv.get(k) != Some(v)) {
+                return Err(StoreError::Changed(k.clone()));
+            }
             for (k, v) in batch.put {
                 state.kv.insert(k, v);
             }

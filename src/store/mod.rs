@@ -40,6 +40,9 @@ pub enum StoreError {
     /// A record the change needs does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// A record changed (or vanished) between being read and being written.
+    #[error("{0} changed while this change was being made")]
+    Changed(String),
     /// A stored record could not be decoded.
     #[error("corrupt record at {key}: {reason}")]
     Corrupt {
@@ -91,6 +94,8 @@ pub type InvalidationStream = Pin<Box<dyn Stream<Item = Invalidation> + Send>>;
 pub struct Batch {
     /// Keys that must not exist.
     pub absent: Vec<String>,
+    /// Keys that must still hold exactly this JSON (the record as it was read).
+    pub expect: Vec<(String, String)>,
     /// Keys to set to JSON values.
     pub put: Vec<(String, String)>,
     /// Keys to delete.
@@ -110,6 +115,14 @@ impl Batch {
         let json = serde_json::to_string(value)
             .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
         self.put.push((key, json));
+        Ok(())
+    }
+
+    /// The write goes ahead only if `key` still holds `value` as it was read.
+    fn expect<T: Serialize>(&mut self, key: String, value: &T) -> Result<(), StoreError> {
+        let json = serde_json::to_string(value)
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        self.expect.push((key, json));
         Ok(())
     }
 
@@ -143,7 +156,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError>;
     /// Reads up to `limit` entries of a list, newest first.
     async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError>;
-    /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists.
+    /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists, `Changed(key)` if a
+    /// key in `expect` holds anything else.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
     /// Subscribes to invalidations. Returns once the subscription is live.
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError>;
@@ -410,9 +424,15 @@ impl Store {
     }
 
     /// Replaces a user's record (role, status, attributes) and tells every instance.
-    pub async fn update_user(&self, user: &User, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+    pub async fn update_user(
+        &self,
+        before: &User,
+        user: &User,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.expect(user_key(&before.id), before)?;
         b.put(user_key(&user.id), user)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
@@ -468,11 +488,13 @@ impl Store {
     /// Replaces a token's record (revocation, rotation) and tells every instance.
     pub async fn update_token(
         &self,
+        before: &TokenRecord,
         token: &TokenRecord,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.expect(token_key(&before.id), before)?;
         b.put(token_key(&token.id), token)?;
         b.invalidate(Invalidation::Token(token.id.clone()));
         self.commit(b).await
@@ -485,21 +507,23 @@ impl Store {
         reason: Option<String>,
         by: Option<String>,
     ) -> Result<(), StoreError> {
-        let mut token =
-            self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        let before = self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        let mut token = before.clone();
         token.revoked = Some(Revocation { at: now_millis(), decided_at: None, reason, by });
-        self.update_token(&token, None).await
+        self.update_token(&before, &token, None).await
     }
 
     /// Renames a service (the name index moves with it) or changes its roles or attributes.
     pub async fn update_service(
         &self,
-        old_name: &str,
+        before: &Service,
         service: &Service,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.expect(service_key(&before.id), before)?;
+        let old_name = before.name.as_str();
         if old_name != service.name {
             let new_key = service_name_key(&service.org, &service.name);
             b.absent.push(new_key.clone());
@@ -520,6 +544,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.expect(user_key(&user.id), user)?;
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
         b.srem.push((org_users_key(&user.org), user.id.clone()));
         for token in revoked {
@@ -533,12 +558,14 @@ impl Store {
     /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation.
     pub async fn rotate_token(
         &self,
+        before: &TokenRecord,
         old: &TokenRecord,
         new: &TokenRecord,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.expect(token_key(&before.id), before)?;
         b.absent.push(token_key(&new.id));
         b.put(token_key(&old.id), old)?;
         b.put(token_key(&new.id), new)?;

@@ -18,8 +18,14 @@ pub fn now_millis() -> Millis {
 
 /// Formats a timestamp as RFC 3339 (UTC, seconds).
 pub fn format_millis(ms: Millis) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    // RFC 3339 ends with the year 9999; later times (never stored by this version) are clamped.
+    let ms = ms.clamp(0, 253_402_300_799_000);
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    let mut out = String::new();
+    match std::fmt::Write::write_fmt(&mut out, format_args!("{}", humantime::format_rfc3339_seconds(t))) {
+        Ok(()) => out,
+        Err(_) => "9999-12-31T23:59:59Z".to_string(),
+    }
 }
 
 /// Free-form attributes: any JSON object.

@@ -12,11 +12,15 @@ use tokio::sync::OnceCell;
 
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
-/// Applies a batch atomically: checks that the `absent` keys do not exist, then writes, then publishes.
+/// Applies a batch atomically: checks that the `absent` keys do not exist and the `expect` keys hold
+/// what was read, then writes, then publishes. Answers '' (done), a key (exists) or '~' + key (changed).
 const COMMIT_SCRIPT: &str = r#"
 local b = cjson.decode(ARGV[1])
 for _, k in ipairs(b.absent) do
   if redis.call('EXISTS', k) == 1 then return k end
+end
+for _, e in ipairs(b.expect) do
+  if redis.call('GET', e[1]) ~= e[2] then return '~' .. e[1] end
 end
 for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end
 for _, k in ipairs(b.del) do redis.call('DEL', k) end
@@ -105,8 +109,10 @@ impl Backend for RedisBackend {
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
-        let unprefixed: Vec<String> = batch.absent.clone();
+        let unprefixed: Vec<String> =
+            batch.absent.iter().chain(batch.expect.iter().map(|(k, _)| k)).cloned().collect();
         batch.absent.iter_mut().for_each(|k| *k = self.key(k));
+        batch.expect.iter_mut().for_each(|(k, _)| *k = self.key(k));
         batch.put.iter_mut().for_each(|(k, _)| *k = self.key(k));
         batch.del.iter_mut().for_each(|k| *k = self.key(k));
         batch.sadd.iter_mut().chain(batch.srem.iter_mut()).for_each(|(s, _)| *s = self.key(s));
@@ -119,8 +125,12 @@ impl Backend for RedisBackend {
         if conflict.is_empty() {
             return Ok(());
         }
-        let key = unprefixed.into_iter().find(|k| self.key(k) == conflict).unwrap_or(conflict);
-        Err(StoreError::Conflict(key))
+        let (changed, prefixed) = match conflict.strip_prefix('~') {
+            Some(k) => (true, k.to_string()),
+            None => (false, conflict),
+        };
+        let key = unprefixed.into_iter().find(|k| self.key(k) == prefixed).unwrap_or(prefixed);
+        Err(if changed { StoreError::Changed(key) } else { StoreError::Conflict(key) })
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {

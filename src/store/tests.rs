@@ -171,6 +171,34 @@ async fn the_embedded_store_keeps_its_data_across_a_reopen() {
 }
 
 #[tokio::test]
+async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_backend() {
+    for (s, _guard) in stores() {
+        let user =
+            lifecycle::create_user(&s, "acme", "r@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+                .await
+                .unwrap();
+        let (mut suspended, mut promoted) = (user.clone(), user.clone());
+        suspended.status = UserStatus::Suspended;
+        promoted.org_role = Role::Admin;
+        s.update_user(&user, &suspended, None).await.unwrap();
+        // The second writer read the user before the suspension: refused, the suspension stays.
+        let lost = s.update_user(&user, &promoted, None).await;
+        assert!(matches!(lost, Err(StoreError::Changed(_))), "{}: {lost:?}", s.describe());
+        assert_eq!(s.get_user(&user.id).await.unwrap(), Some(suspended.clone()), "{}", s.describe());
+        // A deleted service cannot be written back.
+        let svc =
+            lifecycle::create_service(&s, "acme", "etl", None, BTreeMap::new(), Attributes::new(), None)
+                .await
+                .unwrap();
+        s.delete_service(&svc, None).await.unwrap();
+        let mut renamed = svc.clone();
+        renamed.org_role = Some(Role::Admin);
+        assert!(matches!(s.update_service(&svc, &renamed, None).await, Err(StoreError::Changed(_))));
+        assert_eq!(s.get_service(&svc.id).await.unwrap(), None, "{}", s.describe());
+    }
+}
+
+#[tokio::test]
 async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
     for (s, _guard) in stores() {
         let s = s.with_audit_max(3);
@@ -196,7 +224,7 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
                 reason: None,
                 details: serde_json::Value::Null,
             };
-            s.update_service("etl", &svc, Some(&event)).await.unwrap();
+            s.update_service(&svc, &svc, Some(&event)).await.unwrap();
         }
         let actions: Vec<String> =
             s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();

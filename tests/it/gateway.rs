@@ -235,21 +235,24 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
     }
 
     let within = Duration::from_secs(2);
+    let before = user.clone();
     user.org_role = Role::Viewer;
-    w.store.update_user(&user, None).await.unwrap();
+    w.store.update_user(&before, &user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.post(g, "/shop", &token).await.status() == 403 }).await);
         assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "a viewer can still read");
     }
 
+    let before = user.clone();
     user.status = UserStatus::Suspended;
-    w.store.update_user(&user, None).await.unwrap();
+    w.store.update_user(&before, &user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 401 }).await);
     }
 
+    let before = user.clone();
     user.status = UserStatus::Active;
-    w.store.update_user(&user, None).await.unwrap();
+    w.store.update_user(&before, &user, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 200 }).await);
     }
@@ -329,6 +332,18 @@ async fn bad_input_gets_a_4xx_never_a_5xx() {
             .unwrap();
         assert_eq!(resp.status(), 401, "{junk:?}");
     }
+
+    // A public route cannot be used to reach a protected path.
+    for target in ["/public/../shop", "/public/%2e%2e/shop", "/public%2f..%2fshop"] {
+        let raw = raw_request(
+            addr,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(status(&raw), 400, "{target}: {raw}");
+    }
+    let raw =
+        raw_request(addr, b"GET http://other.example/shop HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&raw), 400, "{raw}");
 
     let huge = format!("Bearer {}", "a".repeat(60_000));
     let resp = w.http.get(w.gateway.url("/shop")).header("Authorization", huge).send().await.unwrap();
