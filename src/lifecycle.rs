@@ -303,6 +303,17 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// Validates a scope, environments and expiry against the config and the caller's rights.
+    /// The expiry of a token made without the caller choosing one (a service's or a new user's first
+    /// token): the configured maximum lifetime, or 90 days where an expiry is required without one.
+    fn implicit_expiry(&self, now: Millis) -> Option<Millis> {
+        let limits = &self.config.tokens;
+        match (limits.max_ttl, limits.require_expiry) {
+            (Some(max), _) => Some(now + max.as_millis() as Millis),
+            (None, true) => Some(now + 90 * 24 * 3600 * 1000),
+            (None, false) => None,
+        }
+    }
+
     /// `wanted`'s expiry fields are ignored: the caller has turned them into `expires_at`.
     fn spec(
         &self,
@@ -332,16 +343,18 @@ impl<'a> Lifecycle<'a> {
                 }
                 Some(Scope { name: None, permissions: perms })
             }
-            // A token made with a narrowed token stays as narrow.
+            // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
+            // the caller holds: the owner's role caps it on every request.)
             (None, None) => actor.scope.clone().map(|permissions| Scope { name: None, permissions }),
         };
+        let inherited = scope.is_some() && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());
         let wanted = match &scope {
             Some(s) => policy.set_of(&s.permissions),
             None => policy.role_permissions(actor.roles.highest()),
         };
-        if !held.contains(wanted) {
+        if !inherited && !held.contains(wanted) {
             return Err(LifecycleError::Forbidden(format!(
                 "the token would have more rights ({}) than you hold ({})",
                 policy.names_of(wanted),
@@ -615,13 +628,12 @@ impl<'a> Lifecycle<'a> {
                     .get_service(sid)
                     .await?
                     .ok_or_else(|| LifecycleError::NotFound("service gone".into()))?;
+                // The caller's own narrowing (scope, environments) still applies.
                 Actor {
                     roles: RoleSet {
                         org: s.org_role.unwrap_or(Role::Guest),
                         projects: s.project_roles.clone(),
                     },
-                    scope: None,
-                    environments: None,
                     ..actor.clone()
                 }
             }
@@ -692,8 +704,13 @@ impl<'a> Lifecycle<'a> {
     /// the configured limits, shown once.
     pub async fn issue_first_token(&self, actor: &Actor, user: &User) -> Result<String> {
         actor.require_admin(self.config)?;
-        let expires_at = self.config.tokens.max_ttl.map(|t| now_millis() + t.as_millis() as Millis);
-        let spec = TokenSpec { display_name: Some("initial".into()), expires_at, ..TokenSpec::default() };
+        let now = now_millis();
+        let owner = Actor {
+            roles: RoleSet { org: user.org_role, projects: user.project_roles.clone() },
+            ..actor.clone()
+        };
+        let wanted = IssueRequest { display_name: Some("initial".into()), ..IssueRequest::default() };
+        let spec = self.spec(&owner, wanted, self.implicit_expiry(now), now)?;
         let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
         self.store_issued(actor, &record, serde_json::json!({ "for": format!("user:{}", user.email) }))
             .await?;
@@ -883,8 +900,17 @@ impl<'a> Lifecycle<'a> {
             .create_service(&service, Some(&audit))
             .await
             .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
-        let spec =
-            TokenSpec { display_name: Some(format!("{} token", service.name)), ..TokenSpec::default() };
+        let now = now_millis();
+        let owner = Actor {
+            roles: RoleSet {
+                org: service.org_role.unwrap_or(Role::Guest),
+                projects: service.project_roles.clone(),
+            },
+            ..actor.clone()
+        };
+        let wanted =
+            IssueRequest { display_name: Some(format!("{} token", service.name)), ..IssueRequest::default() };
+        let spec = self.spec(&owner, wanted, self.implicit_expiry(now), now)?;
         let (new, record) = self.mint(&service.org, Owner::Service(service.id.clone()), spec).await?;
         self.store_issued(actor, &record, serde_json::Value::Null).await?;
         let issued = self.issued(new, &record).await?;

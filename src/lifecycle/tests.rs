@@ -94,3 +94,30 @@ fn token_status_follows_the_clock() {
     check(record(Some(50), None, true), "rotated");
     check(record(Some(150), None, true), "deprecated");
 }
+
+#[tokio::test]
+async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_config() {
+    let (store, config, mut actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    actor.scope = Some(vec!["read".into(), "write".into(), "admin".into()]);
+    actor.environments = Some(vec!["production".into()]);
+    let req = CreateService {
+        org: "acme".into(),
+        name: "etl".into(),
+        org_role: Some(Role::Viewer),
+        ..CreateService::default()
+    };
+    let (_, token) = l.create_service(&actor, req).await.unwrap();
+    assert_eq!(token.details.environments, Some(vec!["production".to_string()]));
+    assert!(token.details.permissions.is_some(), "the caller's scope is inherited");
+    assert!(token.details.expires_at.is_some(), "require_expiry and max_ttl apply");
+
+    let user = l
+        .add_user(&actor, "acme", "new@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    let first = l.issue_first_token(&actor, &user).await.unwrap();
+    let view = l.get_token(&actor, &first[..10]).await.unwrap();
+    assert_eq!(view.environments, Some(vec!["production".to_string()]));
+    assert!(view.expires_at.is_some());
+}
