@@ -3,36 +3,40 @@
 //! path never writes to the store.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::store::{now_millis, LastUse, Store};
+use crate::store::{now_millis, LastUse, Millis, Store};
 use crate::token::TokenId;
 
 /// Pending last-use records of one instance.
 #[derive(Default)]
 pub struct LastUseLog {
-    pending: Mutex<HashMap<TokenId, LastUse>>,
+    /// Time and client address of the latest use; formatted only when flushed, so that noting a
+    /// use on the request path allocates nothing once the token is known.
+    pending: Mutex<HashMap<TokenId, (Millis, Option<IpAddr>)>>,
 }
 
 impl LastUseLog {
     /// Notes a use; only the latest per token is kept until the next flush.
-    pub fn note(&self, id: &TokenId, ip: Option<std::net::IpAddr>) {
-        let ip = ip.map(|a| a.to_string()).unwrap_or_default();
+    pub fn note(&self, id: &TokenId, ip: Option<IpAddr>) {
+        let use_ = (now_millis(), ip);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match pending.get_mut(id) {
-            Some(last) => {
-                last.at = now_millis();
-                last.ip = ip;
-            }
+            Some(last) => *last = use_,
             None => {
-                pending.insert(id.clone(), LastUse { at: now_millis(), ip });
+                pending.insert(id.clone(), use_);
             }
         }
     }
 
     fn take(&self) -> Vec<(TokenId, LastUse)> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect()
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        pending
+            .into_iter()
+            .map(|(id, (at, ip))| (id, LastUse { at, ip: ip.map(|a| a.to_string()).unwrap_or_default() }))
+            .collect()
     }
 
     /// Writes what is pending. On a store failure the records are kept for the next flush.
@@ -45,7 +49,7 @@ impl LastUseLog {
             tracing::warn!(error = %e, records = batch.len(), "could not write last-use records; will retry");
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for (id, last) in batch {
-                pending.entry(id).or_insert(last);
+                pending.entry(id).or_insert((last.at, last.ip.parse().ok()));
             }
         }
     }

@@ -181,7 +181,6 @@ pub struct Cache {
     tokens: RecordCache<TokenId, TokenRecord>,
     users: RecordCache<String, User>,
     services: RecordCache<String, Service>,
-    invalidations: AtomicU64,
     stats: CacheStats,
 }
 
@@ -199,7 +198,6 @@ impl Cache {
             tokens: RecordCache::new(settings, bound, &stats, "token"),
             users: RecordCache::new(settings, bound, &stats, "user"),
             services: RecordCache::new(settings, bound, &stats, "service"),
-            invalidations: AtomicU64::new(0),
             stats,
             store,
         }
@@ -222,7 +220,7 @@ impl Cache {
 
     /// How many invalidations this instance has applied.
     pub fn invalidations_applied(&self) -> u64 {
-        self.invalidations.load(Ordering::Relaxed)
+        self.stats.invalidations.get()
     }
 
     /// A token record, from the cache or the store.
@@ -248,7 +246,6 @@ impl Cache {
             Invalidation::User(id) => self.users.invalidate(id, generation).await,
             Invalidation::Service(id) => self.services.invalidate(id, generation).await,
         }
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
         self.stats.invalidations.inc();
     }
 

@@ -68,17 +68,21 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, &config).unwrap();
-    let out = Command::new(tollgate_bin())
-        .arg("bootstrap")
-        .arg("--config")
-        .arg(&path)
-        .args(["--org", "acme", "--email", "root@example.com"])
-        .output()
-        .unwrap();
+    let bootstrap = || {
+        Command::new(tollgate_bin())
+            .arg("bootstrap")
+            .arg("--config")
+            .arg(&path)
+            .args(["--org", "acme", "--email", "root@example.com"])
+            .output()
+            .unwrap()
+    };
+    let out = bootstrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let token =
         stdout.lines().find_map(|l| l.strip_prefix("Access token: ")).expect("token line").to_string();
+    remember_secret(&token);
 
     let gateway = Gateway::start_with(port, &config);
     let resp =
@@ -87,13 +91,7 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     assert_eq!(echo["headers"]["x-auth-role"][0], "admin");
 
     // The same email cannot be bootstrapped twice.
-    let again = Command::new(tollgate_bin())
-        .arg("bootstrap")
-        .arg("--config")
-        .arg(&path)
-        .args(["--org", "acme", "--email", "root@example.com"])
-        .output()
-        .unwrap();
+    let again = bootstrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }

@@ -22,10 +22,6 @@ fn add_user(admin: &Cli, email: &str, role: &str) -> Cli {
     admin.as_token(&out.token())
 }
 
-fn issued(out: Output) -> String {
-    out.token()
-}
-
 async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> u16 {
     w.http.request(method, w.gateway.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
 }
@@ -36,8 +32,8 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let admin = admin(&mut w, "acme").await;
     let ann = add_user(&admin, "ann@acme.io", "editor");
 
-    let mcp = issued(ann.run(&["token", "issue", "--display-name", "MCP Token", "--ttl-minutes", "1440"]));
-    let local = issued(ann.run(&["token", "issue", "--display-name", "Local Development"]));
+    let mcp = ann.run(&["token", "issue", "--display-name", "MCP Token", "--ttl-minutes", "1440"]).token();
+    let local = ann.run(&["token", "issue", "--display-name", "Local Development"]).token();
     let (mcp_id, local_id) = (mcp[..10].to_string(), local[..10].to_string());
 
     let listed = ann.run(&["token", "list"]).ok();
@@ -80,8 +76,8 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     }
 
     // Several tokens with one name: refused, naming them.
-    let a = issued(ann.run(&["token", "issue", "--display-name", "ci"]));
-    let b = issued(ann.run(&["token", "issue", "--display-name", "ci"]));
+    let a = ann.run(&["token", "issue", "--display-name", "ci"]).token();
+    let b = ann.run(&["token", "issue", "--display-name", "ci"]).token();
     let err = ann.run(&["token", "revoke", "--display-name", "ci"]).failed();
     assert!(err.contains(&a[..10]) && err.contains(&b[..10]), "{err}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &a).await, 200, "nothing was revoked");
@@ -100,7 +96,7 @@ async fn a_scoped_token_with_two_environments_works_only_there() {
     let admin = admin(&mut w, "acme").await;
     let ann = add_user(&admin, "ann@acme.io", "editor");
     let out = ann.run(&["token", "issue", "--scope", "execute", "--env", "production", "--env", "staging"]);
-    let token = issued(out);
+    let token = out.token();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
     assert_eq!(status(&w, reqwest::Method::GET, "/staging", &token).await, 200);
     assert_eq!(status(&w, reqwest::Method::GET, "/dev", &token).await, 403, "not its environment");
@@ -115,7 +111,7 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
     let ann = add_user(&admin, "ann@acme.io", "editor");
-    let old = issued(ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]));
+    let old = ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &old).await, 200);
 
     let expires = format_millis(tollgate::store::now_millis() + 3 * 24 * 3600 * 1000);
@@ -130,7 +126,7 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
         "--grace-seconds",
         "2",
     ]);
-    let new = issued(out);
+    let new = out.token();
     let details = ann.json(&["token", "get", &new[..10]]);
     assert_eq!(details["scope"], "read");
     assert_eq!(details["expires_at"], expires);
@@ -160,7 +156,7 @@ async fn an_admin_manages_services_end_to_end() {
 
     let out = admin.run(&["service", "create", "reporting", "--org", "acme", "--org-role", "viewer"]);
     assert!(out.stdout.contains("Created service \"reporting\" in org \"acme\"."), "{out:?}");
-    let reporting = issued(out);
+    let reporting = out.token();
     assert!(reporting.starts_with("tgs_"));
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &reporting).await, 403);
@@ -178,7 +174,7 @@ async fn an_admin_manages_services_end_to_end() {
         "--attributes",
         r#"{"tier":"gold","region":"us-west"}"#,
     ]);
-    let embed = issued(out);
+    let embed = out.token();
     let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
     assert_eq!(echo["headers"]["x-auth-subject"][0], "service:embed");
     assert_eq!(echo["headers"]["x-auth-token-kind"][0], "service");
@@ -230,17 +226,17 @@ async fn nobody_grants_more_than_they_hold() {
     let err = viewer.run(&["token", "issue", "--scope", "admin"]).failed();
     assert!(err.contains("more rights"), "{err}");
     // The viewer's own default token can only read.
-    let token = issued(viewer.run(&["token", "issue"]));
+    let token = viewer.run(&["token", "issue"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403);
 
     let err = editor.run(&["service", "create", "big", "--org-role", "admin"]).failed();
     assert!(err.contains("may not exceed"), "{err}");
-    let etl = issued(editor.run(&["service", "create", "etl", "--org-role", "editor"]));
+    let etl = editor.run(&["service", "create", "etl", "--org-role", "editor"]).token();
     let err = admin.run(&["service", "set-role", "etl", "--org-role", "admin"]).failed();
     assert!(err.contains("may not exceed"), "a service made by an editor cannot become admin: {err}");
 
     // Removing the editor kills their PATs and leaves their service working.
-    let ed_pat = issued(editor.run(&["token", "issue"]));
+    let ed_pat = editor.run(&["token", "issue"]).token();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 200);
     let out = admin.run(&["user", "remove", "ed@acme.io"]).ok();
     assert!(out.contains("revoked 2 token(s)"), "{out}");
