@@ -13,9 +13,10 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use crate::cache::Cache;
+use crate::jwt::{self, EphemeralClaims, JwtError, JwtSettings, KeyFingerprint};
 use crate::policy::Role;
 use crate::store::{now_millis, Attributes, Owner, Service, StoreError, TokenRecord, User, UserStatus};
-use crate::token::{self, ParsedToken, SecretDigester, TokenId, TokenKind};
+use crate::token::{self, ParsedToken, SecretDigester, TokenId};
 
 /// Why a credential is refused (401). The client sees [`Invalid::description`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub enum Invalid {
     OwnerSuspended,
     /// The owning user or service no longer exists.
     OwnerGone,
+    /// A JWT that fails verification (shape, key, algorithm, signature, claims).
+    Jwt(JwtError),
 }
 
 impl Invalid {
@@ -42,6 +45,8 @@ impl Invalid {
     pub fn description(self) -> &'static str {
         match self {
             Invalid::Malformed | Invalid::Unknown | Invalid::WrongSecret => "the access token is invalid",
+            Invalid::Jwt(JwtError::Expired) => "the access token has expired",
+            Invalid::Jwt(_) => "the access token is invalid",
             Invalid::Expired => "the access token has expired",
             Invalid::Revoked => "the access token has been revoked",
             Invalid::OwnerSuspended => "the owner of the access token is suspended",
@@ -59,6 +64,7 @@ impl Invalid {
             Invalid::Revoked => "revoked",
             Invalid::OwnerSuspended => "owner_suspended",
             Invalid::OwnerGone => "owner_gone",
+            Invalid::Jwt(e) => e.label(),
         }
     }
 }
@@ -85,16 +91,35 @@ pub enum OwnerRecord {
 
 /// A verified caller: the token and its owner's current record.
 #[derive(Debug, Clone)]
+///
+/// For an ephemeral credential, `token` and `owner` are the service token that minted it and its
+/// service, as of now, and `ephemeral` holds the credential's verified claims.
 pub struct Principal {
     token: Arc<TokenRecord>,
     owner: OwnerRecord,
     deprecated: bool,
+    ephemeral: Option<Arc<Ephemeral>>,
+}
+
+/// A verified ephemeral credential, as cached.
+#[derive(Debug)]
+pub struct Ephemeral {
+    /// The verified claims.
+    pub claims: EphemeralClaims,
+    /// `ephemeral:<sub>`.
+    subject: String,
+    key: KeyFingerprint,
 }
 
 impl Principal {
     /// A principal from records already checked (used by tests and by the verifier).
     pub(crate) fn new(token: Arc<TokenRecord>, owner: OwnerRecord, deprecated: bool) -> Principal {
-        Principal { token, owner, deprecated }
+        Principal { token, owner, deprecated, ephemeral: None }
+    }
+
+    /// The ephemeral credential's claims, when the caller presented one.
+    pub fn ephemeral(&self) -> Option<&EphemeralClaims> {
+        self.ephemeral.as_deref().map(|e| &e.claims)
     }
 
     /// The token's org.
@@ -136,34 +161,55 @@ impl Principal {
         org_role.into_iter().chain(project_roles.get(project).copied()).max().unwrap_or(Role::Guest)
     }
 
-    /// `user:<id>` or `service:<name>`.
+    /// `user:<id>`, `service:<name>` or `ephemeral:<sub>`.
     pub fn subject(&self) -> String {
+        if let Some(e) = &self.ephemeral {
+            return e.subject.clone();
+        }
         match &self.owner {
             OwnerRecord::User(u) => format!("user:{}", u.id),
             OwnerRecord::Service(s) => format!("service:{}", s.name),
         }
     }
 
-    /// The token id.
+    /// The id of the stored token: the caller's own, or the one that minted an ephemeral credential.
     pub fn token_id(&self) -> &TokenId {
         &self.token.id
     }
 
-    /// `pat` or `service`.
-    pub fn kind(&self) -> TokenKind {
-        self.token.kind
+    /// The id shown for the credential presented: the token id, or an ephemeral credential's `jti`.
+    pub fn credential_id(&self) -> &str {
+        match &self.ephemeral {
+            Some(e) => &e.claims.jti,
+            None => self.token.id.as_str(),
+        }
     }
 
-    /// The user's email, where the owner is a user.
+    /// `pat`, `service` or `ephemeral`.
+    pub fn kind(&self) -> &'static str {
+        match &self.ephemeral {
+            Some(_) => "ephemeral",
+            None => self.token.kind.as_str(),
+        }
+    }
+
+    /// The user's email, where the owner is a user, or the ephemeral credential's.
     pub fn email(&self) -> Option<&str> {
+        if let Some(e) = &self.ephemeral {
+            return e.claims.email.as_deref();
+        }
         match &self.owner {
             OwnerRecord::User(u) => Some(&u.email),
             OwnerRecord::Service(_) => None,
         }
     }
 
-    /// The owner's attributes; a user's include `email` and `domain` unless set explicitly.
+    /// The owner's attributes; a user's include `email` and `domain` unless set explicitly. An
+    /// ephemeral credential carries the end user's, as minted.
     pub fn attributes(&self) -> Attributes {
+        if let Some(e) = &self.ephemeral {
+            return e.claims.attrs.clone();
+        }
         match &self.owner {
             OwnerRecord::User(u) => {
                 let mut attrs = u.attributes.clone();
@@ -194,11 +240,18 @@ pub struct VerifierStats {
     pub argon2_waiting: AtomicUsize,
 }
 
+/// How long a verified JWT's claims are remembered (they are checked again on every use; this
+/// only bounds memory held for credentials nobody presents any more).
+const JWT_CACHE_SECONDS: u64 = 300;
+
 /// Verifies credentials against the cache and store.
 pub struct Verifier {
     cache: Arc<Cache>,
     digester: SecretDigester,
     proven: moka::future::Cache<TokenId, Proven>,
+    /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
+    /// whole JWT; their times, key and parent are checked again on every request.
+    jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>>,
     argon2_slots: Arc<Semaphore>,
     stats: Arc<VerifierStats>,
 }
@@ -216,6 +269,10 @@ impl Verifier {
             cache,
             digester: SecretDigester::new(),
             proven: moka::future::Cache::builder().max_capacity(capacity).build(),
+            jwts: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
+                .build(),
             argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
             stats: Arc::default(),
         }
@@ -229,6 +286,68 @@ impl Verifier {
     /// The cache in use.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// Verifies any credential the gateway accepts: a JWT goes to [`Verifier::verify_ephemeral`]
+    /// (refused when no `jwt` section is configured), everything else to [`Verifier::verify`].
+    pub async fn verify_credential(
+        &self,
+        presented: &str,
+        jwt: Option<&JwtSettings>,
+    ) -> Result<Principal, AuthError> {
+        match (jwt::looks_like_jwt(presented), jwt) {
+            (true, Some(settings)) => self.verify_ephemeral(presented, settings).await,
+            (true, None) => Err(AuthError::Invalid(Invalid::Jwt(JwtError::UnknownKey))),
+            (false, _) => self.verify(presented).await,
+        }
+    }
+
+    /// Verifies an ephemeral credential: the JWT itself (or the cached result of verifying these
+    /// exact bytes, whose key, times and audience are checked again), then the service token that
+    /// minted it and its service, as of now.
+    pub async fn verify_ephemeral(
+        &self,
+        presented: &str,
+        settings: &JwtSettings,
+    ) -> Result<Principal, AuthError> {
+        let invalid = |e: JwtError| AuthError::Invalid(Invalid::Jwt(e));
+        let digest = self.digester.digest(presented);
+        let now = now_millis();
+        let ephemeral = match self.jwts.get(&digest) {
+            Some(e) => {
+                settings.still_valid(&e.claims, &e.key, now / 1000).map_err(invalid)?;
+                e
+            }
+            None => {
+                let (claims, key) = settings.verify(presented).map_err(invalid)?;
+                let subject = format!("ephemeral:{}", claims.sub);
+                let e = Arc::new(Ephemeral { claims, subject, key });
+                self.jwts.insert(digest, e.clone());
+                e
+            }
+        };
+        let claims = &ephemeral.claims;
+        let parent = TokenId::parse(&claims.tid).ok_or(invalid(JwtError::Claims))?;
+        let record = self.cache.token(&parent).await?.ok_or(AuthError::Invalid(Invalid::OwnerGone))?;
+        if record.is_revoked(now) {
+            return Err(AuthError::Invalid(Invalid::Revoked));
+        }
+        if record.is_expired(now) {
+            return Err(AuthError::Invalid(Invalid::Expired));
+        }
+        if record.owner != Owner::Service(claims.svc.clone()) || record.org != claims.org {
+            return Err(AuthError::Invalid(Invalid::OwnerGone));
+        }
+        let service = self.cache.service(&claims.svc).await?.ok_or(AuthError::Invalid(Invalid::OwnerGone))?;
+        if service.org != claims.org {
+            return Err(AuthError::Invalid(Invalid::OwnerGone));
+        }
+        Ok(Principal {
+            token: record,
+            owner: OwnerRecord::Service(service),
+            deprecated: false,
+            ephemeral: Some(ephemeral),
+        })
     }
 
     /// Verifies a token as presented by a client.

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod echo;
+pub mod jwt;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;

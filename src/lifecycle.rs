@@ -18,6 +18,9 @@ use crate::store::{
 };
 use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
 
+mod ephemeral;
+pub use ephemeral::{CredentialsRequest, IssuedCredential};
+
 /// A lifecycle failure; the admin API maps each kind to one status.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -65,6 +68,10 @@ pub struct Actor {
     pub scope: Option<Vec<String>>,
     /// The calling token's environments, if restricted.
     pub environments: Option<Vec<String>>,
+    /// The calling token's id (`None` for `bootstrap`).
+    pub token_id: Option<TokenId>,
+    /// The service behind the token, if a service.
+    pub service_id: Option<String>,
 }
 
 impl Actor {
@@ -89,6 +96,11 @@ impl Actor {
             roles,
             scope: p.scope().map(<[String]>::to_vec),
             environments: p.environments().map(<[String]>::to_vec),
+            token_id: Some(p.token_id().clone()),
+            service_id: match p.owner() {
+                OwnerRecord::Service(s) => Some(s.id.clone()),
+                OwnerRecord::User(_) => None,
+            },
         }
     }
 
@@ -314,6 +326,37 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
+    /// A scope asked for by preset name or permission list (not both), resolved and checked against
+    /// the config; `None` when neither was given.
+    fn requested_scope(
+        &self,
+        scope: Option<String>,
+        permissions: Option<Vec<String>>,
+    ) -> Result<Option<Scope>> {
+        let policy = &self.config.policy;
+        match (scope, permissions) {
+            (Some(_), Some(_)) => {
+                Err(LifecycleError::Invalid("give --scope or --permission, not both".into()))
+            }
+            (Some(name), None) => {
+                let perms = policy.scope_preset(&name).ok_or_else(|| {
+                    LifecycleError::Invalid(format!(
+                        "unknown scope {name:?}; presets: {}",
+                        policy.scope_names().join(", ")
+                    ))
+                })?;
+                Ok(Some(Scope { name: Some(name), permissions: perms.to_vec() }))
+            }
+            (None, Some(perms)) => {
+                if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
+                    return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
+                }
+                Ok(Some(Scope { name: None, permissions: perms }))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// `wanted`'s expiry fields are ignored: the caller has turned them into `expires_at`.
     fn spec(
         &self,
@@ -324,29 +367,11 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<TokenSpec> {
         let IssueRequest { display_name, scope, permissions, environments, .. } = wanted;
         let policy = &self.config.policy;
-        let scope = match (scope, permissions) {
-            (Some(_), Some(_)) => {
-                return Err(LifecycleError::Invalid("give --scope or --permission, not both".into()))
-            }
-            (Some(name), None) => {
-                let perms = policy.scope_preset(&name).ok_or_else(|| {
-                    LifecycleError::Invalid(format!(
-                        "unknown scope {name:?}; presets: {}",
-                        policy.scope_names().join(", ")
-                    ))
-                })?;
-                Some(Scope { name: Some(name), permissions: perms.to_vec() })
-            }
-            (None, Some(perms)) => {
-                if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
-                    return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
-                }
-                Some(Scope { name: None, permissions: perms })
-            }
-            // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
-            // the caller holds: the owner's role caps it on every request.)
-            (None, None) => actor.scope.clone().map(|permissions| Scope { name: None, permissions }),
-        };
+        // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
+        // the caller holds: the owner's role caps it on every request.)
+        let scope = self
+            .requested_scope(scope, permissions)?
+            .or_else(|| actor.scope.clone().map(|permissions| Scope { name: None, permissions }));
         let inherited = scope.is_some() && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());

@@ -195,6 +195,9 @@ pub enum Forbidden {
     /// The token is restricted to other environments.
     #[error("the token is not valid for environment \"{0}\"")]
     Environment(String),
+    /// An ephemeral credential minted for another project.
+    #[error("the credential is not valid for project \"{0}\"")]
+    Project(String),
     /// The effective permissions lack the one the route requires for this method.
     #[error("this request requires the \"{0}\" permission")]
     Permission(String),
@@ -246,14 +249,21 @@ pub fn authorize(
     if principal.org() != route.org {
         return Err(Forbidden::Org);
     }
-    if let Some(envs) = principal.environments() {
+    let ephemeral = principal.ephemeral();
+    if ephemeral.is_some_and(|e| e.project != route.project) {
+        return Err(Forbidden::Project(route.project.clone()));
+    }
+    // An ephemeral credential is bounded by its own environments and those of the token that
+    // minted it, and by both scopes.
+    let env_limits = principal.environments().into_iter().chain(ephemeral.and_then(|e| e.env.as_deref()));
+    for envs in env_limits {
         if !envs.iter().any(|e| *e == route.environment) {
             return Err(Forbidden::Environment(route.environment.clone()));
         }
     }
     let role = principal.role_on(&route.project);
     let mut permissions = policy.role_permissions(role);
-    if let Some(scope) = principal.scope() {
+    for scope in principal.scope().into_iter().chain(ephemeral.and_then(|e| e.scope.as_deref())) {
         permissions = permissions.intersect(policy.set_of(scope));
     }
     let required = route.required_permission(method);

@@ -38,6 +38,8 @@ pub struct Route {
     pub public: bool,
     /// Whether a token may come in the query string.
     pub query_token: bool,
+    /// Whether the upstream gets a signed identity JWT (`X-Auth-Jwt`).
+    pub identity_jwt: bool,
     /// Permission per method; methods not listed use `read_default` or `write_default`.
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// Required for GET, HEAD and OPTIONS unless listed.
@@ -68,6 +70,8 @@ pub struct RouteSpec {
     pub public: bool,
     /// See [`Route::query_token`].
     pub query_token: bool,
+    /// See [`Route::identity_jwt`].
+    pub identity_jwt: bool,
     /// See [`Route::methods`].
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// See [`Route::read_default`].
@@ -89,6 +93,7 @@ impl Route {
             environment: spec.environment,
             public: spec.public,
             query_token: spec.query_token,
+            identity_jwt: spec.identity_jwt,
             methods: spec.methods,
             read_default: spec.read_default,
             write_default: spec.write_default,
@@ -211,6 +216,7 @@ mod tests {
             environment: "e".into(),
             public: false,
             query_token: false,
+            identity_jwt: false,
             methods: HashMap::from([(http::Method::DELETE, perm("admin"))]),
             read_default: perm("read"),
             write_default: perm("write"),

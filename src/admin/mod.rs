@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::lifecycle::{Actor, CreateService, IssueRequest, Lifecycle, RoleChange, RotateRequest};
+use crate::lifecycle::{
+    Actor, CreateService, CredentialsRequest, IssueRequest, Lifecycle, RoleChange, RotateRequest,
+};
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
 pub use error::ApiError;
@@ -95,6 +97,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/services/{name}", get(show_service).patch(edit_service).delete(delete_service))
         .route("/v1/orgs/{org}/services/{name}/role", post(set_service_role))
         .route("/v1/orgs/{org}/audit", get(audit))
+        .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
+        .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -141,6 +145,24 @@ macro_rules! lifecycle {
         let config = $s.config.load_full();
         let $l = Lifecycle::new(&$s.store, &config);
     };
+}
+
+/// The public keys of the configured JWT keys, for anyone verifying what Tollgate signs.
+async fn jwks(State(s): State<AdminState>) -> Response {
+    match &s.config.load().jwt {
+        Some(jwt) => Json(jwt.jwks()).into_response(),
+        None => ApiError::NotFound("this gateway has no `jwt` section".into()).into_response(),
+    }
+}
+
+async fn issue_credentials(
+    State(s): State<AdminState>,
+    Caller(a): Caller,
+    Path((org, project)): Path<(String, String)>,
+    Body(req): Body<CredentialsRequest>,
+) -> Response {
+    lifecycle!(s, l);
+    created(l.issue_credentials(&a, &org, &project, req).await)
 }
 
 #[derive(Deserialize)]

@@ -17,7 +17,10 @@ use crate::admin::{
     AddUser, AddedUser, CreatedService, EditService, Reason, RevokeRequest, ServiceView, UserView, WhoAmI,
 };
 use crate::config::Config;
-use crate::lifecycle::{CreateService, IssueRequest, IssuedToken, RoleChange, RotateRequest, TokenView};
+use crate::lifecycle::{
+    CreateService, CredentialsRequest, IssueRequest, IssuedCredential, IssuedToken, RoleChange,
+    RotateRequest, TokenView,
+};
 use crate::policy::Role;
 use crate::store::{Attributes, AuditEvent};
 use crate::{lifecycle, server, store};
@@ -94,6 +97,18 @@ enum Command {
     /// Service accounts of an org.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Ephemeral credentials: short-lived JWTs a service mints for its end users.
+    #[command(subcommand)]
+    Credentials(CredentialsCmd),
+    /// Write a new JWT signing key (PKCS#8 PEM) for the `jwt.keys` section of the config.
+    Keygen {
+        /// EdDSA (Ed25519) or ES256 (P-256).
+        #[arg(long, default_value = "EdDSA")]
+        algorithm: String,
+        /// The file to write; refused if it exists.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The audit log of an org.
     Audit {
         /// Org (default: yours).
@@ -176,6 +191,41 @@ enum TokenCmd {
         /// Seconds the old token keeps working, answering with a Deprecation header.
         #[arg(long, allow_negative_numbers = true)]
         grace_seconds: Option<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialsCmd {
+    /// Mint a JWT for an end user of the calling service (authenticate with the service's token);
+    /// it is shown once.
+    Issue {
+        /// Org.
+        #[arg(long)]
+        org: String,
+        /// The project it works on.
+        #[arg(long)]
+        project: String,
+        /// The end user's attributes (a JSON object).
+        #[arg(long, required_unless_present = "user_email", conflicts_with = "user_email")]
+        attributes: Option<String>,
+        /// The end user's email (their attributes come from the org's user with that email).
+        #[arg(long)]
+        user_email: Option<String>,
+        /// The end user's id for the upstream (default: the email).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Lifetime in seconds (default and cap from the config's `jwt` section).
+        #[arg(long, allow_negative_numbers = true)]
+        ttl_seconds: Option<i64>,
+        /// Scope preset, within the service's permissions on the project.
+        #[arg(long, conflicts_with = "permission")]
+        scope: Option<String>,
+        /// Explicit permissions instead of a preset (repeatable).
+        #[arg(long)]
+        permission: Vec<String>,
+        /// Environments it works in (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
     },
 }
 
@@ -400,6 +450,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(crate::echo::serve(listener).await?)
             })
         }
+        Command::Keygen { algorithm, out } => {
+            let alg = crate::jwt::ALGORITHMS
+                .iter()
+                .find(|(name, _)| *name == algorithm)
+                .map(|(_, a)| *a)
+                .ok_or_else(|| anyhow!("unknown algorithm {algorithm:?}; use EdDSA or ES256"))?;
+            let pem = crate::jwt::generate_key(alg).map_err(|e| anyhow!(e))?;
+            write_private(&out, pem.as_bytes())?;
+            println!("Wrote a new {algorithm} private key to {}.", out.display());
+            println!("Add it under `jwt.keys` with a new kid; make it `jwt.signing_key` to sign with it.");
+            Ok(())
+        }
         Command::CheckConfig { config: path } => {
             let config = load(&path)?;
             println!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
@@ -424,6 +486,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             block_on(api.run(command))
         }
     }
+}
+
+/// Creates `path` (never overwriting) readable by its owner only, and writes `bytes`.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 struct Api {
@@ -469,6 +544,36 @@ impl Api {
             Command::Token(cmd) => self.token(cmd).await,
             Command::User(cmd) => self.user(cmd).await,
             Command::Service(cmd) => self.service(cmd).await,
+            Command::Credentials(CredentialsCmd::Issue {
+                org,
+                project,
+                attributes,
+                user_email,
+                subject,
+                ttl_seconds,
+                scope,
+                permission,
+                env,
+            }) => {
+                let req = CredentialsRequest {
+                    attributes: parse_attributes(attributes.as_deref())?,
+                    user_email,
+                    subject,
+                    ttl_seconds,
+                    scope,
+                    permissions: (!permission.is_empty()).then_some(permission),
+                    environments: (!env.is_empty()).then_some(env),
+                };
+                let path = format!("/v1/orgs/{}/projects/{}/credentials", segment(&org), segment(&project));
+                let issued: IssuedCredential = self.send(Method::POST, &path, &req).await?;
+                self.show(&issued, |c| {
+                    println!(
+                        "Issued an ephemeral credential for {:?} on {}/{}, expiring {} (in {} s).",
+                        c.subject, c.org, c.project, c.expires_at, c.expires_in
+                    );
+                    println!("Access token: {}", c.token);
+                })
+            }
             Command::Audit { org, token_id, limit } => {
                 let org = self.org(org).await?;
                 let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
@@ -496,6 +601,7 @@ impl Api {
             | Command::CheckConfig { .. }
             | Command::Bootstrap { .. }
             | Command::Quickstart { .. }
+            | Command::Keygen { .. }
             | Command::Echo { .. } => Ok(()),
         }
     }

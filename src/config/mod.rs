@@ -10,11 +10,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
 
 use crate::cache::CacheSettings;
+use crate::jwt::{self, JwtKey, JwtSettings, KeyMaterial};
 use crate::policy::{Policy, Role, MAX_PERMISSIONS};
 use crate::route::{normalize_host, RequiredPermission, Route, RouteSpec, RouteTable};
 use crate::token::Argon2Params;
@@ -183,6 +185,8 @@ pub struct IdentitySettings {
     pub headers: Vec<(IdentityField, HeaderName)>,
     /// Request id header, set on the upstream request and the response.
     pub request_id_header: HeaderName,
+    /// The identity JWT header of routes with `identity_jwt` (`<prefix>jwt`).
+    pub jwt_header: HeaderName,
 }
 
 impl IdentitySettings {
@@ -252,6 +256,8 @@ pub struct Config {
     pub tokens: TokenLimits,
     /// Audit entries kept per org.
     pub audit_max: usize,
+    /// JWT keys and lifetimes, if ephemeral credentials or identity JWTs are used.
+    pub jwt: Option<JwtSettings>,
 }
 
 /// The admin API listener.
@@ -398,7 +404,11 @@ impl Validator {
         let policy = self.policy(raw.roles.unwrap_or_default(), raw.scopes.unwrap_or_default());
         let argon2 = self.argon2(raw.argon2.unwrap_or_default());
         let orgs = self.orgs(raw.orgs.unwrap_or_default());
-        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy);
+        // A route's `identity_jwt` needs the section, not its validity: a broken section has its
+        // own errors.
+        let jwt_present = raw.jwt.is_some();
+        let jwt = raw.jwt.and_then(|j| self.jwt(j));
+        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present);
         let log = raw.log.unwrap_or_default();
         let access_log = log.access.unwrap_or(true);
         let log_level = log.level.unwrap_or_else(|| "info".into());
@@ -438,6 +448,122 @@ impl Validator {
             routes,
             log_level,
             access_log,
+            jwt,
+        })
+    }
+
+    /// A duration that may be zero (a leeway).
+    fn duration_or_zero(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
+        match value.as_deref().map(humantime::parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.error(path, format!("not a duration ({e}); write e.g. \"5s\""));
+                default
+            }
+        }
+    }
+
+    fn jwt(&mut self, raw: RawJwt) -> Option<JwtSettings> {
+        let issuer = raw.issuer.unwrap_or_else(|| "tollgate".into());
+        let audience = raw.audience.unwrap_or_else(|| "tollgate".into());
+        let upstream_audience = raw.upstream_audience.unwrap_or_else(|| "tollgate-upstream".into());
+        if audience == upstream_audience {
+            self.error(
+                "jwt.upstream_audience",
+                "must differ from jwt.audience, so an identity JWT is never accepted as a credential",
+            );
+        }
+        let leeway = self.duration_or_zero("jwt.leeway", raw.leeway, Duration::from_secs(5));
+        if leeway > Duration::from_secs(300) {
+            self.error("jwt.leeway", "at most 5m");
+        }
+        let default_ttl = self.duration("jwt.default_ttl", raw.default_ttl, Duration::from_secs(15 * 60));
+        let max_ttl = self.duration("jwt.max_ttl", raw.max_ttl, Duration::from_secs(3600));
+        if default_ttl > max_ttl {
+            self.error("jwt.default_ttl", "must not exceed jwt.max_ttl");
+        }
+        let upstream_ttl = self.duration("jwt.upstream_ttl", raw.upstream_ttl, Duration::from_secs(60));
+        if upstream_ttl > Duration::from_secs(60) {
+            self.error("jwt.upstream_ttl", "at most 60s: the identity JWT is for one request");
+        }
+        let mut keys: Vec<Arc<JwtKey>> = Vec::new();
+        let raw_keys = raw.keys.unwrap_or_default();
+        if raw_keys.is_empty() {
+            self.error("jwt.keys", "list at least one key");
+        }
+        for (i, k) in raw_keys.into_iter().enumerate() {
+            let at = |field: &str| format!("jwt.keys[{i}].{field}");
+            let Some(kid) = k.kid.filter(|kid| is_name(kid)) else {
+                self.error(at("kid"), "missing or not a name (letters, digits, '-', '_', '.')");
+                continue;
+            };
+            if keys.iter().any(|other| other.kid == kid) {
+                self.error(at("kid"), format!("another key already has kid {kid:?}"));
+            }
+            let alg_name = k.algorithm.unwrap_or_else(|| "EdDSA".into());
+            let Some(algorithm) = jwt::ALGORITHMS.iter().find(|(n, _)| *n == alg_name).map(|(_, a)| *a)
+            else {
+                let known: Vec<&str> = jwt::ALGORITHMS.iter().map(|(n, _)| *n).collect();
+                self.error(at("algorithm"), format!("{alg_name:?} is not one of {}", known.join(", ")));
+                continue;
+            };
+            let loaded = match (k.key_file, k.secret_file, k.secret_env) {
+                (Some(file), None, None) => match std::fs::read_to_string(&file) {
+                    Ok(text) => JwtKey::load(&kid, algorithm, KeyMaterial::Pem(&text))
+                        .map_err(|e| (at("key_file"), e)),
+                    Err(e) => Err((at("key_file"), format!("cannot read {file}: {e}"))),
+                },
+                (None, Some(file), None) => match std::fs::read(&file) {
+                    Ok(bytes) => {
+                        let secret = bytes.trim_ascii();
+                        JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret))
+                            .map_err(|e| (at("secret_file"), e))
+                    }
+                    Err(e) => Err((at("secret_file"), format!("cannot read {file}: {e}"))),
+                },
+                (None, None, Some(var)) => match std::env::var(&var) {
+                    Ok(secret) => JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret.as_bytes()))
+                        .map_err(|e| (at("secret_env"), e)),
+                    Err(_) => Err((at("secret_env"), format!("environment variable {var} is not set"))),
+                },
+                _ => Err((at("key_file"), "give exactly one of key_file, secret_file, secret_env".into())),
+            };
+            match loaded {
+                Ok(key) => keys.push(Arc::new(key)),
+                Err((path, message)) => self.error(path, message),
+            }
+        }
+        let signing = match raw.signing_key {
+            None => {
+                self.error("jwt.signing_key", "missing; name the kid of the key that signs");
+                None
+            }
+            Some(kid) => match keys.iter().position(|k| k.kid == kid) {
+                Some(i) if keys[i].can_sign() => Some(i),
+                Some(_) => {
+                    self.error(
+                        "jwt.signing_key",
+                        format!("key {kid:?} has only a public key and cannot sign"),
+                    );
+                    None
+                }
+                None => {
+                    self.error("jwt.signing_key", format!("no key in jwt.keys has kid {kid:?}"));
+                    None
+                }
+            },
+        };
+        Some(JwtSettings {
+            issuer,
+            audience,
+            upstream_audience,
+            leeway,
+            default_ttl,
+            max_ttl,
+            upstream_ttl,
+            keys,
+            signing: signing?,
         })
     }
 
@@ -508,8 +634,14 @@ impl Validator {
                 HeaderName::from_bytes(format!("{prefix}{}", f.suffix()).as_bytes()).ok().map(|h| (f, h))
             })
             .collect();
-        Some(IdentitySettings { prefix, headers, request_id_header: request_id_header? })
-            .filter(|_| prefix_ok)
+        let jwt_header = HeaderName::from_bytes(format!("{prefix}jwt").as_bytes()).ok();
+        Some(IdentitySettings {
+            prefix,
+            headers,
+            request_id_header: request_id_header?,
+            jwt_header: jwt_header?,
+        })
+        .filter(|_| prefix_ok)
     }
 
     fn policy(
@@ -607,6 +739,7 @@ impl Validator {
         raw: Vec<RawRoute>,
         orgs: &BTreeMap<String, OrgSettings>,
         policy: &Policy,
+        jwt_present: bool,
     ) -> RouteTable {
         let mut routes = Vec::new();
         let mut seen = HashSet::new();
@@ -653,6 +786,13 @@ impl Validator {
                     Err(e) => self.error(path, format!("{addr:?} is not a reachable host:port ({e})")),
                 }
             }
+            let identity_jwt = r.identity_jwt.unwrap_or(false);
+            if identity_jwt && !jwt_present {
+                self.error(at("identity_jwt"), "needs a `jwt` section with a signing key");
+            }
+            if identity_jwt && public {
+                self.error(at("identity_jwt"), "a public route has no identity to sign");
+            }
             let (org, project, environment) =
                 self.route_target(i, &r.org, &r.project, &r.environment, orgs, public);
             let mut methods = std::collections::HashMap::new();
@@ -681,6 +821,7 @@ impl Validator {
                 environment,
                 public,
                 query_token: r.query_token.unwrap_or(false),
+                identity_jwt,
                 methods,
                 read_default,
                 write_default,

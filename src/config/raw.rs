@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub tokens: Option<RawTokens>,
     pub audit: Option<RawAudit>,
+    pub jwt: Option<RawJwt>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +41,28 @@ pub struct RawTokens {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawAudit {
     pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawJwt {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub upstream_audience: Option<String>,
+    pub leeway: Option<String>,
+    pub default_ttl: Option<String>,
+    pub max_ttl: Option<String>,
+    pub upstream_ttl: Option<String>,
+    pub signing_key: Option<String>,
+    pub keys: Option<Vec<RawJwtKey>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawJwtKey {
+    pub kid: Option<String>,
+    pub algorithm: Option<String>,
+    pub key_file: Option<String>,
+    pub secret_file: Option<String>,
+    pub secret_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +146,7 @@ pub struct RawRoute {
     pub environment: Option<String>,
     pub auth: Option<RawAuth>,
     pub query_token: Option<bool>,
+    pub identity_jwt: Option<bool>,
     pub permissions: Option<BTreeMap<String, String>>,
 }
 

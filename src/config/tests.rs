@@ -121,3 +121,58 @@ fn the_redis_password_is_redacted_in_debug() {
     let shown = format!("{:?}", c.store);
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+#[test]
+fn jwt_keys_load_and_every_error_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k1.pem");
+    std::fs::write(&key, crate::jwt::generate_key(jsonwebtoken::Algorithm::EdDSA).unwrap()).unwrap();
+    let good =
+        format!("jwt:\n  signing_key: k1\n  keys:\n    - {{ kid: k1, key_file: '{}' }}\n", key.display());
+    let c = Config::parse(&good).unwrap();
+    let jwt = c.jwt.unwrap();
+    assert_eq!(jwt.signing_key().kid, "k1");
+    assert_eq!(jwt.signing_key().algorithm, jsonwebtoken::Algorithm::EdDSA, "EdDSA by default");
+    assert_eq!((jwt.leeway, jwt.max_ttl), (Duration::from_secs(5), Duration::from_secs(3600)));
+    check(
+        "routes:\n  - { path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }\n",
+        &["routes[0].identity_jwt: needs a `jwt` section", "routes[0].identity_jwt: a public route"],
+    );
+
+    let bad = format!(
+        r#"
+jwt:
+  signing_key: nope
+  audience: same
+  upstream_audience: same
+  max_ttl: 1m
+  default_ttl: 5m
+  upstream_ttl: 5m
+  keys:
+    - {{ kid: k1, key_file: '{key}' }}
+    - {{ kid: k1, key_file: '{key}' }}
+    - {{ kid: k2, algorithm: PS512, key_file: '{key}' }}
+    - {{ kid: k3, algorithm: ES256, key_file: '{key}' }}
+    - {{ kid: k4, algorithm: HS256, secret_env: TOLLGATE_TEST_UNSET_SECRET }}
+    - {{ kid: k5, key_file: /nonexistent/key.pem }}
+routes:
+  - {{ path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }}
+"#,
+        key = key.display()
+    );
+    check(
+        &bad,
+        &[
+            "jwt.upstream_audience: must differ",
+            "jwt.default_ttl: must not exceed",
+            "jwt.upstream_ttl: at most 60s",
+            "jwt.keys[1].kid: another key already has kid \"k1\"",
+            "jwt.keys[2].algorithm: \"PS512\" is not one of EdDSA, ES256, RS256, HS256",
+            "jwt.keys[3].key_file: not a usable ES256 key",
+            "jwt.keys[4].secret_env: environment variable TOLLGATE_TEST_UNSET_SECRET is not set",
+            "jwt.keys[5].key_file: cannot read /nonexistent/key.pem",
+            "jwt.signing_key: no key in jwt.keys has kid \"nope\"",
+            "routes[0].identity_jwt: a public route has no identity to sign",
+        ],
+    );
+}

@@ -25,6 +25,8 @@ async fn setup() -> (Store, Config, Actor) {
         roles: RoleSet { org: Role::Admin, projects: BTreeMap::new() },
         scope: None,
         environments: None,
+        token_id: None,
+        service_id: None,
     };
     (store, config, actor)
 }

@@ -25,6 +25,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         environment: "production".into(),
         public: false,
         query_token: false,
+        identity_jwt: false,
         methods: HashMap::from([(http::Method::DELETE, req("admin"))]),
         read_default: req("read"),
         write_default: req("write"),

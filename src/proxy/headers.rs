@@ -6,7 +6,9 @@ use pingora::http::RequestHeader;
 
 use super::credential::strip_query_param;
 use crate::config::{Config, IdentityField};
-use crate::policy::Permit;
+use crate::jwt::{IdentityClaims, JwtSettings};
+use crate::policy::{Grant, Permit};
+use crate::route::Route;
 
 /// Applies the permit to the upstream request.
 pub fn forward(
@@ -44,8 +46,8 @@ pub fn forward(
     for (field, name) in &identity.headers {
         let value = match field {
             IdentityField::Subject => principal.subject(),
-            IdentityField::TokenId => principal.token_id().to_string(),
-            IdentityField::TokenKind => principal.kind().as_str().to_string(),
+            IdentityField::TokenId => principal.credential_id().to_string(),
+            IdentityField::TokenKind => principal.kind().to_string(),
             IdentityField::Org => route.org.clone(),
             IdentityField::Project => route.project.clone(),
             IdentityField::Environment => route.environment.clone(),
@@ -63,7 +65,52 @@ pub fn forward(
         };
         req.insert_header(name, value)?;
     }
+    if route.identity_jwt {
+        if let Some(jwt) = &config.jwt {
+            let token = identity_jwt(config, jwt, grant, route, request_id, &attributes)?;
+            req.insert_header(identity.jwt_header.clone(), token)?;
+        }
+    }
     Ok(())
+}
+
+/// The short-lived identity JWT for the upstream: who is calling, where, with which rights.
+fn identity_jwt(
+    config: &Config,
+    jwt: &JwtSettings,
+    grant: &Grant,
+    route: &Route,
+    request_id: &str,
+    attributes: &crate::store::Attributes,
+) -> pingora::Result<String> {
+    let principal = &grant.principal;
+    let now = crate::store::now_millis() / 1000;
+    let subject = principal.subject();
+    let permissions = config.policy.names_of(grant.permissions);
+    let claims = IdentityClaims {
+        iss: &jwt.issuer,
+        aud: &jwt.upstream_audience,
+        sub: &subject,
+        iat: now,
+        exp: now + jwt.upstream_ttl.as_secs() as i64,
+        jti: request_id,
+        tg: crate::jwt::IDENTITY,
+        org: &route.org,
+        project: &route.project,
+        environment: &route.environment,
+        kind: principal.kind(),
+        token_id: principal.credential_id(),
+        role: grant.role.as_str(),
+        permissions: permissions.split(',').filter(|p| !p.is_empty()).collect(),
+        email: principal.email(),
+        attributes,
+    };
+    jwt.sign(&claims).map_err(|e| {
+        pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            format!("signing the identity JWT failed: {e}"),
+        )
+    })
 }
 
 fn remove_query_token(req: &mut RequestHeader, param: &str) -> pingora::Result<()> {

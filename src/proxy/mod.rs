@@ -86,7 +86,7 @@ impl Gateway {
             return Ok(Permit::public(route));
         }
         let presented = credential::extract(&config.credentials, &route, req)?;
-        let principal = self.verifier.verify(presented).await?;
+        let principal = self.verifier.verify_credential(presented, config.jwt.as_ref()).await?;
         policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)
     }
 }
@@ -185,7 +185,8 @@ impl ProxyHttp for Gateway {
         let outcome = ctx.rejection.as_ref().map(Rejection::label).unwrap_or("allowed");
         self.metrics.requests.with_label_values(&[route, outcome]).inc();
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
-        if let Some(g) = grant {
+        // An ephemeral credential's use is not the minting token's: only stored tokens are noted.
+        if let Some(g) = grant.filter(|g| g.principal.ephemeral().is_none()) {
             let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
             self.last_use.note(g.principal.token_id(), ip);
         }
@@ -198,7 +199,7 @@ impl ProxyHttp for Gateway {
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),
             route,
-            token_id = grant.map(|g| g.principal.token_id().as_str()).unwrap_or("-"),
+            token_id = grant.map(|g| g.principal.credential_id()).unwrap_or("-"),
             outcome,
             status,
             error = error.map(|e| e.to_string()),

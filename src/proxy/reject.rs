@@ -75,6 +75,7 @@ impl Rejection {
             Rejection::Invalid(i) => i.label(),
             Rejection::Forbidden(Forbidden::Org) => "forbidden_org",
             Rejection::Forbidden(Forbidden::Environment(_)) => "forbidden_environment",
+            Rejection::Forbidden(Forbidden::Project(_)) => "forbidden_project",
             Rejection::Forbidden(Forbidden::Permission(_)) => "forbidden_permission",
             Rejection::Unavailable => "store_unavailable",
         }

@@ -589,6 +589,14 @@ impl Store {
             .await
     }
 
+    /// Writes an audit entry on its own (an action that changes no record, like minting an
+    /// ephemeral credential).
+    pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.audit(Some(audit), self.audit_max)?;
+        self.commit(b).await
+    }
+
     /// The newest `limit` audit entries of an org.
     pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let entries = self.bounded(self.backend.list(&audit_key(org), limit)).await?;

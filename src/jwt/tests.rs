@@ -1,0 +1,149 @@
+use super::*;
+
+fn settings(keys: Vec<JwtKey>, signing: usize) -> JwtSettings {
+    JwtSettings {
+        issuer: "tollgate".into(),
+        audience: "tollgate".into(),
+        upstream_audience: "tollgate-upstream".into(),
+        leeway: Duration::from_secs(0),
+        default_ttl: Duration::from_secs(60),
+        max_ttl: Duration::from_secs(600),
+        upstream_ttl: Duration::from_secs(60),
+        keys: keys.into_iter().map(Arc::new).collect(),
+        signing,
+    }
+}
+
+fn generated(kid: &str, alg: Algorithm) -> JwtKey {
+    let pem = generate_key(alg).unwrap();
+    JwtKey::load(kid, alg, KeyMaterial::Pem(&pem)).unwrap()
+}
+
+fn claims(exp_in: i64) -> EphemeralClaims {
+    let now = crate::store::now_millis() / 1000;
+    EphemeralClaims {
+        iss: "tollgate".into(),
+        aud: "tollgate".into(),
+        sub: "alice@example.com".into(),
+        iat: now,
+        nbf: now,
+        exp: now + exp_in,
+        jti: "j1".into(),
+        org: "acme".into(),
+        project: "shop".into(),
+        svc: "s_1".into(),
+        tid: "tgs_abcdef".into(),
+        tg: EPHEMERAL.into(),
+        email: None,
+        attrs: Attributes::new(),
+        scope: None,
+        env: None,
+    }
+}
+
+#[test]
+fn each_algorithm_signs_and_verifies_and_publishes_its_key() {
+    for (alg, kty) in [(Algorithm::EdDSA, "OKP"), (Algorithm::ES256, "EC")] {
+        let s = settings(vec![generated("k", alg)], 0);
+        let token = s.sign(&claims(60)).unwrap();
+        let (got, _) = s.verify(&token).unwrap();
+        assert_eq!(got, claims(60));
+        let jwks = s.jwks();
+        assert_eq!(jwks["keys"][0]["kty"], kty);
+        assert_eq!(jwks["keys"][0]["kid"], "k");
+        assert_eq!(jwks["keys"][0]["alg"], algorithm_name(alg));
+    }
+    let secret = [7u8; 32];
+    let hs = JwtKey::load("h", Algorithm::HS256, KeyMaterial::Secret(&secret)).unwrap();
+    let s = settings(vec![hs], 0);
+    assert!(s.verify(&s.sign(&claims(60)).unwrap()).is_ok());
+    assert_eq!(s.jwks()["keys"].as_array().map(Vec::len), Some(0), "secrets are never published");
+}
+
+#[test]
+fn refusals() {
+    let s = settings(vec![generated("a", Algorithm::EdDSA), generated("b", Algorithm::ES256)], 0);
+    let good = s.sign(&claims(60)).unwrap();
+    let check = |token: &str, want: JwtError| assert_eq!(s.verify(token).map(|_| ()), Err(want), "{token}");
+
+    check("eyJhbGciOiJub25lIn0.e30.", JwtError::Malformed);
+    check("not a jwt", JwtError::Malformed);
+    check(&s.sign(&claims(-10)).unwrap(), JwtError::Expired);
+    let mut identity = claims(60);
+    identity.tg = IDENTITY.into();
+    check(&s.sign(&identity).unwrap(), JwtError::Claims);
+    let mut other_aud = claims(60);
+    other_aud.aud = "tollgate-upstream".into();
+    check(&s.sign(&other_aud).unwrap(), JwtError::Claims);
+
+    // A flipped signature byte, and a payload swapped under the original signature.
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    let mut bad_sig = sig.as_bytes().to_vec();
+    bad_sig[3] = if bad_sig[3] == b'A' { b'B' } else { b'A' };
+    check(&format!("{head}.{}", String::from_utf8(bad_sig).unwrap()), JwtError::BadSignature);
+    let mut richer = claims(60);
+    richer.project = "other".into();
+    let forged_payload = s.sign(&richer).unwrap();
+    let parts: Vec<&str> = good.split('.').collect();
+    let other: Vec<&str> = forged_payload.split('.').collect();
+    check(&format!("{}.{}.{}", parts[0], other[1], parts[2]), JwtError::BadSignature);
+
+    // A header naming the other key's algorithm, and a kid nobody configured.
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("a".into());
+    let b_key = &s.key("b").unwrap().encoding;
+    let confused = jsonwebtoken::encode(&header, &claims(60), b_key.as_ref().unwrap()).unwrap();
+    check(&confused, JwtError::WrongAlgorithm);
+    header.kid = Some("nope".into());
+    check(
+        &jsonwebtoken::encode(&header, &claims(60), b_key.as_ref().unwrap()).unwrap(),
+        JwtError::UnknownKey,
+    );
+}
+
+#[test]
+fn a_public_key_verifies_but_cannot_sign() {
+    let pem = generate_key(Algorithm::EdDSA).unwrap();
+    let private = JwtKey::load("k", Algorithm::EdDSA, KeyMaterial::Pem(&pem)).unwrap();
+    let signer = settings(vec![private], 0);
+    let token = signer.sign(&claims(60)).unwrap();
+
+    // SubjectPublicKeyInfo of the same key, as `openssl pkey -pubout` writes it.
+    let x = URL_SAFE_NO_PAD.decode(signer.jwks()["keys"][0]["x"].as_str().unwrap()).unwrap();
+    let spki = [ED25519_SPKI, &x].concat();
+    let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
+    let public = JwtKey::load("k", Algorithm::EdDSA, KeyMaterial::Pem(&public_pem)).unwrap();
+    assert!(!public.can_sign());
+    let verifier = settings(vec![public], 0);
+    assert!(verifier.verify(&token).is_ok());
+    assert!(verifier.sign(&claims(60)).is_err());
+    assert!(JwtKey::load("k", Algorithm::ES256, KeyMaterial::Pem(&public_pem)).is_err());
+}
+
+#[test]
+fn cached_claims_fail_once_their_key_is_gone_or_changed() {
+    let s = settings(vec![generated("a", Algorithm::EdDSA)], 0);
+    let (c, fp) = s.verify(&s.sign(&claims(60)).unwrap()).unwrap();
+    let now = crate::store::now_millis() / 1000;
+    assert_eq!(s.still_valid(&c, &fp, now), Ok(()));
+    assert_eq!(s.still_valid(&c, &fp, now + 61), Err(JwtError::Expired));
+    let replaced = settings(vec![generated("a", Algorithm::EdDSA)], 0);
+    assert_eq!(replaced.still_valid(&c, &fp, now), Err(JwtError::UnknownKey));
+}
+
+#[test]
+fn key_material_must_fit_the_algorithm() {
+    let ed = generate_key(Algorithm::EdDSA).unwrap();
+    assert!(JwtKey::load("k", Algorithm::ES256, KeyMaterial::Pem(&ed)).is_err());
+    assert!(JwtKey::load("k", Algorithm::HS256, KeyMaterial::Pem(&ed)).is_err());
+    assert!(JwtKey::load("k", Algorithm::HS256, KeyMaterial::Secret(b"short")).is_err());
+    assert!(JwtKey::load("k", Algorithm::EdDSA, KeyMaterial::Pem("garbage")).is_err());
+    assert!(generate_key(Algorithm::RS256).is_err());
+}
+
+#[test]
+fn jwt_shape() {
+    assert!(looks_like_jwt("eyJa.eyJb.c"));
+    assert!(!looks_like_jwt("tgp_abcdef0123"));
+    assert!(!looks_like_jwt("eyJa.b"));
+}

@@ -1,0 +1,225 @@
+//! Ephemeral credentials: a service mints a short-lived JWT for one of its end users, on one project,
+//! never with more rights than the service itself holds there through the token it calls with.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Actor, Lifecycle, LifecycleError, Result};
+use crate::jwt::{EphemeralClaims, EPHEMERAL};
+use crate::policy::PermSet;
+use crate::store::{format_millis, now_millis, Attributes};
+
+/// What a service asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsRequest {
+    /// The end user's attributes (injected for the upstream).
+    pub attributes: Option<Attributes>,
+    /// The end user's email, instead of attributes: the attributes are then those of the org's
+    /// user with that email, if there is one, plus `email` and `domain`.
+    pub user_email: Option<String>,
+    /// The end user's id, as the upstream should see it (`X-Auth-Subject: ephemeral:<subject>`);
+    /// defaults to the email, then to the credential's id.
+    pub subject: Option<String>,
+    /// Lifetime; defaults to `jwt.default_ttl`, capped by `jwt.max_ttl`.
+    pub ttl_seconds: Option<i64>,
+    /// A scope preset name.
+    pub scope: Option<String>,
+    /// An explicit permission list instead of a preset.
+    pub permissions: Option<Vec<String>>,
+    /// Environments of the project it may be used in.
+    pub environments: Option<Vec<String>>,
+}
+
+/// A minted credential. The token is shown once; nothing of it is stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedCredential {
+    /// The JWT.
+    pub token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Its id (`jti`), shown as `X-Auth-Token-Id` and in the audit log.
+    pub id: String,
+    /// `ephemeral:<subject>` is what the upstream sees.
+    pub subject: String,
+    /// Org.
+    pub org: String,
+    /// Project.
+    pub project: String,
+    /// Scope permissions, if narrowed.
+    pub permissions: Option<Vec<String>>,
+    /// Environments, if restricted.
+    pub environments: Option<Vec<String>>,
+    /// Expiry (RFC 3339).
+    pub expires_at: String,
+    /// Seconds until expiry.
+    pub expires_in: i64,
+}
+
+/// Longest attributes object, as compact JSON: it travels in every request's headers.
+const MAX_ATTRIBUTES_BYTES: usize = 4096;
+
+fn header_text(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > 256 || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(LifecycleError::Invalid(format!("{what} must be 1 to 256 printable ASCII characters")));
+    }
+    Ok(())
+}
+
+fn random_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+impl Lifecycle<'_> {
+    /// Mints an ephemeral credential for an end user of the calling service.
+    pub async fn issue_credentials(
+        &self,
+        actor: &Actor,
+        org: &str,
+        project: &str,
+        req: CredentialsRequest,
+    ) -> Result<IssuedCredential> {
+        actor.require_org(org)?;
+        let (Some(service_id), Some(parent)) = (&actor.service_id, &actor.token_id) else {
+            return Err(LifecycleError::Forbidden(
+                "ephemeral credentials are issued with a service token (tgs_...)".into(),
+            ));
+        };
+        let jwt = self.config.jwt.as_ref().ok_or_else(|| {
+            LifecycleError::Invalid("this gateway has no `jwt` section: it cannot sign credentials".into())
+        })?;
+        let project_envs =
+            self.config.orgs.get(org).and_then(|o| o.projects.get(project)).ok_or_else(|| {
+                LifecycleError::NotFound(format!("project {project:?} not found in org {org:?}"))
+            })?;
+
+        // What the service holds on the project through this token; a credential gets no more.
+        let policy = &self.config.policy;
+        let held = actor.permissions_for(self.config, actor.roles.on(project));
+        if held == PermSet::EMPTY {
+            return Err(LifecycleError::Forbidden(format!(
+                "the service has no permissions on project {project:?}"
+            )));
+        }
+        let scope = self.requested_scope(req.scope, req.permissions)?;
+        if let Some(s) = &scope {
+            let wanted = policy.set_of(&s.permissions);
+            if !held.contains(wanted) {
+                return Err(LifecycleError::Forbidden(format!(
+                    "the credential would have more rights ({}) than the service holds on project {project:?} ({})",
+                    policy.names_of(wanted),
+                    policy.names_of(held)
+                )));
+            }
+        }
+        if let Some(envs) = &req.environments {
+            if let Some(bad) = envs.iter().find(|e| !project_envs.contains(e)) {
+                return Err(LifecycleError::Invalid(format!(
+                    "unknown environment {bad:?} of project {project:?}; it has {}",
+                    project_envs.join(", ")
+                )));
+            }
+            if let Some(bad) =
+                envs.iter().find(|e| actor.environments.as_ref().is_some_and(|m| !m.contains(e)))
+            {
+                return Err(LifecycleError::Forbidden(format!(
+                    "the service token may not be used in environment {bad:?}"
+                )));
+            }
+        }
+
+        let max = jwt.max_ttl.as_secs() as i64;
+        let ttl = match req.ttl_seconds {
+            None => jwt.default_ttl.as_secs() as i64,
+            Some(t) if t <= 0 => {
+                return Err(LifecycleError::Invalid(format!("ttl_seconds must be positive, got {t}")))
+            }
+            Some(t) if t > max => {
+                return Err(LifecycleError::Invalid(format!(
+                    "ttl_seconds {t} is above the maximum of {max} seconds (jwt.max_ttl)"
+                )))
+            }
+            Some(t) => t,
+        };
+
+        let (attrs, email) = match (req.attributes, req.user_email) {
+            (Some(attrs), None) => {
+                let email = attrs.get("email").and_then(|e| e.as_str()).map(str::to_string);
+                (attrs, email)
+            }
+            (None, Some(email)) => {
+                if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
+                    return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
+                }
+                let mut attrs = match self.store.find_user_by_email(org, &email).await? {
+                    Some(user) => user.attributes,
+                    None => Attributes::new(),
+                };
+                attrs.entry("email").or_insert_with(|| email.clone().into());
+                if let Some((_, domain)) = email.rsplit_once('@') {
+                    attrs.entry("domain").or_insert_with(|| domain.into());
+                }
+                (attrs, Some(email))
+            }
+            _ => {
+                return Err(LifecycleError::Invalid(
+                    "give the end user's `attributes` or their `user_email`, one of the two".into(),
+                ))
+            }
+        };
+        if serde_json::to_string(&attrs).map_or(0, |j| j.len()) > MAX_ATTRIBUTES_BYTES {
+            return Err(LifecycleError::Invalid(format!(
+                "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON"
+            )));
+        }
+        if let Some(e) = &email {
+            header_text("the email", e)?;
+        }
+        let jti = random_id();
+        let sub = req.subject.or_else(|| email.clone()).unwrap_or_else(|| jti.clone());
+        header_text("the subject", &sub)?;
+
+        let now = now_millis() / 1000;
+        let claims = EphemeralClaims {
+            iss: jwt.issuer.clone(),
+            aud: jwt.audience.clone(),
+            sub,
+            iat: now,
+            nbf: now,
+            exp: now + ttl,
+            jti,
+            org: org.to_string(),
+            project: project.to_string(),
+            svc: service_id.clone(),
+            tid: parent.to_string(),
+            tg: EPHEMERAL.to_string(),
+            email,
+            attrs,
+            scope: scope.map(|s| s.permissions),
+            env: req.environments,
+        };
+        let token = jwt.sign(&claims).map_err(|e| LifecycleError::Invalid(format!("signing failed: {e}")))?;
+        let expires_at = format_millis(claims.exp * 1000);
+        let mut audit = actor.audit("credentials.issue", format!("project:{project}"));
+        audit.token_id = Some(parent.to_string());
+        audit.details = serde_json::json!({
+            "id": claims.jti, "subject": claims.sub, "expires_at": expires_at,
+            "permissions": claims.scope, "environments": claims.env,
+        });
+        self.store.append_audit(&audit).await?;
+        Ok(IssuedCredential {
+            token,
+            token_type: "Bearer".into(),
+            id: claims.jti,
+            subject: format!("ephemeral:{}", claims.sub),
+            org: claims.org,
+            project: claims.project,
+            permissions: claims.scope,
+            environments: claims.env,
+            expires_at,
+            expires_in: ttl,
+        })
+    }
+}
