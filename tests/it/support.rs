@@ -143,6 +143,7 @@ orgs:
   acme:
     projects:
       shop: {{ environments: [production, staging, dev] }}
+      blog: {{ environments: [production] }}
   globex:
     projects:
       web: {{ environments: [production] }}
@@ -152,11 +153,62 @@ routes:
   - {{ name: dev, path: /dev, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: dev }}
   - {{ name: noquery, path: /noquery, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production }}
   - {{ name: globex, path: /globex, upstream: "127.0.0.1:{upstream}", org: globex, project: web, environment: production }}
+  - {{ name: blog, path: /blog, upstream: "127.0.0.1:{upstream}", org: acme, project: blog, environment: production }}
   - {{ name: public, path: /public, upstream: "127.0.0.1:{upstream}", auth: none }}
   - {{ name: dead, path: /dead, upstream: "127.0.0.1:{dead}", org: acme, project: shop, environment: production, query_token: true }}
 "#,
         mem = ARGON2.memory_kib,
         dead = free_port(),
+    )
+}
+
+/// JWT signing keys for the ephemeral-credential tests: two Ed25519 private keys, `k1` and `k2`,
+/// written by `tollgate keygen` as a user would.
+pub struct JwtKeys {
+    pub k1: PathBuf,
+    pub k2: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JwtKeys {
+    pub fn generate() -> JwtKeys {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (k1, k2) = (dir.path().join("k1.pem"), dir.path().join("k2.pem"));
+        for path in [&k1, &k2] {
+            let out =
+                Command::new(tollgate_bin()).arg("keygen").arg("--out").arg(path).output().expect("keygen");
+            assert!(out.status.success(), "keygen: {out:?}");
+        }
+        JwtKeys { k1, k2, _dir: dir }
+    }
+
+    /// The `jwt` section listing `keys` (kid, file) and signing with `signing`.
+    pub fn section(&self, signing: &str, keys: &[&str]) -> String {
+        let mut out = format!(
+            "jwt:\n  issuer: tollgate-test\n  leeway: 1s\n  default_ttl: 5m\n  max_ttl: 10m\n  signing_key: {signing}\n  keys:\n"
+        );
+        for kid in keys {
+            let path = if *kid == "k1" { &self.k1 } else { &self.k2 };
+            out.push_str(&format!("    - {{ kid: {kid}, key_file: \"{}\" }}\n", path.display()));
+        }
+        out
+    }
+}
+
+/// The gateway config plus a route that sends the upstream an identity JWT, and a `jwt` section.
+pub fn jwt_gateway_config(port: u16, redis_url: &str, upstream: u16, jwt_section: &str) -> String {
+    format!(
+        "{}  - {{ name: signed, path: /signed, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production, identity_jwt: true }}\n{jwt_section}",
+        gateway_config(port, redis_url, upstream)
+    )
+}
+
+/// A gateway with the `jwt` section of `keys`, `k1` signing.
+pub fn jwt_gateway(redis: &Redis, upstream: &Upstream, keys: &JwtKeys) -> Gateway {
+    let port = free_port();
+    Gateway::start_with(
+        port,
+        &jwt_gateway_config(port, &redis.url(), upstream.port, &keys.section("k1", &["k1"])),
     )
 }
 
@@ -276,9 +328,18 @@ pub struct World {
 
 impl World {
     pub async fn start() -> World {
+        World::start_with(Gateway::start).await
+    }
+
+    /// Like [`World::start`], with ephemeral credentials signed by `keys` (`k1` signing).
+    pub async fn start_jwt(keys: &JwtKeys) -> World {
+        World::start_with(|redis, upstream| jwt_gateway(redis, upstream, keys)).await
+    }
+
+    async fn start_with(gateway: impl FnOnce(&Redis, &Upstream) -> Gateway) -> World {
         let redis = Redis::start();
         let upstream = Upstream::start().await;
-        let gateway = Gateway::start(&redis, &upstream);
+        let gateway = gateway(&redis, &upstream);
         let backend = RedisBackend::new(&redis.url(), "t:", Duration::from_millis(300)).expect("backend");
         let store = Store::new(Arc::new(backend), Duration::from_millis(300));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
@@ -288,6 +349,32 @@ impl World {
     /// A second gateway on the same Redis and upstream.
     pub fn second_gateway(&self) -> Gateway {
         Gateway::start(&self.redis, &self.upstream)
+    }
+
+    /// Another gateway on the same Redis and upstream, with the `jwt` section of `keys`.
+    pub fn jwt_gateway(&self, keys: &JwtKeys) -> Gateway {
+        jwt_gateway(&self.redis, &self.upstream, keys)
+    }
+
+    /// A service with the given project roles and its first token (remembered for the log scan).
+    pub async fn service(
+        &self,
+        org: &str,
+        name: &str,
+        project_roles: &[(&str, Role)],
+        spec: TokenSpec,
+    ) -> (tollgate::store::Service, String) {
+        lifecycle::ensure_org(&self.store, org).await.expect("org");
+        let roles = project_roles.iter().map(|(p, r)| (p.to_string(), *r)).collect();
+        let service = lifecycle::create_service(&self.store, org, name, None, roles, Attributes::new(), None)
+            .await
+            .expect("service");
+        let (token, _) =
+            lifecycle::issue_token(&self.store, ARGON2, org, Owner::Service(service.id.clone()), spec)
+                .await
+                .expect("token");
+        remember_secret(&token.token);
+        (service, token.token)
     }
 
     pub async fn user(&self, org: &str, email: &str, role: Role, attributes: serde_json::Value) -> User {

@@ -1,0 +1,537 @@
+//! Ephemeral credentials end to end: a service mints JWTs for its end users through the admin API
+//! and the CLI, the gateway verifies them on the request path (forgeries refused, the minting
+//! service and token checked as of now, on every instance), keys rotate, and an independent JWT
+//! implementation verifies what Tollgate signs with the published JWKS.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jwt_compact::alg::Ed25519;
+use jwt_compact::jwk::JsonWebKey;
+use jwt_compact::{AlgorithmExt, Claims, UntrustedToken};
+use serde_json::{json, Value};
+use tollgate::lifecycle::{self, TokenSpec};
+use tollgate::policy::Role;
+use tollgate::store::Scope;
+
+use crate::support::*;
+
+/// Mints through the admin API with `token`; returns the status and the JSON answer.
+async fn mint(
+    w: &World,
+    gateway: &Gateway,
+    token: &str,
+    org: &str,
+    project: &str,
+    body: Value,
+) -> (u16, Value) {
+    let resp = w
+        .http
+        .post(format!("{}/v1/orgs/{org}/projects/{project}/credentials", gateway.admin_url()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    if let Some(t) = body["token"].as_str() {
+        remember_secret(t);
+    }
+    (status, body)
+}
+
+/// Mints and expects success; returns the JWT.
+async fn minted(w: &World, gateway: &Gateway, token: &str, project: &str, body: Value) -> String {
+    let (status, answer) = mint(w, gateway, token, "acme", project, body).await;
+    assert_eq!(status, 201, "{answer}");
+    answer["token"].as_str().unwrap().to_string()
+}
+
+async fn status_of(w: &World, gateway: &Gateway, path: &str, token: &str) -> u16 {
+    w.get(gateway, path, token).await.status().as_u16()
+}
+
+/// A 401 with the JSON error of an invalid token, never anything else.
+async fn assert_refused(w: &World, token: &str, what: &str) {
+    let resp = w.get(&w.gateway, "/shop/x", token).await;
+    assert_eq!(resp.status(), 401, "{what}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_token", "{what}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let (_, service_token) =
+        w.service("acme", "embed", &[("shop", Role::Editor)], TokenSpec::default()).await;
+
+    // The CLI, as the service's backend would run it.
+    let cli = Cli::new(&w.gateway, &service_token);
+    let out = cli.run(&[
+        "credentials",
+        "issue",
+        "--org",
+        "acme",
+        "--project",
+        "shop",
+        "--attributes",
+        r#"{"tenant": "t-42", "email": "eu@customer.io", "groups": ["a", "b"]}"#,
+    ]);
+    assert!(
+        out.stdout.contains("Issued an ephemeral credential for \"ephemeral:eu@customer.io\""),
+        "{out:?}"
+    );
+    let jwt = out.token();
+
+    let echo = echoed(w.get(&w.gateway, "/shop/orders", &jwt).await).await;
+    let h = &echo["headers"];
+    assert_eq!(h["x-auth-subject"][0], "ephemeral:eu@customer.io");
+    assert_eq!(h["x-auth-token-kind"][0], "ephemeral");
+    assert_eq!(h["x-auth-org"][0], "acme");
+    assert_eq!(h["x-auth-project"][0], "shop");
+    assert_eq!(h["x-auth-permissions"][0], "read,write,execute", "the service's editor role");
+    assert_eq!(h["x-auth-email"][0], "eu@customer.io");
+    assert_eq!(h["x-auth-attr-tenant"][0], "t-42");
+    let attrs: Value = serde_json::from_str(h["x-auth-attributes"][0].as_str().unwrap()).unwrap();
+    assert_eq!(attrs["groups"], json!(["a", "b"]));
+    assert!(h.get("authorization").is_none(), "the credential is stripped");
+
+    // Another project of the org, another org: valid credential, wrong place.
+    assert_eq!(status_of(&w, &w.gateway, "/blog/x", &jwt).await, 403);
+    assert_eq!(status_of(&w, &w.gateway, "/globex/x", &jwt).await, 403);
+
+    // By email: the org's user with that email lends their attributes.
+    let user = w.user("acme", "bob@acme.io", Role::Viewer, json!({"team": "red"})).await;
+    let by_email = minted(&w, &w.gateway, &service_token, "shop", json!({"user_email": user.email})).await;
+    let echo = echoed(w.get(&w.gateway, "/shop/x", &by_email).await).await;
+    assert_eq!(echo["headers"]["x-auth-attr-team"][0], "red");
+    assert_eq!(echo["headers"]["x-auth-attr-domain"][0], "acme.io");
+    assert_eq!(echo["headers"]["x-auth-subject"][0], "ephemeral:bob@acme.io");
+
+    // A narrowed credential: read only, and only in production.
+    let narrow = minted(
+        &w,
+        &w.gateway,
+        &service_token,
+        "shop",
+        json!({"attributes": {}, "scope": "read", "environments": ["staging"]}),
+    )
+    .await;
+    assert_eq!(status_of(&w, &w.gateway, "/staging/x", &narrow).await, 200);
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &narrow).await, 403, "not in production");
+    let post = w.post(&w.gateway, "/staging/x", &narrow).await;
+    assert_eq!(post.status(), 403, "read only");
+
+    // Expiry: one second to live, one second of leeway.
+    let short =
+        minted(&w, &w.gateway, &service_token, "shop", json!({"attributes": {}, "ttl_seconds": 1})).await;
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &short).await, 200);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let resp = w.get(&w.gateway, "/shop/x", &short).await;
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error_description"], "the access token has expired");
+
+    // Every mint is in the audit log, under the minting token.
+    let audit = w.store.audit_log("acme", 100).await.unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "credentials.issue").count(), 4);
+}
+
+/// Base64url JSON, as a JWT part.
+fn part(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_jwts_are_refused_with_401() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let (_, service_token) =
+        w.service("acme", "embed", &[("shop", Role::Editor)], TokenSpec::default()).await;
+    let good = minted(&w, &w.gateway, &service_token, "shop", json!({"attributes": {"tier": "free"}})).await;
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &good).await, 200);
+    let parts: Vec<&str> = good.split('.').collect();
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+
+    // Payload changed under the original signature.
+    let mut richer = claims.clone();
+    richer["attrs"]["tier"] = json!("enterprise");
+    assert_refused(&w, &format!("{}.{}.{}", parts[0], part(&richer), parts[2]), "tampered payload").await;
+
+    // Signature changed.
+    let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    sig[0] ^= 1;
+    assert_refused(
+        &w,
+        &format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig)),
+        "tampered signature",
+    )
+    .await;
+
+    // alg: none, with and without a signature part.
+    let none = part(&json!({"alg": "none", "kid": "k1", "typ": "JWT"}));
+    assert_refused(&w, &format!("{none}.{}.", parts[1]), "alg none").await;
+    assert_refused(&w, &format!("{none}.{}.{}", parts[1], parts[2]), "alg none with a signature").await;
+
+    // HS256 with the public key as the HMAC secret: as PEM, and as the raw key bytes.
+    let jwks: Value = w
+        .http
+        .get(format!("{}/.well-known/jwks.json", w.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let x = URL_SAFE_NO_PAD.decode(jwks["keys"][0]["x"].as_str().unwrap()).unwrap();
+    let spki = [&[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00][..], &x].concat();
+    let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.kid = Some("k1".into());
+    for secret in [public_pem.as_bytes(), &x[..]] {
+        let confused =
+            jsonwebtoken::encode(&hs, &claims, &jsonwebtoken::EncodingKey::from_secret(secret)).unwrap();
+        assert_refused(&w, &confused, "HS256 signed with the public key").await;
+    }
+
+    // Signed with the real private key, but under an unknown kid, or without exp.
+    let pem_text = std::fs::read(&keys.k1).unwrap();
+    let signer = jsonwebtoken::EncodingKey::from_ed_pem(&pem_text).unwrap();
+    let mut ed = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    ed.kid = Some("k9".into());
+    assert_refused(&w, &jsonwebtoken::encode(&ed, &claims, &signer).unwrap(), "unknown kid").await;
+    ed.kid = None;
+    assert_refused(&w, &jsonwebtoken::encode(&ed, &claims, &signer).unwrap(), "no kid").await;
+    ed.kid = Some("k1".into());
+    let mut no_exp = claims.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    assert_refused(&w, &jsonwebtoken::encode(&ed, &no_exp, &signer).unwrap(), "missing exp").await;
+    // The right key, but another service's name on a token it did not mint, or another issuer.
+    let mut stolen = claims.clone();
+    stolen["svc"] = json!("s_someoneelse");
+    assert_refused(&w, &jsonwebtoken::encode(&ed, &stolen, &signer).unwrap(), "svc/tid mismatch").await;
+    let mut other_iss = claims.clone();
+    other_iss["iss"] = json!("evil");
+    assert_refused(&w, &jsonwebtoken::encode(&ed, &other_iss, &signer).unwrap(), "issuer").await;
+    // The same claims re-signed properly are accepted, so the refusals above are about the forgery.
+    assert_eq!(
+        status_of(&w, &w.gateway, "/shop/x", &jsonwebtoken::encode(&ed, &claims, &signer).unwrap()).await,
+        200
+    );
+
+    // Garbage shaped like a JWT; and a JWT on the admin API, which takes stored tokens only.
+    for junk in ["eyJ.eyJ.", "eyJhbGciOi.e30.x", "eyJ\u{7f}.a.b"] {
+        let resp = w
+            .http
+            .get(w.gateway.url("/shop/x"))
+            .header("authorization", format!("Bearer {junk}"))
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            assert!(resp.status().is_client_error(), "{junk}: {}", resp.status());
+        }
+    }
+    let whoami =
+        w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(whoami.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minting_refuses_what_the_service_may_not_grant() {
+    let keys = JwtKeys::generate();
+    let mut w = World::start_jwt(&keys).await;
+    let (_, viewer) = w.service("acme", "viewer-svc", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+
+    let (status, body) =
+        mint(&w, &w.gateway, &viewer, "acme", "shop", json!({"attributes": {}, "ttl_seconds": 7200})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error_description"].as_str().unwrap().contains("above the maximum of 600 seconds"),
+        "{body}"
+    );
+
+    let (status, body) =
+        mint(&w, &w.gateway, &viewer, "acme", "shop", json!({"attributes": {}, "scope": "read-write"})).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error_description"].as_str().unwrap().contains("more rights (read,write,execute)"),
+        "{body}"
+    );
+    let (status, _) =
+        mint(&w, &w.gateway, &viewer, "acme", "shop", json!({"attributes": {}, "scope": "read"})).await;
+    assert_eq!(status, 201);
+
+    // The calling token's own narrowing bounds the credential too.
+    let narrowed = TokenSpec {
+        scope: Some(Scope { name: None, permissions: vec!["read".into()] }),
+        environments: Some(vec!["staging".into()]),
+        ..TokenSpec::default()
+    };
+    let (_, editor_read) = w.service("acme", "editor-svc", &[("shop", Role::Editor)], narrowed).await;
+    let (status, body) = mint(
+        &w,
+        &w.gateway,
+        &editor_read,
+        "acme",
+        "shop",
+        json!({"attributes": {}, "permissions": ["write"]}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = mint(
+        &w,
+        &w.gateway,
+        &editor_read,
+        "acme",
+        "shop",
+        json!({"attributes": {}, "environments": ["production"]}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+
+    // No role on the project, a project that does not exist, another org, a PAT, a bad body.
+    let (status, _) = mint(&w, &w.gateway, &viewer, "acme", "blog", json!({"attributes": {}})).await;
+    assert_eq!(status, 403);
+    let (status, _) = mint(&w, &w.gateway, &viewer, "acme", "nowhere", json!({"attributes": {}})).await;
+    assert_eq!(status, 404);
+    let (status, _) = mint(&w, &w.gateway, &viewer, "globex", "web", json!({"attributes": {}})).await;
+    assert_eq!(status, 404);
+    let user = w.user("acme", "ann@acme.io", Role::Admin, json!({})).await;
+    let pat = w.pat(&user, TokenSpec::default()).await;
+    let (status, body) = mint(&w, &w.gateway, &pat, "acme", "shop", json!({"attributes": {}})).await;
+    assert_eq!(status, 403);
+    assert!(body["error_description"].as_str().unwrap().contains("service token"), "{body}");
+    for bad in [
+        json!({}),
+        json!({"attributes": {}, "user_email": "a@b.c"}),
+        json!({"attributes": [1]}),
+        json!({"user_email": "nope"}),
+        json!({"attributes": {}, "ttl_seconds": 0}),
+        json!({"attributes": {}, "colour": 1}),
+    ] {
+        let (status, body) = mint(&w, &w.gateway, &viewer, "acme", "shop", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error_description"].is_string(), "{body}");
+    }
+
+    // The CLI shows the reason.
+    let err = Cli::new(&w.gateway, &viewer)
+        .run(&[
+            "credentials",
+            "issue",
+            "--org",
+            "acme",
+            "--project",
+            "shop",
+            "--attributes",
+            "{}",
+            "--ttl-seconds",
+            "9999",
+        ])
+        .failed();
+    assert!(err.contains("above the maximum"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_both_instances() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let second = w.jwt_gateway(&keys);
+    lifecycle::ensure_org(&w.store, "acme").await.unwrap();
+    let (_, admin) = lifecycle::bootstrap(&w.store, ARGON2, "acme", "admin@acme.io").await.unwrap();
+    remember_secret(&admin.token);
+    let admin = Cli::new(&w.gateway, &admin.token);
+
+    let (_, token_a) = w.service("acme", "svc-a", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+    let (_, token_b) = w.service("acme", "svc-b", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+    let jwt_a = minted(&w, &w.gateway, &token_a, "shop", json!({"attributes": {}})).await;
+    let jwt_b = minted(&w, &second, &token_b, "shop", json!({"attributes": {}})).await;
+    for g in [&w.gateway, &second] {
+        assert_eq!(status_of(&w, g, "/shop/x", &jwt_a).await, 200);
+        assert_eq!(status_of(&w, g, "/shop/x", &jwt_b).await, 200);
+    }
+
+    // Revoke the token that minted jwt_a.
+    admin.run(&["token", "revoke", &token_a[..10], "--reason", "leaked"]).ok();
+    assert_eq!(
+        status_of(&w, &w.gateway, "/shop/x", &jwt_a).await,
+        401,
+        "at once on the instance that revoked"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            status_of(&w, &second, "/shop/x", &jwt_a).await == 401
+        })
+        .await,
+        "the second instance refuses too"
+    );
+
+    // Delete the service that minted jwt_b.
+    admin.run(&["service", "delete", "svc-b"]).ok();
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &jwt_b).await, 401);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            status_of(&w, &second, "/shop/x", &jwt_b).await == 401
+        })
+        .await,
+        "the second instance refuses too"
+    );
+}
+
+async fn jwks(w: &World) -> Value {
+    w.http
+        .get(format!("{}/.well-known/jwks.json", w.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn kid_of(jwt: &str) -> String {
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').next().unwrap()).unwrap()).unwrap();
+    header["kid"].as_str().unwrap().to_string()
+}
+
+/// Rewrites the config with another `jwt` section and reloads it with SIGHUP.
+async fn reconfigure(w: &World, keys: &JwtKeys, signing: &str, listed: &[&str]) {
+    let config =
+        jwt_gateway_config(w.gateway.port, &w.redis.url(), w.upstream.port, &keys.section(signing, listed));
+    // Keep the admin port the first config chose.
+    let old = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+    let admin_line = old.lines().find(|l| l.starts_with("admin:")).unwrap();
+    let config: String = config
+        .lines()
+        .map(|l| if l.starts_with("admin:") { admin_line.to_string() } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&w.gateway.config_path, config).unwrap();
+    w.gateway.signal("HUP");
+    let want = listed.len();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            jwks(w).await["keys"].as_array().map(Vec::len) == Some(want)
+        })
+        .await,
+        "reload applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_became_verify_only_still_verifies_until_it_is_removed() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let (_, service_token) =
+        w.service("acme", "embed", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+    let old = minted(&w, &w.gateway, &service_token, "shop", json!({"attributes": {}})).await;
+    assert_eq!(kid_of(&old), "k1");
+
+    // k2 signs from now on; k1 stays to verify what it signed.
+    reconfigure(&w, &keys, "k2", &["k1", "k2"]).await;
+    let new = minted(&w, &w.gateway, &service_token, "shop", json!({"attributes": {}})).await;
+    assert_eq!(kid_of(&new), "k2");
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &old).await, 200, "verify-only key still verifies");
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &new).await, 200);
+
+    // k1 removed: what it signed is refused, even though it was verified (and cached) before.
+    reconfigure(&w, &keys, "k2", &["k2"]).await;
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &old).await, 401);
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &new).await, 200);
+}
+
+/// Verifies `jwt` with jwt-compact and ed25519-dalek (not the gateway's jsonwebtoken and ring),
+/// using the key the JWKS publishes under the token's kid; returns the claims.
+fn verify_independently(jwks: &Value, jwt: &str) -> Claims<serde_json::Map<String, Value>> {
+    let kid = kid_of(jwt);
+    let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == kid.as_str()).unwrap();
+    let jwk: JsonWebKey<'_> =
+        serde_json::from_value(json!({"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"]})).unwrap();
+    let key = <Ed25519 as jwt_compact::Algorithm>::VerifyingKey::try_from(&jwk).unwrap();
+    let untrusted = UntrustedToken::new(jwt).unwrap();
+    let token = Ed25519.validator::<serde_json::Map<String, Value>>(&key).validate(&untrusted).unwrap();
+    token.claims().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_implementation_verifies_minted_and_identity_jwts_with_the_jwks() {
+    let keys = JwtKeys::generate();
+    let mut w = World::start_jwt(&keys).await;
+    let (_, service_token) =
+        w.service("acme", "embed", &[("shop", Role::Editor)], TokenSpec::default()).await;
+    let jwt = minted(
+        &w,
+        &w.gateway,
+        &service_token,
+        "shop",
+        json!({"attributes": {"plan": "pro"}, "subject": "cust-7"}),
+    )
+    .await;
+    let published = jwks(&w).await;
+    assert_eq!(published["keys"][0]["kty"], "OKP");
+    assert_eq!(published["keys"][0]["alg"], "EdDSA");
+
+    let minted_claims = verify_independently(&published, &jwt);
+    assert_eq!(minted_claims.custom["sub"], "cust-7");
+    assert_eq!(minted_claims.custom["attrs"]["plan"], "pro");
+    assert!(minted_claims.expiration.is_some());
+
+    // The route signs who is calling for its upstream; a client's own X-Auth-Jwt never passes.
+    let resp = w
+        .http
+        .get(w.gateway.url("/signed/x"))
+        .bearer_auth(&jwt)
+        .header("x-auth-jwt", "forged")
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    let identity = echo["headers"]["x-auth-jwt"].as_array().unwrap();
+    assert_eq!(identity.len(), 1);
+    let identity = identity[0].as_str().unwrap();
+    assert_ne!(identity, "forged");
+    let claims = verify_independently(&published, identity);
+    let c = &claims.custom;
+    assert_eq!(c["sub"], "ephemeral:cust-7");
+    assert_eq!(c["aud"], "tollgate-upstream");
+    assert_eq!(c["iss"], "tollgate-test");
+    assert_eq!(
+        (c["org"].as_str(), c["project"].as_str(), c["environment"].as_str()),
+        (Some("acme"), Some("shop"), Some("production"))
+    );
+    assert_eq!(c["permissions"], json!(["read", "write", "execute"]));
+    assert_eq!(c["attributes"]["plan"], "pro");
+    let lifetime = claims.expiration.unwrap().timestamp() - claims.issued_at.unwrap().timestamp();
+    assert!((1..=60).contains(&lifetime), "{lifetime}");
+
+    // A PAT on the same route gets one too; a route without identity_jwt sends none.
+    let user = w.user("acme", "dev@acme.io", Role::Viewer, json!({})).await;
+    let pat = w.pat(&user, TokenSpec::default()).await;
+    let echo = echoed(w.get(&w.gateway, "/signed/x", &pat).await).await;
+    let claims = verify_independently(&published, echo["headers"]["x-auth-jwt"][0].as_str().unwrap());
+    assert_eq!(claims.custom["sub"], format!("user:{}", user.id));
+    let echo = echoed(
+        w.http
+            .get(w.gateway.url("/shop/x"))
+            .bearer_auth(&pat)
+            .header("x-auth-jwt", "forged")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(echo["headers"].get("x-auth-jwt").is_none(), "{echo}");
+
+    // The identity JWT is not a credential.
+    assert_refused(&w, echo_identity(&w, &pat).await.as_str(), "identity JWT presented as a credential")
+        .await;
+}
+
+async fn echo_identity(w: &World, pat: &str) -> String {
+    let echo = echoed(w.get(&w.gateway, "/signed/x", pat).await).await;
+    echo["headers"]["x-auth-jwt"][0].as_str().unwrap().to_string()
+}
