@@ -147,3 +147,24 @@ fn jwt_shape() {
     assert!(!looks_like_jwt("tgp_abcdef0123"));
     assert!(!looks_like_jwt("eyJa.b"));
 }
+
+/// A 2048-bit RSA key made with `openssl genpkey` for this test only (ring cannot generate RSA keys).
+const TEST_RSA_KEY: &str = include_str!("test-rsa-2048.pem");
+
+#[test]
+fn rs256_keys_sign_verify_and_publish_modulus_and_exponent() {
+    let key = JwtKey::load("r", Algorithm::RS256, KeyMaterial::Pem(TEST_RSA_KEY)).unwrap();
+    let s = settings(vec![key], 0);
+    let token = s.sign(&claims(60)).unwrap();
+    assert!(s.verify(&token).is_ok());
+    let jwk = &s.jwks()["keys"][0];
+    assert_eq!((jwk["kty"].as_str(), jwk["e"].as_str()), (Some("RSA"), Some("AQAB")));
+    assert_eq!(URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap().len(), 256);
+    // HS256 over the RSA key's PEM under the same kid is refused.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("r".into());
+    let confused =
+        jsonwebtoken::encode(&header, &claims(60), &EncodingKey::from_secret(TEST_RSA_KEY.as_bytes()))
+            .unwrap();
+    assert_eq!(s.verify(&confused).map(|_| ()), Err(JwtError::WrongAlgorithm));
+}
