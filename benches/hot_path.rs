@@ -1,5 +1,5 @@
 //! Microbenchmarks of the request path's pure and cached pieces: token parsing, cache-hit
-//! verification, the authorization decision, and header strip and inject.
+//! verification, the authorization decision, header strip and inject, and JWT verification.
 //! Run with `cargo bench --bench hot_path`.
 
 // Set-up failures in a benchmark should stop it with their message.
@@ -27,6 +27,10 @@ orgs: { acme: { projects: { shop: { environments: [production] } } } }
 routes:
   - { name: shop, path: /shop, upstream: "127.0.0.1:9000", org: acme, project: shop, environment: production }
 "#;
+
+// The allocator `tollgate serve` runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Warm {
     runtime: tokio::runtime::Runtime,
@@ -115,5 +119,67 @@ fn authorize_and_headers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, token_parse, cache_hit, authorize_and_headers);
+/// An ephemeral credential: its signature check (what a first request pays) and a verification
+/// with the JWT, its minting token and service cached (what every later request pays).
+fn jwt(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k1.pem");
+    std::fs::write(&key, tollgate::jwt::generate_key(jsonwebtoken::Algorithm::EdDSA).unwrap()).unwrap();
+    let text = format!(
+        "{CONFIG}jwt: {{ signing_key: k1, keys: [ {{ kid: k1, key_file: \"{}\" }} ] }}\n",
+        key.display()
+    );
+    let config = Config::parse(&text).unwrap();
+    let w = warm();
+    let jwt = config.jwt.as_ref().unwrap();
+    let token = w.runtime.block_on(async {
+        let store = w.verifier.cache().store().clone();
+        let roles = BTreeMap::from([("shop".to_string(), Role::Editor)]);
+        let service =
+            lifecycle::create_service(&store, "acme", "embed", None, roles, Default::default(), None)
+                .await
+                .unwrap();
+        let (parent, record) = lifecycle::issue_token(
+            &store,
+            config.argon2.params,
+            "acme",
+            Owner::Service(service.id.clone()),
+            TokenSpec::default(),
+        )
+        .await
+        .unwrap();
+        drop(parent);
+        let now = tollgate::store::now_millis() / 1000;
+        let claims = tollgate::jwt::EphemeralClaims {
+            iss: jwt.issuer.clone(),
+            aud: jwt.audience.clone(),
+            sub: "eu@customer.io".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 3600,
+            jti: "bench".into(),
+            org: "acme".into(),
+            project: "shop".into(),
+            svc: service.id,
+            tid: record.id.to_string(),
+            tg: tollgate::jwt::EPHEMERAL.into(),
+            email: Some("eu@customer.io".into()),
+            attrs: serde_json::json!({"tenant": "t-1"}).as_object().unwrap().clone(),
+            scope: None,
+            env: None,
+        };
+        let token = jwt.sign(&claims).unwrap();
+        w.verifier.verify_ephemeral(&token, jwt).await.unwrap();
+        token
+    });
+    c.bench_function("jwt/verify_signature_and_claims", |b| {
+        b.iter(|| jwt.verify(black_box(&token)).unwrap())
+    });
+    c.bench_function("auth/verify_ephemeral_cache_hit", |b| {
+        b.to_async(&w.runtime)
+            .iter(|| async { w.verifier.verify_ephemeral(black_box(&token), jwt).await.unwrap() })
+    });
+}
+
+criterion_group!(benches, token_parse, cache_hit, authorize_and_headers, jwt);
 criterion_main!(benches);

@@ -176,16 +176,27 @@ async fn memory(n: usize) {
     );
 }
 
+// The allocator `tollgate serve` runs with, so the memory figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // `cargo test --benches` runs benches with `--bench` absent; do the work only under `cargo bench`.
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // `cargo bench --bench propagation -- memory` (or `-- propagation`) runs one part.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     runtime.block_on(async {
-        propagation().await;
-        for n in [100_000, 1_000_000] {
-            memory(n).await;
+        if wanted("propagation") {
+            propagation().await;
+        }
+        if wanted("memory") {
+            for n in [100_000, 1_000_000] {
+                memory(n).await;
+            }
         }
     });
 }

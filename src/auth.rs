@@ -7,6 +7,7 @@
 //! Until the secret is proven, every failure looks the same to the client.
 
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -248,7 +249,10 @@ const JWT_CACHE_SECONDS: u64 = 300;
 pub struct Verifier {
     cache: Arc<Cache>,
     digester: SecretDigester,
-    proven: moka::future::Cache<TokenId, Proven>,
+    /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
+    /// entry per token).
+    proven: quick_cache::sync::Cache<u64, Proven>,
+    id_hasher: std::collections::hash_map::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
     jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>>,
@@ -268,7 +272,8 @@ impl Verifier {
         Verifier {
             cache,
             digester: SecretDigester::new(),
-            proven: moka::future::Cache::builder().max_capacity(capacity).build(),
+            proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
+            id_hasher: std::collections::hash_map::RandomState::new(),
             jwts: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
@@ -386,37 +391,30 @@ impl Verifier {
         Ok(Principal::new(record, owner, deprecated))
     }
 
-    /// Proves the secret: by digest when proven before, else by argon2 (one run for concurrent
-    /// requests with the same token).
+    /// Proves the secret: by digest when proven before, else by argon2. Concurrent requests with
+    /// one token wait for one run; when that run was for another secret and failed, the next
+    /// waiter runs its own, so wrong guesses for a known id cannot make the right secret fail.
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = blake3::hash(record.secret_hash.as_bytes());
-        let proven = self
-            .proven
-            .try_get_with_by_ref(&parsed.id, async {
+        let key = self.id_hasher.hash_one(parsed.id.as_str());
+        // blake3::Hash compares in constant time. A proof for another stored hash (the record
+        // changed, or two ids share a key hash) proves nothing here.
+        let judge =
+            |p: &Proven| (p.secret == digest).then_some(()).ok_or(AuthError::Invalid(Invalid::WrongSecret));
+        match self.proven.get_value_or_guard_async(&key).await {
+            Ok(p) if p.phc == phc => judge(&p),
+            Ok(_) => {
                 if self.argon2(parsed.secret, &record.secret_hash).await {
-                    Ok(Proven { secret: digest, phc })
-                } else {
-                    Err(digest)
-                }
-            })
-            .await;
-        match proven {
-            // blake3::Hash compares in constant time.
-            Ok(p) if p.phc == phc => {
-                if p.secret == digest {
+                    self.proven.insert(key, Proven { secret: digest, phc });
                     Ok(())
                 } else {
                     Err(AuthError::Invalid(Invalid::WrongSecret))
                 }
             }
-            Err(failed) if *failed == digest => Err(AuthError::Invalid(Invalid::WrongSecret)),
-            // The shared check ran for another secret (a concurrent wrong guess) and failed, or the
-            // stored hash changed since it was proven: this request's secret is checked on its own,
-            // so nobody guessing wrong secrets for a known id can make the right one fail.
-            _ => {
+            Err(guard) => {
                 if self.argon2(parsed.secret, &record.secret_hash).await {
-                    self.proven.insert(parsed.id.clone(), Proven { secret: digest, phc }).await;
+                    let _ = guard.insert(Proven { secret: digest, phc });
                     Ok(())
                 } else {
                     Err(AuthError::Invalid(Invalid::WrongSecret))
@@ -432,12 +430,20 @@ impl Verifier {
         let Ok(slot) = slot else { return false };
         self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let (secret, phc) = (secret.to_owned(), phc.to_owned());
-        let ok = tokio::task::spawn_blocking(move || {
+        let (done, result) = tokio::sync::oneshot::channel();
+        // Its own thread at the lowest priority: a storm of never-seen tokens must not take CPU
+        // from requests whose secrets are already proven. (A thread costs microseconds; argon2
+        // tens of milliseconds.)
+        let spawned = std::thread::Builder::new().name("argon2".into()).spawn(move || {
             let _slot = slot;
-            token::verify_secret(&secret, &phc)
-        })
-        .await;
-        ok.unwrap_or(false)
+            let _ = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
+            let _ = done.send(token::verify_secret(&secret, &phc));
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an argon2 thread");
+            return false;
+        }
+        result.await.unwrap_or(false)
     }
 }
 

@@ -598,12 +598,12 @@ impl<'a> Lifecycle<'a> {
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
         }
-        t.revoked = Some(Revocation {
+        t.revoked = Some(Box::new(Revocation {
             at: now_millis(),
             decided_at: None,
             reason: reason.clone(),
             by: Some(actor.subject.clone()),
-        });
+        }));
         let mut audit = actor.audit("token.revoke", t.id.to_string());
         audit.token_id = Some(t.id.to_string());
         audit.reason = reason;
@@ -638,7 +638,7 @@ impl<'a> Lifecycle<'a> {
             (ttl, expires) => parse_expiry(ttl, expires, now)?,
         };
         let (scope, permissions) = match (req.scope, req.permissions) {
-            (None, None) => match &old.scope {
+            (None, None) => match old.scope.as_deref() {
                 Some(Scope { name: Some(n), .. }) => (Some(n.clone()), None),
                 Some(Scope { name: None, permissions }) => (None, Some(permissions.clone())),
                 None => (None, None),
@@ -673,12 +673,12 @@ impl<'a> Lifecycle<'a> {
         };
         let spec = self.spec(&owner_actor, wanted, expires_at, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
-        old.revoked = Some(Revocation {
+        old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,
             decided_at: Some(now),
             reason: Some(format!("rotated to {}", record.id)),
             by: Some(actor.subject.clone()),
-        });
+        }));
         old.rotated_to = Some(record.id.clone());
         let mut audit = actor.audit("token.rotate", old.id.to_string());
         audit.token_id = Some(old.id.to_string());
@@ -836,12 +836,12 @@ impl<'a> Lifecycle<'a> {
         let mut tokens = self.store.list_owner_tokens(&Owner::User(user.id.clone())).await?;
         tokens.retain(|t| !t.is_revoked(now));
         for t in &mut tokens {
-            t.revoked = Some(Revocation {
+            t.revoked = Some(Box::new(Revocation {
                 at: now,
                 decided_at: None,
                 reason: Some("owner removed".into()),
                 by: Some(actor.subject.clone()),
-            });
+            }));
         }
         let mut audit = actor.audit("user.remove", format!("user:{email}"));
         audit.reason = reason;
@@ -1175,7 +1175,7 @@ async fn mint(
         owner,
         display_name: spec.display_name,
         secret_hash: hash,
-        scope: spec.scope,
+        scope: spec.scope.map(Box::new),
         environments: spec.environments,
         created_at: now_millis(),
         expires_at: spec.expires_at,

@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc: fewer bytes per small allocation than glibc's malloc (cached records are many small
+/// strings) and faster on the request path's header work; see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = tollgate::cli::Cli::parse();
     if let Err(e) = tollgate::cli::run(cli) {

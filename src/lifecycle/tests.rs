@@ -86,7 +86,7 @@ fn token_status_follows_the_clock() {
         environments: None,
         created_at: 0,
         expires_at: expires,
-        revoked: revoked.map(|at| Revocation { at, decided_at: None, reason: None, by: None }),
+        revoked: revoked.map(|at| Box::new(Revocation { at, decided_at: None, reason: None, by: None })),
         rotated_to: rotated.then(|| token::generate(TokenKind::Pat).id),
     };
     let check = |t: TokenRecord, expected: &str| assert_eq!(token_status(&t, 100), expected);

@@ -60,7 +60,9 @@ fn principal(c: &Case) -> Principal {
         owner: Owner::User("u_1".into()),
         display_name: None,
         secret_hash: String::new(),
-        scope: c.scope.map(|s| Scope { name: None, permissions: s.iter().map(|p| p.to_string()).collect() }),
+        scope: c
+            .scope
+            .map(|s| Box::new(Scope { name: None, permissions: s.iter().map(|p| p.to_string()).collect() })),
         environments: c.envs.map(|e| e.iter().map(|p| p.to_string()).collect()),
         created_at: 0,
         expires_at: None,

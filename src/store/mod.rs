@@ -509,7 +509,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let before = self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
         let mut token = before.clone();
-        token.revoked = Some(Revocation { at: now_millis(), decided_at: None, reason, by });
+        token.revoked = Some(Box::new(Revocation { at: now_millis(), decided_at: None, reason, by }));
         self.update_token(&before, &token, None).await
     }
 

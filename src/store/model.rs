@@ -169,8 +169,9 @@ pub struct TokenRecord {
     pub display_name: Option<String>,
     /// argon2id PHC string of the secret.
     pub secret_hash: String,
-    /// Narrowing below the owner's role; `None` means all of the role's permissions.
-    pub scope: Option<Scope>,
+    /// Narrowing below the owner's role; `None` means all of the role's permissions. (Boxed, as
+    /// is `revoked`: most tokens have neither, and every cached record is smaller for it.)
+    pub scope: Option<Box<Scope>>,
     /// Environments it may be used in; `None` means all.
     pub environments: Option<Vec<String>>,
     /// Creation time.
@@ -178,7 +179,7 @@ pub struct TokenRecord {
     /// Expiry time, if any.
     pub expires_at: Option<Millis>,
     /// Revocation, if any.
-    pub revoked: Option<Revocation>,
+    pub revoked: Option<Box<Revocation>>,
     /// The token that replaced this one in a rotation.
     #[serde(default)]
     pub rotated_to: Option<TokenId>,

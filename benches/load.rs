@@ -1,0 +1,542 @@
+//! The load benchmark: what authentication costs per request, as ratios to a plain Pingora
+//! passthrough built from the same dependency versions, measured side by side in one run.
+//! Run with `cargo bench --bench load` (installs oha with `cargo install` when it is missing).
+//!
+//! One run starts a fast origin (a fixed 2-byte answer), a plain Pingora passthrough (no auth: the
+//! floor of our own cost), `tollgate serve` on the embedded store, and nginx as a plain proxy when
+//! `nginx` is on the PATH. The proxies run with one worker thread each, pinned to the last core; the
+//! load generator, the origin and this process are pinned to the others. For each target it
+//! measures closed-loop throughput (oha, fixed connections, as fast as answered) and open-loop
+//! latency (oha at a fixed request rate with `--latency-correction`, so a stalled response counts the
+//! requests that should have been sent meanwhile: coordinated omission corrected), then prints one
+//! table with every figure as a ratio to plain Pingora.
+//!
+//! Targets: direct origin, nginx, plain Pingora, Tollgate with a cached PAT, Tollgate with an
+//! ephemeral JWT, and Tollgate with a cached PAT while a storm of distinct never-seen tokens (real
+//! tokens, each presented once, so each costs a store read and an argon2 run) hits the same gateway.
+//!
+//! Environment: `LOAD_SECONDS` (per measurement, default 10), `LOAD_CONNECTIONS` (default 32),
+//! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.5),
+//! `STORM_TOKENS` (default 1500).
+
+// Set-up failures in a benchmark should stop it with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use tollgate::config::Config;
+use tollgate::lifecycle::{self, TokenSpec};
+use tollgate::policy::Role;
+use tollgate::store::{self, Attributes, Owner};
+
+// The allocator `tollgate serve` runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const ROLE: &str = "TOLLGATE_LOAD_ROLE";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two servers this binary plays itself (as child processes, so they can be pinned).
+
+/// The origin: answers every request with `ok`.
+fn run_origin(port: u16) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let app = axum::Router::new().fallback(|| async { "ok" });
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+/// Plain Pingora: the same proxy service Tollgate builds, with nothing but the upstream choice.
+struct Passthrough(std::net::SocketAddr);
+
+#[async_trait]
+impl ProxyHttp for Passthrough {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+    }
+}
+
+fn run_passthrough(port: u16, origin: u16) {
+    let conf = ServerConf {
+        threads: 1,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Passthrough(std::net::SocketAddr::from(([127, 0, 0, 1], origin))),
+    );
+    proxy.add_tcp(&format!("127.0.0.1:{port}"));
+    server.add_service(proxy);
+    server.run_forever();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes, pinned where the machine has cores to spare.
+
+struct Cores {
+    /// Where the proxies run.
+    servers: Option<String>,
+    /// Where the load generator, the origin and this process run.
+    load: Option<String>,
+}
+
+fn cores() -> Cores {
+    let n = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    let taskset = Command::new("taskset").arg("--version").output().is_ok_and(|o| o.status.success());
+    if n < 2 || !taskset {
+        return Cores { servers: None, load: None };
+    }
+    Cores { servers: Some((n - 1).to_string()), load: Some(format!("0-{}", n - 2)) }
+}
+
+fn pinned(cpus: &Option<String>, program: &Path) -> Command {
+    match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(mut cmd: Command, what: &'static str) -> Proc {
+    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{what}: {e}")))
+}
+
+/// oha: on the PATH, or installed with cargo (from crates.io) into `target/`.
+fn oha() -> PathBuf {
+    if Command::new("oha").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return PathBuf::from("oha");
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/oha");
+    let bin = root.join("bin/oha");
+    if !bin.exists() {
+        eprintln!("installing oha (the load generator) with cargo install; this takes a few minutes once");
+        let ok = Command::new("cargo")
+            .args(["install", "oha", "--locked", "--root"])
+            .arg(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cargo install oha failed");
+    }
+    bin
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+struct Load {
+    oha: PathBuf,
+    cpus: Option<String>,
+    seconds: u64,
+    connections: usize,
+}
+
+impl Load {
+    /// One oha run; `rate` = None for closed loop. Returns (requests per second, p50, p99, non-2xx).
+    fn run(&self, url: &str, token: Option<&str>, rate: Option<f64>) -> Figures {
+        let mut cmd = pinned(&self.cpus, &self.oha);
+        cmd.args(["--no-tui", "--output-format", "json", "-z"])
+            .arg(format!("{}s", self.seconds))
+            .arg("-c")
+            .arg(self.connections.to_string());
+        if let Some(t) = token {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        if let Some(r) = rate {
+            cmd.arg("-q").arg(format!("{}", r.round() as u64)).arg("--latency-correction");
+        }
+        let out = cmd.arg(url).output().expect("oha");
+        assert!(out.status.success(), "oha: {}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
+        let pct = |p: &str| json["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1e6;
+        let statuses = json["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
+        let errors = statuses
+            .iter()
+            .filter(|(code, _)| !code.starts_with('2'))
+            .map(|(_, n)| n.as_u64().unwrap_or(0))
+            .sum::<u64>()
+            + json["errorDistribution"]
+                .as_object()
+                .map_or(0, |e| e.values().filter_map(|v| v.as_u64()).sum());
+        Figures {
+            rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+            p50_us: pct("p50"),
+            p99_us: pct("p99"),
+            errors,
+        }
+    }
+
+    fn both(&self, url: &str, token: Option<&str>, rate: f64) -> (Figures, Figures) {
+        (self.run(url, token, None), self.run(url, token, Some(rate)))
+    }
+}
+
+/// Sends never-seen tokens, each once, with `concurrency` requests in flight, until stopped or
+/// out of tokens. Counts what it sent.
+fn storm(
+    url: String,
+    tokens: Vec<String>,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let client = reqwest::Client::new();
+            let tokens = Arc::new(std::sync::Mutex::new(tokens.into_iter()));
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (client, tokens, stop, sent, url) =
+                    (client.clone(), tokens.clone(), stop.clone(), sent.clone(), url.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(t) = tokens.lock().unwrap().next() else { return };
+                        let _ = client.get(&url).bearer_auth(t).timeout(Duration::from_secs(60)).send().await;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tollgate's set-up: a config, records in the embedded store, then `tollgate serve`.
+
+struct Tollgate {
+    _proc: Proc,
+    port: u16,
+    pat: String,
+    jwt: String,
+    storm: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_tollgate(cores: &Cores, origin: u16, storm_tokens: usize) -> Tollgate {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let key = dir.path().join("k1.pem");
+    std::fs::write(&key, tollgate::jwt::generate_key(jsonwebtoken::Algorithm::EdDSA).unwrap()).unwrap();
+    let config_text = format!(
+        r#"
+listen: 127.0.0.1:{port}
+threads: 1
+admin: {{ listen: "127.0.0.1:{admin}" }}
+store: {{ embedded: {{ path: "{store}" }} }}
+log: {{ level: warn, access: false }}
+jwt:
+  signing_key: k1
+  keys: [ {{ kid: k1, key_file: "{key}" }} ]
+orgs: {{ acme: {{ projects: {{ shop: {{ environments: [production] }} }} }} }}
+routes:
+  - {{ name: bench, path: /, upstream: "127.0.0.1:{origin}", org: acme, project: shop, environment: production }}
+"#,
+        store = dir.path().join("store.redb").display(),
+        key = key.display(),
+    );
+    let config_path = dir.path().join("tollgate.yaml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let config = Config::parse(&config_text).unwrap();
+
+    // Records first, while no gateway holds the embedded store's file.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (pat, service_token, storm) = runtime.block_on(async {
+        let store = store::open(&config.store).unwrap();
+        let params = config.argon2.params;
+        lifecycle::ensure_org(&store, "acme").await.unwrap();
+        let attrs: Attributes = serde_json::from_value(serde_json::json!({"team": "bench"})).unwrap();
+        let user =
+            lifecycle::create_user(&store, "acme", "bench@acme.io", Role::Editor, BTreeMap::new(), attrs)
+                .await
+                .unwrap();
+        let owner = Owner::User(user.id.clone());
+        let (pat, _) = lifecycle::issue_token(&store, params, "acme", owner.clone(), TokenSpec::default())
+            .await
+            .unwrap();
+        let roles = BTreeMap::from([("shop".to_string(), Role::Editor)]);
+        let service =
+            lifecycle::create_service(&store, "acme", "embed", None, roles, Attributes::new(), None)
+                .await
+                .unwrap();
+        let (st, _) =
+            lifecycle::issue_token(&store, params, "acme", Owner::Service(service.id), TokenSpec::default())
+                .await
+                .unwrap();
+        eprintln!("issuing {storm_tokens} storm tokens (argon2 with the default parameters)");
+        let mut storm = Vec::with_capacity(storm_tokens);
+        for chunk in (0..storm_tokens).collect::<Vec<_>>().chunks(4) {
+            let issued = futures_util::future::join_all(chunk.iter().map(|_| {
+                lifecycle::issue_token(&store, params, "acme", owner.clone(), TokenSpec::default())
+            }))
+            .await;
+            storm.extend(issued.into_iter().map(|r| r.unwrap().0.token));
+        }
+        (pat.token, st.token, storm)
+    });
+    drop(runtime);
+
+    let mut cmd = pinned(&cores.servers, Path::new(env!("CARGO_BIN_EXE_tollgate")));
+    cmd.arg("serve").arg("--config").arg(&config_path);
+    let proc = spawn(cmd, "tollgate");
+    wait_for(port, "tollgate");
+    wait_for(admin, "tollgate admin API");
+
+    // The ephemeral credential, minted as a service would.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let jwt = runtime.block_on(async {
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{admin}/v1/orgs/acme/projects/shop/credentials"))
+            .bearer_auth(&service_token)
+            .json(&serde_json::json!({"attributes": {"tenant": "t-1"}, "ttl_seconds": 3600}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["token"].as_str().expect("minted").to_string()
+    });
+    Tollgate { _proc: proc, port, pat, jwt, storm, _dir: dir }
+}
+
+fn start_nginx(cores: &Cores, origin: u16) -> Option<(Proc, u16, tempfile::TempDir)> {
+    let nginx =
+        ["nginx", "/usr/sbin/nginx"].into_iter().find(|n| Command::new(n).arg("-v").output().is_ok())?;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = format!(
+        r#"
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream origin {{ server 127.0.0.1:{origin}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"#,
+        dir = dir.path().display()
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = pinned(&cores.servers, Path::new(nginx));
+    cmd.arg("-p").arg(dir.path()).arg("-c").arg(&conf_path);
+    let proc = spawn(cmd, "nginx");
+    wait_for(port, "nginx");
+    Some((proc, port, dir))
+}
+
+fn self_exe(cpus: &Option<String>, role: &str, args: &[u16]) -> Command {
+    let mut cmd = pinned(cpus, &std::env::current_exe().unwrap());
+    cmd.env(ROLE, role).args(args.iter().map(u16::to_string));
+    cmd
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let n = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    format!("{n} × {cpu}")
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    match std::env::var(ROLE).as_deref() {
+        Ok("origin") => return run_origin(args.next().unwrap().parse().unwrap()),
+        Ok("passthrough") => {
+            let port = args.next().unwrap().parse().unwrap();
+            return run_passthrough(port, args.next().unwrap().parse().unwrap());
+        }
+        _ => {}
+    }
+    // `cargo test --benches` runs benches without `--bench`; do the work only under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+
+    let cores = cores();
+    if let Some(load) = &cores.load {
+        // This process (the storm, the set-up) stays off the servers' core.
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", load])
+            .arg(std::process::id().to_string())
+            .output();
+    }
+    let load = Load {
+        oha: oha(),
+        cpus: cores.load.clone(),
+        seconds: env_or("LOAD_SECONDS", 10),
+        connections: env_or("LOAD_CONNECTIONS", 32),
+    };
+    let fraction: f64 = env_or("LOAD_RATE_FRACTION", 0.5);
+
+    let origin_port = free_port();
+    let _origin = spawn(self_exe(&cores.load, "origin", &[origin_port]), "origin");
+    wait_for(origin_port, "origin");
+    let pingora_port = free_port();
+    let _pingora = spawn(self_exe(&cores.servers, "passthrough", &[pingora_port, origin_port]), "pingora");
+    wait_for(pingora_port, "plain pingora");
+    let nginx = start_nginx(&cores, origin_port);
+    let tg = start_tollgate(&cores, origin_port, env_or("STORM_TOKENS", 1500));
+    let url = |port: u16| format!("http://127.0.0.1:{port}/items");
+
+    // Warm every path once (connections, caches), then measure plain Pingora first: its
+    // throughput sets the open-loop rate for everyone.
+    for token in [&tg.pat, &tg.jwt] {
+        let _ = load.run(&url(tg.port), Some(token), Some(100.0));
+    }
+    let pingora_closed = load.run(&url(pingora_port), None, None);
+    let rate = pingora_closed.rps * fraction;
+    eprintln!("plain pingora: {:.0} req/s closed loop; open-loop rate {rate:.0} req/s", pingora_closed.rps);
+    let pingora_open = load.run(&url(pingora_port), None, Some(rate));
+
+    let mut rows: Vec<(&str, Figures, Figures)> = Vec::new();
+    rows.push((
+        "direct origin",
+        load.run(&url(origin_port), None, None),
+        load.run(&url(origin_port), None, Some(rate)),
+    ));
+    if let Some((_, port, _)) = &nginx {
+        let (c, o) = load.both(&url(*port), None, rate);
+        rows.push(("nginx (plain proxy)", c, o));
+    }
+    rows.push(("plain pingora", pingora_closed, pingora_open));
+    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate);
+    rows.push(("tollgate, cached PAT", c, o));
+    let (c, o) = load.both(&url(tg.port), Some(&tg.jwt), rate);
+    rows.push(("tollgate, ephemeral JWT", c, o));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let storm_tokens = tg.storm.len();
+    let storm_thread = storm(url(tg.port), tg.storm.clone(), 16, stop.clone(), sent.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate);
+    stop.store(true, Ordering::Relaxed);
+    let storm_sent = sent.load(Ordering::Relaxed);
+    rows.push(("tollgate, cached PAT + cold storm", c, o));
+    let _ = storm_thread.join();
+
+    // The table.
+    let base = (pingora_closed, pingora_open);
+    println!();
+    println!("Load benchmark: {} s per measurement, {} connections, open loop at {rate:.0} req/s (coordinated omission corrected)", load.seconds, load.connections);
+    println!(
+        "machine: {}; proxies pinned to CPU {}, load generator and origin to CPU {}",
+        machine(),
+        cores.servers.as_deref().unwrap_or("-"),
+        cores.load.as_deref().unwrap_or("-")
+    );
+    println!();
+    println!("| target | req/s (closed) | × pingora | p50 µs | p99 µs | p50 − pingora µs | p99 × pingora | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, closed, open) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.0} | {:.0} | {:+.0} | {:.2} | {} |",
+            closed.rps,
+            closed.rps / base.0.rps,
+            open.p50_us,
+            open.p99_us,
+            open.p50_us - base.1.p50_us,
+            open.p99_us / base.1.p99_us,
+            closed.errors + open.errors,
+        );
+    }
+    println!();
+    println!("storm: {storm_sent} of {storm_tokens} never-seen tokens sent during the storm measurements");
+
+    let find = |name: &str| rows.iter().find(|r| r.0 == name).map(|r| (r.1, r.2)).unwrap();
+    let (pat_c, pat_o) = find("tollgate, cached PAT");
+    let (_, storm_o) = find("tollgate, cached PAT + cold storm");
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!();
+    println!("targets:");
+    let ratio = pat_c.rps / base.0.rps;
+    println!("- cached-PAT throughput {ratio:.3}× plain pingora (≥ 0.95): {}", verdict(ratio >= 0.95));
+    let added = pat_o.p50_us - base.1.p50_us;
+    println!("- added p50 latency {added:.0} µs (≤ 20 µs): {}", verdict(added <= 20.0));
+    let storm_ratio = storm_o.p99_us / pat_o.p99_us;
+    println!(
+        "- cached-PAT p99 under a cold storm {storm_ratio:.2}× without (≤ 1.5): {}",
+        verdict(storm_ratio <= 1.5)
+    );
+}
