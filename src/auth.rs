@@ -205,23 +205,71 @@ impl Principal {
         }
     }
 
-    /// The owner's attributes; a user's include `email` and `domain` unless set explicitly. An
-    /// ephemeral credential carries the end user's, as minted.
-    pub fn attributes(&self) -> Attributes {
+    /// The attributes the upstream sees: a user's own, with `email` and `domain` added unless set
+    /// explicitly; a service's; an ephemeral credential's, as minted. A view, not a copy: this
+    /// runs on every request.
+    pub fn attributes(&self) -> AttributeView<'_> {
         if let Some(e) = &self.ephemeral {
-            return e.claims.attrs.clone();
+            return AttributeView { own: &e.claims.attrs, added: [None, None] };
         }
         match &self.owner {
             OwnerRecord::User(u) => {
-                let mut attrs = u.attributes.clone();
-                attrs.entry("email").or_insert_with(|| u.email.clone().into());
-                if let Some((_, domain)) = u.email.rsplit_once('@') {
-                    attrs.entry("domain").or_insert_with(|| domain.into());
+                let domain = u.email.rsplit_once('@').map(|(_, d)| d);
+                // In key order, so that the merged view iterates sorted like a JSON map.
+                AttributeView {
+                    own: &u.attributes,
+                    added: [domain.map(|d| ("domain", d)), Some(("email", &u.email))],
                 }
-                attrs
             }
-            OwnerRecord::Service(s) => s.attributes.clone(),
+            OwnerRecord::Service(s) => AttributeView { own: &s.attributes, added: [None, None] },
         }
+    }
+}
+
+/// A principal's attributes: its record's own, plus up to two derived ones (a user's `domain` and
+/// `email`) that the record does not set itself. Iterates and serializes in key order, like the
+/// JSON object it stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct AttributeView<'a> {
+    own: &'a Attributes,
+    added: [Option<(&'static str, &'a str)>; 2],
+}
+
+/// One attribute value of an [`AttributeView`].
+#[derive(Debug, Clone, Copy)]
+pub enum AttributeValue<'a> {
+    /// From the record.
+    Json(&'a serde_json::Value),
+    /// Derived text.
+    Text(&'a str),
+}
+
+impl<'a> AttributeView<'a> {
+    /// Every attribute, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, AttributeValue<'a>)> + 'a {
+        let own = self.own;
+        let added = self.added.into_iter().flatten().filter(move |(k, _)| !own.contains_key(*k));
+        let mut own = own.iter().map(|(k, v)| (k.as_str(), AttributeValue::Json(v))).peekable();
+        let mut added = added.map(|(k, v)| (k, AttributeValue::Text(v))).peekable();
+        std::iter::from_fn(move || match (own.peek(), added.peek()) {
+            (Some(o), Some(a)) if a.0 < o.0 => added.next(),
+            (Some(_), _) => own.next(),
+            (None, _) => added.next(),
+        })
+    }
+}
+
+impl serde::Serialize for AttributeView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (k, v) in self.iter() {
+            match v {
+                AttributeValue::Json(v) => map.serialize_entry(k, v)?,
+                AttributeValue::Text(t) => map.serialize_entry(k, t)?,
+            }
+        }
+        map.end()
     }
 }
 

@@ -18,6 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AttributeView;
 use crate::store::Attributes;
 
 /// What the `tg` claim says a token is for, so an identity JWT meant for upstreams is never
@@ -343,7 +344,7 @@ pub struct IdentityClaims<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<&'a str>,
     /// The attributes.
-    pub attributes: &'a Attributes,
+    pub attributes: &'a AttributeView<'a>,
 }
 
 /// The longest JWT the gateway will look at.

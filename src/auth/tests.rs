@@ -210,3 +210,22 @@ async fn concurrent_wrong_guesses_for_a_known_id_never_make_the_right_secret_fai
         assert_eq!(right, ok, "only the right secret verifies, and it always does");
     }
 }
+
+#[tokio::test]
+async fn a_users_attribute_view_adds_email_and_domain_in_key_order() {
+    let f = Fixture::new().await;
+    let record = f.store.get_token(&token::parse(&f.token).unwrap().id).await.unwrap().unwrap();
+    let check = |attrs: serde_json::Value, want: &str| {
+        let mut user = f.user.clone();
+        user.email = "Ann@Acme.io".into();
+        user.attributes = attrs.as_object().unwrap().clone();
+        let p = Principal::new(Arc::new(record.clone()), OwnerRecord::User(Arc::new(user)), false);
+        assert_eq!(serde_json::to_string(&p.attributes()).unwrap(), want);
+    };
+    check(serde_json::json!({}), r#"{"domain":"Acme.io","email":"Ann@Acme.io"}"#);
+    check(
+        serde_json::json!({"a": 1, "dz": [true], "team": "red"}),
+        r#"{"a":1,"domain":"Acme.io","dz":[true],"email":"Ann@Acme.io","team":"red"}"#,
+    );
+    check(serde_json::json!({"email": "other@x.io"}), r#"{"domain":"Acme.io","email":"other@x.io"}"#);
+}

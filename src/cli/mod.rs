@@ -136,15 +136,8 @@ enum TokenCmd {
         /// Expiry time (RFC 3339).
         #[arg(long)]
         expires: Option<String>,
-        /// Scope preset (read, execute, read-write, admin, or one from config).
-        #[arg(long, conflicts_with = "permission")]
-        scope: Option<String>,
-        /// Explicit permissions instead of a preset (repeatable).
-        #[arg(long)]
-        permission: Vec<String>,
-        /// Environments the token works in (repeatable).
-        #[arg(long = "env")]
-        env: Vec<String>,
+        #[command(flatten)]
+        narrowing: Narrowing,
     },
     /// List your active tokens.
     List {
@@ -194,6 +187,29 @@ enum TokenCmd {
     },
 }
 
+/// What a new token or credential is narrowed to, below what its maker holds.
+#[derive(Debug, Args)]
+struct Narrowing {
+    /// Scope preset (read, execute, read-write, admin, or one from config).
+    #[arg(long, conflicts_with = "permission")]
+    scope: Option<String>,
+    /// Explicit permissions instead of a preset (repeatable).
+    #[arg(long)]
+    permission: Vec<String>,
+    /// Environments it works in (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+}
+
+impl Narrowing {
+    /// `(scope, permissions, environments)` as the admin API takes them.
+    #[allow(clippy::type_complexity)]
+    fn into_parts(self) -> (Option<String>, Option<Vec<String>>, Option<Vec<String>>) {
+        let Narrowing { scope, permission, env } = self;
+        (scope, (!permission.is_empty()).then_some(permission), (!env.is_empty()).then_some(env))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum CredentialsCmd {
     /// Mint a JWT for an end user of the calling service (authenticate with the service's token);
@@ -217,15 +233,8 @@ enum CredentialsCmd {
         /// Lifetime in seconds (default and cap from the config's `jwt` section).
         #[arg(long, allow_negative_numbers = true)]
         ttl_seconds: Option<i64>,
-        /// Scope preset, within the service's permissions on the project.
-        #[arg(long, conflicts_with = "permission")]
-        scope: Option<String>,
-        /// Explicit permissions instead of a preset (repeatable).
-        #[arg(long)]
-        permission: Vec<String>,
-        /// Environments it works in (repeatable).
-        #[arg(long = "env")]
-        env: Vec<String>,
+        #[command(flatten)]
+        narrowing: Narrowing,
     },
 }
 
@@ -551,18 +560,17 @@ impl Api {
                 user_email,
                 subject,
                 ttl_seconds,
-                scope,
-                permission,
-                env,
+                narrowing,
             }) => {
+                let (scope, permissions, environments) = narrowing.into_parts();
                 let req = CredentialsRequest {
                     attributes: parse_attributes(attributes.as_deref())?,
                     user_email,
                     subject,
                     ttl_seconds,
                     scope,
-                    permissions: (!permission.is_empty()).then_some(permission),
-                    environments: (!env.is_empty()).then_some(env),
+                    permissions,
+                    environments,
                 };
                 let path = format!("/v1/orgs/{}/projects/{}/credentials", segment(&org), segment(&project));
                 let issued: IssuedCredential = self.send(Method::POST, &path, &req).await?;
@@ -608,15 +616,10 @@ impl Api {
 
     async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
         match cmd {
-            TokenCmd::Issue { display_name, ttl_minutes, expires, scope, permission, env } => {
-                let req = IssueRequest {
-                    display_name,
-                    ttl_minutes,
-                    expires,
-                    scope,
-                    permissions: (!permission.is_empty()).then_some(permission),
-                    environments: (!env.is_empty()).then_some(env),
-                };
+            TokenCmd::Issue { display_name, ttl_minutes, expires, narrowing } => {
+                let (scope, permissions, environments) = narrowing.into_parts();
+                let req =
+                    IssueRequest { display_name, ttl_minutes, expires, scope, permissions, environments };
                 let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
                 self.show(&issued, print_issued)
             }

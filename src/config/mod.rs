@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::HeaderName;
 
 use crate::cache::CacheSettings;
@@ -180,19 +181,21 @@ impl IdentityField {
 pub struct IdentitySettings {
     /// Lowercase prefix of every identity header; client headers with it are removed.
     pub prefix: String,
-    /// Enabled fields with their full header names, parsed once (`attr` holds the prefix of
-    /// per-attribute names).
-    pub headers: Vec<(IdentityField, HeaderName)>,
+    /// Enabled fields with their full header names, checked once and kept as the bytes Pingora
+    /// inserts without converting again (`attr` holds the prefix of per-attribute names).
+    pub headers: Vec<(IdentityField, Bytes)>,
     /// Request id header, set on the upstream request and the response.
     pub request_id_header: HeaderName,
+    /// The same name as bytes, for inserting.
+    pub request_id_wire: Bytes,
     /// The identity JWT header of routes with `identity_jwt` (`<prefix>jwt`).
-    pub jwt_header: HeaderName,
+    pub jwt_header: Bytes,
 }
 
 impl IdentitySettings {
     /// The full header name of a field, if enabled.
     pub fn header(&self, field: IdentityField) -> Option<&str> {
-        self.headers.iter().find(|(f, _)| *f == field).map(|(_, h)| h.as_str())
+        self.headers.iter().find(|(f, _)| *f == field).and_then(|(_, h)| std::str::from_utf8(h).ok())
     }
 }
 
@@ -628,17 +631,18 @@ impl Validator {
             );
         }
         // The prefix was checked above, so every name is valid; an invalid one is left out.
+        let wire = |name: String| HeaderName::from_bytes(name.as_bytes()).ok().map(|_| Bytes::from(name));
         let headers = fields
             .into_iter()
-            .filter_map(|f| {
-                HeaderName::from_bytes(format!("{prefix}{}", f.suffix()).as_bytes()).ok().map(|h| (f, h))
-            })
+            .filter_map(|f| wire(format!("{prefix}{}", f.suffix())).map(|h| (f, h)))
             .collect();
-        let jwt_header = HeaderName::from_bytes(format!("{prefix}jwt").as_bytes()).ok();
+        let jwt_header = wire(format!("{prefix}jwt"));
+        let request_id_header = request_id_header?;
         Some(IdentitySettings {
+            request_id_wire: Bytes::copy_from_slice(request_id_header.as_str().as_bytes()),
             prefix,
             headers,
-            request_id_header: request_id_header?,
+            request_id_header,
             jwt_header: jwt_header?,
         })
         .filter(|_| prefix_ok)

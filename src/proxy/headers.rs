@@ -5,6 +5,7 @@ use http::header::HeaderName;
 use pingora::http::RequestHeader;
 
 use super::credential::strip_query_param;
+use crate::auth::{AttributeValue, AttributeView};
 use crate::config::{Config, IdentityField};
 use crate::jwt::{IdentityClaims, JwtSettings};
 use crate::policy::{Grant, Permit};
@@ -27,7 +28,7 @@ pub fn forward(
     for name in forged {
         req.remove_header(&name);
     }
-    req.insert_header(&identity.request_id_header, request_id)?;
+    req.insert_header(identity.request_id_wire.clone(), request_id)?;
 
     let Some(grant) = permit.grant() else {
         return Ok(());
@@ -59,11 +60,11 @@ pub fn forward(
             },
             IdentityField::Attributes => ascii_json(&attributes),
             IdentityField::Attr => {
-                insert_attr_headers(req, name.as_str(), &attributes)?;
+                insert_attr_headers(req, std::str::from_utf8(name).unwrap_or_default(), &attributes)?;
                 continue;
             }
         };
-        req.insert_header(name, value)?;
+        req.insert_header(name.clone(), value)?;
     }
     if route.identity_jwt {
         if let Some(jwt) = &config.jwt {
@@ -81,7 +82,7 @@ fn identity_jwt(
     grant: &Grant,
     route: &Route,
     request_id: &str,
-    attributes: &crate::store::Attributes,
+    attributes: &AttributeView<'_>,
 ) -> pingora::Result<String> {
     let principal = &grant.principal;
     let now = crate::store::now_millis() / 1000;
@@ -141,23 +142,26 @@ fn remove_query_token(req: &mut RequestHeader, param: &str) -> pingora::Result<(
 fn insert_attr_headers(
     req: &mut RequestHeader,
     prefix: &str,
-    attrs: &crate::store::Attributes,
+    attrs: &AttributeView<'_>,
 ) -> pingora::Result<()> {
-    for (key, value) in attrs {
+    for (key, value) in attrs.iter() {
         let text = match value {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            _ => continue,
+            AttributeValue::Text(t) => t.to_string(),
+            AttributeValue::Json(serde_json::Value::String(s)) => s.clone(),
+            AttributeValue::Json(serde_json::Value::Number(n)) => n.to_string(),
+            AttributeValue::Json(serde_json::Value::Bool(b)) => b.to_string(),
+            AttributeValue::Json(_) => continue,
         };
-        let suffix: String = key
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-            .collect();
-        if suffix.is_empty() || !is_header_text(&text) {
+        if key.is_empty() || !is_header_text(&text) {
             continue;
         }
-        req.insert_header(format!("{prefix}-{suffix}"), text)?;
+        let mut name = String::with_capacity(prefix.len() + 1 + key.len());
+        name.push_str(prefix);
+        name.push('-');
+        name.extend(
+            key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }),
+        );
+        req.insert_header(name, text)?;
     }
     Ok(())
 }

@@ -162,7 +162,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(config) = &ctx.config {
-            response.insert_header(config.identity.request_id_header.clone(), ctx.request_id.as_str())?;
+            response.insert_header(config.identity.request_id_wire.clone(), ctx.request_id.as_str())?;
         }
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
         if let Some(revocation) =

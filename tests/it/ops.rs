@@ -1,5 +1,7 @@
 //! Running it like a product: metrics, logs without secrets.
 
+use std::time::Duration;
+
 use tollgate::lifecycle::TokenSpec;
 use tollgate::policy::Role;
 
@@ -31,6 +33,13 @@ async fn metrics_count_allowed_and_denied_requests() {
     assert_eq!(w.http.get(w.gateway.url("/shop")).send().await.unwrap().status(), 401);
     assert_eq!(w.get(&w.gateway, "/shop", "tgp_garbage").await.status(), 401);
 
+    // A request is counted in its logging phase, which runs after the client has its answer.
+    let last = r#"tollgate_requests_total{outcome="malformed",route="shop"}"#;
+    let counted = eventually(Duration::from_secs(5), || async {
+        sample(&scrape(&w).await, last) - sample(&before, last) >= 1.0
+    })
+    .await;
+    assert!(counted, "the last request was never counted");
     let after = scrape(&w).await;
     let delta = |key: &str| sample(&after, key) - sample(&before, key);
     assert_eq!(delta(r#"tollgate_requests_total{outcome="allowed",route="shop"}"#), 3.0, "{after}");
