@@ -16,7 +16,8 @@
 //! tokens, each presented once, so each costs a store read and an argon2 run) hits the same gateway.
 //!
 //! Environment: `LOAD_SECONDS` (per measurement, default 10), `LOAD_CONNECTIONS` (default 32),
-//! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.5),
+//! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.25,
+//! a load every target sustains, so latency shows the cost of a request rather than a queue),
 //! `STORM_TOKENS` (default 1500).
 
 // Set-up failures in a benchmark should stop it with their message.
@@ -174,6 +175,8 @@ fn oha() -> PathBuf {
 #[derive(Debug, Clone, Copy, Default)]
 struct Figures {
     rps: f64,
+    /// CPU time the server process spent per request (closed loop, proxies only).
+    cpu_us: Option<f64>,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
@@ -187,8 +190,10 @@ struct Load {
 }
 
 impl Load {
-    /// One oha run; `rate` = None for closed loop. Returns (requests per second, p50, p99, non-2xx).
-    fn run(&self, url: &str, token: Option<&str>, rate: Option<f64>) -> Figures {
+    /// One oha run; `rate` = None for closed loop. With `server`, also the CPU time that process
+    /// spent per request.
+    fn run(&self, url: &str, token: Option<&str>, rate: Option<f64>, server: Option<u32>) -> Figures {
+        let cpu_before = server.map(cpu_ticks);
         let mut cmd = pinned(&self.cpus, &self.oha);
         cmd.args(["--no-tui", "--output-format", "json", "-z"])
             .arg(format!("{}s", self.seconds))
@@ -214,17 +219,32 @@ impl Load {
                 // The requests still in flight when the run's time is up are not failures.
                 e.iter().filter(|(k, _)| !k.contains("deadline")).filter_map(|(_, v)| v.as_u64()).sum()
             });
-        Figures {
-            rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-            p50_us: pct("p50"),
-            p99_us: pct("p99"),
-            errors,
-        }
+        let rps = json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
+        let requests = rps * json["summary"]["total"].as_f64().unwrap_or(0.0);
+        let cpu_us = match (server, cpu_before) {
+            // /proc counts in clock ticks of 10 ms.
+            (Some(pid), Some(before)) if requests > 0.0 => {
+                Some((cpu_ticks(pid) - before) as f64 * 10_000.0 / requests)
+            }
+            _ => None,
+        };
+        Figures { rps, cpu_us, p50_us: pct("p50"), p99_us: pct("p99"), errors }
     }
 
-    fn both(&self, url: &str, token: Option<&str>, rate: f64) -> (Figures, Figures) {
-        (self.run(url, token, None), self.run(url, token, Some(rate)))
+    fn both(&self, url: &str, token: Option<&str>, rate: f64, server: Option<u32>) -> (Figures, Figures) {
+        (self.run(url, token, None, server), self.run(url, token, Some(rate), None))
     }
+}
+
+/// User and system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) are space-separated; utime and stime
+    // are the 14th and 15th fields of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 /// Sends never-seen tokens, each once, with `concurrency` requests in flight, until stopped or
@@ -435,6 +455,7 @@ fn main() {
     }
 
     let cores = cores();
+    let machine = machine();
     if let Some(load) = &cores.load {
         // This process (the storm, the set-up) stays off the servers' core.
         let _ = Command::new("taskset")
@@ -448,7 +469,7 @@ fn main() {
         seconds: env_or("LOAD_SECONDS", 10),
         connections: env_or("LOAD_CONNECTIONS", 32),
     };
-    let fraction: f64 = env_or("LOAD_RATE_FRACTION", 0.5);
+    let fraction: f64 = env_or("LOAD_RATE_FRACTION", 0.25);
 
     let origin_port = free_port();
     let _origin = spawn(self_exe(&cores.load, "origin", &[origin_port]), "origin");
@@ -463,27 +484,29 @@ fn main() {
     // Warm every path once (connections, caches), then measure plain Pingora first: its
     // throughput sets the open-loop rate for everyone.
     for token in [&tg.pat, &tg.jwt] {
-        let _ = load.run(&url(tg.port), Some(token), Some(100.0));
+        let _ = load.run(&url(tg.port), Some(token), Some(100.0), None);
     }
-    let pingora_closed = load.run(&url(pingora_port), None, None);
+    let pingora_pid = Some(_pingora.0.id());
+    let tollgate_pid = Some(tg._proc.0.id());
+    let pingora_closed = load.run(&url(pingora_port), None, None, pingora_pid);
     let rate = pingora_closed.rps * fraction;
     eprintln!("plain pingora: {:.0} req/s closed loop; open-loop rate {rate:.0} req/s", pingora_closed.rps);
-    let pingora_open = load.run(&url(pingora_port), None, Some(rate));
+    let pingora_open = load.run(&url(pingora_port), None, Some(rate), None);
 
     let mut rows: Vec<(&str, Figures, Figures)> = Vec::new();
     rows.push((
         "direct origin",
-        load.run(&url(origin_port), None, None),
-        load.run(&url(origin_port), None, Some(rate)),
+        load.run(&url(origin_port), None, None, None),
+        load.run(&url(origin_port), None, Some(rate), None),
     ));
     if let Some((_, port, _)) = &nginx {
-        let (c, o) = load.both(&url(*port), None, rate);
+        let (c, o) = load.both(&url(*port), None, rate, None);
         rows.push(("nginx (plain proxy)", c, o));
     }
     rows.push(("plain pingora", pingora_closed, pingora_open));
-    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate);
+    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate, tollgate_pid);
     rows.push(("tollgate, cached PAT", c, o));
-    let (c, o) = load.both(&url(tg.port), Some(&tg.jwt), rate);
+    let (c, o) = load.both(&url(tg.port), Some(&tg.jwt), rate, tollgate_pid);
     rows.push(("tollgate, ephemeral JWT", c, o));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -491,7 +514,7 @@ fn main() {
     let storm_tokens = tg.storm.len();
     let storm_thread = storm(url(tg.port), tg.storm.clone(), 16, stop.clone(), sent.clone());
     std::thread::sleep(Duration::from_millis(500));
-    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate);
+    let (c, o) = load.both(&url(tg.port), Some(&tg.pat), rate, tollgate_pid);
     stop.store(true, Ordering::Relaxed);
     let storm_sent = sent.load(Ordering::Relaxed);
     rows.push(("tollgate, cached PAT + cold storm", c, o));
@@ -503,18 +526,19 @@ fn main() {
     println!("Load benchmark: {} s per measurement, {} connections, open loop at {rate:.0} req/s (coordinated omission corrected)", load.seconds, load.connections);
     println!(
         "machine: {}; proxies pinned to CPU {}, load generator and origin to CPU {}",
-        machine(),
+        machine,
         cores.servers.as_deref().unwrap_or("-"),
         cores.load.as_deref().unwrap_or("-")
     );
     println!();
-    println!("| target | req/s (closed) | × pingora | p50 µs | p99 µs | p50 − pingora µs | p99 × pingora | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| target | req/s (closed) | × pingora | CPU µs/req | p50 µs | p99 µs | p50 − pingora µs | p99 × pingora | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, closed, open) in &rows {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.0} | {:.0} | {:+.0} | {:.2} | {} |",
+            "| {name} | {:.0} | {:.3} | {} | {:.0} | {:.0} | {:+.0} | {:.2} | {} |",
             closed.rps,
             closed.rps / base.0.rps,
+            closed.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
             open.p50_us,
             open.p99_us,
             open.p50_us - base.1.p50_us,
@@ -535,6 +559,12 @@ fn main() {
     println!("- cached-PAT throughput {ratio:.3}× plain pingora (≥ 0.95): {}", verdict(ratio >= 0.95));
     let added = pat_o.p50_us - base.1.p50_us;
     println!("- added p50 latency {added:.0} µs (≤ 20 µs): {}", verdict(added <= 20.0));
+    if let (Some(t), Some(p)) = (pat_c.cpu_us, base.0.cpu_us) {
+        println!(
+            "- CPU per request: tollgate {t:.1} µs, plain pingora {p:.1} µs: authentication adds {:.1} µs",
+            t - p
+        );
+    }
     let storm_ratio = storm_o.p99_us / pat_o.p99_us;
     println!(
         "- cached-PAT p99 under a cold storm {storm_ratio:.2}× without (≤ 1.5): {}",
