@@ -289,6 +289,21 @@ pub struct VerifierStats {
     pub argon2_waiting: AtomicUsize,
 }
 
+/// Puts the calling thread at the lowest scheduling priority: Linux's SCHED_IDLE where it can
+/// (any other thread that wakes preempts it at once, which a nice level alone does not promise),
+/// else the lowest nice level. Neither needs privileges.
+fn lowest_priority() {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    );
+    if idle.is_err() {
+        let _ = thread_priority::set_current_thread_priority(ThreadPriority::Min);
+    }
+}
+
 /// How long a verified JWT's claims are remembered (they are checked again on every use; this
 /// only bounds memory held for credentials nobody presents any more).
 const JWT_CACHE_SECONDS: u64 = 300;
@@ -484,7 +499,7 @@ impl Verifier {
         // tens of milliseconds.)
         let spawned = std::thread::Builder::new().name("argon2".into()).spawn(move || {
             let _slot = slot;
-            let _ = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
+            lowest_priority();
             let _ = done.send(token::verify_secret(&secret, &phc));
         });
         if let Err(e) = spawned {
