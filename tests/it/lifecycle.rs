@@ -376,16 +376,14 @@ async fn the_admin_api_serves_its_openapi_document_and_health() {
         .await
         .unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
-    for path in
-        [
-            "/v1/tokens",
-            "/v1/tokens/{id}/rotate",
-            "/v1/orgs/{org}/services/{name}",
-            "/v1/orgs/{org}/audit",
-            "/v1/orgs/{org}/projects/{project}/credentials",
-            "/.well-known/jwks.json",
-        ]
-    {
+    for path in [
+        "/v1/tokens",
+        "/v1/tokens/{id}/rotate",
+        "/v1/orgs/{org}/services/{name}",
+        "/v1/orgs/{org}/audit",
+        "/v1/orgs/{org}/projects/{project}/credentials",
+        "/.well-known/jwks.json",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "{path}");
     }
     let health = http.get(format!("{}/healthz", w.gateway.admin_url())).send().await.unwrap();
