@@ -177,16 +177,8 @@ async fn forged_and_malformed_jwts_are_refused_with_401() {
     assert_refused(&w, &format!("{none}.{}.{}", parts[1], parts[2]), "alg none with a signature").await;
 
     // HS256 with the public key as the HMAC secret: as PEM, and as the raw key bytes.
-    let jwks: Value = w
-        .http
-        .get(format!("{}/.well-known/jwks.json", w.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let x = URL_SAFE_NO_PAD.decode(jwks["keys"][0]["x"].as_str().unwrap()).unwrap();
+    let published = jwks(&w).await;
+    let x = URL_SAFE_NO_PAD.decode(published["keys"][0]["x"].as_str().unwrap()).unwrap();
     let spki = [&[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00][..], &x].concat();
     let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
     let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
