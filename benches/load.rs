@@ -18,7 +18,8 @@
 //! Environment: `LOAD_SECONDS` (per measurement, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.25,
 //! a load every target sustains, so latency shows the cost of a request rather than a queue),
-//! `STORM_TOKENS` (default 1500).
+//! `STORM_TOKENS` (default 1500), `LOAD_ARGON2_MEMORY_KIB` (argon2 memory of every token, default
+//! 19456, the default of the config).
 
 // Set-up failures in a benchmark should stop it with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -332,6 +333,7 @@ threads: 1
 admin: {{ listen: "127.0.0.1:{admin}" }}
 store: {{ embedded: {{ path: "{store}" }} }}
 log: {{ level: warn, access: false }}
+argon2: {{ memory_kib: {argon2_kib} }}
 jwt:
   signing_key: k1
   keys: [ {{ kid: k1, key_file: "{key}" }} ]
@@ -341,6 +343,7 @@ routes:
 "#,
         store = dir.path().join("store.redb").display(),
         key = key.display(),
+        argon2_kib = env_or("LOAD_ARGON2_MEMORY_KIB", 19456u32),
     );
     let config_path = dir.path().join("tollgate.yaml");
     std::fs::write(&config_path, &config_text).unwrap();
