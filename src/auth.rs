@@ -403,7 +403,7 @@ impl Verifier {
         if record.is_expired(now) {
             return Err(AuthError::Invalid(Invalid::Expired));
         }
-        if record.owner != Owner::Service(claims.svc.clone()) || record.org != claims.org {
+        if !matches!(&record.owner, Owner::Service(id) if *id == claims.svc) || record.org != claims.org {
             return Err(AuthError::Invalid(Invalid::OwnerGone));
         }
         let service = self.cache.service(&claims.svc).await?.ok_or(AuthError::Invalid(Invalid::OwnerGone))?;
@@ -465,25 +465,22 @@ impl Verifier {
         // changed, or two ids share a key hash) proves nothing here.
         let judge =
             |p: &Proven| (p.secret == digest).then_some(()).ok_or(AuthError::Invalid(Invalid::WrongSecret));
-        match self.proven.get_value_or_guard_async(&key).await {
-            Ok(p) if p.phc == phc => judge(&p),
-            Ok(_) => {
-                if self.argon2(parsed.secret, &record.secret_hash).await {
-                    self.proven.insert(key, Proven { secret: digest, phc });
-                    Ok(())
-                } else {
-                    Err(AuthError::Invalid(Invalid::WrongSecret))
-                }
-            }
-            Err(guard) => {
-                if self.argon2(parsed.secret, &record.secret_hash).await {
-                    let _ = guard.insert(Proven { secret: digest, phc });
-                    Ok(())
-                } else {
-                    Err(AuthError::Invalid(Invalid::WrongSecret))
-                }
-            }
+        let guard = match self.proven.get_value_or_guard_async(&key).await {
+            Ok(p) if p.phc == phc => return judge(&p),
+            Ok(_) => None,
+            Err(guard) => Some(guard),
+        };
+        if !self.argon2(parsed.secret, &record.secret_hash).await {
+            return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
+        let proof = Proven { secret: digest, phc };
+        match guard {
+            Some(guard) => {
+                let _ = guard.insert(proof);
+            }
+            None => self.proven.insert(key, proof),
+        }
+        Ok(())
     }
 
     async fn argon2(&self, secret: &str, phc: &str) -> bool {

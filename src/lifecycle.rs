@@ -711,9 +711,7 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<User> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
-            return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
-        }
+        check_email(email)?;
         self.check_roles(org, &project_roles)?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let mut audit = actor.audit("user.add", format!("user:{email}"));
@@ -1112,6 +1110,14 @@ pub struct CreateService {
     /// Attributes.
     #[serde(default)]
     pub attributes: Attributes,
+}
+
+/// Refuses what cannot be an email address.
+fn check_email(email: &str) -> Result<()> {
+    if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
+        return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
+    }
+    Ok(())
 }
 
 fn is_service_name(s: &str) -> bool {

@@ -3,10 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Actor, Lifecycle, LifecycleError, Result};
+use super::{check_email, Actor, Lifecycle, LifecycleError, Result};
 use crate::jwt::{EphemeralClaims, EPHEMERAL};
 use crate::policy::PermSet;
+use crate::proxy::headers::is_header_text;
 use crate::store::{format_millis, now_millis, Attributes};
+use crate::token;
 
 /// What a service asks for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -59,17 +61,10 @@ pub struct IssuedCredential {
 const MAX_ATTRIBUTES_BYTES: usize = 4096;
 
 fn header_text(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() || value.len() > 256 || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if value.is_empty() || value.len() > 256 || !is_header_text(value) {
         return Err(LifecycleError::Invalid(format!("{what} must be 1 to 256 printable ASCII characters")));
     }
     Ok(())
-}
-
-fn random_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::thread_rng();
-    (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
 impl Lifecycle<'_> {
@@ -150,9 +145,7 @@ impl Lifecycle<'_> {
                 (attrs, email)
             }
             (None, Some(email)) => {
-                if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
-                    return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
-                }
+                check_email(&email)?;
                 let mut attrs = match self.store.find_user_by_email(org, &email).await? {
                     Some(user) => user.attributes,
                     None => Attributes::new(),
@@ -177,7 +170,7 @@ impl Lifecycle<'_> {
         if let Some(e) = &email {
             header_text("the email", e)?;
         }
-        let jti = random_id();
+        let jti = token::random_base62(16);
         let sub = req.subject.or_else(|| email.clone()).unwrap_or_else(|| jti.clone());
         header_text("the subject", &sub)?;
 

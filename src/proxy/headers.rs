@@ -166,7 +166,8 @@ fn insert_attr_headers(
     Ok(())
 }
 
-fn is_header_text(s: &str) -> bool {
+/// Whether `s` is printable ASCII, so it can travel as a header value as it is.
+pub(crate) fn is_header_text(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
