@@ -34,7 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Warm {
     runtime: tokio::runtime::Runtime,
-    config: Config,
+    config: std::sync::Arc<Config>,
     verifier: Arc<Verifier>,
     token: String,
 }
@@ -68,7 +68,7 @@ fn warm() -> Warm {
         verifier.verify(&t.token).await.unwrap();
         (verifier, t.token)
     });
-    Warm { runtime, config, verifier, token }
+    Warm { runtime, config: std::sync::Arc::new(config), verifier, token }
 }
 
 fn token_parse(c: &mut Criterion) {
@@ -108,11 +108,13 @@ fn authorize_and_headers(c: &mut Criterion) {
     ] {
         request.append_header(name.to_string(), value).unwrap();
     }
+    let request_id = http::HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+    let made = tollgate::proxy::headers::IdentityHeaders::default();
     c.bench_function("headers/strip_and_inject", |b| {
         b.iter_batched(
             || request.clone(),
             |mut req| {
-                tollgate::proxy::headers::forward(&w.config, &permit, &mut req, "0123456789abcdef").unwrap()
+                tollgate::proxy::headers::forward(&w.config, &permit, &mut req, &request_id, &made).unwrap()
             },
             criterion::BatchSize::SmallInput,
         )

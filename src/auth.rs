@@ -9,7 +9,7 @@
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::Semaphore;
 
@@ -173,6 +173,24 @@ impl Principal {
         }
     }
 
+    /// The addresses of the records this principal was made from (token, owner, ephemeral claims
+    /// or 0), with weak references that keep those addresses from being reused while held: with
+    /// the anchors kept, equal addresses mean the very same records.
+    pub fn records(&self) -> ([usize; 3], RecordAnchors) {
+        let (owner, user, service) = match &self.owner {
+            OwnerRecord::User(u) => (Arc::as_ptr(u) as usize, Some(Arc::downgrade(u)), None),
+            OwnerRecord::Service(s) => (Arc::as_ptr(s) as usize, None, Some(Arc::downgrade(s))),
+        };
+        let ephemeral = self.ephemeral.as_ref().map_or(0, |e| Arc::as_ptr(e) as usize);
+        let anchors = RecordAnchors {
+            _token: Arc::downgrade(&self.token),
+            _user: user,
+            _service: service,
+            _ephemeral: self.ephemeral.as_ref().map(Arc::downgrade),
+        };
+        ([Arc::as_ptr(&self.token) as usize, owner, ephemeral], anchors)
+    }
+
     /// The id of the stored token: the caller's own, or the one that minted an ephemeral credential.
     pub fn token_id(&self) -> &TokenId {
         &self.token.id
@@ -226,6 +244,15 @@ impl Principal {
     }
 }
 
+/// Weak references to a principal's records (see [`Principal::records`]).
+#[derive(Debug)]
+pub struct RecordAnchors {
+    _token: Weak<TokenRecord>,
+    _user: Option<Weak<User>>,
+    _service: Option<Weak<Service>>,
+    _ephemeral: Option<Weak<Ephemeral>>,
+}
+
 /// A principal's attributes: its record's own, plus up to two derived ones (a user's `domain` and
 /// `email`) that the record does not set itself. Iterates and serializes in key order, like the
 /// JSON object it stands for.
@@ -277,7 +304,9 @@ impl serde::Serialize for AttributeView<'_> {
 #[derive(Clone)]
 struct Proven {
     secret: blake3::Hash,
-    phc: blake3::Hash,
+    /// A keyed 64-bit hash of the stored PHC string the secret was proven against (telling
+    /// records apart, not guarding a secret: that is the digest's work).
+    phc: u64,
 }
 
 /// Counters for metrics and tests.
@@ -320,6 +349,7 @@ pub struct Verifier {
     /// whole JWT; their times, key and parent are checked again on every request.
     jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>>,
     argon2_slots: Arc<Semaphore>,
+    argon2_workers: crossbeam_channel::Sender<Argon2Job>,
     stats: Arc<VerifierStats>,
 }
 
@@ -342,6 +372,7 @@ impl Verifier {
                 .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
                 .build(),
             argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
+            argon2_workers: start_argon2_workers(argon2_concurrency.max(1)),
             stats: Arc::default(),
         }
     }
@@ -459,7 +490,7 @@ impl Verifier {
     /// waiter runs its own, so wrong guesses for a known id cannot make the right secret fail.
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
-        let phc = blake3::hash(record.secret_hash.as_bytes());
+        let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
         // blake3::Hash compares in constant time. A proof for another stored hash (the record
         // changed, or two ids share a key hash) proves nothing here.
@@ -489,22 +520,63 @@ impl Verifier {
         self.stats.argon2_waiting.fetch_sub(1, Ordering::Relaxed);
         let Ok(slot) = slot else { return false };
         self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
-        let (secret, phc) = (secret.to_owned(), phc.to_owned());
         let (done, result) = tokio::sync::oneshot::channel();
-        // Its own thread at the lowest priority: a storm of never-seen tokens must not take CPU
-        // from requests whose secrets are already proven. (A thread costs microseconds; argon2
-        // tens of milliseconds.)
-        let spawned = std::thread::Builder::new().name("argon2".into()).spawn(move || {
-            let _slot = slot;
-            lowest_priority();
-            let _ = done.send(token::verify_secret(&secret, &phc));
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start an argon2 thread");
+        let job = Argon2Job { secret: secret.to_owned(), phc: phc.to_owned(), done, _slot: slot };
+        if self.argon2_workers.send(job).is_err() {
+            tracing::error!("the argon2 threads are gone");
             return false;
         }
         result.await.unwrap_or(false)
     }
+}
+
+/// One argon2 verification for a worker. The semaphore permit travels with it, so a slot is free
+/// again only once the worker has finished.
+struct Argon2Job {
+    secret: String,
+    phc: String,
+    done: tokio::sync::oneshot::Sender<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How long an idle argon2 thread keeps its memory (19 MiB with the default parameters).
+const ARGON2_MEMORY_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts `n` long-lived argon2 threads at the lowest scheduling priority; they end when the sender
+/// is dropped. Each keeps the memory of its last run until it has been idle for
+/// [`ARGON2_MEMORY_KEPT`], so a storm of never-seen tokens allocates, faults in and frees nothing
+/// per run (a thread per run that did cost every other thread of the process latency).
+fn start_argon2_workers(n: usize) -> crossbeam_channel::Sender<Argon2Job> {
+    let (jobs, queue) = crossbeam_channel::unbounded::<Argon2Job>();
+    for _ in 0..n {
+        let queue = queue.clone();
+        let spawned = std::thread::Builder::new().name("argon2".into()).spawn(move || {
+            lowest_priority();
+            let mut memory = Vec::new();
+            loop {
+                let job = if memory.is_empty() {
+                    match queue.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                } else {
+                    match queue.recv_timeout(ARGON2_MEMORY_KEPT) {
+                        Ok(job) => job,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            memory = Vec::new();
+                            continue;
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                    }
+                };
+                let _ = job.done.send(token::verify_secret_in(&job.secret, &job.phc, &mut memory));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an argon2 thread");
+        }
+    }
+    jobs
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ enum Miss {
 struct Generations {
     current: AtomicU64,
     all_dropped_at: AtomicU64,
+    /// The newest generation of any key's invalidation marker, raised before the marker is set: an
+    /// entry at least this new needs no marker lookup (the common case on the request path).
+    newest_marker: AtomicU64,
     live: AtomicBool,
 }
 
@@ -109,7 +112,8 @@ where
 
     fn is_fresh(&self, key: &K, entry: &Entry<V>, gens: &Generations) -> bool {
         entry.generation >= gens.all_dropped_at.load(Ordering::Acquire)
-            && self.invalidated_at.get(key).is_none_or(|g| entry.generation >= g)
+            && (entry.generation >= gens.newest_marker.load(Ordering::Acquire)
+                || self.invalidated_at.get(key).is_none_or(|g| entry.generation >= g))
     }
 
     async fn get_or_load<F, Fut>(
@@ -160,12 +164,13 @@ where
     }
 
     /// Marks the key's entry stale at once (the generation check refuses it); removal follows.
-    fn mark_stale(&self, key: &K, generation: u64) {
+    fn mark_stale(&self, key: &K, generation: u64, gens: &Generations) {
+        gens.newest_marker.fetch_max(generation, Ordering::AcqRel);
         self.invalidated_at.insert(key.clone(), generation);
     }
 
-    async fn invalidate(&self, key: &K, generation: u64) {
-        self.mark_stale(key, generation);
+    async fn invalidate(&self, key: &K, generation: u64, gens: &Generations) {
+        self.mark_stale(key, generation, gens);
         self.entries.invalidate(key).await;
     }
 
@@ -193,6 +198,7 @@ impl Cache {
             gens: Generations {
                 current: AtomicU64::new(1),
                 all_dropped_at: AtomicU64::new(0),
+                newest_marker: AtomicU64::new(0),
                 live: AtomicBool::new(false),
             },
             tokens: RecordCache::new(settings, bound, &stats, "token"),
@@ -242,9 +248,9 @@ impl Cache {
     pub async fn invalidate(&self, inv: &Invalidation) {
         let generation = self.next_generation();
         match inv {
-            Invalidation::Token(id) => self.tokens.invalidate(id, generation).await,
-            Invalidation::User(id) => self.users.invalidate(id, generation).await,
-            Invalidation::Service(id) => self.services.invalidate(id, generation).await,
+            Invalidation::Token(id) => self.tokens.invalidate(id, generation, &self.gens).await,
+            Invalidation::User(id) => self.users.invalidate(id, generation, &self.gens).await,
+            Invalidation::Service(id) => self.services.invalidate(id, generation, &self.gens).await,
         }
         self.stats.invalidations.inc();
     }
@@ -320,9 +326,9 @@ impl CommitListener for Cache {
         for inv in changed {
             let generation = self.next_generation();
             match inv {
-                Invalidation::Token(id) => self.tokens.mark_stale(id, generation),
-                Invalidation::User(id) => self.users.mark_stale(id, generation),
-                Invalidation::Service(id) => self.services.mark_stale(id, generation),
+                Invalidation::Token(id) => self.tokens.mark_stale(id, generation, &self.gens),
+                Invalidation::User(id) => self.users.mark_stale(id, generation, &self.gens),
+                Invalidation::Service(id) => self.services.mark_stale(id, generation, &self.gens),
             }
         }
     }

@@ -1,22 +1,72 @@
 //! Rewrites the upstream request for a permitted request: removes the credential and every
 //! client-sent header in the identity namespace, then adds the identity headers of the permit.
 
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
 use http::header::HeaderName;
+use http::HeaderValue;
 use pingora::http::RequestHeader;
 
 use super::credential::strip_query_param;
-use crate::auth::{AttributeValue, AttributeView};
+use crate::auth::{AttributeValue, AttributeView, RecordAnchors};
 use crate::config::{Config, IdentityField};
 use crate::jwt::{IdentityClaims, JwtSettings};
 use crate::policy::{Grant, Permit};
 use crate::route::Route;
 
+/// How many principal-and-route combinations keep their identity headers ready (about 1.5 KiB
+/// each with the default headers); others have theirs made again when they come back.
+const MADE_CAPACITY: usize = 4096;
+
+/// Identity headers made once per principal, route and config, and inserted by every request of
+/// that principal there: inserting a made header clones two pointers instead of formatting,
+/// serializing and validating its value again.
+pub struct IdentityHeaders {
+    /// Keyed by the addresses of token, owner, ephemeral claims, route and config; each entry
+    /// holds weak references to them, so an address in a key cannot be reused by another record
+    /// while the entry lives (a changed record is a new allocation, hence a new key).
+    made: quick_cache::sync::Cache<[usize; 5], Arc<Made>>,
+}
+
+struct Made {
+    headers: Vec<(Bytes, HeaderValue)>,
+    _records: RecordAnchors,
+    _route: Weak<Route>,
+    _config: Weak<Config>,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders { made: quick_cache::sync::Cache::new(MADE_CAPACITY) }
+    }
+}
+
+impl IdentityHeaders {
+    fn get(&self, config: &Arc<Config>, route: &Arc<Route>, grant: &Grant) -> pingora::Result<Arc<Made>> {
+        let ([token, owner, ephemeral], records) = grant.principal.records();
+        let key = [token, owner, ephemeral, Arc::as_ptr(route) as usize, Arc::as_ptr(config) as usize];
+        if let Some(made) = self.made.get(&key) {
+            return Ok(made);
+        }
+        let made = Arc::new(Made {
+            headers: make(config, route, grant)?,
+            _records: records,
+            _route: Arc::downgrade(route),
+            _config: Arc::downgrade(config),
+        });
+        self.made.insert(key, made.clone());
+        Ok(made)
+    }
+}
+
 /// Applies the permit to the upstream request.
 pub fn forward(
-    config: &Config,
+    config: &Arc<Config>,
     permit: &Permit,
     req: &mut RequestHeader,
-    request_id: &str,
+    request_id: &HeaderValue,
+    identity_headers: &IdentityHeaders,
 ) -> pingora::Result<()> {
     let identity = &config.identity;
     let forged: Vec<HeaderName> = req
@@ -28,7 +78,7 @@ pub fn forward(
     for name in forged {
         req.remove_header(&name);
     }
-    req.insert_header(identity.request_id_wire.clone(), request_id)?;
+    req.insert_header(identity.request_id_wire.clone(), request_id.clone())?;
 
     let Some(grant) = permit.grant() else {
         return Ok(());
@@ -42,37 +92,56 @@ pub fn forward(
         remove_query_token(req, &config.credentials.query_param)?;
     }
 
-    let principal = &grant.principal;
-    let attributes = principal.attributes();
-    for (field, name) in &identity.headers {
-        let value = match field {
-            IdentityField::Subject => principal.subject(),
-            IdentityField::TokenId => principal.credential_id().to_string(),
-            IdentityField::TokenKind => principal.kind().to_string(),
-            IdentityField::Org => route.org.clone(),
-            IdentityField::Project => route.project.clone(),
-            IdentityField::Environment => route.environment.clone(),
-            IdentityField::Role => grant.role.as_str().to_string(),
-            IdentityField::Permissions => config.policy.names_of(grant.permissions),
-            IdentityField::Email => match principal.email() {
-                Some(email) if is_header_text(email) => email.to_string(),
-                _ => continue,
-            },
-            IdentityField::Attributes => ascii_json(&attributes),
-            IdentityField::Attr => {
-                insert_attr_headers(req, std::str::from_utf8(name).unwrap_or_default(), &attributes)?;
-                continue;
-            }
-        };
-        req.insert_header(name.clone(), value)?;
+    for (name, value) in &identity_headers.get(config, route, grant)?.headers {
+        req.insert_header(name.clone(), value.clone())?;
     }
     if route.identity_jwt {
         if let Some(jwt) = &config.jwt {
-            let token = identity_jwt(config, jwt, grant, route, request_id, &attributes)?;
+            let jti = request_id.to_str().unwrap_or_default();
+            let token = identity_jwt(config, jwt, grant, route, jti, &grant.principal.attributes())?;
             req.insert_header(identity.jwt_header.clone(), token)?;
         }
     }
     Ok(())
+}
+
+/// The identity headers of `grant` on `route`, in the configured order.
+fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(Bytes, HeaderValue)>> {
+    let principal = &grant.principal;
+    let attributes = principal.attributes();
+    let mut made = Vec::with_capacity(config.identity.headers.len() + 4);
+    for (field, name) in &config.identity.headers {
+        let value = match field {
+            IdentityField::Subject => value(principal.subject())?,
+            IdentityField::TokenId => value(principal.credential_id())?,
+            IdentityField::TokenKind => HeaderValue::from_static(principal.kind()),
+            IdentityField::Org => value(&route.org)?,
+            IdentityField::Project => value(&route.project)?,
+            IdentityField::Environment => value(&route.environment)?,
+            IdentityField::Role => HeaderValue::from_static(grant.role.as_str()),
+            IdentityField::Permissions => value(config.policy.names_of(grant.permissions))?,
+            IdentityField::Email => match principal.email() {
+                Some(email) if is_header_text(email) => value(email)?,
+                _ => continue,
+            },
+            IdentityField::Attributes => value(ascii_json(&attributes))?,
+            IdentityField::Attr => {
+                attr_headers(&mut made, std::str::from_utf8(name).unwrap_or_default(), &attributes)?;
+                continue;
+            }
+        };
+        made.push((name.clone(), value));
+    }
+    Ok(made)
+}
+
+fn value(text: impl AsRef<str>) -> pingora::Result<HeaderValue> {
+    HeaderValue::from_str(text.as_ref()).map_err(|_| {
+        pingora::Error::explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "an identity value is not a valid header value",
+        )
+    })
 }
 
 /// The short-lived identity JWT for the upstream: who is calling, where, with which rights.
@@ -139,13 +208,13 @@ fn remove_query_token(req: &mut RequestHeader, param: &str) -> pingora::Result<(
 /// One header per scalar attribute: `x-auth-attr-<name>`. Names are lowercased with every
 /// character other than a letter, digit or '-' turned into '-'; values that are not plain
 /// printable ASCII are left to the JSON header.
-fn insert_attr_headers(
-    req: &mut RequestHeader,
+fn attr_headers(
+    made: &mut Vec<(Bytes, HeaderValue)>,
     prefix: &str,
     attrs: &AttributeView<'_>,
 ) -> pingora::Result<()> {
-    for (key, value) in attrs.iter() {
-        let text = match value {
+    for (key, attr) in attrs.iter() {
+        let text = match attr {
             AttributeValue::Text(t) => t.to_string(),
             AttributeValue::Json(serde_json::Value::String(s)) => s.clone(),
             AttributeValue::Json(serde_json::Value::Number(n)) => n.to_string(),
@@ -161,7 +230,7 @@ fn insert_attr_headers(
         name.extend(
             key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }),
         );
-        req.insert_header(name, text)?;
+        made.push((Bytes::from(name), value(text)?));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -31,11 +32,13 @@ pub struct Gateway {
     verifier: Arc<Verifier>,
     last_use: Arc<LastUseLog>,
     metrics: ProxyMetrics,
+    identity_headers: headers::IdentityHeaders,
 }
 
 /// Per-request state.
 pub struct RequestCtx {
-    request_id: String,
+    /// Made once, shared (not copied) by the upstream request, the response and the logs.
+    request_id: HeaderValue,
     route: Option<Arc<Route>>,
     config: Option<Arc<Config>>,
     permit: Option<Permit>,
@@ -51,7 +54,7 @@ impl Gateway {
         last_use: Arc<LastUseLog>,
         metrics: ProxyMetrics,
     ) -> Gateway {
-        Gateway { config, verifier, last_use, metrics }
+        Gateway { config, verifier, last_use, metrics, identity_headers: headers::IdentityHeaders::default() }
     }
 
     /// Route, credential, verification, authorization: a permit or the reason for refusal.
@@ -91,8 +94,20 @@ impl Gateway {
     }
 }
 
-fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// 128 random bits as 32 lowercase hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::random::<u128>();
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The request id as text (always ASCII hex).
+fn id_text(id: &HeaderValue) -> &str {
+    id.to_str().unwrap_or("-")
 }
 
 fn missing_permit() -> Box<Error> {
@@ -120,7 +135,9 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             Err(rejection) => {
-                rejection.send(session, &ctx.request_id, config.identity.request_id_header.as_str()).await?;
+                rejection
+                    .send(session, id_text(&ctx.request_id), config.identity.request_id_header.as_str())
+                    .await?;
                 ctx.rejection = Some(rejection);
                 Ok(true)
             }
@@ -151,7 +168,7 @@ impl ProxyHttp for Gateway {
         let (Some(permit), Some(config)) = (&ctx.permit, &ctx.config) else {
             return Err(missing_permit());
         };
-        headers::forward(config, permit, upstream_request, &ctx.request_id)
+        headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers)
     }
 
     /// Tells the client the request id, and warns holders of a token in a rotation's grace.
@@ -162,7 +179,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(config) = &ctx.config {
-            response.insert_header(config.identity.request_id_wire.clone(), ctx.request_id.as_str())?;
+            response.insert_header(config.identity.request_id_wire.clone(), ctx.request_id.clone())?;
         }
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
         if let Some(revocation) =
@@ -195,7 +212,7 @@ impl ProxyHttp for Gateway {
         }
         tracing::info!(
             target: "tollgate::access",
-            request_id = %ctx.request_id,
+            request_id = id_text(&ctx.request_id),
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),
             route,

@@ -267,6 +267,43 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
 }
 
 #[tokio::test]
+async fn identity_headers_follow_role_and_attribute_changes_on_the_next_request() {
+    // The gateway keeps made identity headers per principal and route: they must never outlive
+    // the records they were made from.
+    let mut w = World::start().await;
+    let second = w.second_gateway();
+    let mut user = w.user("acme", "h@example.com", Role::Editor, serde_json::json!({"tier": "gold"})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let gateways = [&w.gateway, &second];
+    for g in gateways {
+        let echo = echoed(w.get(g, "/shop", &token).await).await;
+        assert_eq!(header(&echo, "x-auth-role"), Some("editor"));
+        assert_eq!(header(&echo, "x-auth-attr-tier"), Some("gold"));
+    }
+
+    let before = user.clone();
+    user.org_role = Role::Viewer;
+    user.attributes = serde_json::from_value(serde_json::json!({"tier": "silver", "team": "red"})).unwrap();
+    w.store.update_user(&before, &user, None).await.unwrap();
+    // Both instances hear of the change through Redis: within the propagation bound, then always.
+    for g in gateways {
+        let changed = eventually(Duration::from_secs(2), || async {
+            header(&echoed(w.get(g, "/shop", &token).await).await, "x-auth-role") == Some("viewer")
+        })
+        .await;
+        assert!(changed, "the role header did not follow the change");
+        let echo = echoed(w.get(g, "/shop", &token).await).await;
+        assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
+        assert_eq!(header(&echo, "x-auth-permissions"), Some("read"));
+        assert_eq!(header(&echo, "x-auth-attr-tier"), Some("silver"));
+        assert_eq!(header(&echo, "x-auth-attr-team"), Some("red"));
+        let attrs: serde_json::Value =
+            serde_json::from_str(header(&echo, "x-auth-attributes").unwrap()).unwrap();
+        assert_eq!(attrs["tier"], "silver");
+    }
+}
+
+#[tokio::test]
 async fn a_stopped_redis_gives_503_with_retry_after_and_recovery_needs_no_restart() {
     let mut w = World::start().await;
     let user = w.user("acme", "d@example.com", Role::Viewer, serde_json::json!({})).await;
