@@ -174,21 +174,29 @@ impl Principal {
     }
 
     /// The addresses of the records this principal was made from (token, owner, ephemeral claims
-    /// or 0), with weak references that keep those addresses from being reused while held: with
-    /// the anchors kept, equal addresses mean the very same records.
-    pub fn records(&self) -> ([usize; 3], RecordAnchors) {
-        let (owner, user, service) = match &self.owner {
-            OwnerRecord::User(u) => (Arc::as_ptr(u) as usize, Some(Arc::downgrade(u)), None),
-            OwnerRecord::Service(s) => (Arc::as_ptr(s) as usize, None, Some(Arc::downgrade(s))),
+    /// or 0). They name these records only while something holds [`Principal::anchors`]: weak
+    /// references that keep the addresses from being reused.
+    pub fn record_addresses(&self) -> [usize; 3] {
+        let owner = match &self.owner {
+            OwnerRecord::User(u) => Arc::as_ptr(u) as usize,
+            OwnerRecord::Service(s) => Arc::as_ptr(s) as usize,
         };
         let ephemeral = self.ephemeral.as_ref().map_or(0, |e| Arc::as_ptr(e) as usize);
-        let anchors = RecordAnchors {
+        [Arc::as_ptr(&self.token) as usize, owner, ephemeral]
+    }
+
+    /// Weak references to the records of [`Principal::record_addresses`].
+    pub fn anchors(&self) -> RecordAnchors {
+        let (user, service) = match &self.owner {
+            OwnerRecord::User(u) => (Some(Arc::downgrade(u)), None),
+            OwnerRecord::Service(s) => (None, Some(Arc::downgrade(s))),
+        };
+        RecordAnchors {
             _token: Arc::downgrade(&self.token),
             _user: user,
             _service: service,
             _ephemeral: self.ephemeral.as_ref().map(Arc::downgrade),
-        };
-        ([Arc::as_ptr(&self.token) as usize, owner, ephemeral], anchors)
+        }
     }
 
     /// The id of the stored token: the caller's own, or the one that minted an ephemeral credential.
@@ -244,7 +252,7 @@ impl Principal {
     }
 }
 
-/// Weak references to a principal's records (see [`Principal::records`]).
+/// Weak references to a principal's records (see [`Principal::anchors`]).
 #[derive(Debug)]
 pub struct RecordAnchors {
     _token: Weak<TokenRecord>,

@@ -44,14 +44,15 @@ impl Default for IdentityHeaders {
 
 impl IdentityHeaders {
     fn get(&self, config: &Arc<Config>, route: &Arc<Route>, grant: &Grant) -> pingora::Result<Arc<Made>> {
-        let ([token, owner, ephemeral], records) = grant.principal.records();
+        // On a hit nothing is cloned but the made headers' `Arc`; the anchors are taken on a miss.
+        let [token, owner, ephemeral] = grant.principal.record_addresses();
         let key = [token, owner, ephemeral, Arc::as_ptr(route) as usize, Arc::as_ptr(config) as usize];
         if let Some(made) = self.made.get(&key) {
             return Ok(made);
         }
         let made = Arc::new(Made {
             headers: make(config, route, grant)?,
-            _records: records,
+            _records: grant.principal.anchors(),
             _route: Arc::downgrade(route),
             _config: Arc::downgrade(config),
         });
