@@ -15,7 +15,7 @@ use crate::token::TokenId;
 pub struct LastUseLog {
     /// Time and client address of the latest use; formatted only when flushed, so that noting a
     /// use on the request path allocates nothing once the token is known.
-    pending: Mutex<HashMap<TokenId, (Millis, Option<IpAddr>)>>,
+    pending: Mutex<HashMap<TokenId, (Millis, Option<IpAddr>), foldhash::fast::RandomState>>,
 }
 
 impl LastUseLog {

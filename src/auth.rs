@@ -352,10 +352,10 @@ pub struct Verifier {
     /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
     /// entry per token).
     proven: quick_cache::sync::Cache<u64, Proven>,
-    id_hasher: std::collections::hash_map::RandomState,
+    id_hasher: foldhash::fast::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
-    jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>>,
+    jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>, foldhash::fast::RandomState>,
     argon2_slots: Arc<Semaphore>,
     argon2_workers: crossbeam_channel::Sender<Argon2Job>,
     stats: Arc<VerifierStats>,
@@ -374,11 +374,11 @@ impl Verifier {
             cache,
             digester: SecretDigester::new(),
             proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
-            id_hasher: std::collections::hash_map::RandomState::new(),
+            id_hasher: foldhash::fast::RandomState::default(),
             jwts: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
             argon2_workers: start_argon2_workers(argon2_concurrency.max(1)),
             stats: Arc::default(),

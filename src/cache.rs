@@ -57,9 +57,13 @@ struct Generations {
     live: AtomicBool,
 }
 
+/// Keys are hashed with foldhash, seeded per process: a fraction of SipHash's cost on the request
+/// path, and its seed keeps outsiders from choosing keys that collide.
+type Hasher = foldhash::fast::RandomState;
+
 struct RecordCache<K, V> {
-    entries: moka::future::Cache<K, Entry<V>>,
-    invalidated_at: moka::sync::Cache<K, u64>,
+    entries: moka::future::Cache<K, Entry<V>, Hasher>,
+    invalidated_at: moka::sync::Cache<K, u64, Hasher>,
     hits: prometheus::IntCounter,
     misses: prometheus::IntCounter,
 }
@@ -103,10 +107,12 @@ where
                         evictions.inc();
                     }
                 })
-                .build(),
+                .build_with_hasher(Hasher::default()),
             // An invalidation must be remembered as long as a stale entry could live, so this map is
             // bounded by time only: a capacity bound could evict (or refuse) a marker still needed.
-            invalidated_at: moka::sync::Cache::builder().time_to_live(settings.ttl + load_bound * 2).build(),
+            invalidated_at: moka::sync::Cache::builder()
+                .time_to_live(settings.ttl + load_bound * 2)
+                .build_with_hasher(Hasher::default()),
         }
     }
 

@@ -40,6 +40,10 @@ pub struct Route {
     pub query_token: bool,
     /// Whether the upstream gets a signed identity JWT (`X-Auth-Jwt`).
     pub identity_jwt: bool,
+    /// Whether the upstream gets the client's header names in their original case. Off: names
+    /// reach it in lowercase (as over HTTP/2), which spares Pingora's second, case-keeping
+    /// header map and a parse of every inserted name.
+    pub preserve_header_case: bool,
     /// Permission per method; methods not listed use `read_default` or `write_default`.
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// Required for GET, HEAD and OPTIONS unless listed.
@@ -72,6 +76,8 @@ pub struct RouteSpec {
     pub query_token: bool,
     /// See [`Route::identity_jwt`].
     pub identity_jwt: bool,
+    /// See [`Route::preserve_header_case`].
+    pub preserve_header_case: bool,
     /// See [`Route::methods`].
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// See [`Route::read_default`].
@@ -94,6 +100,7 @@ impl Route {
             public: spec.public,
             query_token: spec.query_token,
             identity_jwt: spec.identity_jwt,
+            preserve_header_case: spec.preserve_header_case,
             methods: spec.methods,
             read_default: spec.read_default,
             write_default: spec.write_default,
@@ -217,6 +224,7 @@ mod tests {
             public: false,
             query_token: false,
             identity_jwt: false,
+            preserve_header_case: false,
             methods: HashMap::from([(http::Method::DELETE, perm("admin"))]),
             read_default: perm("read"),
             write_default: perm("write"),

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::HeaderName;
 
 use crate::cache::CacheSettings;
@@ -181,21 +180,19 @@ impl IdentityField {
 pub struct IdentitySettings {
     /// Lowercase prefix of every identity header; client headers with it are removed.
     pub prefix: String,
-    /// Enabled fields with their full header names, checked once and kept as the bytes Pingora
-    /// inserts without converting again (`attr` holds the prefix of per-attribute names).
-    pub headers: Vec<(IdentityField, Bytes)>,
+    /// Enabled fields with their full header names, parsed once (`attr` holds the prefix of
+    /// per-attribute names).
+    pub headers: Vec<(IdentityField, HeaderName)>,
     /// Request id header, set on the upstream request and the response.
     pub request_id_header: HeaderName,
-    /// The same name as bytes, for inserting.
-    pub request_id_wire: Bytes,
     /// The identity JWT header of routes with `identity_jwt` (`<prefix>jwt`).
-    pub jwt_header: Bytes,
+    pub jwt_header: HeaderName,
 }
 
 impl IdentitySettings {
     /// The full header name of a field, if enabled.
     pub fn header(&self, field: IdentityField) -> Option<&str> {
-        self.headers.iter().find(|(f, _)| *f == field).and_then(|(_, h)| std::str::from_utf8(h).ok())
+        self.headers.iter().find(|(f, _)| *f == field).map(|(_, h)| h.as_str())
     }
 }
 
@@ -631,21 +628,15 @@ impl Validator {
             );
         }
         // The prefix was checked above, so every name is valid; an invalid one is left out.
-        let wire = |name: String| HeaderName::from_bytes(name.as_bytes()).ok().map(|_| Bytes::from(name));
+        let wire = |name: String| HeaderName::from_bytes(name.as_bytes()).ok();
         let headers = fields
             .into_iter()
             .filter_map(|f| wire(format!("{prefix}{}", f.suffix())).map(|h| (f, h)))
             .collect();
         let jwt_header = wire(format!("{prefix}jwt"));
         let request_id_header = request_id_header?;
-        Some(IdentitySettings {
-            request_id_wire: Bytes::copy_from_slice(request_id_header.as_str().as_bytes()),
-            prefix,
-            headers,
-            request_id_header,
-            jwt_header: jwt_header?,
-        })
-        .filter(|_| prefix_ok)
+        Some(IdentitySettings { prefix, headers, request_id_header, jwt_header: jwt_header? })
+            .filter(|_| prefix_ok)
     }
 
     fn policy(
@@ -826,6 +817,7 @@ impl Validator {
                 public,
                 query_token: r.query_token.unwrap_or(false),
                 identity_jwt,
+                preserve_header_case: r.preserve_header_case.unwrap_or(false),
                 methods,
                 read_default,
                 write_default,

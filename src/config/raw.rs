@@ -147,6 +147,7 @@ pub struct RawRoute {
     pub auth: Option<RawAuth>,
     pub query_token: Option<bool>,
     pub identity_jwt: Option<bool>,
+    pub preserve_header_case: Option<bool>,
     pub permissions: Option<BTreeMap<String, String>>,
 }
 

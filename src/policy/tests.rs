@@ -26,6 +26,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         public: false,
         query_token: false,
         identity_jwt: false,
+        preserve_header_case: false,
         methods: HashMap::from([(http::Method::DELETE, req("admin"))]),
         read_default: req("read"),
         write_default: req("write"),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use http::header::HeaderName;
 use http::HeaderValue;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::credential::strip_query_param;
 use crate::auth::{AttributeValue, AttributeView, RecordAnchors};
@@ -30,7 +30,7 @@ pub struct IdentityHeaders {
 }
 
 struct Made {
-    headers: Vec<(Bytes, HeaderValue)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     _records: RecordAnchors,
     _route: Weak<Route>,
     _config: Weak<Config>,
@@ -69,45 +69,211 @@ pub fn forward(
     request_id: &HeaderValue,
     identity_headers: &IdentityHeaders,
 ) -> pingora::Result<()> {
+    edit_request(req, permit.route().preserve_header_case, |req| {
+        rewrite(config, permit, req, request_id, identity_headers)
+    })
+}
+
+/// Strips the credential and the identity namespace, then adds the request id and the identity.
+fn rewrite(
+    config: &Arc<Config>,
+    permit: &Permit,
+    req: &mut dyn Upstream,
+    request_id: &HeaderValue,
+    identity_headers: &IdentityHeaders,
+) -> pingora::Result<()> {
     let identity = &config.identity;
     let forged: Vec<HeaderName> = req
-        .headers
+        .headers()
         .keys()
         .filter(|name| name.as_str().starts_with(identity.prefix.as_str()))
         .cloned()
         .collect();
-    for name in forged {
-        req.remove_header(&name);
+    for name in &forged {
+        req.remove(name);
     }
-    req.insert_header(identity.request_id_wire.clone(), request_id.clone())?;
-
     let Some(grant) = permit.grant() else {
-        return Ok(());
+        return req.insert(&identity.request_id_header, request_id);
     };
     let route = permit.route();
-    req.remove_header(&http::header::AUTHORIZATION);
+    req.remove(&http::header::AUTHORIZATION);
     if let Some(name) = &config.credentials.api_key_header {
-        req.remove_header(name);
+        req.remove(name);
     }
     if route.query_token {
         remove_query_token(req, &config.credentials.query_param)?;
     }
 
-    for (name, value) in &identity_headers.get(config, route, grant)?.headers {
-        req.insert_header(name.clone(), value.clone())?;
+    let made = identity_headers.get(config, route, grant)?;
+    req.reserve(made.headers.len() + 2);
+    req.insert(&identity.request_id_header, request_id)?;
+    for (name, value) in &made.headers {
+        req.insert(name, value)?;
     }
     if route.identity_jwt {
         if let Some(jwt) = &config.jwt {
             let jti = request_id.to_str().unwrap_or_default();
             let token = identity_jwt(config, jwt, grant, route, jti, &grant.principal.attributes())?;
-            req.insert_header(identity.jwt_header.clone(), token)?;
+            req.insert(&identity.jwt_header, &value(token)?)?;
         }
     }
     Ok(())
 }
 
+/// Header edits on a request or a response.
+pub trait HeaderEdit {
+    /// The headers as they are now.
+    fn headers(&self) -> &http::HeaderMap;
+    /// Removes every value of `name`.
+    fn remove(&mut self, name: &HeaderName);
+    /// Sets `name` to `value` alone.
+    fn insert(&mut self, name: &HeaderName, value: &HeaderValue) -> pingora::Result<()>;
+    /// Room for `additional` more headers.
+    fn reserve(&mut self, additional: usize);
+}
+
+/// The upstream request's target, besides its headers.
+pub trait Upstream: HeaderEdit {
+    fn uri(&self) -> &http::Uri;
+    fn set_uri(&mut self, uri: http::Uri);
+}
+
+/// Runs `edit` on the request. Unless `keep_case`, the request is edited as bare `http` parts:
+/// Pingora's `insert_header` parses every name again and fills a second, case-keeping map, which
+/// cost more than everything else authentication does per request. The parts go back as a
+/// request without that map, so every header name travels in lowercase, as over HTTP/2.
+pub fn edit_request(
+    req: &mut RequestHeader,
+    keep_case: bool,
+    edit: impl FnOnce(&mut dyn Upstream) -> pingora::Result<()>,
+) -> pingora::Result<()> {
+    if keep_case {
+        return edit(req);
+    }
+    // The target as received when the URI alone does not reproduce it (absolute-form, bytes
+    // that are not UTF-8), to be put back unless the edit rewrites the URI.
+    let raw = req.raw_path();
+    let from_uri = raw.is_empty() || req.uri.path_and_query().is_some_and(|pq| pq.as_str().as_bytes() == raw);
+    let raw_target = (!from_uri).then(|| raw.to_vec());
+    let send_end_stream = req.send_end_stream();
+    let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts = Parts { parts: std::mem::replace(req, empty).into(), raw_target };
+    let edited = edit(&mut parts);
+    *req = RequestHeader::from(parts.parts);
+    if let Some(raw) = parts.raw_target {
+        req.set_raw_path(&raw)?;
+    }
+    if let Some(send_end_stream) = send_end_stream {
+        req.set_send_end_stream(send_end_stream);
+    }
+    edited
+}
+
+/// Runs `edit` on the response; as [`edit_request`], names travel in lowercase unless `keep_case`.
+pub fn edit_response(
+    response: &mut ResponseHeader,
+    keep_case: bool,
+    edit: impl FnOnce(&mut dyn HeaderEdit) -> pingora::Result<()>,
+) -> pingora::Result<()> {
+    if keep_case {
+        return edit(response);
+    }
+    let reason = response
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != response.status.canonical_reason())
+        .map(str::to_owned);
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(response, empty).into();
+    let edited = edit(&mut parts.headers);
+    *response = ResponseHeader::from(parts);
+    if reason.is_some() {
+        response.set_reason_phrase(reason.as_deref())?;
+    }
+    edited
+}
+
+/// Pingora's request and response headers, keeping every name's case.
+macro_rules! pingora_header_edit {
+    ($header:ty) => {
+        impl HeaderEdit for $header {
+            fn headers(&self) -> &http::HeaderMap {
+                &self.headers
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn insert(&mut self, name: &HeaderName, value: &HeaderValue) -> pingora::Result<()> {
+                // As bytes, so the name keeps its configured case rather than being title-cased.
+                self.insert_header(Bytes::copy_from_slice(name.as_str().as_bytes()), value.clone())
+            }
+            fn reserve(&mut self, _additional: usize) {}
+        }
+    };
+}
+pingora_header_edit!(RequestHeader);
+pingora_header_edit!(ResponseHeader);
+
+impl Upstream for RequestHeader {
+    fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+    fn set_uri(&mut self, uri: http::Uri) {
+        RequestHeader::set_uri(self, uri);
+    }
+}
+
+/// A bare header map, names in lowercase.
+impl HeaderEdit for http::HeaderMap {
+    fn headers(&self) -> &http::HeaderMap {
+        self
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        http::HeaderMap::remove(self, name);
+    }
+    fn insert(&mut self, name: &HeaderName, value: &HeaderValue) -> pingora::Result<()> {
+        self.try_insert(name.clone(), value.clone())
+            .map(drop)
+            .map_err(|_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many headers"))
+    }
+    fn reserve(&mut self, additional: usize) {
+        // Only fails past http's limit of 32,768 headers, which `insert` then reports.
+        let _ = self.try_reserve(additional);
+    }
+}
+
+/// A request taken apart into `http` parts, and the target to put back with them.
+struct Parts {
+    parts: http::request::Parts,
+    raw_target: Option<Vec<u8>>,
+}
+
+impl HeaderEdit for Parts {
+    fn headers(&self) -> &http::HeaderMap {
+        &self.parts.headers
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        self.parts.headers.remove(name);
+    }
+    fn insert(&mut self, name: &HeaderName, value: &HeaderValue) -> pingora::Result<()> {
+        HeaderEdit::insert(&mut self.parts.headers, name, value)
+    }
+    fn reserve(&mut self, additional: usize) {
+        HeaderEdit::reserve(&mut self.parts.headers, additional);
+    }
+}
+
+impl Upstream for Parts {
+    fn uri(&self) -> &http::Uri {
+        &self.parts.uri
+    }
+    fn set_uri(&mut self, uri: http::Uri) {
+        self.parts.uri = uri;
+        self.raw_target = None;
+    }
+}
+
 /// The identity headers of `grant` on `route`, in the configured order.
-fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(Bytes, HeaderValue)>> {
+fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(HeaderName, HeaderValue)>> {
     let principal = &grant.principal;
     let attributes = principal.attributes();
     let mut made = Vec::with_capacity(config.identity.headers.len() + 4);
@@ -127,7 +293,7 @@ fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(B
             },
             IdentityField::Attributes => value(ascii_json(&attributes))?,
             IdentityField::Attr => {
-                attr_headers(&mut made, std::str::from_utf8(name).unwrap_or_default(), &attributes)?;
+                attr_headers(&mut made, name.as_str(), &attributes)?;
                 continue;
             }
         };
@@ -184,12 +350,12 @@ fn identity_jwt(
     })
 }
 
-fn remove_query_token(req: &mut RequestHeader, param: &str) -> pingora::Result<()> {
-    let Some(query) = req.uri.query() else { return Ok(()) };
+fn remove_query_token(req: &mut dyn Upstream, param: &str) -> pingora::Result<()> {
+    let Some(query) = req.uri().query() else { return Ok(()) };
     let rest = strip_query_param(query, param);
-    let path = req.uri.path();
+    let path = req.uri().path();
     let path_and_query = if rest.is_empty() { path.to_string() } else { format!("{path}?{rest}") };
-    let mut parts = req.uri.clone().into_parts();
+    let mut parts = req.uri().clone().into_parts();
     parts.path_and_query = Some(path_and_query.parse().map_err(|_| {
         pingora::Error::explain(
             pingora::ErrorType::InvalidHTTPHeader,
@@ -210,7 +376,7 @@ fn remove_query_token(req: &mut RequestHeader, param: &str) -> pingora::Result<(
 /// character other than a letter, digit or '-' turned into '-'; values that are not plain
 /// printable ASCII are left to the JSON header.
 fn attr_headers(
-    made: &mut Vec<(Bytes, HeaderValue)>,
+    made: &mut Vec<(HeaderName, HeaderValue)>,
     prefix: &str,
     attrs: &AttributeView<'_>,
 ) -> pingora::Result<()> {
@@ -231,7 +397,9 @@ fn attr_headers(
         name.extend(
             key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }),
         );
-        made.push((Bytes::from(name), value(text)?));
+        // Every character of the name was made a valid header-name character above.
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
+        made.push((name, value(text)?));
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -110,6 +110,14 @@ fn id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
+static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
+static SUNSET: HeaderName = HeaderName::from_static("sunset");
+
+/// A header value from text the gateway made itself (always printable ASCII).
+fn text_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("-"))
+}
+
 fn missing_permit() -> Box<Error> {
     Error::explain(ErrorType::InternalError, "request reached the upstream phase without a permit")
 }
@@ -178,20 +186,24 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let Some(config) = &ctx.config {
-            response.insert_header(config.identity.request_id_wire.clone(), ctx.request_id.clone())?;
-        }
+        let Some(config) = &ctx.config else { return Ok(()) };
+        let keep_case = ctx.route.as_ref().is_some_and(|r| r.preserve_header_case);
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
-        if let Some(revocation) =
-            grant.filter(|g| g.principal.deprecated()).and_then(|g| g.principal.token().revoked.as_ref())
-        {
-            // RFC 9745 (Deprecation: @seconds) and RFC 8594 (Sunset: HTTP-date of the end of grace).
-            let since = revocation.decided_at.unwrap_or(revocation.at) / 1000;
-            response.insert_header("deprecation", format!("@{since}"))?;
-            let end = std::time::UNIX_EPOCH + std::time::Duration::from_millis(revocation.at.max(0) as u64);
-            response.insert_header("sunset", httpdate::fmt_http_date(end))?;
-        }
-        Ok(())
+        let revocation =
+            grant.filter(|g| g.principal.deprecated()).and_then(|g| g.principal.token().revoked.as_ref());
+        headers::edit_response(response, keep_case, |response| {
+            response.insert(&config.identity.request_id_header, &ctx.request_id)?;
+            if let Some(revocation) = revocation {
+                // RFC 9745 (Deprecation: @seconds) and RFC 8594 (Sunset: HTTP-date of the end of grace).
+                let since = revocation.decided_at.unwrap_or(revocation.at) / 1000;
+                let end =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(revocation.at.max(0) as u64);
+                response.reserve(2);
+                response.insert(&DEPRECATION, &text_value(format!("@{since}")))?;
+                response.insert(&SUNSET, &text_value(httpdate::fmt_http_date(end)))?;
+            }
+            Ok(())
+        })
     }
 
     /// Counts the request, notes the token's last use, and writes the access line (the token id,

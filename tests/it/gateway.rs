@@ -386,3 +386,57 @@ async fn bad_input_gets_a_4xx_never_a_5xx() {
     let resp = w.http.get(w.gateway.url("/shop")).header("Authorization", huge).send().await.unwrap();
     assert!(resp.status().is_client_error(), "{}", resp.status());
 }
+
+#[tokio::test]
+async fn header_names_travel_in_lowercase_unless_the_route_keeps_their_case() {
+    let upstream = RawUpstream::start();
+    let mut w = World::start_with(|redis, _| {
+        let port = free_port();
+        let keep = format!(
+            "  - {{ name: keep, path: /keep, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
+             environment: production, preserve_header_case: true }}\n",
+            upstream.port
+        );
+        Gateway::start_with(port, &(gateway_config(port, &redis.url(), upstream.port) + &keep))
+    })
+    .await;
+    let user = w.user("acme", "case@example.com", Role::Viewer, serde_json::json!({"tier": "gold"})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let send = |target: &str| {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nX-Custom-Thing: 1\r\n\
+             X-Auth-Role: admin\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_request(w.gateway.addr(), request.as_bytes());
+        (answer, upstream.heads().pop().unwrap_or_default())
+    };
+
+    for (target, keeps_case) in [("/noquery/a", false), ("/keep/a", true), ("http://x/noquery/b?q=1", false)]
+    {
+        let (answer, head) = send(target);
+        // Either way: the upstream's reason phrase, the identity set, nothing forged, no credential.
+        assert!(answer.starts_with("HTTP/1.1 200 Fine By Me\r\n"), "{target}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{target}: {answer}");
+        assert!(head.contains(&format!("x-auth-subject: user:{}\r\n", user.id)), "{target}: {head}");
+        assert!(head.contains("x-auth-role: viewer\r\n"), "{target}: {head}");
+        assert!(head.contains("x-auth-attr-tier: gold\r\n"), "{target}: {head}");
+        assert!(!head.to_ascii_lowercase().contains("x-auth-role: admin"), "{target}: {head}");
+        assert!(!head.to_ascii_lowercase().contains("authorization"), "{target}: {head}");
+        let request_id = head.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("request id");
+        assert!(answer.to_ascii_lowercase().contains(&format!("x-request-id: {request_id}\r\n")));
+        // Header names: as sent, or in lowercase both ways.
+        let (sent, note) = if keeps_case {
+            ("X-Custom-Thing: 1\r\n", "X-Upstream-Note: yes\r\n")
+        } else {
+            ("x-custom-thing: 1\r\n", "x-upstream-note: yes\r\n")
+        };
+        assert!(head.contains(sent), "{target}: {head}");
+        assert!(answer.contains(note), "{target}: {answer}");
+    }
+    // An absolute-form target reaches the upstream as Pingora sends it when it keeps the case.
+    let (_, lower) = send("http://x/noquery/b?q=1");
+    let (_, kept) = send("http://x/keep/b?q=1");
+    let line = |head: &str| head.lines().next().unwrap_or_default().replace("/keep/", "/noquery/");
+    assert_eq!(line(&lower), line(&kept));
+    assert!(line(&lower).contains("/noquery/b?q=1"), "{lower}");
+}

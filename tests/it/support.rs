@@ -123,6 +123,57 @@ impl Upstream {
     }
 }
 
+/// An upstream that keeps every request head exactly as it arrived (bytes, header case and all)
+/// and answers each with a reason phrase of its own and a mixed-case header.
+pub struct RawUpstream {
+    pub port: u16,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RawUpstream {
+    pub const ANSWER: &'static [u8] =
+        b"HTTP/1.1 200 Fine By Me\r\nX-Upstream-Note: yes\r\nContent-Length: 2\r\n\r\nok";
+
+    pub fn start() -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || RawUpstream::answer(stream, &kept));
+            }
+        });
+        RawUpstream { port, heads }
+    }
+
+    /// Answers request after request (bodiless) on one kept-alive connection.
+    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<String>>) {
+        use std::io::{Read, Write};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                kept.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                if stream.write_all(Self::ANSWER).is_err() {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The request heads received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
 /// The config every gateway test uses: two orgs, and routes for each case.
 pub fn gateway_config(port: u16, redis_url: &str, upstream: u16) -> String {
     let admin = free_port();
@@ -336,7 +387,8 @@ impl World {
         World::start_with(|redis, upstream| jwt_gateway(redis, upstream, keys)).await
     }
 
-    async fn start_with(gateway: impl FnOnce(&Redis, &Upstream) -> Gateway) -> World {
+    /// Like [`World::start`], with the gateway `gateway` starts.
+    pub async fn start_with(gateway: impl FnOnce(&Redis, &Upstream) -> Gateway) -> World {
         let redis = Redis::start();
         let upstream = Upstream::start().await;
         let gateway = gateway(&redis, &upstream);
