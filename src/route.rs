@@ -40,9 +40,9 @@ pub struct Route {
     pub query_token: bool,
     /// Whether the upstream gets a signed identity JWT (`X-Auth-Jwt`).
     pub identity_jwt: bool,
-    /// Whether the upstream gets the client's header names in their original case. Off: names
-    /// reach it in lowercase (as over HTTP/2), which spares Pingora's second, case-keeping
-    /// header map and a parse of every inserted name.
+    /// Whether header names keep the case they were sent in, both ways. Off: Pingora writes
+    /// standard names in their usual capitalization and every other name in lowercase, which
+    /// spares its second, case-keeping header map and a parse of every inserted name.
     pub preserve_header_case: bool,
     /// Permission per method; methods not listed use `read_default` or `write_default`.
     pub methods: HashMap<http::Method, RequiredPermission>,

@@ -141,7 +141,8 @@ pub trait Upstream: HeaderEdit {
 /// Runs `edit` on the request. Unless `keep_case`, the request is edited as bare `http` parts:
 /// Pingora's `insert_header` parses every name again and fills a second, case-keeping map, which
 /// cost more than everything else authentication does per request. The parts go back as a
-/// request without that map, so every header name travels in lowercase, as over HTTP/2.
+/// request without that map, which writes standard names in their usual capitalization and every
+/// other name in lowercase.
 pub fn edit_request(
     req: &mut RequestHeader,
     keep_case: bool,
@@ -169,7 +170,7 @@ pub fn edit_request(
     edited
 }
 
-/// Runs `edit` on the response; as [`edit_request`], names travel in lowercase unless `keep_case`.
+/// Runs `edit` on the response; as [`edit_request`], names lose their sent case unless `keep_case`.
 pub fn edit_response(
     response: &mut ResponseHeader,
     keep_case: bool,
@@ -222,7 +223,7 @@ impl Upstream for RequestHeader {
     }
 }
 
-/// A bare header map, names in lowercase.
+/// A bare header map (its names are lowercase).
 impl HeaderEdit for http::HeaderMap {
     fn headers(&self) -> &http::HeaderMap {
         self
