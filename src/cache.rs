@@ -132,18 +132,33 @@ where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Option<V>, StoreError>>,
     {
+        if gens.live.load(Ordering::Acquire) {
+            if let Some(entry) = self.entries.get(key).await {
+                if self.is_fresh(key, &entry, gens) {
+                    self.hits.inc();
+                    return Ok(Some(entry.value));
+                }
+            }
+        }
+        // Boxed: the loading path's future is about 2 KiB, and a hit should not carry (and move)
+        // it in every request's futures.
+        Box::pin(self.load(key, gens, load)).await
+    }
+
+    /// A miss: the store read, shared by concurrent misses of the key, cached when still fresh.
+    async fn load<F, Fut>(&self, key: &K, gens: &Generations, load: F) -> Result<Option<Arc<V>>, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<V>, StoreError>>,
+    {
+        self.misses.inc();
         if !gens.live.load(Ordering::Acquire) {
-            self.misses.inc();
             return Ok(load().await?.map(Arc::new));
         }
-        if let Some(entry) = self.entries.get(key).await {
-            if self.is_fresh(key, &entry, gens) {
-                self.hits.inc();
-                return Ok(Some(entry.value));
-            }
+        // A stale entry is dropped first, so the shared load below reads the store again.
+        if self.entries.get(key).await.is_some_and(|entry| !self.is_fresh(key, &entry, gens)) {
             self.entries.invalidate(key).await;
         }
-        self.misses.inc();
         let loaded = self
             .entries
             .try_get_with_by_ref(key, async {
