@@ -58,7 +58,9 @@ struct Generations {
 }
 
 /// Keys are hashed with foldhash, seeded per process: a fraction of SipHash's cost on the request
-/// path, and its seed keeps outsiders from choosing keys that collide.
+/// path. It is only minimally DoS-resistant, which is enough here: no key a client chooses is ever
+/// inserted (record ids are the store's, and a presented token's id is cached only when the store
+/// has that token; a not-found is never cached).
 type Hasher = foldhash::fast::RandomState;
 
 struct RecordCache<K, V> {
