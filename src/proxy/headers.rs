@@ -303,7 +303,8 @@ fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(H
     Ok(made)
 }
 
-fn value(text: impl AsRef<str>) -> pingora::Result<HeaderValue> {
+/// A header value from text, or the error that it is not one.
+pub fn value(text: impl AsRef<str>) -> pingora::Result<HeaderValue> {
     HeaderValue::from_str(text.as_ref()).map_err(|_| {
         pingora::Error::explain(
             pingora::ErrorType::InvalidHTTPHeader,

@@ -113,11 +113,6 @@ fn id_text(id: &HeaderValue) -> &str {
 static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
 static SUNSET: HeaderName = HeaderName::from_static("sunset");
 
-/// A header value from text the gateway made itself (always printable ASCII).
-fn text_value(text: String) -> HeaderValue {
-    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("-"))
-}
-
 fn missing_permit() -> Box<Error> {
     Error::explain(ErrorType::InternalError, "request reached the upstream phase without a permit")
 }
@@ -199,8 +194,8 @@ impl ProxyHttp for Gateway {
                 let end =
                     std::time::UNIX_EPOCH + std::time::Duration::from_millis(revocation.at.max(0) as u64);
                 response.reserve(2);
-                response.insert(&DEPRECATION, &text_value(format!("@{since}")))?;
-                response.insert(&SUNSET, &text_value(httpdate::fmt_http_date(end)))?;
+                response.insert(&DEPRECATION, &headers::value(format!("@{since}"))?)?;
+                response.insert(&SUNSET, &headers::value(httpdate::fmt_http_date(end))?)?;
             }
             Ok(())
         })
