@@ -22,7 +22,7 @@ pub fn extract<'r>(
     };
 
     if settings.bearer {
-        if let Some(value) = single_header(req, http::header::AUTHORIZATION.as_str())? {
+        if let Some(value) = single_header(req, &http::header::AUTHORIZATION)? {
             let value = value.to_str().map_err(|_| Rejection::Malformed)?;
             if let Some((scheme, token)) = value.split_once(' ') {
                 if scheme.eq_ignore_ascii_case("bearer") {
@@ -32,7 +32,7 @@ pub fn extract<'r>(
         }
     }
     if let Some(name) = &settings.api_key_header {
-        if let Some(value) = single_header(req, name.as_str())? {
+        if let Some(value) = single_header(req, name)? {
             offer(value.to_str().map_err(|_| Rejection::Malformed)?.trim())?;
         }
     }
@@ -46,7 +46,11 @@ pub fn extract<'r>(
     found.ok_or(Rejection::Missing)
 }
 
-fn single_header<'r>(req: &'r RequestHeader, name: &str) -> Result<Option<&'r http::HeaderValue>, Rejection> {
+/// By the parsed name: looking up by text would parse the name again on every request.
+fn single_header<'r>(
+    req: &'r RequestHeader,
+    name: &http::HeaderName,
+) -> Result<Option<&'r http::HeaderValue>, Rejection> {
     let mut all = req.headers.get_all(name).iter();
     let first = all.next();
     if all.next().is_some() {
