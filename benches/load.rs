@@ -17,12 +17,17 @@
 //! The storm comparison runs in rounds that alternate the cached-PAT open-loop measurements without
 //! and with the storm (`STORM_ROUNDS`, default 3), and its verdict is the median of the rounds'
 //! ratios: one p99 from one 10-second run swings too much on a shared machine to decide alone.
+//! Throughput and added latency are decided the same way: `THROUGHPUT_ROUNDS` (default 3) rounds
+//! of plain Pingora and the cached PAT back to back in alternating order (closed loop, then the
+//! light open loop), and the medians of their ratios and differences. Where valgrind is installed,
+//! the run ends by counting each proxy's user-space instructions per request with callgrind: the
+//! one comparison no neighbour on a shared machine can move.
 //!
 //! Environment: `LOAD_SECONDS` (per measurement, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.25,
 //! a load every target sustains, so latency shows the cost of a request rather than a queue),
-//! `STORM_TOKENS` (default 4500), `STORM_ROUNDS` (default 3), `LOAD_ARGON2_MEMORY_KIB` (argon2 memory of every token, default
-//! 19456, the default of the config).
+//! `STORM_TOKENS` (default 4500), `STORM_ROUNDS` (default 3), `THROUGHPUT_ROUNDS` (default 3),
+//! `LOAD_ARGON2_MEMORY_KIB` (argon2 memory of every token, default 19456, the default of the config).
 
 // Set-up failures in a benchmark should stop it with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -60,7 +65,11 @@ fn free_port() -> u16 {
 }
 
 fn wait_for(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for_within(port, what, Duration::from_secs(30));
+}
+
+fn wait_for_within(port: u16, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
@@ -247,6 +256,19 @@ impl Load {
         Figures { rps, cpu_us, p50_us: pct("p50"), p99_us: pct("p99"), errors }
     }
 
+    /// Exactly `n` requests on 4 connections, as fast as answered; every one must succeed.
+    fn requests(&self, url: &str, token: Option<&str>, n: usize) {
+        let mut cmd = pinned(&self.cpus, &self.oha);
+        cmd.args(["--no-tui", "--output-format", "json", "-c", "4", "-n"]).arg(n.to_string());
+        if let Some(t) = token {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        let out = cmd.arg(url).output().expect("oha");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
+        let ok = json["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+        assert_eq!(ok, n as u64, "{url}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+
     /// The two open-loop measurements of `token` alone (the closed loop left out, as NaN).
     fn open(&self, url: &str, token: &str, rate: f64) -> Row {
         let none = Figures { rps: f64::NAN, cpu_us: None, p50_us: f64::NAN, p99_us: f64::NAN, errors: 0 };
@@ -326,6 +348,7 @@ fn storm(
 
 struct Tollgate {
     _proc: Proc,
+    config: PathBuf,
     port: u16,
     pat: String,
     jwt: String,
@@ -419,9 +442,11 @@ routes:
             .unwrap();
         answer["token"].as_str().expect("minted").to_string()
     });
-    Tollgate { _proc: proc, port, pat, jwt, storm, _dir: dir }
+    Tollgate { _proc: proc, config: config_path, port, pat, jwt, storm, _dir: dir }
 }
 
+/// nginx in one process (`master_process off`), so that stopping it leaves no worker behind: a
+/// master killed outright orphans its workers, which would go on running on the proxies' CPU.
 fn start_nginx(cores: &Cores, origin: u16) -> Option<(Proc, u16, tempfile::TempDir)> {
     let nginx =
         ["nginx", "/usr/sbin/nginx"].into_iter().find(|n| Command::new(n).arg("-v").output().is_ok())?;
@@ -431,6 +456,7 @@ fn start_nginx(cores: &Cores, origin: u16) -> Option<(Proc, u16, tempfile::TempD
         r#"
 worker_processes 1;
 daemon off;
+master_process off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -549,6 +575,29 @@ fn main() {
     rows.push(("tollgate, cached PAT", load.all(&url(tg.port), Some(&tg.pat), rate, tollgate_pid)));
     rows.push(("tollgate, ephemeral JWT", load.all(&url(tg.port), Some(&tg.jwt), rate, tollgate_pid)));
 
+    // Side-by-side rounds: plain Pingora and the cached PAT back to back (closed loop, then the
+    // light open loop), the order alternating, so that drift of a shared machine falls on both
+    // alike; the throughput and added-latency verdicts are medians of the rounds, not one pair of
+    // runs measured minutes apart.
+    let throughput_rounds = env_or("THROUGHPUT_ROUNDS", 3usize).max(1);
+    let mut pairs: Vec<SideBySide> = Vec::with_capacity(throughput_rounds);
+    for round in 0..throughput_rounds {
+        let measure = |port: u16, token: Option<&str>, pid: Option<u32>| {
+            let closed = load.run(&url(port), token, None, pid);
+            (closed, load.run_with(&url(port), token, Some(load.light_rate), None, LIGHT_CONNECTIONS))
+        };
+        let plain = || measure(pingora_port, None, pingora_pid);
+        let pat = || measure(tg.port, Some(&tg.pat), tollgate_pid);
+        let ((pingora, pingora_light), (tollgate, tollgate_light)) = if round % 2 == 0 {
+            let p = plain();
+            (p, pat())
+        } else {
+            let t = pat();
+            (plain(), t)
+        };
+        pairs.push(SideBySide { pingora, tollgate, pingora_light, tollgate_light });
+    }
+
     // The storm: rounds that alternate the cached-PAT open-loop measurements without and with a
     // storm running, so that drift of the machine between runs falls on both sides alike.
     let rounds = env_or("STORM_ROUNDS", 3usize).max(1);
@@ -574,6 +623,24 @@ fn main() {
         let _ = storm_thread.join();
         storm_rounds.push(StormRound { calm, stormy, sent: sent.load(Ordering::Relaxed), out_of_tokens });
     }
+
+    // Instructions per request, counted by callgrind where valgrind is installed: the ratio no
+    // neighbour on a shared machine can move. The gateway is restarted under valgrind (the
+    // embedded store is one process at a time).
+    let Tollgate { _proc: tollgate_proc, config: tollgate_config, port: tollgate_port, pat, .. } = tg;
+    drop(tollgate_proc);
+    let instructions = callgrind().then(|| {
+        let port = free_port();
+        let mut passthrough =
+            under_callgrind(&std::env::current_exe().unwrap(), &[port.to_string(), origin_port.to_string()]);
+        let plain = count_instructions(&load, passthrough.env(ROLE, "passthrough"), port, None);
+        let mut serve = under_callgrind(
+            Path::new(env!("CARGO_BIN_EXE_tollgate")),
+            &["serve".into(), "--config".into(), tollgate_config.display().to_string()],
+        );
+        let gateway = count_instructions(&load, &mut serve, tollgate_port, Some(&pat));
+        (plain, gateway)
+    });
 
     // The table.
     let base = pingora;
@@ -608,6 +675,28 @@ fn main() {
     }
     println!();
     println!(
+        "Side-by-side rounds: plain pingora and the cached PAT back to back (order alternating): closed loop, then the light open loop"
+    );
+    println!();
+    println!("| round | pingora req/s | cached PAT req/s | × | pingora CPU µs/req | cached PAT CPU µs/req | added CPU µs | pingora light p50 µs | cached PAT light p50 µs | added p50 µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (i, r) in pairs.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {} | {} | {} | {:.0} | {:.0} | {:+.0} |",
+            i + 1,
+            r.pingora.rps,
+            r.tollgate.rps,
+            r.ratio(),
+            r.pingora.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
+            r.tollgate.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
+            r.added_cpu_us().map_or("-".to_string(), |c| format!("{c:+.1}")),
+            r.pingora_light.p50_us,
+            r.tollgate_light.p50_us,
+            r.added_p50_us(),
+        );
+    }
+    println!();
+    println!(
         "Storm rounds: cached-PAT p99 without, then with a storm of never-seen tokens ({storm_tokens} issued; 16 in flight)"
     );
     println!();
@@ -633,16 +722,33 @@ fn main() {
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!();
     println!("targets:");
-    let ratio = pat.closed.rps / base.closed.rps;
-    println!("- cached-PAT throughput {ratio:.3}× plain pingora (≥ 0.95): {}", verdict(ratio >= 0.95));
-    if let (Some(t), Some(p)) = (pat.closed.cpu_us, base.closed.cpu_us) {
+    let ratio = median(pairs.iter().map(SideBySide::ratio).collect());
+    println!(
+        "- cached-PAT throughput, median of {throughput_rounds} rounds: {ratio:.3}× plain pingora (≥ 0.95): {}",
+        verdict(ratio >= 0.95)
+    );
+    let added_cpu: Vec<f64> = pairs.iter().filter_map(SideBySide::added_cpu_us).collect();
+    if !added_cpu.is_empty() {
+        let pingora_cpu = median(pairs.iter().filter_map(|r| r.pingora.cpu_us).collect());
         println!(
-            "- CPU per request: tollgate {t:.1} µs, plain pingora {p:.1} µs: authentication adds {:.1} µs",
-            t - p
+            "- CPU per request, median of the rounds: authentication adds {:.1} µs to plain pingora's {pingora_cpu:.1} µs",
+            median(added_cpu)
         );
     }
-    let added = pat.light.p50_us - base.light.p50_us;
-    println!("- added p50 latency at the light rate {added:.0} µs (≤ 20 µs): {}", verdict(added <= 20.0));
+    if let Some((plain, gateway)) = instructions {
+        println!(
+            "- user-space instructions per request (callgrind, {COUNTED_REQUESTS} requests): tollgate {:.1} k, plain pingora {:.1} k: {:.3}× ({:.3}× in throughput if time followed instructions)",
+            gateway / 1e3,
+            plain / 1e3,
+            gateway / plain,
+            plain / gateway
+        );
+    }
+    let added = median(pairs.iter().map(SideBySide::added_p50_us).collect());
+    println!(
+        "- added p50 latency at the light rate, median of {throughput_rounds} rounds: {added:.0} µs (≤ 20 µs): {}",
+        verdict(added <= 20.0)
+    );
     let loaded_added = pat.loaded.p50_us - base.loaded.p50_us;
     println!("  (at the loaded rate: {loaded_added:.0} µs, queueing included)");
     let storm_ratio = median(storm_rounds.iter().map(StormRound::loaded_ratio).collect());
@@ -651,6 +757,82 @@ fn main() {
         "- cached-PAT p99 under a cold storm, median of {rounds} rounds: {storm_ratio:.2}× without at the loaded rate, {light_storm:.2}× at the light rate (≤ 1.5 both): {}",
         verdict(storm_ratio <= 1.5 && light_storm <= 1.5)
     );
+}
+
+/// Requests counted by callgrind, after as many again to warm up.
+const COUNTED_REQUESTS: usize = 2000;
+
+/// Whether valgrind's callgrind and its control script are installed.
+fn callgrind() -> bool {
+    ["valgrind", "callgrind_control"]
+        .iter()
+        .all(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+}
+
+/// `program` with `args` under callgrind, its profile written into the temporary directory.
+fn under_callgrind(program: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new("valgrind");
+    let out =
+        std::env::temp_dir().join(format!("tollgate-load-{}-{}.callgrind", std::process::id(), args[0]));
+    cmd.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// User-space instructions per request of the process `cmd` starts (listening on `port`): warm-up
+/// requests, counters zeroed, [`COUNTED_REQUESTS`] requests on 4 keep-alive connections, counters
+/// dumped and read. Counts are the same run after run for the same binary and inputs.
+fn count_instructions(load: &Load, cmd: &mut Command, port: u16, token: Option<&str>) -> f64 {
+    let out = cmd
+        .get_args()
+        .find_map(|a| a.to_str()?.strip_prefix("--callgrind-out-file=").map(PathBuf::from))
+        .unwrap();
+    let proc = Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("valgrind"));
+    wait_for_within(port, "a proxy under callgrind", Duration::from_secs(300));
+    let url = format!("http://127.0.0.1:{port}/items");
+    load.requests(&url, token, COUNTED_REQUESTS);
+    let pid = proc.0.id().to_string();
+    let control = |what: &str| {
+        let ok =
+            Command::new("callgrind_control").arg(what).arg(&pid).output().is_ok_and(|o| o.status.success());
+        assert!(ok, "callgrind_control {what} {pid}");
+    };
+    control("-z");
+    load.requests(&url, token, COUNTED_REQUESTS);
+    control("-d");
+    drop(proc);
+    let dump = PathBuf::from(format!("{}.1", out.display()));
+    let text = std::fs::read_to_string(&dump).expect("callgrind dump");
+    let _ = std::fs::remove_file(&dump);
+    let _ = std::fs::remove_file(&out);
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("callgrind totals");
+    total / COUNTED_REQUESTS as f64
+}
+
+/// Plain Pingora and the cached PAT measured back to back: closed loop, then the light open loop.
+struct SideBySide {
+    pingora: Figures,
+    tollgate: Figures,
+    pingora_light: Figures,
+    tollgate_light: Figures,
+}
+
+impl SideBySide {
+    fn added_p50_us(&self) -> f64 {
+        self.tollgate_light.p50_us - self.pingora_light.p50_us
+    }
+    fn ratio(&self) -> f64 {
+        self.tollgate.rps / self.pingora.rps
+    }
+    fn added_cpu_us(&self) -> Option<f64> {
+        Some(self.tollgate.cpu_us? - self.pingora.cpu_us?)
+    }
 }
 
 /// The cached-PAT open-loop figures of one storm round, without and with the storm.
