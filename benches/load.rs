@@ -219,14 +219,8 @@ impl Load {
         connections: usize,
     ) -> Figures {
         let cpu_before = server.map(cpu_ticks);
-        let mut cmd = pinned(&self.cpus, &self.oha);
-        cmd.args(["--no-tui", "--output-format", "json", "-z"])
-            .arg(format!("{}s", self.seconds))
-            .arg("-c")
-            .arg(connections.to_string());
-        if let Some(t) = token {
-            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
-        }
+        let mut cmd = self.oha(token);
+        cmd.arg("-z").arg(format!("{}s", self.seconds)).arg("-c").arg(connections.to_string());
         if let Some(r) = rate {
             cmd.arg("-q").arg(format!("{}", r.round() as u64)).arg("--latency-correction");
         }
@@ -256,13 +250,20 @@ impl Load {
         Figures { rps, cpu_us, p50_us: pct("p50"), p99_us: pct("p99"), errors }
     }
 
-    /// Exactly `n` requests on 4 connections, as fast as answered; every one must succeed.
-    fn requests(&self, url: &str, token: Option<&str>, n: usize) {
+    /// oha on the load generator's CPUs, JSON output, presenting `token` as a bearer token.
+    fn oha(&self, token: Option<&str>) -> Command {
         let mut cmd = pinned(&self.cpus, &self.oha);
-        cmd.args(["--no-tui", "--output-format", "json", "-c", "4", "-n"]).arg(n.to_string());
+        cmd.args(["--no-tui", "--output-format", "json"]);
         if let Some(t) = token {
             cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
         }
+        cmd
+    }
+
+    /// Exactly `n` requests on 4 connections, as fast as answered; every one must succeed.
+    fn requests(&self, url: &str, token: Option<&str>, n: usize) {
+        let mut cmd = self.oha(token);
+        cmd.args(["-c", "4", "-n"]).arg(n.to_string());
         let out = cmd.arg(url).output().expect("oha");
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
         let ok = json["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
@@ -631,14 +632,14 @@ fn main() {
     drop(tollgate_proc);
     let instructions = callgrind().then(|| {
         let port = free_port();
-        let mut passthrough =
+        let (mut passthrough, out) =
             under_callgrind(&std::env::current_exe().unwrap(), &[port.to_string(), origin_port.to_string()]);
-        let plain = count_instructions(&load, passthrough.env(ROLE, "passthrough"), port, None);
-        let mut serve = under_callgrind(
+        let plain = count_instructions(&load, (passthrough.env(ROLE, "passthrough"), &out), port, None);
+        let (mut serve, out) = under_callgrind(
             Path::new(env!("CARGO_BIN_EXE_tollgate")),
             &["serve".into(), "--config".into(), tollgate_config.display().to_string()],
         );
-        let gateway = count_instructions(&load, &mut serve, tollgate_port, Some(&pat));
+        let gateway = count_instructions(&load, (&mut serve, &out), tollgate_port, Some(&pat));
         (plain, gateway)
     });
 
@@ -769,8 +770,8 @@ fn callgrind() -> bool {
         .all(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
-/// `program` with `args` under callgrind, its profile written into the temporary directory.
-fn under_callgrind(program: &Path, args: &[String]) -> Command {
+/// `program` with `args` under callgrind, and where its profile goes (the temporary directory).
+fn under_callgrind(program: &Path, args: &[String]) -> (Command, PathBuf) {
     let mut cmd = Command::new("valgrind");
     let out =
         std::env::temp_dir().join(format!("tollgate-load-{}-{}.callgrind", std::process::id(), args[0]));
@@ -778,17 +779,13 @@ fn under_callgrind(program: &Path, args: &[String]) -> Command {
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(program)
         .args(args);
-    cmd
+    (cmd, out)
 }
 
 /// User-space instructions per request of the process `cmd` starts (listening on `port`): warm-up
 /// requests, counters zeroed, [`COUNTED_REQUESTS`] requests on 4 keep-alive connections, counters
 /// dumped and read. Counts are the same run after run for the same binary and inputs.
-fn count_instructions(load: &Load, cmd: &mut Command, port: u16, token: Option<&str>) -> f64 {
-    let out = cmd
-        .get_args()
-        .find_map(|a| a.to_str()?.strip_prefix("--callgrind-out-file=").map(PathBuf::from))
-        .unwrap();
+fn count_instructions(load: &Load, (cmd, out): (&mut Command, &Path), port: u16, token: Option<&str>) -> f64 {
     let proc = Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("valgrind"));
     wait_for_within(port, "a proxy under callgrind", Duration::from_secs(300));
     let url = format!("http://127.0.0.1:{port}/items");
@@ -806,7 +803,7 @@ fn count_instructions(load: &Load, cmd: &mut Command, port: u16, token: Option<&
     let dump = PathBuf::from(format!("{}.1", out.display()));
     let text = std::fs::read_to_string(&dump).expect("callgrind dump");
     let _ = std::fs::remove_file(&dump);
-    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(out);
     let total: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
