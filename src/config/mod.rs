@@ -621,6 +621,12 @@ impl Validator {
             "identity.request_id_header",
             raw.request_id_header.as_deref().unwrap_or("x-request-id"),
         );
+        if request_id_header
+            .as_ref()
+            .is_some_and(|h| *h == http::header::HOST || *h == http::header::AUTHORIZATION)
+        {
+            self.error("identity.request_id_header", "must not be Host or Authorization");
+        }
         if request_id_header.as_ref().is_some_and(|h| h.as_str().starts_with(&prefix)) {
             self.error(
                 "identity.request_id_header",

@@ -107,6 +107,10 @@ fn structural_errors() {
         "identity: { headers: [subject, nickname] }",
         &["identity.headers[1]: unknown header \"nickname\""],
     );
+    check(
+        "identity: { request_id_header: Host }",
+        &["identity.request_id_header: must not be Host or Authorization"],
+    );
     check("orgs: { acme: { projects: { shop: { environments: [p] } } } }\nroutes:\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n", &["routes[1].path: another route"]);
 }
 

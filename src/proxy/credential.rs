@@ -24,10 +24,9 @@ pub fn extract<'r>(
     if settings.bearer {
         if let Some(value) = single_header(req, &http::header::AUTHORIZATION)? {
             let value = value.to_str().map_err(|_| Rejection::Malformed)?;
-            if let Some((scheme, token)) = value.split_once(' ') {
-                if scheme.eq_ignore_ascii_case("bearer") {
-                    offer(token.trim())?;
-                }
+            // The scheme is the text before the first space: `Bearer <token>`, in any case.
+            if value.get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer ")) {
+                offer(value[7..].trim())?;
             }
         }
     }

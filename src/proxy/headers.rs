@@ -19,6 +19,9 @@ use crate::route::Route;
 /// each with the default headers); others have theirs made again when they come back.
 const MADE_CAPACITY: usize = 4096;
 
+/// How many client headers a request usually has; see [`template`].
+const CLIENT_HEADERS: usize = 16;
+
 /// Identity headers made once per principal, route and config, and inserted by every request of
 /// that principal there: inserting a made header clones two pointers instead of formatting,
 /// serializing and validating its value again.
@@ -31,6 +34,11 @@ pub struct IdentityHeaders {
 
 struct Made {
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The upstream request's headers before the client's are added: `Host` and the request id as
+    /// placeholders (in that order, so they are found by position), then `headers`. Cloning it
+    /// copies the table and counts references; inserting the headers one by one into the client's
+    /// map hashed and placed each name again, several times the cost.
+    template: http::HeaderMap,
     _records: RecordAnchors,
     _route: Weak<Route>,
     _config: Weak<Config>,
@@ -50,8 +58,10 @@ impl IdentityHeaders {
         if let Some(made) = self.made.get(&key) {
             return Ok(made);
         }
+        let headers = make(config, route, grant)?;
         let made = Arc::new(Made {
-            headers: make(config, route, grant)?,
+            template: template(&config.identity.request_id_header, &headers),
+            headers,
             _records: grant.principal.anchors(),
             _route: Arc::downgrade(route),
             _config: Arc::downgrade(config),
@@ -83,32 +93,27 @@ fn rewrite(
     identity_headers: &IdentityHeaders,
 ) -> pingora::Result<()> {
     let identity = &config.identity;
-    let forged: Vec<HeaderName> = req
-        .headers()
-        .keys()
-        .filter(|name| name.as_str().starts_with(identity.prefix.as_str()))
-        .cloned()
-        .collect();
-    for name in &forged {
-        req.remove(name);
-    }
     let Some(grant) = permit.grant() else {
+        strip(config, req, false);
         return req.insert(&identity.request_id_header, request_id);
     };
     let route = permit.route();
-    req.remove(&http::header::AUTHORIZATION);
-    if let Some(name) = &config.credentials.api_key_header {
-        req.remove(name);
-    }
     if route.query_token {
         remove_query_token(req, &config.credentials.query_param)?;
     }
-
     let made = identity_headers.get(config, route, grant)?;
-    req.reserve(made.headers.len() + 2);
-    req.insert(&identity.request_id_header, request_id)?;
-    for (name, value) in &made.headers {
-        req.insert(name, value)?;
+    match req.bare_headers() {
+        Some(headers) => {
+            let client = std::mem::take(headers);
+            *headers = upstream_headers(&made.template, config, client, request_id);
+        }
+        None => {
+            strip(config, req, true);
+            req.insert(&identity.request_id_header, request_id)?;
+            for (name, value) in &made.headers {
+                req.insert(name, value)?;
+            }
+        }
     }
     if route.identity_jwt {
         if let Some(jwt) = &config.jwt {
@@ -136,6 +141,90 @@ pub trait HeaderEdit {
 pub trait Upstream: HeaderEdit {
     fn uri(&self) -> &http::Uri;
     fn set_uri(&mut self, uri: http::Uri);
+    /// The header map itself, when nothing else (such as a case-keeping map) must follow its
+    /// edits.
+    fn bare_headers(&mut self) -> Option<&mut http::HeaderMap> {
+        None
+    }
+}
+
+/// Removes the client-sent identity headers (every name with the identity prefix) and, when
+/// `credential`, the headers that carry a credential.
+fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
+    let forged: Vec<HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with(config.identity.prefix.as_str()))
+        .cloned()
+        .collect();
+    for name in &forged {
+        req.remove(name);
+    }
+    if credential {
+        req.remove(&http::header::AUTHORIZATION);
+        if let Some(name) = &config.credentials.api_key_header {
+            req.remove(name);
+        }
+    }
+}
+
+/// [`Made::template`] for `headers`.
+fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)]) -> http::HeaderMap {
+    let placeholder = HeaderValue::from_static("");
+    // Room for the client's headers in the index, which a clone keeps (its entries it does not).
+    let mut template = http::HeaderMap::with_capacity(headers.len() + 2 + CLIENT_HEADERS);
+    template.insert(http::header::HOST, placeholder.clone());
+    template.insert(request_id_header.clone(), placeholder);
+    for (name, value) in headers {
+        template.insert(name.clone(), value.clone());
+    }
+    template
+}
+
+/// The upstream request's headers from a [`Made::template`]: the request id, the identity headers,
+/// and every header of `client` except its identity-namespace headers, credential headers and
+/// request id. `Host` stays first.
+fn upstream_headers(
+    template: &http::HeaderMap,
+    config: &Config,
+    client: http::HeaderMap,
+    request_id: &HeaderValue,
+) -> http::HeaderMap {
+    use http::header::{AUTHORIZATION, HOST};
+    let identity = &config.identity;
+    let dropped = |name: &HeaderName| {
+        name.as_str().starts_with(identity.prefix.as_str())
+            || *name == AUTHORIZATION
+            || *name == identity.request_id_header
+            || config.credentials.api_key_header.as_ref() == Some(name)
+    };
+    let mut out = template.clone();
+    out.reserve(client.len());
+    if let Some(slot) = out.values_mut().nth(1) {
+        *slot = request_id.clone();
+    }
+    let mut host = None;
+    // A `None` name is another value of the previous name, which is kept only for that.
+    let mut values = client.into_iter().peekable();
+    let mut previous: Option<HeaderName> = None;
+    while let Some((name, value)) = values.next() {
+        let Some(name) = name.or_else(|| previous.take()) else { continue };
+        if matches!(values.peek(), Some((None, _))) {
+            previous = Some(name.clone());
+        }
+        if name == HOST && host.is_none() {
+            host = Some(value);
+        } else if !dropped(&name) {
+            out.append(name, value);
+        }
+    }
+    match (host, out.values_mut().next()) {
+        (Some(value), Some(slot)) => *slot = value,
+        _ => {
+            out.remove(HOST);
+        }
+    }
+    out
 }
 
 /// Runs `edit` on the request. Unless `keep_case`, the request is edited as bare `http` parts:
@@ -270,6 +359,9 @@ impl Upstream for Parts {
     fn set_uri(&mut self, uri: http::Uri) {
         self.parts.uri = uri;
         self.raw_target = None;
+    }
+    fn bare_headers(&mut self) -> Option<&mut http::HeaderMap> {
+        Some(&mut self.parts.headers)
     }
 }
 
@@ -433,6 +525,47 @@ pub fn ascii_json<T: serde::Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_headers_keep_the_client_s_headers_but_never_its_identity_or_credential() {
+        let config = Config::parse("credentials: { api_key_header: X-API-Key }").unwrap();
+        let made = [(HeaderName::from_static("x-auth-role"), HeaderValue::from_static("editor"))];
+        let template = template(&config.identity.request_id_header, &made);
+        let mut client = http::HeaderMap::new();
+        for (name, value) in [
+            ("user-agent", "curl"),
+            ("x-auth-role", "admin"),
+            ("x-auth-role", "owner"),
+            ("authorization", "Bearer t"),
+            ("x-api-key", "t"),
+            ("x-request-id", "forged"),
+            ("host", "api.example.com"),
+            ("x-custom", "a"),
+            ("x-custom", "b"),
+        ] {
+            client.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        let id = HeaderValue::from_static("0123");
+        let out = upstream_headers(&template, &config, client, &id);
+        let wire: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(
+            wire,
+            [
+                ("host", "api.example.com"),
+                ("x-request-id", "0123"),
+                ("x-auth-role", "editor"),
+                ("user-agent", "curl"),
+                ("x-custom", "a"),
+                ("x-custom", "b"),
+            ]
+        );
+
+        // No Host sent, none forwarded; the template itself is unchanged.
+        let out = upstream_headers(&template, &config, http::HeaderMap::new(), &id);
+        assert!(!out.contains_key(http::header::HOST));
+        assert_eq!(out.get("x-request-id").unwrap(), "0123");
+        assert_eq!(template.get("x-request-id").unwrap(), "");
+    }
 
     #[test]
     fn ascii_json_escapes_and_stays_valid() {

@@ -97,10 +97,10 @@ impl Gateway {
 /// 128 random bits as 32 lowercase hex digits.
 fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = rand::random::<u128>();
     let mut text = [0u8; 32];
-    for (i, digit) in text.iter_mut().enumerate() {
-        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, byte) in text.chunks_exact_mut(2).zip(rand::random::<u128>().to_ne_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
 }
@@ -207,7 +207,13 @@ impl ProxyHttp for Gateway {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
         let outcome = ctx.rejection.as_ref().map(Rejection::label).unwrap_or("allowed");
-        self.metrics.requests.with_label_values(&[route, outcome]).inc();
+        match (&ctx.rejection, &ctx.route) {
+            (None, Some(r)) => r
+                .allowed_requests
+                .get_or_init(|| self.metrics.requests.with_label_values(&[route, outcome]))
+                .inc(),
+            _ => self.metrics.requests.with_label_values(&[route, outcome]).inc(),
+        }
         let grant = ctx.permit.as_ref().and_then(Permit::grant);
         // An ephemeral credential's use is not the minting token's: only stored tokens are noted.
         if let Some(g) = grant.filter(|g| g.principal.ephemeral().is_none()) {
