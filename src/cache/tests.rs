@@ -92,3 +92,62 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
     assert_eq!(backend.reads(), reads + 1);
 }
+
+async fn viewer(cache: &Cache) -> User {
+    let user = lifecycle::create_user(
+        cache.store(),
+        "acme",
+        "a@x.io",
+        Role::Viewer,
+        BTreeMap::new(),
+        Attributes::new(),
+    )
+    .await
+    .unwrap();
+    wait(|| cache.invalidations_applied() >= 1).await;
+    user
+}
+
+#[tokio::test]
+async fn the_hot_tier_serves_repeated_hits_and_drops_an_entry_on_invalidation() {
+    let (backend, cache) = live_cache().await;
+    let mut user = viewer(&cache).await;
+    cache.user(&user.id).await.unwrap().unwrap(); // loaded into moka
+    cache.user(&user.id).await.unwrap().unwrap(); // a moka hit, copied to the hot tier
+    assert!(cache.users.hot.get(&user.id).is_some(), "a moka hit is copied to the hot tier");
+    let reads = backend.reads();
+    cache.user(&user.id).await.unwrap().unwrap();
+    assert_eq!(backend.reads(), reads, "hit");
+
+    let before = user.clone();
+    user.org_role = Role::Admin;
+    cache.store().update_user(&before, &user, None).await.unwrap();
+    wait(|| cache.invalidations_applied() >= 2).await;
+    assert!(cache.users.hot.get(&user.id).is_none(), "the invalidation removed the hot entry");
+    assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
+}
+
+#[tokio::test]
+async fn a_hot_entry_older_than_its_invalidation_or_past_its_time_is_never_served() {
+    let (_backend, cache) = live_cache().await;
+    let mut user = viewer(&cache).await;
+    let viewer = user.clone();
+    let hot = |generation: u64, until: Instant| Hot {
+        entry: Entry { value: Arc::new(viewer.clone()), generation },
+        until,
+    };
+    // The race: a stale copy lands in the hot tier after the invalidation removed the old one.
+    let generation = cache.gens.current.load(Ordering::Acquire);
+    let before = user.clone();
+    user.org_role = Role::Admin;
+    cache.store().update_user(&before, &user, None).await.unwrap();
+    wait(|| cache.invalidations_applied() >= 2).await;
+    let later = Instant::now() + Duration::from_secs(60);
+    cache.users.hot.insert(user.id.clone(), hot(generation, later));
+    assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
+
+    // A fresh generation, but past its time: moka (here, the store) is asked again.
+    let fresh = cache.gens.current.load(Ordering::Acquire) + 1;
+    cache.users.hot.insert(user.id.clone(), hot(fresh, Instant::now()));
+    assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
+}
