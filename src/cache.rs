@@ -33,7 +33,8 @@ use crate::token::TokenId;
 pub struct CacheSettings {
     /// Most entries per record kind.
     pub capacity: u64,
-    /// Longest an entry lives even without an invalidation.
+    /// Longest an entry lives in moka even without an invalidation; a copy in the hot tier is used
+    /// for up to [`HOT_FOR`] (at most this long) after it was read there.
     pub ttl: Duration,
 }
 

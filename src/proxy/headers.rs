@@ -105,7 +105,7 @@ fn rewrite(
     match req.bare_headers() {
         Some(headers) => {
             let client = std::mem::take(headers);
-            *headers = upstream_headers(&made.template, config, client, request_id);
+            *headers = upstream_headers(&made.template, config, client, request_id)?;
         }
         None => {
             strip(config, req, true);
@@ -183,13 +183,13 @@ fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)
 
 /// The upstream request's headers from a [`Made::template`]: the request id, the identity headers,
 /// and every header of `client` except its identity-namespace headers, credential headers and
-/// request id. `Host` stays first.
+/// request id. `Host`, when sent, comes first.
 fn upstream_headers(
     template: &http::HeaderMap,
     config: &Config,
     client: http::HeaderMap,
     request_id: &HeaderValue,
-) -> http::HeaderMap {
+) -> pingora::Result<http::HeaderMap> {
     use http::header::{AUTHORIZATION, HOST};
     let identity = &config.identity;
     let dropped = |name: &HeaderName| {
@@ -198,8 +198,9 @@ fn upstream_headers(
             || *name == identity.request_id_header
             || config.credentials.api_key_header.as_ref() == Some(name)
     };
+    let too_many = |_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many headers");
     let mut out = template.clone();
-    out.reserve(client.len());
+    out.try_reserve(client.len()).map_err(too_many)?;
     if let Some(slot) = out.values_mut().nth(1) {
         *slot = request_id.clone();
     }
@@ -215,16 +216,17 @@ fn upstream_headers(
         if name == HOST && host.is_none() {
             host = Some(value);
         } else if !dropped(&name) {
-            out.append(name, value);
+            out.try_append(name, value).map_err(too_many)?;
         }
     }
     match (host, out.values_mut().next()) {
         (Some(value), Some(slot)) => *slot = value,
+        // Without a `Host` (HTTP/1.0), the placeholder goes, and the last header takes its place.
         _ => {
             out.remove(HOST);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Runs `edit` on the request. Unless `keep_case`, the request is edited as bare `http` parts:
@@ -546,7 +548,7 @@ mod tests {
             client.append(HeaderName::from_static(name), HeaderValue::from_static(value));
         }
         let id = HeaderValue::from_static("0123");
-        let out = upstream_headers(&template, &config, client, &id);
+        let out = upstream_headers(&template, &config, client, &id).unwrap();
         let wire: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
         assert_eq!(
             wire,
@@ -561,7 +563,7 @@ mod tests {
         );
 
         // No Host sent, none forwarded; the template itself is unchanged.
-        let out = upstream_headers(&template, &config, http::HeaderMap::new(), &id);
+        let out = upstream_headers(&template, &config, http::HeaderMap::new(), &id).unwrap();
         assert!(!out.contains_key(http::header::HOST));
         assert_eq!(out.get("x-request-id").unwrap(), "0123");
         assert_eq!(template.get("x-request-id").unwrap(), "");
