@@ -29,9 +29,8 @@ async fn wait(cond: impl Fn() -> bool) {
     panic!("condition not reached");
 }
 
-#[tokio::test]
-async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
-    let (backend, cache) = live_cache().await;
+/// A new viewer, returned once the cache has applied the invalidation its creation sent.
+async fn viewer(cache: &Cache) -> User {
     let user = lifecycle::create_user(
         cache.store(),
         "acme",
@@ -43,6 +42,13 @@ async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
     .await
     .unwrap();
     wait(|| cache.invalidations_applied() >= 1).await;
+    user
+}
+
+#[tokio::test]
+async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
+    let (backend, cache) = live_cache().await;
+    let user = viewer(&cache).await;
     cache.user(&user.id).await.unwrap().unwrap();
     let reads = backend.reads();
     cache.user(&user.id).await.unwrap().unwrap();
@@ -62,17 +68,7 @@ async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
 #[tokio::test]
 async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     let (backend, cache) = live_cache().await;
-    let mut user = lifecycle::create_user(
-        cache.store(),
-        "acme",
-        "a@x.io",
-        Role::Viewer,
-        BTreeMap::new(),
-        Attributes::new(),
-    )
-    .await
-    .unwrap();
-    wait(|| cache.invalidations_applied() >= 1).await;
+    let mut user = viewer(&cache).await;
     // Simulate the race: a load starts, the record changes and is invalidated, then the load lands.
     let generation = cache.gens.current.load(Ordering::Acquire);
     cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
@@ -91,21 +87,6 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     let reads = backend.reads();
     assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
     assert_eq!(backend.reads(), reads + 1);
-}
-
-async fn viewer(cache: &Cache) -> User {
-    let user = lifecycle::create_user(
-        cache.store(),
-        "acme",
-        "a@x.io",
-        Role::Viewer,
-        BTreeMap::new(),
-        Attributes::new(),
-    )
-    .await
-    .unwrap();
-    wait(|| cache.invalidations_applied() >= 1).await;
-    user
 }
 
 #[tokio::test]
