@@ -78,16 +78,7 @@ pub const HOT_CAPACITY: usize = 4096;
 pub const HOT_FOR: Duration = Duration::from_secs(1);
 
 /// An entry of the hot tier and when it stops being used.
-struct Hot<V> {
-    entry: Entry<V>,
-    until: Instant,
-}
-
-impl<V> Clone for Hot<V> {
-    fn clone(&self) -> Self {
-        Hot { entry: self.entry.clone(), until: self.until }
-    }
-}
+type Hot<V> = (Entry<V>, Instant);
 
 struct RecordCache<K, V> {
     entries: moka::future::Cache<K, Entry<V>, Hasher>,
@@ -172,17 +163,17 @@ where
     {
         if gens.live.load(Ordering::Acquire) {
             let now = Instant::now();
-            if let Some(hot) = self.hot.get(key) {
-                if hot.until > now && self.is_fresh(key, &hot.entry, gens) {
+            if let Some((entry, until)) = self.hot.get(key) {
+                if until > now && self.is_fresh(key, &entry, gens) {
                     self.hits.inc();
-                    return Ok(Some(hot.entry.value));
+                    return Ok(Some(entry.value));
                 }
             }
             if let Some(entry) = self.entries.get(key).await {
                 if self.is_fresh(key, &entry, gens) {
                     self.hits.inc();
                     let value = entry.value.clone();
-                    self.hot.insert(key.clone(), Hot { entry, until: now + self.hot_for });
+                    self.hot.insert(key.clone(), (entry, now + self.hot_for));
                     return Ok(Some(value));
                 }
             }

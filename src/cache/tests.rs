@@ -113,9 +113,8 @@ async fn a_hot_entry_older_than_its_invalidation_or_past_its_time_is_never_serve
     let (_backend, cache) = live_cache().await;
     let mut user = viewer(&cache).await;
     let viewer = user.clone();
-    let hot = |generation: u64, until: Instant| Hot {
-        entry: Entry { value: Arc::new(viewer.clone()), generation },
-        until,
+    let hot = |generation: u64, until: Instant| -> Hot<User> {
+        (Entry { value: Arc::new(viewer.clone()), generation }, until)
     };
     // The race: a stale copy lands in the hot tier after the invalidation removed the old one.
     let generation = cache.gens.current.load(Ordering::Acquire);

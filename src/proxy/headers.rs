@@ -33,15 +33,21 @@ pub struct IdentityHeaders {
 }
 
 struct Made {
-    headers: Vec<(HeaderName, HeaderValue)>,
     /// The upstream request's headers before the client's are added: `Host` and the request id as
-    /// placeholders (in that order, so they are found by position), then `headers`. Cloning it
-    /// copies the table and counts references; inserting the headers one by one into the client's
-    /// map hashed and placed each name again, several times the cost.
+    /// placeholders (in that order, so they are found by position), then the identity headers.
+    /// Cloning it copies the table and counts references; inserting the headers one by one into
+    /// the client's map hashed and placed each name again, several times the cost.
     template: http::HeaderMap,
     _records: RecordAnchors,
     _route: Weak<Route>,
     _config: Weak<Config>,
+}
+
+impl Made {
+    /// The identity headers alone, in order (the template without its two placeholders).
+    fn identity(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.template.iter().skip(2)
+    }
 }
 
 impl Default for IdentityHeaders {
@@ -58,10 +64,8 @@ impl IdentityHeaders {
         if let Some(made) = self.made.get(&key) {
             return Ok(made);
         }
-        let headers = make(config, route, grant)?;
         let made = Arc::new(Made {
-            template: template(&config.identity.request_id_header, &headers),
-            headers,
+            template: template(&config.identity.request_id_header, &make(config, route, grant)?),
             _records: grant.principal.anchors(),
             _route: Arc::downgrade(route),
             _config: Arc::downgrade(config),
@@ -110,7 +114,7 @@ fn rewrite(
         None => {
             strip(config, req, true);
             req.insert(&identity.request_id_header, request_id)?;
-            for (name, value) in &made.headers {
+            for (name, value) in made.identity() {
                 req.insert(name, value)?;
             }
         }
@@ -148,23 +152,21 @@ pub trait Upstream: HeaderEdit {
     }
 }
 
-/// Removes the client-sent identity headers (every name with the identity prefix) and, when
-/// `credential`, the headers that carry a credential.
+/// Whether a client-sent header never reaches the upstream: every name in the identity namespace
+/// and, when `credential`, the headers that carry a credential.
+fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
+    name.as_str().starts_with(config.identity.prefix.as_str())
+        || (credential
+            && (*name == http::header::AUTHORIZATION
+                || config.credentials.api_key_header.as_ref() == Some(name)))
+}
+
+/// Removes the client's [`withheld`] headers in place.
 fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
-    let forged: Vec<HeaderName> = req
-        .headers()
-        .keys()
-        .filter(|name| name.as_str().starts_with(config.identity.prefix.as_str()))
-        .cloned()
-        .collect();
-    for name in &forged {
+    let names: Vec<HeaderName> =
+        req.headers().keys().filter(|name| withheld(config, name, credential)).cloned().collect();
+    for name in &names {
         req.remove(name);
-    }
-    if credential {
-        req.remove(&http::header::AUTHORIZATION);
-        if let Some(name) = &config.credentials.api_key_header {
-            req.remove(name);
-        }
     }
 }
 
@@ -175,6 +177,9 @@ fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)
     let mut template = http::HeaderMap::with_capacity(headers.len() + 2 + CLIENT_HEADERS);
     template.insert(http::header::HOST, placeholder.clone());
     template.insert(request_id_header.clone(), placeholder);
+    // Clones, not the made values themselves: a clone is a shared buffer, which every request's
+    // copy of the template then clones by a counter; the originals are not (each clone of one
+    // would check its kind first).
     for (name, value) in headers {
         template.insert(name.clone(), value.clone());
     }
@@ -182,22 +187,17 @@ fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)
 }
 
 /// The upstream request's headers from a [`Made::template`]: the request id, the identity headers,
-/// and every header of `client` except its identity-namespace headers, credential headers and
-/// request id. `Host`, when sent, comes first.
+/// and every header of `client` except its [`withheld`] headers and request id. `Host`, when sent,
+/// comes first.
 fn upstream_headers(
     template: &http::HeaderMap,
     config: &Config,
     client: http::HeaderMap,
     request_id: &HeaderValue,
 ) -> pingora::Result<http::HeaderMap> {
-    use http::header::{AUTHORIZATION, HOST};
-    let identity = &config.identity;
-    let dropped = |name: &HeaderName| {
-        name.as_str().starts_with(identity.prefix.as_str())
-            || *name == AUTHORIZATION
-            || *name == identity.request_id_header
-            || config.credentials.api_key_header.as_ref() == Some(name)
-    };
+    use http::header::HOST;
+    let dropped =
+        |name: &HeaderName| withheld(config, name, true) || *name == config.identity.request_id_header;
     let too_many = |_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many headers");
     let mut out = template.clone();
     out.try_reserve(client.len()).map_err(too_many)?;
