@@ -16,7 +16,8 @@
 //! tokens, each presented once, so each costs a store read and an argon2 run) hits the same gateway.
 //! The storm comparison runs in rounds of the cached-PAT open-loop measurements without and with
 //! the storm, back to back in alternating order (`STORM_ROUNDS`, default 5), and its verdict is the
-//! median of the rounds' ratios: one p99 from one 10-second run swings too much on a shared machine to decide alone.
+//! median of the rounds' ratios: one p99 from one 10-second run swings too much on a shared
+//! machine to decide alone.
 //! Throughput and added latency are decided the same way: `THROUGHPUT_ROUNDS` (default 5) rounds
 //! of plain Pingora and the cached PAT back to back in alternating order (closed loop, then the
 //! light open loop), and the medians of their ratios and differences. Where valgrind is installed,
