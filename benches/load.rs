@@ -191,6 +191,8 @@ struct Figures {
     rps: f64,
     /// CPU time the server process spent per request (closed loop, proxies only).
     cpu_us: Option<f64>,
+    /// The user-space part of `cpu_us` (the rest is the kernel's).
+    user_us: Option<f64>,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
@@ -241,14 +243,16 @@ impl Load {
             });
         let rps = json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
         let requests = rps * json["summary"]["total"].as_f64().unwrap_or(0.0);
-        let cpu_us = match (server, cpu_before) {
+        let (cpu_us, user_us) = match (server, cpu_before) {
             // /proc counts in clock ticks of 10 ms.
-            (Some(pid), Some(before)) if requests > 0.0 => {
-                Some((cpu_ticks(pid) - before) as f64 * 10_000.0 / requests)
+            (Some(pid), Some((user, system))) if requests > 0.0 => {
+                let (user_after, system_after) = cpu_ticks(pid);
+                let per_request = |ticks: u64| Some(ticks as f64 * 10_000.0 / requests);
+                (per_request(user_after + system_after - user - system), per_request(user_after - user))
             }
-            _ => None,
+            _ => (None, None),
         };
-        Figures { rps, cpu_us, p50_us: pct("p50"), p99_us: pct("p99"), errors }
+        Figures { rps, cpu_us, user_us, p50_us: pct("p50"), p99_us: pct("p99"), errors }
     }
 
     /// oha on the load generator's CPUs, JSON output, presenting `token` as a bearer token.
@@ -273,7 +277,14 @@ impl Load {
 
     /// The two open-loop measurements of `token` alone (the closed loop left out, as NaN).
     fn open(&self, url: &str, token: &str, rate: f64) -> Row {
-        let none = Figures { rps: f64::NAN, cpu_us: None, p50_us: f64::NAN, p99_us: f64::NAN, errors: 0 };
+        let none = Figures {
+            rps: f64::NAN,
+            cpu_us: None,
+            user_us: None,
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+            errors: 0,
+        };
         Row {
             closed: none,
             loaded: self.run(url, Some(token), Some(rate), None),
@@ -303,14 +314,14 @@ struct Row {
 }
 
 /// User and system CPU time of a process so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) are space-separated; utime and stime
     // are the 14th and 15th fields of the line.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
+    (field(11), field(12))
 }
 
 /// Sends never-seen tokens, each once, with `concurrency` requests in flight, until stopped or
@@ -693,7 +704,7 @@ fn main() {
         "Side-by-side rounds: plain pingora and the cached PAT back to back (order alternating): closed loop, then the light open loop"
     );
     println!();
-    println!("| round | pingora req/s | cached PAT req/s | × | pingora CPU µs/req | cached PAT CPU µs/req | added CPU µs | pingora light p50 µs | cached PAT light p50 µs | added p50 µs |");
+    println!("| round | pingora req/s | cached PAT req/s | × | pingora CPU µs/req (user + kernel) | cached PAT CPU µs/req (user + kernel) | added CPU µs (user + kernel) | pingora light p50 µs | cached PAT light p50 µs | added p50 µs |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, r) in pairs.iter().enumerate() {
         println!(
@@ -702,9 +713,9 @@ fn main() {
             r.pingora.rps,
             r.tollgate.rps,
             r.ratio(),
-            r.pingora.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
-            r.tollgate.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
-            r.added_cpu_us().map_or("-".to_string(), |c| format!("{c:+.1}")),
+            cpu_split(r.pingora.cpu_us, r.pingora.user_us, false),
+            cpu_split(r.tollgate.cpu_us, r.tollgate.user_us, false),
+            cpu_split(r.added_cpu_us(), r.added_user_us(), true),
             r.pingora_light.p50_us,
             r.tollgate_light.p50_us,
             r.added_p50_us(),
@@ -745,9 +756,16 @@ fn main() {
     let added_cpu: Vec<f64> = pairs.iter().filter_map(SideBySide::added_cpu_us).collect();
     if !added_cpu.is_empty() {
         let pingora_cpu = median(pairs.iter().filter_map(|r| r.pingora.cpu_us).collect());
+        let pingora_user = median(pairs.iter().filter_map(|r| r.pingora.user_us).collect());
+        let added_user = median(pairs.iter().filter_map(SideBySide::added_user_us).collect());
+        let added_kernel =
+            median(pairs.iter().filter_map(|r| Some(r.added_cpu_us()? - r.added_user_us()?)).collect());
+        // Throughput P / (P + A) ≥ 0.95 when the added CPU A is at most P / 19.
         println!(
-            "- CPU per request, median of the rounds: authentication adds {:.1} µs to plain pingora's {pingora_cpu:.1} µs",
-            median(added_cpu)
+            "- CPU per request, median of the rounds: authentication adds {:.1} µs (user {added_user:+.1}, kernel {added_kernel:+.1}) to plain pingora's {pingora_cpu:.1} µs (user {pingora_user:.1}, kernel {:.1}); 0.95× allows {:.1} µs",
+            median(added_cpu),
+            pingora_cpu - pingora_user,
+            pingora_cpu / 19.0
         );
     }
     if let Some((plain, gateway)) = instructions {
@@ -785,6 +803,15 @@ fn main() {
         "- cached-PAT p99 under a cold storm, median of {rounds} rounds: {storm_ratio:.2}× without at the loaded rate, {light_storm:.2}× at the light rate (≤ 1.5 both): {}",
         verdict(storm_ratio <= 1.5 && light_storm <= 1.5)
     );
+}
+
+/// CPU per request as `total (user + kernel)`, signed when it is a `difference`.
+fn cpu_split(total: Option<f64>, user: Option<f64>, difference: bool) -> String {
+    match (total, user) {
+        (Some(t), Some(u)) if difference => format!("{t:+.1} ({u:+.1} {:+.1})", t - u),
+        (Some(t), Some(u)) => format!("{t:.1} ({u:.1} + {:.1})", t - u),
+        _ => "-".to_string(),
+    }
 }
 
 /// The pause before each storm-round measurement (the storm gets it to reach its 16 in flight).
@@ -859,6 +886,9 @@ impl SideBySide {
     }
     fn added_cpu_us(&self) -> Option<f64> {
         Some(self.tollgate.cpu_us? - self.pingora.cpu_us?)
+    }
+    fn added_user_us(&self) -> Option<f64> {
+        Some(self.tollgate.user_us? - self.pingora.user_us?)
     }
 }
 
