@@ -1,6 +1,7 @@
 //! The route table: which upstream, org, project and environment a request belongs to, and which
 //! permission each HTTP method needs there. Built once per config; matching is pure.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -181,26 +182,92 @@ impl RouteTable {
     }
 }
 
-/// Refuses paths that an upstream could read as another path than the one routed on: dot-segments
-/// (`/public/../admin`), encoded dots and separators (`%2e`, `%2f`, `%5c`) and backslashes. Routing
-/// on the raw path is then the same as routing on the normalised one.
-pub fn check_path(path: &str) -> Result<(), &'static str> {
-    // Byte by byte, nothing allocated: this runs on every request.
+/// The path a request is routed on, or why it is refused.
+///
+/// Refused: paths that an upstream could read as another path than the one routed on, namely
+/// dot-segments, also behind a segment parameter (`/public/../admin`, `/public/..;/admin`), encoded
+/// dots and separators (`%2e`, `%2f`, `%5c`) and backslashes.
+///
+/// Normalized for matching, the way common upstreams read a path: a run of `/` counts as one, a
+/// segment's parameters (`;x`, which Tomcat and Jetty drop) are left out, and percent-encoded
+/// unreserved characters (`%61` for `a`) are decoded. So `/api//admin`, `/api;x/admin` and
+/// `/api/%61dmin` are all routed as `/api/admin`, never as `/api`; the upstream still gets the
+/// path as sent.
+pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
+    const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
+    // Byte by byte, nothing allocated for a plain path: this runs on every request.
     let bytes = path.as_bytes();
-    let mut segments = bytes.split(|&b| b == b'/');
-    if segments.any(|segment| segment == b"." || segment == b"..") {
-        return Err("the path has a dot-segment (./ or ../)");
+    let mut plain = true;
+    let mut segment = 0; // where the current segment starts
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'/' => {
+                if matches!(&bytes[segment..i], b"." | b"..") {
+                    return Err(DOT_SEGMENT);
+                }
+                plain &= bytes.get(i + 1) != Some(&b'/');
+                segment = i + 1;
+            }
+            b'\\' => return Err(ENCODED_DOT_OR_SEPARATOR),
+            b'%' => match bytes.get(i + 1..i + 3) {
+                Some([b'2', b'e' | b'E' | b'f' | b'F'] | [b'5', b'c' | b'C']) => {
+                    return Err(ENCODED_DOT_OR_SEPARATOR)
+                }
+                Some(&[high, low]) => plain &= unreserved(high, low).is_none(),
+                _ => {}
+            },
+            b';' => plain = false,
+            _ => {}
+        }
     }
-    let encoded_dot_or_separator = |i: usize| {
-        matches!(bytes.get(i + 1..i + 3), Some([b'2', b'e' | b'E' | b'f' | b'F'] | [b'5', b'c' | b'C']))
-    };
-    if bytes.iter().enumerate().any(|(i, &b)| b == b'\\' || (b == b'%' && encoded_dot_or_separator(i))) {
-        return Err("the path has an encoded dot or separator, or a backslash");
+    if matches!(&bytes[segment..], b"." | b"..") {
+        return Err(DOT_SEGMENT);
     }
-    Ok(())
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut routed = String::with_capacity(path.len());
+    for (n, segment) in path.split('/').enumerate() {
+        let core = segment.split(';').next().unwrap_or_default();
+        if core == "." || core == ".." {
+            return Err(DOT_SEGMENT);
+        }
+        // A separator unless the last segment was empty: runs of `/` become one.
+        if n > 0 && !routed.ends_with('/') {
+            routed.push('/');
+        }
+        let mut rest = core;
+        while let Some(at) = rest.find('%') {
+            let decoded = rest.as_bytes().get(at + 1..at + 3).and_then(|h| unreserved(h[0], h[1]));
+            routed.push_str(&rest[..at]);
+            match decoded {
+                Some(c) => {
+                    routed.push(c);
+                    rest = &rest[at + 3..];
+                }
+                None => {
+                    routed.push('%');
+                    rest = &rest[at + 1..];
+                }
+            }
+        }
+        routed.push_str(rest);
+    }
+    Ok(Cow::Owned(routed))
 }
 
-/// Lowercases a host and drops a port (`API.example.com:8080` -> `api.example.com`).
+const ENCODED_DOT_OR_SEPARATOR: &str = "the path has an encoded dot or separator, or a backslash";
+
+/// The unreserved character (RFC 3986, section 2.3) that `%<high><low>` encodes, if it is one;
+/// the dot is not among them here, since an encoded dot is refused.
+fn unreserved(high: u8, low: u8) -> Option<char> {
+    let hex = |d: u8| char::from(d).to_digit(16);
+    let c = char::from(u8::try_from(hex(high)? * 16 + hex(low)?).ok()?);
+    (c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '~')).then_some(c)
+}
+
+/// Lowercases a host and drops a port and the root's trailing dot (`API.example.com.:8080` ->
+/// `api.example.com`): the forms name the same host, and a route for it must not be missed.
 pub fn normalize_host(host: &str) -> String {
     let without_port = if let Some(end) = host.strip_prefix('[').and_then(|_| host.find(']')) {
         // An IPv6 literal keeps its colons inside the brackets.
@@ -211,7 +278,8 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    without_port.to_ascii_lowercase()
+    let name = without_port.strip_suffix('.').unwrap_or(without_port);
+    name.to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -294,6 +362,9 @@ mod tests {
             "/public/../shop",
             "/./shop",
             "/shop/..",
+            "/public/..;/shop",
+            "/public/.;x/shop",
+            "/public;a/..;b/shop",
             "/a/%2e%2e/b",
             "/a/%2E/b",
             "/a%2fb",
@@ -302,9 +373,9 @@ mod tests {
             "/a%5cb",
             "/a\\b",
         ] {
-            assert!(check_path(bad).is_err(), "{bad}");
+            assert!(route_path(bad).is_err(), "{bad}");
         }
-        for good in [
+        for plain in [
             "/",
             "/shop/items",
             "/a/.well-known/x",
@@ -314,8 +385,30 @@ mod tests {
             "/a%2",
             "/a%",
             "/a%252e",
+            "/a%C3%A9",
         ] {
-            assert_eq!(check_path(good), Ok(()), "{good}");
+            assert_eq!(route_path(plain), Ok(Cow::Borrowed(plain)), "{plain}");
+        }
+    }
+
+    #[test]
+    fn paths_are_routed_as_upstreams_read_them() {
+        for (sent, routed) in [
+            ("/api//admin", "/api/admin"),
+            ("//api///admin/", "/api/admin/"),
+            ("/api;x/admin", "/api/admin"),
+            ("/api/admin;jsessionid=1/users", "/api/admin/users"),
+            ("/api/admin/;x", "/api/admin/"),
+            ("/api/%61dmin", "/api/admin"),
+            ("/api/%41%2D%5f%7E%30", "/api/A-_~0"),
+            ("/api/%61%20%zz%", "/api/a%20%zz%"),
+        ] {
+            assert_eq!(route_path(sent).as_deref(), Ok(routed), "{sent}");
+        }
+        let table = RouteTable::new(vec![route("admin", None, "/api/admin"), route("api", None, "/api")]);
+        for sent in ["/api/%61dmin/users", "/api;x/admin/users", "/api/admin;x/users", "/api//admin/users"] {
+            let path = route_path(sent).unwrap();
+            assert_eq!(table.find(None, &path).unwrap().name, "admin", "{sent}");
         }
     }
 
@@ -324,5 +417,7 @@ mod tests {
         assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
         assert_eq!(normalize_host("example.com"), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("API.example.com.:443"), "api.example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
     }
 }

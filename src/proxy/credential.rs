@@ -64,18 +64,46 @@ pub fn query_values<'q>(query: &'q str, name: &str) -> Vec<&'q str> {
         .split('&')
         .filter_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then_some(v)
+            is_param(k, name).then_some(v)
         })
         .collect()
+}
+
+/// Whether the raw query string has the parameter `name`.
+pub fn has_query_param(query: &str, name: &str) -> bool {
+    query.split('&').any(|pair| is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name))
 }
 
 /// The query string without the parameter `name`, other parameters untouched and in order.
 pub fn strip_query_param(query: &str, name: &str) -> String {
     query
         .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .filter(|pair| !is_param(pair.split_once('=').map_or(*pair, |(k, _)| k), name))
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// Whether a parameter's raw key is `name`, as the upstream's query parser would read it: with
+/// its percent-encodings decoded (`access%5Ftoken` is `access_token`).
+fn is_param(key: &str, name: &str) -> bool {
+    if !key.contains('%') {
+        return key == name;
+    }
+    let (key, name) = (key.as_bytes(), name.as_bytes());
+    let (mut k, mut n) = (0, 0);
+    while k < key.len() {
+        let hex = |i: usize| key.get(i).and_then(|&d| char::from(d).to_digit(16));
+        let decoded = match key[k] {
+            b'%' => hex(k + 1).zip(hex(k + 2)).and_then(|(high, low)| u8::try_from(high * 16 + low).ok()),
+            _ => None,
+        };
+        let (byte, width) = decoded.map_or((key[k], 1), |b| (b, 3));
+        if name.get(n) != Some(&byte) {
+            return false;
+        }
+        (k, n) = (k + width, n + 1);
+    }
+    n == name.len()
 }
 
 #[cfg(test)]
@@ -91,6 +119,18 @@ mod tests {
         check("b=2&a=1&access_token=x", "b=2&a=1");
         check("access_token=x&z=%20&y", "z=%20&y");
         check("access_tokenx=1&a=2", "access_tokenx=1&a=2");
+        check("a=1&access%5Ftoken=x&access%5ftoken&b", "a=1&b");
+        check("%61ccess_token=x&access_toke%6E", "");
+        check("access%5Ftokens=x&access%5=y&access_toke%6=z", "access%5Ftokens=x&access%5=y&access_toke%6=z");
+    }
+
+    #[test]
+    fn query_params_are_found_by_their_decoded_name() {
+        assert!(has_query_param("a=1&access%5Ftoken=x", "access_token"));
+        assert!(has_query_param("access_token", "access_token"));
+        assert!(!has_query_param("a=access_token&Access_Token=1&access_tokens=2", "access_token"));
+        assert!(!has_query_param("", "access_token"));
+        assert_eq!(query_values("access%5Ftoken=x&access_token=y", "access_token"), ["x", "y"]);
     }
 
     #[test]

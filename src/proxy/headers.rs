@@ -8,7 +8,7 @@ use http::header::HeaderName;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use super::credential::strip_query_param;
+use super::credential::{has_query_param, strip_query_param};
 use crate::auth::{AttributeValue, AttributeView, RecordAnchors};
 use crate::config::{Config, IdentityField};
 use crate::jwt::{IdentityClaims, JwtSettings};
@@ -102,9 +102,9 @@ fn rewrite(
         return req.insert(&identity.request_id_header, request_id);
     };
     let route = permit.route();
-    if route.query_token {
-        remove_query_token(req, &config.credentials.query_param)?;
-    }
+    // Also where the route takes no token from the query: a token there is still a secret, and
+    // would sit in the upstream's access log.
+    remove_query_token(req, &config.credentials.query_param)?;
     let made = identity_headers.get(config, route, grant)?;
     match req.bare_headers() {
         Some(headers) => {
@@ -155,10 +155,22 @@ pub trait Upstream: HeaderEdit {
 /// Whether a client-sent header never reaches the upstream: every name in the identity namespace
 /// and, when `credential`, the headers that carry a credential.
 fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
-    name.as_str().starts_with(config.identity.prefix.as_str())
+    in_namespace(name.as_str(), &config.identity.prefix)
         || (credential
             && (*name == http::header::AUTHORIZATION
                 || config.credentials.api_key_header.as_ref() == Some(name)))
+}
+
+/// Whether a (lowercase) header name starts with the identity prefix, `-` and `_` counting as
+/// the same: CGI, WSGI and Rack upstreams read both `X-Auth-Email` and `X_Auth_Email` as
+/// `HTTP_X_AUTH_EMAIL`, so either spelling would forge the same identity.
+fn in_namespace(name: &str, prefix: &str) -> bool {
+    let dash_or_underscore = |b: u8| b == b'-' || b == b'_';
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(n, p)| n == p || (dash_or_underscore(n) && dash_or_underscore(p)))
 }
 
 /// Removes the client's [`withheld`] headers in place.
@@ -447,7 +459,7 @@ fn identity_jwt(
 }
 
 fn remove_query_token(req: &mut dyn Upstream, param: &str) -> pingora::Result<()> {
-    let Some(query) = req.uri().query() else { return Ok(()) };
+    let Some(query) = req.uri().query().filter(|q| has_query_param(q, param)) else { return Ok(()) };
     let rest = strip_query_param(query, param);
     let path = req.uri().path();
     let path_and_query = if rest.is_empty() { path.to_string() } else { format!("{path}?{rest}") };

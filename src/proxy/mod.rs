@@ -72,18 +72,20 @@ impl Gateway {
         let header_host = header_host
             .map(|h| h.to_str().map_err(|_| Rejection::BadRequest("the Host header is not text")))
             .transpose()?;
-        // An absolute-form target must name the same host as the Host header the upstream will see.
-        let host = match (req.uri.host(), header_host) {
-            (Some(uri), Some(header)) if normalize_host(uri) != normalize_host(header) => {
+        // An absolute-form target (`GET http://host/path`) names the host the upstream will be
+        // sent (Pingora writes it into `Host`), and must agree with a Host header if there is one.
+        // Pingora keeps it only in the raw target, not in `uri`.
+        let host = match (target_host(req)?, header_host) {
+            (Some(target), Some(header)) if normalize_host(target) != normalize_host(header) => {
                 return Err(Rejection::BadRequest(
                     "the request target and the Host header name different hosts",
                 ));
             }
-            (Some(uri), _) => Some(uri),
+            (Some(target), _) => Some(target),
             (None, header) => header,
         };
-        route::check_path(req.uri.path()).map_err(Rejection::BadRequest)?;
-        let route = config.routes.find(host, req.uri.path()).ok_or(Rejection::NoRoute)?.clone();
+        let path = route::route_path(req.uri.path()).map_err(Rejection::BadRequest)?;
+        let route = config.routes.find(host, &path).ok_or(Rejection::NoRoute)?.clone();
         ctx.route = Some(route.clone());
         if route.public {
             return Ok(Permit::public(route));
@@ -91,6 +93,25 @@ impl Gateway {
         let presented = credential::extract(&config.credentials, &route, req)?;
         let principal = self.verifier.verify_credential(presented, config.jwt.as_ref()).await?;
         policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)
+    }
+}
+
+/// The host of an absolute-form request target, without user info; `None` for the usual
+/// origin form (`/path`).
+fn target_host(req: &RequestHeader) -> Result<Option<&str>, Rejection> {
+    use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
+    match raw_target_authority(req.raw_path()) {
+        RawTargetAuthority::None => Ok(None),
+        RawTargetAuthority::AmbiguousAuthority => {
+            Err(Rejection::BadRequest("the request target's host is ambiguous"))
+        }
+        RawTargetAuthority::Absolute { authority, .. } => {
+            let host = authority.rsplit(|&b| b == b'@').next().unwrap_or_default();
+            match std::str::from_utf8(host) {
+                Ok(host) if !host.is_empty() => Ok(Some(host)),
+                _ => Err(Rejection::BadRequest("the request target has no readable host")),
+            }
+        }
     }
 }
 

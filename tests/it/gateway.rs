@@ -79,11 +79,20 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     assert_eq!(echo["uri"], "/shop/search?z=1&a=%20x&b");
     assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
 
-    // On a route that does not allow query tokens it is no credential at all.
+    // The parameter's name is read as the upstream reads it, percent-encodings decoded.
+    let url = w.gateway.url(&format!("/shop/search?access%5Ftoken={token}&a=1"));
+    let echo = echoed(w.http.get(url).send().await.unwrap()).await;
+    assert_eq!(echo["uri"], "/shop/search?a=1");
+
+    // On a route that does not allow query tokens it is no credential at all...
     let url = w.gateway.url(&format!("/noquery/search?access_token={token}"));
     let (www, body) = error_body(w.http.get(url).send().await.unwrap(), 401).await;
     assert_eq!(www.as_deref(), Some("Bearer realm=\"tollgate\""));
     assert_eq!(body["error"], "unauthorized");
+    // ...but still a secret, which never reaches the upstream (or its access log).
+    let url = w.gateway.url(&format!("/noquery/search?z=1&access_token={token}&access%5ftoken={token}&b"));
+    let echo = echoed(w.http.get(url).bearer_auth(&token).send().await.unwrap()).await;
+    assert_eq!(echo["uri"], "/noquery/search?z=1&b");
 }
 
 #[tokio::test]
@@ -99,6 +108,9 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         .header("X-Auth-Subject", "user:root")
         .header("X-Auth-Role", "admin")
         .header("x-auth-anything", "forged")
+        // CGI-style upstreams read `_` as `-`: HTTP_X_AUTH_EMAIL either way.
+        .header("X_Auth_Email", "ceo@example.com")
+        .header("x_auth-attr-tenant", "victim")
         .send()
         .await
         .unwrap();
@@ -107,6 +119,9 @@ async fn forged_identity_headers_never_reach_the_upstream() {
     assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
     assert_eq!(echo["headers"]["x-auth-subject"].as_array().unwrap().len(), 1);
     assert!(echo["headers"].get("x-auth-anything").is_none());
+    let underscored: Vec<&String> =
+        echo["headers"].as_object().unwrap().keys().filter(|k| k.starts_with("x_auth")).collect();
+    assert!(underscored.is_empty(), "{underscored:?}");
 
     // A public route needs no token and still strips the namespace.
     let resp = w
@@ -114,12 +129,17 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         .get(w.gateway.url("/public/page"))
         .header("X-Auth-Subject", "user:root")
         .header("X-Auth-Org", "acme")
+        .header("X_Auth_Subject", "user:root")
         .send()
         .await
         .unwrap();
     let echo = echoed(resp).await;
-    let forged: Vec<&String> =
-        echo["headers"].as_object().unwrap().keys().filter(|k| k.starts_with("x-auth-")).collect();
+    let forged: Vec<&String> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.replace('_', "-").starts_with("x-auth-"))
+        .collect();
     assert!(forged.is_empty(), "{forged:?}");
 }
 
@@ -439,4 +459,68 @@ async fn header_names_travel_in_lowercase_unless_the_route_keeps_their_case() {
     let line = |head: &str| head.lines().next().unwrap_or_default().replace("/keep/", "/noquery/");
     assert_eq!(line(&lower), line(&kept));
     assert!(line(&lower).contains("/noquery/b?q=1"), "{lower}");
+}
+
+// Multi-threaded: the raw requests block a thread while the in-process upstream answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_routed_as_the_upstream_will_read_it() {
+    // Routes that a looser reading of the request would confuse: a host's protected /vault beside a
+    // public /vault for any host, and /shop/admin (another org) inside /shop.
+    let mut w = World::start_with(|redis, upstream| {
+        let port = free_port();
+        let u = upstream.port;
+        let mut config = gateway_config(port, &redis.url(), u);
+        config.push_str(&format!(
+            "  - {{ name: vault, host: api.example.com, path: /vault, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production }}\n  - {{ name: open-vault, path: /vault, upstream: \"127.0.0.1:{u}\", auth: none }}\n  - {{ name: shop-admin, path: /shop/admin, upstream: \"127.0.0.1:{u}\", org: globex, project: web, environment: production }}\n"
+        ));
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    let user = w.user("acme", "r@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let addr = w.gateway.addr();
+    let status = |raw: &str| raw.split(' ').nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+    let get = |target: &str, headers: &str| {
+        raw_request(addr, format!("GET {target} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n").as_bytes())
+    };
+
+    // The public route is reachable from any host; the host's protected one is not bypassed by
+    // naming the host in the request target instead of `Host`, nor by a trailing dot.
+    let raw = get("/vault", "Host: other.example\r\n");
+    assert_eq!(status(&raw), 200, "{raw}");
+    for (target, headers) in [
+        ("/vault", "Host: api.example.com\r\n"),
+        ("/vault", "Host: API.example.com.\r\n"),
+        ("http://api.example.com/vault", ""),
+        ("http://API.example.com:80/vault", ""),
+    ] {
+        let raw = get(target, headers);
+        assert_eq!(status(&raw), 401, "{target} {headers}: {raw}");
+    }
+    // (Pingora itself refuses user info in the target.)
+    assert_eq!(status(&get("http://user@api.example.com/vault", "")), 400);
+    let raw = get("http://api.example.com/vault/x", &format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(status(&raw), 200, "{raw}");
+    assert!(raw.contains(r#""host":["api.example.com"]"#), "{raw}");
+
+    // Encodings an upstream undoes are routed as what they decode to: /shop/admin, not /shop.
+    let bearer = format!("Host: x\r\nAuthorization: Bearer {token}\r\n");
+    for target in
+        ["/shop/%61dmin/users", "/shop;x/admin/users", "/shop/admin;v=1/users", "/shop//admin/users"]
+    {
+        let raw = get(target, &bearer);
+        assert_eq!(status(&raw), 403, "{target}: {raw}");
+        assert!(raw.contains("insufficient_scope"), "{target}: {raw}");
+    }
+    // Tomcat's `..;` is a dot-segment.
+    for target in ["/shop/..;/admin", "/public/..;x/shop"] {
+        let raw = get(target, &bearer);
+        assert_eq!(status(&raw), 400, "{target}: {raw}");
+    }
+    // What is allowed reaches the upstream as it was sent.
+    for target in ["/shop/items;v=1", "/shop/%7Eitems", "/shop//items"] {
+        let raw = get(target, &bearer);
+        assert_eq!(status(&raw), 200, "{target}: {raw}");
+        assert!(raw.contains(&format!(r#""uri":"{target}""#)), "{target}: {raw}");
+    }
 }
