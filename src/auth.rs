@@ -420,11 +420,18 @@ impl Verifier {
         let invalid = |e: JwtError| AuthError::Invalid(Invalid::Jwt(e));
         let digest = self.digester.digest(presented);
         let now = now_millis();
-        let ephemeral = match self.jwts.get(&digest) {
-            Some(e) => {
-                settings.still_valid(&e.claims, &e.key, now / 1000).map_err(invalid)?;
-                e
-            }
+        let cached = match self.jwts.get(&digest) {
+            Some(e) => match settings.still_valid(&e.claims, &e.key, now / 1000) {
+                Ok(()) => Some(e),
+                // The key that verified it is gone or configured from other material (a private
+                // key listed again as its public key has another fingerprint): verify it again.
+                Err(JwtError::UnknownKey) => None,
+                Err(e) => return Err(invalid(e)),
+            },
+            None => None,
+        };
+        let ephemeral = match cached {
+            Some(e) => e,
             None => {
                 let (claims, key) = settings.verify(presented).map_err(invalid)?;
                 let subject = format!("ephemeral:{}", claims.sub);

@@ -225,7 +225,12 @@ where
     /// Marks the key's entry stale at once (the generation check refuses it); removal follows.
     fn mark_stale(&self, key: &K, generation: u64, gens: &Generations) {
         gens.newest_marker.fetch_max(generation, Ordering::AcqRel);
-        self.invalidated_at.insert(key.clone(), generation);
+        // The newest generation wins, whichever thread (the feed follower, a local write) gets here
+        // last: a marker set back to an older generation would let a load begun in between count
+        // as fresh.
+        self.invalidated_at
+            .entry(key.clone())
+            .and_upsert_with(|marked| marked.map_or(generation, |m| m.into_value().max(generation)));
         self.hot.remove(key);
     }
 

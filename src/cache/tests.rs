@@ -131,3 +131,17 @@ async fn a_hot_entry_older_than_its_invalidation_or_past_its_time_is_never_serve
     cache.users.hot.insert(user.id.clone(), hot(fresh, Instant::now()));
     assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
 }
+
+#[tokio::test]
+async fn an_invalidation_marker_never_goes_back_to_an_older_generation() {
+    let (_backend, cache) = live_cache().await;
+    let user = viewer(&cache).await;
+    // The follower took generation g and was held up; a local write marked g + 1 meanwhile, and a
+    // load began at g. When the follower's marker lands last, the load is still stale.
+    let g = cache.gens.current.load(Ordering::Acquire) + 10;
+    cache.users.mark_stale(&user.id, g + 1, &cache.gens);
+    cache.users.mark_stale(&user.id, g, &cache.gens);
+    assert_eq!(cache.users.invalidated_at.get(&user.id), Some(g + 1));
+    let loaded_before = Entry { value: Arc::new(user.clone()), generation: g };
+    assert!(!cache.users.is_fresh(&user.id, &loaded_before, &cache.gens));
+}

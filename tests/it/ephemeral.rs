@@ -318,7 +318,8 @@ async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_
     let w = World::start_jwt(&keys).await;
     let second = w.jwt_gateway(&keys);
     lifecycle::ensure_org(&w.store, "acme").await.unwrap();
-    let (_, admin) = lifecycle::bootstrap(&w.store, ARGON2, "acme", "admin@acme.io").await.unwrap();
+    let (_, admin) =
+        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io").await.unwrap();
     remember_secret(&admin.token);
     let admin = Cli::new(&w.gateway, &admin.token);
 
@@ -377,8 +378,12 @@ fn kid_of(jwt: &str) -> String {
 
 /// Rewrites the config with another `jwt` section and reloads it with SIGHUP.
 async fn reconfigure(w: &World, keys: &JwtKeys, signing: &str, listed: &[&str]) {
-    let config =
-        jwt_gateway_config(w.gateway.port, &w.redis.url(), w.upstream.port, &keys.section(signing, listed));
+    reconfigure_with(w, &keys.section(signing, listed), listed.len()).await;
+}
+
+/// Rewrites the config with the `jwt` section `section`, listing `want` keys, and reloads it.
+async fn reconfigure_with(w: &World, section: &str, want: usize) {
+    let config = jwt_gateway_config(w.gateway.port, &w.redis.url(), w.upstream.port, section);
     // Keep the admin port the first config chose.
     let old = std::fs::read_to_string(&w.gateway.config_path).unwrap();
     let admin_line = old.lines().find(|l| l.starts_with("admin:")).unwrap();
@@ -387,12 +392,13 @@ async fn reconfigure(w: &World, keys: &JwtKeys, signing: &str, listed: &[&str]) 
         .map(|l| if l.starts_with("admin:") { admin_line.to_string() } else { l.to_string() })
         .collect::<Vec<_>>()
         .join("\n");
+    let reloads = || w.gateway.log_text().matches("config reloaded").count();
+    let before = reloads();
     std::fs::write(&w.gateway.config_path, config).unwrap();
     w.gateway.signal("HUP");
-    let want = listed.len();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            jwks(w).await["keys"].as_array().map(Vec::len) == Some(want)
+            reloads() > before && jwks(w).await["keys"].as_array().map(Vec::len) == Some(want)
         })
         .await,
         "reload applied"
@@ -413,6 +419,21 @@ async fn a_key_that_became_verify_only_still_verifies_until_it_is_removed() {
     let new = minted(&w, &w.gateway, &service_token, "shop", json!({"attributes": {}})).await;
     assert_eq!(kid_of(&new), "k2");
     assert_eq!(status_of(&w, &w.gateway, "/shop/x", &old).await, 200, "verify-only key still verifies");
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &new).await, 200);
+
+    // k1 listed by its public key alone (a `PUBLIC KEY` PEM, other bytes than the private key's
+    // file): what it signed, verified and cached before, still verifies.
+    let published = jwks(&w).await;
+    let k1 = published["keys"].as_array().unwrap().iter().find(|k| k["kid"] == "k1").unwrap();
+    let x = URL_SAFE_NO_PAD.decode(k1["x"].as_str().unwrap()).unwrap();
+    let spki = [&[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00][..], &x].concat();
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("k1.pub.pem");
+    std::fs::write(&public, pem::encode(&pem::Pem::new("PUBLIC KEY", spki))).unwrap();
+    let section =
+        keys.section("k2", &["k2"]) + &format!("    - {{ kid: k1, key_file: \"{}\" }}\n", public.display());
+    reconfigure_with(&w, &section, 2).await;
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &old).await, 200, "the public key verifies");
     assert_eq!(status_of(&w, &w.gateway, "/shop/x", &new).await, 200);
 
     // k1 removed: what it signed is refused, even though it was verified (and cached) before.
