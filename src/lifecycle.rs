@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{OwnerRecord, Principal};
-use crate::config::Config;
+use crate::config::{Config, TokenLimits};
 use crate::policy::{PermSet, Role};
 use crate::store::{
     format_millis, now_millis, Attributes, AuditEvent, Millis, Org, Owner, Revocation, RoleSet, Scope,
@@ -264,6 +264,17 @@ pub struct TokenSpec {
     pub expires_at: Option<Millis>,
 }
 
+/// The expiry of a token made without anyone choosing one (a service's, a new user's first, the
+/// bootstrap admin's): the configured maximum lifetime, or 90 days where an expiry is required
+/// without one.
+fn implicit_expiry(limits: &TokenLimits, now: Millis) -> Option<Millis> {
+    match (limits.max_ttl, limits.require_expiry) {
+        (Some(max), _) => Some(now + max.as_millis() as Millis),
+        (None, true) => Some(now + 90 * 24 * 3600 * 1000),
+        (None, false) => None,
+    }
+}
+
 /// 9999-12-31T23:59:59Z: the last instant RFC 3339 can write.
 const MAX_EXPIRY: Millis = 253_402_300_799_000;
 
@@ -314,16 +325,8 @@ impl<'a> Lifecycle<'a> {
         self.config.argon2.params
     }
 
-    /// Validates a scope, environments and expiry against the config and the caller's rights.
-    /// The expiry of a token made without the caller choosing one (a service's or a new user's first
-    /// token): the configured maximum lifetime, or 90 days where an expiry is required without one.
     fn implicit_expiry(&self, now: Millis) -> Option<Millis> {
-        let limits = &self.config.tokens;
-        match (limits.max_ttl, limits.require_expiry) {
-            (Some(max), _) => Some(now + max.as_millis() as Millis),
-            (None, true) => Some(now + 90 * 24 * 3600 * 1000),
-            (None, false) => None,
-        }
+        implicit_expiry(&self.config.tokens, now)
     }
 
     /// A scope asked for by preset name or permission list (not both), resolved and checked against
@@ -622,6 +625,14 @@ impl<'a> Lifecycle<'a> {
     /// at the end of the grace period.
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
         let mut old = self.visible_token(actor, id).await?;
+        // The new secret is shown to whoever rotates: for a personal token only its owner, or an
+        // admin would walk away with a working credential of another person.
+        if matches!(&old.owner, Owner::User(u) if Some(u) != actor.user_id.as_ref()) {
+            return Err(LifecycleError::Forbidden(format!(
+                "only its owner can rotate personal access token {}; an admin can revoke it",
+                old.id
+            )));
+        }
         let before = old.clone();
         let now = now_millis();
         if old.revoked.is_some() || old.is_expired(now) {
@@ -807,6 +818,10 @@ impl<'a> Lifecycle<'a> {
         let before = user.clone();
         if actor.user_id.as_deref() == Some(user.id.as_str()) && status == UserStatus::Suspended {
             return Err(LifecycleError::Invalid("you cannot suspend yourself".into()));
+        }
+        if user.status == status {
+            let now = if status == UserStatus::Suspended { "suspended" } else { "active" };
+            return Err(LifecycleError::Conflict(format!("user {email} is already {now}")));
         }
         user.status = status;
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
@@ -1257,31 +1272,45 @@ pub async fn create_service(
     Ok(service)
 }
 
-/// The org's first admin and a token for them, audited as done by `bootstrap`.
+/// The org's first admin and a token for them (within the configured token limits), audited as
+/// done by `bootstrap`.
 pub async fn bootstrap(
     store: &Store,
     argon2: Argon2Params,
+    limits: &TokenLimits,
     org: &str,
     email: &str,
 ) -> Result<(User, NewToken)> {
     ensure_org(store, org).await?;
     let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
-    let audit = AuditEvent {
-        at: now_millis(),
+    let now = now_millis();
+    let audit = |action: &str, target: String, details| AuditEvent {
+        at: now,
         org: org.to_string(),
         actor: "bootstrap".into(),
-        action: "user.add".into(),
-        target: format!("user:{email}"),
+        action: action.into(),
+        target,
         token_id: None,
         reason: None,
-        details: serde_json::json!({ "org_role": "admin" }),
+        details,
     };
     store
-        .create_user(&user, Some(&audit))
+        .create_user(
+            &user,
+            Some(&audit("user.add", format!("user:{email}"), serde_json::json!({ "org_role": "admin" }))),
+        )
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
-    let spec = TokenSpec { display_name: Some("bootstrap".into()), ..TokenSpec::default() };
-    let (token, _) = issue_token(store, argon2, org, Owner::User(user.id.clone()), spec).await?;
+    let spec = TokenSpec {
+        display_name: Some("bootstrap".into()),
+        expires_at: implicit_expiry(limits, now),
+        ..TokenSpec::default()
+    };
+    let (token, record) = mint(store, argon2, org, Owner::User(user.id.clone()), spec).await?;
+    let mut issued =
+        audit("token.issue", record.id.to_string(), serde_json::json!({ "for": format!("user:{email}") }));
+    issued.token_id = Some(record.id.to_string());
+    store.insert_token(&record, Some(&issued)).await?;
     Ok((user, token))
 }
 

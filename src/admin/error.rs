@@ -108,3 +108,32 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Axum's own refusals (a query or path segment that does not parse, a method the route lacks)
+/// come as plain text or empty; this makes every 4xx of the API JSON, as [`ApiError`]'s are, with
+/// the status and other headers (`Allow`) kept.
+pub async fn json_refusals(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let description = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("refused").to_string(),
+        text => text.to_string(),
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        _ => "invalid_request",
+    };
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let body = Json(serde_json::json!({ "error": code, "error_description": description }));
+    (parts, body).into_response()
+}

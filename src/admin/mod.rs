@@ -100,6 +100,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::map_response(error::json_refusals))
         .with_state(state)
 }
 

@@ -481,9 +481,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             block_on(async {
                 let store = store::open(&config.store)?.with_audit_max(config.audit_max);
-                let (user, token) = lifecycle::bootstrap(&store, config.argon2.params, &org, &email)
-                    .await
-                    .with_context(|| format!("bootstrapping org {org:?}"))?;
+                let (user, token) =
+                    lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email)
+                        .await
+                        .with_context(|| format!("bootstrapping org {org:?}"))?;
                 println!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
                 println!("Access token: {}", token.token);
                 println!("Store it now: it will not be shown again.");

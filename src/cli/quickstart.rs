@@ -70,7 +70,7 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
         let store = store::open(&config.store)?;
         let params = config.argon2.params;
         let token = match store.find_user_by_email(ORG, EMAIL).await? {
-            None => lifecycle::bootstrap(&store, params, ORG, EMAIL).await?.1,
+            None => lifecycle::bootstrap(&store, params, &config.tokens, ORG, EMAIL).await?.1,
             Some(user) => {
                 let spec = TokenSpec { display_name: Some("quickstart".into()), ..TokenSpec::default() };
                 lifecycle::issue_token(&store, params, ORG, Owner::User(user.id), spec).await?.0

@@ -90,6 +90,19 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     let echo = echoed(resp).await;
     assert_eq!(echo["headers"]["x-auth-role"][0], "admin");
 
+    // Within the config's token limits (`max_ttl: 30d`), and audited like any other issue.
+    let admin = Cli::new(&gateway, &token);
+    let id = &token[..10];
+    let details = admin.json(&["token", "get", id]);
+    let expires = humantime::parse_rfc3339(details["expires_at"].as_str().expect("an expiry")).unwrap();
+    let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    let month = std::time::Duration::from_secs(30 * 24 * 3600);
+    assert!(lifetime > month - std::time::Duration::from_secs(120) && lifetime <= month, "{lifetime:?}");
+    let audit = admin.json(&["audit", "--token-id", id]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
+    assert_eq!(audit[0]["action"], "token.issue");
+    assert_eq!(audit[0]["actor"], "bootstrap");
+
     // The same email cannot be bootstrapped twice.
     let again = bootstrap();
     assert!(!again.status.success());

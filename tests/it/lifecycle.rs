@@ -11,7 +11,10 @@ use crate::support::*;
 /// The org's first admin (bootstrapped through the library) and a CLI acting as them.
 async fn admin(w: &mut World, org: &str) -> Cli {
     lifecycle::ensure_org(&w.store, org).await.unwrap();
-    let (_, token) = lifecycle::bootstrap(&w.store, ARGON2, org, &format!("admin@{org}.io")).await.unwrap();
+    let (_, token) =
+        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), org, &format!("admin@{org}.io"))
+            .await
+            .unwrap();
     remember_secret(&token.token);
     Cli::new(&w.gateway, &token.token)
 }
@@ -113,6 +116,11 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     let ann = add_user(&admin, "ann@acme.io", "editor");
     let old = ann.run(&["token", "issue", "--display-name", "deploy", "--scope", "read-write"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &old).await, 200);
+
+    // An admin sees the token but cannot rotate it: the new secret would be shown to the admin.
+    let err = admin.run(&["token", "rotate", &old[..10]]).failed();
+    assert!(err.contains("only its owner can rotate"), "{err}");
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &old).await, 200, "nothing was rotated");
 
     let expires = format_millis(tollgate::store::now_millis() + 3 * 24 * 3600 * 1000);
     let out = ann.run(&[
@@ -252,6 +260,11 @@ async fn nobody_grants_more_than_they_hold() {
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
     admin.run(&["user", "reactivate", "val@acme.io"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
+    // A change that changes nothing is refused, and not audited.
+    let audited = admin.json(&["audit"]).as_array().unwrap().len();
+    let err = admin.run(&["user", "reactivate", "val@acme.io"]).failed();
+    assert!(err.contains("already active"), "{err}");
+    assert_eq!(admin.json(&["audit"]).as_array().unwrap().len(), audited);
     admin.run(&["user", "set-role", "val@acme.io", "--org-role", "editor"]).ok();
     assert_eq!(
         status(&w, reqwest::Method::POST, "/shop", &token).await,
@@ -353,6 +366,25 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
         let json: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(json["error"], "invalid_request", "{body}");
         assert!(!json["error_description"].as_str().unwrap().is_empty());
+    }
+    // Also where axum itself refuses: a query or a path segment that does not parse, a method the
+    // route lacks.
+    let admin_url = w.gateway.admin_url();
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/v1/orgs/acme/audit?limit=abc", 400),
+        (reqwest::Method::GET, "/v1/tokens?all=1", 400),
+        (reqwest::Method::GET, "/v1/orgs/acme/users/%FF", 400),
+        (reqwest::Method::PUT, "/v1/tokens", 405),
+    ] {
+        let resp = http
+            .request(method.clone(), format!("{admin_url}{path}"))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        let json: serde_json::Value = resp.json().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert!(!json["error_description"].as_str().unwrap().is_empty(), "{method} {path}: {json}");
     }
     let resp = http.get(format!("{}/v1/tokens", w.gateway.admin_url())).send().await.unwrap();
     assert_eq!(resp.status(), 401);
