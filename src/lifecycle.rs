@@ -13,8 +13,8 @@ use crate::auth::{OwnerRecord, Principal};
 use crate::config::{Config, TokenLimits};
 use crate::policy::{PermSet, Role};
 use crate::store::{
-    format_millis, now_millis, Attributes, AuditEvent, Millis, Org, Owner, Revocation, RoleSet, Scope,
-    Service, Store, StoreError, TokenRecord, User, UserStatus,
+    format_millis, now_millis, Attributes, AuditEvent, FirstToken, Millis, Org, Owner, Revocation, RoleSet,
+    Scope, Service, Store, StoreError, TokenRecord, User, UserStatus,
 };
 use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
 
@@ -264,6 +264,14 @@ pub struct TokenSpec {
     pub expires_at: Option<Millis>,
 }
 
+/// The `token.issue` entry of a token `actor` issued.
+fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) -> AuditEvent {
+    let mut audit = actor.audit("token.issue", record.id.to_string());
+    audit.token_id = Some(record.id.to_string());
+    audit.details = details;
+    audit
+}
+
 /// The expiry of a token made without anyone choosing one (a service's, a new user's first, the
 /// bootstrap admin's): the configured maximum lifetime, or 90 days where an expiry is required
 /// without one.
@@ -479,10 +487,25 @@ impl<'a> Lifecycle<'a> {
         record: &TokenRecord,
         details: serde_json::Value,
     ) -> Result<()> {
-        let mut audit = actor.audit("token.issue", record.id.to_string());
-        audit.token_id = Some(record.id.to_string());
-        audit.details = details;
-        Ok(self.store.insert_token(record, Some(&audit)).await?)
+        Ok(self.store.insert_token(record, Some(&issue_audit(actor, record, details))).await?)
+    }
+
+    /// A first token made by `actor` for a new owner holding `roles`: unscoped beyond the caller's
+    /// own scope, with the implicit expiry. Made before its owner is stored, so that both go in
+    /// one change.
+    async fn first_token(
+        &self,
+        actor: &Actor,
+        org: &str,
+        owner: Owner,
+        roles: RoleSet,
+        display_name: String,
+    ) -> Result<(NewToken, TokenRecord)> {
+        let now = now_millis();
+        let owner_actor = Actor { roles, ..actor.clone() };
+        let wanted = IssueRequest { display_name: Some(display_name), ..IssueRequest::default() };
+        let spec = self.spec(&owner_actor, wanted, self.implicit_expiry(now), now)?;
+        self.mint(org, owner, spec).await
     }
 
     async fn issued(&self, new: NewToken, record: &TokenRecord) -> Result<IssuedToken> {
@@ -710,7 +733,9 @@ impl<'a> Lifecycle<'a> {
         Ok(())
     }
 
-    /// Adds a user (admins only).
+    /// Adds a user (admins only), and with `first_token` their first token (issued by the admin
+    /// who added them, within the configured limits, shown once), in one change.
+    #[allow(clippy::too_many_arguments)]
     pub async fn add_user(
         &self,
         actor: &Actor,
@@ -719,36 +744,32 @@ impl<'a> Lifecycle<'a> {
         org_role: Role,
         project_roles: BTreeMap<String, Role>,
         attributes: Attributes,
-    ) -> Result<User> {
+        first_token: bool,
+    ) -> Result<(User, Option<String>)> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         check_email(email)?;
         self.check_roles(org, &project_roles)?;
         let user = new_user(org, email, org_role, project_roles, attributes);
+        let first = match first_token {
+            true => {
+                let roles = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+                let owner = Owner::User(user.id.clone());
+                Some(self.first_token(actor, org, owner, roles, "initial".into()).await?)
+            }
+            false => None,
+        };
+        let issued = first.as_ref().map(|(_, record)| {
+            issue_audit(actor, record, serde_json::json!({ "for": format!("user:{email}") }))
+        });
         let mut audit = actor.audit("user.add", format!("user:{email}"));
         audit.details = serde_json::json!({ "org_role": org_role, "project_roles": user.project_roles });
+        let with = first.as_ref().map(|(_, record)| FirstToken { token: record, audit: issued.as_ref() });
         self.store
-            .create_user(&user, Some(&audit))
+            .create_user(&user, Some(&audit), with)
             .await
             .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
-        Ok(user)
-    }
-
-    /// A new user's first token, issued by the admin who added them: unscoped, no expiry beyond
-    /// the configured limits, shown once.
-    pub async fn issue_first_token(&self, actor: &Actor, user: &User) -> Result<String> {
-        actor.require_admin(self.config)?;
-        let now = now_millis();
-        let owner = Actor {
-            roles: RoleSet { org: user.org_role, projects: user.project_roles.clone() },
-            ..actor.clone()
-        };
-        let wanted = IssueRequest { display_name: Some("initial".into()), ..IssueRequest::default() };
-        let spec = self.spec(&owner, wanted, self.implicit_expiry(now), now)?;
-        let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
-        self.store_issued(actor, &record, serde_json::json!({ "for": format!("user:{}", user.email) }))
-            .await?;
-        Ok(new.token)
+        Ok((user, first.map(|(new, _)| new.token)))
     }
 
     async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {
@@ -933,24 +954,17 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
             serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
+        let roles =
+            RoleSet { org: service.org_role.unwrap_or(Role::Guest), projects: service.project_roles.clone() };
+        let owner = Owner::Service(service.id.clone());
+        let display_name = format!("{} token", service.name);
+        let (new, record) = self.first_token(actor, &service.org, owner, roles, display_name).await?;
+        let issued = issue_audit(actor, &record, serde_json::Value::Null);
         let (org, name) = (req.org.clone(), req.name.clone());
         self.store
-            .create_service(&service, Some(&audit))
+            .create_service(&service, Some(&audit), Some(FirstToken { token: &record, audit: Some(&issued) }))
             .await
             .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
-        let now = now_millis();
-        let owner = Actor {
-            roles: RoleSet {
-                org: service.org_role.unwrap_or(Role::Guest),
-                projects: service.project_roles.clone(),
-            },
-            ..actor.clone()
-        };
-        let wanted =
-            IssueRequest { display_name: Some(format!("{} token", service.name)), ..IssueRequest::default() };
-        let spec = self.spec(&owner, wanted, self.implicit_expiry(now), now)?;
-        let (new, record) = self.mint(&service.org, Owner::Service(service.id.clone()), spec).await?;
-        self.store_issued(actor, &record, serde_json::Value::Null).await?;
         let issued = self.issued(new, &record).await?;
         Ok((service, issued))
     }
@@ -1241,7 +1255,7 @@ pub async fn create_user(
 ) -> Result<User> {
     let user = new_user(org, email, org_role, project_roles, attributes);
     store
-        .create_user(&user, None)
+        .create_user(&user, None, None)
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok(user)
@@ -1268,7 +1282,7 @@ pub async fn create_service(
         creator_roles: None,
         created_at: now_millis(),
     };
-    store.create_service(&service, None).await?;
+    store.create_service(&service, None, None).await?;
     Ok(service)
 }
 
@@ -1294,13 +1308,6 @@ pub async fn bootstrap(
         reason: None,
         details,
     };
-    store
-        .create_user(
-            &user,
-            Some(&audit("user.add", format!("user:{email}"), serde_json::json!({ "org_role": "admin" }))),
-        )
-        .await
-        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     let spec = TokenSpec {
         display_name: Some("bootstrap".into()),
         expires_at: implicit_expiry(limits, now),
@@ -1310,7 +1317,11 @@ pub async fn bootstrap(
     let mut issued =
         audit("token.issue", record.id.to_string(), serde_json::json!({ "for": format!("user:{email}") }));
     issued.token_id = Some(record.id.to_string());
-    store.insert_token(&record, Some(&issued)).await?;
+    let added = audit("user.add", format!("user:{email}"), serde_json::json!({ "org_role": "admin" }));
+    store
+        .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }))
+        .await
+        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok((user, token))
 }
 

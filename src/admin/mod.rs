@@ -308,15 +308,9 @@ async fn add_user(
     Body(u): Body<AddUser>,
 ) -> Response {
     lifecycle!(s, l);
-    let added = async {
-        let user = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes).await?;
-        let token = match u.issue_token {
-            true => Some(l.issue_first_token(&a, &user).await?),
-            false => None,
-        };
-        Ok(AddedUser { user: user.into(), token })
-    };
-    created(added.await)
+    let added =
+        l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, u.issue_token).await;
+    created(added.map(|(user, token)| AddedUser { user: user.into(), token }))
 }
 
 async fn show_user(

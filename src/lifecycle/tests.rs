@@ -68,8 +68,9 @@ async fn a_narrowed_caller_makes_tokens_no_wider_than_itself() {
     let wider = IssueRequest { scope: Some("read-write".into()), ..req };
     assert!(matches!(l.issue_pat(&actor, wider).await, Err(LifecycleError::Forbidden(_))));
     // A read-scoped admin token cannot manage users.
-    let added =
-        l.add_user(&actor, "acme", "b@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new()).await;
+    let added = l
+        .add_user(&actor, "acme", "b@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
+        .await;
     assert!(matches!(added, Err(LifecycleError::Forbidden(_))), "{added:?}");
 }
 
@@ -114,11 +115,11 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     assert!(token.details.permissions.is_some(), "the caller's scope is inherited");
     assert!(token.details.expires_at.is_some(), "require_expiry and max_ttl apply");
 
-    let user = l
-        .add_user(&actor, "acme", "new@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
+    let (_, first) = l
+        .add_user(&actor, "acme", "new@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), true)
         .await
         .unwrap();
-    let first = l.issue_first_token(&actor, &user).await.unwrap();
+    let first = first.expect("a first token");
     let view = l.get_token(&actor, &first[..10]).await.unwrap();
     assert_eq!(view.environments, Some(vec!["production".to_string()]));
     assert!(view.expires_at.is_some());

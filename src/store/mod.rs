@@ -140,6 +140,25 @@ impl Batch {
     }
 }
 
+/// A new token's writes: the record (which must not exist yet) and its indexes.
+fn add_token(b: &mut Batch, token: &TokenRecord) -> Result<(), StoreError> {
+    b.absent.push(token_key(&token.id));
+    b.put(token_key(&token.id), token)?;
+    b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
+    b.sadd.push((owner_tokens_key(&token.owner), token.id.to_string()));
+    b.invalidate(Invalidation::Token(token.id.clone()));
+    Ok(())
+}
+
+/// A token stored in the same change as the user or service that owns it, so that neither is
+/// ever stored without the other.
+pub struct FirstToken<'a> {
+    /// The token.
+    pub token: &'a TokenRecord,
+    /// Its `token.issue` entry.
+    pub audit: Option<&'a AuditEvent>,
+}
+
 /// Told, synchronously, of the invalidations of every write this process commits, so that its own
 /// cache never serves what it has just changed (other instances hear of it through the feed).
 pub trait CommitListener: Send + Sync {
@@ -410,10 +429,17 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Creates a user; `Conflict` if the email is taken in the org.
-    pub async fn create_user(&self, user: &User, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+    /// Creates a user, with their first token if given, in one change; `Conflict` if the email is
+    /// taken in the org.
+    pub async fn create_user(
+        &self,
+        user: &User,
+        audit: Option<&AuditEvent>,
+        first: Option<FirstToken<'_>>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        self.add_first(&mut b, first)?;
         let email_key = user_email_key(&user.org, &user.email);
         b.absent.extend([email_key.clone(), user_key(&user.id)]);
         b.put(user_key(&user.id), user)?;
@@ -438,14 +464,17 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Creates a service; `Conflict` if the name is taken in the org.
+    /// Creates a service, with its first token if given, in one change; `Conflict` if the name is
+    /// taken in the org.
     pub async fn create_service(
         &self,
         service: &Service,
         audit: Option<&AuditEvent>,
+        first: Option<FirstToken<'_>>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        self.add_first(&mut b, first)?;
         let name_key = service_name_key(&service.org, &service.name);
         b.absent.extend([name_key.clone(), service_key(&service.id)]);
         b.put(service_key(&service.id), service)?;
@@ -477,12 +506,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.absent.push(token_key(&token.id));
-        b.put(token_key(&token.id), token)?;
-        b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
-        b.sadd.push((owner_tokens_key(&token.owner), token.id.to_string()));
-        b.invalidate(Invalidation::Token(token.id.clone()));
+        add_token(&mut b, token)?;
         self.commit(b).await
+    }
+
+    /// A first token (and its audit entry) into the change that creates its owner.
+    fn add_first(&self, b: &mut Batch, first: Option<FirstToken<'_>>) -> Result<(), StoreError> {
+        if let Some(first) = first {
+            b.audit(first.audit, self.audit_max)?;
+            add_token(b, first.token)?;
+        }
+        Ok(())
     }
 
     /// Replaces a token's record (revocation, rotation) and tells every instance.

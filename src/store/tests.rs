@@ -233,3 +233,38 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
         assert!(s.audit_log("other", 10).await.unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
+    for (s, _guard) in stores() {
+        let params = crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let ann =
+            lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+                .await
+                .unwrap();
+        let owner = Owner::User(ann.id.clone());
+        let (_, taken) =
+            lifecycle::issue_token(&s, params, "acme", owner, lifecycle::TokenSpec::default()).await.unwrap();
+        // Bob's write carries a token whose id is taken: the whole change is refused, Bob included.
+        let bob = User { id: "u_bob".into(), email: "bob@x.io".into(), ..ann.clone() };
+        let first = FirstToken { token: &taken, audit: None };
+        let refused = s.create_user(&bob, None, Some(first)).await;
+        assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+        assert_eq!(s.find_user_by_email("acme", "bob@x.io").await.unwrap(), None);
+        assert_eq!(s.list_users("acme").await.unwrap(), vec![ann.clone()]);
+        let svc = Service {
+            id: "s_etl".into(),
+            org: "acme".into(),
+            name: "etl".into(),
+            org_role: Some(Role::Viewer),
+            project_roles: BTreeMap::new(),
+            attributes: Attributes::new(),
+            created_by: None,
+            creator_roles: None,
+            created_at: 0,
+        };
+        let refused = s.create_service(&svc, None, Some(FirstToken { token: &taken, audit: None })).await;
+        assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+        assert!(s.list_services("acme").await.unwrap().is_empty());
+    }
+}
