@@ -188,11 +188,12 @@ impl RouteTable {
 /// dot-segments, also behind a segment parameter (`/public/../admin`, `/public/..;/admin`), encoded
 /// dots and separators (`%2e`, `%2f`, `%5c`) and backslashes.
 ///
-/// Normalized for matching, the way common upstreams read a path: a run of `/` counts as one, a
+/// Otherwise the path as upstreams that normalize read it: a run of `/` counts as one, a
 /// segment's parameters (`;x`, which Tomcat and Jetty drop) are left out, and percent-encoded
-/// unreserved characters (`%61` for `a`) are decoded. So `/api//admin`, `/api;x/admin` and
-/// `/api/%61dmin` are all routed as `/api/admin`, never as `/api`; the upstream still gets the
-/// path as sent.
+/// unreserved characters (`%61` for `a`) are decoded (borrowed when that changes nothing). Other
+/// upstreams read the path as sent, so the gateway routes a request only when both readings pick
+/// the same route: `/api//admin`, `/api;x/admin` and `/api/%61dmin` are refused beside an
+/// `/api/admin` route, not routed as `/api`.
 pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
     const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
     // Byte by byte, nothing allocated for a plain path: this runs on every request.

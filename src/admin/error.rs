@@ -133,7 +133,9 @@ pub async fn json_refusals(response: Response) -> Response {
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         _ => "invalid_request",
     };
+    // The parts' headers are laid over the new response's: theirs must not win.
     parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.remove(http::header::CONTENT_TYPE);
     let body = Json(serde_json::json!({ "error": code, "error_description": description }));
     (parts, body).into_response()
 }

@@ -18,7 +18,7 @@ use http::header::HeaderName;
 use crate::cache::CacheSettings;
 use crate::jwt::{self, JwtKey, JwtSettings, KeyMaterial};
 use crate::policy::{Policy, Role, MAX_PERMISSIONS};
-use crate::route::{normalize_host, RequiredPermission, Route, RouteSpec, RouteTable};
+use crate::route::{normalize_host, route_path, RequiredPermission, Route, RouteSpec, RouteTable};
 use crate::token::Argon2Params;
 use raw::*;
 
@@ -758,6 +758,16 @@ impl Validator {
                     continue;
                 }
             };
+            // Requests are routed on paths read both as sent and normalized, and must agree; a
+            // prefix only one reading can match would be unreachable.
+            match route_path(&path_prefix) {
+                Ok(std::borrow::Cow::Borrowed(_)) => {}
+                Ok(normal) => self.error(
+                    at("path"),
+                    format!("{path_prefix:?} is not in normal form; write {normal:?} (no ';', '//' or encoded letters, digits, '-', '_', '~')"),
+                ),
+                Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
+            }
             let host = r.host.map(|h| normalize_host(&h));
             if !seen.insert((host.clone(), path_prefix.clone())) {
                 self.error(

@@ -97,6 +97,14 @@ fn structural_errors() {
     );
     check("routes:\n  - upstream: 127.0.0.1:1\n    auth: none\n", &["routes[0].path: missing"]);
     check("routes:\n  - path: /x\n    auth: none\n", &["routes[0].upstream: missing"]);
+    check(
+        "routes:\n  - { path: /files/%7Ebob, upstream: 127.0.0.1:1, auth: none }\n  - { path: /a//b, upstream: 127.0.0.1:1, auth: none }\n  - { path: /a/../b, upstream: 127.0.0.1:1, auth: none }\n",
+        &[
+            "routes[0].path: \"/files/%7Ebob\" is not in normal form; write \"/files/~bob\"",
+            "routes[1].path: \"/a//b\" is not in normal form; write \"/a/b\"",
+            "routes[2].path: \"/a/../b\": the path has a dot-segment",
+        ],
+    );
     check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
     check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);
     check(

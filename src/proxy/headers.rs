@@ -102,9 +102,9 @@ fn rewrite(
         return req.insert(&identity.request_id_header, request_id);
     };
     let route = permit.route();
-    // Also where the route takes no token from the query: a token there is still a secret, and
-    // would sit in the upstream's access log.
-    remove_query_token(req, &config.credentials.query_param)?;
+    if route.query_token {
+        remove_query_token(req, &config.credentials.query_param)?;
+    }
     let made = identity_headers.get(config, route, grant)?;
     match req.bare_headers() {
         Some(headers) => {

@@ -72,20 +72,43 @@ impl Gateway {
         let header_host = header_host
             .map(|h| h.to_str().map_err(|_| Rejection::BadRequest("the Host header is not text")))
             .transpose()?;
-        // An absolute-form target (`GET http://host/path`) names the host the upstream will be
-        // sent (Pingora writes it into `Host`), and must agree with a Host header if there is one.
-        // Pingora keeps it only in the raw target, not in `uri`.
+        // An absolute-form target (`GET http://host/path`, kept by Pingora only in the raw
+        // target, not in `uri`) must agree with the Host header, and come with one: routing is on
+        // `Host`. So must every HTTP/1.1 request (RFC 9112, section 3.2).
         let host = match (target_host(req)?, header_host) {
             (Some(target), Some(header)) if normalize_host(target) != normalize_host(header) => {
                 return Err(Rejection::BadRequest(
                     "the request target and the Host header name different hosts",
                 ));
             }
-            (Some(target), _) => Some(target),
-            (None, header) => header,
+            (Some(_), None) => {
+                return Err(Rejection::BadRequest("a full-URL request target needs a Host header too"))
+            }
+            (None, None) if req.version == http::Version::HTTP_11 => {
+                return Err(Rejection::BadRequest("an HTTP/1.1 request needs a Host header"))
+            }
+            (_, header) => header,
         };
-        let path = route::route_path(req.uri.path()).map_err(Rejection::BadRequest)?;
-        let route = config.routes.find(host, &path).ok_or(Rejection::NoRoute)?.clone();
+        let path = req.uri.path();
+        let route = match route::route_path(path).map_err(Rejection::BadRequest)? {
+            std::borrow::Cow::Borrowed(_) => config.routes.find(host, path),
+            // Upstreams differ in how they read `;`, `//` and encoded characters: a path must
+            // reach the same route read either way, or no route at all.
+            std::borrow::Cow::Owned(normalized) => {
+                let (raw, read) = (config.routes.find(host, path), config.routes.find(host, &normalized));
+                let same = match (raw, read) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if !same {
+                    return Err(Rejection::BadRequest(
+                        "the path reads as another route's once normalized (;, // or an encoded character)",
+                    ));
+                }
+                raw
+            }
+        };
+        let route = route.ok_or(Rejection::NoRoute)?.clone();
         ctx.route = Some(route.clone());
         if route.public {
             return Ok(Permit::public(route));

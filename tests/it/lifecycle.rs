@@ -383,6 +383,8 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
             .await
             .unwrap();
         assert_eq!(resp.status(), status, "{method} {path}");
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(content_type.as_deref(), Some("application/json"), "{method} {path}");
         let json: serde_json::Value = resp.json().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         assert!(!json["error_description"].as_str().unwrap().is_empty(), "{method} {path}: {json}");
     }
