@@ -17,19 +17,41 @@ use tollgate::token::Argon2Params;
 /// Cheap argon2 settings so tests spend their time on behaviour, not hashing.
 pub const ARGON2: Argon2Params = Argon2Params { memory_kib: 512, iterations: 1, parallelism: 1 };
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and that no other call in this test process returns.
+///
+/// Not one the kernel picks (`bind` to port 0): those come from the ephemeral range, where every
+/// outgoing connection of the tests (HTTP clients, Redis connections, the gateways' upstream
+/// connections) also takes its source port, and one of them could take the port between this call
+/// and the server's `bind`. These come from below that range (Linux's is 32768-60999), in turn
+/// from a place that differs per process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    let start = *START.get_or_init(|| (u64::from(std::process::id()) * 7919 % u64::from(COUNT)) as u32);
+    loop {
+        let n = start + TAKEN.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + n % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+/// Waits until `child` listens on `port`; if it exits first, the panic shows the end of `log`.
+fn wait_for_port(port: u16, what: &str, child: &mut Child, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening: {status}");
+            let text = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+            panic!("{what} exited before listening on {port}: {status}\n{tail}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -60,7 +82,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (see .ci/run)");
-        wait_for_port(self.port, "redis-server", &mut child);
+        wait_for_port(self.port, "redis-server", &mut child, None);
         self.child = Some(child);
     }
 
@@ -294,14 +316,14 @@ impl Gateway {
             .stderr(log_file)
             .spawn()
             .expect("spawn tollgate");
-        wait_for_port(port, "tollgate", &mut child);
+        wait_for_port(port, "tollgate", &mut child, Some(&log));
         let admin_port = config
             .lines()
             .find_map(|l| l.trim().strip_prefix("admin: { listen: \"127.0.0.1:"))
             .and_then(|rest| rest.split('"').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or(8081);
-        wait_for_port(admin_port, "tollgate admin API", &mut child);
+        wait_for_port(admin_port, "tollgate admin API", &mut child, Some(&log));
         Gateway { port, admin_port, config_path, child, _dir: dir, log }
     }
 
