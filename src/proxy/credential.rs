@@ -86,24 +86,7 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
 /// Whether a parameter's raw key is `name`, as the upstream's query parser would read it: with
 /// its percent-encodings decoded (`access%5Ftoken` is `access_token`).
 fn is_param(key: &str, name: &str) -> bool {
-    if !key.contains('%') {
-        return key == name;
-    }
-    let (key, name) = (key.as_bytes(), name.as_bytes());
-    let (mut k, mut n) = (0, 0);
-    while k < key.len() {
-        let hex = |i: usize| key.get(i).and_then(|&d| char::from(d).to_digit(16));
-        let decoded = match key[k] {
-            b'%' => hex(k + 1).zip(hex(k + 2)).and_then(|(high, low)| u8::try_from(high * 16 + low).ok()),
-            _ => None,
-        };
-        let (byte, width) = decoded.map_or((key[k], 1), |b| (b, 3));
-        if name.get(n) != Some(&byte) {
-            return false;
-        }
-        (k, n) = (k + width, n + 1);
-    }
-    n == name.len()
+    key == name || (key.contains('%') && percent_encoding::percent_decode_str(key).eq(name.bytes()))
 }
 
 #[cfg(test)]
