@@ -333,10 +333,6 @@ impl<'a> Lifecycle<'a> {
         self.config.argon2.params
     }
 
-    fn implicit_expiry(&self, now: Millis) -> Option<Millis> {
-        implicit_expiry(&self.config.tokens, now)
-    }
-
     /// A scope asked for by preset name or permission list (not both), resolved and checked against
     /// the config; `None` when neither was given.
     fn requested_scope(
@@ -368,6 +364,7 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
+    /// Validates a scope, environments and expiry against the config and the caller's rights.
     /// `wanted`'s expiry fields are ignored: the caller has turned them into `expires_at`.
     fn spec(
         &self,
@@ -504,7 +501,7 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let owner_actor = Actor { roles, ..actor.clone() };
         let wanted = IssueRequest { display_name: Some(display_name), ..IssueRequest::default() };
-        let spec = self.spec(&owner_actor, wanted, self.implicit_expiry(now), now)?;
+        let spec = self.spec(&owner_actor, wanted, implicit_expiry(&self.config.tokens, now), now)?;
         self.mint(org, owner, spec).await
     }
 

@@ -393,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_routed_as_upstreams_read_them() {
+    fn paths_are_normalized_as_upstreams_read_them() {
         for (sent, routed) in [
             ("/api//admin", "/api/admin"),
             ("//api///admin/", "/api/admin/"),
