@@ -176,6 +176,20 @@ impl RouteTable {
         named.into_iter().flatten().chain(self.any_host.iter()).find(|r| r.matches_path(path))
     }
 
+    /// The route of a request for `path` on `host`, or why the path is refused ([`route_path`]).
+    /// Upstreams differ in how they read `;`, `//` and encoded characters, so a path that needs
+    /// normalizing must reach the same route read either way (or no route at all).
+    pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<&Arc<Route>>, &'static str> {
+        match route_path(path)? {
+            Cow::Borrowed(_) => Ok(self.find(host, path)),
+            Cow::Owned(normalized) => match (self.find(host, path), self.find(host, &normalized)) {
+                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => Ok(Some(a)),
+                (None, None) => Ok(None),
+                _ => Err("the path reads as another route's once normalized (;, // or an encoded character)"),
+            },
+        }
+    }
+
     /// All routes, for listing.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_host.values().flatten().chain(self.any_host.iter())
@@ -195,7 +209,6 @@ impl RouteTable {
 /// the same route: `/api//admin`, `/api;x/admin` and `/api/%61dmin` are refused beside an
 /// `/api/admin` route, not routed as `/api`.
 pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
-    const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
     // Byte by byte, nothing allocated for a plain path: this runs on every request.
     let bytes = path.as_bytes();
     let mut plain = true;
@@ -257,6 +270,7 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
     Ok(Cow::Owned(routed))
 }
 
+const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
 const ENCODED_DOT_OR_SEPARATOR: &str = "the path has an encoded dot or separator, or a backslash";
 
 /// The unreserved character (RFC 3986, section 2.3) that `%<high><low>` encodes, if it is one;
@@ -410,6 +424,10 @@ mod tests {
         for sent in ["/api/%61dmin/users", "/api;x/admin/users", "/api/admin;x/users", "/api//admin/users"] {
             let path = route_path(sent).unwrap();
             assert_eq!(table.find(None, &path).unwrap().name, "admin", "{sent}");
+            assert!(table.route(None, sent).is_err(), "{sent}: the path as sent finds another route");
+        }
+        for (sent, name) in [("/api/admin/x;v=1", "admin"), ("/api//items", "api"), ("/api/%7Ex", "api")] {
+            assert_eq!(table.route(None, sent).unwrap().unwrap().name, name, "{sent}");
         }
     }
 

@@ -23,7 +23,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::metrics::ProxyMetrics;
 use crate::policy::{self, Permit};
-use crate::route::{self, normalize_host, Route};
+use crate::route::{normalize_host, Route};
 use reject::Rejection;
 
 /// The gateway: hot-swappable config and the verifier.
@@ -89,25 +89,7 @@ impl Gateway {
             }
             (_, header) => header,
         };
-        let path = req.uri.path();
-        let route = match route::route_path(path).map_err(Rejection::BadRequest)? {
-            std::borrow::Cow::Borrowed(_) => config.routes.find(host, path),
-            // Upstreams differ in how they read `;`, `//` and encoded characters: a path must
-            // reach the same route read either way, or no route at all.
-            std::borrow::Cow::Owned(normalized) => {
-                let (raw, read) = (config.routes.find(host, path), config.routes.find(host, &normalized));
-                let same = match (raw, read) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    (a, b) => a.is_none() && b.is_none(),
-                };
-                if !same {
-                    return Err(Rejection::BadRequest(
-                        "the path reads as another route's once normalized (;, // or an encoded character)",
-                    ));
-                }
-                raw
-            }
-        };
+        let route = config.routes.route(host, req.uri.path()).map_err(Rejection::BadRequest)?;
         let route = route.ok_or(Rejection::NoRoute)?.clone();
         ctx.route = Some(route.clone());
         if route.public {
