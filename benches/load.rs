@@ -34,7 +34,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -50,6 +49,7 @@ use tollgate::config::{Config, StoreSettings};
 use tollgate::lifecycle::{self, TokenSpec};
 use tollgate::policy::Role;
 use tollgate::store::{self, Attributes, Owner};
+use tollgate::testing::free_port;
 
 // The allocator `tollgate serve` runs with.
 #[global_allocator]
@@ -59,10 +59,6 @@ const ROLE: &str = "TOLLGATE_LOAD_ROLE";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_for(port: u16, what: &str) {

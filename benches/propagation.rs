@@ -14,7 +14,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,34 +24,11 @@ use tollgate::policy::Role;
 use tollgate::store::memory::MemoryBackend;
 use tollgate::store::redis::RedisBackend;
 use tollgate::store::{Attributes, Owner, Store};
+use tollgate::testing::RedisServer;
 use tollgate::token::Argon2Params;
 
 const ARGON2: Argon2Params = Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
 const TRIALS: usize = 300;
-
-struct RedisServer(Child, u16);
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH");
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        RedisServer(child, port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One instance: store, cache following the feed, verifier.
 async fn instance(url: &str) -> (Store, Arc<Verifier>) {
@@ -77,8 +53,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 async fn propagation() {
-    let redis = RedisServer::start();
-    let url = format!("redis://127.0.0.1:{}", redis.1);
+    let redis = RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let url = redis.url();
     let (store_a, _) = instance(&url).await;
     let (_, verifier_b) = instance(&url).await;
     let user = lifecycle::create_user(

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::store::{CommitListener, Invalidation, Service, Store, StoreError, TokenRecord, User};
+use crate::store::{CommitListener, Invalidation, Service, Store, StoreError, Stored, TokenRecord, User};
 use crate::token::TokenId;
 
 /// Capacity and lifetime of cached entries.
@@ -297,17 +297,29 @@ impl Cache {
 
     /// A token record, from the cache or the store.
     pub async fn token(&self, id: &TokenId) -> Result<Option<Arc<TokenRecord>>, StoreError> {
-        self.tokens.get_or_load(id, &self.gens, || self.store.get_token(id)).await
+        self.tokens
+            .get_or_load(id, &self.gens, || async {
+                Ok(self.store.get_token(id).await?.map(Stored::into_inner))
+            })
+            .await
     }
 
     /// A user record, from the cache or the store.
     pub async fn user(&self, id: &String) -> Result<Option<Arc<User>>, StoreError> {
-        self.users.get_or_load(id, &self.gens, || self.store.get_user(id)).await
+        self.users
+            .get_or_load(id, &self.gens, || async {
+                Ok(self.store.get_user(id).await?.map(Stored::into_inner))
+            })
+            .await
     }
 
     /// A service record, from the cache or the store.
     pub async fn service(&self, id: &String) -> Result<Option<Arc<Service>>, StoreError> {
-        self.services.get_or_load(id, &self.gens, || self.store.get_service(id)).await
+        self.services
+            .get_or_load(id, &self.gens, || async {
+                Ok(self.store.get_service(id).await?.map(Stored::into_inner))
+            })
+            .await
     }
 
     /// Applies one invalidation.

@@ -15,4 +15,6 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod token;

@@ -14,7 +14,7 @@ use crate::config::{Config, TokenLimits};
 use crate::policy::{PermSet, Role};
 use crate::store::{
     format_millis, now_millis, Attributes, AuditEvent, FirstToken, Millis, Org, Owner, Revocation, RoleSet,
-    Scope, Service, Store, StoreError, TokenRecord, User, UserStatus,
+    Scope, Service, Store, StoreError, Stored, TokenRecord, User, UserStatus,
 };
 use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
 
@@ -524,7 +524,7 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// A token the caller may see: their own, or any in their org for an admin.
-    async fn visible_token(&self, actor: &Actor, id: &str) -> Result<TokenRecord> {
+    async fn visible_token(&self, actor: &Actor, id: &str) -> Result<Stored<TokenRecord>> {
         let not_found = || LifecycleError::NotFound(format!("token {id} not found"));
         let id = TokenId::parse(id).ok_or_else(not_found)?;
         let t = self.store.get_token(&id).await?.ok_or_else(not_found)?;
@@ -565,10 +565,10 @@ impl<'a> Lifecycle<'a> {
 
     async fn owner_by_name(&self, org: &str, name: &str) -> Result<Owner> {
         if let Some(u) = self.store.find_user_by_email(org, name).await? {
-            return Ok(Owner::User(u.id));
+            return Ok(Owner::User(u.into_inner().id));
         }
         if let Some(s) = self.store.find_service_by_name(org, name).await? {
-            return Ok(Owner::Service(s.id));
+            return Ok(Owner::Service(s.into_inner().id));
         }
         Err(LifecycleError::NotFound(format!("no user or service {name:?} in org {org:?}")))
     }
@@ -587,12 +587,12 @@ impl<'a> Lifecycle<'a> {
         display_name: Option<&str>,
         reason: Option<String>,
     ) -> Result<TokenView> {
-        let mut t = match (id, display_name) {
+        let before = match (id, display_name) {
             (Some(id), None) => self.visible_token(actor, id).await?,
             (None, Some(name)) => {
                 let now = now_millis();
                 let mine = self.list_owned(actor).await?;
-                let matches: Vec<TokenRecord> = mine
+                let matches: Vec<Stored<TokenRecord>> = mine
                     .into_iter()
                     .filter(|t| {
                         t.display_name.as_deref() == Some(name)
@@ -617,7 +617,7 @@ impl<'a> Lifecycle<'a> {
             }
             _ => return Err(LifecycleError::Invalid("give a token id or --display-name".into())),
         };
-        let before = t.clone();
+        let mut t = (*before).clone();
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
         }
@@ -634,7 +634,7 @@ impl<'a> Lifecycle<'a> {
         self.view(&t).await
     }
 
-    async fn list_owned(&self, actor: &Actor) -> Result<Vec<TokenRecord>> {
+    async fn list_owned(&self, actor: &Actor) -> Result<Vec<Stored<TokenRecord>>> {
         match &actor.user_id {
             Some(id) => Ok(self.store.list_owner_tokens(&Owner::User(id.clone())).await?),
             None => Ok(vec![]),
@@ -644,7 +644,8 @@ impl<'a> Lifecycle<'a> {
     /// Replaces a token with a new one of the same settings (overridable); the old one stops now or
     /// at the end of the grace period.
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
-        let mut old = self.visible_token(actor, id).await?;
+        let before = self.visible_token(actor, id).await?;
+        let mut old = (*before).clone();
         // The new secret is shown to whoever rotates: for a personal token only its owner, or an
         // admin would walk away with a working credential of another person.
         if matches!(&old.owner, Owner::User(u) if Some(u) != actor.user_id.as_ref()) {
@@ -653,7 +654,6 @@ impl<'a> Lifecycle<'a> {
                 old.id
             )));
         }
-        let before = old.clone();
         let now = now_millis();
         if old.revoked.is_some() || old.is_expired(now) {
             return Err(LifecycleError::Conflict(format!("token {} is not active; issue a new one", old.id)));
@@ -769,7 +769,7 @@ impl<'a> Lifecycle<'a> {
         Ok((user, first.map(|(new, _)| new.token)))
     }
 
-    async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<User> {
+    async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<Stored<User>> {
         actor.require_org(org)?;
         self.store
             .find_user_by_email(org, email)
@@ -781,7 +781,8 @@ impl<'a> Lifecycle<'a> {
     pub async fn list_users(&self, actor: &Actor, org: &str) -> Result<Vec<User>> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        let mut users = self.store.list_users(org).await?;
+        let mut users: Vec<User> =
+            self.store.list_users(org).await?.into_iter().map(Stored::into_inner).collect();
         users.sort_by(|a, b| a.email.cmp(&b.email));
         Ok(users)
     }
@@ -792,11 +793,11 @@ impl<'a> Lifecycle<'a> {
         actor.require_org(org)?;
         let user = self.store.find_user_by_email(org, email).await?;
         match user {
-            Some(u) if actor.user_id.as_deref() == Some(u.id.as_str()) => Ok(u),
+            Some(u) if actor.user_id.as_deref() == Some(u.id.as_str()) => Ok(u.into_inner()),
             _ if actor.require_admin(self.config).is_err() => {
                 Err(LifecycleError::Forbidden("only org admins see other users".into()))
             }
-            Some(u) => Ok(u),
+            Some(u) => Ok(u.into_inner()),
             None => Err(LifecycleError::NotFound(format!("no user {email} in org {org}"))),
         }
     }
@@ -811,8 +812,8 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<User> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        let mut user = self.user_in(actor, org, email).await?;
-        let before = user.clone();
+        let before = self.user_in(actor, org, email).await?;
+        let mut user = (*before).clone();
         let project_roles = change.apply(&mut user.org_role, &mut user.project_roles)?;
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
@@ -832,8 +833,8 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<User> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        let mut user = self.user_in(actor, org, email).await?;
-        let before = user.clone();
+        let before = self.user_in(actor, org, email).await?;
+        let mut user = (*before).clone();
         if actor.user_id.as_deref() == Some(user.id.as_str()) && status == UserStatus::Suspended {
             return Err(LifecycleError::Invalid("you cannot suspend yourself".into()));
         }
@@ -864,7 +865,13 @@ impl<'a> Lifecycle<'a> {
             return Err(LifecycleError::Invalid("you cannot remove yourself".into()));
         }
         let now = now_millis();
-        let mut tokens = self.store.list_owner_tokens(&Owner::User(user.id.clone())).await?;
+        let mut tokens: Vec<TokenRecord> = self
+            .store
+            .list_owner_tokens(&Owner::User(user.id.clone()))
+            .await?
+            .into_iter()
+            .map(Stored::into_inner)
+            .collect();
         tokens.retain(|t| !t.is_revoked(now));
         for t in &mut tokens {
             t.revoked = Some(Box::new(Revocation {
@@ -966,7 +973,7 @@ impl<'a> Lifecycle<'a> {
         Ok((service, issued))
     }
 
-    async fn service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Service> {
+    async fn service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Stored<Service>> {
         actor.require_org(org)?;
         self.store
             .find_service_by_name(org, name)
@@ -980,7 +987,8 @@ impl<'a> Lifecycle<'a> {
         if actor.roles.org < Role::Editor {
             return Err(LifecycleError::Forbidden("listing services needs the editor role or higher".into()));
         }
-        let mut services = self.store.list_services(org).await?;
+        let mut services: Vec<Service> =
+            self.store.list_services(org).await?.into_iter().map(Stored::into_inner).collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(services)
     }
@@ -991,7 +999,7 @@ impl<'a> Lifecycle<'a> {
         if actor.roles.org < Role::Editor {
             return Err(LifecycleError::Forbidden("viewing services needs the editor role or higher".into()));
         }
-        self.service_in(actor, org, name).await
+        self.service_in(actor, org, name).await.map(Stored::into_inner)
     }
 
     /// Renames a service and/or replaces its attributes (`{}` clears them).
@@ -1003,8 +1011,8 @@ impl<'a> Lifecycle<'a> {
         new_name: Option<String>,
         attributes: Option<Attributes>,
     ) -> Result<Service> {
-        let mut s = self.service_in(actor, org, name).await?;
-        let before = s.clone();
+        let before = self.service_in(actor, org, name).await?;
+        let mut s = (*before).clone();
         self.may_manage_service(actor, &s)?;
         if new_name.is_none() && attributes.is_none() {
             return Err(LifecycleError::Invalid("give --new-name and/or --attributes".into()));
@@ -1036,8 +1044,8 @@ impl<'a> Lifecycle<'a> {
         name: &str,
         change: RoleChange,
     ) -> Result<Service> {
-        let mut s = self.service_in(actor, org, name).await?;
-        let before = s.clone();
+        let before = self.service_in(actor, org, name).await?;
+        let mut s = (*before).clone();
         self.may_manage_service(actor, &s)?;
         let mut org_role = s.org_role.unwrap_or(Role::Guest);
         let had_org_role = s.org_role.is_some();

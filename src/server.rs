@@ -57,8 +57,10 @@ struct ConfigWatcher {
     config: Arc<ArcSwap<Config>>,
 }
 
-/// How often the config file is checked for changes.
-const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the config file is checked for changes. A change is applied once the file has held
+/// still for one interval, so an editor that empties the file and then writes it is not read
+/// half-way.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
@@ -66,6 +68,15 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 
 impl ConfigWatcher {
     fn reload(&self, why: &str) {
+        // An empty file is a valid config with no routes; on a reload it is a file being written
+        // (or a mistake), never a wish to refuse every request.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0) {
+            return tracing::error!(
+                path = %self.path.display(),
+                why,
+                "config reload refused: the file is empty; the running config stays"
+            );
+        }
         match Config::load(&self.path) {
             Ok(new) => {
                 let old = self.config.load();
@@ -110,19 +121,27 @@ impl BackgroundService for ConfigWatcher {
             }
         };
         let mut stamp = file_stamp(&self.path);
+        // A changed stamp waits here for the next tick; it is applied if it is still the same.
+        let mut settling = None;
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     stamp = file_stamp(&self.path);
+                    settling = None;
                     self.reload("SIGHUP");
                 }
                 _ = tick.tick() => {
                     let now = file_stamp(&self.path);
-                    if now != stamp {
+                    if now == stamp {
+                        settling = None;
+                    } else if settling == Some(now) {
                         stamp = now;
+                        settling = None;
                         self.reload("file changed");
+                    } else {
+                        settling = Some(now);
                     }
                 }
             }

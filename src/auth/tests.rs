@@ -32,9 +32,12 @@ impl Fixture {
         ));
         let follower = cache.clone();
         tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
-        while !cache.is_live() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let live = async {
+            while !cache.is_live() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), live).await.expect("the cache follows the feed");
         let verifier = Arc::new(Verifier::new(cache, 100, 2));
         let user = lifecycle::create_user(
             &store,
@@ -148,10 +151,12 @@ async fn concurrent_misses_share_one_store_read_and_one_argon2_run() {
 #[tokio::test]
 async fn expiry_is_checked_against_the_clock() {
     let f = Fixture::new().await;
-    let spec = TokenSpec { expires_at: Some(now_millis() + 300), ..TokenSpec::default() };
-    let token = issue(&f.store, &f.user, spec).await;
+    // Long enough for the first check's argon2 run, which yields to everything else on a busy machine.
+    let expires_at = now_millis() + 3_000;
+    let token =
+        issue(&f.store, &f.user, TokenSpec { expires_at: Some(expires_at), ..TokenSpec::default() }).await;
     f.verifier.verify(&token).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis((expires_at - now_millis()).max(0) as u64 + 50)).await;
     assert_eq!(invalid(f.verifier.verify(&token).await), Invalid::Expired);
 }
 
@@ -162,21 +167,21 @@ async fn role_change_suspension_revocation_and_removal_apply_to_the_next_request
 
     let applied = f.verifier.cache().invalidations_applied();
     let mut user = f.user.clone();
-    let before = user.clone();
+    let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Viewer;
     f.store.update_user(&before, &user, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(f.verifier.verify(&f.token).await.unwrap().role_on("x"), Role::Viewer);
 
     let applied = f.verifier.cache().invalidations_applied();
-    let before = user.clone();
+    let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Suspended;
     f.store.update_user(&before, &user, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::OwnerSuspended);
 
     let applied = f.verifier.cache().invalidations_applied();
-    let before = user.clone();
+    let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Active;
     f.store.update_user(&before, &user, None).await.unwrap();
     let id = crate::token::parse(&f.token).unwrap().id;
@@ -214,7 +219,7 @@ async fn concurrent_wrong_guesses_for_a_known_id_never_make_the_right_secret_fai
 #[tokio::test]
 async fn a_users_attribute_view_adds_email_and_domain_in_key_order() {
     let f = Fixture::new().await;
-    let record = f.store.get_token(&token::parse(&f.token).unwrap().id).await.unwrap().unwrap();
+    let record = f.store.get_token(&token::parse(&f.token).unwrap().id).await.unwrap().unwrap().into_inner();
     let check = |attrs: serde_json::Value, want: &str| {
         let mut user = f.user.clone();
         user.email = "Ann@Acme.io".into();

@@ -72,7 +72,7 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     // Simulate the race: a load starts, the record changes and is invalidated, then the load lands.
     let generation = cache.gens.current.load(Ordering::Acquire);
     cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
-    let before = user.clone();
+    let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
     cache.store().update_user(&before, &user, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
@@ -100,7 +100,7 @@ async fn the_hot_tier_serves_repeated_hits_and_drops_an_entry_on_invalidation() 
     cache.user(&user.id).await.unwrap().unwrap();
     assert_eq!(backend.reads(), reads, "hit");
 
-    let before = user.clone();
+    let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
     cache.store().update_user(&before, &user, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
@@ -118,7 +118,7 @@ async fn a_hot_entry_older_than_its_invalidation_or_past_its_time_is_never_serve
     };
     // The race: a stale copy lands in the hot tier after the invalidation removed the old one.
     let generation = cache.gens.current.load(Ordering::Acquire);
-    let before = user.clone();
+    let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
     cache.store().update_user(&before, &user, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;

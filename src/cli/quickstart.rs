@@ -73,7 +73,7 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
             None => lifecycle::bootstrap(&store, params, &config.tokens, ORG, EMAIL).await?.1,
             Some(user) => {
                 let spec = TokenSpec { display_name: Some("quickstart".into()), ..TokenSpec::default() };
-                lifecycle::issue_token(&store, params, ORG, Owner::User(user.id), spec).await?.0
+                lifecycle::issue_token(&store, params, ORG, Owner::User(user.into_inner().id), spec).await?.0
             }
         };
         Ok(token.token)

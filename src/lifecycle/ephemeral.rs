@@ -147,7 +147,7 @@ impl Lifecycle<'_> {
             (None, Some(email)) => {
                 check_email(&email)?;
                 let mut attrs = match self.store.find_user_by_email(org, &email).await? {
-                    Some(user) => user.attributes,
+                    Some(user) => user.into_inner().attributes,
                     None => Attributes::new(),
                 };
                 attrs.entry("email").or_insert_with(|| email.clone().into());

@@ -86,6 +86,32 @@ impl Invalidation {
     }
 }
 
+/// A record and the exact text it was read from. A change to it goes ahead only if its key still
+/// holds that text: the text itself, not the record written out again, which need not be the same
+/// (a float attribute parses to the nearest double and may print differently; a field an older
+/// version did not write comes back with its default), and would refuse every change to such a
+/// record as a conflict.
+#[derive(Debug, Clone)]
+pub struct Stored<T> {
+    record: T,
+    text: String,
+}
+
+impl<T> Stored<T> {
+    /// The record alone.
+    pub fn into_inner(self) -> T {
+        self.record
+    }
+}
+
+impl<T> std::ops::Deref for Stored<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.record
+    }
+}
+
 /// A stream of invalidations; it ends when the subscription is lost.
 pub type InvalidationStream = Pin<Box<dyn Stream<Item = Invalidation> + Send>>;
 
@@ -94,7 +120,7 @@ pub type InvalidationStream = Pin<Box<dyn Stream<Item = Invalidation> + Send>>;
 pub struct Batch {
     /// Keys that must not exist.
     pub absent: Vec<String>,
-    /// Keys that must still hold exactly this JSON (the record as it was read).
+    /// Keys that must still hold exactly this text (the record as it was read: [`Stored`]).
     pub expect: Vec<(String, String)>,
     /// Keys to set to JSON values.
     pub put: Vec<(String, String)>,
@@ -119,11 +145,8 @@ impl Batch {
     }
 
     /// The write goes ahead only if `key` still holds `value` as it was read.
-    fn expect<T: Serialize>(&mut self, key: String, value: &T) -> Result<(), StoreError> {
-        let json = serde_json::to_string(value)
-            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
-        self.expect.push((key, json));
-        Ok(())
+    fn expect<T>(&mut self, key: String, value: &Stored<T>) {
+        self.expect.push((key, value.text.clone()));
     }
 
     fn invalidate(&mut self, inv: Invalidation) {
@@ -203,6 +226,29 @@ pub struct StoreStats {
     pub latency: prometheus::Histogram,
     /// Calls that failed for want of the store (timeouts, connection errors).
     pub errors: prometheus::IntCounter,
+    /// Reads of a record that could not be decoded.
+    pub corrupt: prometheus::IntCounter,
+    /// When a failure was last logged, so that an outage writes a line a second, not one a call.
+    last_logged: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StoreStats {
+    /// Counts a failed call and logs it, at most once a second.
+    fn failed(&self, e: &StoreError) {
+        match e {
+            StoreError::Unavailable(_) => self.errors.inc(),
+            StoreError::Corrupt { .. } => self.corrupt.inc(),
+            _ => return,
+        }
+        let second = now_millis().max(0) as u64 / 1000;
+        if self.last_logged.swap(second, std::sync::atomic::Ordering::Relaxed) == second {
+            return;
+        }
+        match e {
+            StoreError::Corrupt { .. } => tracing::error!(error = %e, "a stored record cannot be read"),
+            _ => tracing::warn!(error = %e, "store call failed"),
+        }
+    }
 }
 
 impl Default for StoreStats {
@@ -213,6 +259,11 @@ impl Default for StoreStats {
                 "tollgate_store_errors_total",
                 "Store calls that found the store unreachable",
             ),
+            corrupt: crate::metrics::counter(
+                "tollgate_store_corrupt_records_total",
+                "Reads of a stored record that could not be decoded",
+            ),
+            last_logged: Arc::default(),
         }
     }
 }
@@ -318,8 +369,8 @@ impl Store {
             Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
         };
         timer.observe_duration();
-        if matches!(result, Err(StoreError::Unavailable(_))) {
-            self.stats.errors.inc();
+        if let Err(e) = &result {
+            self.stats.failed(e);
         }
         result
     }
@@ -330,17 +381,28 @@ impl Store {
     }
 
     async fn read<T: DeserializeOwned>(&self, key: String) -> Result<Option<T>, StoreError> {
-        let Some(json) = self.bounded(self.backend.get(&key)).await? else {
-            return Ok(None);
-        };
-        serde_json::from_str(&json).map(Some).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })
+        Ok(self.read_stored(key).await?.map(Stored::into_inner))
     }
 
-    async fn read_many<T: DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<T>, StoreError> {
+    async fn read_stored<T: DeserializeOwned>(&self, key: String) -> Result<Option<Stored<T>>, StoreError> {
+        let Some(text) = self.bounded(self.backend.get(&key)).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_str(&text) {
+            Ok(record) => Ok(Some(Stored { record, text })),
+            Err(e) => {
+                let e = StoreError::Corrupt { key, reason: e.to_string() };
+                self.stats.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_many<T: DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<Stored<T>>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             // A member whose record is gone (deleted between the two reads) is skipped.
-            if let Some(v) = self.read(key).await? {
+            if let Some(v) = self.read_stored(key).await? {
                 out.push(v);
             }
         }
@@ -373,18 +435,18 @@ impl Store {
     }
 
     /// A token by id.
-    pub async fn get_token(&self, id: &TokenId) -> Result<Option<TokenRecord>, StoreError> {
-        self.read(token_key(id)).await
+    pub async fn get_token(&self, id: &TokenId) -> Result<Option<Stored<TokenRecord>>, StoreError> {
+        self.read_stored(token_key(id)).await
     }
 
     /// A user by id.
-    pub async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
-        self.read(user_key(id)).await
+    pub async fn get_user(&self, id: &str) -> Result<Option<Stored<User>>, StoreError> {
+        self.read_stored(user_key(id)).await
     }
 
     /// A service by id.
-    pub async fn get_service(&self, id: &str) -> Result<Option<Service>, StoreError> {
-        self.read(service_key(id)).await
+    pub async fn get_service(&self, id: &str) -> Result<Option<Stored<Service>>, StoreError> {
+        self.read_stored(service_key(id)).await
     }
 
     /// An org by name.
@@ -393,7 +455,11 @@ impl Store {
     }
 
     /// A user by org and email.
-    pub async fn find_user_by_email(&self, org: &str, email: &str) -> Result<Option<User>, StoreError> {
+    pub async fn find_user_by_email(
+        &self,
+        org: &str,
+        email: &str,
+    ) -> Result<Option<Stored<User>>, StoreError> {
         match self.read::<String>(user_email_key(org, email)).await? {
             Some(id) => self.get_user(&id).await,
             None => Ok(None),
@@ -401,7 +467,11 @@ impl Store {
     }
 
     /// A service by org and name.
-    pub async fn find_service_by_name(&self, org: &str, name: &str) -> Result<Option<Service>, StoreError> {
+    pub async fn find_service_by_name(
+        &self,
+        org: &str,
+        name: &str,
+    ) -> Result<Option<Stored<Service>>, StoreError> {
         match self.read::<String>(service_name_key(org, name)).await? {
             Some(id) => self.get_service(&id).await,
             None => Ok(None),
@@ -409,13 +479,13 @@ impl Store {
     }
 
     /// The users of an org.
-    pub async fn list_users(&self, org: &str) -> Result<Vec<User>, StoreError> {
+    pub async fn list_users(&self, org: &str) -> Result<Vec<Stored<User>>, StoreError> {
         let ids = self.bounded(self.backend.members(&org_users_key(org))).await?;
         self.read_many(ids.iter().map(|id| user_key(id)).collect()).await
     }
 
     /// The tokens of a user or service.
-    pub async fn list_owner_tokens(&self, owner: &Owner) -> Result<Vec<TokenRecord>, StoreError> {
+    pub async fn list_owner_tokens(&self, owner: &Owner) -> Result<Vec<Stored<TokenRecord>>, StoreError> {
         let ids = self.bounded(self.backend.members(&owner_tokens_key(owner))).await?;
         self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
             .await
@@ -452,13 +522,13 @@ impl Store {
     /// Replaces a user's record (role, status, attributes) and tells every instance.
     pub async fn update_user(
         &self,
-        before: &User,
+        before: &Stored<User>,
         user: &User,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.expect(user_key(&before.id), before)?;
+        b.expect(user_key(&before.id), before);
         b.put(user_key(&user.id), user)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
@@ -522,13 +592,13 @@ impl Store {
     /// Replaces a token's record (revocation, rotation) and tells every instance.
     pub async fn update_token(
         &self,
-        before: &TokenRecord,
+        before: &Stored<TokenRecord>,
         token: &TokenRecord,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.expect(token_key(&before.id), before)?;
+        b.expect(token_key(&before.id), before);
         b.put(token_key(&token.id), token)?;
         b.invalidate(Invalidation::Token(token.id.clone()));
         self.commit(b).await
@@ -542,7 +612,7 @@ impl Store {
         by: Option<String>,
     ) -> Result<(), StoreError> {
         let before = self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
-        let mut token = before.clone();
+        let mut token = (*before).clone();
         token.revoked = Some(Box::new(Revocation { at: now_millis(), decided_at: None, reason, by }));
         self.update_token(&before, &token, None).await
     }
@@ -550,13 +620,13 @@ impl Store {
     /// Renames a service (the name index moves with it) or changes its roles or attributes.
     pub async fn update_service(
         &self,
-        before: &Service,
+        before: &Stored<Service>,
         service: &Service,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.expect(service_key(&before.id), before)?;
+        b.expect(service_key(&before.id), before);
         let old_name = before.name.as_str();
         if old_name != service.name {
             let new_key = service_name_key(&service.org, &service.name);
@@ -572,13 +642,13 @@ impl Store {
     /// Removes a user and revokes the given tokens (theirs) in one change.
     pub async fn delete_user(
         &self,
-        user: &User,
+        user: &Stored<User>,
         revoked: &[TokenRecord],
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.expect(user_key(&user.id), user)?;
+        b.expect(user_key(&user.id), user);
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
         b.srem.push((org_users_key(&user.org), user.id.clone()));
         for token in revoked {
@@ -592,14 +662,14 @@ impl Store {
     /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation.
     pub async fn rotate_token(
         &self,
-        before: &TokenRecord,
+        before: &Stored<TokenRecord>,
         old: &TokenRecord,
         new: &TokenRecord,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
-        b.expect(token_key(&before.id), before)?;
+        b.expect(token_key(&before.id), before);
         b.absent.push(token_key(&new.id));
         b.put(token_key(&old.id), old)?;
         b.put(token_key(&new.id), new)?;
@@ -611,13 +681,13 @@ impl Store {
     }
 
     /// The services of an org.
-    pub async fn list_services(&self, org: &str) -> Result<Vec<Service>, StoreError> {
+    pub async fn list_services(&self, org: &str) -> Result<Vec<Stored<Service>>, StoreError> {
         let ids = self.bounded(self.backend.members(&org_services_key(org))).await?;
         self.read_many(ids.iter().map(|id| service_key(id)).collect()).await
     }
 
     /// Every token of an org.
-    pub async fn list_org_tokens(&self, org: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    pub async fn list_org_tokens(&self, org: &str) -> Result<Vec<Stored<TokenRecord>>, StoreError> {
         let ids = self.bounded(self.backend.members(&org_tokens_key(org))).await?;
         self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
             .await

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::io::tcp::{socket2, TcpSettings};
+use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::OnceCell;
 
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
@@ -46,13 +47,31 @@ pub struct RedisBackend {
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
     display: String,
+    /// The one thread that drives every Redis connection (see [`RedisBackend::on_io`]).
+    io: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        // Dropped inside another runtime (a test, the CLI), a runtime must not wait for its thread.
+        if let Some(io) = self.io.take() {
+            io.shutdown_background();
+        }
+    }
 }
 
 impl RedisBackend {
-    /// A backend for `url`, with every key under `prefix`. Connects lazily, on first use, so the
-    /// connection's driver lives in the runtime that serves requests.
+    /// A backend for `url`, with every key under `prefix`. Connects on first use.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisBackend, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let io = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis I/O thread: {e}")))?;
+        let info = url.into_connection_info().map_err(unavailable)?;
+        let client =
+            redis::Client::open(info.set_tcp_settings(tcp_settings(timeout))).map_err(unavailable)?;
         let info = client.get_connection_info();
         Ok(RedisBackend {
             display: format!(
@@ -66,19 +85,35 @@ impl RedisBackend {
             timeout,
             conn: OnceCell::new(),
             script: redis::Script::new(COMMIT_SCRIPT),
+            io: Some(io),
         })
+    }
+
+    /// Runs `work` on the backend's own I/O thread. A connection's driver task, and its
+    /// reconnections, live in the runtime that opened it; here that is always this one, so no
+    /// store traffic depends on whichever runtime happened to call first (the admin API's single
+    /// thread, say, answering a readiness probe at start).
+    async fn on_io<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let io = self.io.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        io.spawn(work).await.map_err(|e| StoreError::Unavailable(format!("Redis I/O task failed: {e}")))?
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         let conn = self
             .conn
-            .get_or_try_init(|| async {
+            .get_or_try_init(|| {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(self.timeout);
-                self.client.get_connection_manager_with_config(config).await.map_err(unavailable)
+                let client = self.client.clone();
+                self.on_io(async move {
+                    client.get_connection_manager_with_config(config).await.map_err(unavailable)
+                })
             })
             .await?;
         Ok(conn.clone())
@@ -89,6 +124,23 @@ impl RedisBackend {
     }
 }
 
+/// Every connection to Redis (data and subscription) gives up on a peer that stopped answering at
+/// the TCP level: unacknowledged data for twice the store timeout (at least a second) or an idle
+/// connection failing keepalive probes (5 s, then 3 probes a second apart) closes it, so the next
+/// call connects again. Without this, a Redis that moved away without resetting the connection (a
+/// failover behind a virtual IP, a partition) leaves the data connection dead, and every miss a
+/// 503, until the kernel gives up on the socket, about 15 minutes later. No Nagle delay either.
+fn tcp_settings(timeout: Duration) -> TcpSettings {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout((2 * timeout).max(Duration::from_secs(1)))
+}
+
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -96,16 +148,19 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 #[async_trait]
 impl Backend for RedisBackend {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.conn().await?.get(self.key(key)).await.map_err(unavailable)
+        let (mut conn, key) = (self.conn().await?, self.key(key));
+        self.on_io(async move { conn.get(key).await.map_err(unavailable) }).await
     }
 
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
-        self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
+        let (mut conn, set) = (self.conn().await?, self.key(set));
+        self.on_io(async move { conn.smembers(set).await.map_err(unavailable) }).await
     }
 
     async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let stop = limit.max(1) as isize - 1;
-        self.conn().await?.lrange(self.key(key), 0, stop).await.map_err(unavailable)
+        let (mut conn, key) = (self.conn().await?, self.key(key));
+        self.on_io(async move { conn.lrange(key, 0, stop).await.map_err(unavailable) }).await
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
@@ -120,8 +175,12 @@ impl Backend for RedisBackend {
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;
-        let conflict: String =
-            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(unavailable)?;
+        let (script, channel) = (self.script.clone(), self.channel.clone());
+        let conflict: String = self
+            .on_io(async move {
+                script.arg(encoded).arg(channel).invoke_async(&mut conn).await.map_err(unavailable)
+            })
+            .await?;
         if conflict.is_empty() {
             return Ok(());
         }
@@ -134,14 +193,21 @@ impl Backend for RedisBackend {
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
-        pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
+        let (client, channel) = (self.client.clone(), self.channel.clone());
+        let pubsub = self
+            .on_io(async move {
+                let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+                pubsub.subscribe(&channel).await.map_err(unavailable)?;
+                Ok(pubsub)
+            })
+            .await?;
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
         let timeout = self.timeout;
         // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered,
         // or the receiver is gone; the cache then treats the channel as lost.
-        tokio::spawn(async move {
+        let io = self.io.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        io.spawn(async move {
             let mut beat = tokio::time::interval(HEARTBEAT);
             loop {
                 tokio::select! {

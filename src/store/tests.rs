@@ -1,5 +1,5 @@
-//! Store semantics, run against every backend: memory, embedded, and Redis when a `redis-server`
-//! binary is installed (the integration tests always need one; .ci/run installs it).
+//! Store semantics, run against every backend: memory, embedded, and Redis (a real `redis-server`,
+//! which must be installed, as for the integration tests; .ci/run installs it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,46 +19,24 @@ fn stores() -> Vec<(Store, Box<dyn std::any::Any>)> {
     let dir = tempfile::tempdir().unwrap();
     let embedded = embedded::EmbeddedBackend::open(&dir.path().join("sub/store.redb")).unwrap();
     out.push((Store::new(Arc::new(embedded), timeout), Box::new(dir)));
-    if let Some(server) = RedisServer::start() {
-        let backend = redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap();
-        out.push((Store::new(Arc::new(backend), timeout), Box::new(server)));
-    }
+    let server = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let backend = redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap();
+    out.push((Store::new(Arc::new(backend), timeout), Box::new(server)));
     out
 }
 
-/// A throwaway `redis-server` for the store tests.
-struct RedisServer {
-    port: u16,
-    child: std::process::Child,
+/// The feed's next message, or a failure after 10 s (never a hang).
+async fn next(feed: &mut InvalidationStream) -> Option<Invalidation> {
+    tokio::time::timeout(Duration::from_secs(10), feed.next()).await.expect("an invalidation within 10 s")
 }
 
-impl RedisServer {
-    fn start() -> Option<RedisServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(RedisServer { port, child });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
+/// The records read, without the text they were read from.
+fn records<T>(read: Vec<Stored<T>>) -> Vec<T> {
+    read.into_iter().map(Stored::into_inner).collect()
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn record<T>(read: Option<Stored<T>>) -> Option<T> {
+    read.map(Stored::into_inner)
 }
 
 #[tokio::test]
@@ -90,8 +68,8 @@ async fn unique_keys_conflict(s: &Store) {
     )
     .await;
     assert!(matches!(again, Err(lifecycle::LifecycleError::Conflict(_))), "{again:?}");
-    assert_eq!(s.list_users("acme").await.unwrap(), vec![user.clone()]);
-    assert_eq!(s.find_user_by_email("acme", "ann@example.com").await.unwrap(), Some(user));
+    assert_eq!(records(s.list_users("acme").await.unwrap()), vec![user.clone()]);
+    assert_eq!(record(s.find_user_by_email("acme", "ann@example.com").await.unwrap()), Some(user));
     // Another org may use the same email.
     lifecycle::create_user(&s, "other", "ann@example.com", Role::Admin, BTreeMap::new(), Attributes::new())
         .await
@@ -119,7 +97,7 @@ async fn writes_publish(s: &Store) {
     )
     .await
     .unwrap();
-    assert_eq!(feed.next().await, Some(Invalidation::Service(svc.id.clone())));
+    assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
     let (token, record) = lifecycle::issue_token(
         &s,
         crate::token::Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 },
@@ -129,15 +107,15 @@ async fn writes_publish(s: &Store) {
     )
     .await
     .unwrap();
-    assert_eq!(feed.next().await, Some(Invalidation::Token(token.id.clone())));
-    assert_eq!(s.list_owner_tokens(&Owner::Service(svc.id.clone())).await.unwrap(), vec![record]);
+    assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
+    assert_eq!(records(s.list_owner_tokens(&Owner::Service(svc.id.clone())).await.unwrap()), vec![record]);
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
-    assert_eq!(feed.next().await, Some(Invalidation::Token(token.id.clone())));
+    assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
     s.delete_service(&svc, None).await.unwrap();
-    assert_eq!(feed.next().await, Some(Invalidation::Service(svc.id.clone())));
-    assert_eq!(s.get_service(&svc.id).await.unwrap(), None);
-    assert_eq!(s.find_service_by_name("acme", "etl").await.unwrap(), None);
+    assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
+    assert!(s.get_service(&svc.id).await.unwrap().is_none());
+    assert!(s.find_service_by_name("acme", "etl").await.unwrap().is_none());
 }
 
 #[test]
@@ -165,7 +143,7 @@ async fn the_embedded_store_keeps_its_data_across_a_reopen() {
             .unwrap()
     };
     let s = open();
-    assert_eq!(s.get_user(&user.id).await.unwrap(), Some(user));
+    assert_eq!(record(s.get_user(&user.id).await.unwrap()), Some(user));
     // A second process cannot open the same file while it is open.
     assert!(embedded::EmbeddedBackend::open(&path).is_err());
 }
@@ -177,24 +155,26 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
             lifecycle::create_user(&s, "acme", "r@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
                 .await
                 .unwrap();
+        let read = s.get_user(&user.id).await.unwrap().unwrap();
         let (mut suspended, mut promoted) = (user.clone(), user.clone());
         suspended.status = UserStatus::Suspended;
         promoted.org_role = Role::Admin;
-        s.update_user(&user, &suspended, None).await.unwrap();
+        s.update_user(&read, &suspended, None).await.unwrap();
         // The second writer read the user before the suspension: refused, the suspension stays.
-        let lost = s.update_user(&user, &promoted, None).await;
+        let lost = s.update_user(&read, &promoted, None).await;
         assert!(matches!(lost, Err(StoreError::Changed(_))), "{}: {lost:?}", s.describe());
-        assert_eq!(s.get_user(&user.id).await.unwrap(), Some(suspended.clone()), "{}", s.describe());
+        assert_eq!(record(s.get_user(&user.id).await.unwrap()), Some(suspended.clone()), "{}", s.describe());
         // A deleted service cannot be written back.
         let svc =
             lifecycle::create_service(&s, "acme", "etl", None, BTreeMap::new(), Attributes::new(), None)
                 .await
                 .unwrap();
+        let read = s.get_service(&svc.id).await.unwrap().unwrap();
         s.delete_service(&svc, None).await.unwrap();
         let mut renamed = svc.clone();
         renamed.org_role = Some(Role::Admin);
-        assert!(matches!(s.update_service(&svc, &renamed, None).await, Err(StoreError::Changed(_))));
-        assert_eq!(s.get_service(&svc.id).await.unwrap(), None, "{}", s.describe());
+        assert!(matches!(s.update_service(&read, &renamed, None).await, Err(StoreError::Changed(_))));
+        assert!(s.get_service(&svc.id).await.unwrap().is_none(), "{}", s.describe());
     }
 }
 
@@ -224,7 +204,8 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
                 reason: None,
                 details: serde_json::Value::Null,
             };
-            s.update_service(&svc, &svc, Some(&event)).await.unwrap();
+            let read = s.get_service(&svc.id).await.unwrap().unwrap();
+            s.update_service(&read, &svc, Some(&event)).await.unwrap();
         }
         let actions: Vec<String> =
             s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
@@ -250,8 +231,8 @@ async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
         let first = FirstToken { token: &taken, audit: None };
         let refused = s.create_user(&bob, None, Some(first)).await;
         assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
-        assert_eq!(s.find_user_by_email("acme", "bob@x.io").await.unwrap(), None);
-        assert_eq!(s.list_users("acme").await.unwrap(), vec![ann.clone()]);
+        assert!(s.find_user_by_email("acme", "bob@x.io").await.unwrap().is_none());
+        assert_eq!(records(s.list_users("acme").await.unwrap()), vec![ann.clone()]);
         let svc = Service {
             id: "s_etl".into(),
             org: "acme".into(),
@@ -266,5 +247,44 @@ async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
         let refused = s.create_service(&svc, None, Some(FirstToken { token: &taken, audit: None })).await;
         assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
         assert!(s.list_services("acme").await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_write_out_as_it_was_stored_can_still_be_changed_on_every_backend() {
+    for (s, _guard) in stores() {
+        // A double that serde_json writes as 989.9951327998887 and reads back as the next one up,
+        // which it writes as ...888.
+        let score = f64::from_bits(0x408e_eff6_082f_7597);
+        let attributes: Attributes = [("score".to_string(), serde_json::json!(score))].into_iter().collect();
+        let user = lifecycle::create_user(&s, "acme", "f@x.io", Role::Viewer, BTreeMap::new(), attributes)
+            .await
+            .unwrap();
+        let read = s.get_user(&user.id).await.unwrap().unwrap();
+        assert_ne!(
+            serde_json::to_string(&*read).unwrap(),
+            serde_json::to_string(&user).unwrap(),
+            "the case under test: the record read back does not write out as it was stored"
+        );
+        let mut suspended = (*read).clone();
+        suspended.status = UserStatus::Suspended;
+        s.update_user(&read, &suspended, None).await.unwrap();
+        assert_eq!(
+            s.get_user(&user.id).await.unwrap().unwrap().status,
+            UserStatus::Suspended,
+            "{}",
+            s.describe()
+        );
+
+        // A record stored without a field that has a default (as an older version wrote it).
+        let mut b = Batch::default();
+        let old = r#"{"id":"u_old","org":"acme","email":"o@x.io","status":"active","org_role":"viewer","created_at":1}"#;
+        b.put.push((user_key("u_old"), old.to_string()));
+        s.commit(b).await.unwrap();
+        let read = s.get_user("u_old").await.unwrap().unwrap();
+        let mut promoted = (*read).clone();
+        promoted.org_role = Role::Editor;
+        s.update_user(&read, &promoted, None).await.unwrap();
+        assert_eq!(s.get_user("u_old").await.unwrap().unwrap().org_role, Role::Editor, "{}", s.describe());
     }
 }

@@ -132,7 +132,7 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
         "--expires",
         &expires,
         "--grace-seconds",
-        "2",
+        "5",
     ]);
     let new = out.token();
     let details = ann.json(&["token", "get", &new[..10]]);
@@ -148,7 +148,7 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     assert!(deprecation.starts_with('@'), "{deprecation}");
     assert!(resp.headers().get("sunset").is_some(), "and when it stops");
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(10), || async {
             status(&w, reqwest::Method::GET, "/shop", &old).await == 401
         })
         .await

@@ -117,6 +117,15 @@ async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs()
     assert!(w.gateway.log_text().contains("bogus_key: unknown field"));
     assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
 
+    // An emptied file (as an editor leaves it before writing, or by mistake) is a valid config
+    // with no routes, but never applied by a reload: every route keeps answering.
+    std::fs::write(&w.gateway.config_path, "").unwrap();
+    let refused = eventually(std::time::Duration::from_secs(5), || async {
+        w.gateway.log_text().contains("config reload refused: the file is empty")
+    });
+    assert!(refused.await, "{}", w.gateway.log_text());
+    assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
+
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     assert!(ok > 0);

@@ -17,96 +17,52 @@ use tollgate::token::Argon2Params;
 /// Cheap argon2 settings so tests spend their time on behaviour, not hashing.
 pub const ARGON2: Argon2Params = Argon2Params { memory_kib: 512, iterations: 1, parallelism: 1 };
 
-/// A port nobody listens on right now, and that no other call in this test process returns.
-///
-/// Not one the kernel picks (`bind` to port 0): those come from the ephemeral range, where every
-/// outgoing connection of the tests (HTTP clients, Redis connections, the gateways' upstream
-/// connections) also takes its source port, and one of them could take the port between this call
-/// and the server's `bind`. These come from below that range (Linux's is 32768-60999), in turn
-/// from a place that differs per process.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const COUNT: u32 = 12_000;
-    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    static TAKEN: AtomicU32 = AtomicU32::new(0);
-    let start = *START.get_or_init(|| (u64::from(std::process::id()) * 7919 % u64::from(COUNT)) as u32);
-    loop {
-        let n = start + TAKEN.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + n % COUNT) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// Waits until `child` listens on `port`; if it exits first, the panic shows the end of `log`.
-fn wait_for_port(port: u16, what: &str, child: &mut Child, log: Option<&Path>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let text = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-            panic!("{what} exited before listening on {port}: {status}\n{tail}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what} did not listen on {port}");
-}
+pub use tollgate::testing::free_port;
+use tollgate::testing::{wait_for_port, RedisServer};
 
 /// A `redis-server` with AOF (`appendfsync always`) in a temporary directory.
 pub struct Redis {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    server: RedisServer,
+    _dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut redis = Redis { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), child: None };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (see .ci/run)");
-        wait_for_port(self.port, "redis-server", &mut child, None);
-        self.child = Some(child);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<std::ffi::OsString> =
+            ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir"].map(Into::into).into();
+        args.push(dir.path().into());
+        let server = RedisServer::start(args);
+        Redis { server, _dir: dir }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     /// Kills the server; its AOF keeps every acknowledged write.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.server.stop();
     }
 
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
+        self.server.restart();
+    }
+
+    /// Freezes the server: connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.server.pause();
+    }
+
+    /// Lets a paused server run again.
+    pub fn resume(&self) {
+        self.server.resume();
     }
 
     /// A synchronous connection for inspecting the server (INFO, CONFIG).
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("redis connection")
+        self.server.client()
     }
 
     /// How many times a command has run since the last `CONFIG RESETSTAT`.
@@ -122,12 +78,6 @@ impl Redis {
 
     pub fn reset_stats(&self) {
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut self.client()).expect("RESETSTAT");
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -322,7 +272,7 @@ impl Gateway {
             .find_map(|l| l.trim().strip_prefix("admin: { listen: \"127.0.0.1:"))
             .and_then(|rest| rest.split('"').next())
             .and_then(|p| p.parse().ok())
-            .unwrap_or(8081);
+            .expect("the test config names admin.listen");
         wait_for_port(admin_port, "tollgate admin API", &mut child, Some(&log));
         Gateway { port, admin_port, config_path, child, _dir: dir, log }
     }
