@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::admin::{AdminService, AdminState};
@@ -68,16 +68,23 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 
 impl ConfigWatcher {
     fn reload(&self, why: &str) {
-        // An empty file is a valid config with no routes; on a reload it is a file being written
-        // (or a mistake), never a wish to refuse every request.
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0) {
+        // Read once: what is checked is what is applied.
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => {
+                return tracing::error!(path = %self.path.display(), why, error = %e, "config reload refused: the file cannot be read; the running config stays")
+            }
+        };
+        // A file with no settings is a valid config with no routes; on a reload it is a file being
+        // written (or a mistake), never a wish to refuse every request.
+        if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             return tracing::error!(
                 path = %self.path.display(),
                 why,
                 "config reload refused: the file is empty; the running config stays"
             );
         }
-        match Config::load(&self.path) {
+        match Config::parse(&text) {
             Ok(new) => {
                 let old = self.config.load();
                 for (field, changed) in [
@@ -124,6 +131,8 @@ impl BackgroundService for ConfigWatcher {
         // A changed stamp waits here for the next tick; it is applied if it is still the same.
         let mut settling = None;
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        // After a stall, no burst of ticks: "held still for one check" means half a second.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -147,6 +156,64 @@ impl BackgroundService for ConfigWatcher {
             }
         }
     }
+}
+
+/// `SIGTERM`: keep accepting for `shutdown.grace` (while load balancers take the instance out),
+/// then stop accepting and exit as soon as no request is in flight, or after `shutdown.timeout`
+/// at most. `SIGINT`: stop at once. Pingora's own graceful shutdown sleeps its whole grace period
+/// and then drops whatever is still running, so the waiting for requests is done here.
+struct Shutdown {
+    grace: std::time::Duration,
+    timeout: std::time::Duration,
+    last_use: Arc<LastUseLog>,
+    store: store::Store,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Shutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit()))
+        else {
+            tracing::error!("cannot watch for signals; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        tracing::info!(grace = ?self.grace, "SIGTERM: still accepting for shutdown.grace");
+        tokio::select! {
+            _ = tokio::time::sleep(self.grace) => {}
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        tracing::info!(timeout = ?self.timeout, in_flight = crate::proxy::requests_in_flight(), "no longer accepting; finishing requests in flight");
+        let (last_use, store, deadline) =
+            (self.last_use.clone(), self.store.clone(), std::time::Instant::now() + self.timeout);
+        std::thread::spawn(move || drain(&last_use, &store, deadline));
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Waits for the requests in flight (until `deadline`), writes the last uses noted meanwhile,
+/// and exits; past the deadline Pingora stops what is left.
+fn drain(last_use: &LastUseLog, store: &store::Store, deadline: std::time::Instant) {
+    // Pingora stops its listeners once the signal is handed over; give it that moment.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    while crate::proxy::requests_in_flight() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let left = crate::proxy::requests_in_flight();
+    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        runtime.block_on(last_use.flush(store));
+    }
+    if left > 0 {
+        return tracing::warn!(left, "shutdown.timeout reached with requests in flight; stopping them");
+    }
+    tracing::info!("no request in flight; exiting");
+    std::process::exit(0);
 }
 
 /// No revocation may be lost: say so at start when the store could lose acknowledged writes.
@@ -174,8 +241,10 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(config.shutdown.grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.shutdown.timeout.as_secs().max(1)),
+        // Pingora's grace is how long it lets requests run after it stops accepting; `drain` exits
+        // sooner, as soon as none is left, and always within `shutdown.timeout`.
+        grace_period_seconds: Some(config.shutdown.timeout.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -188,6 +257,7 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         Arc::new(Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency));
     let (listen, admin_listen) = (config.listen, config.admin.listen);
     let flush_interval = config.admin.last_use_flush;
+    let shutdown = config.shutdown;
     let routes = config.routes.iter().count();
     let config = Arc::new(ArcSwap::from_pointee(config));
     let last_use = Arc::new(LastUseLog::default());
@@ -202,6 +272,7 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             Box::new(cache.stats().invalidations.clone()),
             Box::new(store.stats().latency.clone()),
             Box::new(store.stats().errors.clone()),
+            Box::new(store.stats().corrupt.clone()),
         ],
         verifier.stats().clone(),
     ));
@@ -213,11 +284,18 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let admin = AdminState { config, verifier, store: store.clone(), metrics };
     server.add_service(AdminService::new(admin_listener, admin));
     server.add_service(background_service("invalidation follower", Follower(cache)));
+    let shutdown = Shutdown {
+        grace: shutdown.grace,
+        timeout: shutdown.timeout,
+        last_use: last_use.clone(),
+        store: store.clone(),
+    };
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
     server.add_service(background_service("last-use flusher", flusher));
     let watcher = ConfigWatcher { path: path.to_path_buf(), config: watched };
     server.add_service(background_service("config watcher", watcher));
 
     tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
-    server.run_forever()
+    server.run(RunArgs { shutdown_signal: Box::new(shutdown) });
+    std::process::exit(0)
 }

@@ -91,16 +91,13 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed (see .ci/run)");
         wait_for_port(self.port, "redis-server", &mut child, None);
+        let pid = child.id().to_string();
+        // Kept first, so that a failed check below still stops it (on drop).
+        self.child = Some(child);
         // The server on the port must be this one, not a stranger that held the port.
         let info: String = redis::cmd("INFO").arg("server").query(&mut self.client()).expect("INFO server");
-        let pid = info.lines().find_map(|l| l.strip_prefix("process_id:")).map(str::trim);
-        assert_eq!(
-            pid,
-            Some(child.id().to_string().as_str()),
-            "another redis-server answers on {}",
-            self.port
-        );
-        self.child = Some(child);
+        let answered = info.lines().find_map(|l| l.strip_prefix("process_id:")).map(str::trim);
+        assert_eq!(answered, Some(pid.as_str()), "another redis-server answers on {}", self.port);
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -110,7 +107,12 @@ impl RedisServer {
 
     /// A synchronous connection for inspecting the server (INFO, CONFIG).
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("redis connection")
+        let connection = redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(10)))
+            .expect("redis connection");
+        // A listener that never answers fails the test instead of hanging it.
+        connection.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        connection
     }
 
     /// Kills the server.

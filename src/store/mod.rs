@@ -557,11 +557,13 @@ impl Store {
     /// Deletes a service; its tokens stop at once because their owner is gone.
     pub async fn delete_service(
         &self,
-        service: &Service,
+        service: &Stored<Service>,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        // As read: a rename in between would otherwise leave its new name taken forever.
+        b.expect(service_key(&service.id), service);
         b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
         b.srem.push((org_services_key(&service.org), service.id.clone()));
         b.invalidate(Invalidation::Service(service.id.clone()));

@@ -98,7 +98,9 @@ impl RedisBackend {
         work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let io = self.io.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
-        io.spawn(work).await.map_err(|e| StoreError::Unavailable(format!("Redis I/O task failed: {e}")))?
+        // A caller that gives up (the store timeout) stops the work too, as when it ran in place.
+        let mut task = AbortOnDrop(io.spawn(work));
+        (&mut task.0).await.map_err(|e| StoreError::Unavailable(format!("Redis I/O task failed: {e}")))?
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
@@ -125,9 +127,10 @@ impl RedisBackend {
 }
 
 /// Every connection to Redis (data and subscription) gives up on a peer that stopped answering at
-/// the TCP level: unacknowledged data for twice the store timeout (at least a second) or an idle
-/// connection failing keepalive probes (5 s, then 3 probes a second apart) closes it, so the next
-/// call connects again. Without this, a Redis that moved away without resetting the connection (a
+/// the TCP level: data unacknowledged for 8 s (or twice the store timeout, if longer), or an idle
+/// connection failing keepalive probes (after 5 s idle, 3 probes a second apart: the same 8 s, so
+/// that one lost probe does not close a healthy connection), closes it, so the next call
+/// connects again. Without this, a Redis that moved away without resetting the connection (a
 /// failover behind a virtual IP, a partition) leaves the data connection dead, and every miss a
 /// 503, until the kernel gives up on the socket, about 15 minutes later. No Nagle delay either.
 fn tcp_settings(timeout: Duration) -> TcpSettings {
@@ -138,7 +141,16 @@ fn tcp_settings(timeout: Duration) -> TcpSettings {
     TcpSettings::default()
         .set_nodelay(true)
         .set_keepalive(keepalive)
-        .set_user_timeout((2 * timeout).max(Duration::from_secs(1)))
+        .set_user_timeout((2 * timeout).max(Duration::from_secs(8)))
+}
+
+/// A task handed to the I/O thread, stopped when whoever awaits it goes away.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {

@@ -112,7 +112,7 @@ async fn writes_publish(s: &Store) {
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
-    s.delete_service(&svc, None).await.unwrap();
+    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), None).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
     assert!(s.get_service(&svc.id).await.unwrap().is_none());
     assert!(s.find_service_by_name("acme", "etl").await.unwrap().is_none());
@@ -170,11 +170,23 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
                 .await
                 .unwrap();
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
-        s.delete_service(&svc, None).await.unwrap();
+        s.delete_service(&read, None).await.unwrap();
         let mut renamed = svc.clone();
         renamed.org_role = Some(Role::Admin);
         assert!(matches!(s.update_service(&read, &renamed, None).await, Err(StoreError::Changed(_))));
         assert!(s.get_service(&svc.id).await.unwrap().is_none(), "{}", s.describe());
+        // A service renamed after it was read for deletion is not deleted (its new name would stay
+        // taken by nothing).
+        let svc =
+            lifecycle::create_service(&s, "acme", "etl2", None, BTreeMap::new(), Attributes::new(), None)
+                .await
+                .unwrap();
+        let read = s.get_service(&svc.id).await.unwrap().unwrap();
+        let renamed = Service { name: "etl3".into(), ..svc.clone() };
+        s.update_service(&read, &renamed, None).await.unwrap();
+        let refused = s.delete_service(&read, None).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        assert!(s.find_service_by_name("acme", "etl3").await.unwrap().is_some(), "{}", s.describe());
     }
 }
 

@@ -119,12 +119,30 @@ async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs()
 
     // An emptied file (as an editor leaves it before writing, or by mistake) is a valid config
     // with no routes, but never applied by a reload: every route keeps answering.
+    let empty = "config reload refused: the file is empty";
     std::fs::write(&w.gateway.config_path, "").unwrap();
     let refused = eventually(std::time::Duration::from_secs(5), || async {
-        w.gateway.log_text().contains("config reload refused: the file is empty")
+        w.gateway.log_text().matches(empty).count() == 1
     });
     assert!(refused.await, "{}", w.gateway.log_text());
     assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
+    // So is one with only comments, which would parse as the same empty config.
+    std::fs::write(&w.gateway.config_path, "# being written\n\n").unwrap();
+    let refused = eventually(std::time::Duration::from_secs(5), || async {
+        w.gateway.log_text().matches(empty).count() == 2
+    });
+    assert!(refused.await, "{}", w.gateway.log_text());
+    assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
+
+    // A setting that applies only after a restart is applied with the rest, and the log says so.
+    let resized = added.replace("cache: { capacity: 1000,", "cache: { capacity: 2000,");
+    assert_ne!(resized, added);
+    std::fs::write(&w.gateway.config_path, &resized).unwrap();
+    let told = eventually(std::time::Duration::from_secs(5), || async {
+        w.gateway.log_text().contains("applies only after a restart")
+    });
+    assert!(told.await, "{}", w.gateway.log_text());
+    assert!(w.gateway.log_text().contains("field=\"cache\""), "{}", w.gateway.log_text());
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
@@ -160,6 +178,31 @@ async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
     assert!(status.success(), "{status}");
     w.gateway.signal("TERM");
     assert!(w.gateway.wait_exit(std::time::Duration::from_secs(30)).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_request_in_flight_finish() {
+    let mut w = World::start().await;
+    let slow = RawUpstream::start_slow(Duration::from_millis(1500));
+    let port = free_port();
+    let config = gateway_config(port, &w.redis.url(), slow.port)
+        .replace("threads: 2", "threads: 2\nshutdown: { grace: 1s, timeout: 10s }");
+    let mut g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "f@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let in_flight = {
+        let (http, url, token) = (w.http.clone(), g.url("/shop/slow"), token.clone());
+        tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
+    };
+    // The request has reached the upstream, which answers 1.5 s later; stop the gateway now.
+    assert!(eventually(Duration::from_secs(10), || async { !slow.heads().is_empty() }).await);
+    g.signal("TERM");
+    let resp = in_flight.await.unwrap().expect("the request in flight gets its answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    let status = g.wait_exit(Duration::from_secs(30)).expect("then the gateway exits");
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

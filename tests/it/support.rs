@@ -103,10 +103,8 @@ pub struct RawUpstream {
 }
 
 impl RawUpstream {
-    pub const ANSWER: &'static [u8] =
-        b"HTTP/1.1 200 Fine By Me\r\nX-Upstream-Note: yes\r\nContent-Length: 2\r\n\r\nok";
-
-    pub fn start() -> RawUpstream {
+    /// One that answers each request `delay` after receiving its head.
+    pub fn start_slow(delay: Duration) -> RawUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
         let port = listener.local_addr().expect("addr").port();
         let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -114,14 +112,23 @@ impl RawUpstream {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let kept = kept.clone();
-                std::thread::spawn(move || RawUpstream::answer(stream, &kept));
+                std::thread::spawn(move || RawUpstream::answer(stream, &kept, delay));
             }
         });
         RawUpstream { port, heads }
     }
+}
+
+impl RawUpstream {
+    pub const ANSWER: &'static [u8] =
+        b"HTTP/1.1 200 Fine By Me\r\nX-Upstream-Note: yes\r\nContent-Length: 2\r\n\r\nok";
+
+    pub fn start() -> RawUpstream {
+        RawUpstream::start_slow(Duration::ZERO)
+    }
 
     /// Answers request after request (bodiless) on one kept-alive connection.
-    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<String>>) {
+    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<String>>, delay: Duration) {
         use std::io::{Read, Write};
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -129,6 +136,7 @@ impl RawUpstream {
             while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head: Vec<u8> = buf.drain(..end + 4).collect();
                 kept.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                std::thread::sleep(delay);
                 if stream.write_all(Self::ANSWER).is_err() {
                     return;
                 }
