@@ -16,6 +16,9 @@ pub struct LastUseLog {
     /// Time and client address of the latest use; formatted only when flushed, so that noting a
     /// use on the request path allocates nothing once the token is known.
     pending: Mutex<HashMap<TokenId, (Millis, Option<IpAddr>), foldhash::fast::RandomState>>,
+    /// One flush at a time: a later one (at shutdown) waits for an earlier write to land, so
+    /// writes never overtake each other.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl LastUseLog {
@@ -41,6 +44,7 @@ impl LastUseLog {
 
     /// Writes what is pending. On a store failure the records are kept for the next flush.
     pub async fn flush(&self, store: &Store) {
+        let _one_at_a_time = self.flushing.lock().await;
         let batch = self.take();
         if batch.is_empty() {
             return;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod echo;
 pub mod jwt;
 pub mod lifecycle;

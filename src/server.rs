@@ -184,12 +184,19 @@ impl ShutdownSignalWatch for Shutdown {
             _ = quit.recv() => {}
             _ = int.recv() => return ShutdownSignal::FastShutdown,
         }
-        tracing::info!(grace = ?self.grace, "SIGTERM: still accepting for shutdown.grace");
+        crate::drain::begin_shutdown();
+        tracing::info!(grace = ?self.grace, "shutting down: still accepting for shutdown.grace; /readyz answers 503");
         tokio::select! {
             _ = tokio::time::sleep(self.grace) => {}
             _ = int.recv() => return ShutdownSignal::FastShutdown,
         }
-        tracing::info!(timeout = ?self.timeout, in_flight = crate::proxy::requests_in_flight(), "no longer accepting; finishing requests in flight");
+        // SIGINT still stops at once, whenever it comes (this runtime outlives the handover).
+        tokio::spawn(async move {
+            int.recv().await;
+            tracing::warn!("SIGINT: stopping now");
+            std::process::exit(0);
+        });
+        tracing::info!(timeout = ?self.timeout, in_flight = crate::drain::in_flight(), "no longer accepting; finishing requests in flight");
         let (last_use, store, deadline) =
             (self.last_use.clone(), self.store.clone(), std::time::Instant::now() + self.timeout);
         std::thread::spawn(move || drain(&last_use, &store, deadline));
@@ -197,22 +204,27 @@ impl ShutdownSignalWatch for Shutdown {
     }
 }
 
-/// Waits for the requests in flight (until `deadline`), writes the last uses noted meanwhile,
-/// and exits; past the deadline Pingora stops what is left.
+/// Waits for the requests in flight (until `deadline`), writes the last uses noted meanwhile
+/// (after the flusher's own last write, if that is still under way), and exits; whatever is
+/// still running at the deadline is stopped.
 fn drain(last_use: &LastUseLog, store: &store::Store, deadline: std::time::Instant) {
-    // Pingora stops its listeners once the signal is handed over; give it that moment.
+    // Pingora stops its listeners once the signal is handed over: give it that moment. Then two
+    // readings of nothing in flight a little apart, since a request already read when the
+    // listener stopped is counted a moment later.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    while crate::proxy::requests_in_flight() > 0 && std::time::Instant::now() < deadline {
+    let mut quiet = 0;
+    while std::time::Instant::now() < deadline && quiet < 2 {
+        quiet = if crate::drain::in_flight() == 0 { quiet + 1 } else { 0 };
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let left = crate::proxy::requests_in_flight();
+    match crate::drain::in_flight() {
+        0 => tracing::info!("no request in flight"),
+        left => tracing::warn!(left, "shutdown.timeout reached with requests in flight; stopping them"),
+    }
     if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
         runtime.block_on(last_use.flush(store));
     }
-    if left > 0 {
-        return tracing::warn!(left, "shutdown.timeout reached with requests in flight; stopping them");
-    }
-    tracing::info!("no request in flight; exiting");
+    tracing::info!("exiting");
     std::process::exit(0);
 }
 

@@ -101,6 +101,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::map_response(error::json_refusals))
+        // A graceful shutdown waits for admin calls too (a revocation under way is not cut).
+        .layer(axum::middleware::from_fn(
+            |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let _in_flight = crate::drain::InFlight::begin();
+                next.run(req).await
+            },
+        ))
         .with_state(state)
 }
 
@@ -116,6 +123,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
+    if crate::drain::stopping() {
+        let body =
+            serde_json::json!({ "status": "stopping", "reason": "shutting down; take this instance out" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     match s.store.ping().await {
         Ok(()) => Json(serde_json::json!({ "status": "ready", "store": s.store.describe() })).into_response(),
         Err(e) => (

@@ -35,33 +35,9 @@ pub struct Gateway {
     identity_headers: headers::IdentityHeaders,
 }
 
-/// Requests begun and not yet finished, in this process (see [`requests_in_flight`]).
-static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// How many requests the gateway is serving right now: a shutdown waits for them.
-pub fn requests_in_flight() -> usize {
-    IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire)
-}
-
-/// Counts a request in flight from its context's making to its dropping.
-struct InFlight;
-
-impl InFlight {
-    fn begin() -> InFlight {
-        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 /// Per-request state.
 pub struct RequestCtx {
-    _in_flight: InFlight,
+    _in_flight: crate::drain::InFlight,
     /// Made once, shared (not copied) by the upstream request, the response and the logs.
     request_id: HeaderValue,
     route: Option<Arc<Route>>,
@@ -174,7 +150,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            _in_flight: InFlight::begin(),
+            _in_flight: crate::drain::InFlight::begin(),
             request_id: new_request_id(),
             route: None,
             config: None,

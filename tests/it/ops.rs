@@ -183,10 +183,11 @@ async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_request_in_flight_finish() {
     let mut w = World::start().await;
-    let slow = RawUpstream::start_slow(Duration::from_millis(1500));
+    // It answers after the gateway has stopped accepting (shutdown.grace, 2 s, after SIGTERM).
+    let slow = RawUpstream::start_slow(Duration::from_millis(3000));
     let port = free_port();
     let config = gateway_config(port, &w.redis.url(), slow.port)
-        .replace("threads: 2", "threads: 2\nshutdown: { grace: 1s, timeout: 10s }");
+        .replace("threads: 2", "threads: 2\nshutdown: { grace: 2s, timeout: 10s }");
     let mut g = Gateway::start_with(port, &config);
     let user = w.user("acme", "f@acme.io", Role::Viewer, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
@@ -195,9 +196,15 @@ async fn sigterm_lets_a_request_in_flight_finish() {
         let (http, url, token) = (w.http.clone(), g.url("/shop/slow"), token.clone());
         tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
     };
-    // The request has reached the upstream, which answers 1.5 s later; stop the gateway now.
+    // The request has reached the upstream, which answers 3 s later; stop the gateway now.
     assert!(eventually(Duration::from_secs(10), || async { !slow.heads().is_empty() }).await);
     g.signal("TERM");
+    // While it still accepts (shutdown.grace), it tells load balancers to take it out.
+    let readyz = format!("{}/readyz", g.admin_url());
+    let stopping = eventually(Duration::from_secs(2), || async {
+        w.http.get(&readyz).send().await.is_ok_and(|r| r.status() == 503)
+    });
+    assert!(stopping.await, "/readyz says 503 once a shutdown has begun");
     let resp = in_flight.await.unwrap().expect("the request in flight gets its answer");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "ok");
