@@ -207,6 +207,10 @@ pub trait Backend: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// Why an acknowledged write could still be lost, if it could.
     async fn durability_warning(&self) -> Result<Option<String>, StoreError>;
+    /// Checks the backend answers.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.get("ping").await.map(|_| ())
+    }
 }
 
 /// The domain operations on top of a backend, each bounded by the store timeout.
@@ -431,7 +435,7 @@ impl Store {
 
     /// Checks the backend answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read::<serde_json::Value>("ping".to_string()).await.map(|_| ())
+        self.bounded(self.backend.ping()).await
     }
 
     /// A token by id.

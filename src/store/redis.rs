@@ -47,28 +47,14 @@ pub struct RedisBackend {
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
     display: String,
-    /// The one thread that drives every Redis connection (see [`RedisBackend::on_io`]).
-    io: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for RedisBackend {
-    fn drop(&mut self) {
-        // Dropped inside another runtime (a test, the CLI), a runtime must not wait for its thread.
-        if let Some(io) = self.io.take() {
-            io.shutdown_background();
-        }
-    }
 }
 
 impl RedisBackend {
-    /// A backend for `url`, with every key under `prefix`. Connects on first use.
+    /// A backend for `url`, with every key under `prefix`. Connects lazily, on first use: the
+    /// shared connection's driver task lives in the runtime of the first call that needs it,
+    /// which is the proxy's first cache miss unless an admin call comes first (a readiness probe
+    /// does not: [`Backend::ping`] uses a connection of its own).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisBackend, StoreError> {
-        let io = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tollgate-redis")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the Redis I/O thread: {e}")))?;
         let info = url.into_connection_info().map_err(unavailable)?;
         let client =
             redis::Client::open(info.set_tcp_settings(tcp_settings(timeout))).map_err(unavailable)?;
@@ -85,37 +71,19 @@ impl RedisBackend {
             timeout,
             conn: OnceCell::new(),
             script: redis::Script::new(COMMIT_SCRIPT),
-            io: Some(io),
         })
-    }
-
-    /// Runs `work` on the backend's own I/O thread. A connection's driver task, and its
-    /// reconnections, live in the runtime that opened it; here that is always this one, so no
-    /// store traffic depends on whichever runtime happened to call first (the admin API's single
-    /// thread, say, answering a readiness probe at start).
-    async fn on_io<T: Send + 'static>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let io = self.io.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
-        // A caller that gives up (the store timeout) stops the work too, as when it ran in place.
-        let mut task = AbortOnDrop(io.spawn(work));
-        (&mut task.0).await.map_err(|e| StoreError::Unavailable(format!("Redis I/O task failed: {e}")))?
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         let conn = self
             .conn
-            .get_or_try_init(|| {
+            .get_or_try_init(|| async {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(self.timeout);
-                let client = self.client.clone();
-                self.on_io(async move {
-                    client.get_connection_manager_with_config(config).await.map_err(unavailable)
-                })
+                self.client.get_connection_manager_with_config(config).await.map_err(unavailable)
             })
             .await?;
         Ok(conn.clone())
@@ -144,15 +112,6 @@ fn tcp_settings(timeout: Duration) -> TcpSettings {
         .set_user_timeout((2 * timeout).max(Duration::from_secs(8)))
 }
 
-/// A task handed to the I/O thread, stopped when whoever awaits it goes away.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -160,19 +119,16 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 #[async_trait]
 impl Backend for RedisBackend {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let (mut conn, key) = (self.conn().await?, self.key(key));
-        self.on_io(async move { conn.get(key).await.map_err(unavailable) }).await
+        self.conn().await?.get(self.key(key)).await.map_err(unavailable)
     }
 
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
-        let (mut conn, set) = (self.conn().await?, self.key(set));
-        self.on_io(async move { conn.smembers(set).await.map_err(unavailable) }).await
+        self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
     }
 
     async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let stop = limit.max(1) as isize - 1;
-        let (mut conn, key) = (self.conn().await?, self.key(key));
-        self.on_io(async move { conn.lrange(key, 0, stop).await.map_err(unavailable) }).await
+        self.conn().await?.lrange(self.key(key), 0, stop).await.map_err(unavailable)
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
@@ -187,12 +143,8 @@ impl Backend for RedisBackend {
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;
-        let (script, channel) = (self.script.clone(), self.channel.clone());
-        let conflict: String = self
-            .on_io(async move {
-                script.arg(encoded).arg(channel).invoke_async(&mut conn).await.map_err(unavailable)
-            })
-            .await?;
+        let conflict: String =
+            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(unavailable)?;
         if conflict.is_empty() {
             return Ok(());
         }
@@ -205,21 +157,14 @@ impl Backend for RedisBackend {
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
-        let (client, channel) = (self.client.clone(), self.channel.clone());
-        let pubsub = self
-            .on_io(async move {
-                let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-                pubsub.subscribe(&channel).await.map_err(unavailable)?;
-                Ok(pubsub)
-            })
-            .await?;
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
         let timeout = self.timeout;
         // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered,
         // or the receiver is gone; the cache then treats the channel as lost.
-        let io = self.io.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
-        io.spawn(async move {
+        tokio::spawn(async move {
             let mut beat = tokio::time::interval(HEARTBEAT);
             loop {
                 tokio::select! {
@@ -250,6 +195,13 @@ impl Backend for RedisBackend {
 
     fn describe(&self) -> String {
         self.display.clone()
+    }
+
+    /// A `PING` on a connection of its own, so that readiness probes (often the first thing to
+    /// reach a new instance) do not decide on which runtime the shared connection lives.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        redis::cmd("PING").query_async::<redis::Value>(&mut conn).await.map(|_| ()).map_err(unavailable)
     }
 
     /// Asks the server for its persistence settings on a connection of its own (this may run in a
