@@ -283,6 +283,17 @@ fn implicit_expiry(limits: &TokenLimits, now: Millis) -> Option<Millis> {
     }
 }
 
+/// A lifetime as the config writes it: `90d`, `12h`, `30m`, `45s` (humantime would say
+/// `2months 29days 2h 52m 48s` for 90 days).
+fn lifetime(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 /// 9999-12-31T23:59:59Z: the last instant RFC 3339 can write.
 const MAX_EXPIRY: Millis = 253_402_300_799_000;
 
@@ -354,10 +365,13 @@ impl<'a> Lifecycle<'a> {
                 })?;
                 Ok(Some(Scope { name: Some(name), permissions: perms.to_vec() }))
             }
-            (None, Some(perms)) => {
+            (None, Some(mut perms)) => {
                 if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
                     return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
                 }
+                // Each once, in the order first given.
+                let mut seen = std::collections::HashSet::new();
+                perms.retain(|p| seen.insert(p.clone()));
                 Ok(Some(Scope { name: None, permissions: perms }))
             }
             (None, None) => Ok(None),
@@ -422,11 +436,13 @@ impl<'a> Lifecycle<'a> {
                 "this gateway requires an expiry: give --ttl-minutes or --expires".into(),
             ));
         }
+        // Under a maximum lifetime, a token asked for without an expiry gets that lifetime.
+        let expires_at = expires_at.or_else(|| limits.max_ttl.map(|max| now + max.as_millis() as Millis));
         if let (Some(max), Some(at)) = (limits.max_ttl, expires_at) {
             if at - now > max.as_millis() as Millis {
                 return Err(LifecycleError::Invalid(format!(
                     "the expiry is beyond the maximum lifetime of {}",
-                    humantime::format_duration(max)
+                    lifetime(max)
                 )));
             }
         }
@@ -525,7 +541,14 @@ impl<'a> Lifecycle<'a> {
 
     /// A token the caller may see: their own, or any in their org for an admin.
     async fn visible_token(&self, actor: &Actor, id: &str) -> Result<Stored<TokenRecord>> {
-        let not_found = || LifecycleError::NotFound(format!("token {id} not found"));
+        let not_found = || match id.len() > crate::token::ID_LEN {
+            // Perhaps a whole token: never repeat a secret.
+            true => LifecycleError::NotFound(format!(
+                "token not found; give its {}-character id",
+                crate::token::ID_LEN
+            )),
+            false => LifecycleError::NotFound(format!("token {id} not found")),
+        };
         let id = TokenId::parse(id).ok_or_else(not_found)?;
         let t = self.store.get_token(&id).await?.ok_or_else(not_found)?;
         if t.org != actor.org {
@@ -815,6 +838,13 @@ impl<'a> Lifecycle<'a> {
         let before = self.user_in(actor, org, email).await?;
         let mut user = (*before).clone();
         let project_roles = change.apply(&mut user.org_role, &mut user.project_roles)?;
+        // As with suspending or removing oneself: the acting admin stays one, so an org always
+        // keeps an admin (only admins change roles).
+        if actor.user_id.as_deref() == Some(user.id.as_str()) && user.org_role < before.org_role {
+            return Err(LifecycleError::Invalid(
+                "you cannot lower your own org role; another org admin can".into(),
+            ));
+        }
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
@@ -1300,6 +1330,7 @@ pub async fn bootstrap(
     org: &str,
     email: &str,
 ) -> Result<(User, NewToken)> {
+    check_email(email)?;
     ensure_org(store, org).await?;
     let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
     let now = now_millis();

@@ -9,6 +9,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = tollgate::cli::Cli::parse();
+    if !cli.serves() {
+        // A command whose output is piped into `head` ends quietly when the reader goes away, as
+        // Unix tools do (Rust ignores SIGPIPE, so printing would panic); the servers keep
+        // ignoring it, a closed connection being an error to handle, not a reason to stop.
+        sigpipe::reset();
+    }
     if let Err(e) = tollgate::cli::run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -16,7 +16,14 @@ impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
     pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
-        Ok(Client { http, server: server.trim_end_matches('/').to_string(), token })
+        // `127.0.0.1:8081` means the admin API over plain HTTP, as the default does.
+        let server = match server.contains("://") {
+            true => server.trim_end_matches('/').to_string(),
+            false => format!("http://{}", server.trim_end_matches('/')),
+        };
+        // An empty TOLLGATE_TOKEN is no token, not an empty one.
+        let token = token.filter(|t| !t.trim().is_empty());
+        Ok(Client { http, server, token })
     }
 
     /// Sends a request and decodes the JSON answer, or fails with the API's reason.
@@ -40,9 +47,17 @@ impl Client {
         if !status.is_success() {
             let reason = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
-                .and_then(|v| v["error_description"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Err(anyhow!("{reason} ({})", status.as_u16()));
+                .and_then(|v| v["error_description"].as_str().map(str::to_string));
+            return Err(match reason {
+                Some(reason) if !reason.starts_with("no route matches") => {
+                    anyhow!("{reason} ({})", status.as_u16())
+                }
+                // The gateway's own 404, or something that is not Tollgate at all.
+                _ => anyhow!(
+                    "{} answered {status} to {path}, which is not how the admin API answers: is --server (TOLLGATE_SERVER) the admin listener (admin.listen, default http://127.0.0.1:8081)?",
+                    self.server
+                ),
+            });
         }
         serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
     }

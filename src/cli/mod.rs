@@ -43,6 +43,14 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// Whether the command runs a server (the gateway, quickstart, the echo upstream) rather than
+    /// printing and ending.
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve { .. } | Command::Quickstart { .. } | Command::Echo { .. })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -150,12 +158,12 @@ enum TokenCmd {
     },
     /// Show one token.
     Get {
-        /// Token id.
+        /// Token id (or the whole token: only its id is sent).
         id: String,
     },
     /// Revoke a token by id, or yours by display name.
     Revoke {
-        /// Token id.
+        /// Token id (or the whole token, say a leaked one: only its id is sent).
         #[arg(required_unless_present = "display_name")]
         id: Option<String>,
         /// Revoke your token with this name (refused when several have it).
@@ -167,7 +175,7 @@ enum TokenCmd {
     },
     /// Replace a token with a new one; the old one stops now or after the grace period.
     Rotate {
-        /// Token id.
+        /// Token id (or the whole token: only its id is sent).
         id: String,
         /// New scope preset.
         #[arg(long, conflicts_with = "permission")]
@@ -249,7 +257,7 @@ struct RoleArgs {
     /// Role on that project.
     #[arg(long, value_parser = parse_role, requires = "project")]
     project_role: Option<Role>,
-    /// Remove the project's role.
+    /// Remove the project's role (set-role only).
     #[arg(long, requires = "project")]
     remove: bool,
 }
@@ -421,6 +429,15 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
     }
 }
 
+/// The token id of `arg`: a whole token (pasted, say, from a leak report) is reduced to its id
+/// here, so that its secret never travels in a URL or comes back in a message.
+fn token_id(arg: &str) -> String {
+    match crate::token::parse(arg) {
+        Ok(parsed) => parsed.id.to_string(),
+        Err(_) => arg.to_string(),
+    }
+}
+
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
 }
@@ -462,7 +479,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen { algorithm, out } => {
             let alg = crate::jwt::ALGORITHMS
                 .iter()
-                .find(|(name, _)| *name == algorithm)
+                .find(|(name, _)| name.eq_ignore_ascii_case(&algorithm))
                 .map(|(_, a)| *a)
                 .ok_or_else(|| anyhow!("unknown algorithm {algorithm:?}; use EdDSA or ES256"))?;
             let pem = crate::jwt::generate_key(alg).map_err(|e| anyhow!(e))?;
@@ -478,6 +495,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bootstrap { config, org, email } => {
             let config = load(&config)?;
+            if !config.orgs.contains_key(&org) {
+                let known: Vec<&str> = config.orgs.keys().map(String::as_str).collect();
+                return Err(anyhow!(
+                    "org {org:?} is not in the config's `orgs` (it has: {}); add it there first, with its projects and environments",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ));
+            }
             init_logging("warn");
             block_on(async {
                 let store = store::open(&config.store)?.with_audit_max(config.audit_max);
@@ -502,6 +526,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -654,13 +681,14 @@ impl Api {
                 })
             }
             TokenCmd::Get { id } => {
+                let id = token_id(&id);
                 let t: TokenView = self.get(&format!("/v1/tokens/{}", segment(&id))).await?;
                 self.show(&t, print_token)
             }
             TokenCmd::Revoke { id, display_name, reason } => {
                 let (path, req) = match id {
                     Some(id) => (
-                        format!("/v1/tokens/{}/revoke", segment(&id)),
+                        format!("/v1/tokens/{}/revoke", segment(&token_id(&id))),
                         RevokeRequest { display_name: None, reason },
                     ),
                     None => ("/v1/tokens/revoke".to_string(), RevokeRequest { display_name, reason }),
@@ -669,6 +697,7 @@ impl Api {
                 self.show(&t, |t| println!("Revoked token {}.", t.id))
             }
             TokenCmd::Rotate { id, scope, permission, expires, ttl_minutes, grace_seconds } => {
+                let id = token_id(&id);
                 let req = RotateRequest {
                     scope,
                     permissions: (!permission.is_empty()).then_some(permission),

@@ -6,7 +6,7 @@
 
 mod raw;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -301,6 +301,9 @@ impl Config {
                 let path = e.path().to_string();
                 let message = e.into_inner().to_string();
                 let path = if path == "." { String::new() } else { path };
+                // serde_yaml names the path in its message too: say it once.
+                let message =
+                    message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
                 issues.push(ConfigIssue { path, message });
                 return Err(ConfigError { issues });
             }
@@ -743,7 +746,9 @@ impl Validator {
         jwt_present: bool,
     ) -> RouteTable {
         let mut routes = Vec::new();
-        let mut seen = HashSet::new();
+        // What each earlier route took, to name it when a later one takes the same.
+        let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
         for (i, r) in raw.into_iter().enumerate() {
             let at = |field: &str| format!("routes[{i}].{field}");
             let public = r.auth == Some(RawAuth::None);
@@ -769,10 +774,16 @@ impl Validator {
                 Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
             }
             let host = r.host.map(|h| normalize_host(&h));
-            if !seen.insert((host.clone(), path_prefix.clone())) {
+            if let Some(j) = seen.insert((host.clone(), path_prefix.clone()), i) {
+                let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
+                self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
+            }
+            // Names given: a route without one is named by its path, which the check above covers.
+            let name = r.name.clone().unwrap_or_else(|| path_prefix.clone());
+            if let Some(j) = r.name.as_ref().and_then(|n| names.insert(n.clone(), i)) {
                 self.error(
-                    at("path"),
-                    format!("another route already has host {host:?} and path {path_prefix:?}"),
+                    at("name"),
+                    format!("routes[{j}] is already named {name:?}; names label metrics and logs, so they must differ"),
                 );
             }
             let addresses: Vec<String> = match (r.upstream, r.upstreams) {
@@ -823,7 +834,7 @@ impl Validator {
                 continue;
             };
             routes.push(Route::new(RouteSpec {
-                name: r.name.unwrap_or_else(|| path_prefix.clone()),
+                name,
                 host,
                 path_prefix,
                 upstreams,

@@ -119,7 +119,7 @@ fn structural_errors() {
         "identity: { request_id_header: Host }",
         &["identity.request_id_header: must not be Host or Authorization"],
     );
-    check("orgs: { acme: { projects: { shop: { environments: [p] } } } }\nroutes:\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n", &["routes[1].path: another route"]);
+    check("orgs: { acme: { projects: { shop: { environments: [p] } } } }\nroutes:\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: p }\n", &["routes[1].path: routes[0] already has path"]);
 }
 
 #[test]
@@ -187,4 +187,19 @@ routes:
             "routes[0].identity_jwt: a public route has no identity to sign",
         ],
     );
+}
+
+#[test]
+fn two_routes_with_one_name_or_one_path_are_refused_naming_the_first() {
+    let yaml = r#"
+orgs: { acme: { projects: { shop: { environments: [production] } } } }
+routes:
+  - { name: dup, path: /a, upstream: "127.0.0.1:9000", auth: none }
+  - { name: dup, path: /b, upstream: "127.0.0.1:9000", auth: none }
+  - { name: other, path: /a, upstream: "127.0.0.1:9000", auth: none }
+"#;
+    let err = Config::parse(yaml).unwrap_err().to_string();
+    assert!(err.contains("routes[1].name: routes[0] is already named \"dup\""), "{err}");
+    assert!(err.contains("routes[2].path: routes[0] already has path \"/a\""), "{err}");
+    assert!(!err.contains("None"), "{err}");
 }

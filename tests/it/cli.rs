@@ -107,4 +107,18 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     let again = bootstrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // Nor an org the config does not have, nor something that is not an email.
+    for (org, email, why) in
+        [("nosuch", "a@example.com", "not in the config's `orgs`"), ("acme", "notanemail", "not an email")]
+    {
+        let out = Command::new(tollgate_bin())
+            .args(["bootstrap", "--config"])
+            .arg(&path)
+            .args(["--org", org, "--email", email])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "{org} {email}: {stderr}");
+    }
 }

@@ -45,13 +45,23 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let mcp_line = listed.lines().find(|l| l.contains(&mcp_id)).expect("MCP token listed");
     assert!(mcp_line.contains("MCP Token"));
     let local_line = listed.lines().find(|l| l.contains(&local_id)).expect("local token listed");
-    assert!(local_line.trim_end().ends_with("Never"), "{local_line}");
-    let details = ann.json(&["token", "get", &mcp_id]);
-    let expires = humantime::parse_rfc3339(details["expires_at"].as_str().unwrap()).unwrap();
-    let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(!local_line.trim_end().ends_with("Never"), "{local_line}");
+    let lifetime = |id: &str| {
+        let details = ann.json(&["token", "get", id]);
+        let expires = humantime::parse_rfc3339(details["expires_at"].as_str().unwrap()).unwrap();
+        expires.duration_since(std::time::SystemTime::now()).unwrap()
+    };
+    let day = Duration::from_secs(24 * 3600);
+    let mcp_lifetime = lifetime(&mcp_id);
     assert!(
-        lifetime > Duration::from_secs(24 * 3600 - 120) && lifetime <= Duration::from_secs(24 * 3600),
-        "a 24-hour TTL: {lifetime:?}"
+        mcp_lifetime > day - Duration::from_secs(120) && mcp_lifetime <= day,
+        "a 24-hour TTL: {mcp_lifetime:?}"
+    );
+    // Under `tokens.max_ttl` (30d here), a token asked for without an expiry gets that lifetime.
+    let local_lifetime = lifetime(&local_id);
+    assert!(
+        local_lifetime > 30 * day - Duration::from_secs(120) && local_lifetime <= 30 * day,
+        "the configured maximum: {local_lifetime:?}"
     );
 
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &mcp).await, 200);
@@ -65,8 +75,22 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         .await
     );
 
-    ann.run(&["token", "revoke", &mcp_id, "--reason", "no longer in use"]).ok();
+    // Revoked by the whole token, as pasted from a leak report: only its id travels, and the
+    // secret is never printed back.
+    let out = ann.run(&["token", "revoke", &mcp, "--reason", "no longer in use"]);
+    assert!(!out.stdout.contains(&mcp) && !out.stderr.contains(&mcp), "{out:?}");
+    out.ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &mcp).await, 401, "refused once the call returns");
+    // And the admin API, given a whole token in its path, does not repeat it either.
+    let resp = w
+        .http
+        .get(format!("{}/v1/tokens/{local}", w.gateway.admin_url()))
+        .bearer_auth(&local)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(!resp.text().await.unwrap().contains(&local));
     ann.run(&["token", "revoke", "--display-name", "Local Development"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 401);
 
@@ -329,7 +353,26 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     let err = admin.run(&["token", "issue", "--expires", "tomorrow"]).failed();
     assert!(err.contains("RFC 3339"), "{err}");
     let err = admin.run(&["token", "issue", "--ttl-minutes", "100000"]).failed();
-    assert!(err.contains("maximum lifetime"), "{err}");
+    assert!(err.contains("maximum lifetime of 30d"), "{err}");
+    // The org's admin cannot demote themself (nor suspend or remove themself): an org keeps one.
+    let err = admin.run(&["user", "set-role", "admin@acme.io", "--org-role", "viewer"]).failed();
+    assert!(err.contains("cannot lower your own org role"), "{err}");
+    // `--server host:port` means plain HTTP, as the default does.
+    let schemeless =
+        Cli { server: admin.server.trim_start_matches("http://").to_string(), token: admin.token.clone() };
+    assert!(schemeless.run(&["token", "list"]).ok().starts_with("ID"));
+    // Output into a pipe that closes early ends the command quietly, as `| head` does.
+    let mut listing = std::process::Command::new(tollgate_bin())
+        .args(["--server", admin.server.trim_start_matches("http://"), "token", "list"])
+        .env("TOLLGATE_TOKEN", &admin.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(listing.stdout.take());
+    let out = listing.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && out.status.code() != Some(101), "{stderr}");
     let err = admin.run(&["token", "issue", "--scope", "everything"]).failed();
     assert!(err.contains("unknown scope"), "{err}");
     let err = admin.run(&["token", "issue", "--env", "moon"]).failed();
