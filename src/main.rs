@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = tollgate::cli::Cli::parse();
-    if !cli.serves() {
+    if cli.may_die_of_sigpipe() {
         // A command whose output is piped into `head` ends quietly when the reader goes away, as
         // Unix tools do (Rust ignores SIGPIPE, so printing would panic); the servers keep
         // ignoring it, a closed connection being an error to handle, not a reason to stop.

@@ -255,7 +255,8 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         threads: config.threads,
         // Pingora's grace is how long it lets requests run after it stops accepting; `drain` exits
         // sooner, as soon as none is left, and always within `shutdown.timeout`.
-        grace_period_seconds: Some(config.shutdown.timeout.as_secs() + 1),
+        // (plus room for its last flush, bounded by the store timeout).
+        grace_period_seconds: Some((config.shutdown.timeout + config.store.timeout).as_secs() + 2),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };

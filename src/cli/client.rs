@@ -5,6 +5,26 @@ use anyhow::{anyhow, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// `server` with its scheme. `localhost:8081` or `127.0.0.1:8081` means plain HTTP, as the
+/// default does; another host must say `http://` or `https://`, so that a token is never sent
+/// in the clear to a host that was meant to be reached over TLS.
+fn with_scheme(server: &str) -> anyhow::Result<String> {
+    if server.contains("://") {
+        return Ok(server.to_string());
+    }
+    let host = server.rsplit_once(':').map_or(server, |(host, _)| host);
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match loopback {
+        true => Ok(format!("http://{server}")),
+        false => Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}")),
+    }
+}
+
 /// An admin API client.
 pub struct Client {
     http: reqwest::Client,
@@ -16,11 +36,7 @@ impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
     pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
-        // `127.0.0.1:8081` means the admin API over plain HTTP, as the default does.
-        let server = match server.contains("://") {
-            true => server.trim_end_matches('/').to_string(),
-            false => format!("http://{}", server.trim_end_matches('/')),
-        };
+        let server = with_scheme(server.trim_end_matches('/'))?;
         // An empty TOLLGATE_TOKEN is no token, not an empty one.
         let token = token.filter(|t| !t.trim().is_empty());
         Ok(Client { http, server, token })
@@ -48,15 +64,18 @@ impl Client {
             let reason = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v["error_description"].as_str().map(str::to_string));
+            let not_the_api = matches!(status.as_u16(), 404 | 405);
             return Err(match reason {
                 Some(reason) if !reason.starts_with("no route matches") => {
                     anyhow!("{reason} ({})", status.as_u16())
                 }
                 // The gateway's own 404, or something that is not Tollgate at all.
-                _ => anyhow!(
+                _ if not_the_api => anyhow!(
                     "{} answered {status} to {path}, which is not how the admin API answers: is --server (TOLLGATE_SERVER) the admin listener (admin.listen, default http://127.0.0.1:8081)?",
                     self.server
                 ),
+                // A proxy's page in front of it, say: its first line.
+                _ => anyhow!("{} answered {status}: {}", self.server, text.lines().next().unwrap_or("").trim()),
             });
         }
         serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
@@ -90,5 +109,20 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     line(headers.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_scheme;
+
+    #[test]
+    fn a_server_without_scheme_is_plain_http_only_on_this_machine() {
+        for local in ["127.0.0.1:8081", "localhost:8081", "[::1]:8081"] {
+            assert_eq!(with_scheme(local).unwrap(), format!("http://{local}"));
+        }
+        assert_eq!(with_scheme("https://admin.corp:8443").unwrap(), "https://admin.corp:8443");
+        let err = with_scheme("admin.corp:8443").unwrap_err().to_string();
+        assert!(err.contains("needs a scheme: https://admin.corp:8443"), "{err}");
     }
 }

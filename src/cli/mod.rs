@@ -49,6 +49,13 @@ impl Cli {
     pub fn serves(&self) -> bool {
         matches!(self.command, Command::Serve { .. } | Command::Quickstart { .. } | Command::Echo { .. })
     }
+
+    /// Whether printing into a closed pipe may simply end the command (default SIGPIPE): not for
+    /// the servers, nor for `bootstrap`, which talks to the store itself (a Unix-socket Redis
+    /// that drops the connection would otherwise kill it without a word).
+    pub fn may_die_of_sigpipe(&self) -> bool {
+        !self.serves() && !matches!(self.command, Command::Bootstrap { .. })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,12 +436,14 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
     }
 }
 
-/// The token id of `arg`: a whole token (pasted, say, from a leak report) is reduced to its id
-/// here, so that its secret never travels in a URL or comes back in a message.
+/// The token id of `arg`: a whole token (pasted, say, from a leak report, even mistyped) is
+/// reduced to its id here, so that its secret never travels in a URL or comes back in a message.
 fn token_id(arg: &str) -> String {
-    match crate::token::parse(arg) {
-        Ok(parsed) => parsed.id.to_string(),
-        Err(_) => arg.to_string(),
+    let arg = arg.trim();
+    let prefixed = ["tgp_", "tgs_"].iter().any(|p| arg.starts_with(p));
+    match arg.get(..crate::token::ID_LEN) {
+        Some(id) if prefixed && arg.len() > crate::token::ID_LEN => id.to_string(),
+        _ => arg.to_string(),
     }
 }
 
@@ -610,11 +619,11 @@ impl Api {
                     println!("Access token: {}", c.token);
                 })
             }
-            Command::Audit { org, token_id, limit } => {
+            Command::Audit { org, token_id: id, limit } => {
                 let org = self.org(org).await?;
                 let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
-                if let Some(id) = token_id {
-                    path.push_str(&format!("&token_id={}", segment(&id)));
+                if let Some(id) = id {
+                    path.push_str(&format!("&token_id={}", segment(&token_id(&id))));
                 }
                 let events: Vec<AuditEvent> = self.get(&path).await?;
                 self.show(&events, |events| {

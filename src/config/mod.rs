@@ -774,17 +774,22 @@ impl Validator {
                 Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
             }
             let host = r.host.map(|h| normalize_host(&h));
-            if let Some(j) = seen.insert((host.clone(), path_prefix.clone()), i) {
+            let path_clash = seen.insert((host.clone(), path_prefix.clone()), i);
+            if let Some(j) = path_clash {
                 let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
                 self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
             }
-            // Names given: a route without one is named by its path, which the check above covers.
+            // Names label metrics and logs; a route without one is named by its path.
             let name = r.name.clone().unwrap_or_else(|| path_prefix.clone());
-            if let Some(j) = r.name.as_ref().and_then(|n| names.insert(n.clone(), i)) {
-                self.error(
-                    at("name"),
-                    format!("routes[{j}] is already named {name:?}; names label metrics and logs, so they must differ"),
-                );
+            match names.insert(name.clone(), i) {
+                Some(j) if path_clash.is_none() => {
+                    let whose = if r.name.is_some() { "" } else { ", this route's default name (its path)" };
+                    self.error(
+                        at("name"),
+                        format!("routes[{j}] is already named {name:?}{whose}; names label metrics and logs, so give each route its own"),
+                    );
+                }
+                _ => {}
             }
             let addresses: Vec<String> = match (r.upstream, r.upstreams) {
                 (Some(one), None) => vec![one],

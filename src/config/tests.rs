@@ -203,3 +203,23 @@ routes:
     assert!(err.contains("routes[2].path: routes[0] already has path \"/a\""), "{err}");
     assert!(!err.contains("None"), "{err}");
 }
+
+#[test]
+fn a_default_name_counts_too() {
+    // A route without `name` is named by its path: a name given that equals it, or two such
+    // routes on different hosts, would share one label in metrics and logs.
+    let yaml = r#"
+routes:
+  - { path: /a, upstream: "127.0.0.1:9000", auth: none }
+  - { name: /a, path: /b, upstream: "127.0.0.1:9000", auth: none }
+  - { path: /c, host: x.example, upstream: "127.0.0.1:9000", auth: none }
+  - { path: /c, host: y.example, upstream: "127.0.0.1:9000", auth: none }
+"#;
+    check(
+        yaml,
+        &[
+            "routes[1].name: routes[0] is already named \"/a\"",
+            "routes[3].name: routes[2] is already named \"/c\", this route's default name",
+        ],
+    );
+}
