@@ -825,6 +825,20 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
+    /// The acting user's record as stored now, if the actor is a user (not a service), and still
+    /// the org admin they were authenticated as: a change to users goes ahead only while it is
+    /// unchanged, so that two admins demoting, suspending or removing each other at once cannot
+    /// both succeed.
+    async fn acting_user(&self, actor: &Actor) -> Result<Option<Stored<User>>> {
+        let Some(id) = &actor.user_id else { return Ok(None) };
+        match self.store.get_user(id).await? {
+            Some(me) if me.org_role == Role::Admin && me.status == UserStatus::Active => Ok(Some(me)),
+            _ => {
+                Err(LifecycleError::Forbidden("your own role or status changed meanwhile; try again".into()))
+            }
+        }
+    }
+
     /// Changes a user's org role and/or one project role (admins only).
     pub async fn set_user_role(
         &self,
@@ -848,7 +862,9 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_user(&before, &user, Some(&audit)).await?;
+        self.store
+            .update_user_while(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref())
+            .await?;
         Ok(user)
     }
 
@@ -876,7 +892,9 @@ impl<'a> Lifecycle<'a> {
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
         let mut audit = actor.audit(action, format!("user:{email}"));
         audit.reason = reason;
-        self.store.update_user(&before, &user, Some(&audit)).await?;
+        self.store
+            .update_user_while(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref())
+            .await?;
         Ok(user)
     }
 
@@ -914,7 +932,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("user.remove", format!("user:{email}"));
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
-        self.store.delete_user(&user, &tokens, Some(&audit)).await?;
+        self.store.delete_user(&user, &tokens, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
         Ok(tokens.len())
     }
 

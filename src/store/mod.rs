@@ -530,9 +530,25 @@ impl Store {
         user: &User,
         audit: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
+        self.update_user_while(before, user, audit, None).await
+    }
+
+    /// [`Store::update_user`], also only while `actor` (the acting admin, as read) is unchanged:
+    /// two admins demoting or suspending each other at once cannot both succeed, so an org keeps
+    /// an admin.
+    pub async fn update_user_while(
+        &self,
+        before: &Stored<User>,
+        user: &User,
+        audit: Option<&AuditEvent>,
+        actor: Option<&Stored<User>>,
+    ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
         b.expect(user_key(&before.id), before);
+        if let Some(actor) = actor {
+            b.expect(user_key(&actor.id), actor);
+        }
         b.put(user_key(&user.id), user)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
@@ -651,10 +667,15 @@ impl Store {
         user: &Stored<User>,
         revoked: &[TokenRecord],
         audit: Option<&AuditEvent>,
+        actor: Option<&Stored<User>>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
         b.expect(user_key(&user.id), user);
+        // Only while the acting admin is unchanged (see `update_user_while`).
+        if let Some(actor) = actor {
+            b.expect(user_key(&actor.id), actor);
+        }
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
         b.srem.push((org_users_key(&user.org), user.id.clone()));
         for token in revoked {

@@ -300,3 +300,21 @@ async fn a_record_that_does_not_write_out_as_it_was_stored_can_still_be_changed_
         assert_eq!(s.get_user("u_old").await.unwrap().unwrap().org_role, Role::Editor, "{}", s.describe());
     }
 }
+
+#[tokio::test]
+async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_backend() {
+    for (s, _guard) in stores() {
+        let create = |email: &'static str| {
+            lifecycle::create_user(&s, "acme", email, Role::Admin, BTreeMap::new(), Attributes::new())
+        };
+        let (ann, bob) = (create("ann@x.io").await.unwrap(), create("bob@x.io").await.unwrap());
+        // Both read both records, then each demotes the other.
+        let (ann_read, bob_read) =
+            (s.get_user(&ann.id).await.unwrap().unwrap(), s.get_user(&bob.id).await.unwrap().unwrap());
+        let demoted = |u: &User| User { org_role: Role::Viewer, ..u.clone() };
+        s.update_user_while(&bob_read, &demoted(&bob), None, Some(&ann_read)).await.unwrap();
+        let second = s.update_user_while(&ann_read, &demoted(&ann), None, Some(&bob_read)).await;
+        assert!(matches!(second, Err(StoreError::Changed(_))), "{}: {second:?}", s.describe());
+        assert_eq!(s.get_user(&ann.id).await.unwrap().unwrap().org_role, Role::Admin, "{}", s.describe());
+    }
+}
