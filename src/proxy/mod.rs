@@ -257,13 +257,28 @@ impl ProxyHttp for Gateway {
         if !ctx.config.as_ref().map_or_else(|| self.config.load().access_log, |c| c.access_log) {
             return;
         }
+        // A refused stored token is logged by its id too (never its secret): who still uses a
+        // revoked or leaked token is what an operator looks for. Found again here, off the
+        // path of allowed requests.
+        let refused = match (&ctx.rejection, &ctx.route, &ctx.config) {
+            (Some(_), Some(route), Some(config)) => {
+                credential::extract(&config.credentials, route, session.req_header())
+                    .ok()
+                    .and_then(|presented| crate::token::parse(presented).ok())
+                    .map(|parsed| parsed.id)
+            }
+            _ => None,
+        };
         tracing::info!(
             target: "tollgate::access",
             request_id = id_text(&ctx.request_id),
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),
             route,
-            token_id = grant.map(|g| g.principal.credential_id()).unwrap_or("-"),
+            token_id = grant
+                .map(|g| g.principal.credential_id())
+                .or(refused.as_ref().map(|id| id.as_str()))
+                .unwrap_or("-"),
             outcome,
             status,
             error = error.map(|e| e.to_string()),

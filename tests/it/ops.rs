@@ -66,6 +66,18 @@ async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() 
     assert!(log.contains("tollgate::access"), "one access line per request: {log}");
     assert!(log.contains(&token[..10]), "the access line names the token id");
     assert!(log.contains("/dead/x"), "Pingora's error line is there: {log}");
+    // A refused token's access line names its id too (who still uses a revoked token).
+    w.store.revoke_token(&tollgate::token::parse(&token).unwrap().id, None, None).await.unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        w.get(&w.gateway, "/shop", &token).await.status() == 401
+    });
+    assert!(refused.await);
+    let named = eventually(Duration::from_secs(5), || async {
+        w.gateway.log_text().lines().any(|l| {
+            l.contains("tollgate::access") && l.contains("outcome=\"revoked\"") && l.contains(&token[..10])
+        })
+    });
+    assert!(named.await, "{}", w.gateway.log_text());
     // World's drop scans the whole log for every issued token.
 }
 
