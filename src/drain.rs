@@ -11,6 +11,20 @@ pub fn in_flight() -> usize {
     IN_FLIGHT.load(Ordering::Acquire)
 }
 
+/// Waits (blocking) until nothing is in flight, or until `deadline`; returns how many requests
+/// are still in flight. Pingora stops its listeners once the stop is handed over: it is given
+/// that moment first. Then two readings of nothing in flight a little apart are needed, since a
+/// request already read when the listener stopped is counted a moment later.
+pub fn wait_until_idle(deadline: std::time::Instant) -> usize {
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut quiet = 0;
+    while std::time::Instant::now() < deadline && quiet < 2 {
+        quiet = if in_flight() == 0 { quiet + 1 } else { 0 };
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    in_flight()
+}
+
 /// Marks the start of a graceful shutdown.
 pub fn begin_shutdown() {
     STOPPING.store(true, Ordering::Release);

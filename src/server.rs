@@ -208,16 +208,7 @@ impl ShutdownSignalWatch for Shutdown {
 /// (after the flusher's own last write, if that is still under way), and exits; whatever is
 /// still running at the deadline is stopped.
 fn drain(last_use: &LastUseLog, store: &store::Store, deadline: std::time::Instant) {
-    // Pingora stops its listeners once the signal is handed over: give it that moment. Then two
-    // readings of nothing in flight a little apart, since a request already read when the
-    // listener stopped is counted a moment later.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let mut quiet = 0;
-    while std::time::Instant::now() < deadline && quiet < 2 {
-        quiet = if crate::drain::in_flight() == 0 { quiet + 1 } else { 0 };
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    match crate::drain::in_flight() {
+    match crate::drain::wait_until_idle(deadline) {
         0 => tracing::info!("no request in flight"),
         left => tracing::warn!(left, "shutdown.timeout reached with requests in flight; stopping them"),
     }
