@@ -668,7 +668,10 @@ impl Api {
                 let tokens: Vec<TokenView> = self.get(&path).await?;
                 self.show(&tokens, |tokens| {
                     let mut headers = vec!["ID", "DISPLAY NAME", "CREATED", "EXPIRES"];
-                    if all {
+                    // Also when a listed token is in a rotation's grace ("deprecated"), which an
+                    // active-only list shows too.
+                    let status = all || tokens.iter().any(|t| t.status != "active");
+                    if status {
                         headers.push("STATUS");
                     }
                     let rows = tokens
@@ -680,7 +683,7 @@ impl Api {
                                 short_time(&t.created_at),
                                 t.expires_at.as_deref().map_or("Never".into(), short_time),
                             ];
-                            if all {
+                            if status {
                                 row.push(t.status.clone());
                             }
                             row

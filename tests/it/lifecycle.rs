@@ -171,6 +171,13 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     let deprecation = resp.headers().get("deprecation").expect("and says it is deprecated").to_str().unwrap();
     assert!(deprecation.starts_with('@'), "{deprecation}");
     assert!(resp.headers().get("sunset").is_some(), "and when it stops");
+    // The plain list shows it, with a status saying it is on its way out.
+    let listed = ann.run(&["token", "list"]).ok();
+    assert!(listed.lines().next().unwrap().contains("STATUS"), "{listed}");
+    assert!(
+        listed.lines().any(|l| l.contains(&old[..10]) && l.trim_end().ends_with("deprecated")),
+        "{listed}"
+    );
     assert!(
         eventually(Duration::from_secs(10), || async {
             status(&w, reqwest::Method::GET, "/shop", &old).await == 401
