@@ -862,9 +862,7 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store
-            .update_user_while(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref())
-            .await?;
+        self.store.update_user(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
         Ok(user)
     }
 
@@ -892,9 +890,7 @@ impl<'a> Lifecycle<'a> {
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
         let mut audit = actor.audit(action, format!("user:{email}"));
         audit.reason = reason;
-        self.store
-            .update_user_while(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref())
-            .await?;
+        self.store.update_user(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
         Ok(user)
     }
 

@@ -169,21 +169,21 @@ async fn role_change_suspension_revocation_and_removal_apply_to_the_next_request
     let mut user = f.user.clone();
     let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Viewer;
-    f.store.update_user(&before, &user, None).await.unwrap();
+    f.store.update_user(&before, &user, None, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(f.verifier.verify(&f.token).await.unwrap().role_on("x"), Role::Viewer);
 
     let applied = f.verifier.cache().invalidations_applied();
     let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Suspended;
-    f.store.update_user(&before, &user, None).await.unwrap();
+    f.store.update_user(&before, &user, None, None).await.unwrap();
     f.settle(applied, 1).await;
     assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::OwnerSuspended);
 
     let applied = f.verifier.cache().invalidations_applied();
     let before = f.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Active;
-    f.store.update_user(&before, &user, None).await.unwrap();
+    f.store.update_user(&before, &user, None, None).await.unwrap();
     let id = crate::token::parse(&f.token).unwrap().id;
     f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
     f.settle(applied, 2).await;

@@ -74,7 +74,7 @@ async fn an_entry_loaded_before_its_invalidation_is_never_served() {
     cache.users.entries.insert(user.id.clone(), Entry { value: Arc::new(user.clone()), generation }).await;
     let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
-    cache.store().update_user(&before, &user, None).await.unwrap();
+    cache.store().update_user(&before, &user, None, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
     cache
         .users
@@ -102,7 +102,7 @@ async fn the_hot_tier_serves_repeated_hits_and_drops_an_entry_on_invalidation() 
 
     let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
-    cache.store().update_user(&before, &user, None).await.unwrap();
+    cache.store().update_user(&before, &user, None, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
     assert!(cache.users.hot.get(&user.id).is_none(), "the invalidation removed the hot entry");
     assert_eq!(cache.user(&user.id).await.unwrap().unwrap().org_role, Role::Admin);
@@ -120,7 +120,7 @@ async fn a_hot_entry_older_than_its_invalidation_or_past_its_time_is_never_serve
     let generation = cache.gens.current.load(Ordering::Acquire);
     let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Admin;
-    cache.store().update_user(&before, &user, None).await.unwrap();
+    cache.store().update_user(&before, &user, None, None).await.unwrap();
     wait(|| cache.invalidations_applied() >= 2).await;
     let later = Instant::now() + Duration::from_secs(60);
     cache.users.hot.insert(user.id.clone(), hot(generation, later));

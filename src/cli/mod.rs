@@ -44,17 +44,17 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Whether the command runs a server (the gateway, quickstart, the echo upstream) rather than
-    /// printing and ending.
-    pub fn serves(&self) -> bool {
-        matches!(self.command, Command::Serve { .. } | Command::Quickstart { .. } | Command::Echo { .. })
-    }
-
     /// Whether printing into a closed pipe may simply end the command (default SIGPIPE): not for
     /// the servers, nor for `bootstrap`, which talks to the store itself (a Unix-socket Redis
     /// that drops the connection would otherwise kill it without a word).
     pub fn may_die_of_sigpipe(&self) -> bool {
-        !self.serves() && !matches!(self.command, Command::Bootstrap { .. })
+        !matches!(
+            self.command,
+            Command::Serve { .. }
+                | Command::Quickstart { .. }
+                | Command::Echo { .. }
+                | Command::Bootstrap { .. }
+        )
     }
 }
 

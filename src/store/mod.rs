@@ -523,20 +523,10 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Replaces a user's record (role, status, attributes) and tells every instance.
+    /// Replaces a user's record (role, status, attributes) and tells every instance; with `actor`
+    /// (the acting admin, as read), only while that is unchanged too: two admins demoting or
+    /// suspending each other at once cannot both succeed, so an org keeps an admin.
     pub async fn update_user(
-        &self,
-        before: &Stored<User>,
-        user: &User,
-        audit: Option<&AuditEvent>,
-    ) -> Result<(), StoreError> {
-        self.update_user_while(before, user, audit, None).await
-    }
-
-    /// [`Store::update_user`], also only while `actor` (the acting admin, as read) is unchanged:
-    /// two admins demoting or suspending each other at once cannot both succeed, so an org keeps
-    /// an admin.
-    pub async fn update_user_while(
         &self,
         before: &Stored<User>,
         user: &User,
@@ -672,7 +662,7 @@ impl Store {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
         b.expect(user_key(&user.id), user);
-        // Only while the acting admin is unchanged (see `update_user_while`).
+        // Only while the acting admin is unchanged (see `update_user`).
         if let Some(actor) = actor {
             b.expect(user_key(&actor.id), actor);
         }

@@ -55,9 +55,9 @@ impl RedisBackend {
     /// which is the proxy's first cache miss unless an admin call comes first (a readiness probe
     /// does not: [`Backend::ping`] uses a connection of its own).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisBackend, StoreError> {
-        let info = url.into_connection_info().map_err(unavailable)?;
+        let target = url.into_connection_info().map_err(unavailable)?;
         let client =
-            redis::Client::open(info.set_tcp_settings(tcp_settings(timeout))).map_err(unavailable)?;
+            redis::Client::open(target.set_tcp_settings(tcp_settings(timeout))).map_err(unavailable)?;
         let info = client.get_connection_info();
         Ok(RedisBackend {
             display: format!(

@@ -159,9 +159,9 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
         let (mut suspended, mut promoted) = (user.clone(), user.clone());
         suspended.status = UserStatus::Suspended;
         promoted.org_role = Role::Admin;
-        s.update_user(&read, &suspended, None).await.unwrap();
+        s.update_user(&read, &suspended, None, None).await.unwrap();
         // The second writer read the user before the suspension: refused, the suspension stays.
-        let lost = s.update_user(&read, &promoted, None).await;
+        let lost = s.update_user(&read, &promoted, None, None).await;
         assert!(matches!(lost, Err(StoreError::Changed(_))), "{}: {lost:?}", s.describe());
         assert_eq!(record(s.get_user(&user.id).await.unwrap()), Some(suspended.clone()), "{}", s.describe());
         // A deleted service cannot be written back.
@@ -280,7 +280,7 @@ async fn a_record_that_does_not_write_out_as_it_was_stored_can_still_be_changed_
         );
         let mut suspended = (*read).clone();
         suspended.status = UserStatus::Suspended;
-        s.update_user(&read, &suspended, None).await.unwrap();
+        s.update_user(&read, &suspended, None, None).await.unwrap();
         assert_eq!(
             s.get_user(&user.id).await.unwrap().unwrap().status,
             UserStatus::Suspended,
@@ -296,7 +296,7 @@ async fn a_record_that_does_not_write_out_as_it_was_stored_can_still_be_changed_
         let read = s.get_user("u_old").await.unwrap().unwrap();
         let mut promoted = (*read).clone();
         promoted.org_role = Role::Editor;
-        s.update_user(&read, &promoted, None).await.unwrap();
+        s.update_user(&read, &promoted, None, None).await.unwrap();
         assert_eq!(s.get_user("u_old").await.unwrap().unwrap().org_role, Role::Editor, "{}", s.describe());
     }
 }
@@ -312,8 +312,8 @@ async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_bac
         let (ann_read, bob_read) =
             (s.get_user(&ann.id).await.unwrap().unwrap(), s.get_user(&bob.id).await.unwrap().unwrap());
         let demoted = |u: &User| User { org_role: Role::Viewer, ..u.clone() };
-        s.update_user_while(&bob_read, &demoted(&bob), None, Some(&ann_read)).await.unwrap();
-        let second = s.update_user_while(&ann_read, &demoted(&ann), None, Some(&bob_read)).await;
+        s.update_user(&bob_read, &demoted(&bob), None, Some(&ann_read)).await.unwrap();
+        let second = s.update_user(&ann_read, &demoted(&ann), None, Some(&bob_read)).await;
         assert!(matches!(second, Err(StoreError::Changed(_))), "{}: {second:?}", s.describe());
         assert_eq!(s.get_user(&ann.id).await.unwrap().unwrap().org_role, Role::Admin, "{}", s.describe());
     }

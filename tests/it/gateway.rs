@@ -192,7 +192,7 @@ async fn only_the_right_secret_learns_that_a_token_is_revoked_expired_or_its_own
     let before = w.store.get_user(&bob.id).await.unwrap().unwrap();
     let mut after = bob.clone();
     after.status = UserStatus::Suspended;
-    w.store.update_user(&before, &after, None).await.unwrap();
+    w.store.update_user(&before, &after, None, None).await.unwrap();
 
     for (token, reason) in [
         (&revoked, "the access token has been revoked"),
@@ -297,7 +297,7 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
     let within = Duration::from_secs(2);
     let before = w.store.get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Viewer;
-    w.store.update_user(&before, &user, None).await.unwrap();
+    w.store.update_user(&before, &user, None, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.post(g, "/shop", &token).await.status() == 403 }).await);
         assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "a viewer can still read");
@@ -305,14 +305,14 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
 
     let before = w.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Suspended;
-    w.store.update_user(&before, &user, None).await.unwrap();
+    w.store.update_user(&before, &user, None, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 401 }).await);
     }
 
     let before = w.store.get_user(&user.id).await.unwrap().unwrap();
     user.status = UserStatus::Active;
-    w.store.update_user(&before, &user, None).await.unwrap();
+    w.store.update_user(&before, &user, None, None).await.unwrap();
     for g in gateways {
         assert!(eventually(within, || async { w.get(g, "/shop", &token).await.status() == 200 }).await);
     }
@@ -344,7 +344,7 @@ async fn identity_headers_follow_role_and_attribute_changes_on_the_next_request(
     let before = w.store.get_user(&user.id).await.unwrap().unwrap();
     user.org_role = Role::Viewer;
     user.attributes = serde_json::from_value(serde_json::json!({"tier": "silver", "team": "red"})).unwrap();
-    w.store.update_user(&before, &user, None).await.unwrap();
+    w.store.update_user(&before, &user, None, None).await.unwrap();
     // Both instances hear of the change through Redis: within the propagation bound, then always.
     for g in gateways {
         let changed = eventually(Duration::from_secs(2), || async {
