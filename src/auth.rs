@@ -110,6 +110,30 @@ pub struct Ephemeral {
     /// `ephemeral:<sub>`.
     subject: String,
     key: KeyFingerprint,
+    /// Its weight in the verified-JWT cache: about the KiB it holds.
+    weight: u32,
+}
+
+/// About the heap bytes a JSON value holds once parsed (a map entry, a `Value`, a string's bytes),
+/// so that credentials with large attributes weigh what they cost.
+fn json_footprint(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    const VALUE: usize = 48;
+    VALUE
+        + match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(json_footprint).sum(),
+            Value::Object(map) => map.iter().map(|(k, v)| VALUE + k.len() + json_footprint(v)).sum(),
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        }
+}
+
+/// A verified credential's weight: 1 per KiB its claims hold, rounded up.
+fn ephemeral_weight(claims: &EphemeralClaims, presented_len: usize) -> u32 {
+    let attrs: usize = claims.attrs.iter().map(|(k, v)| 48 + k.len() + json_footprint(v)).sum();
+    // The fixed part and the claims' strings, which the JWT's length bounds.
+    let bytes = 512 + presented_len + attrs;
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 impl Principal {
@@ -375,8 +399,11 @@ impl Verifier {
             digester: SecretDigester::new(),
             proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
             id_hasher: foldhash::fast::RandomState::default(),
+            // Bounded by weight, not count: a credential's attributes may be a thousand times
+            // another's, and any service may mint and present many.
             jwts: moka::sync::Cache::builder()
                 .max_capacity(capacity)
+                .weigher(|_, e: &Arc<Ephemeral>| e.weight)
                 .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
@@ -435,7 +462,8 @@ impl Verifier {
             None => {
                 let (claims, key) = settings.verify(presented).map_err(invalid)?;
                 let subject = format!("ephemeral:{}", claims.sub);
-                let e = Arc::new(Ephemeral { claims, subject, key });
+                let weight = ephemeral_weight(&claims, presented.len());
+                let e = Arc::new(Ephemeral { claims, subject, key, weight });
                 self.jwts.insert(digest, e.clone());
                 e
             }

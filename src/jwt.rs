@@ -347,8 +347,13 @@ pub struct IdentityClaims<'a> {
     pub attributes: &'a AttributeView<'a>,
 }
 
-/// The longest JWT the gateway will look at.
-const MAX_JWT_LEN: usize = 8 * 1024;
+/// The longest JWT the gateway will look at (and so the longest it mints).
+pub const MAX_JWT_LEN: usize = 8 * 1024;
+
+/// Whether an algorithm signs with a shared secret (HS256/384/512): whoever verifies can also sign.
+pub fn is_hmac(algorithm: Algorithm) -> bool {
+    matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
 
 impl JwtSettings {
     /// The signing key.

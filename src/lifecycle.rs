@@ -13,8 +13,8 @@ use crate::auth::{OwnerRecord, Principal};
 use crate::config::{Config, TokenLimits};
 use crate::policy::{PermSet, Role};
 use crate::store::{
-    format_millis, now_millis, Attributes, AuditEvent, FirstToken, Millis, Org, Owner, Revocation, RoleSet,
-    Scope, Service, Store, StoreError, Stored, TokenRecord, User, UserStatus,
+    format_millis, now_millis, Acting, Attributes, AuditEvent, FirstToken, LastUse, Millis, Org, Owner,
+    Revocation, RoleSet, Scope, Service, Store, StoreError, Stored, TokenRecord, User, UserStatus,
 };
 use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
 
@@ -264,6 +264,25 @@ pub struct TokenSpec {
     pub expires_at: Option<Millis>,
 }
 
+/// An empty environment list would make a credential refused everywhere.
+const EMPTY_ENVIRONMENTS: &str =
+    "an environment list names at least one environment (leave it out for every environment)";
+
+/// What a token's unset scope or environments mean when it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unset {
+    /// A new token: the caller's own narrowing (a token made with a narrowed token stays as narrow).
+    CallersOwn,
+    /// A rotation: unrestricted, as on the token it replaces; refused if the caller is narrower,
+    /// rather than silently narrowed.
+    Unrestricted,
+}
+
+/// A display name as kept and as looked up: trimmed, and none if empty.
+fn display_name_of(name: &str) -> Option<String> {
+    Some(name.trim()).filter(|n| !n.is_empty()).map(str::to_string)
+}
+
 /// The `token.issue` entry of a token `actor` issued.
 fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) -> AuditEvent {
     let mut audit = actor.audit("token.issue", record.id.to_string());
@@ -310,12 +329,14 @@ fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) ->
             _ => Err(LifecycleError::Invalid(format!("ttl_minutes {m} ends after the year 9999"))),
         },
         (None, Some(text)) => {
-            let t = humantime::parse_rfc3339_weak(text).map_err(|_| {
-                LifecycleError::Invalid(format!(
-                    "expires {text:?} is not an RFC 3339 time like 2026-12-31T23:59:59Z"
-                ))
-            })?;
-            let ms = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0);
+            let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    LifecycleError::Invalid(format!(
+                        "expires {text:?} is not an RFC 3339 time like 2026-12-31T23:59:59Z or \
+                         2026-12-31T23:59:59+01:00"
+                    ))
+                })?;
+            let ms = (t.unix_timestamp_nanos() / 1_000_000).clamp(0, i128::from(Millis::MAX)) as Millis;
             if ms <= now {
                 return Err(LifecycleError::Invalid(format!("expires {text:?} is in the past")));
             }
@@ -366,6 +387,12 @@ impl<'a> Lifecycle<'a> {
                 Ok(Some(Scope { name: Some(name), permissions: perms.to_vec() }))
             }
             (None, Some(mut perms)) => {
+                if perms.is_empty() {
+                    return Err(LifecycleError::Invalid(
+                        "a permission list names at least one permission (a token with none could do nothing)"
+                            .into(),
+                    ));
+                }
                 if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
                     return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
                 }
@@ -378,23 +405,22 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
-    /// Validates a scope, environments and expiry against the config and the caller's rights.
-    /// `wanted`'s expiry fields are ignored: the caller has turned them into `expires_at`.
-    fn spec(
-        &self,
-        actor: &Actor,
-        wanted: IssueRequest,
-        expires_at: Option<Millis>,
-        now: Millis,
-    ) -> Result<TokenSpec> {
-        let IssueRequest { display_name, scope, permissions, environments, .. } = wanted;
+    /// Validates a token's settings against the config and the caller's rights. Where `wanted`
+    /// leaves the scope or the environments unset, `unset` says what that means.
+    fn spec(&self, actor: &Actor, wanted: TokenSpec, unset: Unset, now: Millis) -> Result<TokenSpec> {
+        let TokenSpec { display_name, scope, environments, expires_at } = wanted;
         let policy = &self.config.policy;
         // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
         // the caller holds: the owner's role caps it on every request.)
-        let scope = self
-            .requested_scope(scope, permissions)?
-            .or_else(|| actor.scope.clone().map(|permissions| Scope { name: None, permissions }));
-        let inherited = scope.is_some() && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
+        let scope = match (scope, unset) {
+            (None, Unset::CallersOwn) => {
+                actor.scope.clone().map(|permissions| Scope { name: None, permissions })
+            }
+            (scope, _) => scope,
+        };
+        let inherited = unset == Unset::CallersOwn
+            && scope.is_some()
+            && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());
         let wanted = match &scope {
@@ -403,12 +429,19 @@ impl<'a> Lifecycle<'a> {
         };
         if !inherited && !held.contains(wanted) {
             return Err(LifecycleError::Forbidden(format!(
-                "the token would have more rights ({}) than you hold ({})",
+                "the token would have more rights ({}) than you hold ({}){}",
                 policy.names_of(wanted),
-                policy.names_of(held)
+                policy.names_of(held),
+                match unset {
+                    Unset::Unrestricted => "; give a narrower --scope, or use a token that holds them",
+                    Unset::CallersOwn => "",
+                }
             )));
         }
         if let Some(envs) = &environments {
+            if envs.is_empty() {
+                return Err(LifecycleError::Invalid(EMPTY_ENVIRONMENTS.into()));
+            }
             let known: Vec<&String> = self
                 .config
                 .orgs
@@ -429,7 +462,17 @@ impl<'a> Lifecycle<'a> {
                 }
             }
         }
-        let environments = environments.or_else(|| actor.environments.clone());
+        let environments = match (environments, unset, &actor.environments) {
+            (None, Unset::CallersOwn, mine) => mine.clone(),
+            (None, Unset::Unrestricted, Some(mine)) => {
+                return Err(LifecycleError::Forbidden(format!(
+                    "the token may be used in every environment, and yours only in {}: \
+                     use a token that is not restricted to environments",
+                    mine.join(", ")
+                )))
+            }
+            (environments, _, _) => environments,
+        };
         let limits = &self.config.tokens;
         if expires_at.is_none() && limits.require_expiry {
             return Err(LifecycleError::Invalid(
@@ -446,7 +489,7 @@ impl<'a> Lifecycle<'a> {
                 )));
             }
         }
-        let display_name = display_name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+        let display_name = display_name.as_deref().and_then(display_name_of);
         if display_name.as_ref().is_some_and(|n| n.chars().count() > 100) {
             return Err(LifecycleError::Invalid("display names are at most 100 characters".into()));
         }
@@ -469,7 +512,22 @@ impl<'a> Lifecycle<'a> {
     /// The client view of a token.
     pub async fn view(&self, t: &TokenRecord) -> Result<TokenView> {
         let last = self.store.last_use(&t.id).await?;
-        Ok(TokenView {
+        Ok(self.view_with(t, last).await)
+    }
+
+    /// The view of a token just changed: the change is done, so a failure to read its last use
+    /// (only shown, never decided on) must not turn the answer into an error, which would lose a
+    /// new secret or claim that a revocation failed.
+    async fn view_after_change(&self, t: &TokenRecord) -> TokenView {
+        let last = self.store.last_use(&t.id).await.unwrap_or_else(|e| {
+            tracing::warn!(token_id = %t.id, error = %e, "could not read the last use of a changed token");
+            None
+        });
+        self.view_with(t, last).await
+    }
+
+    async fn view_with(&self, t: &TokenRecord, last: Option<LastUse>) -> TokenView {
+        TokenView {
             id: t.id.to_string(),
             kind: t.kind.as_str().to_string(),
             org: t.org.clone(),
@@ -486,7 +544,7 @@ impl<'a> Lifecycle<'a> {
             rotated_to: t.rotated_to.as_ref().map(|id| id.to_string()),
             last_used_at: last.as_ref().map(|l| format_millis(l.at)),
             last_used_ip: last.map(|l| l.ip),
-        })
+        }
     }
 
     async fn mint(&self, org: &str, owner: Owner, spec: TokenSpec) -> Result<(NewToken, TokenRecord)> {
@@ -516,13 +574,20 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<(NewToken, TokenRecord)> {
         let now = now_millis();
         let owner_actor = Actor { roles, ..actor.clone() };
-        let wanted = IssueRequest { display_name: Some(display_name), ..IssueRequest::default() };
-        let spec = self.spec(&owner_actor, wanted, implicit_expiry(&self.config.tokens, now), now)?;
+        let wanted = TokenSpec {
+            display_name: Some(display_name),
+            expires_at: implicit_expiry(&self.config.tokens, now),
+            ..TokenSpec::default()
+        };
+        let spec = self.spec(&owner_actor, wanted, Unset::CallersOwn, now)?;
         self.mint(org, owner, spec).await
     }
 
-    async fn issued(&self, new: NewToken, record: &TokenRecord) -> Result<IssuedToken> {
-        Ok(IssuedToken { token: new.token, details: self.view(record).await? })
+    /// The answer to a stored new token. Infallible: the token exists now, and an error would
+    /// lose its secret.
+    async fn issued(&self, new: NewToken, record: &TokenRecord) -> IssuedToken {
+        // Never used yet: no last use to read.
+        IssuedToken { token: new.token, details: self.view_with(record, None).await }
     }
 
     /// Issues a personal access token to the calling user.
@@ -532,11 +597,16 @@ impl<'a> Lifecycle<'a> {
             .clone()
             .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
         let now = now_millis();
-        let expires_at = parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?;
-        let spec = self.spec(actor, req, expires_at, now)?;
+        let wanted = TokenSpec {
+            expires_at: parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?,
+            scope: self.requested_scope(req.scope, req.permissions)?,
+            display_name: req.display_name,
+            environments: req.environments,
+        };
+        let spec = self.spec(actor, wanted, Unset::CallersOwn, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
         self.store_issued(actor, &record, serde_json::Value::Null).await?;
-        self.issued(new, &record).await
+        Ok(self.issued(new, &record).await)
     }
 
     /// A token the caller may see: their own, or any in their org for an admin.
@@ -613,12 +683,15 @@ impl<'a> Lifecycle<'a> {
         let before = match (id, display_name) {
             (Some(id), None) => self.visible_token(actor, id).await?,
             (None, Some(name)) => {
+                // As it was kept at issue: trimmed.
+                let name = &display_name_of(name)
+                    .ok_or_else(|| LifecycleError::Invalid("the display name is empty".into()))?;
                 let now = now_millis();
                 let mine = self.list_owned(actor).await?;
                 let matches: Vec<Stored<TokenRecord>> = mine
                     .into_iter()
                     .filter(|t| {
-                        t.display_name.as_deref() == Some(name)
+                        t.display_name.as_ref() == Some(name)
                             && matches!(token_status(t, now), "active" | "deprecated")
                     })
                     .collect();
@@ -654,7 +727,7 @@ impl<'a> Lifecycle<'a> {
         audit.token_id = Some(t.id.to_string());
         audit.reason = reason;
         self.store.update_token(&before, &t, Some(&audit)).await?;
-        self.view(&t).await
+        Ok(self.view_after_change(&t).await)
     }
 
     async fn list_owned(&self, actor: &Actor) -> Result<Vec<Stored<TokenRecord>>> {
@@ -691,13 +764,11 @@ impl<'a> Lifecycle<'a> {
             (None, None) => old.expires_at,
             (ttl, expires) => parse_expiry(ttl, expires, now)?,
         };
-        let (scope, permissions) = match (req.scope, req.permissions) {
-            (None, None) => match old.scope.as_deref() {
-                Some(Scope { name: Some(n), .. }) => (Some(n.clone()), None),
-                Some(Scope { name: None, permissions }) => (None, Some(permissions.clone())),
-                None => (None, None),
-            },
-            other => other,
+        // The old token's scope as it was resolved then (a preset redefined since does not
+        // widen it), unless a new one is asked for.
+        let scope = match (req.scope, req.permissions) {
+            (None, None) => old.scope.as_deref().cloned(),
+            (scope, permissions) => self.requested_scope(scope, permissions)?,
         };
         // A service token is rotated on behalf of its service, within the service's rights.
         let owner_actor = match &old.owner {
@@ -718,14 +789,13 @@ impl<'a> Lifecycle<'a> {
             }
             Owner::User(_) => actor.clone(),
         };
-        let wanted = IssueRequest {
+        let wanted = TokenSpec {
             display_name: old.display_name.clone(),
             scope,
-            permissions,
             environments: old.environments.clone(),
-            ..IssueRequest::default()
+            expires_at,
         };
-        let spec = self.spec(&owner_actor, wanted, expires_at, now)?;
+        let spec = self.spec(&owner_actor, wanted, Unset::Unrestricted, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,
@@ -738,7 +808,7 @@ impl<'a> Lifecycle<'a> {
         audit.token_id = Some(old.id.to_string());
         audit.details = serde_json::json!({ "new_token_id": record.id.to_string(), "grace_seconds": grace });
         self.store.rotate_token(&before, &old, &record, Some(&audit)).await?;
-        self.issued(new, &record).await
+        Ok(self.issued(new, &record).await)
     }
 
     fn check_roles(&self, org: &str, project_roles: &BTreeMap<String, Role>) -> Result<()> {
@@ -769,6 +839,7 @@ impl<'a> Lifecycle<'a> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         check_email(email)?;
+        check_attributes(&attributes)?;
         self.check_roles(org, &project_roles)?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
@@ -786,7 +857,7 @@ impl<'a> Lifecycle<'a> {
         audit.details = serde_json::json!({ "org_role": org_role, "project_roles": user.project_roles });
         let with = first.as_ref().map(|(_, record)| FirstToken { token: record, audit: issued.as_ref() });
         self.store
-            .create_user(&user, Some(&audit), with)
+            .create_user(&user, Some(&audit), with, self.acting(actor).await?.as_ref())
             .await
             .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
         Ok((user, first.map(|(new, _)| new.token)))
@@ -825,18 +896,36 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
-    /// The acting user's record as stored now, if the actor is a user (not a service), and still
-    /// the org admin they were authenticated as: a change to users goes ahead only while it is
-    /// unchanged, so that two admins demoting, suspending or removing each other at once cannot
-    /// both succeed.
-    async fn acting_user(&self, actor: &Actor) -> Result<Option<Stored<User>>> {
-        let Some(id) = &actor.user_id else { return Ok(None) };
-        match self.store.get_user(id).await? {
-            Some(me) if me.org_role == Role::Admin && me.status == UserStatus::Active => Ok(Some(me)),
-            _ => {
-                Err(LifecycleError::Forbidden("your own role or status changed meanwhile; try again".into()))
-            }
+    /// The acting user's or service's record as stored now, while it still has the status and
+    /// the roles the actor was authenticated with; the change is then made only while that record
+    /// is unchanged (see [`Acting`]). `None` for `bootstrap`, which has no actor record.
+    async fn acting(&self, actor: &Actor) -> Result<Option<Acting>> {
+        let changed =
+            || LifecycleError::Forbidden("your own role or status changed meanwhile; try again".into());
+        if let Some(id) = &actor.user_id {
+            return match self.store.get_user(id).await? {
+                Some(me)
+                    if me.status == UserStatus::Active
+                        && me.org_role == actor.roles.org
+                        && me.project_roles == actor.roles.projects =>
+                {
+                    Ok(Some(Acting::User(me)))
+                }
+                _ => Err(changed()),
+            };
         }
+        if let Some(id) = &actor.service_id {
+            return match self.store.get_service(id).await? {
+                Some(me)
+                    if me.org_role.unwrap_or(Role::Guest) == actor.roles.org
+                        && me.project_roles == actor.roles.projects =>
+                {
+                    Ok(Some(Acting::Service(me)))
+                }
+                _ => Err(changed()),
+            };
+        }
+        Ok(None)
     }
 
     /// Changes a user's org role and/or one project role (admins only).
@@ -862,7 +951,7 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(org, &project_roles)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_user(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
+        self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(user)
     }
 
@@ -890,7 +979,7 @@ impl<'a> Lifecycle<'a> {
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
         let mut audit = actor.audit(action, format!("user:{email}"));
         audit.reason = reason;
-        self.store.update_user(&before, &user, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
+        self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(user)
     }
 
@@ -928,7 +1017,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("user.remove", format!("user:{email}"));
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
-        self.store.delete_user(&user, &tokens, Some(&audit), self.acting_user(actor).await?.as_ref()).await?;
+        self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(tokens.len())
     }
 
@@ -987,6 +1076,7 @@ impl<'a> Lifecycle<'a> {
         if req.org_role.is_none() && req.project_roles.is_empty() {
             return Err(LifecycleError::Invalid("give --org-role or --project with --project-role".into()));
         }
+        check_attributes(&req.attributes)?;
         let service = Service {
             id: format!("s_{}", token::random_base62(12)),
             org: req.org.clone(),
@@ -1010,10 +1100,15 @@ impl<'a> Lifecycle<'a> {
         let issued = issue_audit(actor, &record, serde_json::Value::Null);
         let (org, name) = (req.org.clone(), req.name.clone());
         self.store
-            .create_service(&service, Some(&audit), Some(FirstToken { token: &record, audit: Some(&issued) }))
+            .create_service(
+                &service,
+                Some(&audit),
+                Some(FirstToken { token: &record, audit: Some(&issued) }),
+                self.acting(actor).await?.as_ref(),
+            )
             .await
             .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
-        let issued = self.issued(new, &record).await?;
+        let issued = self.issued(new, &record).await;
         Ok((service, issued))
     }
 
@@ -1068,13 +1163,14 @@ impl<'a> Lifecycle<'a> {
             s.name = n.clone();
         }
         if let Some(a) = attributes {
+            check_attributes(&a)?;
             s.attributes = a;
         }
         let mut audit = actor.audit("service.edit", format!("service:{name}"));
         audit.details = serde_json::json!({ "new_name": new_name, "attributes": s.attributes });
         let taken = s.name.clone();
         self.store
-            .update_service(&before, &s, Some(&audit))
+            .update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref())
             .await
             .map_err(|e| conflict(e, || format!("service {taken:?} already exists in org {org:?}")))?;
         Ok(s)
@@ -1098,7 +1194,7 @@ impl<'a> Lifecycle<'a> {
         self.check_service_roles(actor, &s)?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_service(&before, &s, Some(&audit)).await?;
+        self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(s)
     }
 
@@ -1107,7 +1203,7 @@ impl<'a> Lifecycle<'a> {
         let s = self.service_in(actor, org, name).await?;
         self.may_manage_service(actor, &s)?;
         let audit = actor.audit("service.delete", format!("service:{name}"));
-        self.store.delete_service(&s, Some(&audit)).await?;
+        self.store.delete_service(&s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(())
     }
 
@@ -1191,9 +1287,29 @@ pub struct CreateService {
 }
 
 /// Refuses what cannot be an email address.
+/// Longest attributes object, as compact JSON: it travels in every request's headers.
+const MAX_ATTRIBUTES_BYTES: usize = 4096;
+
+/// A user's, a service's or an end user's attributes: at most [`MAX_ATTRIBUTES_BYTES`] of JSON.
+fn check_attributes(attributes: &Attributes) -> Result<()> {
+    if serde_json::to_string(attributes).map_or(0, |j| j.len()) > MAX_ATTRIBUTES_BYTES {
+        return Err(LifecycleError::Invalid(format!(
+            "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON"
+        )));
+    }
+    Ok(())
+}
+
+/// `local@domain`, in printable ASCII (it travels in `X-Auth-Email`, a header), at most 254 bytes.
 fn check_email(email: &str) -> Result<()> {
-    if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
-        return Err(LifecycleError::Invalid(format!("{email:?} is not an email address")));
+    let printable = email.bytes().all(|b| b.is_ascii_graphic());
+    let shaped = matches!(email.split_once('@'), Some((local, domain))
+        if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+    if !printable || !shaped || email.len() > 254 {
+        return Err(LifecycleError::Invalid(format!(
+            "{email:?} is not an email address (local@domain, printable ASCII: write an \
+             internationalized domain in its xn-- form)"
+        )));
     }
     Ok(())
 }
@@ -1202,7 +1318,7 @@ fn is_service_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn new_user(
+pub(crate) fn new_user(
     org: &str,
     email: &str,
     org_role: Role,
@@ -1304,7 +1420,7 @@ pub async fn create_user(
 ) -> Result<User> {
     let user = new_user(org, email, org_role, project_roles, attributes);
     store
-        .create_user(&user, None, None)
+        .create_user(&user, None, None, None)
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok(user)
@@ -1331,7 +1447,7 @@ pub async fn create_service(
         creator_roles: None,
         created_at: now_millis(),
     };
-    store.create_service(&service, None, None).await?;
+    store.create_service(&service, None, None, None).await?;
     Ok(service)
 }
 
@@ -1369,7 +1485,7 @@ pub async fn bootstrap(
     issued.token_id = Some(record.id.to_string());
     let added = audit("user.add", format!("user:{email}"), serde_json::json!({ "org_role": "admin" }));
     store
-        .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }))
+        .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }), None)
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok((user, token))

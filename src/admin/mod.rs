@@ -437,6 +437,11 @@ async fn create_service(
     Body(mut req): Body<CreateService>,
 ) -> Response {
     lifecycle!(s, l);
+    // The path names the org; a body naming another is a mistake, not a choice.
+    if !req.org.is_empty() && req.org != org {
+        let msg = format!("the body names org {:?}, the path {org:?}", req.org);
+        return ApiError::from(crate::lifecycle::LifecycleError::Invalid(msg)).into_response();
+    }
     req.org = org;
     created(l.create_service(&a, req).await.map(|(svc, t)| CreatedService {
         service: svc.into(),
@@ -563,5 +568,47 @@ impl Service for AdminService {
 
     fn threads(&self) -> Option<usize> {
         Some(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{CreateService, CredentialsRequest, IssueRequest, RoleChange, RotateRequest};
+
+    /// Every request body the API takes is described field for field (clients are generated from
+    /// the document, and the bodies refuse unknown fields).
+    #[test]
+    fn the_openapi_request_schemas_name_exactly_the_fields_the_bodies_take() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let add_user = AddUser {
+            email: String::new(),
+            org_role: crate::policy::Role::Guest,
+            project_roles: Default::default(),
+            attributes: Default::default(),
+            issue_token: false,
+        };
+        let bodies = [
+            ("IssueRequest", serde_json::to_value(IssueRequest::default())),
+            ("RotateRequest", serde_json::to_value(RotateRequest::default())),
+            ("RevokeRequest", serde_json::to_value(RevokeRequest::default())),
+            ("Reason", serde_json::to_value(Reason::default())),
+            ("RoleChange", serde_json::to_value(RoleChange::default())),
+            ("AddUser", serde_json::to_value(add_user)),
+            ("CreateService", serde_json::to_value(CreateService::default())),
+            ("EditService", serde_json::to_value(EditService::default())),
+            ("CredentialsRequest", serde_json::to_value(CredentialsRequest::default())),
+        ];
+        for (name, body) in bodies {
+            let fields: Vec<String> = body.unwrap().as_object().unwrap().keys().cloned().collect();
+            let schema = &doc["components"]["schemas"][name];
+            let mut described: Vec<String> =
+                schema["properties"].as_object().unwrap().keys().cloned().collect();
+            described.sort();
+            let mut fields = fields;
+            fields.sort();
+            assert_eq!(described, fields, "{name}");
+            assert_eq!(schema["additionalProperties"], false, "{name}");
+        }
     }
 }

@@ -234,3 +234,47 @@ async fn a_users_attribute_view_adds_email_and_domain_in_key_order() {
     );
     check(serde_json::json!({"email": "other@x.io"}), r#"{"domain":"Acme.io","email":"other@x.io"}"#);
 }
+
+#[tokio::test]
+async fn verified_jwts_are_held_by_weight_so_large_attributes_cannot_fill_memory() {
+    let f = Fixture::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    std::fs::write(&key, crate::jwt::generate_key(jsonwebtoken::Algorithm::EdDSA).unwrap()).unwrap();
+    let config = crate::config::Config::parse(&format!(
+        "jwt:\n  signing_key: k\n  keys:\n    - {{ kid: k, key_file: '{}' }}\n",
+        key.display()
+    ))
+    .unwrap();
+    let settings = config.jwt.unwrap();
+    let now = crate::store::now_millis() / 1000;
+    // Many tiny attributes: about 4 KiB of JSON, tens of KiB once parsed.
+    let attrs: crate::store::Attributes = (0..580).map(|i| (format!("a{i}"), serde_json::json!(0))).collect();
+    for i in 0..10 {
+        let claims = crate::jwt::EphemeralClaims {
+            iss: settings.issuer.clone(),
+            aud: settings.audience.clone(),
+            sub: "end-user".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 60,
+            jti: format!("j{i}"),
+            org: "acme".into(),
+            project: "shop".into(),
+            svc: "s_1".into(),
+            tid: "tgs_abcdef".into(),
+            tg: crate::jwt::EPHEMERAL.into(),
+            email: None,
+            attrs: attrs.clone(),
+            scope: None,
+            env: None,
+        };
+        let jwt = settings.sign(&claims).unwrap();
+        // Verified and remembered, then refused: its minting token does not exist.
+        assert!(f.verifier.verify_ephemeral(&jwt, &settings).await.is_err());
+    }
+    f.verifier.jwts.run_pending_tasks();
+    // The verifier holds 100 units (KiB): one such credential weighs more than a third of that.
+    assert!(f.verifier.jwts.entry_count() <= 2, "{} held", f.verifier.jwts.entry_count());
+    assert!(f.verifier.jwts.weighted_size() <= 100);
+}

@@ -94,10 +94,24 @@ pub fn segment(s: &str) -> String {
         .collect()
 }
 
-/// Prints rows under headers, columns padded to their widest cell.
+/// Text as a terminal may safely show it: control characters (which could move the cursor or
+/// recolour the screen, from a display name or a reason anyone with a token can set) escaped.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
+/// Prints rows under headers, columns padded to their widest cell, control characters escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| printable(cell).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -107,14 +121,20 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_scheme;
+    use super::{printable, with_scheme};
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("ci deploy"), "ci deploy");
+        assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\n");
+    }
 
     #[test]
     fn a_server_without_scheme_is_plain_http_only_on_this_machine() {

@@ -891,7 +891,7 @@ fn roles_text(roles: &BTreeMap<String, Role>) -> String {
 fn print_issued(t: &IssuedToken) {
     println!("Token issued: {}", t.details.id);
     if let Some(name) = &t.details.display_name {
-        println!("Display name: {name}");
+        println!("Display name: {}", client::printable(name));
     }
     println!("Expires:      {}", t.details.expires_at.as_deref().unwrap_or("never"));
     println!("Access token: {}", t.token);
@@ -927,7 +927,7 @@ fn print_token(t: &TokenView) {
         ("Rotated to", or_dash(&t.rotated_to)),
     ];
     for (k, v) in rows {
-        println!("{:<14}{v}", format!("{k}:"));
+        println!("{:<14}{}", format!("{k}:"), client::printable(&v));
     }
 }
 

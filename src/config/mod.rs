@@ -22,6 +22,9 @@ use crate::route::{normalize_host, route_path, RequiredPermission, Route, RouteS
 use crate::token::Argon2Params;
 use raw::*;
 
+/// The longest duration the config takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -344,10 +347,16 @@ impl Validator {
         self.issues.push(ConfigIssue { path: path.into(), message: message.into() });
     }
 
+    /// Every duration is at most 100 years: expiries are added up in milliseconds, and a larger
+    /// one would overflow that arithmetic.
     fn duration(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
         match value {
             None => default,
             Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.error(path, "must be at most 100 years");
+                    default
+                }
                 Ok(d) if !d.is_zero() => d,
                 Ok(_) => {
                     self.error(path, "must be greater than zero");
@@ -411,7 +420,23 @@ impl Validator {
         // own errors.
         let jwt_present = raw.jwt.is_some();
         let jwt = raw.jwt.and_then(|j| self.jwt(j));
+        let identity_jwt_route = raw.routes.iter().flatten().position(|r| r.identity_jwt == Some(true));
         let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present);
+        // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
+        // also signs credentials: an upstream could then mint a credential of any service.
+        if let Some(hmac) = jwt.as_ref().map(|j| j.signing_key()).filter(|k| jwt::is_hmac(k.algorithm)) {
+            if let Some(i) = identity_jwt_route {
+                self.error(
+                    format!("routes[{i}].identity_jwt"),
+                    format!(
+                        "the signing key {:?} is an HMAC key: an upstream verifying the identity JWT \
+                         with its secret could sign credentials too; sign with an asymmetric key \
+                         (EdDSA, ES256, RS256)",
+                        hmac.kid
+                    ),
+                );
+            }
+        }
         let log = raw.log.unwrap_or_default();
         let access_log = log.access.unwrap_or(true);
         let log_level = log.level.unwrap_or_else(|| "info".into());
@@ -459,6 +484,10 @@ impl Validator {
     fn duration_or_zero(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
         match value.as_deref().map(humantime::parse_duration) {
             None => default,
+            Some(Ok(d)) if d > MAX_DURATION => {
+                self.error(path, "must be at most 100 years");
+                default
+            }
             Some(Ok(d)) => d,
             Some(Err(e)) => {
                 self.error(path, format!("not a duration ({e}); write e.g. \"5s\""));

@@ -223,3 +223,39 @@ routes:
         ],
     );
 }
+
+#[test]
+fn an_hmac_signing_key_cannot_sign_identity_jwts() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hs.key");
+    std::fs::write(&secret, "a-shared-secret-of-at-least-32-bytes!!").unwrap();
+    let yaml = |algorithm: &str, identity_jwt: bool| {
+        let material = match algorithm {
+            "HS256" => format!("secret_file: '{}'", secret.display()),
+            _ => {
+                let key = dir.path().join("ed.pem");
+                std::fs::write(&key, crate::jwt::generate_key(jsonwebtoken::Algorithm::EdDSA).unwrap())
+                    .unwrap();
+                format!("key_file: '{}'", key.display())
+            }
+        };
+        format!(
+            "orgs: {{ acme: {{ projects: {{ shop: {{ environments: [production] }} }} }} }}\n\
+             jwt:\n  signing_key: k\n  keys:\n    - {{ kid: k, algorithm: {algorithm}, {material} }}\n\
+             routes:\n  - {{ path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production }}\n  \
+             - {{ path: /b, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: {identity_jwt} }}\n"
+        )
+    };
+    // Whoever verifies an HMAC-signed identity JWT holds the secret that signs credentials.
+    check(&yaml("HS256", true), &["routes[1].identity_jwt: the signing key \"k\" is an HMAC key"]);
+    assert!(Config::parse(&yaml("HS256", false)).is_ok(), "HMAC credentials alone are fine");
+    assert!(Config::parse(&yaml("EdDSA", true)).is_ok());
+}
+
+#[test]
+fn durations_are_at_most_a_hundred_years() {
+    // Expiries are added up in milliseconds; a longer lifetime would overflow them.
+    check("tokens: { max_ttl: 200years }\n", &["tokens.max_ttl: must be at most 100 years"]);
+    assert!(Config::parse("tokens: { max_ttl: 100years }\n").is_err(), "100 years of 365.25 days is more");
+    assert!(Config::parse("tokens: { max_ttl: 99years }\n").is_ok());
+}

@@ -3,11 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_email, Actor, Lifecycle, LifecycleError, Result};
-use crate::jwt::{EphemeralClaims, EPHEMERAL};
+use super::{check_attributes, check_email, Actor, Lifecycle, LifecycleError, Result, EMPTY_ENVIRONMENTS};
+use crate::jwt::{EphemeralClaims, EPHEMERAL, MAX_JWT_LEN};
 use crate::policy::PermSet;
 use crate::proxy::headers::is_header_text;
-use crate::store::{format_millis, now_millis, Attributes};
+use crate::store::{format_millis, now_millis, Attributes, UserStatus};
 use crate::token;
 
 /// What a service asks for.
@@ -56,9 +56,6 @@ pub struct IssuedCredential {
     /// Seconds until expiry.
     pub expires_in: i64,
 }
-
-/// Longest attributes object, as compact JSON: it travels in every request's headers.
-const MAX_ATTRIBUTES_BYTES: usize = 4096;
 
 fn header_text(what: &str, value: &str) -> Result<()> {
     if value.is_empty() || value.len() > 256 || !is_header_text(value) {
@@ -109,7 +106,16 @@ impl Lifecycle<'_> {
                 )));
             }
         }
-        if let Some(envs) = &req.environments {
+        let environments = req.environments.map(|mut envs| {
+            // Each once, in the order first given (the list travels in the token).
+            let mut seen = std::collections::HashSet::new();
+            envs.retain(|e| seen.insert(e.clone()));
+            envs
+        });
+        if let Some(envs) = &environments {
+            if envs.is_empty() {
+                return Err(LifecycleError::Invalid(EMPTY_ENVIRONMENTS.into()));
+            }
             if let Some(bad) = envs.iter().find(|e| !project_envs.contains(e)) {
                 return Err(LifecycleError::Invalid(format!(
                     "unknown environment {bad:?} of project {project:?}; it has {}",
@@ -147,6 +153,10 @@ impl Lifecycle<'_> {
             (None, Some(email)) => {
                 check_email(&email)?;
                 let mut attrs = match self.store.find_user_by_email(org, &email).await? {
+                    // Suspension stops everything a user does, on their behalf too.
+                    Some(user) if user.status != UserStatus::Active => {
+                        return Err(LifecycleError::Forbidden(format!("user {email} is suspended")))
+                    }
                     Some(user) => user.into_inner().attributes,
                     None => Attributes::new(),
                 };
@@ -162,11 +172,7 @@ impl Lifecycle<'_> {
                 ))
             }
         };
-        if serde_json::to_string(&attrs).map_or(0, |j| j.len()) > MAX_ATTRIBUTES_BYTES {
-            return Err(LifecycleError::Invalid(format!(
-                "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON"
-            )));
-        }
+        check_attributes(&attrs)?;
         if let Some(e) = &email {
             header_text("the email", e)?;
         }
@@ -191,9 +197,17 @@ impl Lifecycle<'_> {
             email,
             attrs,
             scope: scope.map(|s| s.permissions),
-            env: req.environments,
+            env: environments,
         };
         let token = jwt.sign(&claims).map_err(|e| LifecycleError::Invalid(format!("signing failed: {e}")))?;
+        // One the gateway would refuse to read is no credential.
+        if token.len() > MAX_JWT_LEN {
+            return Err(LifecycleError::Invalid(format!(
+                "the credential would be {} bytes long, over the {MAX_JWT_LEN} the gateway reads: \
+                 send fewer or shorter attributes",
+                token.len()
+            )));
+        }
         let expires_at = format_millis(claims.exp * 1000);
         let mut audit = actor.audit("credentials.issue", format!("project:{project}"));
         audit.token_id = Some(parent.to_string());

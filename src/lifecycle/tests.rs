@@ -124,3 +124,129 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     assert_eq!(view.environments, Some(vec!["production".to_string()]));
     assert!(view.expires_at.is_some());
 }
+
+fn forbidden<T: std::fmt::Debug>(r: Result<T>) -> String {
+    match r {
+        Err(LifecycleError::Forbidden(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_old_settings_or_refuses_a_narrower_caller() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let old =
+        l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
+    let rotate = |grace| RotateRequest { grace_seconds: Some(grace), ..RotateRequest::default() };
+
+    // A caller narrower than the token would silently narrow it: refused, with what to do.
+    let staging_only = Actor { environments: Some(vec!["production".into()]), ..actor.clone() };
+    let msg = forbidden(l.rotate(&staging_only, &old.details.id, rotate(60)).await);
+    assert!(msg.contains("every environment"), "{msg}");
+    let read_only = Actor { scope: Some(vec!["read".into()]), ..actor.clone() };
+    let msg = forbidden(l.rotate(&read_only, &old.details.id, rotate(60)).await);
+    assert!(msg.contains("give a narrower --scope"), "{msg}");
+    // Asked for explicitly, the narrower scope is fine.
+    let narrowed = RotateRequest { scope: Some("read".into()), ..rotate(60) };
+    let new = l.rotate(&read_only, &old.details.id, narrowed).await.unwrap();
+    assert_eq!(new.details.permissions, Some(vec!["read".to_string()]));
+
+    // By an unrestricted caller, unrestricted stays unrestricted.
+    let again =
+        l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
+    let new = l.rotate(&actor, &again.details.id, rotate(0)).await.unwrap();
+    assert_eq!((new.details.permissions, new.details.environments), (None, None));
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_scope_as_resolved_at_issue() {
+    let (store, config, actor) = setup().await;
+    let old = Lifecycle::new(&store, &config)
+        .issue_pat(
+            &actor,
+            IssueRequest { ttl_minutes: Some(5), scope: Some("read".into()), ..IssueRequest::default() },
+        )
+        .await
+        .unwrap();
+    // The preset redefined since, wider: the rotated token keeps what the old one had.
+    let wider = Config::parse(&format!("{CONFIG}scopes: {{ read: [read, write] }}\n")).unwrap();
+    let new = Lifecycle::new(&store, &wider)
+        .rotate(&actor, &old.details.id, RotateRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(new.details.permissions, Some(vec!["read".to_string()]));
+    assert_eq!(new.details.scope.as_deref(), Some("read"));
+}
+
+#[test]
+fn expiry_takes_any_utc_offset() {
+    let now = 0;
+    let at = |text: &str| parse_expiry(None, Some(text), now).unwrap().unwrap();
+    let utc = at("2099-01-01T00:00:00Z");
+    assert_eq!(at("2099-01-01T01:00:00+01:00"), utc);
+    assert_eq!(at("2098-12-31T19:00:00-05:00"), utc);
+    assert_eq!(at("2099-01-01T00:00:00.250Z"), utc + 250);
+    assert!(parse_expiry(None, Some("2099-01-01"), now).is_err());
+    assert!(parse_expiry(None, Some("tomorrow"), now).is_err());
+}
+
+#[tokio::test]
+async fn a_change_needs_the_acting_admin_as_authenticated() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let me = store.get_user(actor.user_id.as_ref().unwrap()).await.unwrap().unwrap();
+    // Read when the change was decided; demoted before it is written.
+    let acting = Acting::User(store.get_user(&me.id).await.unwrap().unwrap());
+    let mut demoted = (*me).clone();
+    demoted.org_role = Role::Viewer;
+    store.update_user(&me, &demoted, None, None).await.unwrap();
+
+    let user = new_user("acme", "late@acme.io", Role::Admin, BTreeMap::new(), Attributes::new());
+    let written = store.create_user(&user, None, None, Some(&acting)).await;
+    assert!(matches!(written, Err(StoreError::Changed(_))), "{written:?}");
+    assert!(store.find_user_by_email("acme", "late@acme.io").await.unwrap().is_none());
+
+    // And the lifecycle refuses outright once it reads the change.
+    let msg = forbidden(
+        l.add_user(&actor, "acme", "late@acme.io", Role::Admin, BTreeMap::new(), Attributes::new(), false)
+            .await,
+    );
+    assert!(msg.contains("changed meanwhile"), "{msg}");
+    let req = CreateService {
+        org: "acme".into(),
+        name: "late".into(),
+        org_role: Some(Role::Viewer),
+        ..CreateService::default()
+    };
+    assert!(matches!(l.create_service(&actor, req).await, Err(LifecycleError::Forbidden(_))));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_reason() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    for bad in ["a@", "@b", "a@b@c", "a b@c", "\u{e9}@acme.io", "a\u{7}@acme.io"] {
+        assert!(check_email(bad).is_err(), "{bad:?}");
+    }
+    for good in ["a@b", "first.last+tag@sub.acme.io"] {
+        assert!(check_email(good).is_ok(), "{good:?}");
+    }
+    let mut big = Attributes::new();
+    big.insert("notes".into(), "x".repeat(5000).into());
+    let added = l.add_user(&actor, "acme", "big@acme.io", Role::Viewer, BTreeMap::new(), big, false).await;
+    assert!(matches!(&added, Err(LifecycleError::Invalid(m)) if m.contains("4096 bytes")), "{added:?}");
+
+    let ttl = IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() };
+    let none = IssueRequest { permissions: Some(vec![]), ..ttl.clone() };
+    assert!(invalid(l.issue_pat(&actor, none).await).contains("at least one permission"));
+    let nowhere = IssueRequest { environments: Some(vec![]), ..ttl.clone() };
+    assert!(invalid(l.issue_pat(&actor, nowhere).await).contains("at least one environment"));
+
+    // A display name is kept trimmed, and found again the same way.
+    let named = IssueRequest { display_name: Some("  ci  ".into()), ..ttl };
+    let t = l.issue_pat(&actor, named).await.unwrap();
+    assert_eq!(t.details.display_name.as_deref(), Some("ci"));
+    let revoked = l.revoke(&actor, None, Some(" ci "), None).await.unwrap();
+    assert_eq!((revoked.id, revoked.status.as_str()), (t.details.id, "revoked"));
+}

@@ -112,6 +112,16 @@ impl<T> std::ops::Deref for Stored<T> {
     }
 }
 
+/// The record of whoever makes a change, as read when the change was decided: the change goes
+/// ahead only while that record is unchanged too, so that two admins demoting, suspending or
+/// removing each other at once cannot both succeed, and an admin removed meanwhile adds no user.
+pub enum Acting {
+    /// A user, through a personal access token.
+    User(Stored<User>),
+    /// A service, through its token.
+    Service(Stored<Service>),
+}
+
 /// A stream of invalidations; it ends when the subscription is lost.
 pub type InvalidationStream = Pin<Box<dyn Stream<Item = Invalidation> + Send>>;
 
@@ -147,6 +157,15 @@ impl Batch {
     /// The write goes ahead only if `key` still holds `value` as it was read.
     fn expect<T>(&mut self, key: String, value: &Stored<T>) {
         self.expect.push((key, value.text.clone()));
+    }
+
+    /// Only while the acting user or service is unchanged (see [`Acting`]).
+    fn acting(&mut self, actor: Option<&Acting>) {
+        match actor {
+            Some(Acting::User(u)) => self.expect(user_key(&u.id), u),
+            Some(Acting::Service(s)) => self.expect(service_key(&s.id), s),
+            None => {}
+        }
     }
 
     fn invalidate(&mut self, inv: Invalidation) {
@@ -510,9 +529,11 @@ impl Store {
         user: &User,
         audit: Option<&AuditEvent>,
         first: Option<FirstToken<'_>>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         self.add_first(&mut b, first)?;
         let email_key = user_email_key(&user.org, &user.email);
         b.absent.extend([email_key.clone(), user_key(&user.id)]);
@@ -523,22 +544,18 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Replaces a user's record (role, status, attributes) and tells every instance; with `actor`
-    /// (the acting admin, as read), only while that is unchanged too: two admins demoting or
-    /// suspending each other at once cannot both succeed, so an org keeps an admin.
+    /// Replaces a user's record (role, status, attributes) and tells every instance.
     pub async fn update_user(
         &self,
         before: &Stored<User>,
         user: &User,
         audit: Option<&AuditEvent>,
-        actor: Option<&Stored<User>>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
         b.expect(user_key(&before.id), before);
-        if let Some(actor) = actor {
-            b.expect(user_key(&actor.id), actor);
-        }
+        b.acting(actor);
         b.put(user_key(&user.id), user)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
@@ -551,9 +568,11 @@ impl Store {
         service: &Service,
         audit: Option<&AuditEvent>,
         first: Option<FirstToken<'_>>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         self.add_first(&mut b, first)?;
         let name_key = service_name_key(&service.org, &service.name);
         b.absent.extend([name_key.clone(), service_key(&service.id)]);
@@ -569,9 +588,11 @@ impl Store {
         &self,
         service: &Stored<Service>,
         audit: Option<&AuditEvent>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         // As read: a rename in between would otherwise leave its new name taken forever.
         b.expect(service_key(&service.id), service);
         b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
@@ -635,9 +656,11 @@ impl Store {
         before: &Stored<Service>,
         service: &Service,
         audit: Option<&AuditEvent>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         b.expect(service_key(&before.id), before);
         let old_name = before.name.as_str();
         if old_name != service.name {
@@ -657,15 +680,12 @@ impl Store {
         user: &Stored<User>,
         revoked: &[TokenRecord],
         audit: Option<&AuditEvent>,
-        actor: Option<&Stored<User>>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
         b.expect(user_key(&user.id), user);
-        // Only while the acting admin is unchanged (see `update_user`).
-        if let Some(actor) = actor {
-            b.expect(user_key(&actor.id), actor);
-        }
+        b.acting(actor);
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
         b.srem.push((org_users_key(&user.org), user.id.clone()));
         for token in revoked {

@@ -112,7 +112,7 @@ async fn writes_publish(s: &Store) {
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
-    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), None).await.unwrap();
+    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), None, None).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
     assert!(s.get_service(&svc.id).await.unwrap().is_none());
     assert!(s.find_service_by_name("acme", "etl").await.unwrap().is_none());
@@ -170,10 +170,10 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
                 .await
                 .unwrap();
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
-        s.delete_service(&read, None).await.unwrap();
+        s.delete_service(&read, None, None).await.unwrap();
         let mut renamed = svc.clone();
         renamed.org_role = Some(Role::Admin);
-        assert!(matches!(s.update_service(&read, &renamed, None).await, Err(StoreError::Changed(_))));
+        assert!(matches!(s.update_service(&read, &renamed, None, None).await, Err(StoreError::Changed(_))));
         assert!(s.get_service(&svc.id).await.unwrap().is_none(), "{}", s.describe());
         // A service renamed after it was read for deletion is not deleted (its new name would stay
         // taken by nothing).
@@ -183,8 +183,8 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
                 .unwrap();
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
         let renamed = Service { name: "etl3".into(), ..svc.clone() };
-        s.update_service(&read, &renamed, None).await.unwrap();
-        let refused = s.delete_service(&read, None).await;
+        s.update_service(&read, &renamed, None, None).await.unwrap();
+        let refused = s.delete_service(&read, None, None).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         assert!(s.find_service_by_name("acme", "etl3").await.unwrap().is_some(), "{}", s.describe());
     }
@@ -217,7 +217,7 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
                 details: serde_json::Value::Null,
             };
             let read = s.get_service(&svc.id).await.unwrap().unwrap();
-            s.update_service(&read, &svc, Some(&event)).await.unwrap();
+            s.update_service(&read, &svc, Some(&event), None).await.unwrap();
         }
         let actions: Vec<String> =
             s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
@@ -241,7 +241,7 @@ async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
         // Bob's write carries a token whose id is taken: the whole change is refused, Bob included.
         let bob = User { id: "u_bob".into(), email: "bob@x.io".into(), ..ann.clone() };
         let first = FirstToken { token: &taken, audit: None };
-        let refused = s.create_user(&bob, None, Some(first)).await;
+        let refused = s.create_user(&bob, None, Some(first), None).await;
         assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
         assert!(s.find_user_by_email("acme", "bob@x.io").await.unwrap().is_none());
         assert_eq!(records(s.list_users("acme").await.unwrap()), vec![ann.clone()]);
@@ -256,7 +256,8 @@ async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
             creator_roles: None,
             created_at: 0,
         };
-        let refused = s.create_service(&svc, None, Some(FirstToken { token: &taken, audit: None })).await;
+        let refused =
+            s.create_service(&svc, None, Some(FirstToken { token: &taken, audit: None }), None).await;
         assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
         assert!(s.list_services("acme").await.unwrap().is_empty());
     }
@@ -312,9 +313,37 @@ async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_bac
         let (ann_read, bob_read) =
             (s.get_user(&ann.id).await.unwrap().unwrap(), s.get_user(&bob.id).await.unwrap().unwrap());
         let demoted = |u: &User| User { org_role: Role::Viewer, ..u.clone() };
-        s.update_user(&bob_read, &demoted(&bob), None, Some(&ann_read)).await.unwrap();
-        let second = s.update_user(&ann_read, &demoted(&ann), None, Some(&bob_read)).await;
+        let ann_acting = Acting::User(s.get_user(&ann.id).await.unwrap().unwrap());
+        let bob_acting = Acting::User(s.get_user(&bob.id).await.unwrap().unwrap());
+        s.update_user(&bob_read, &demoted(&bob), None, Some(&ann_acting)).await.unwrap();
+        let second = s.update_user(&ann_read, &demoted(&ann), None, Some(&bob_acting)).await;
         assert!(matches!(second, Err(StoreError::Changed(_))), "{}: {second:?}", s.describe());
         assert_eq!(s.get_user(&ann.id).await.unwrap().unwrap().org_role, Role::Admin, "{}", s.describe());
+
+        // Nor does anything else the demoted admin decided before: adding a user, creating,
+        // changing or deleting a service.
+        let carl = lifecycle::new_user("acme", "carl@x.io", Role::Admin, BTreeMap::new(), Attributes::new());
+        let refused = s.create_user(&carl, None, None, Some(&bob_acting)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        let svc =
+            lifecycle::create_service(&s, "acme", "etl", None, BTreeMap::new(), Attributes::new(), None)
+                .await
+                .unwrap();
+        let svc_read = s.get_service(&svc.id).await.unwrap().unwrap();
+        let renamed = Service { name: "etl2".into(), ..svc.clone() };
+        let refused = s.update_service(&svc_read, &renamed, None, Some(&bob_acting)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        let refused = s.delete_service(&svc_read, None, Some(&bob_acting)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        let other = Service { id: "s_other".into(), name: "other".into(), ..svc.clone() };
+        let refused = s.create_service(&other, None, None, Some(&bob_acting)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        assert!(s.find_user_by_email("acme", "carl@x.io").await.unwrap().is_none());
+        assert!(s.get_service("s_other").await.unwrap().is_none());
+        // An acting service counts the same way.
+        let svc_acting = Acting::Service(s.get_service(&svc.id).await.unwrap().unwrap());
+        s.update_service(&svc_read, &renamed, None, Some(&ann_acting)).await.unwrap();
+        let refused = s.create_user(&carl, None, None, Some(&svc_acting)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
     }
 }

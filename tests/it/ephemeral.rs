@@ -65,8 +65,10 @@ async fn assert_refused(w: &World, token: &str, what: &str) {
 async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     let keys = JwtKeys::generate();
     let w = World::start_jwt(&keys).await;
-    let (_, service_token) =
-        w.service("acme", "embed", &[("shop", Role::Editor)], TokenSpec::default()).await;
+    // A reader of the blog too: a credential minted for the shop must still not reach it.
+    let (_, service_token) = w
+        .service("acme", "embed", &[("shop", Role::Editor), ("blog", Role::Viewer)], TokenSpec::default())
+        .await;
 
     // The CLI, as the service's backend would run it.
     let cli = Cli::new(&w.gateway, &service_token);
@@ -99,9 +101,17 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     assert_eq!(attrs["groups"], json!(["a", "b"]));
     assert!(h.get("authorization").is_none(), "the credential is stripped");
 
-    // Another project of the org, another org: valid credential, wrong place.
-    assert_eq!(status_of(&w, &w.gateway, "/blog/x", &jwt).await, 403);
-    assert_eq!(status_of(&w, &w.gateway, "/globex/x", &jwt).await, 403);
+    // Another project of the org (which the service may read), another org: valid credential,
+    // wrong place, and refused for that reason.
+    for (path, reason) in [
+        ("/blog/x", "the credential is not valid for project \"blog\""),
+        ("/globex/x", "the token is not valid for this organization"),
+    ] {
+        let resp = w.get(&w.gateway, path, &jwt).await;
+        assert_eq!(resp.status(), 403, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error_description"], reason, "{path}");
+    }
 
     // By email: the org's user with that email lends their attributes.
     let user = w.user("acme", "bob@acme.io", Role::Viewer, json!({"team": "red"})).await;
@@ -252,6 +262,12 @@ async fn minting_refuses_what_the_service_may_not_grant() {
     let (_, editor_read) = w.service("acme", "editor-svc", &[("shop", Role::Editor)], narrowed).await;
     let user = w.user("acme", "ann@acme.io", Role::Admin, json!({})).await;
     let pat = w.pat(&user, TokenSpec::default()).await;
+    // Suspension stops what is done on a user's behalf too.
+    w.user("acme", "sus@acme.io", Role::Viewer, json!({"secret_team": "x"})).await;
+    let before = w.store.find_user_by_email("acme", "sus@acme.io").await.unwrap().unwrap();
+    let mut suspended = (*before).clone();
+    suspended.status = tollgate::store::UserStatus::Suspended;
+    w.store.update_user(&before, &suspended, None, None).await.unwrap();
 
     let attrs = json!({"attributes": {}});
     let with = |extra: Value| {
@@ -290,6 +306,9 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         (&viewer, "acme", "shop", json!({"user_email": "nope"}), 400, "not an email"),
         (&viewer, "acme", "shop", with(json!({"ttl_seconds": 0})), 400, "must be positive"),
         (&viewer, "acme", "shop", with(json!({"colour": 1})), 400, "colour"),
+        (&viewer, "acme", "shop", with(json!({"environments": []})), 400, "at least one environment"),
+        (&viewer, "acme", "shop", json!({"user_email": "a@b@c"}), 400, "not an email"),
+        (&viewer, "acme", "shop", json!({"user_email": "sus@acme.io"}), 403, "is suspended"),
     ];
     for (caller, org, project, body, want, reason) in cases {
         let (status, answer) = mint(&w, &w.gateway, caller, org, project, body.clone()).await;
@@ -299,6 +318,13 @@ async fn minting_refuses_what_the_service_may_not_grant() {
             assert!(text.contains(reason), "{org}/{project} {body}: {answer}");
         }
     }
+
+    // An environment named twice is carried once.
+    let (status, answer) =
+        mint(&w, &w.gateway, &viewer, "acme", "shop", with(json!({"environments": ["staging", "staging"]})))
+            .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["environments"], json!(["staging"]));
 
     // The CLI shows the reason.
     let err = Cli::new(&w.gateway, &viewer)
