@@ -239,7 +239,9 @@ pub struct IssuedToken {
 pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
     match &t.revoked {
         Some(r) if r.at <= now => {
-            if t.rotated_to.is_some() {
+            // Revoked by its rotation (which decides ahead of the end of the grace), not by a
+            // revocation during the grace, which stops it at once.
+            if t.rotated_to.is_some() && r.decided_at.is_some() {
                 "rotated"
             } else {
                 "revoked"
@@ -807,7 +809,8 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("token.rotate", old.id.to_string());
         audit.token_id = Some(old.id.to_string());
         audit.details = serde_json::json!({ "new_token_id": record.id.to_string(), "grace_seconds": grace });
-        self.store.rotate_token(&before, &old, &record, Some(&audit)).await?;
+        let issued = issue_audit(actor, &record, serde_json::json!({ "rotated_from": old.id.to_string() }));
+        self.store.rotate_token(&before, &old, &record, [Some(&audit), Some(&issued)]).await?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -997,28 +1000,34 @@ impl<'a> Lifecycle<'a> {
         if actor.user_id.as_deref() == Some(user.id.as_str()) {
             return Err(LifecycleError::Invalid("you cannot remove yourself".into()));
         }
-        let now = now_millis();
-        let mut tokens: Vec<TokenRecord> = self
-            .store
-            .list_owner_tokens(&Owner::User(user.id.clone()))
-            .await?
-            .into_iter()
-            .map(Stored::into_inner)
-            .collect();
-        tokens.retain(|t| !t.is_revoked(now));
-        for t in &mut tokens {
-            t.revoked = Some(Box::new(Revocation {
-                at: now,
-                decided_at: None,
-                reason: Some("owner removed".into()),
-                by: Some(actor.subject.clone()),
-            }));
-        }
+        let tokens = self.revoked_tokens_of(&Owner::User(user.id.clone()), actor, "owner removed").await?;
         let mut audit = actor.audit("user.remove", format!("user:{email}"));
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
         self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(tokens.len())
+    }
+
+    /// An owner's tokens not yet revoked, revoked now by `actor`: written with the owner's removal.
+    async fn revoked_tokens_of(
+        &self,
+        owner: &Owner,
+        actor: &Actor,
+        reason: &str,
+    ) -> Result<Vec<TokenRecord>> {
+        let now = now_millis();
+        let mut tokens: Vec<TokenRecord> =
+            self.store.list_owner_tokens(owner).await?.into_iter().map(Stored::into_inner).collect();
+        tokens.retain(|t| !t.is_revoked(now));
+        for t in &mut tokens {
+            t.revoked = Some(Box::new(Revocation {
+                at: now,
+                decided_at: None,
+                reason: Some(reason.into()),
+                by: Some(actor.subject.clone()),
+            }));
+        }
+        Ok(tokens)
     }
 
     fn may_manage_service(&self, actor: &Actor, s: &Service) -> Result<()> {
@@ -1202,8 +1211,10 @@ impl<'a> Lifecycle<'a> {
     pub async fn delete_service(&self, actor: &Actor, org: &str, name: &str) -> Result<()> {
         let s = self.service_in(actor, org, name).await?;
         self.may_manage_service(actor, &s)?;
-        let audit = actor.audit("service.delete", format!("service:{name}"));
-        self.store.delete_service(&s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
+        let tokens = self.revoked_tokens_of(&Owner::Service(s.id.clone()), actor, "service deleted").await?;
+        let mut audit = actor.audit("service.delete", format!("service:{name}"));
+        audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
+        self.store.delete_service(&s, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(())
     }
 

@@ -94,7 +94,10 @@ fn token_status_follows_the_clock() {
     check(record(None, None, false), "active");
     check(record(None, Some(100), false), "expired");
     check(record(Some(50), None, false), "revoked");
-    check(record(Some(50), None, true), "rotated");
+    check(record(Some(50), None, true), "revoked");
+    let mut rotated = record(Some(50), None, true);
+    rotated.revoked.as_mut().unwrap().decided_at = Some(40);
+    check(rotated, "rotated");
     check(record(Some(150), None, true), "deprecated");
 }
 
@@ -157,6 +160,11 @@ async fn rotation_keeps_the_old_settings_or_refuses_a_narrower_caller() {
         l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
     let new = l.rotate(&actor, &again.details.id, rotate(0)).await.unwrap();
     assert_eq!((new.details.permissions, new.details.environments), (None, None));
+    // The new token's history starts with its issue, by rotation.
+    let history = l.audit_log(&actor, "acme", Some(&new.details.id), 10).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].action, "token.issue");
+    assert_eq!(history[0].details["rotated_from"], again.details.id.as_str());
 }
 
 #[tokio::test]
@@ -249,4 +257,28 @@ async fn bad_input_is_refused_with_a_reason() {
     assert_eq!(t.details.display_name.as_deref(), Some("ci"));
     let revoked = l.revoke(&actor, None, Some(" ci "), None).await.unwrap();
     assert_eq!((revoked.id, revoked.status.as_str()), (t.details.id, "revoked"));
+}
+
+#[tokio::test]
+async fn a_deleted_services_tokens_and_a_token_revoked_in_its_grace_read_as_revoked() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let req = CreateService {
+        org: "acme".into(),
+        name: "etl".into(),
+        org_role: Some(Role::Viewer),
+        ..CreateService::default()
+    };
+    let (_, token) = l.create_service(&actor, req).await.unwrap();
+    l.delete_service(&actor, "acme", "etl").await.unwrap();
+    let view = l.get_token(&actor, &token.details.id).await.unwrap();
+    assert_eq!((view.status.as_str(), view.revoke_reason.as_deref()), ("revoked", Some("service deleted")));
+
+    let old =
+        l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
+    let rotate = RotateRequest { grace_seconds: Some(600), ..RotateRequest::default() };
+    l.rotate(&actor, &old.details.id, rotate).await.unwrap();
+    assert_eq!(l.get_token(&actor, &old.details.id).await.unwrap().status, "deprecated");
+    l.revoke(&actor, Some(&old.details.id), None, Some("leaked".into())).await.unwrap();
+    assert_eq!(l.get_token(&actor, &old.details.id).await.unwrap().status, "revoked");
 }

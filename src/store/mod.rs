@@ -583,10 +583,12 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Deletes a service; its tokens stop at once because their owner is gone.
+    /// Deletes a service and writes the given tokens (its own, revoked) in one change; they stop
+    /// at once anyway, their owner being gone, and now also read as revoked.
     pub async fn delete_service(
         &self,
         service: &Stored<Service>,
+        revoked: &[TokenRecord],
         audit: Option<&AuditEvent>,
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
@@ -597,6 +599,10 @@ impl Store {
         b.expect(service_key(&service.id), service);
         b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
         b.srem.push((org_services_key(&service.org), service.id.clone()));
+        for token in revoked {
+            b.put(token_key(&token.id), token)?;
+            b.invalidate(Invalidation::Token(token.id.clone()));
+        }
         b.invalidate(Invalidation::Service(service.id.clone()));
         self.commit(b).await
     }
@@ -696,16 +702,19 @@ impl Store {
         self.commit(b).await
     }
 
-    /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation.
+    /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation,
+    /// with the rotation's audit entry (under the old token) and the new token's (under its own).
     pub async fn rotate_token(
         &self,
         before: &Stored<TokenRecord>,
         old: &TokenRecord,
         new: &TokenRecord,
-        audit: Option<&AuditEvent>,
+        audit: [Option<&AuditEvent>; 2],
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        for entry in audit {
+            b.audit(entry, self.audit_max)?;
+        }
         b.expect(token_key(&before.id), before);
         b.absent.push(token_key(&new.id));
         b.put(token_key(&old.id), old)?;

@@ -112,7 +112,7 @@ async fn writes_publish(s: &Store) {
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
-    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), None, None).await.unwrap();
+    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), &[], None, None).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
     assert!(s.get_service(&svc.id).await.unwrap().is_none());
     assert!(s.find_service_by_name("acme", "etl").await.unwrap().is_none());
@@ -170,7 +170,7 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
                 .await
                 .unwrap();
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
-        s.delete_service(&read, None, None).await.unwrap();
+        s.delete_service(&read, &[], None, None).await.unwrap();
         let mut renamed = svc.clone();
         renamed.org_role = Some(Role::Admin);
         assert!(matches!(s.update_service(&read, &renamed, None, None).await, Err(StoreError::Changed(_))));
@@ -184,7 +184,7 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
         let renamed = Service { name: "etl3".into(), ..svc.clone() };
         s.update_service(&read, &renamed, None, None).await.unwrap();
-        let refused = s.delete_service(&read, None, None).await;
+        let refused = s.delete_service(&read, &[], None, None).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         assert!(s.find_service_by_name("acme", "etl3").await.unwrap().is_some(), "{}", s.describe());
     }
@@ -333,7 +333,7 @@ async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_bac
         let renamed = Service { name: "etl2".into(), ..svc.clone() };
         let refused = s.update_service(&svc_read, &renamed, None, Some(&bob_acting)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
-        let refused = s.delete_service(&svc_read, None, Some(&bob_acting)).await;
+        let refused = s.delete_service(&svc_read, &[], None, Some(&bob_acting)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         let other = Service { id: "s_other".into(), name: "other".into(), ..svc.clone() };
         let refused = s.create_service(&other, None, None, Some(&bob_acting)).await;
