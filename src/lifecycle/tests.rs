@@ -31,11 +31,31 @@ async fn setup() -> (Store, Config, Actor) {
     (store, config, actor)
 }
 
-fn invalid(r: Result<IssuedToken>) -> String {
-    match r {
-        Err(LifecycleError::Invalid(m)) => m,
-        other => panic!("expected an invalid request, got {other:?}"),
+/// A service of org acme with the viewer role.
+fn viewer_service(name: &str) -> CreateService {
+    CreateService {
+        org: "acme".into(),
+        name: name.into(),
+        org_role: Some(Role::Viewer),
+        ..CreateService::default()
     }
+}
+
+/// The message of a refusal of the expected kind: invalid (`400`) or forbidden (`403`).
+fn refusal<T: std::fmt::Debug>(r: Result<T>, expect_invalid: bool) -> String {
+    match r {
+        Err(LifecycleError::Invalid(m)) if expect_invalid => m,
+        Err(LifecycleError::Forbidden(m)) if !expect_invalid => m,
+        other => panic!("expected a refusal (invalid: {expect_invalid}), got {other:?}"),
+    }
+}
+
+fn invalid<T: std::fmt::Debug>(r: Result<T>) -> String {
+    refusal(r, true)
+}
+
+fn forbidden<T: std::fmt::Debug>(r: Result<T>) -> String {
+    refusal(r, false)
 }
 
 #[tokio::test]
@@ -107,12 +127,7 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     let l = Lifecycle::new(&store, &config);
     actor.scope = Some(vec!["read".into(), "write".into(), "admin".into()]);
     actor.environments = Some(vec!["production".into()]);
-    let req = CreateService {
-        org: "acme".into(),
-        name: "etl".into(),
-        org_role: Some(Role::Viewer),
-        ..CreateService::default()
-    };
+    let req = viewer_service("etl");
     let (_, token) = l.create_service(&actor, req).await.unwrap();
     assert_eq!(token.details.environments, Some(vec!["production".to_string()]));
     assert!(token.details.permissions.is_some(), "the caller's scope is inherited");
@@ -126,13 +141,6 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     let view = l.get_token(&actor, &first[..10]).await.unwrap();
     assert_eq!(view.environments, Some(vec!["production".to_string()]));
     assert!(view.expires_at.is_some());
-}
-
-fn forbidden<T: std::fmt::Debug>(r: Result<T>) -> String {
-    match r {
-        Err(LifecycleError::Forbidden(m)) => m,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -221,12 +229,7 @@ async fn a_change_needs_the_acting_admin_as_authenticated() {
             .await,
     );
     assert!(msg.contains("changed meanwhile"), "{msg}");
-    let req = CreateService {
-        org: "acme".into(),
-        name: "late".into(),
-        org_role: Some(Role::Viewer),
-        ..CreateService::default()
-    };
+    let req = viewer_service("late");
     assert!(matches!(l.create_service(&actor, req).await, Err(LifecycleError::Forbidden(_))));
 }
 
@@ -263,12 +266,7 @@ async fn bad_input_is_refused_with_a_reason() {
 async fn a_deleted_services_tokens_and_a_token_revoked_in_its_grace_read_as_revoked() {
     let (store, config, actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    let req = CreateService {
-        org: "acme".into(),
-        name: "etl".into(),
-        org_role: Some(Role::Viewer),
-        ..CreateService::default()
-    };
+    let req = viewer_service("etl");
     let (_, token) = l.create_service(&actor, req).await.unwrap();
     l.delete_service(&actor, "acme", "etl").await.unwrap();
     let view = l.get_token(&actor, &token.details.id).await.unwrap();
