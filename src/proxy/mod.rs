@@ -172,10 +172,12 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             Err(rejection) => {
+                // Kept before it is sent: if writing it fails (a client gone), the logging phase
+                // must still count and log the request as refused, never as allowed.
+                let rejection = ctx.rejection.insert(rejection);
                 rejection
                     .send(session, id_text(&ctx.request_id), config.identity.request_id_header.as_str())
                     .await?;
-                ctx.rejection = Some(rejection);
                 Ok(true)
             }
         }

@@ -54,6 +54,45 @@ async fn metrics_count_allowed_and_denied_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let before = scrape(&w).await;
+    // An unknown token needs the store, which hangs: the 503 comes after the store timeout
+    // (300 ms), by when the client has reset the connection, so writing it fails.
+    w.redis.pause();
+    let token = tollgate::token::generate(tollgate::token::TokenKind::Pat).token;
+    let mut client = tokio::net::TcpStream::connect(w.gateway.addr()).await.unwrap();
+    let request = format!("GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.set_zero_linger().unwrap();
+    drop(client);
+
+    let refused = r#"tollgate_requests_total{outcome="store_unavailable",route="shop"}"#;
+    let allowed = r#"tollgate_requests_total{outcome="allowed",route="shop"}"#;
+    let counted = eventually(Duration::from_secs(5), || async {
+        let now = scrape(&w).await;
+        sample(&now, refused) - sample(&before, refused) >= 1.0
+            || sample(&now, allowed) > sample(&before, allowed)
+    })
+    .await;
+    w.redis.resume();
+    assert!(counted, "the request was never counted");
+    let after = scrape(&w).await;
+    assert_eq!(sample(&after, allowed), sample(&before, allowed), "{after}");
+    assert_eq!(sample(&after, refused) - sample(&before, refused), 1.0, "{after}");
+    let logged = eventually(Duration::from_secs(5), || async {
+        w.gateway
+            .log_text()
+            .lines()
+            .any(|l| l.contains("tollgate::access") && l.contains("store_unavailable"))
+    });
+    assert!(logged.await, "{}", w.gateway.log_text());
+    assert!(!w.gateway.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() {
     let mut w = World::start().await;
     let user = w.user("acme", "l@acme.io", Role::Viewer, serde_json::json!({})).await;
