@@ -449,16 +449,19 @@ async fn bad_input_gets_a_4xx_never_a_5xx() {
     let raw = raw_request(addr, utf8);
     assert_eq!(status(&raw), 401, "{raw}");
 
-    for junk in ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer tgp_", "Bearer a b c", "Bearer tgp_\u{0}"]
-    {
-        let resp = w
-            .http
-            .get(w.gateway.url("/shop"))
-            .header("Authorization", junk.replace('\u{0}', ""))
-            .send()
-            .await
-            .unwrap();
+    for junk in ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer tgp_", "Bearer a b c"] {
+        let resp = w.http.get(w.gateway.url("/shop")).header("Authorization", junk).send().await.unwrap();
         assert_eq!(resp.status(), 401, "{junk:?}");
+    }
+    // A NUL or another control byte in the credential, sent as is (an HTTP client refuses to):
+    // Pingora's parser refuses the head before Tollgate sees it, so what is checked here is
+    // only what the client gets, a 4xx.
+    for junk in [&b"Bearer tgp_\0"[..], b"Bearer tgp_\x01x", b"Bearer \0"] {
+        let mut request = b"GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: ".to_vec();
+        request.extend_from_slice(junk);
+        request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        let raw = raw_request(addr, &request);
+        assert!((400..500).contains(&status(&raw)), "{junk:?}: {raw}");
     }
 
     // A public route cannot be used to reach a protected path.
@@ -469,9 +472,12 @@ async fn bad_input_gets_a_4xx_never_a_5xx() {
         );
         assert_eq!(status(&raw), 400, "{target}: {raw}");
     }
+    // A full-URL target naming another host than `Host`: Pingora refuses it (its byte-exact
+    // check) before Tollgate sees it, so this checks what the client gets, not Tollgate's own
+    // (normalizing) comparison, which HTTP/1 never reaches.
     let raw =
         raw_request(addr, b"GET http://other.example/shop HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert_eq!(status(&raw), 400, "{raw}");
+    assert!((400..500).contains(&status(&raw)), "{raw}");
 
     let huge = format!("Bearer {}", "a".repeat(60_000));
     let resp = w.http.get(w.gateway.url("/shop")).header("Authorization", huge).send().await.unwrap();
