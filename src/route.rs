@@ -45,7 +45,8 @@ pub struct Route {
     /// standard names in their usual capitalization and every other name in lowercase, which
     /// spares its second, case-keeping header map and a parse of every inserted name.
     pub preserve_header_case: bool,
-    /// Permission per method; methods not listed use `read_default` or `write_default`.
+    /// Permission per method; methods not listed use `read_default` or `write_default`. HEAD,
+    /// unless listed, has GET's when GET is listed (see [`Route::new`]).
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// Required for GET, HEAD and OPTIONS unless listed.
     pub read_default: RequiredPermission,
@@ -93,6 +94,14 @@ pub struct RouteSpec {
 impl Route {
     /// Makes a route from its validated spec.
     pub fn new(spec: RouteSpec) -> Route {
+        let mut methods = spec.methods;
+        // Upstreams (Express, Flask, Go's mux) answer HEAD by running the GET handler, with its
+        // side effects, status and headers: a HEAD needs what a GET needs unless listed itself.
+        if let Some(get) =
+            methods.get(&http::Method::GET).filter(|_| !methods.contains_key(&http::Method::HEAD))
+        {
+            methods.insert(http::Method::HEAD, get.clone());
+        }
         Route {
             name: spec.name,
             host: spec.host,
@@ -105,7 +114,7 @@ impl Route {
             query_token: spec.query_token,
             identity_jwt: spec.identity_jwt,
             preserve_header_case: spec.preserve_header_case,
-            methods: spec.methods,
+            methods,
             read_default: spec.read_default,
             write_default: spec.write_default,
             next_upstream: AtomicUsize::new(0),
@@ -305,8 +314,8 @@ mod tests {
         RequiredPermission { name: name.into(), bit: PermSet::EMPTY }
     }
 
-    fn route(name: &str, host: Option<&str>, prefix: &str) -> Route {
-        Route::new(RouteSpec {
+    fn spec(name: &str, host: Option<&str>, prefix: &str) -> RouteSpec {
+        RouteSpec {
             name: name.into(),
             host: host.map(str::to_string),
             path_prefix: prefix.into(),
@@ -321,7 +330,11 @@ mod tests {
             methods: HashMap::from([(http::Method::DELETE, perm("admin"))]),
             read_default: perm("read"),
             write_default: perm("write"),
-        })
+        }
+    }
+
+    fn route(name: &str, host: Option<&str>, prefix: &str) -> Route {
+        Route::new(spec(name, host, prefix))
     }
 
     fn table() -> RouteTable {
@@ -361,6 +374,19 @@ mod tests {
         check(http::Method::POST, "write");
         check(http::Method::PATCH, "write");
         check(http::Method::DELETE, "admin");
+    }
+
+    #[test]
+    fn head_needs_what_get_needs_unless_listed() {
+        let mut get_only = spec("r", None, "/");
+        get_only.methods.insert(http::Method::GET, perm("admin"));
+        let r = Route::new(get_only);
+        assert_eq!(r.required_permission(&http::Method::HEAD).name, "admin");
+        assert_eq!(r.required_permission(&http::Method::OPTIONS).name, "read");
+        let mut both = spec("r", None, "/");
+        both.methods.insert(http::Method::GET, perm("admin"));
+        both.methods.insert(http::Method::HEAD, perm("write"));
+        assert_eq!(Route::new(both).required_permission(&http::Method::HEAD).name, "write");
     }
 
     #[test]

@@ -280,6 +280,22 @@ async fn scope_environment_and_org_are_enforced_with_403() {
     let full = w.pat(&editor, TokenSpec::default()).await;
     let resp = w.http.delete(w.gateway.url("/shop/1")).bearer_auth(&full).send().await.unwrap();
     error_body(resp, 403).await;
+
+    // A route listing GET (admin) and not HEAD: HEAD needs admin too, since upstreams answer it
+    // by running the GET handler.
+    let resp = w.http.get(w.gateway.url("/reports/q")).bearer_auth(&full).send().await.unwrap();
+    error_body(resp, 403).await;
+    let resp = w.http.head(w.gateway.url("/reports/q")).bearer_auth(&full).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        w.post(&w.gateway, "/reports/q", &full).await.status(),
+        200,
+        "other methods keep their default"
+    );
+    let admin = w.user("acme", "a@example.com", Role::Admin, serde_json::json!({})).await;
+    let admin = w.pat(&admin, TokenSpec::default()).await;
+    let resp = w.http.head(w.gateway.url("/reports/q")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test]

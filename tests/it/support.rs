@@ -184,6 +184,7 @@ routes:
   - {{ name: dev, path: /dev, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: dev }}
   - {{ name: noquery, path: /noquery, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production }}
   - {{ name: globex, path: /globex, upstream: "127.0.0.1:{upstream}", org: globex, project: web, environment: production }}
+  - {{ name: reports, path: /reports, upstream: "127.0.0.1:{upstream}", org: acme, project: shop, environment: production, permissions: {{ GET: admin }} }}
   - {{ name: blog, path: /blog, upstream: "127.0.0.1:{upstream}", org: acme, project: blog, environment: production }}
   - {{ name: public, path: /public, upstream: "127.0.0.1:{upstream}", auth: none }}
   - {{ name: dead, path: /dead, upstream: "127.0.0.1:{dead}", org: acme, project: shop, environment: production, query_token: true }}
