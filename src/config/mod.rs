@@ -617,7 +617,7 @@ impl Validator {
 
     fn credentials(&mut self, raw: RawCredentials) -> CredentialSettings {
         let query_param = raw.query_param.unwrap_or_else(|| "access_token".into());
-        if query_param.is_empty() || query_param.contains(['&', '=', '#', ' ']) {
+        if query_param.is_empty() || query_param.contains(['&', ';', '=', '#', ' ']) {
             self.error("credentials.query_param", format!("{query_param:?} is not a usable parameter name"));
         }
         let api_key_header =

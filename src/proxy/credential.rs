@@ -58,35 +58,67 @@ fn single_header<'r>(
     Ok(first)
 }
 
+/// What separates a query's parameters: `&`, and `;` too, as Rack 2, Perl's CGI and Python's
+/// `parse_qs` before 3.9.2 read a query. Splitting on `&` alone would miss a copy of the token
+/// behind a `;` (`?access_token=T&x=1;access_token=T`) that such an upstream still reads.
+const SEPARATORS: [char; 2] = ['&', ';'];
+
+fn is_separator(b: u8) -> bool {
+    SEPARATORS.contains(&char::from(b))
+}
+
 /// Values of the parameter `name` in a raw query string, as sent.
 pub fn query_values<'q>(query: &'q str, name: &str) -> Vec<&'q str> {
     query
-        .split('&')
+        .split(SEPARATORS)
         .filter_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            is_param(k, name).then_some(v)
+            is_param(k.as_bytes(), name).then_some(v)
         })
         .collect()
 }
 
 /// Whether the raw query string has the parameter `name`.
-pub fn has_query_param(query: &str, name: &str) -> bool {
-    query.split('&').any(|pair| is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name))
+pub fn has_query_param(query: &[u8], name: &str) -> bool {
+    params(query).any(|(_, param)| is_param(key(param), name))
 }
 
-/// The query string without the parameter `name`, other parameters untouched and in order.
-pub fn strip_query_param(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| !is_param(pair.split_once('=').map_or(*pair, |(k, _)| k), name))
-        .collect::<Vec<_>>()
-        .join("&")
+/// The raw query string without the parameter `name`; the other parameters are untouched and in
+/// order, each behind the separator it was sent with (but the first, behind none).
+pub fn strip_query_param(query: &[u8], name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(query.len());
+    let mut first = true;
+    for (separator, param) in params(query).filter(|(_, param)| !is_param(key(param), name)) {
+        if !first {
+            out.extend_from_slice(separator);
+        }
+        out.extend_from_slice(param);
+        first = false;
+    }
+    out
+}
+
+/// The parameters of a raw query string, each with the separator before it (empty for the
+/// first). Bytes, not text: a target need not be UTF-8, and must reach the upstream as sent.
+fn params(query: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut start = Some(0);
+    std::iter::from_fn(move || {
+        let at = start?;
+        let end = query[at..].iter().position(|&b| is_separator(b)).map_or(query.len(), |n| at + n);
+        start = (end < query.len()).then_some(end + 1);
+        Some((&query[at.saturating_sub(1)..at], &query[at..end]))
+    })
+}
+
+/// A parameter's raw key: the text before its first `=`.
+fn key(param: &[u8]) -> &[u8] {
+    param.split(|&b| b == b'=').next().unwrap_or_default()
 }
 
 /// Whether a parameter's raw key is `name`, as the upstream's query parser would read it: with
 /// its percent-encodings decoded (`access%5Ftoken` is `access_token`).
-fn is_param(key: &str, name: &str) -> bool {
-    key == name || (key.contains('%') && percent_encoding::percent_decode_str(key).eq(name.bytes()))
+fn is_param(key: &[u8], name: &str) -> bool {
+    key == name.as_bytes() || (key.contains(&b'%') && percent_encoding::percent_decode(key).eq(name.bytes()))
 }
 
 #[cfg(test)]
@@ -95,8 +127,9 @@ mod tests {
 
     #[test]
     fn strip_keeps_the_rest_in_order() {
-        let check =
-            |q: &str, expected: &str| assert_eq!(strip_query_param(q, "access_token"), expected, "{q}");
+        let check = |q: &str, expected: &str| {
+            assert_eq!(strip_query_param(q.as_bytes(), "access_token"), expected.as_bytes(), "{q}")
+        };
         check("access_token=x", "");
         check("a=1&access_token=x&b=2", "a=1&b=2");
         check("b=2&a=1&access_token=x", "b=2&a=1");
@@ -105,14 +138,34 @@ mod tests {
         check("a=1&access%5Ftoken=x&access%5ftoken&b", "a=1&b");
         check("%61ccess_token=x&access_toke%6E", "");
         check("access%5Ftokens=x&access%5=y&access_toke%6=z", "access%5Ftokens=x&access%5=y&access_toke%6=z");
+        check("access_token=x&&b&", "&b&");
+    }
+
+    #[test]
+    fn a_semicolon_separates_parameters_too() {
+        let check = |q: &str, expected: &str| {
+            assert_eq!(strip_query_param(q.as_bytes(), "access_token"), expected.as_bytes(), "{q}")
+        };
+        check("access_token=T&x=1;access_token=T", "x=1");
+        check("a=1;access_token=T&b=2;c=3", "a=1&b=2;c=3");
+        check("access_token=T;a=1&b", "a=1&b");
+        check("a=1;b=2&c", "a=1;b=2&c");
+        assert!(has_query_param(b"x=1;access_token=T", "access_token"));
+        assert_eq!(query_values("access_token=A&x;access_token=B", "access_token"), ["A", "B"]);
+    }
+
+    #[test]
+    fn a_query_that_is_not_utf8_keeps_its_bytes() {
+        let query = b"a=%FF\xff&access_token=T;b=\xfe";
+        assert_eq!(strip_query_param(query, "access_token"), b"a=%FF\xff;b=\xfe");
     }
 
     #[test]
     fn query_params_are_found_by_their_decoded_name() {
-        assert!(has_query_param("a=1&access%5Ftoken=x", "access_token"));
-        assert!(has_query_param("access_token", "access_token"));
-        assert!(!has_query_param("a=access_token&Access_Token=1&access_tokens=2", "access_token"));
-        assert!(!has_query_param("", "access_token"));
+        assert!(has_query_param(b"a=1&access%5Ftoken=x", "access_token"));
+        assert!(has_query_param(b"access_token", "access_token"));
+        assert!(!has_query_param(b"a=access_token&Access_Token=1&access_tokens=2", "access_token"));
+        assert!(!has_query_param(b"", "access_token"));
         assert_eq!(query_values("access%5Ftoken=x&access_token=y", "access_token"), ["x", "y"]);
     }
 

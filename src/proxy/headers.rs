@@ -143,8 +143,10 @@ pub trait HeaderEdit {
 
 /// The upstream request's target, besides its headers.
 pub trait Upstream: HeaderEdit {
-    fn uri(&self) -> &http::Uri;
-    fn set_uri(&mut self, uri: http::Uri);
+    /// The request target as it will be sent (raw bytes, which need not be UTF-8).
+    fn target(&self) -> &[u8];
+    /// Sends `target` instead, byte for byte.
+    fn set_target(&mut self, target: Vec<u8>) -> pingora::Result<()>;
     /// The header map itself, when nothing else (such as a case-keeping map) must follow its
     /// edits.
     fn bare_headers(&mut self) -> Option<&mut http::HeaderMap> {
@@ -152,10 +154,13 @@ pub trait Upstream: HeaderEdit {
     }
 }
 
-/// Whether a client-sent header never reaches the upstream: every name in the identity namespace
-/// and, when `credential`, the headers that carry a credential.
+/// Whether a client-sent header never reaches the upstream: every name in the identity namespace,
+/// the request id (the gateway's own) and, when `credential`, the headers that carry a credential.
+/// The first two are matched with `-` and `_` counting as the same ([`in_namespace`]).
 fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
-    in_namespace(name.as_str(), &config.identity.prefix)
+    let identity = &config.identity;
+    in_namespace(name.as_str(), &identity.prefix)
+        || spelled_alike(name.as_str().as_bytes(), identity.request_id_header.as_str().as_bytes())
         || (credential
             && (*name == http::header::AUTHORIZATION
                 || config.credentials.api_key_header.as_ref() == Some(name)))
@@ -165,12 +170,14 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
 /// the same: CGI, WSGI and Rack upstreams read both `X-Auth-Email` and `X_Auth_Email` as
 /// `HTTP_X_AUTH_EMAIL`, so either spelling would forge the same identity.
 fn in_namespace(name: &str, prefix: &str) -> bool {
+    name.as_bytes().get(..prefix.len()).is_some_and(|head| spelled_alike(head, prefix.as_bytes()))
+}
+
+/// Whether two (lowercase) header names are the same with `-` and `_` counting as the same.
+fn spelled_alike(a: &[u8], b: &[u8]) -> bool {
     let dash_or_underscore = |b: u8| b == b'-' || b == b'_';
-    name.len() >= prefix.len()
-        && name
-            .bytes()
-            .zip(prefix.bytes())
-            .all(|(n, p)| n == p || (dash_or_underscore(n) && dash_or_underscore(p)))
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(&x, &y)| x == y || (dash_or_underscore(x) && dash_or_underscore(y)))
 }
 
 /// Removes the client's [`withheld`] headers in place.
@@ -199,8 +206,7 @@ fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)
 }
 
 /// The upstream request's headers from a [`Made::template`]: the request id, the identity headers,
-/// and every header of `client` except its [`withheld`] headers and request id. `Host`, when sent,
-/// comes first.
+/// and every header of `client` except its [`withheld`] headers. `Host`, when sent, comes first.
 fn upstream_headers(
     template: &http::HeaderMap,
     config: &Config,
@@ -208,8 +214,6 @@ fn upstream_headers(
     request_id: &HeaderValue,
 ) -> pingora::Result<http::HeaderMap> {
     use http::header::HOST;
-    let dropped =
-        |name: &HeaderName| withheld(config, name, true) || *name == config.identity.request_id_header;
     let too_many = |_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many headers");
     let mut out = template.clone();
     out.try_reserve(client.len()).map_err(too_many)?;
@@ -227,7 +231,7 @@ fn upstream_headers(
         }
         if name == HOST && host.is_none() {
             host = Some(value);
-        } else if !dropped(&name) {
+        } else if !withheld(config, &name, true) {
             out.try_append(name, value).map_err(too_many)?;
         }
     }
@@ -318,11 +322,11 @@ pingora_header_edit!(RequestHeader);
 pingora_header_edit!(ResponseHeader);
 
 impl Upstream for RequestHeader {
-    fn uri(&self) -> &http::Uri {
-        &self.uri
+    fn target(&self) -> &[u8] {
+        self.raw_path()
     }
-    fn set_uri(&mut self, uri: http::Uri) {
-        RequestHeader::set_uri(self, uri);
+    fn set_target(&mut self, target: Vec<u8>) -> pingora::Result<()> {
+        self.set_raw_path(&target)
     }
 }
 
@@ -367,12 +371,16 @@ impl HeaderEdit for Parts {
 }
 
 impl Upstream for Parts {
-    fn uri(&self) -> &http::Uri {
-        &self.parts.uri
+    fn target(&self) -> &[u8] {
+        match &self.raw_target {
+            Some(raw) => raw,
+            None => self.parts.uri.path_and_query().map_or(b"", |pq| pq.as_str().as_bytes()),
+        }
     }
-    fn set_uri(&mut self, uri: http::Uri) {
-        self.parts.uri = uri;
-        self.raw_target = None;
+    /// Kept as the target to put back, which [`edit_request`] then parses into the URI too.
+    fn set_target(&mut self, target: Vec<u8>) -> pingora::Result<()> {
+        self.raw_target = Some(target);
+        Ok(())
     }
     fn bare_headers(&mut self) -> Option<&mut http::HeaderMap> {
         Some(&mut self.parts.headers)
@@ -458,26 +466,24 @@ fn identity_jwt(
     })
 }
 
+/// Removes the token's query parameter from the target, every copy of it. On the raw bytes, not
+/// the URI, which holds only a lossy rendering of a target that is not UTF-8: everything else
+/// reaches the upstream byte for byte (and an absolute-form target stays one).
 fn remove_query_token(req: &mut dyn Upstream, param: &str) -> pingora::Result<()> {
-    let Some(query) = req.uri().query().filter(|q| has_query_param(q, param)) else { return Ok(()) };
+    let target = req.target();
+    let Some(at) = target.iter().position(|&b| b == b'?') else { return Ok(()) };
+    let query = &target[at + 1..];
+    if !has_query_param(query, param) {
+        return Ok(());
+    }
     let rest = strip_query_param(query, param);
-    let path = req.uri().path();
-    let path_and_query = if rest.is_empty() { path.to_string() } else { format!("{path}?{rest}") };
-    let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse().map_err(|_| {
-        pingora::Error::explain(
-            pingora::ErrorType::InvalidHTTPHeader,
-            "query rewrite produced an invalid URI",
-        )
-    })?);
-    let uri = http::Uri::from_parts(parts).map_err(|_| {
-        pingora::Error::explain(
-            pingora::ErrorType::InvalidHTTPHeader,
-            "query rewrite produced an invalid URI",
-        )
-    })?;
-    req.set_uri(uri);
-    Ok(())
+    let mut stripped = Vec::with_capacity(target.len());
+    stripped.extend_from_slice(&target[..at]);
+    if !rest.is_empty() {
+        stripped.push(b'?');
+        stripped.extend_from_slice(&rest);
+    }
+    req.set_target(stripped)
 }
 
 /// One header per scalar attribute: `x-auth-attr-<name>`. Names are lowercased with every
@@ -579,6 +585,37 @@ mod tests {
         assert!(!out.contains_key(http::header::HOST));
         assert_eq!(out.get("x-request-id").unwrap(), "0123");
         assert_eq!(template.get("x-request-id").unwrap(), "");
+    }
+
+    #[test]
+    fn the_request_id_is_dropped_in_every_spelling_of_its_name() {
+        let config = Config::parse("").unwrap();
+        let template = template(&config.identity.request_id_header, &[]);
+        let mut client = http::HeaderMap::new();
+        client.append(http::header::HOST, HeaderValue::from_static("x"));
+        for name in ["x-request-id", "x_request_id", "x_request-id", "x-request_id", "x-request-ids"] {
+            client.append(HeaderName::from_static(name), HeaderValue::from_static("forged"));
+        }
+        let out = upstream_headers(&template, &config, client, &HeaderValue::from_static("0123")).unwrap();
+        let wire: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(wire, [("host", "x"), ("x-request-id", "0123"), ("x-request-ids", "forged")]);
+    }
+
+    #[test]
+    fn stripping_the_query_token_keeps_every_other_byte_of_the_target() {
+        for keep_case in [false, true] {
+            for (sent, forwarded) in [
+                (&b"/shop/%FF-raw\xff?a=\xfe&access_token=T;b=1"[..], &b"/shop/%FF-raw\xff?a=\xfe;b=1"[..]),
+                (b"/shop/\xff?access_token=T", b"/shop/\xff"),
+                (b"/shop/x?access_token=T&y=%20", b"/shop/x?y=%20"),
+                (b"http://h.example/shop?a&access_token=T", b"http://h.example/shop?a"),
+                (b"/shop/\xff?a=1", b"/shop/\xff?a=1"),
+            ] {
+                let mut req = RequestHeader::build("GET", sent, None).unwrap();
+                edit_request(&mut req, keep_case, |req| remove_query_token(req, "access_token")).unwrap();
+                assert_eq!(req.raw_path(), forwarded, "{}", String::from_utf8_lossy(sent));
+            }
+        }
     }
 
     #[test]

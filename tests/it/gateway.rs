@@ -84,6 +84,15 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     let echo = echoed(w.http.get(url).send().await.unwrap()).await;
     assert_eq!(echo["uri"], "/shop/search?a=1");
 
+    // `;` separates parameters too (Rack 2, Perl's CGI, older Python read it so): a copy behind
+    // one is found and removed, and two copies are one too many.
+    let url = w.gateway.url(&format!("/shop/search?x=1;access_token={token}&y=2;z"));
+    let echo = echoed(w.http.get(url).send().await.unwrap()).await;
+    assert_eq!(echo["uri"], "/shop/search?x=1&y=2;z");
+    let url = w.gateway.url(&format!("/shop/search?access_token={token}&x=1;access_token={token}"));
+    let (_, body) = error_body(w.http.get(url).send().await.unwrap(), 400).await;
+    assert_eq!(body["error_description"], "the token query parameter appears more than once");
+
     // On a route that does not allow query tokens it is no credential at all, and the parameter
     // is the upstream's (which may use the name for a credential of its own).
     let url = w.gateway.url(&format!("/noquery/search?access_token={token}"));
@@ -111,10 +120,14 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         // CGI-style upstreams read `_` as `-`: HTTP_X_AUTH_EMAIL either way.
         .header("X_Auth_Email", "ceo@example.com")
         .header("x_auth-attr-tenant", "victim")
+        // The request id is the gateway's, however it is spelled.
+        .header("X_Request_Id", "forged")
+        .header("x-request_id", "forged")
         .send()
         .await
         .unwrap();
     let echo = echoed(resp).await;
+    assert_no_forged_request_id(&echo);
     assert_eq!(header(&echo, "x-auth-subject"), Some(format!("user:{}", user.id).as_str()));
     assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
     assert_eq!(echo["headers"]["x-auth-subject"].as_array().unwrap().len(), 1);
@@ -130,10 +143,12 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         .header("X-Auth-Subject", "user:root")
         .header("X-Auth-Org", "acme")
         .header("X_Auth_Subject", "user:root")
+        .header("X_Request_Id", "forged")
         .send()
         .await
         .unwrap();
     let echo = echoed(resp).await;
+    assert_no_forged_request_id(&echo);
     let forged: Vec<&String> = echo["headers"]
         .as_object()
         .unwrap()
@@ -141,6 +156,20 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         .filter(|k| k.replace('_', "-").starts_with("x-auth-"))
         .collect();
     assert!(forged.is_empty(), "{forged:?}");
+}
+
+/// The upstream saw one request id, the gateway's, under no other spelling of its name.
+fn assert_no_forged_request_id(echo: &serde_json::Value) {
+    let ids: Vec<(&String, &serde_json::Value)> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.replace('_', "-") == "x-request-id")
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(ids[0].0, "x-request-id");
+    assert_eq!(ids[0].1.as_array().map(Vec::len), Some(1), "{ids:?}");
+    assert_ne!(ids[0].1[0], "forged");
 }
 
 #[tokio::test]
