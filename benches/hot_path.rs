@@ -90,7 +90,7 @@ fn cache_hit(c: &mut Criterion) {
 fn authorize_and_headers(c: &mut Criterion) {
     let w = warm();
     let principal = w.runtime.block_on(w.verifier.verify(&w.token)).unwrap();
-    let route = w.config.routes.find(None, "/shop/items").unwrap().clone();
+    let route = w.config.routes.route(None, "/shop/items").unwrap().unwrap().clone();
     c.bench_function("policy/authorize", |b| {
         b.iter(|| {
             policy::authorize(&w.config.policy, route.clone(), &http::Method::GET, principal.clone()).unwrap()

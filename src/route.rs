@@ -139,69 +139,150 @@ impl Route {
         (n > 0).then(|| self.upstreams[self.next_upstream.fetch_add(1, Ordering::Relaxed) % n])
     }
 
-    fn matches_path(&self, path: &str) -> bool {
-        let prefix = self.path_prefix.as_str();
-        match path.strip_prefix(prefix) {
-            Some(rest) => {
-                prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')
-            }
-            None => false,
-        }
+    /// Whether `path` is under this route's prefix (on a segment boundary), comparing letters
+    /// without regard to case when `fold_case`.
+    fn matches_path(&self, path: &str, fold_case: bool) -> bool {
+        let prefix = self.path_prefix.as_bytes();
+        let Some((head, rest)) = path.as_bytes().split_at_checked(prefix.len()) else { return false };
+        let same = if fold_case { head.eq_ignore_ascii_case(prefix) } else { head == prefix };
+        same && (prefix.ends_with(b"/") || matches!(rest.first(), None | Some(b'/' | b'?')))
     }
 }
 
 /// Routes grouped by host, each group ordered longest prefix first.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    by_host: HashMap<String, Vec<Arc<Route>>>,
-    any_host: Vec<Arc<Route>>,
+    by_host: HashMap<String, Vec<Entry>>,
+    any_host: Vec<Entry>,
+}
+
+/// A route in the table.
+#[derive(Debug)]
+struct Entry {
+    route: Arc<Route>,
+    /// Whether a route tried before this one has a prefix that reads, without regard to letter
+    /// case, as this one's or as one inside it (`/Shop`, or `/shop/admin` beside `/shop`): only
+    /// then can a path this route takes be another route's to a case-insensitive upstream, so
+    /// only then is the path matched a second time, without regard to case. Known when the
+    /// table is built, so an ordinary request pays nothing for it.
+    check_case: bool,
 }
 
 impl RouteTable {
     /// Builds the table.
     pub fn new(routes: Vec<Route>) -> RouteTable {
-        let mut table = RouteTable::default();
+        let mut by_host: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        let mut any_host = Vec::new();
         for route in routes {
             let route = Arc::new(route);
             match &route.host {
-                Some(h) => table.by_host.entry(h.clone()).or_default().push(route),
-                None => table.any_host.push(route),
+                Some(h) => by_host.entry(h.clone()).or_default().push(route),
+                None => any_host.push(route),
             }
         }
         let longest_first = |v: &mut Vec<Arc<Route>>| {
             v.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         };
-        table.by_host.values_mut().for_each(longest_first);
-        longest_first(&mut table.any_host);
-        table
+        by_host.values_mut().for_each(longest_first);
+        longest_first(&mut any_host);
+        // A host's routes are tried before the routes for any host, on that host.
+        let named: Vec<&str> = by_host.values().flatten().map(|r| r.path_prefix.as_str()).collect();
+        let any_host = entries(&any_host, &named);
+        let by_host = by_host.iter().map(|(host, routes)| (host.clone(), entries(routes, &[]))).collect();
+        RouteTable { by_host, any_host }
     }
 
     /// Matches host first (routes naming the host, then routes for any host), then the longest
-    /// path prefix. `host` may carry a port and any case.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        // Most tables name no host: then the host need not be normalized (an allocation) at all.
-        let host = host.filter(|_| !self.by_host.is_empty()).map(normalize_host);
-        let named = host.as_deref().and_then(|h| self.by_host.get(h));
-        named.into_iter().flatten().chain(self.any_host.iter()).find(|r| r.matches_path(path))
+    /// path prefix. `host` is a [`normalize_host`]d name.
+    fn find(&self, host: Option<&str>, path: &str, fold_case: bool) -> Option<&Entry> {
+        let named = host.and_then(|h| self.by_host.get(h));
+        named
+            .into_iter()
+            .flatten()
+            .chain(self.any_host.iter())
+            .find(|e| e.route.matches_path(path, fold_case))
     }
 
-    /// The route of a request for `path` on `host`, or why the path is refused ([`route_path`]).
-    /// Upstreams differ in how they read `;`, `//` and encoded characters, so a path that needs
-    /// normalizing must reach the same route read either way (or no route at all).
+    /// The route of a request for `path` on `host` (which may carry a port and any case), or why
+    /// the request is refused: a host whose port is not a number, a path [`route_path`] refuses,
+    /// or a path that upstreams could read as another route's. Upstreams differ in how they read
+    /// `;`, `//` and encoded characters, and in whether letter case matters (Express and ASP.NET
+    /// route without regard to it), so a path must reach the same route read every way (or no
+    /// route at all, as sent and normalized).
     pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<&Arc<Route>>, &'static str> {
-        match route_path(path)? {
-            Cow::Borrowed(_) => Ok(self.find(host, path)),
-            Cow::Owned(normalized) => match (self.find(host, path), self.find(host, &normalized)) {
-                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => Ok(Some(a)),
-                (None, None) => Ok(None),
-                _ => Err("the path reads as another route's once normalized (;, // or an encoded character)"),
-            },
+        let host = self.host_key(host)?;
+        let host = host.as_deref();
+        let normalized = route_path(path)?;
+        let sent = self.find(host, path, false);
+        let same = |other: Option<&Entry>| match (sent, other) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if let Cow::Owned(normalized) = &normalized {
+            if !same(self.find(host, normalized, false)) {
+                return Err(
+                    "the path reads as another route's once normalized (;, // or an encoded character)",
+                );
+            }
         }
+        if sent.is_some_and(|e| e.check_case) {
+            let folded_alike = |path: &str| same(self.find(host, path, true));
+            let normalized_differs = matches!(normalized, Cow::Owned(_));
+            if !folded_alike(path) || (normalized_differs && !folded_alike(&normalized)) {
+                return Err("the path reads as another route's when letter case is ignored");
+            }
+        }
+        Ok(sent.map(|e| &e.route))
+    }
+
+    /// The host as the table is keyed ([`normalize_host`]), refused if its port is not a number;
+    /// `None` when no route names a host, which spares making it (an allocation).
+    fn host_key(&self, host: Option<&str>) -> Result<Option<String>, &'static str> {
+        let Some(name) = host.map(host_name).transpose()? else { return Ok(None) };
+        Ok((!self.by_host.is_empty()).then(|| fold_name(name)))
     }
 
     /// All routes, for listing.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.by_host.values().flatten().chain(self.any_host.iter())
+        self.by_host.values().flatten().chain(self.any_host.iter()).map(|e| &e.route)
+    }
+}
+
+/// The table's entries for `routes` (in the order they are tried), each told whether a route
+/// tried before it, among the earlier ones and `before`, could take its paths without regard to
+/// case.
+fn entries(routes: &[Arc<Route>], before: &[&str]) -> Vec<Entry> {
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| Entry {
+            check_case: routes[..i]
+                .iter()
+                .map(|r| r.path_prefix.as_str())
+                .chain(before.iter().copied())
+                .any(|earlier| could_shadow(earlier, &route.path_prefix)),
+            route: route.clone(),
+        })
+        .collect()
+}
+
+/// Whether a route with prefix `earlier`, tried before one with prefix `prefix`, could match a
+/// path the latter matches when letter case is ignored and not when it counts. Errs on the safe
+/// side: a yes only costs such paths a second lookup.
+fn could_shadow(earlier: &str, prefix: &str) -> bool {
+    let (earlier, prefix) = (earlier.as_bytes(), prefix.as_bytes());
+    match earlier.split_at_checked(prefix.len()) {
+        // Longer: a path under `prefix` whose next segments spell the rest of `earlier` in
+        // another case (`/shop/ADMIN` beside `/shop/admin`).
+        Some((head, rest)) if !rest.is_empty() => {
+            head.eq_ignore_ascii_case(prefix) && (prefix.ends_with(b"/") || rest[0] == b'/')
+        }
+        // As long or shorter: `prefix` itself in another case. One that is exactly a prefix of
+        // it already matches every path it does, case-sensitively.
+        _ => {
+            prefix.get(..earlier.len()).is_some_and(|head| head.eq_ignore_ascii_case(earlier))
+                && !prefix.starts_with(earlier)
+        }
     }
 }
 
@@ -291,19 +372,35 @@ fn unreserved(high: u8, low: u8) -> Option<char> {
 }
 
 /// Lowercases a host and drops a port and the root's trailing dot (`API.example.com.:8080` ->
-/// `api.example.com`): the forms name the same host, and a route for it must not be missed.
-pub fn normalize_host(host: &str) -> String {
-    let without_port = if let Some(end) = host.strip_prefix('[').and_then(|_| host.find(']')) {
+/// `api.example.com`): the forms name the same host, and a route for it must not be missed. A
+/// port that is not a number is refused ([`host_name`]).
+pub fn normalize_host(host: &str) -> Result<String, &'static str> {
+    host_name(host).map(fold_name)
+}
+
+/// A host without its port (`api.example.com:8080` -> `api.example.com`, `[::1]:80` -> `[::1]`),
+/// or why it is refused: a port that is not a number of at most five digits (`example.com:abc`,
+/// `a:b:80`). Upstreams drop such a port to read the name (Go's `net.SplitHostPort` does not check
+/// it), while a lookup of the whole text would miss the host's routes. An empty port is allowed
+/// (RFC 3986, section 3.2.3).
+fn host_name(host: &str) -> Result<&str, &'static str> {
+    const BAD_PORT: &str = "the host's port is not a number";
+    let (name, port) = if host.starts_with('[') {
         // An IPv6 literal keeps its colons inside the brackets.
-        &host[..=end]
+        host.find(']').map(|end| host.split_at(end + 1)).ok_or(BAD_PORT)?
     } else {
-        match host.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
-        }
+        host.find(':').map_or((host, ""), |at| host.split_at(at))
     };
-    let name = without_port.strip_suffix('.').unwrap_or(without_port);
-    name.to_ascii_lowercase()
+    match port.strip_prefix(':') {
+        None if port.is_empty() => Ok(name),
+        Some(digits) if digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(name),
+        _ => Err(BAD_PORT),
+    }
+}
+
+/// A host name as routes are keyed: lowercase, without the root's trailing dot.
+fn fold_name(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -350,7 +447,8 @@ mod tests {
     fn matching() {
         let t = table();
         let check = |host: Option<&str>, path: &str, expected: Option<&str>| {
-            assert_eq!(t.find(host, path).map(|r| r.name.as_str()), expected, "{host:?} {path}");
+            let found = t.route(host, path).unwrap();
+            assert_eq!(found.map(|r| r.name.as_str()), expected, "{host:?} {path}");
         };
         check(None, "/api", Some("api"));
         check(None, "/api/users", Some("api"));
@@ -361,7 +459,7 @@ mod tests {
         check(Some("shop.example.com"), "/other", Some("root"));
         check(Some("other.example.com"), "/api", Some("api"));
         let no_root = RouteTable::new(vec![route("api", None, "/api")]);
-        assert!(no_root.find(None, "/nothing").is_none());
+        assert!(no_root.route(None, "/nothing").unwrap().is_none());
     }
 
     #[test]
@@ -374,19 +472,6 @@ mod tests {
         check(http::Method::POST, "write");
         check(http::Method::PATCH, "write");
         check(http::Method::DELETE, "admin");
-    }
-
-    #[test]
-    fn head_needs_what_get_needs_unless_listed() {
-        let mut get_only = spec("r", None, "/");
-        get_only.methods.insert(http::Method::GET, perm("admin"));
-        let r = Route::new(get_only);
-        assert_eq!(r.required_permission(&http::Method::HEAD).name, "admin");
-        assert_eq!(r.required_permission(&http::Method::OPTIONS).name, "read");
-        let mut both = spec("r", None, "/");
-        both.methods.insert(http::Method::GET, perm("admin"));
-        both.methods.insert(http::Method::HEAD, perm("write"));
-        assert_eq!(Route::new(both).required_permission(&http::Method::HEAD).name, "write");
     }
 
     #[test]
@@ -449,7 +534,7 @@ mod tests {
         let table = RouteTable::new(vec![route("admin", None, "/api/admin"), route("api", None, "/api")]);
         for sent in ["/api/%61dmin/users", "/api;x/admin/users", "/api/admin;x/users", "/api//admin/users"] {
             let path = route_path(sent).unwrap();
-            assert_eq!(table.find(None, &path).unwrap().name, "admin", "{sent}");
+            assert_eq!(table.route(None, &path).unwrap().unwrap().name, "admin", "{sent}");
             assert!(table.route(None, sent).is_err(), "{sent}: the path as sent finds another route");
         }
         for (sent, name) in [("/api/admin/x;v=1", "admin"), ("/api//items", "api"), ("/api/%7Ex", "api")] {
@@ -459,10 +544,98 @@ mod tests {
 
     #[test]
     fn host_normalization() {
-        assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
-        assert_eq!(normalize_host("example.com"), "example.com");
-        assert_eq!(normalize_host("[::1]:80"), "[::1]");
-        assert_eq!(normalize_host("API.example.com.:443"), "api.example.com");
-        assert_eq!(normalize_host("example.com."), "example.com");
+        let check = |host: &str, expected: &str| assert_eq!(normalize_host(host).as_deref(), Ok(expected));
+        check("API.Example.com:8080", "api.example.com");
+        check("example.com", "example.com");
+        check("[::1]:80", "[::1]");
+        check("[::1]", "[::1]");
+        check("API.example.com.:443", "api.example.com");
+        check("example.com.", "example.com");
+        check("example.com:", "example.com");
+    }
+
+    #[test]
+    fn a_host_whose_port_is_not_a_number_is_refused() {
+        for bad in
+            ["api.example.com:abc", "api.example.com:80x", "a:b:80", "a:123456", "[::1]:x", "[::1]x", "[::1"]
+        {
+            assert!(normalize_host(bad).is_err(), "{bad}");
+        }
+        // Refused whether or not a route names a host, rather than routed to any host's routes.
+        let hosted = RouteTable::new(vec![
+            route("vault", Some("api.example.com"), "/vault"),
+            route("open", None, "/vault"),
+        ]);
+        let anywhere = RouteTable::new(vec![route("open", None, "/vault")]);
+        for table in [&hosted, &anywhere] {
+            assert!(table.route(Some("api.example.com:abc"), "/vault").is_err());
+        }
+        assert_eq!(hosted.route(Some("API.example.com:8443"), "/vault").unwrap().unwrap().name, "vault");
+    }
+
+    #[test]
+    fn head_needs_what_get_needs_unless_listed() {
+        let mut get_only = spec("r", None, "/");
+        get_only.methods.insert(http::Method::GET, perm("admin"));
+        let r = Route::new(get_only);
+        assert_eq!(r.required_permission(&http::Method::HEAD).name, "admin");
+        assert_eq!(r.required_permission(&http::Method::OPTIONS).name, "read");
+        let mut both = spec("r", None, "/");
+        both.methods.insert(http::Method::GET, perm("admin"));
+        both.methods.insert(http::Method::HEAD, perm("write"));
+        assert_eq!(Route::new(both).required_permission(&http::Method::HEAD).name, "write");
+    }
+
+    #[test]
+    fn a_path_that_reads_as_another_route_s_without_case_is_refused() {
+        let table = RouteTable::new(vec![
+            route("shop", None, "/shop"),
+            route("shop-admin", None, "/shop/admin"),
+            route("api", None, "/api"),
+            route("root", None, "/"),
+            route("host-vault", Some("api.example.com"), "/Vault"),
+            route("vault", None, "/vault"),
+        ]);
+        let check = |host: Option<&str>, path: &str, expected: Result<Option<&str>, ()>| {
+            let found = table.route(host, path).map(|r| r.map(|r| r.name.as_str())).map_err(drop);
+            assert_eq!(found, expected, "{host:?} {path}");
+        };
+        for refused in
+            ["/shop/ADMIN/users", "/shop/Admin", "/SHOP/admin/users", "/Shop/x", "/API", "/shop//ADMIN/x"]
+        {
+            check(None, refused, Err(()));
+        }
+        check(Some("api.example.com"), "/vault/x", Err(()));
+        // Case that lands on the same route either way is the upstream's business.
+        check(None, "/shop/Items", Ok(Some("shop")));
+        check(None, "/shop/admin/Users", Ok(Some("shop-admin")));
+        check(None, "/api/ADMIN", Ok(Some("api")));
+        check(None, "/Other", Ok(Some("root")));
+        check(Some("api.example.com"), "/Vault/x", Ok(Some("host-vault")));
+        check(Some("other.example"), "/vault/x", Ok(Some("vault")));
+        check(Some("other.example"), "/Vault/x", Err(()));
+        let no_root = RouteTable::new(vec![route("shop-admin", None, "/shop/admin")]);
+        assert_eq!(no_root.route(None, "/shop/ADMIN").unwrap().map(|r| r.name.as_str()), None);
+    }
+
+    #[test]
+    fn only_prefixes_that_can_read_alike_make_a_route_check_case() {
+        for (earlier, prefix, expected) in [
+            ("/shop/admin", "/shop", true),
+            ("/shop/Admin", "/shop", true),
+            ("/Shop/admin", "/shop", true),
+            ("/Shop", "/shop", true),
+            ("/api/v2/", "/api/", true),
+            ("/shop", "/", true),
+            ("/shopping", "/shop", false),
+            ("/blog/admin", "/shop", false),
+            ("/shop", "/shop", false),
+            // Shorter (a host's route before any host's): only in another case.
+            ("/Shop", "/shop/admin", true),
+            ("/shop", "/shop/admin", false),
+            ("/", "/shop", false),
+        ] {
+            assert_eq!(could_shadow(earlier, prefix), expected, "{earlier} before {prefix}");
+        }
     }
 }

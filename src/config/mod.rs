@@ -802,7 +802,12 @@ impl Validator {
                 ),
                 Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
             }
-            let host = r.host.map(|h| normalize_host(&h));
+            let host = r.host.map(|h| {
+                normalize_host(&h).unwrap_or_else(|why| {
+                    self.error(at("host"), format!("{h:?}: {why}"));
+                    h
+                })
+            });
             let path_clash = seen.insert((host.clone(), path_prefix.clone()), i);
             if let Some(j) = path_clash {
                 let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();

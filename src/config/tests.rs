@@ -48,10 +48,10 @@ fn a_good_config_loads() {
     assert_eq!(c.listen.port(), 18080);
     assert_eq!(c.store.timeout, Duration::from_millis(250));
     assert_eq!(c.credentials.api_key_header.as_ref().map(|h| h.as_str()), Some("x-api-key"));
-    let r = c.routes.find(None, "/shop/items").unwrap();
+    let r = c.routes.route(None, "/shop/items").unwrap().unwrap();
     assert!(r.query_token);
     assert_eq!(r.required_permission(&http::Method::DELETE).name, "admin");
-    assert!(c.routes.find(None, "/health").unwrap().public);
+    assert!(c.routes.route(None, "/health").unwrap().unwrap().public);
     assert_eq!(c.identity.header(IdentityField::Subject), Some("x-auth-subject"));
 }
 
@@ -104,6 +104,10 @@ fn structural_errors() {
             "routes[1].path: \"/a//b\" is not in normal form; write \"/a/b\"",
             "routes[2].path: \"/a/../b\": the path has a dot-segment",
         ],
+    );
+    check(
+        "routes:\n  - { path: /x, host: 'a.example:abc', upstream: 127.0.0.1:1, auth: none }\n",
+        &["routes[0].host: \"a.example:abc\": the host's port is not a number"],
     );
     check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
     check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);

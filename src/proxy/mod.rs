@@ -77,7 +77,12 @@ impl Gateway {
         // target, not in `uri`) must agree with the Host header, and come with one: routing is on
         // `Host`. So must every HTTP/1.1 request (RFC 9112, section 3.2).
         let host = match (target_host(req)?, header_host) {
-            (Some(target), Some(header)) if normalize_host(target) != normalize_host(header) => {
+            // Pingora's own check (a byte-exact comparison) refuses an HTTP/1 request this would
+            // before Tollgate sees it; this one stands for any protocol that does not.
+            (Some(target), Some(header))
+                if normalize_host(target).map_err(Rejection::BadRequest)?
+                    != normalize_host(header).map_err(Rejection::BadRequest)? =>
+            {
                 return Err(Rejection::BadRequest(
                     "the request target and the Host header name different hosts",
                 ));
@@ -103,11 +108,17 @@ impl Gateway {
 }
 
 /// The host of an absolute-form request target, without user info; `None` for the usual
-/// origin form (`/path`).
+/// origin form (`/path`). Any other target is refused: Pingora routes one with no authority
+/// (`admin/users`, `x:/admin`, `*`) as `/` but sends its raw bytes upstream, where a lenient
+/// server (gunicorn with Flask) reads `admin/users` as `/admin/users`.
 fn target_host(req: &RequestHeader) -> Result<Option<&str>, Rejection> {
     use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
-    match raw_target_authority(req.raw_path()) {
-        RawTargetAuthority::None => Ok(None),
+    let raw = req.raw_path();
+    match raw_target_authority(raw) {
+        RawTargetAuthority::None if raw.starts_with(b"/") => Ok(None),
+        RawTargetAuthority::None => {
+            Err(Rejection::BadRequest("the request target is neither a path (/...) nor a full URL"))
+        }
         RawTargetAuthority::AmbiguousAuthority => {
             Err(Rejection::BadRequest("the request target's host is ambiguous"))
         }

@@ -624,6 +624,14 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
         assert_eq!(status(&raw), 400, "{target} without Host: {raw}");
         assert!(raw.contains("Host header"), "{target}: {raw}");
     }
+    // A port that is not a number does not make the host another one (Go's mux would still read
+    // api.example.com), so the host's route cannot be skipped with it.
+    for host in ["api.example.com:abc", "api.example.com:80:1", "api.example.com:443x"] {
+        let raw = get("/vault", &format!("Host: {host}\r\n"));
+        assert_eq!(status(&raw), 400, "{host}: {raw}");
+        assert!(raw.contains("port is not a number"), "{host}: {raw}");
+    }
+    assert_eq!(status(&get("/vault", "Host: api.example.com:8443\r\n")), 401);
     // (Pingora itself refuses user info in the target.)
     assert_eq!(status(&get("http://user@api.example.com/vault", "Host: api.example.com\r\n")), 400);
     let raw = get(
@@ -648,6 +656,17 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
         assert_eq!(status(&raw), 400, "{target}: {raw}");
         assert!(raw.contains("normalized"), "{target}: {raw}");
     }
+    // Express and ASP.NET route without regard to letter case: a path that would reach another
+    // route so read is refused; one that reaches the same route either way passes.
+    for target in ["/shop/ADMIN/users", "/shop/Admin", "/shop//ADMIN/x"] {
+        let raw = get(target, &bearer);
+        assert_eq!(status(&raw), 400, "{target}: {raw}");
+        assert!(raw.contains("letter case"), "{target}: {raw}");
+    }
+    for target in ["/shop/Items", "/shop/ITEMS/x"] {
+        let raw = get(target, &bearer);
+        assert_eq!(status(&raw), 200, "{target}: {raw}");
+    }
     // Tomcat's `..;` is a dot-segment.
     for target in ["/shop/..;/admin", "/public/..;x/shop"] {
         let raw = get(target, &bearer);
@@ -659,4 +678,76 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
         assert_eq!(status(&raw), 200, "{target}: {raw}");
         assert!(raw.contains(&format!(r#""uri":"{target}""#)), "{target}: {raw}");
     }
+}
+
+// Multi-threaded: the raw requests block a thread while the in-process upstream answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_the_target_as_sent_and_only_a_path_or_a_full_url() {
+    let upstream = RawUpstream::start();
+    let mut w = World::start_with(|redis, echo| {
+        let port = free_port();
+        let u = upstream.port;
+        let extra = format!(
+            "  - {{ name: raw, path: /raw, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true }}\n  - {{ name: raw-keep, path: /rawkeep, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true, preserve_header_case: true }}\n  - {{ name: root, path: /, upstream: \"127.0.0.1:{u}\", auth: none }}\n"
+        );
+        Gateway::start_with(port, &(gateway_config(port, &redis.url(), echo.port) + &extra))
+    })
+    .await;
+    let user = w.user("acme", "raw@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let addr = w.gateway.addr();
+    let status = |raw: &str| raw.split(' ').nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+    let send = |method: &str, target: &[u8], headers: &str| {
+        let mut request = format!("{method} ").into_bytes();
+        request.extend_from_slice(target);
+        request.extend_from_slice(
+            format!(" HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+        );
+        let answer = raw_request(addr, &request);
+        (answer, upstream.raw_heads().pop().unwrap_or_default())
+    };
+    let request_line = |head: &[u8]| head.split(|&b| b == b'\r').next().unwrap_or_default().to_vec();
+
+    // A target that is neither a path nor a full URL: Pingora routes it as `/` and sends it as
+    // it came, which a lenient upstream reads as `/admin/users`. Refused before any route.
+    assert_eq!(status(&send("GET", b"/page", "").0), 200, "the root route answers");
+    let seen = upstream.raw_heads().len();
+    for (method, target) in
+        [("GET", "admin/users"), ("GET", "x:/admin"), ("OPTIONS", "*"), ("GET", "*"), ("GET", "?x=1")]
+    {
+        let (answer, _) = send(method, target.as_bytes(), "");
+        assert_eq!(status(&answer), 400, "{method} {target}: {answer}");
+        assert!(answer.contains("neither a path"), "{method} {target}: {answer}");
+    }
+    assert_eq!(upstream.raw_heads().len(), seen, "nothing reached the upstream");
+
+    // Removing the query token keeps every other byte of the target, whether or not the route
+    // keeps header case. (A target that is not UTF-8 never gets this far: Pingora refuses it
+    // while reading the head, which the unit tests of `headers` cover for any other way in.)
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    for prefix in ["/raw", "/rawkeep"] {
+        let target = format!("{prefix}/%FF-%zz-\u{e9}?a=\u{e9}%FE&access_token={token}&b=1;c");
+        let (answer, head) = send("GET", target.as_bytes(), "");
+        assert_eq!(status(&answer), 200, "{prefix}: {answer}");
+        let expected = format!("GET {prefix}/%FF-%zz-\u{e9}?a=\u{e9}%FE&b=1;c HTTP/1.1");
+        assert_eq!(String::from_utf8_lossy(&request_line(&head)), expected);
+        // (No credential: Pingora's debug line for the refused head quotes the head whole.)
+        let mut not_utf8 = format!("{prefix}/a\u{e9}").into_bytes();
+        not_utf8.push(0xff);
+        let (answer, _) = send("GET", &not_utf8, "");
+        assert_eq!(status(&answer), 400, "{prefix}: {answer}");
+        // The request id is the gateway's in every spelling, on both ways of editing headers.
+        let (answer, head) = send(
+            "GET",
+            format!("{prefix}/id").as_bytes(),
+            &format!("{bearer}X_Request_Id: forged\r\nx-request_id: forged\r\n"),
+        );
+        assert_eq!(status(&answer), 200, "{prefix}: {answer}");
+        let head = String::from_utf8_lossy(&head);
+        assert!(!head.contains("forged"), "{prefix}: {head}");
+    }
+    // And on a public route.
+    let (answer, head) = send("GET", b"/page", "X_Request_Id: forged\r\n");
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(!String::from_utf8_lossy(&head).contains("forged"), "{}", String::from_utf8_lossy(&head));
 }

@@ -99,7 +99,7 @@ impl Upstream {
 /// and answers each with a reason phrase of its own and a mixed-case header.
 pub struct RawUpstream {
     pub port: u16,
-    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    heads: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl RawUpstream {
@@ -128,14 +128,14 @@ impl RawUpstream {
     }
 
     /// Answers request after request (bodiless) on one kept-alive connection.
-    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<String>>, delay: Duration) {
+    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<Vec<u8>>>, delay: Duration) {
         use std::io::{Read, Write};
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
             while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head: Vec<u8> = buf.drain(..end + 4).collect();
-                kept.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                kept.lock().unwrap().push(head);
                 std::thread::sleep(delay);
                 if stream.write_all(Self::ANSWER).is_err() {
                     return;
@@ -150,6 +150,11 @@ impl RawUpstream {
 
     /// The request heads received so far.
     pub fn heads(&self) -> Vec<String> {
+        self.raw_heads().iter().map(|head| String::from_utf8_lossy(head).into_owned()).collect()
+    }
+
+    /// The request heads received so far, byte for byte (a target need not be UTF-8).
+    pub fn raw_heads(&self) -> Vec<Vec<u8>> {
         self.heads.lock().unwrap().clone()
     }
 }
