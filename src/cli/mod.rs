@@ -451,9 +451,17 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
 }
 
+/// See [`init_logging`].
+const PINGORA_PROXY_AT_MOST_INFO: &str = "pingora_proxy=info";
+
 pub(crate) fn init_logging(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Never below info, whatever the level (`RUST_LOG` too): Pingora's proxy logs a refused
+    // request head whole at debug, its `Authorization` header included.
+    if let Ok(directive) = PINGORA_PROXY_AT_MOST_INFO.parse() {
+        filter = filter.add_directive(directive);
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
