@@ -239,9 +239,12 @@ pub struct IssuedToken {
 pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
     match &t.revoked {
         Some(r) if r.at <= now => {
-            // Revoked by its rotation (which decides ahead of the end of the grace), not by a
-            // revocation during the grace, which stops it at once.
-            if t.rotated_to.is_some() && r.decided_at.is_some() {
+            // Revoked by its rotation (which decides ahead of the end of the grace, or, before
+            // `decided_at` was kept, gave the reason below), not by a revocation during the
+            // grace, which stops it at once.
+            let by_rotation = r.decided_at.is_some()
+                || r.reason.as_deref().is_some_and(|why| why.starts_with("rotated to "));
+            if t.rotated_to.is_some() && by_rotation {
                 "rotated"
             } else {
                 "revoked"
@@ -270,14 +273,16 @@ pub struct TokenSpec {
 const EMPTY_ENVIRONMENTS: &str =
     "an environment list names at least one environment (leave it out for every environment)";
 
-/// What a token's unset scope or environments mean when it is made.
+/// What a token is made as, which decides what its unset scope or environments mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unset {
-    /// A new token: the caller's own narrowing (a token made with a narrowed token stays as narrow).
-    CallersOwn,
-    /// A rotation: unrestricted, as on the token it replaces; refused if the caller is narrower,
-    /// rather than silently narrowed.
-    Unrestricted,
+enum Making {
+    /// A new token: unset means the caller's own narrowing (a token made with a narrowed token
+    /// stays as narrow).
+    New,
+    /// A rotation: unset means unrestricted, as on the token it replaces, refused if the caller
+    /// is narrower rather than silently narrowed. `scope_kept`: the scope is the old token's, not
+    /// asked for anew.
+    Rotation { scope_kept: bool },
 }
 
 /// A display name as kept and as looked up: trimmed, and none if empty.
@@ -408,35 +413,38 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// Validates a token's settings against the config and the caller's rights. Where `wanted`
-    /// leaves the scope or the environments unset, `unset` says what that means.
-    fn spec(&self, actor: &Actor, wanted: TokenSpec, unset: Unset, now: Millis) -> Result<TokenSpec> {
+    /// leaves the scope or the environments unset, `making` says what that means.
+    fn spec(&self, actor: &Actor, wanted: TokenSpec, making: Making, now: Millis) -> Result<TokenSpec> {
         let TokenSpec { display_name, scope, environments, expires_at } = wanted;
         let policy = &self.config.policy;
         // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
         // the caller holds: the owner's role caps it on every request.)
-        let scope = match (scope, unset) {
-            (None, Unset::CallersOwn) => {
-                actor.scope.clone().map(|permissions| Scope { name: None, permissions })
-            }
+        let scope = match (scope, making) {
+            (None, Making::New) => actor.scope.clone().map(|permissions| Scope { name: None, permissions }),
             (scope, _) => scope,
         };
-        let inherited = unset == Unset::CallersOwn
+        let inherited = making == Making::New
             && scope.is_some()
             && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());
-        let wanted = match &scope {
-            Some(s) => policy.set_of(&s.permissions),
-            None => policy.role_permissions(actor.roles.highest()),
+        let role = policy.role_permissions(actor.roles.highest());
+        let wanted = match (&scope, making) {
+            // A kept scope may name more than the owner's role now (inherited from an admin's
+            // scoped token, or the owner since demoted): the role caps it on every request, so
+            // what it gives is what counts.
+            (Some(s), Making::Rotation { scope_kept: true }) => policy.set_of(&s.permissions).intersect(role),
+            (Some(s), _) => policy.set_of(&s.permissions),
+            (None, _) => role,
         };
         if !inherited && !held.contains(wanted) {
             return Err(LifecycleError::Forbidden(format!(
                 "the token would have more rights ({}) than you hold ({}){}",
                 policy.names_of(wanted),
                 policy.names_of(held),
-                match unset {
-                    Unset::Unrestricted => "; give a narrower --scope, or use a token that holds them",
-                    Unset::CallersOwn => "",
+                match making {
+                    Making::Rotation { .. } => "; give a narrower --scope, or use a token that holds them",
+                    Making::New => "",
                 }
             )));
         }
@@ -464,9 +472,9 @@ impl<'a> Lifecycle<'a> {
                 }
             }
         }
-        let environments = match (environments, unset, &actor.environments) {
-            (None, Unset::CallersOwn, mine) => mine.clone(),
-            (None, Unset::Unrestricted, Some(mine)) => {
+        let environments = match (environments, making, &actor.environments) {
+            (None, Making::New, mine) => mine.clone(),
+            (None, Making::Rotation { .. }, Some(mine)) => {
                 return Err(LifecycleError::Forbidden(format!(
                     "the token may be used in every environment, and yours only in {}: \
                      use a token that is not restricted to environments",
@@ -560,7 +568,11 @@ impl<'a> Lifecycle<'a> {
         record: &TokenRecord,
         details: serde_json::Value,
     ) -> Result<()> {
-        Ok(self.store.insert_token(record, Some(&issue_audit(actor, record, details))).await?)
+        let acting = self.acting(actor).await?;
+        Ok(self
+            .store
+            .insert_token(record, Some(&issue_audit(actor, record, details)), acting.as_ref())
+            .await?)
     }
 
     /// A first token made by `actor` for a new owner holding `roles`: unscoped beyond the caller's
@@ -581,7 +593,7 @@ impl<'a> Lifecycle<'a> {
             expires_at: implicit_expiry(&self.config.tokens, now),
             ..TokenSpec::default()
         };
-        let spec = self.spec(&owner_actor, wanted, Unset::CallersOwn, now)?;
+        let spec = self.spec(&owner_actor, wanted, Making::New, now)?;
         self.mint(org, owner, spec).await
     }
 
@@ -605,7 +617,7 @@ impl<'a> Lifecycle<'a> {
             display_name: req.display_name,
             environments: req.environments,
         };
-        let spec = self.spec(actor, wanted, Unset::CallersOwn, now)?;
+        let spec = self.spec(actor, wanted, Making::New, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
         self.store_issued(actor, &record, serde_json::Value::Null).await?;
         Ok(self.issued(new, &record).await)
@@ -728,7 +740,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("token.revoke", t.id.to_string());
         audit.token_id = Some(t.id.to_string());
         audit.reason = reason;
-        self.store.update_token(&before, &t, Some(&audit)).await?;
+        self.store.update_token(&before, &t, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(self.view_after_change(&t).await)
     }
 
@@ -768,9 +780,10 @@ impl<'a> Lifecycle<'a> {
         };
         // The old token's scope as it was resolved then (a preset redefined since does not
         // widen it), unless a new one is asked for.
-        let scope = match (req.scope, req.permissions) {
-            (None, None) => old.scope.as_deref().cloned(),
-            (scope, permissions) => self.requested_scope(scope, permissions)?,
+        let scope_kept = req.scope.is_none() && req.permissions.is_none();
+        let scope = match scope_kept {
+            true => old.scope.as_deref().cloned(),
+            false => self.requested_scope(req.scope, req.permissions)?,
         };
         // A service token is rotated on behalf of its service, within the service's rights.
         let owner_actor = match &old.owner {
@@ -797,7 +810,7 @@ impl<'a> Lifecycle<'a> {
             environments: old.environments.clone(),
             expires_at,
         };
-        let spec = self.spec(&owner_actor, wanted, Unset::Unrestricted, now)?;
+        let spec = self.spec(&owner_actor, wanted, Making::Rotation { scope_kept }, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,
@@ -810,7 +823,10 @@ impl<'a> Lifecycle<'a> {
         audit.token_id = Some(old.id.to_string());
         audit.details = serde_json::json!({ "new_token_id": record.id.to_string(), "grace_seconds": grace });
         let issued = issue_audit(actor, &record, serde_json::json!({ "rotated_from": old.id.to_string() }));
-        self.store.rotate_token(&before, &old, &record, [Some(&audit), Some(&issued)]).await?;
+        let acting = self.acting(actor).await?;
+        self.store
+            .rotate_token(&before, &old, &record, [Some(&audit), Some(&issued)], acting.as_ref())
+            .await?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -1405,7 +1421,7 @@ pub async fn issue_token(
     spec: TokenSpec,
 ) -> Result<(NewToken, TokenRecord)> {
     let (new, record) = mint(store, argon2, org, owner, spec).await?;
-    store.insert_token(&record, None).await?;
+    store.insert_token(&record, None, None).await?;
     Ok((new, record))
 }
 

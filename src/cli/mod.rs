@@ -939,21 +939,26 @@ fn print_token(t: &TokenView) {
     }
 }
 
+/// One `Label:   value` line of a record, the value shown with control characters escaped.
+fn field(label: &str, value: impl std::fmt::Display) {
+    println!("{label:<15}{}", client::printable(&value.to_string()));
+}
+
 fn print_user(u: &UserView) {
-    println!("{:<15}{}", "Email:", u.email);
-    println!("{:<15}{}", "ID:", u.id);
-    println!("{:<15}{}", "Org:", u.org);
-    println!("{:<15}{}", "Org role:", u.org_role);
-    println!("{:<15}{}", "Project roles:", roles_text(&u.project_roles));
-    println!("{:<15}{}", "Status:", status_text(u.status));
-    println!("{:<15}{}", "Attributes:", serde_json::Value::Object(u.attributes.clone()));
+    field("Email:", &u.email);
+    field("ID:", &u.id);
+    field("Org:", &u.org);
+    field("Org role:", u.org_role);
+    field("Project roles:", roles_text(&u.project_roles));
+    field("Status:", status_text(u.status));
+    field("Attributes:", serde_json::Value::Object(u.attributes.clone()));
 }
 
 fn print_service(s: &ServiceView) {
-    println!("{:<15}{}", "Name:", s.name);
-    println!("{:<15}{}", "Org:", s.org);
-    println!("{:<15}{}", "Org role:", s.org_role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()));
-    println!("{:<15}{}", "Project roles:", roles_text(&s.project_roles));
-    println!("{:<15}{}", "Attributes:", serde_json::Value::Object(s.attributes.clone()));
-    println!("{:<15}{}", "Created:", s.created_at);
+    field("Name:", &s.name);
+    field("Org:", &s.org);
+    field("Org role:", s.org_role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()));
+    field("Project roles:", roles_text(&s.project_roles));
+    field("Attributes:", serde_json::Value::Object(s.attributes.clone()));
+    field("Created:", &s.created_at);
 }

@@ -147,6 +147,9 @@ impl Lifecycle<'_> {
 
         let (attrs, email) = match (req.attributes, req.user_email) {
             (Some(attrs), None) => {
+                // The caller's own; a stored user's were checked when stored (and the signed
+                // credential's length is checked below either way).
+                check_attributes(&attrs)?;
                 let email = attrs.get("email").and_then(|e| e.as_str()).map(str::to_string);
                 (attrs, email)
             }
@@ -172,7 +175,6 @@ impl Lifecycle<'_> {
                 ))
             }
         };
-        check_attributes(&attrs)?;
         if let Some(e) = &email {
             header_text("the email", e)?;
         }

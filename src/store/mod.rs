@@ -612,9 +612,11 @@ impl Store {
         &self,
         token: &TokenRecord,
         audit: Option<&AuditEvent>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         add_token(&mut b, token)?;
         self.commit(b).await
     }
@@ -634,9 +636,11 @@ impl Store {
         before: &Stored<TokenRecord>,
         token: &TokenRecord,
         audit: Option<&AuditEvent>,
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max)?;
+        b.acting(actor);
         b.expect(token_key(&before.id), before);
         b.put(token_key(&token.id), token)?;
         b.invalidate(Invalidation::Token(token.id.clone()));
@@ -653,7 +657,7 @@ impl Store {
         let before = self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
         let mut token = (*before).clone();
         token.revoked = Some(Box::new(Revocation { at: now_millis(), decided_at: None, reason, by }));
-        self.update_token(&before, &token, None).await
+        self.update_token(&before, &token, None, None).await
     }
 
     /// Renames a service (the name index moves with it) or changes its roles or attributes.
@@ -710,8 +714,10 @@ impl Store {
         old: &TokenRecord,
         new: &TokenRecord,
         audit: [Option<&AuditEvent>; 2],
+        actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
+        b.acting(actor);
         for entry in audit {
             b.audit(entry, self.audit_max)?;
         }
