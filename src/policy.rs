@@ -237,6 +237,17 @@ impl Permit {
     pub fn grant(&self) -> Option<&Grant> {
         self.grant.as_ref()
     }
+
+    /// Whether the grant also covers `method` on this route (a method an upstream may run the
+    /// request as, told in a method-override header); public routes allow anything.
+    pub fn allows(&self, method: &http::Method) -> Result<(), Forbidden> {
+        let Some(grant) = &self.grant else { return Ok(()) };
+        let required = self.route.required_permission(method);
+        match grant.permissions.contains(required.bit) {
+            true => Ok(()),
+            false => Err(Forbidden::Permission(required.name.clone())),
+        }
+    }
 }
 
 /// Decides whether `principal` may send a `method` request to `route`.

@@ -103,8 +103,46 @@ impl Gateway {
         }
         let presented = credential::extract(&config.credentials, &route, req)?;
         let principal = self.verifier.verify_credential(presented, config.jwt.as_ref()).await?;
-        policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)
+        let permit =
+            policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)?;
+        // A POST that asks the upstream's framework to run it as another method (Express's
+        // method-override, Symfony, Rails, Laravel) needs that method's permission too.
+        if req.method == http::Method::POST {
+            for method in overridden_methods(req)? {
+                permit.allows(&method).map_err(Rejection::Forbidden)?;
+            }
+        }
+        Ok(permit)
     }
+}
+
+/// Headers through which clients ask a framework to treat a POST as another method.
+static METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// The methods a POST asks to be run as: by the override headers, or the `_method` query
+/// parameter. (A `_method` field in a form body is not seen: bodies are never buffered.)
+fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejection> {
+    // Frameworks read the name in any case.
+    let method = |name: &[u8]| {
+        http::Method::from_bytes(&name.to_ascii_uppercase())
+            .map_err(|_| Rejection::BadRequest("a method override names no HTTP method"))
+    };
+    let mut methods = Vec::new();
+    for name in &METHOD_OVERRIDE_HEADERS {
+        for value in req.headers.get_all(name) {
+            methods.push(method(value.as_bytes())?);
+        }
+    }
+    if let Some(query) = req.uri.query() {
+        for value in credential::query_values(query, "_method") {
+            methods.push(method(&percent_encoding::percent_decode_str(value).collect::<Vec<u8>>())?);
+        }
+    }
+    Ok(methods)
 }
 
 /// The host of an absolute-form request target, without user info; `None` for the usual

@@ -309,6 +309,34 @@ async fn scope_environment_and_org_are_enforced_with_403() {
     let full = w.pat(&editor, TokenSpec::default()).await;
     let resp = w.http.delete(w.gateway.url("/shop/1")).bearer_auth(&full).send().await.unwrap();
     error_body(resp, 403).await;
+    // Nor can a POST ask the upstream's framework to run it as a DELETE, in any spelling.
+    for (header, value, query) in [
+        ("X-HTTP-Method-Override", "DELETE", ""),
+        ("X-HTTP-Method", "delete", ""),
+        ("X-Method-Override", "Delete", ""),
+        ("X-Other", "x", "?_method=DELETE"),
+        ("X-Other", "x", "?a=1;_method=%44ELETE"),
+    ] {
+        let resp = w
+            .http
+            .post(w.gateway.url(&format!("/shop/1{query}")))
+            .bearer_auth(&full)
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        let (_, body) = error_body(resp, 403).await;
+        assert!(body["error_description"].as_str().unwrap().contains("admin"), "{header} {query}: {body}");
+    }
+    let post_as = |method: &str| {
+        w.http
+            .post(w.gateway.url("/shop/1"))
+            .bearer_auth(&full)
+            .header("X-HTTP-Method-Override", method)
+            .send()
+    };
+    assert_eq!(post_as("PUT").await.unwrap().status(), 200, "an override the grant covers passes");
+    assert_eq!(post_as("DE LETE").await.unwrap().status(), 400, "an override that is no method");
 
     // A route listing GET (admin) and not HEAD: HEAD needs admin too, since upstreams answer it
     // by running the GET handler.
