@@ -404,7 +404,7 @@ impl JwtSettings {
                 _ => JwtError::Claims,
             },
         )?;
-        if data.claims.tg != EPHEMERAL {
+        if data.claims.tg != EPHEMERAL || !self.lifetime_allowed(&data.claims) {
             return Err(JwtError::Claims);
         }
         Ok((data.claims, KeyFingerprint { kid: key.kid.clone(), hash: key.fingerprint }))
@@ -427,10 +427,21 @@ impl JwtSettings {
         if claims.exp + leeway <= now {
             return Err(JwtError::Expired);
         }
-        if claims.nbf - leeway > now || claims.iss != self.issuer || claims.aud != self.audience {
+        if claims.nbf - leeway > now
+            || claims.iss != self.issuer
+            || claims.aud != self.audience
+            || !self.lifetime_allowed(claims)
+        {
             return Err(JwtError::Claims);
         }
         Ok(())
+    }
+
+    /// Whether a credential's lifetime (from `iat` to `exp`) is within `max_ttl` as configured
+    /// now: lowering `jwt.max_ttl` shortens credentials already minted, not only new ones.
+    fn lifetime_allowed(&self, claims: &EphemeralClaims) -> bool {
+        let max = i64::try_from(self.max_ttl.as_secs()).unwrap_or(i64::MAX);
+        claims.exp.saturating_sub(claims.iat) <= max.saturating_add(self.leeway.as_secs() as i64)
     }
 
     /// The public keys as a JSON Web Key Set. HS256 keys are secret and never published.

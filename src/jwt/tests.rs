@@ -169,3 +169,28 @@ fn rs256_keys_sign_verify_and_publish_modulus_and_exponent() {
             .unwrap();
     assert_eq!(s.verify(&confused).map(|_| ()), Err(JwtError::WrongAlgorithm));
 }
+
+#[test]
+fn a_credential_longer_than_max_ttl_now_is_refused_even_once_cached() {
+    let mut s = settings(vec![generated("a", Algorithm::EdDSA)], 0);
+    let long = claims(3600);
+    assert_eq!(s.verify(&s.sign(&long).unwrap()).map(|_| ()), Err(JwtError::Claims), "1 h over 10 min");
+    let ok = claims(600);
+    let (verified, key) = s.verify(&s.sign(&ok).unwrap()).unwrap();
+    let now = verified.iat;
+    assert_eq!(s.still_valid(&verified, &key, now), Ok(()));
+    // Lowered after minting: the cached verdict follows the config.
+    s.max_ttl = Duration::from_secs(60);
+    assert_eq!(s.still_valid(&verified, &key, now), Err(JwtError::Claims));
+    s.max_ttl = Duration::from_secs(600);
+    // And the other cached checks: not yet valid, another issuer, another audience.
+    for change in [
+        |c: &mut EphemeralClaims| c.nbf += 120,
+        |c: &mut EphemeralClaims| c.iss = "someone".into(),
+        |c: &mut EphemeralClaims| c.aud = "tollgate-upstream".into(),
+    ] {
+        let mut c = verified.clone();
+        change(&mut c);
+        assert_eq!(s.still_valid(&c, &key, now), Err(JwtError::Claims));
+    }
+}

@@ -183,13 +183,19 @@ impl Lifecycle<'_> {
         header_text("the subject", &sub)?;
 
         let now = now_millis() / 1000;
+        // It stops with the token that minted it anyway: say so in its expiry.
+        let parent_expiry = match self.store.get_token(parent).await? {
+            Some(t) => t.expires_at.map(|ms| ms / 1000),
+            None => None,
+        };
+        let exp = parent_expiry.map_or(now + ttl, |end| end.min(now + ttl));
         let claims = EphemeralClaims {
             iss: jwt.issuer.clone(),
             aud: jwt.audience.clone(),
             sub,
             iat: now,
             nbf: now,
-            exp: now + ttl,
+            exp,
             jti,
             org: org.to_string(),
             project: project.to_string(),
@@ -228,7 +234,7 @@ impl Lifecycle<'_> {
             permissions: claims.scope,
             environments: claims.env,
             expires_at,
-            expires_in: ttl,
+            expires_in: claims.exp - now,
         })
     }
 }

@@ -319,6 +319,22 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         }
     }
 
+    // A credential ends no later than the token that minted it.
+    let soon = tollgate::store::now_millis() + 120_000;
+    let (_, ending) = w
+        .service(
+            "acme",
+            "ending-svc",
+            &[("shop", Role::Viewer)],
+            TokenSpec { expires_at: Some(soon), ..TokenSpec::default() },
+        )
+        .await;
+    let (status, answer) =
+        mint(&w, &w.gateway, &ending, "acme", "shop", with(json!({"ttl_seconds": 600}))).await;
+    assert_eq!(status, 201, "{answer}");
+    let expires_in = answer["expires_in"].as_i64().unwrap();
+    assert!((100..=120).contains(&expires_in), "{answer}");
+
     // An environment named twice is carried once.
     let (status, answer) =
         mint(&w, &w.gateway, &viewer, "acme", "shop", with(json!({"environments": ["staging", "staging"]})))
