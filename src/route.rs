@@ -45,6 +45,10 @@ pub struct Route {
     /// standard names in their usual capitalization and every other name in lowercase, which
     /// spares its second, case-keeping header map and a parse of every inserted name.
     pub preserve_header_case: bool,
+    /// Whether the upstream compares paths with letter case counting. Off (the default): a path
+    /// this route takes is refused when another route would take it with case ignored, since
+    /// Express or ASP.NET upstreams would run that route's handler. On: no such check.
+    pub case_sensitive: bool,
     /// Permission per method; methods not listed use `read_default` or `write_default`. HEAD,
     /// unless listed, has GET's when GET is listed (see [`Route::new`]).
     pub methods: HashMap<http::Method, RequiredPermission>,
@@ -83,6 +87,8 @@ pub struct RouteSpec {
     pub identity_jwt: bool,
     /// See [`Route::preserve_header_case`].
     pub preserve_header_case: bool,
+    /// See [`Route::case_sensitive`].
+    pub case_sensitive: bool,
     /// See [`Route::methods`].
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// See [`Route::read_default`].
@@ -114,6 +120,7 @@ impl Route {
             query_token: spec.query_token,
             identity_jwt: spec.identity_jwt,
             preserve_header_case: spec.preserve_header_case,
+            case_sensitive: spec.case_sensitive,
             methods,
             read_default: spec.read_default,
             write_default: spec.write_default,
@@ -256,11 +263,12 @@ fn entries(routes: &[Arc<Route>], before: &[&str]) -> Vec<Entry> {
         .iter()
         .enumerate()
         .map(|(i, route)| Entry {
-            check_case: routes[..i]
-                .iter()
-                .map(|r| r.path_prefix.as_str())
-                .chain(before.iter().copied())
-                .any(|earlier| could_shadow(earlier, &route.path_prefix)),
+            check_case: !route.case_sensitive
+                && routes[..i]
+                    .iter()
+                    .map(|r| r.path_prefix.as_str())
+                    .chain(before.iter().copied())
+                    .any(|earlier| could_shadow(earlier, &route.path_prefix)),
             route: route.clone(),
         })
         .collect()
@@ -424,6 +432,7 @@ mod tests {
             query_token: false,
             identity_jwt: false,
             preserve_header_case: false,
+            case_sensitive: false,
             methods: HashMap::from([(http::Method::DELETE, perm("admin"))]),
             read_default: perm("read"),
             write_default: perm("write"),
@@ -616,6 +625,21 @@ mod tests {
         check(Some("other.example"), "/Vault/x", Err(()));
         let no_root = RouteTable::new(vec![route("shop-admin", None, "/shop/admin")]);
         assert_eq!(no_root.route(None, "/shop/ADMIN").unwrap().map(|r| r.name.as_str()), None);
+
+        // A route whose upstream compares paths exactly says so, and its paths are its own.
+        let exact = |name: &str, prefix: &str| {
+            Route::new(RouteSpec { case_sensitive: true, ..spec(name, None, prefix) })
+        };
+        let table = RouteTable::new(vec![
+            exact("repos", "/repos"),
+            route("repo-admin", None, "/repos/admin"),
+            exact("root", "/"),
+        ]);
+        for (path, expected) in
+            [("/repos/Admin/issues", "repos"), ("/API", "root"), ("/repos/admin/x", "repo-admin")]
+        {
+            assert_eq!(table.route(None, path).unwrap().map(|r| r.name.as_str()), Some(expected), "{path}");
+        }
     }
 
     #[test]

@@ -778,6 +778,8 @@ impl Validator {
         // What each earlier route took, to name it when a later one takes the same.
         let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
         let mut names: HashMap<String, usize> = HashMap::new();
+        // Each prefix with letter case ignored: the earlier route and whether it is case-sensitive.
+        let mut folded: HashMap<(Option<String>, String), (usize, bool)> = HashMap::new();
         for (i, r) in raw.into_iter().enumerate() {
             let at = |field: &str| format!("routes[{i}].{field}");
             let public = r.auth == Some(RawAuth::None);
@@ -812,6 +814,21 @@ impl Validator {
             if let Some(j) = path_clash {
                 let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
                 self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
+            }
+            // Two prefixes that differ only in case: to an upstream that ignores case they are one,
+            // and the gateway would refuse every request under the later route.
+            let case_sensitive = r.case_sensitive.unwrap_or(false);
+            let key = (host.clone(), path_prefix.to_ascii_lowercase());
+            match folded.insert(key, (i, case_sensitive)) {
+                Some((j, earlier_sensitive))
+                    if path_clash.is_none() && !(case_sensitive && earlier_sensitive) =>
+                {
+                    self.error(
+                        at("path"),
+                        format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on both routes if their upstreams compare paths exactly"),
+                    );
+                }
+                _ => {}
             }
             // Names label metrics and logs; a route without one is named by its path.
             let name = r.name.clone().unwrap_or_else(|| path_prefix.clone());
@@ -884,6 +901,7 @@ impl Validator {
                 query_token: r.query_token.unwrap_or(false),
                 identity_jwt,
                 preserve_header_case: r.preserve_header_case.unwrap_or(false),
+                case_sensitive,
                 methods,
                 read_default,
                 write_default,

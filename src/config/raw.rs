@@ -148,6 +148,7 @@ pub struct RawRoute {
     pub query_token: Option<bool>,
     pub identity_jwt: Option<bool>,
     pub preserve_header_case: Option<bool>,
+    pub case_sensitive: Option<bool>,
     pub permissions: Option<BTreeMap<String, String>>,
 }
 

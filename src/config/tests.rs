@@ -263,3 +263,25 @@ fn durations_are_at_most_a_hundred_years() {
     assert!(Config::parse("tokens: { max_ttl: 100years }\n").is_err(), "100 years of 365.25 days is more");
     assert!(Config::parse("tokens: { max_ttl: 99years }\n").is_ok());
 }
+
+#[test]
+fn prefixes_differing_only_in_case_are_refused_unless_both_routes_are_case_sensitive() {
+    let yaml = |flags: &str| {
+        format!(
+            "routes:\n  - {{ path: /Shop, upstream: '127.0.0.1:1', auth: none{flags} }}\n  \
+             - {{ path: /shop, upstream: '127.0.0.1:1', auth: none{flags} }}\n"
+        )
+    };
+    check(&yaml(""), &["routes[1].path: \"/shop\" differs from routes[0].path only in letter case"]);
+    assert!(Config::parse(&yaml(", case_sensitive: true")).is_ok());
+}
+
+#[test]
+fn a_query_parameter_name_must_be_usable_in_a_query() {
+    for bad in ["a;b", "a&b", "a=b", ""] {
+        check(
+            &format!("credentials: {{ query_param: '{bad}' }}\n"),
+            &[&format!("credentials.query_param: {bad:?} is not a usable parameter name")],
+        );
+    }
+}

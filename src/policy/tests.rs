@@ -27,6 +27,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         query_token: false,
         identity_jwt: false,
         preserve_header_case: false,
+        case_sensitive: false,
         methods: HashMap::from([(http::Method::DELETE, req("admin"))]),
         read_default: req("read"),
         write_default: req("write"),
