@@ -79,6 +79,9 @@ pub enum AuthError {
     /// The store was needed and could not answer.
     #[error(transparent)]
     Unavailable(#[from] StoreError),
+    /// The secret's first verification waited longer than `argon2.max_wait` (argon2 is busy).
+    #[error("verification busy")]
+    Busy,
 }
 
 /// The record a token acts for.
@@ -382,6 +385,8 @@ pub struct Verifier {
     jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>, foldhash::fast::RandomState>,
     argon2_slots: Arc<Semaphore>,
     argon2_workers: crossbeam_channel::Sender<Argon2Job>,
+    /// See [`crate::config::Argon2Settings::max_wait`].
+    argon2_wait: std::time::Duration,
     stats: Arc<VerifierStats>,
 }
 
@@ -408,8 +413,16 @@ impl Verifier {
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
             argon2_workers: start_argon2_workers(argon2_concurrency.max(1)),
+            argon2_wait: DEFAULT_ARGON2_WAIT,
             stats: Arc::default(),
         }
+    }
+
+    /// The same verifier, answering [`AuthError::Busy`] when a first verification (its turn for
+    /// the token's id, a free argon2 thread and the run) takes longer than `wait`.
+    pub fn with_argon2_wait(mut self, wait: std::time::Duration) -> Verifier {
+        self.argon2_wait = wait;
+        self
     }
 
     /// The counters.
@@ -531,23 +544,42 @@ impl Verifier {
     /// Proves the secret: by digest when proven before, else by argon2. Concurrent requests with
     /// one token wait for one run; when that run was for another secret and failed, the next
     /// waiter runs its own, so wrong guesses for a known id cannot make the right secret fail.
+    /// Proves the presented secret: by the proof remembered for this token, or by argon2 within
+    /// `argon2_wait` (its turn for the token, a free thread and the run), else [`AuthError::Busy`].
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
-        // blake3::Hash compares in constant time. A proof for another stored hash (the record
-        // changed, or two ids share a key hash) proves nothing here.
-        let judge =
-            |p: &Proven| (p.secret == digest).then_some(()).ok_or(AuthError::Invalid(Invalid::WrongSecret));
+        // A hit pays no timer.
+        if let Some(p) = self.proven.get(&key).filter(|p| p.phc == phc) {
+            return judge(&p, &digest);
+        }
+        // Dropping the wait drops this request's turn; a run already started finishes on its
+        // thread, which keeps its slot until then.
+        let proof = Proven { secret: digest, phc };
+        tokio::time::timeout(self.argon2_wait, self.prove_secret(parsed, record, key, proof))
+            .await
+            .unwrap_or(Err(AuthError::Busy))
+    }
+
+    /// Waits for its turn to prove the secret of the token keyed `key` (one argon2 run at a time
+    /// per token, so a burst of requests with its right secret runs it once), and remembers the
+    /// proof when argon2 says yes.
+    async fn prove_secret(
+        &self,
+        parsed: &ParsedToken<'_>,
+        record: &TokenRecord,
+        key: u64,
+        proof: Proven,
+    ) -> Result<(), AuthError> {
         let guard = match self.proven.get_value_or_guard_async(&key).await {
-            Ok(p) if p.phc == phc => return judge(&p),
+            Ok(p) if p.phc == proof.phc => return judge(&p, &proof.secret),
             Ok(_) => None,
             Err(guard) => Some(guard),
         };
         if !self.argon2(parsed.secret, &record.secret_hash).await {
             return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
-        let proof = Proven { secret: digest, phc };
         match guard {
             Some(guard) => {
                 let _ = guard.insert(proof);
@@ -581,6 +613,16 @@ struct Argon2Job {
     done: tokio::sync::oneshot::Sender<bool>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
+
+/// Whether a remembered proof is of `digest`. blake3::Hash compares in constant time. (A proof
+/// for another stored hash, the record changed or two ids sharing a key hash, is not asked: the
+/// callers compare `phc` first.)
+fn judge(p: &Proven, digest: &blake3::Hash) -> Result<(), AuthError> {
+    (p.secret == *digest).then_some(()).ok_or(AuthError::Invalid(Invalid::WrongSecret))
+}
+
+/// See [`Verifier::with_argon2_wait`]; `argon2.max_wait`'s default.
+const DEFAULT_ARGON2_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long an idle argon2 thread keeps its memory (19 MiB with the default parameters).
 const ARGON2_MEMORY_KEPT: std::time::Duration = std::time::Duration::from_secs(30);

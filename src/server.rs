@@ -93,6 +93,8 @@ impl ConfigWatcher {
                     ("threads", old.threads != new.threads),
                     ("store", format!("{:?}", old.store) != format!("{:?}", new.store)),
                     ("cache", old.cache != new.cache),
+                    ("argon2.max_concurrency", old.argon2.max_concurrency != new.argon2.max_concurrency),
+                    ("argon2.max_wait", old.argon2.max_wait != new.argon2.max_wait),
                 ] {
                     if changed {
                         tracing::warn!(field, "this setting changed but applies only after a restart");
@@ -257,8 +259,10 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let cache = Arc::new(Cache::new(store.clone(), config.cache));
     let listener: Arc<dyn store::CommitListener> = cache.clone();
     store.set_listener(Arc::downgrade(&listener));
-    let verifier =
-        Arc::new(Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency));
+    let verifier = Arc::new(
+        Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency)
+            .with_argon2_wait(config.argon2.max_wait),
+    );
     let (listen, admin_listen) = (config.listen, config.admin.listen);
     let flush_interval = config.admin.last_use_flush;
     let shutdown = config.shutdown;

@@ -44,7 +44,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {
             AuthError::Invalid(i) => ApiError::Refused(i.description()),
-            AuthError::Unavailable(_) => ApiError::Unavailable,
+            AuthError::Unavailable(_) | AuthError::Busy => ApiError::Unavailable,
         }
     }
 }

@@ -278,3 +278,13 @@ async fn verified_jwts_are_held_by_weight_so_large_attributes_cannot_fill_memory
     assert!(f.verifier.jwts.entry_count() <= 2, "{} held", f.verifier.jwts.entry_count());
     assert!(f.verifier.jwts.weighted_size() <= 100);
 }
+
+#[tokio::test]
+async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
+    let f = Fixture::new().await;
+    // No time at all to wait: argon2 runs on its threads, so the first check cannot finish in it.
+    let impatient = Verifier::new(f.verifier.cache().clone(), 100, 1).with_argon2_wait(Duration::ZERO);
+    assert!(matches!(impatient.verify(&f.token).await, Err(AuthError::Busy)));
+    // With time, the same token verifies.
+    assert!(f.verifier.verify(&f.token).await.is_ok());
+}

@@ -206,6 +206,9 @@ pub struct Argon2Settings {
     pub params: Argon2Params,
     /// Concurrent verifications, off the request threads.
     pub max_concurrency: usize,
+    /// Longest a request waits for its token's first verification (queue and run) before it is
+    /// answered `503`: under a flood of never-seen secrets a request is refused, never left hanging.
+    pub max_wait: Duration,
 }
 
 /// Graceful shutdown bounds.
@@ -733,7 +736,8 @@ impl Validator {
         if max_concurrency == 0 {
             self.error("argon2.max_concurrency", "must be at least 1");
         }
-        Argon2Settings { params, max_concurrency }
+        let max_wait = self.duration("argon2.max_wait", raw.max_wait, Duration::from_secs(5));
+        Argon2Settings { params, max_concurrency, max_wait }
     }
 
     fn orgs(&mut self, raw: BTreeMap<String, RawOrg>) -> BTreeMap<String, OrgSettings> {

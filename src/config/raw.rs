@@ -115,6 +115,7 @@ pub struct RawArgon2 {
     pub iterations: Option<u32>,
     pub parallelism: Option<u32>,
     pub max_concurrency: Option<usize>,
+    pub max_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

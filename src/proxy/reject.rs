@@ -27,6 +27,8 @@ pub enum Rejection {
     Forbidden(Forbidden),
     /// The store is needed and unreachable.
     Unavailable,
+    /// The token's first verification would wait too long (argon2 is busy).
+    Busy,
 }
 
 impl From<AuthError> for Rejection {
@@ -34,6 +36,7 @@ impl From<AuthError> for Rejection {
         match e {
             AuthError::Invalid(i) => Rejection::Invalid(i),
             AuthError::Unavailable(_) => Rejection::Unavailable,
+            AuthError::Busy => Rejection::Busy,
         }
     }
 }
@@ -62,6 +65,11 @@ impl Rejection {
                 "temporarily_unavailable",
                 "the token store is unreachable; retry shortly".into(),
             ),
+            Rejection::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "too many new tokens are being verified to check this one now; retry shortly".into(),
+            ),
         }
     }
 
@@ -78,6 +86,7 @@ impl Rejection {
             Rejection::Forbidden(Forbidden::Project(_)) => "forbidden_project",
             Rejection::Forbidden(Forbidden::Permission(_)) => "forbidden_permission",
             Rejection::Unavailable => "store_unavailable",
+            Rejection::Busy => "verification_busy",
         }
     }
 
@@ -168,6 +177,8 @@ mod tests {
         );
         check(Rejection::Unavailable, 503, None);
         assert_eq!(header(&Rejection::Unavailable, "retry-after").as_deref(), Some("1"));
+        check(Rejection::Busy, 503, None);
+        assert_eq!(header(&Rejection::Busy, "retry-after").as_deref(), Some("1"));
     }
 
     #[test]
