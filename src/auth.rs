@@ -379,6 +379,9 @@ pub struct Verifier {
     /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
     /// entry per token).
     proven: quick_cache::sync::Cache<u64, Proven>,
+    /// Turns at argon2, by a keyed hash of token key and secret digest: a secret's first check
+    /// holds its turn, and requests with the same secret wait for it; a proven one is marked.
+    turns: quick_cache::sync::Cache<u64, ()>,
     id_hasher: foldhash::fast::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
@@ -403,6 +406,7 @@ impl Verifier {
             cache,
             digester: SecretDigester::new(),
             proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
+            turns: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
             id_hasher: foldhash::fast::RandomState::default(),
             // Bounded by weight, not count: a credential's attributes may be a thousand times
             // another's, and any service may mint and present many.
@@ -541,67 +545,63 @@ impl Verifier {
         Ok(Principal::new(record, owner, deprecated))
     }
 
-    /// Proves the secret: by digest when proven before, else by argon2. Concurrent requests with
-    /// one token wait for one run; when that run was for another secret and failed, the next
-    /// waiter runs its own, so wrong guesses for a known id cannot make the right secret fail.
-    /// Proves the presented secret: by the proof remembered for this token, or by argon2 within
-    /// `argon2_wait` (its turn for the token, a free thread and the run), else [`AuthError::Busy`].
+    /// Proves the presented secret: by the proof remembered for this token, else by argon2.
+    /// Concurrent requests with the same secret for one token wait for one run; other secrets
+    /// (wrong guesses at a known id) have turns of their own, so a flood of them cannot hold up
+    /// the right one. Waiting for a turn and for a free argon2 thread is bounded by
+    /// `argon2_wait` ([`AuthError::Busy`] past it); a run, once started, is waited for.
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
+        let remembered = || self.proven.get(&key).filter(|p| p.phc == phc);
         // A hit pays no timer.
-        if let Some(p) = self.proven.get(&key).filter(|p| p.phc == phc) {
+        if let Some(p) = remembered() {
             return judge(&p, &digest);
         }
-        // Dropping the wait drops this request's turn; a run already started finishes on its
-        // thread, which keeps its slot until then.
-        let proof = Proven { secret: digest, phc };
-        tokio::time::timeout(self.argon2_wait, self.prove_secret(parsed, record, key, proof))
-            .await
-            .unwrap_or(Err(AuthError::Busy))
-    }
-
-    /// Waits for its turn to prove the secret of the token keyed `key` (one argon2 run at a time
-    /// per token, so a burst of requests with its right secret runs it once), and remembers the
-    /// proof when argon2 says yes.
-    async fn prove_secret(
-        &self,
-        parsed: &ParsedToken<'_>,
-        record: &TokenRecord,
-        key: u64,
-        proof: Proven,
-    ) -> Result<(), AuthError> {
-        let guard = match self.proven.get_value_or_guard_async(&key).await {
-            Ok(p) if p.phc == proof.phc => return judge(&p, &proof.secret),
-            Ok(_) => None,
-            Err(guard) => Some(guard),
+        let deadline = tokio::time::Instant::now() + self.argon2_wait;
+        let turn = self.id_hasher.hash_one((key, digest.as_bytes()));
+        let guard = match tokio::time::timeout_at(deadline, self.turns.get_value_or_guard_async(&turn)).await
+        {
+            Err(_) => return Err(AuthError::Busy),
+            // Another request with this secret has proven it meanwhile (unless since forgotten).
+            Ok(Ok(())) => match remembered() {
+                Some(p) => return judge(&p, &digest),
+                None => None,
+            },
+            Ok(Err(guard)) => Some(guard),
         };
-        if !self.argon2(parsed.secret, &record.secret_hash).await {
+        if !self.argon2(parsed.secret, &record.secret_hash, deadline).await? {
             return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
-        match guard {
-            Some(guard) => {
-                let _ = guard.insert(proof);
-            }
-            None => self.proven.insert(key, proof),
+        self.proven.insert(key, Proven { secret: digest, phc });
+        if let Some(guard) = guard {
+            let _ = guard.insert(());
         }
         Ok(())
     }
 
-    async fn argon2(&self, secret: &str, phc: &str) -> bool {
-        self.stats.argon2_waiting.fetch_add(1, Ordering::Relaxed);
-        let slot = self.argon2_slots.clone().acquire_owned().await;
-        self.stats.argon2_waiting.fetch_sub(1, Ordering::Relaxed);
-        let Ok(slot) = slot else { return false };
+    /// Runs argon2 on a worker thread once one is free (by `deadline`, else [`AuthError::Busy`]).
+    async fn argon2(
+        &self,
+        secret: &str,
+        phc: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, AuthError> {
+        let slot = {
+            let _waiting = Waiting::count(&self.stats.argon2_waiting);
+            tokio::time::timeout_at(deadline, self.argon2_slots.clone().acquire_owned()).await
+        };
+        let Ok(slot) = slot else { return Err(AuthError::Busy) };
+        let Ok(slot) = slot else { return Ok(false) };
         self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let (done, result) = tokio::sync::oneshot::channel();
         let job = Argon2Job { secret: secret.to_owned(), phc: phc.to_owned(), done, _slot: slot };
         if self.argon2_workers.send(job).is_err() {
             tracing::error!("the argon2 threads are gone");
-            return false;
+            return Ok(false);
         }
-        result.await.unwrap_or(false)
+        Ok(result.await.unwrap_or(false))
     }
 }
 
@@ -612,6 +612,23 @@ struct Argon2Job {
     phc: String,
     done: tokio::sync::oneshot::Sender<bool>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Counts a request waiting for an argon2 thread while it lives, so that a wait given up (the
+/// request refused as busy, or gone) is uncounted too.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(counter: &'a AtomicUsize) -> Waiting<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Waiting(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Whether a remembered proof is of `digest`. blake3::Hash compares in constant time. (A proof

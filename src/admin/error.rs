@@ -35,6 +35,9 @@ pub enum ApiError {
     /// The store is unreachable.
     #[error("the store is unreachable; retry shortly")]
     Unavailable,
+    /// The calling token's first verification would wait too long.
+    #[error("too many new tokens are being verified to check this one now; retry shortly")]
+    Busy,
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -44,7 +47,8 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {
             AuthError::Invalid(i) => ApiError::Refused(i.description()),
-            AuthError::Unavailable(_) | AuthError::Busy => ApiError::Unavailable,
+            AuthError::Unavailable(_) => ApiError::Unavailable,
+            AuthError::Busy => ApiError::Busy,
         }
     }
 }
@@ -79,7 +83,9 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+            ApiError::Unavailable | ApiError::Busy => {
+                (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }

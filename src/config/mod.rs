@@ -782,8 +782,8 @@ impl Validator {
         // What each earlier route took, to name it when a later one takes the same.
         let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
         let mut names: HashMap<String, usize> = HashMap::new();
-        // Each prefix with letter case ignored: the earlier route and whether it is case-sensitive.
-        let mut folded: HashMap<(Option<String>, String), (usize, bool)> = HashMap::new();
+        // Each earlier route's host, prefix in lowercase, index, `case_sensitive` and prefix.
+        let mut folded: Vec<(Option<String>, String, usize, bool, String)> = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
             let at = |field: &str| format!("routes[{i}].{field}");
             let public = r.auth == Some(RawAuth::None);
@@ -819,21 +819,24 @@ impl Validator {
                 let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
                 self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
             }
-            // Two prefixes that differ only in case: to an upstream that ignores case they are one,
-            // and the gateway would refuse every request under the later route.
+            // Two prefixes that differ only in case, on one host or one for any host (tried on
+            // every host): to an upstream that ignores case they are one, and the gateway would
+            // refuse every request under one of them.
             let case_sensitive = r.case_sensitive.unwrap_or(false);
-            let key = (host.clone(), path_prefix.to_ascii_lowercase());
-            match folded.insert(key, (i, case_sensitive)) {
-                Some((j, earlier_sensitive))
-                    if path_clash.is_none() && !(case_sensitive && earlier_sensitive) =>
-                {
-                    self.error(
-                        at("path"),
-                        format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on both routes if their upstreams compare paths exactly"),
-                    );
-                }
-                _ => {}
+            let lower = path_prefix.to_ascii_lowercase();
+            let clash = folded.iter().find(|(h, p, _, sensitive, exact)| {
+                *p == lower
+                    && *exact != path_prefix
+                    && (h.is_none() || host.is_none() || *h == host)
+                    && !(case_sensitive && *sensitive)
+            });
+            if let Some((_, _, j, _, _)) = clash {
+                self.error(
+                    at("path"),
+                    format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on both routes if their upstreams compare paths exactly"),
+                );
             }
+            folded.push((host.clone(), lower, i, case_sensitive, path_prefix.clone()));
             // Names label metrics and logs; a route without one is named by its path.
             let name = r.name.clone().unwrap_or_else(|| path_prefix.clone());
             match names.insert(name.clone(), i) {

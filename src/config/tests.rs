@@ -273,6 +273,12 @@ fn prefixes_differing_only_in_case_are_refused_unless_both_routes_are_case_sensi
         )
     };
     check(&yaml(""), &["routes[1].path: \"/shop\" differs from routes[0].path only in letter case"]);
+    // A host's route against one for any host (tried on that host too).
+    check(
+        "routes:\n  - { path: /Shop, host: api.example.com, upstream: '127.0.0.1:1', auth: none }\n  \
+         - { path: /shop, upstream: '127.0.0.1:1', auth: none }\n",
+        &["routes[1].path: \"/shop\" differs from routes[0].path only in letter case"],
+    );
     assert!(Config::parse(&yaml(", case_sensitive: true")).is_ok());
 }
 

@@ -183,9 +183,12 @@ impl Lifecycle<'_> {
         header_text("the subject", &sub)?;
 
         let now = now_millis() / 1000;
-        // It stops with the token that minted it anyway: say so in its expiry.
+        // It stops with the token that minted it anyway (its expiry, or the end of its
+        // rotation's grace): say so in its own.
         let parent_expiry = match self.store.get_token(parent).await? {
-            Some(t) => t.expires_at.map(|ms| ms / 1000),
+            Some(t) => {
+                t.expires_at.into_iter().chain(t.revoked.as_ref().map(|r| r.at)).min().map(|ms| ms / 1000)
+            }
             None => None,
         };
         let exp = parent_expiry.map_or(now + ttl, |end| end.min(now + ttl));

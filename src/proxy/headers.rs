@@ -174,7 +174,7 @@ fn in_namespace(name: &str, prefix: &str) -> bool {
 }
 
 /// Whether two (lowercase) header names are the same with `-` and `_` counting as the same.
-fn spelled_alike(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn spelled_alike(a: &[u8], b: &[u8]) -> bool {
     let dash_or_underscore = |b: u8| b == b'-' || b == b'_';
     a.len() == b.len()
         && a.iter().zip(b).all(|(&x, &y)| x == y || (dash_or_underscore(x) && dash_or_underscore(y)))

@@ -116,33 +116,48 @@ impl Gateway {
     }
 }
 
-/// Headers through which clients ask a framework to treat a POST as another method.
-static METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// Headers through which clients ask a framework to treat a POST as another method, matched
+/// with `-` and `_` alike (Rack reads `X_HTTP_Method_Override` as the same header).
+const METHOD_OVERRIDE_HEADERS: [&[u8]; 3] =
+    [b"x-http-method-override", b"x-http-method", b"x-method-override"];
 
 /// The methods a POST asks to be run as: by the override headers, or the `_method` query
 /// parameter. (A `_method` field in a form body is not seen: bodies are never buffered.)
 fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejection> {
     // Frameworks read the name in any case.
     let method = |name: &[u8]| {
-        http::Method::from_bytes(&name.to_ascii_uppercase())
+        http::Method::from_bytes(&name.trim_ascii().to_ascii_uppercase())
             .map_err(|_| Rejection::BadRequest("a method override names no HTTP method"))
     };
     let mut methods = Vec::new();
-    for name in &METHOD_OVERRIDE_HEADERS {
-        for value in req.headers.get_all(name) {
+    for (name, value) in &req.headers {
+        if METHOD_OVERRIDE_HEADERS.iter().any(|n| headers::spelled_alike(name.as_str().as_bytes(), n)) {
             methods.push(method(value.as_bytes())?);
         }
     }
-    if let Some(query) = req.uri.query() {
-        for value in credential::query_values(query, "_method") {
-            methods.push(method(&percent_encoding::percent_decode_str(value).collect::<Vec<u8>>())?);
+    for pair in req.uri.query().unwrap_or("").split(['&', ';']) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if is_method_param(key) {
+            methods.push(method(&form_decoded(value))?);
         }
     }
     Ok(methods)
+}
+
+/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel): percent-decoded, `+` as
+/// a space, and a space, `.` or `[` as `_` (`?.method=` and `?+method=` are `_method` there).
+fn is_method_param(key: &str) -> bool {
+    let key: Vec<u8> = form_decoded(key)
+        .into_iter()
+        .map(|b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b })
+        .collect();
+    key == b"_method"
+}
+
+/// A query component decoded as a form: `+` is a space, then percent-decoded.
+fn form_decoded(text: &str) -> Vec<u8> {
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced).collect()
 }
 
 /// The host of an absolute-form request target, without user info; `None` for the usual

@@ -316,6 +316,9 @@ async fn scope_environment_and_org_are_enforced_with_403() {
         ("X-Method-Override", "Delete", ""),
         ("X-Other", "x", "?_method=DELETE"),
         ("X-Other", "x", "?a=1;_method=%44ELETE"),
+        ("X_HTTP_Method_Override", "DELETE", ""),
+        ("X-Other", "x", "?.method=DELETE"),
+        ("X-Other", "x", "?+method=+delete+"),
     ] {
         let resp = w
             .http
