@@ -379,9 +379,6 @@ pub struct Verifier {
     /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
     /// entry per token).
     proven: quick_cache::sync::Cache<u64, Proven>,
-    /// Turns at argon2, by a keyed hash of token key and secret digest: a secret's first check
-    /// holds its turn, and requests with the same secret wait for it; a proven one is marked.
-    turns: quick_cache::sync::Cache<u64, ()>,
     id_hasher: foldhash::fast::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
@@ -406,7 +403,6 @@ impl Verifier {
             cache,
             digester: SecretDigester::new(),
             proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
-            turns: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
             id_hasher: foldhash::fast::RandomState::default(),
             // Bounded by weight, not count: a credential's attributes may be a thousand times
             // another's, and any service may mint and present many.
@@ -422,8 +418,9 @@ impl Verifier {
         }
     }
 
-    /// The same verifier, answering [`AuthError::Busy`] when a first verification (its turn for
-    /// the token's id, a free argon2 thread and the run) takes longer than `wait`.
+    /// The same verifier, answering [`AuthError::Busy`] when a first verification would wait
+    /// longer than `wait` for its token's turn and a free argon2 thread (a run, once started, is
+    /// waited for).
     pub fn with_argon2_wait(mut self, wait: std::time::Duration) -> Verifier {
         self.argon2_wait = wait;
         self
@@ -546,37 +543,40 @@ impl Verifier {
     }
 
     /// Proves the presented secret: by the proof remembered for this token, else by argon2.
-    /// Concurrent requests with the same secret for one token wait for one run; other secrets
-    /// (wrong guesses at a known id) have turns of their own, so a flood of them cannot hold up
-    /// the right one. Waiting for a turn and for a free argon2 thread is bounded by
-    /// `argon2_wait` ([`AuthError::Busy`] past it); a run, once started, is waited for.
+    /// One run at a time per token: concurrent requests with its right secret share one, and a
+    /// flood of made-up secrets for a known id takes at most one argon2 thread, so other tokens'
+    /// first checks go on (that token's own first check on this instance waits behind them, and
+    /// is answered busy past the bound; once proven it is never held up). Waiting for the
+    /// token's turn and a free thread is bounded by `argon2_wait` ([`AuthError::Busy`] past it);
+    /// a run, once started, is waited for and its proof kept.
     async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
-        let remembered = || self.proven.get(&key).filter(|p| p.phc == phc);
         // A hit pays no timer.
-        if let Some(p) = remembered() {
+        if let Some(p) = self.proven.get(&key).filter(|p| p.phc == phc) {
             return judge(&p, &digest);
         }
         let deadline = tokio::time::Instant::now() + self.argon2_wait;
-        let turn = self.id_hasher.hash_one((key, digest.as_bytes()));
-        let guard = match tokio::time::timeout_at(deadline, self.turns.get_value_or_guard_async(&turn)).await
+        let guard = match tokio::time::timeout_at(deadline, self.proven.get_value_or_guard_async(&key)).await
         {
             Err(_) => return Err(AuthError::Busy),
-            // Another request with this secret has proven it meanwhile (unless since forgotten).
-            Ok(Ok(())) => match remembered() {
-                Some(p) => return judge(&p, &digest),
-                None => None,
-            },
+            // Proven meanwhile by a request with its right secret.
+            Ok(Ok(p)) if p.phc == phc => return judge(&p, &digest),
+            // A proof against another stored hash (the record changed): this run replaces it.
+            Ok(Ok(_)) => None,
             Ok(Err(guard)) => Some(guard),
         };
         if !self.argon2(parsed.secret, &record.secret_hash, deadline).await? {
+            // The guard goes with this request: the next waiter runs its own secret.
             return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
-        self.proven.insert(key, Proven { secret: digest, phc });
-        if let Some(guard) = guard {
-            let _ = guard.insert(());
+        let proof = Proven { secret: digest, phc };
+        match guard {
+            Some(guard) => {
+                let _ = guard.insert(proof);
+            }
+            None => self.proven.insert(key, proof),
         }
         Ok(())
     }

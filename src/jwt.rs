@@ -438,7 +438,7 @@ impl JwtSettings {
     }
 
     /// Whether a credential's lifetime (from `iat` to `exp`) is within `max_ttl` as configured
-    /// now: lowering `jwt.max_ttl` shortens credentials already minted, not only new ones.
+    /// now: lowering `jwt.max_ttl` stops longer credentials already minted, whatever their age.
     fn lifetime_allowed(&self, claims: &EphemeralClaims) -> bool {
         let max = i64::try_from(self.max_ttl.as_secs()).unwrap_or(i64::MAX);
         claims.exp.saturating_sub(claims.iat) <= max.saturating_add(self.leeway.as_secs() as i64)

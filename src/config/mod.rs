@@ -820,20 +820,24 @@ impl Validator {
                 self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
             }
             // Two prefixes that differ only in case, on one host or one for any host (tried on
-            // every host): to an upstream that ignores case they are one, and the gateway would
-            // refuse every request under one of them.
+            // every host, after the host's own): an upstream that ignores case reads them as one,
+            // and the gateway would refuse every request under the one tried later, unless that
+            // route is `case_sensitive`.
             let case_sensitive = r.case_sensitive.unwrap_or(false);
             let lower = path_prefix.to_ascii_lowercase();
-            let clash = folded.iter().find(|(h, p, _, sensitive, exact)| {
-                *p == lower
-                    && *exact != path_prefix
-                    && (h.is_none() || host.is_none() || *h == host)
-                    && !(case_sensitive && *sensitive)
+            let clash = folded.iter().find(|(h, p, _, earlier_sensitive, exact)| {
+                let later_sensitive = match (h, &host) {
+                    (Some(_), None) | (None, None) => case_sensitive,
+                    (None, Some(_)) => *earlier_sensitive,
+                    (Some(a), Some(b)) if a == b => case_sensitive,
+                    (Some(_), Some(_)) => return false,
+                };
+                *p == lower && *exact != path_prefix && !later_sensitive
             });
             if let Some((_, _, j, _, _)) = clash {
                 self.error(
                     at("path"),
-                    format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on both routes if their upstreams compare paths exactly"),
+                    format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on the routes whose upstreams compare paths exactly"),
                 );
             }
             folded.push((host.clone(), lower, i, case_sensitive, path_prefix.clone()));

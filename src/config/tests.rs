@@ -280,6 +280,10 @@ fn prefixes_differing_only_in_case_are_refused_unless_both_routes_are_case_sensi
         &["routes[1].path: \"/shop\" differs from routes[0].path only in letter case"],
     );
     assert!(Config::parse(&yaml(", case_sensitive: true")).is_ok());
+    // Only the route tried later can be refused: here the any-host one, which compares exactly.
+    let fine = "routes:\n  - { path: /Shop, host: api.example.com, upstream: '127.0.0.1:1', auth: none }\n  \
+                - { path: /shop, upstream: '127.0.0.1:1', auth: none, case_sensitive: true }\n";
+    assert!(Config::parse(fine).is_ok());
 }
 
 #[test]

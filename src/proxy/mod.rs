@@ -144,13 +144,15 @@ fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejectio
     Ok(methods)
 }
 
-/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel): percent-decoded, `+` as
-/// a space, and a space, `.` or `[` as `_` (`?.method=` and `?+method=` are `_method` there).
+/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel): percent-decoded with `+`
+/// as a space, cut at a NUL, leading spaces dropped, then a space, `.` or `[` as `_`
+/// (`?.method=`, `?+_method=` and `?_method%00x=` are `_method` there; `?+method=` is `method`).
 fn is_method_param(key: &str) -> bool {
-    let key: Vec<u8> = form_decoded(key)
-        .into_iter()
-        .map(|b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b })
-        .collect();
+    let decoded = form_decoded(key);
+    let cut = decoded.split(|&b| b == 0).next().unwrap_or_default();
+    let start = cut.iter().position(|&b| b != b' ').unwrap_or(cut.len());
+    let key: Vec<u8> =
+        cut[start..].iter().map(|&b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b }).collect();
     key == b"_method"
 }
 
@@ -357,5 +359,29 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         format!("{} {}, Host: {host}", req.method, req.uri.path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_method_param;
+
+    #[test]
+    fn method_override_query_keys_are_read_as_php_reads_them() {
+        for key in [
+            "_method",
+            ".method",
+            "[method",
+            "%5Fmethod",
+            "+_method",
+            "%20_method",
+            "_method%00x",
+            "%2Emethod",
+        ] {
+            assert!(is_method_param(key), "{key}");
+        }
+        for key in ["method", "+method", "_methods", "x_method", "_Method"] {
+            assert!(!is_method_param(key), "{key}");
+        }
     }
 }

@@ -318,7 +318,8 @@ async fn scope_environment_and_org_are_enforced_with_403() {
         ("X-Other", "x", "?a=1;_method=%44ELETE"),
         ("X_HTTP_Method_Override", "DELETE", ""),
         ("X-Other", "x", "?.method=DELETE"),
-        ("X-Other", "x", "?+method=+delete+"),
+        ("X-Other", "x", "?+_method=+delete+"),
+        ("X-Other", "x", "?_method%00x=DELETE"),
     ] {
         let resp = w
             .http
