@@ -56,7 +56,14 @@ impl FromRequestParts<AdminState> for Caller {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
             _ => return Err(ApiError::Unauthenticated),
         };
-        let principal = state.verifier.verify(token).await?;
+        // Run to the end even if the client goes away: a verification dropped mid-run would free
+        // its token's turn at argon2 while the run still holds a thread (so that repeated
+        // abandoned requests for one id could take every thread), and would lose the proof.
+        let verifier = state.verifier.clone();
+        let token = token.to_owned();
+        let principal = tokio::spawn(async move { verifier.verify(&token).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("token verification stopped: {e}")))??;
         Ok(Caller(Actor::from_principal(&principal)))
     }
 }

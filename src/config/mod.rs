@@ -824,15 +824,28 @@ impl Validator {
             // and the gateway would refuse every request under the one tried later, unless that
             // route is `case_sensitive`.
             let case_sensitive = r.case_sensitive.unwrap_or(false);
-            let lower = path_prefix.to_ascii_lowercase();
-            let clash = folded.iter().find(|(h, p, _, earlier_sensitive, exact)| {
-                let later_sensitive = match (h, &host) {
-                    (Some(_), None) | (None, None) => case_sensitive,
-                    (None, Some(_)) => *earlier_sensitive,
-                    (Some(a), Some(b)) if a == b => case_sensitive,
-                    (Some(_), Some(_)) => return false,
+            // Compared without a trailing `/`: `/Shop` beside `/shop/` clashes as well.
+            let lower = path_prefix.trim_end_matches('/').to_ascii_lowercase();
+            let clash = folded.iter().find(|(h, p, j, earlier_sensitive, exact)| {
+                let same_hosts = match (h, &host) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
                 };
-                *p == lower && *exact != path_prefix && !later_sensitive
+                if !same_hosts
+                    || *p != lower
+                    || exact.trim_end_matches('/') == path_prefix.trim_end_matches('/')
+                {
+                    return false;
+                }
+                // The one tried later: a host's routes first, then longer prefixes, then in order.
+                let order = |host: &Option<String>, prefix: &str, index: usize| {
+                    (host.is_none(), std::cmp::Reverse(prefix.len()), index)
+                };
+                let later_sensitive = match order(h, exact, *j) > order(&host, &path_prefix, i) {
+                    true => *earlier_sensitive,
+                    false => case_sensitive,
+                };
+                !later_sensitive
             });
             if let Some((_, _, j, _, _)) = clash {
                 self.error(

@@ -265,7 +265,7 @@ fn durations_are_at_most_a_hundred_years() {
 }
 
 #[test]
-fn prefixes_differing_only_in_case_are_refused_unless_both_routes_are_case_sensitive() {
+fn prefixes_differing_only_in_case_are_refused_unless_the_route_tried_later_is_case_sensitive() {
     let yaml = |flags: &str| {
         format!(
             "routes:\n  - {{ path: /Shop, upstream: '127.0.0.1:1', auth: none{flags} }}\n  \
@@ -284,6 +284,12 @@ fn prefixes_differing_only_in_case_are_refused_unless_both_routes_are_case_sensi
     let fine = "routes:\n  - { path: /Shop, host: api.example.com, upstream: '127.0.0.1:1', auth: none }\n  \
                 - { path: /shop, upstream: '127.0.0.1:1', auth: none, case_sensitive: true }\n";
     assert!(Config::parse(fine).is_ok());
+    // A trailing `/` changes nothing: the shorter one is tried later, and refused.
+    check(
+        "routes:\n  - { path: /Shop, upstream: '127.0.0.1:1', auth: none }\n  \
+         - { path: /shop/, upstream: '127.0.0.1:1', auth: none }\n",
+        &["routes[1].path: \"/shop/\" differs from routes[0].path only in letter case"],
+    );
 }
 
 #[test]
