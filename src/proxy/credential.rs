@@ -67,15 +67,14 @@ fn is_separator(b: u8) -> bool {
     SEPARATORS.contains(&char::from(b))
 }
 
+/// The raw keys and values of a query string's parameters, as sent.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query.split(SEPARATORS).map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
 /// Values of the parameter `name` in a raw query string, as sent.
 pub fn query_values<'q>(query: &'q str, name: &str) -> Vec<&'q str> {
-    query
-        .split(SEPARATORS)
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            is_param(k.as_bytes(), name).then_some(v)
-        })
-        .collect()
+    query_pairs(query).filter_map(|(k, v)| is_param(k.as_bytes(), name).then_some(v)).collect()
 }
 
 /// Whether the raw query string has the parameter `name`.

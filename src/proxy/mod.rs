@@ -135,8 +135,7 @@ fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejectio
             methods.push(method(value.as_bytes())?);
         }
     }
-    for pair in req.uri.query().unwrap_or("").split(['&', ';']) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in credential::query_pairs(req.uri.query().unwrap_or("")) {
         if is_method_param(key) {
             methods.push(method(&form_decoded(value))?);
         }
