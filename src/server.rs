@@ -244,6 +244,14 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;
+    // Pingora binds `listen` in a task of its own and, when it cannot, panics there while the
+    // process (and the admin API, `/readyz` included) runs on: try the address first, so that a
+    // port in use or an address not on this host stops `serve` with the reason. (The probe is
+    // closed again at once; a listening socket that accepted nothing leaves no TIME_WAIT.)
+    drop(
+        std::net::TcpListener::bind(config.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on listen {}: {e}", config.listen))?,
+    );
     let conf = ServerConf {
         threads: config.threads,
         // Pingora's grace is how long it lets requests run after it stops accepting; `drain` exits

@@ -122,3 +122,38 @@ async fn bootstrap_prints_a_working_admin_token_once() {
         assert!(!out.status.success() && stderr.contains(why), "{org} {email}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn serve_stops_with_the_reason_when_it_cannot_listen() {
+    // Pingora binds in a task of its own; a port in use must stop `serve`, not leave the admin
+    // API (and `/readyz`) running in front of no gateway.
+    let redis = Redis::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, gateway_config(port, &redis.url(), free_port())).unwrap();
+    let mut child = Command::new(tollgate_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..1500 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("serve kept running with its listen address taken");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on listen 127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
