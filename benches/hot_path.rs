@@ -166,6 +166,7 @@ fn jwt(c: &mut Criterion) {
             tid: record.id.to_string(),
             tg: tollgate::jwt::EPHEMERAL.into(),
             email: Some("eu@customer.io".into()),
+            uid: None,
             attrs: serde_json::json!({"tenant": "t-1"}).as_object().unwrap().clone(),
             scope: None,
             env: None,

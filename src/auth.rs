@@ -498,6 +498,16 @@ impl Verifier {
         if service.org != claims.org {
             return Err(AuthError::Invalid(Invalid::OwnerGone));
         }
+        // Minted for an org user: that user as of now.
+        if let Some(uid) = &claims.uid {
+            let user = self.cache.user(uid).await?.ok_or(AuthError::Invalid(Invalid::OwnerGone))?;
+            if user.org != claims.org {
+                return Err(AuthError::Invalid(Invalid::OwnerGone));
+            }
+            if user.status == UserStatus::Suspended {
+                return Err(AuthError::Invalid(Invalid::OwnerSuspended));
+            }
+        }
         Ok(Principal {
             token: record,
             owner: OwnerRecord::Service(service),
@@ -509,8 +519,12 @@ impl Verifier {
     /// Verifies a token as presented by a client.
     pub async fn verify(&self, presented: &str) -> Result<Principal, AuthError> {
         let parsed = token::parse(presented).map_err(|_| AuthError::Invalid(Invalid::Malformed))?;
-        let record = self.cache.token(&parsed.id).await?.ok_or(AuthError::Invalid(Invalid::Unknown))?;
-        self.check_secret(&parsed, &record).await?;
+        let mut record = self.cache.token(&parsed.id).await?.ok_or(AuthError::Invalid(Invalid::Unknown))?;
+        if self.check_secret(&parsed, &record).await? == Waited::Yes {
+            // Read before a wait of up to `argon2.max_wait` and a run: a revocation meanwhile
+            // must count. (A cache hit; the secret's hash never changes for a token id.)
+            record = self.cache.token(&parsed.id).await?.ok_or(AuthError::Invalid(Invalid::Unknown))?;
+        }
 
         let now = now_millis();
         if record.is_revoked(now) {
@@ -548,21 +562,26 @@ impl Verifier {
     /// first checks go on (that token's own first check on this instance waits behind them, and
     /// is answered busy past the bound; once proven it is never held up). Waiting for the
     /// token's turn and a free thread is bounded by `argon2_wait` ([`AuthError::Busy`] past it);
-    /// a run, once started, is waited for and its proof kept.
-    async fn check_secret(&self, parsed: &ParsedToken<'_>, record: &TokenRecord) -> Result<(), AuthError> {
+    /// a run, once started, is waited for and its proof kept. Answers whether it had to wait
+    /// (the record may have changed meanwhile).
+    async fn check_secret(
+        &self,
+        parsed: &ParsedToken<'_>,
+        record: &TokenRecord,
+    ) -> Result<Waited, AuthError> {
         let digest = self.digester.digest(parsed.secret);
         let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
         // A hit pays no timer.
         if let Some(p) = self.proven.get(&key).filter(|p| p.phc == phc) {
-            return judge(&p, &digest);
+            return judge(&p, &digest).map(|()| Waited::No);
         }
         let deadline = tokio::time::Instant::now() + self.argon2_wait;
         let guard = match tokio::time::timeout_at(deadline, self.proven.get_value_or_guard_async(&key)).await
         {
             Err(_) => return Err(AuthError::Busy),
             // Proven meanwhile by a request with its right secret.
-            Ok(Ok(p)) if p.phc == phc => return judge(&p, &digest),
+            Ok(Ok(p)) if p.phc == phc => return judge(&p, &digest).map(|()| Waited::Yes),
             // A proof against another stored hash (the record changed): this run replaces it.
             Ok(Ok(_)) => None,
             Ok(Err(guard)) => Some(guard),
@@ -578,7 +597,7 @@ impl Verifier {
             }
             None => self.proven.insert(key, proof),
         }
-        Ok(())
+        Ok(Waited::Yes)
     }
 
     /// Runs argon2 on a worker thread once one is free (by `deadline`, else [`AuthError::Busy`]).
@@ -629,6 +648,13 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether verifying a secret waited (for its token's turn or an argon2 run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    No,
+    Yes,
 }
 
 /// Whether a remembered proof is of `digest`. blake3::Hash compares in constant time. (A proof

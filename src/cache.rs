@@ -377,7 +377,9 @@ impl Cache {
                                 Some(inv) => self.invalidate(&inv).await,
                                 None => break,
                             },
-                            _ = &mut stop => return,
+                            // Requests still in flight while the process drains read the store
+                            // from here on: nothing tells this cache of changes any more.
+                            _ = &mut stop => return self.go_dark(),
                         }
                     }
                     self.go_dark();

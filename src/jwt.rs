@@ -298,6 +298,10 @@ pub struct EphemeralClaims {
     /// The end user's email, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// The id of the org user it was minted for (by `user_email`), checked on every use: that
+    /// user's suspension or removal stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// The end user's attributes, injected for the upstream.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub attrs: Attributes,

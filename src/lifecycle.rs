@@ -238,7 +238,7 @@ pub struct IssuedToken {
 /// The status of a token at `now`.
 pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
     match &t.revoked {
-        Some(r) if r.at <= now => {
+        Some(r) if t.is_revoked(now) => {
             // Revoked by its rotation (which decides ahead of the end of the grace, or, before
             // `decided_at` was kept, gave the reason below), not by a revocation during the
             // grace, which stops it at once.
@@ -919,6 +919,20 @@ impl<'a> Lifecycle<'a> {
     /// the roles the actor was authenticated with; the change is then made only while that record
     /// is unchanged (see [`Acting`]). `None` for `bootstrap`, which has no actor record.
     async fn acting(&self, actor: &Actor) -> Result<Option<Acting>> {
+        let Some(acting) = self.acting_owner(actor).await? else { return Ok(None) };
+        let Some(id) = &actor.token_id else { return Ok(Some(acting)) };
+        // The calling token too: one revoked while the call was decided changes nothing.
+        let now = now_millis();
+        match self.store.get_token(id).await? {
+            Some(token) if !token.is_revoked(now) && !token.is_expired(now) => {
+                Ok(Some(Acting::Through(Box::new(acting), token)))
+            }
+            _ => Err(LifecycleError::Forbidden("the token you called with was revoked meanwhile".into())),
+        }
+    }
+
+    /// The acting user or service, as now, if unchanged since the call was authenticated.
+    async fn acting_owner(&self, actor: &Actor) -> Result<Option<Acting>> {
         let changed =
             || LifecycleError::Forbidden("your own role or status changed meanwhile; try again".into());
         if let Some(id) = &actor.user_id {
@@ -1034,7 +1048,8 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let mut tokens: Vec<TokenRecord> =
             self.store.list_owner_tokens(owner).await?.into_iter().map(Stored::into_inner).collect();
-        tokens.retain(|t| !t.is_revoked(now));
+        // An expired token needs no revocation (and a long-lived owner may have many).
+        tokens.retain(|t| !t.is_revoked(now) && !t.is_expired(now));
         for t in &mut tokens {
             t.revoked = Some(Box::new(Revocation {
                 at: now,
@@ -1491,31 +1506,79 @@ pub async fn bootstrap(
     ensure_org(store, org).await?;
     let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
     let now = now_millis();
-    let audit = |action: &str, target: String, details| AuditEvent {
-        at: now,
-        org: org.to_string(),
-        actor: "bootstrap".into(),
-        action: action.into(),
-        target,
-        token_id: None,
-        reason: None,
-        details,
-    };
-    let spec = TokenSpec {
-        display_name: Some("bootstrap".into()),
-        expires_at: implicit_expiry(limits, now),
-        ..TokenSpec::default()
-    };
-    let (token, record) = mint(store, argon2, org, Owner::User(user.id.clone()), spec).await?;
-    let mut issued =
-        audit("token.issue", record.id.to_string(), serde_json::json!({ "for": format!("user:{email}") }));
-    issued.token_id = Some(record.id.to_string());
-    let added = audit("user.add", format!("user:{email}"), serde_json::json!({ "org_role": "admin" }));
+    let (token, record, issued) =
+        operator_mint(store, argon2, limits, &user, "bootstrap", "bootstrap", now).await?;
+    let details = serde_json::json!({ "org_role": "admin" });
+    let added = operator_audit(org, "bootstrap", "user.add", format!("user:{email}"), details, now);
     store
         .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }), None)
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
     Ok((user, token))
+}
+
+/// A fresh token for an existing active user, made by an operator on the store directly
+/// (`quickstart` run again): the implicit expiry, and a `token.issue` audit entry by `actor`.
+pub async fn operator_token(
+    store: &Store,
+    argon2: Argon2Params,
+    limits: &TokenLimits,
+    user: &User,
+    actor: &str,
+) -> Result<NewToken> {
+    if user.status != UserStatus::Active {
+        return Err(LifecycleError::Invalid(format!(
+            "user {} of org {} is suspended; reactivate them first",
+            user.email, user.org
+        )));
+    }
+    let (token, record, issued) =
+        operator_mint(store, argon2, limits, user, actor, actor, now_millis()).await?;
+    store.insert_token(&record, Some(&issued), None).await?;
+    Ok(token)
+}
+
+/// A token for `user` made by an operator (no acting user), with its `token.issue` audit entry.
+async fn operator_mint(
+    store: &Store,
+    argon2: Argon2Params,
+    limits: &TokenLimits,
+    user: &User,
+    actor: &str,
+    display_name: &str,
+    now: Millis,
+) -> Result<(NewToken, TokenRecord, AuditEvent)> {
+    let spec = TokenSpec {
+        display_name: Some(display_name.into()),
+        expires_at: implicit_expiry(limits, now),
+        ..TokenSpec::default()
+    };
+    let (token, record) = mint(store, argon2, &user.org, Owner::User(user.id.clone()), spec).await?;
+    let details = serde_json::json!({ "for": format!("user:{}", user.email) });
+    let mut issued = operator_audit(&user.org, actor, "token.issue", record.id.to_string(), details, now);
+    issued.token_id = Some(record.id.to_string());
+    Ok((token, record, issued))
+}
+
+/// An audit entry by an operator working on the store directly (`bootstrap`, `quickstart`).
+fn operator_audit(
+    org: &str,
+    actor: &str,
+    action: &str,
+    target: String,
+    details: serde_json::Value,
+    now: Millis,
+) -> AuditEvent {
+    AuditEvent {
+        at: now,
+        org: org.to_string(),
+        actor: actor.into(),
+        action: action.into(),
+        target,
+        token_id: None,
+        reason: None,
+        details,
+    }
 }
 
 #[cfg(test)]

@@ -64,8 +64,29 @@ impl FromRequestParts<AdminState> for Caller {
         let principal = tokio::spawn(async move { verifier.verify(&token).await })
             .await
             .map_err(|e| ApiError::Internal(format!("token verification stopped: {e}")))??;
+        if let (Some(headers), Some(slot)) =
+            (crate::proxy::headers::deprecation(&principal), parts.extensions.get::<DeprecationSlot>())
+        {
+            let _ = slot.0.set(headers);
+        }
         Ok(Caller(Actor::from_principal(&principal)))
     }
+}
+
+/// Where [`Caller`] leaves the `Deprecation` and `Sunset` headers of a token in a rotation's
+/// grace, for the layer that adds them to whatever the call answers.
+#[derive(Clone, Default)]
+struct DeprecationSlot(Arc<std::sync::OnceLock<[(http::HeaderName, http::HeaderValue); 2]>>);
+
+/// Adds the calling token's deprecation headers, if any, to the response.
+async fn deprecation_headers(mut req: Request, next: axum::middleware::Next) -> Response {
+    let slot = DeprecationSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let mut response = next.run(req).await;
+    if let Some(headers) = slot.0.get() {
+        response.headers_mut().extend(headers.iter().cloned());
+    }
+    response
 }
 
 /// A JSON body whose rejection is a JSON error naming what is wrong.
@@ -108,6 +129,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::map_response(error::json_refusals))
+        .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut).
         .layer(axum::middleware::from_fn(
             |req: axum::extract::Request, next: axum::middleware::Next| async move {

@@ -265,6 +265,7 @@ async fn verified_jwts_are_held_by_weight_so_large_attributes_cannot_fill_memory
             tid: "tgs_abcdef".into(),
             tg: crate::jwt::EPHEMERAL.into(),
             email: None,
+            uid: None,
             attrs: attrs.clone(),
             scope: None,
             env: None,
@@ -293,4 +294,33 @@ async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
     let runs = v.stats.argon2_runs.load(Ordering::Relaxed);
     v.verify(&f.token).await.unwrap();
     assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), runs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_while_a_first_check_waits_for_argon2_is_not_missed() {
+    let f = Fixture::new().await;
+    // A slower hash, so that the check is still under way when the token is revoked.
+    let slow = Argon2Params { memory_kib: 32 * 1024, iterations: 4, parallelism: 1 };
+    let (new, _) =
+        lifecycle::issue_token(&f.store, slow, "acme", Owner::User(f.user.id.clone()), TokenSpec::default())
+            .await
+            .unwrap();
+    let token = new.token;
+    let other = crate::token::generate(crate::token::TokenKind::Pat).token;
+    let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &token[..10], &other[10..40]));
+    // A made-up secret takes the token's turn; the right one reads the record and waits behind it.
+    let (v, w) = (f.verifier.clone(), wrong.clone());
+    let flood = tokio::spawn(async move { v.verify(&w).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (v, t) = (f.verifier.clone(), token.clone());
+    let right = tokio::spawn(async move { v.verify(&t).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    let applied = f.verifier.cache().invalidations_applied();
+    let id = crate::token::parse(&token).unwrap().id;
+    f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
+    f.settle(applied, 1).await;
+    assert!(!right.is_finished(), "the check ended before the revocation: the test needs a slower hash");
+    assert!(matches!(right.await.unwrap(), Err(AuthError::Invalid(Invalid::Revoked))));
+    assert!(flood.await.unwrap().is_err());
 }

@@ -72,10 +72,10 @@ enum Command {
         /// Where to keep the config and the data.
         #[arg(long, default_value = "tollgate-quickstart")]
         dir: PathBuf,
-        /// Gateway port.
+        /// Gateway port, for a new config (a later run uses the config it finds in --dir).
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// Admin API port.
+        /// Admin API port, for a new config.
         #[arg(long, default_value_t = 8081)]
         admin_port: u16,
     },

@@ -9,16 +9,22 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::lifecycle::{self, TokenSpec};
-use crate::store::{self, Owner};
+use crate::lifecycle;
+use crate::store;
 use crate::{echo, server};
 
 const ORG: &str = "demo";
 const EMAIL: &str = "admin@demo.local";
 
+/// The line of a quickstart config that names the echo upstream's address, so that a later run
+/// starts the echo where the (possibly edited) config expects it.
+const ECHO_MARK: &str = "# quickstart echo upstream: ";
+
 fn config_text(port: u16, admin_port: u16, upstream: SocketAddr, dir: &Path) -> String {
     format!(
-        r#"# Written by `tollgate quickstart`; edit it and the running gateway reloads it.
+        r#"# Written by `tollgate quickstart`; edit it and the running gateway reloads it. Later runs of
+# quickstart use it as it is (delete it for a fresh one).
+{ECHO_MARK}{upstream}
 listen: 127.0.0.1:{port}
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
 store:
@@ -47,23 +53,50 @@ routes:
 /// Runs the quickstart; serves until stopped.
 pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let upstream_listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot start the echo upstream")?;
-    let upstream = upstream_listener.local_addr()?;
     let path = dir.join("tollgate.yaml");
-    std::fs::write(&path, config_text(port, admin_port, upstream, dir))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let upstream_listener = match std::fs::read_to_string(&path) {
+        // A config from an earlier run is kept as it is, the user's edits included.
+        Ok(text) => {
+            println!("Using {} from an earlier run (delete it for a fresh one).", path.display());
+            echo_listener(&text, &path)?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let listener =
+                TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot start the echo upstream")?;
+            std::fs::write(&path, config_text(port, admin_port, listener.local_addr()?, dir))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Some(listener)
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("quickstart config invalid:\n{e}"))?;
     super::init_logging("warn,tollgate=info");
 
     let token = first_token(&config)?;
-    echo::spawn(upstream_listener)?;
+    if let Some(listener) = upstream_listener {
+        echo::spawn(listener)?;
+    }
     print_instructions(&config, &path, &token);
     server::run(config, &path)
 }
 
-/// Bootstraps the demo admin, or gives the existing one a new token. The store is closed again
-/// before the gateway opens it (the embedded store serves one process).
+/// The echo upstream where an existing quickstart config names it; none if its line is gone.
+fn echo_listener(text: &str, path: &Path) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = text.lines().find_map(|l| l.strip_prefix(ECHO_MARK)) else {
+        println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
+        return Ok(None);
+    };
+    let addr: SocketAddr = addr
+        .trim()
+        .parse()
+        .with_context(|| format!("{}: the echo upstream line names no address: {addr:?}", path.display()))?;
+    let listener = TcpListener::bind(addr)
+        .with_context(|| format!("cannot start the echo upstream on {addr} (named in {})", path.display()))?;
+    Ok(Some(listener))
+}
+
+/// Bootstraps the demo admin, or gives the existing one a new token (audited, as `quickstart`).
+/// The store is closed again before the gateway opens it (the embedded store serves one process).
 fn first_token(config: &Config) -> anyhow::Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -72,8 +105,8 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
         let token = match store.find_user_by_email(ORG, EMAIL).await? {
             None => lifecycle::bootstrap(&store, params, &config.tokens, ORG, EMAIL).await?.1,
             Some(user) => {
-                let spec = TokenSpec { display_name: Some("quickstart".into()), ..TokenSpec::default() };
-                lifecycle::issue_token(&store, params, ORG, Owner::User(user.into_inner().id), spec).await?.0
+                lifecycle::operator_token(&store, params, &config.tokens, &user.into_inner(), "quickstart")
+                    .await?
             }
         };
         Ok(token.token)

@@ -35,6 +35,7 @@ fn claims(exp_in: i64) -> EphemeralClaims {
         tid: "tgs_abcdef".into(),
         tg: EPHEMERAL.into(),
         email: None,
+        uid: None,
         attrs: Attributes::new(),
         scope: None,
         env: None,

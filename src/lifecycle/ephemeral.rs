@@ -145,29 +145,33 @@ impl Lifecycle<'_> {
             Some(t) => t,
         };
 
-        let (attrs, email) = match (req.attributes, req.user_email) {
+        let (attrs, email, uid) = match (req.attributes, req.user_email) {
             (Some(attrs), None) => {
                 // The caller's own; a stored user's were checked when stored (and the signed
                 // credential's length is checked below either way).
                 check_attributes(&attrs)?;
                 let email = attrs.get("email").and_then(|e| e.as_str()).map(str::to_string);
-                (attrs, email)
+                (attrs, email, None)
             }
             (None, Some(email)) => {
                 check_email(&email)?;
-                let mut attrs = match self.store.find_user_by_email(org, &email).await? {
-                    // Suspension stops everything a user does, on their behalf too.
+                // Suspension stops everything a user does, on their behalf too: now, and on
+                // every use of the credential (by the user id it carries).
+                let (mut attrs, uid) = match self.store.find_user_by_email(org, &email).await? {
                     Some(user) if user.status != UserStatus::Active => {
                         return Err(LifecycleError::Forbidden(format!("user {email} is suspended")))
                     }
-                    Some(user) => user.into_inner().attributes,
-                    None => Attributes::new(),
+                    Some(user) => {
+                        let user = user.into_inner();
+                        (user.attributes, Some(user.id))
+                    }
+                    None => (Attributes::new(), None),
                 };
                 attrs.entry("email").or_insert_with(|| email.clone().into());
                 if let Some((_, domain)) = email.rsplit_once('@') {
                     attrs.entry("domain").or_insert_with(|| domain.into());
                 }
-                (attrs, Some(email))
+                (attrs, Some(email), uid)
             }
             _ => {
                 return Err(LifecycleError::Invalid(
@@ -206,6 +210,7 @@ impl Lifecycle<'_> {
             tid: parent.to_string(),
             tg: EPHEMERAL.to_string(),
             email,
+            uid,
             attrs,
             scope: scope.map(|s| s.permissions),
             env: environments,

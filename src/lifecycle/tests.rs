@@ -118,7 +118,14 @@ fn token_status_follows_the_clock() {
     let mut rotated = record(Some(50), None, true);
     rotated.revoked.as_mut().unwrap().decided_at = Some(40);
     check(rotated, "rotated");
-    check(record(Some(150), None, true), "deprecated");
+    let mut in_grace = record(Some(150), None, true);
+    in_grace.revoked.as_mut().unwrap().decided_at = Some(40);
+    check(in_grace, "deprecated");
+    // Revoked on an instance whose clock is ahead of this one's: revoked here too, at once.
+    check(record(Some(150), None, false), "revoked");
+    let mut no_grace = record(Some(150), None, true);
+    no_grace.revoked.as_mut().unwrap().decided_at = Some(150);
+    check(no_grace, "rotated");
 }
 
 #[tokio::test]

@@ -418,6 +418,26 @@ fn make(config: &Config, route: &Route, grant: &Grant) -> pingora::Result<Vec<(H
 }
 
 /// A header value from text, or the error that it is not one.
+static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
+static SUNSET: HeaderName = HeaderName::from_static("sunset");
+
+/// The headers every response to a token in a rotation's grace carries, proxied, refused or from
+/// the admin API: `Deprecation: @<start of grace>` (RFC 9745) and `Sunset: <HTTP-date>` (RFC 8594)
+/// of when it stops working, the end of grace or its own expiry if that comes first.
+pub fn deprecation(principal: &crate::auth::Principal) -> Option<[(HeaderName, HeaderValue); 2]> {
+    if !principal.deprecated() {
+        return None;
+    }
+    let token = principal.token();
+    let revocation = token.revoked.as_ref()?;
+    let since = revocation.decided_at.unwrap_or(revocation.at) / 1000;
+    let end = token.expires_at.map_or(revocation.at, |e| e.min(revocation.at));
+    let end = std::time::UNIX_EPOCH + std::time::Duration::from_millis(end.max(0) as u64);
+    let since = HeaderValue::from_str(&format!("@{since}")).ok()?;
+    let end = HeaderValue::from_str(&httpdate::fmt_http_date(end)).ok()?;
+    Some([(DEPRECATION.clone(), since), (SUNSET.clone(), end)])
+}
+
 pub fn value(text: impl AsRef<str>) -> pingora::Result<HeaderValue> {
     HeaderValue::from_str(text.as_ref()).map_err(|_| {
         pingora::Error::explain(

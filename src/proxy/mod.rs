@@ -44,6 +44,8 @@ pub struct RequestCtx {
     config: Option<Arc<Config>>,
     permit: Option<Permit>,
     rejection: Option<Rejection>,
+    /// A token in a rotation's grace: the headers that say so, on any answer.
+    deprecation: Option<[(HeaderName, HeaderValue); 2]>,
 }
 
 impl Gateway {
@@ -103,6 +105,7 @@ impl Gateway {
         }
         let presented = credential::extract(&config.credentials, &route, req)?;
         let principal = self.verifier.verify_credential(presented, config.jwt.as_ref()).await?;
+        ctx.deprecation = headers::deprecation(&principal);
         let permit =
             policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)?;
         // A POST that asks the upstream's framework to run it as another method (Express's
@@ -203,9 +206,6 @@ fn id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
-static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
-static SUNSET: HeaderName = HeaderName::from_static("sunset");
-
 fn missing_permit() -> Box<Error> {
     Error::explain(ErrorType::InternalError, "request reached the upstream phase without a permit")
 }
@@ -222,6 +222,7 @@ impl ProxyHttp for Gateway {
             config: None,
             permit: None,
             rejection: None,
+            deprecation: None,
         }
     }
 
@@ -241,9 +242,9 @@ impl ProxyHttp for Gateway {
                 // Kept before it is sent: if writing it fails (a client gone), the logging phase
                 // must still count and log the request as refused, never as allowed.
                 let rejection = ctx.rejection.insert(rejection);
-                rejection
-                    .send(session, id_text(&ctx.request_id), config.identity.request_id_header.as_str())
-                    .await?;
+                let id = id_text(&ctx.request_id);
+                let extra = ctx.deprecation.as_ref().map_or(&[][..], |d| &d[..]);
+                rejection.send(session, id, config.identity.request_id_header.as_str(), extra).await?;
                 Ok(true)
             }
         }
@@ -285,19 +286,13 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         let Some(config) = &ctx.config else { return Ok(()) };
         let keep_case = ctx.route.as_ref().is_some_and(|r| r.preserve_header_case);
-        let grant = ctx.permit.as_ref().and_then(Permit::grant);
-        let revocation =
-            grant.filter(|g| g.principal.deprecated()).and_then(|g| g.principal.token().revoked.as_ref());
         headers::edit_response(response, keep_case, |response| {
             response.insert(&config.identity.request_id_header, &ctx.request_id)?;
-            if let Some(revocation) = revocation {
-                // RFC 9745 (Deprecation: @seconds) and RFC 8594 (Sunset: HTTP-date of the end of grace).
-                let since = revocation.decided_at.unwrap_or(revocation.at) / 1000;
-                let end =
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(revocation.at.max(0) as u64);
-                response.reserve(2);
-                response.insert(&DEPRECATION, &headers::value(format!("@{since}"))?)?;
-                response.insert(&SUNSET, &headers::value(httpdate::fmt_http_date(end))?)?;
+            if let Some(deprecation) = &ctx.deprecation {
+                response.reserve(deprecation.len());
+                for (name, value) in deprecation {
+                    response.insert(name, value)?;
+                }
             }
             Ok(())
         })

@@ -3,7 +3,7 @@
 //! `Retry-After` on 503.
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
@@ -108,6 +108,7 @@ impl Rejection {
         &self,
         request_id: &str,
         request_id_header: &str,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> pingora::Result<(ResponseHeader, Bytes)> {
         let (status, code, description) = self.parts();
         let body = serde_json::json!({
@@ -116,7 +117,7 @@ impl Rejection {
             "request_id": request_id,
         });
         let body = Bytes::from(body.to_string());
-        let mut header = ResponseHeader::build(status, Some(6))?;
+        let mut header = ResponseHeader::build(status, Some(6 + extra.len()))?;
         header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         // Without a length a keep-alive client would wait for more body.
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -128,6 +129,9 @@ impl Rejection {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             header.insert_header(http::header::RETRY_AFTER, RETRY_AFTER_SECONDS)?;
         }
+        for (name, value) in extra {
+            header.insert_header(name.clone(), value)?;
+        }
         Ok((header, body))
     }
 
@@ -137,8 +141,9 @@ impl Rejection {
         session: &mut Session,
         request_id: &str,
         request_id_header: &str,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> pingora::Result<()> {
-        let (header, body) = self.response(request_id, request_id_header)?;
+        let (header, body) = self.response(request_id, request_id_header, extra)?;
         session.write_response_header(Box::new(header), false).await?;
         session.write_response_body(Some(body), true).await
     }
@@ -149,14 +154,14 @@ mod tests {
     use super::*;
 
     fn header(r: &Rejection, name: &str) -> Option<String> {
-        let (h, _) = r.response("rid", "x-request-id").unwrap();
+        let (h, _) = r.response("rid", "x-request-id", &[]).unwrap();
         h.headers.get(name).map(|v| v.to_str().unwrap().to_string())
     }
 
     #[test]
     fn statuses_and_headers() {
         let check = |r: Rejection, status: u16, www: Option<&str>| {
-            let (h, body) = r.response("rid", "x-request-id").unwrap();
+            let (h, body) = r.response("rid", "x-request-id", &[]).unwrap();
             assert_eq!(h.status.as_u16(), status, "{r:?}");
             assert_eq!(header(&r, "www-authenticate").as_deref(), www, "{r:?}");
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -183,9 +188,9 @@ mod tests {
 
     #[test]
     fn unknown_and_wrong_secret_read_the_same() {
-        let a = Rejection::Invalid(Invalid::Unknown).response("r", "x-request-id").unwrap().1;
-        let b = Rejection::Invalid(Invalid::WrongSecret).response("r", "x-request-id").unwrap().1;
-        let c = Rejection::Invalid(Invalid::Malformed).response("r", "x-request-id").unwrap().1;
+        let a = Rejection::Invalid(Invalid::Unknown).response("r", "x-request-id", &[]).unwrap().1;
+        let b = Rejection::Invalid(Invalid::WrongSecret).response("r", "x-request-id", &[]).unwrap().1;
+        let c = Rejection::Invalid(Invalid::Malformed).response("r", "x-request-id", &[]).unwrap().1;
         assert_eq!(a, b);
         assert_eq!(a, c);
     }

@@ -120,6 +120,8 @@ pub enum Acting {
     User(Stored<User>),
     /// A service, through its token.
     Service(Stored<Service>),
+    /// Either of the above, and the token it called with (not revoked meanwhile either).
+    Through(Box<Acting>, Stored<TokenRecord>),
 }
 
 /// A stream of invalidations; it ends when the subscription is lost.
@@ -164,6 +166,10 @@ impl Batch {
         match actor {
             Some(Acting::User(u)) => self.expect(user_key(&u.id), u),
             Some(Acting::Service(s)) => self.expect(service_key(&s.id), s),
+            Some(Acting::Through(owner, token)) => {
+                self.acting(Some(owner));
+                self.expect(token_key(&token.id), token);
+            }
             None => {}
         }
     }

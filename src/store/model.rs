@@ -191,9 +191,19 @@ impl TokenRecord {
         self.expires_at.is_some_and(|t| t <= now)
     }
 
-    /// Whether the token is revoked at `now` (a rotation's grace ends in the future).
+    /// Whether the token is revoked at `now`. Only a rotation's grace (decided ahead of its end)
+    /// waits for the clock; a revocation that takes effect when decided holds whatever this
+    /// instance's clock reads, so that a clock behind the deciding instance's, or stepped back,
+    /// cannot let it through.
     pub fn is_revoked(&self, now: Millis) -> bool {
-        self.revoked.as_ref().is_some_and(|r| r.at <= now)
+        self.revoked.as_ref().is_some_and(|r| r.is_immediate() || r.at <= now)
+    }
+}
+
+impl Revocation {
+    /// Whether it took effect as it was decided (every revocation but a rotation's grace).
+    pub fn is_immediate(&self) -> bool {
+        self.decided_at.is_none_or(|decided| self.at <= decided)
     }
 }
 

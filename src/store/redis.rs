@@ -220,11 +220,21 @@ impl Backend for RedisBackend {
             (Ok(a), Ok(f)) => (a, f),
             _ => return Ok(Some("could not read Redis persistence settings (CONFIG GET refused)".into())),
         };
-        Ok(match (aof.as_str(), fsync.as_str()) {
-            ("yes", "always") => None,
-            ("yes", other) => Some(format!("Redis runs AOF with appendfsync {other}: up to a second of revocations can be lost in a crash; use appendfsync always")),
-            _ => Some("Redis runs without AOF: revocations can be lost in a crash; run it with appendonly yes and appendfsync always".into()),
-        })
+        let mut warnings = Vec::new();
+        match (aof.as_str(), fsync.as_str()) {
+            ("yes", "always") => {}
+            ("yes", other) => warnings.push(format!("Redis runs AOF with appendfsync {other}: up to a second of revocations can be lost in a crash; use appendfsync always")),
+            _ => warnings.push("Redis runs without AOF: revocations can be lost in a crash; run it with appendonly yes and appendfsync always".into()),
+        }
+        if aof == "yes" && setting("no-appendfsync-on-rewrite").await.is_ok_and(|v| v == "yes") {
+            warnings.push("Redis skips fsync while it rewrites its AOF (no-appendfsync-on-rewrite yes): revocations acknowledged meanwhile can be lost in a crash; set it to no".into());
+        }
+        if let Ok(policy) = setting("maxmemory-policy").await {
+            if policy.starts_with("allkeys-") {
+                warnings.push(format!("Redis may evict any key (maxmemory-policy {policy}): tokens, users and the indexes that keep emails and service names unique can vanish; use noeviction"));
+            }
+        }
+        Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
     }
 }
 

@@ -407,6 +407,49 @@ async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_both_instances() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let second = w.jwt_gateway(&keys);
+    lifecycle::ensure_org(&w.store, "acme").await.unwrap();
+    let (_, admin) =
+        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io").await.unwrap();
+    remember_secret(&admin.token);
+    let admin = Cli::new(&w.gateway, &admin.token);
+    let (_, token) = w.service("acme", "svc", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+    w.user("acme", "ann@acme.io", Role::Viewer, json!({"team": "red"})).await;
+    let for_ann = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "ann@acme.io"})).await;
+    // An end user who is no org user has nobody to suspend.
+    let outsider = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "eu@customer.io"})).await;
+    let all_refuse = |jwt: &str, want: u16| {
+        let jwt = jwt.to_string();
+        let (w, second) = (&w, &second);
+        async move {
+            eventually(Duration::from_secs(2), || async {
+                status_of(w, &w.gateway, "/shop/x", &jwt).await == want
+                    && status_of(w, second, "/shop/x", &jwt).await == want
+            })
+            .await
+        }
+    };
+    assert!(all_refuse(&for_ann, 200).await);
+
+    admin.run(&["user", "suspend", "ann@acme.io"]).ok();
+    assert_refused(&w, &for_ann, "at once on the instance that suspended").await;
+    assert!(all_refuse(&for_ann, 401).await, "the second instance refuses too");
+    assert_eq!(status_of(&w, &w.gateway, "/shop/x", &outsider).await, 200);
+    admin.run(&["user", "reactivate", "ann@acme.io"]).ok();
+    assert!(all_refuse(&for_ann, 200).await, "reactivated");
+
+    admin.run(&["user", "remove", "ann@acme.io"]).ok();
+    assert_refused(&w, &for_ann, "removed").await;
+    // Someone added again with the same email is someone else.
+    w.user("acme", "ann@acme.io", Role::Viewer, json!({})).await;
+    assert!(all_refuse(&for_ann, 401).await, "re-added");
+    assert_eq!(status_of(&w, &second, "/shop/x", &outsider).await, 200);
+}
+
 async fn jwks(w: &World) -> Value {
     w.http
         .get(format!("{}/.well-known/jwks.json", w.gateway.admin_url()))

@@ -171,6 +171,16 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     let deprecation = resp.headers().get("deprecation").expect("and says it is deprecated").to_str().unwrap();
     assert!(deprecation.starts_with('@'), "{deprecation}");
     assert!(resp.headers().get("sunset").is_some(), "and when it stops");
+    // So does every other answer to it: a refusal, and the admin API's.
+    let refused = w.http.get(w.gateway.url("/reports")).bearer_auth(&old).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let admin_call = w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&old);
+    let admin_call = admin_call.send().await.unwrap();
+    assert_eq!(admin_call.status(), 200);
+    for (what, r) in [("the refusal", &refused), ("the admin API", &admin_call)] {
+        assert_eq!(r.headers().get("deprecation"), resp.headers().get("deprecation"), "{what}");
+        assert_eq!(r.headers().get("sunset"), resp.headers().get("sunset"), "{what}");
+    }
     // The plain list shows it, with a status saying it is on its way out.
     let listed = ann.run(&["token", "list"]).ok();
     assert!(listed.lines().next().unwrap().contains("STATUS"), "{listed}");

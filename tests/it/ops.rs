@@ -276,4 +276,20 @@ async fn serve_warns_when_redis_could_lose_a_revocation() {
     let second = w.second_gateway();
     let log = second.log_text();
     assert!(log.contains("store is not durable") && log.contains("appendfsync everysec"), "{log}");
+    drop(second);
+
+    // Durable on paper, but not while the AOF is rewritten; and keys that may be evicted.
+    for (name, value) in
+        [("appendfsync", "always"), ("no-appendfsync-on-rewrite", "yes"), ("maxmemory-policy", "allkeys-lru")]
+    {
+        let _: () =
+            redis::cmd("CONFIG").arg("SET").arg(name).arg(value).query(&mut w.redis.client()).unwrap();
+    }
+    let third = w.second_gateway();
+    let log = third.log_text();
+    assert!(!log.contains("appendfsync everysec"), "{log}");
+    assert!(
+        log.contains("no-appendfsync-on-rewrite yes") && log.contains("maxmemory-policy allkeys-lru"),
+        "{log}"
+    );
 }

@@ -112,11 +112,28 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     cli.run(&["token", "revoke", &revoked[..10]]).ok();
     first.stop();
 
+    // The user's edits to the config survive a second run, and its echo upstream starts where
+    // the config says.
+    let config_path = dir.join("tollgate.yaml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let echo =
+        config.lines().find_map(|l| l.strip_prefix("# quickstart echo upstream: ")).expect("echo line");
+    let edited = format!("{config}  - {{ name: mine, path: /mine, upstream: \"{echo}\", auth: none }}\n");
+    std::fs::write(&config_path, &edited).unwrap();
+
     let second = Quickstart::start(&dir, port, admin_port);
     wait_ready(&http, &url).await;
-    for (t, expected) in [(&token, 200), (&kept, 200), (&revoked, 401), (&second.token(), 200)] {
+    let second_token = second.token();
+    for (t, expected) in [(&token, 200), (&kept, 200), (&revoked, 401), (&second_token, 200)] {
         assert_eq!(http.get(&url).bearer_auth(t).send().await.unwrap().status(), expected, "{}", &t[..10]);
     }
+    assert_eq!(std::fs::read_to_string(&config_path).unwrap(), edited, "the edited config was rewritten");
+    let mine = url.replace("/demo/hello", "/mine/x");
+    assert_eq!(http.get(&mine).send().await.unwrap().status(), 200, "the route the user added");
+    // The second run's token is issued like any other: audited, within the token limits.
+    let audit = cli.json(&["audit", "--org", "demo", "--token-id", &second_token[..10]]);
+    assert_eq!(audit[0]["action"], "token.issue", "{audit}");
+    assert_eq!(audit[0]["actor"], "quickstart", "{audit}");
     drop(second);
     let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
     assert_no_secret_in(&log, "the quickstart log");
