@@ -526,6 +526,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email)
                         .await
                         .with_context(|| format!("bootstrapping org {org:?}"))?;
+                if cli.json {
+                    // As `user add --issue-token` answers.
+                    let added = AddedUser { user: UserView::from(user), token: Some(token.token.clone()) };
+                    println!("{}", serde_json::to_string_pretty(&added)?);
+                    return Ok(());
+                }
                 println!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
                 println!("Access token: {}", token.token);
                 println!("Store it now: it will not be shown again.");

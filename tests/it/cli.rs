@@ -103,6 +103,21 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     assert_eq!(audit[0]["action"], "token.issue");
     assert_eq!(audit[0]["actor"], "bootstrap");
 
+    // With --json, as `user add --issue-token` answers.
+    let out = Command::new(tollgate_bin())
+        .args(["bootstrap", "--json", "--config"])
+        .arg(&path)
+        .args(["--org", "acme", "--email", "ops@example.com"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let second = added["token"].as_str().expect("the token").to_string();
+    remember_secret(&second);
+    assert_eq!(added["email"], "ops@example.com", "{added}");
+    assert_eq!(added["org_role"], "admin", "{added}");
+    assert_eq!(admin.as_token(&second).json(&["token", "get", &second[..10]])["display_name"], "bootstrap");
+
     // The same email cannot be bootstrapped twice.
     let again = bootstrap();
     assert!(!again.status.success());
@@ -156,4 +171,103 @@ async fn serve_stops_with_the_reason_when_it_cannot_listen() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains(&format!("cannot listen on listen 127.0.0.1:{port}")), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A TLS terminator on a free port in front of `backend`, with a certificate for `localhost`
+/// signed by a CA of its own (both made by the `openssl` command); returns its port and the CA's
+/// certificate file.
+async fn tls_terminator(backend: String, dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file = |name: &str| dir.join(name);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "req.pem"]].concat(),
+    );
+    std::fs::write(file("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.pem",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let (cert, key) = (file("cert.pem"), file("key.pem"));
+    let chain = vec![CertificateDer::from_pem_file(&cert).unwrap()];
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key).unwrap())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, file("ca.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_an_admin_api_behind_tls() {
+    let w = World::start().await;
+    tollgate::lifecycle::ensure_org(&w.store, "acme").await.unwrap();
+    let (_, admin) =
+        tollgate::lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io")
+            .await
+            .unwrap();
+    remember_secret(&admin.token);
+    let dir = tempfile::tempdir().unwrap();
+    let backend = w.gateway.admin_url().trim_start_matches("http://").to_string();
+    let (port, cert) = tls_terminator(backend, dir.path()).await;
+    let run = |trusted: bool| {
+        let mut cli = Command::new(tollgate_bin());
+        cli.args(["token", "list"])
+            .env("TOLLGATE_SERVER", format!("https://localhost:{port}"))
+            .env("TOLLGATE_TOKEN", &admin.token);
+        if trusted {
+            // rustls-native-certs reads the trusted certificates from here, as OpenSSL does.
+            cli.env("SSL_CERT_FILE", &cert);
+        }
+        cli.output().unwrap()
+    };
+    let out = run(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&admin.token[..10]));
+    // A certificate nobody trusts is refused, and says so.
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot reach the admin API"), "{stderr}");
 }
