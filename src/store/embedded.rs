@@ -130,6 +130,12 @@ impl Backend for EmbeddedBackend {
                 for k in &batch.del {
                     kv.remove(k.as_str()).map_err(failed)?;
                 }
+                for (k, v, at) in &batch.newer {
+                    let stored = kv.get(k.as_str()).map_err(failed)?.map(|cur| super::stored_at(cur.value()));
+                    if stored.is_none_or(|stored| stored < *at) {
+                        kv.insert(k.as_str(), v.as_str()).map_err(failed)?;
+                    }
+                }
                 let mut sets = tx.open_table(SETS).map_err(failed)?;
                 for (s, m) in &batch.sadd {
                     sets.insert((s.as_str(), m.as_str()), ()).map_err(failed)?;

@@ -91,6 +91,11 @@ impl Backend for MemoryBackend {
             for k in batch.del {
                 state.kv.remove(&k);
             }
+            for (k, v, at) in batch.newer {
+                if state.kv.get(&k).is_none_or(|cur| super::stored_at(cur) < at) {
+                    state.kv.insert(k, v);
+                }
+            }
             for (set, member) in batch.sadd {
                 state.sets.entry(set).or_default().insert(member);
             }

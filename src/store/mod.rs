@@ -146,6 +146,19 @@ pub struct Batch {
     pub lpush: Vec<(String, String, usize)>,
     /// Invalidations to publish once the writes are applied.
     pub publish: Vec<String>,
+    /// Keys to set to a JSON record unless the one stored has an `at` at least this new: last-use
+    /// records, which instances flush on their own schedules (a late flush must not move a
+    /// token's last use back).
+    pub newer: Vec<(String, String, Millis)>,
+}
+
+/// The `at` of a stored JSON record (0 when it has none or is unreadable: any newer write wins).
+pub fn stored_at(text: &str) -> Millis {
+    #[derive(serde::Deserialize)]
+    struct At {
+        at: Millis,
+    }
+    serde_json::from_str::<At>(text).map_or(0, |r| r.at)
 }
 
 impl Batch {
@@ -219,6 +232,14 @@ pub trait CommitListener: Send + Sync {
 pub trait Backend: Send + Sync + 'static {
     /// Reads one key.
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Reads several keys (one round trip where the backend can).
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
     /// Reads the members of a set.
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError>;
     /// Reads up to `limit` entries of a list, newest first.
@@ -237,6 +258,10 @@ pub trait Backend: Send + Sync + 'static {
         self.get("ping").await.map(|_| ())
     }
 }
+
+/// Keys read in one round trip by [`Store::read_many`]: a chunk's answer stays well within the
+/// store timeout.
+const READ_CHUNK: usize = 500;
 
 /// The domain operations on top of a backend, each bounded by the store timeout.
 #[derive(Clone)]
@@ -414,9 +439,16 @@ impl Store {
     }
 
     async fn read_stored<T: DeserializeOwned>(&self, key: String) -> Result<Option<Stored<T>>, StoreError> {
-        let Some(text) = self.bounded(self.backend.get(&key)).await? else {
-            return Ok(None);
-        };
+        let text = self.bounded(self.backend.get(&key)).await?;
+        self.decode(key, text)
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        key: String,
+        text: Option<String>,
+    ) -> Result<Option<Stored<T>>, StoreError> {
+        let Some(text) = text else { return Ok(None) };
         match serde_json::from_str(&text) {
             Ok(record) => Ok(Some(Stored { record, text })),
             Err(e) => {
@@ -427,12 +459,17 @@ impl Store {
         }
     }
 
+    /// Reads records in chunks of [`READ_CHUNK`] keys, a round trip each (one per key before, so
+    /// that listing an owner of many tokens took as many round trips).
     async fn read_many<T: DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<Stored<T>>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            // A member whose record is gone (deleted between the two reads) is skipped.
-            if let Some(v) = self.read_stored(key).await? {
-                out.push(v);
+        for chunk in keys.chunks(READ_CHUNK) {
+            let texts = self.bounded(self.backend.get_many(chunk)).await?;
+            for (key, text) in chunk.iter().zip(texts) {
+                // A member whose record is gone (deleted between the two reads) is skipped.
+                if let Some(v) = self.decode(key.clone(), text)? {
+                    out.push(v);
+                }
             }
         }
         Ok(out)
@@ -775,7 +812,9 @@ impl Store {
     pub async fn record_last_use(&self, uses: &[(TokenId, LastUse)]) -> Result<(), StoreError> {
         let mut b = Batch::default();
         for (id, last) in uses {
-            b.put(last_use_key(id), last)?;
+            let json = serde_json::to_string(last)
+                .map_err(|e| StoreError::Corrupt { key: last_use_key(id), reason: e.to_string() })?;
+            b.newer.push((last_use_key(id), json, last.at));
         }
         self.commit(b).await
     }

@@ -31,6 +31,12 @@ for _, l in ipairs(b.lpush) do
   redis.call('LPUSH', l[1], l[2])
   redis.call('LTRIM', l[1], 0, l[3] - 1)
 end
+for _, n in ipairs(b.newer) do
+  local cur = redis.call('GET', n[1])
+  local ok, rec = pcall(cjson.decode, cur or '')
+  local at = ok and type(rec) == 'table' and tonumber(rec.at) or 0
+  if not cur or at < n[3] then redis.call('SET', n[1], n[2]) end
+end
 for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 return ''
 "#;
@@ -122,6 +128,15 @@ impl Backend for RedisBackend {
         self.conn().await?.get(self.key(key)).await.map_err(unavailable)
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        // MGET of one key answers a bare value in redis-rs; ask for a list explicitly.
+        redis::cmd("MGET").arg(&keys).query_async(&mut self.conn().await?).await.map_err(unavailable)
+    }
+
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
         self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
     }
@@ -140,6 +155,7 @@ impl Backend for RedisBackend {
         batch.del.iter_mut().for_each(|k| *k = self.key(k));
         batch.sadd.iter_mut().chain(batch.srem.iter_mut()).for_each(|(s, _)| *s = self.key(s));
         batch.lpush.iter_mut().for_each(|(l, _, _)| *l = self.key(l));
+        batch.newer.iter_mut().for_each(|(k, _, _)| *k = self.key(k));
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;

@@ -347,3 +347,17 @@ async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_bac
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
     }
 }
+
+#[tokio::test]
+async fn a_late_flush_never_moves_a_last_use_back_on_every_backend() {
+    for (s, _guard) in stores() {
+        let id = crate::token::generate(crate::token::TokenKind::Pat).id;
+        let used = |at: Millis, ip: &str| vec![(id.clone(), LastUse { at, ip: ip.into() })];
+        s.record_last_use(&used(200, "10.0.0.2")).await.unwrap();
+        // Another instance's flush of an earlier use lands later.
+        s.record_last_use(&used(100, "10.0.0.1")).await.unwrap();
+        assert_eq!(s.last_use(&id).await.unwrap().map(|l| (l.at, l.ip)), Some((200, "10.0.0.2".into())));
+        s.record_last_use(&used(300, "10.0.0.3")).await.unwrap();
+        assert_eq!(s.last_use(&id).await.unwrap().map(|l| l.at), Some(300));
+    }
+}
