@@ -295,26 +295,10 @@ impl Config {
     /// Validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let mut issues = Vec::new();
-        let de = serde_yaml::Deserializer::from_str(text);
-        let mut unknown = |path: serde_ignored::Path<'_>| {
-            issues.push(ConfigIssue { path: yaml_path(&path), message: "unknown field".into() });
+        let Some((raw, unreadable)) = raw::read(text, &mut issues) else {
+            return Err(ConfigError { issues });
         };
-        let raw: Result<Option<RawConfig>, _> =
-            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(de, &mut unknown));
-        let raw = match raw {
-            Ok(raw) => raw.unwrap_or_default(),
-            Err(e) => {
-                let path = e.path().to_string();
-                let message = e.into_inner().to_string();
-                let path = if path == "." { String::new() } else { path };
-                // serde_yaml names the path in its message too: say it once.
-                let message =
-                    message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
-                issues.push(ConfigIssue { path, message });
-                return Err(ConfigError { issues });
-            }
-        };
-        let mut v = Validator { issues };
+        let mut v = Validator { issues, unreadable };
         let config = v.config(raw);
         match config {
             Some(c) if v.issues.is_empty() => Ok(c),
@@ -323,22 +307,35 @@ impl Config {
     }
 }
 
-fn yaml_path(path: &serde_ignored::Path<'_>) -> String {
-    match path {
-        serde_ignored::Path::Root => String::new(),
-        serde_ignored::Path::Seq { parent, index } => format!("{}[{index}]", yaml_path(parent)),
-        serde_ignored::Path::Map { parent, key } => match yaml_path(parent) {
-            p if p.is_empty() => key.clone(),
-            p => format!("{p}.{key}"),
-        },
-        serde_ignored::Path::Some { parent }
-        | serde_ignored::Path::NewtypeStruct { parent }
-        | serde_ignored::Path::NewtypeVariant { parent } => yaml_path(parent),
-    }
-}
+/// The methods a route's `permissions` may name: the standard ones and WebDAV's (with CalDAV's
+/// MKCALENDAR). Any other token is refused, so that a misspelt `DELET` is not silently a method
+/// of its own while DELETE keeps its default.
+const METHODS: [&str; 19] = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "PATCH",
+    "OPTIONS",
+    "TRACE",
+    "CONNECT",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "REPORT",
+    "MKCALENDAR",
+    "SEARCH",
+];
 
 struct Validator {
     issues: Vec<ConfigIssue>,
+    /// Top-level keys that could not be read: their errors are reported already.
+    unreadable: Unreadable,
 }
 
 fn is_name(s: &str) -> bool {
@@ -348,6 +345,12 @@ fn is_name(s: &str) -> bool {
 impl Validator {
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.issues.push(ConfigIssue { path: path.into(), message: message.into() });
+    }
+
+    /// Whether a top-level key was given but could not be read: what refers to it is not checked
+    /// against the defaults that stand in for it.
+    fn unreadable(&self, key: &str) -> bool {
+        self.unreadable.contains(key)
     }
 
     /// Every duration is at most 100 years: expiries are added up in milliseconds, and a larger
@@ -396,14 +399,18 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
-        let listen = self.address("listen", raw.listen, "127.0.0.1:8080");
+        let listen = match self.unreadable("listen") {
+            true => None,
+            false => self.address("listen", raw.listen, "127.0.0.1:8080"),
+        };
         let threads = raw.threads.unwrap_or(2);
         if threads == 0 {
             self.error("threads", "must be at least 1");
         }
         let shutdown = raw.shutdown.unwrap_or_default();
         let shutdown = ShutdownSettings {
-            grace: self.duration("shutdown.grace", shutdown.grace, Duration::from_secs(1)),
+            // Zero stops accepting at once.
+            grace: self.duration_or_zero("shutdown.grace", shutdown.grace, Duration::from_secs(1)),
             timeout: self.duration("shutdown.timeout", shutdown.timeout, Duration::from_secs(10)),
         };
         let store = self.store(raw.store.unwrap_or_default());
@@ -421,9 +428,13 @@ impl Validator {
         let orgs = self.orgs(raw.orgs.unwrap_or_default());
         // A route's `identity_jwt` needs the section, not its validity: a broken section has its
         // own errors.
-        let jwt_present = raw.jwt.is_some();
+        let jwt_present = raw.jwt.is_some() || self.unreadable("jwt");
         let jwt = raw.jwt.and_then(|j| self.jwt(j));
-        let identity_jwt_route = raw.routes.iter().flatten().position(|r| r.identity_jwt == Some(true));
+        let identity_jwt_route = raw
+            .routes
+            .iter()
+            .flatten()
+            .position(|r| r.as_ref().is_some_and(|r| r.identity_jwt == Some(true)));
         let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present);
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
@@ -447,7 +458,10 @@ impl Validator {
             self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
         }
         let admin = raw.admin.unwrap_or_default();
-        let admin_listen = self.address("admin.listen", admin.listen, "127.0.0.1:8081");
+        let admin_listen = match self.unreadable("admin") {
+            true => None,
+            false => self.address("admin.listen", admin.listen, "127.0.0.1:8081"),
+        };
         if admin_listen.is_some() && admin_listen == listen {
             self.error("admin.listen", "must differ from `listen`");
         }
@@ -513,9 +527,13 @@ impl Validator {
         if leeway > Duration::from_secs(300) {
             self.error("jwt.leeway", "at most 5m");
         }
-        let default_ttl = self.duration("jwt.default_ttl", raw.default_ttl, Duration::from_secs(15 * 60));
         let max_ttl = self.duration("jwt.max_ttl", raw.max_ttl, Duration::from_secs(3600));
-        if default_ttl > max_ttl {
+        // Not given, the default lifetime is 15 minutes or `max_ttl` if shorter: a short `max_ttl`
+        // alone must not be refused over a key the user never wrote.
+        let given_default = raw.default_ttl.is_some();
+        let default_ttl =
+            self.duration("jwt.default_ttl", raw.default_ttl, Duration::from_secs(15 * 60).min(max_ttl));
+        if given_default && default_ttl > max_ttl {
             self.error("jwt.default_ttl", "must not exceed jwt.max_ttl");
         }
         let upstream_ttl = self.duration("jwt.upstream_ttl", raw.upstream_ttl, Duration::from_secs(60));
@@ -773,7 +791,7 @@ impl Validator {
 
     fn routes(
         &mut self,
-        raw: Vec<RawRoute>,
+        raw: Vec<Option<RawRoute>>,
         orgs: &BTreeMap<String, OrgSettings>,
         policy: &Policy,
         jwt_present: bool,
@@ -785,86 +803,95 @@ impl Validator {
         // Each earlier route's host, prefix in lowercase, index, `case_sensitive` and prefix.
         let mut folded: Vec<(Option<String>, String, usize, bool, String)> = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
+            // A route that could not be read has its error; the others are still checked.
+            let Some(r) = r else { continue };
             let at = |field: &str| format!("routes[{i}].{field}");
             let public = r.auth == Some(RawAuth::None);
+            // Without a usable path the route is not built, but the rest of it is still checked.
             let path_prefix = match r.path {
-                Some(p) if p.starts_with('/') => p,
+                Some(p) if p.starts_with('/') => Some(p),
                 Some(p) => {
                     self.error(at("path"), format!("{p:?} must start with '/'"));
-                    continue;
+                    None
                 }
                 None => {
                     self.error(at("path"), "missing; every route needs a path prefix");
-                    continue;
+                    None
                 }
             };
-            // Requests are routed on paths read both as sent and normalized, and must agree; a
-            // prefix only one reading can match would be unreachable.
-            match route_path(&path_prefix) {
-                Ok(std::borrow::Cow::Borrowed(_)) => {}
-                Ok(normal) => self.error(
-                    at("path"),
-                    format!("{path_prefix:?} is not in normal form; write {normal:?} (no ';', '//' or encoded letters, digits, '-', '_', '~')"),
-                ),
-                Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
-            }
             let host = r.host.map(|h| {
                 normalize_host(&h).unwrap_or_else(|why| {
                     self.error(at("host"), format!("{h:?}: {why}"));
                     h
                 })
             });
-            let path_clash = seen.insert((host.clone(), path_prefix.clone()), i);
-            if let Some(j) = path_clash {
-                let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
-                self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
-            }
-            // Two prefixes that differ only in case, on one host or one for any host (tried on
-            // every host, after the host's own): an upstream that ignores case reads them as one,
-            // and the gateway would refuse every request under the one tried later, unless that
-            // route is `case_sensitive`.
             let case_sensitive = r.case_sensitive.unwrap_or(false);
-            // Compared without a trailing `/`: `/Shop` beside `/shop/` clashes as well.
-            let lower = path_prefix.trim_end_matches('/').to_ascii_lowercase();
-            let clash = folded.iter().find(|(h, p, j, earlier_sensitive, exact)| {
-                let same_hosts = match (h, &host) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => true,
-                };
-                if !same_hosts
-                    || *p != lower
-                    || exact.trim_end_matches('/') == path_prefix.trim_end_matches('/')
-                {
-                    return false;
+            let mut path_clash = None;
+            if let Some(path_prefix) = &path_prefix {
+                // Requests are routed on paths read both as sent and normalized, and must agree; a
+                // prefix only one reading can match would be unreachable.
+                match route_path(path_prefix) {
+                    Ok(std::borrow::Cow::Borrowed(_)) => {}
+                    Ok(normal) => self.error(
+                        at("path"),
+                        format!("{path_prefix:?} is not in normal form; write {normal:?} (no ';', '//' or encoded letters, digits, '-', '_', '~')"),
+                    ),
+                    Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
                 }
-                // The one tried later: a host's routes first, then longer prefixes, then in order.
-                let order = |host: &Option<String>, prefix: &str, index: usize| {
-                    (host.is_none(), std::cmp::Reverse(prefix.len()), index)
-                };
-                let later_sensitive = match order(h, exact, *j) > order(&host, &path_prefix, i) {
-                    true => *earlier_sensitive,
-                    false => case_sensitive,
-                };
-                !later_sensitive
-            });
-            if let Some((_, _, j, _, _)) = clash {
-                self.error(
-                    at("path"),
-                    format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on the routes whose upstreams compare paths exactly"),
-                );
-            }
-            folded.push((host.clone(), lower, i, case_sensitive, path_prefix.clone()));
-            // Names label metrics and logs; a route without one is named by its path.
-            let name = r.name.clone().unwrap_or_else(|| path_prefix.clone());
-            match names.insert(name.clone(), i) {
-                Some(j) if path_clash.is_none() => {
-                    let whose = if r.name.is_some() { "" } else { ", this route's default name (its path)" };
+                path_clash = seen.insert((host.clone(), path_prefix.clone()), i);
+                if let Some(j) = path_clash {
+                    let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
+                    self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
+                }
+                // Two prefixes that differ only in case, on one host or one for any host (tried on
+                // every host, after the host's own): an upstream that ignores case reads them as
+                // one, and the gateway would refuse every request under the one tried later, unless
+                // that route is `case_sensitive`.
+                // Compared without a trailing `/`: `/Shop` beside `/shop/` clashes as well.
+                let lower = path_prefix.trim_end_matches('/').to_ascii_lowercase();
+                let clash = folded.iter().find(|(h, p, j, earlier_sensitive, exact)| {
+                    let same_hosts = match (h, &host) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => true,
+                    };
+                    if !same_hosts
+                        || *p != lower
+                        || exact.trim_end_matches('/') == path_prefix.trim_end_matches('/')
+                    {
+                        return false;
+                    }
+                    // The one tried later: a host's routes first, then longer prefixes, then in order.
+                    let order = |host: &Option<String>, prefix: &str, index: usize| {
+                        (host.is_none(), std::cmp::Reverse(prefix.len()), index)
+                    };
+                    let later_sensitive = match order(h, exact, *j) > order(&host, path_prefix, i) {
+                        true => *earlier_sensitive,
+                        false => case_sensitive,
+                    };
+                    !later_sensitive
+                });
+                if let Some((_, _, j, _, _)) = clash {
                     self.error(
-                        at("name"),
-                        format!("routes[{j}] is already named {name:?}{whose}; names label metrics and logs, so give each route its own"),
+                        at("path"),
+                        format!("{path_prefix:?} differs from routes[{j}].path only in letter case, which upstreams that ignore case read as one path; set `case_sensitive: true` on the routes whose upstreams compare paths exactly"),
                     );
                 }
-                _ => {}
+                folded.push((host.clone(), lower, i, case_sensitive, path_prefix.clone()));
+            }
+            // Names label metrics and logs; a route without one is named by its path.
+            let name = r.name.clone().or_else(|| path_prefix.clone());
+            if let Some(name) = &name {
+                match names.insert(name.clone(), i) {
+                    Some(j) if path_clash.is_none() => {
+                        let whose =
+                            if r.name.is_some() { "" } else { ", this route's default name (its path)" };
+                        self.error(
+                            at("name"),
+                            format!("routes[{j}] is already named {name:?}{whose}; names label metrics and logs, so give each route its own"),
+                        );
+                    }
+                    _ => {}
+                }
             }
             let addresses: Vec<String> = match (r.upstream, r.upstreams) {
                 (Some(one), None) => vec![one],
@@ -898,21 +925,43 @@ impl Validator {
             let (org, project, environment) =
                 self.route_target(i, &r.org, &r.project, &r.environment, orgs, public);
             let mut methods = std::collections::HashMap::new();
-            for (method, perm) in r.permissions.unwrap_or_default() {
+            // Each method's key as written, to name the first when another key means the same.
+            let mut written: HashMap<&str, String> = HashMap::new();
+            for (method, perm) in r.permissions.unwrap_or_default().0 {
                 let path = format!("routes[{i}].permissions.{method}");
-                let Ok(m) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
-                    self.error(path, format!("{method:?} is not an HTTP method"));
+                let known = METHODS.iter().copied().find(|m| m.eq_ignore_ascii_case(&method));
+                let Some((known, m)) =
+                    known.and_then(|k| http::Method::from_bytes(k.as_bytes()).ok().map(|m| (k, m)))
+                else {
+                    self.error(
+                        path,
+                        format!(
+                            "{method:?} is not an HTTP method; use one of {} (in any case)",
+                            METHODS.join(", ")
+                        ),
+                    );
                     continue;
                 };
+                if let Some(first) = written.get(known) {
+                    self.error(
+                        path,
+                        format!("{method:?} is the same method as {first:?}; give each method once"),
+                    );
+                    continue;
+                }
+                written.insert(known, method.clone());
                 if let Some(p) = self.required(&path, &perm, policy) {
                     methods.insert(m, p);
                 }
             }
-            let (Some(read_default), Some(write_default)) =
-                (self.required(&at("path"), "read", policy), self.required(&at("path"), "write", policy))
-            else {
+            let (Some(path_prefix), Some(read_default), Some(write_default)) = (
+                path_prefix,
+                self.required(&at("path"), "read", policy),
+                self.required(&at("path"), "write", policy),
+            ) else {
                 continue;
             };
+            let name = name.unwrap_or_else(|| path_prefix.clone());
             routes.push(Route::new(RouteSpec {
                 name,
                 host,
@@ -937,6 +986,8 @@ impl Validator {
     fn required(&mut self, path: &str, name: &str, policy: &Policy) -> Option<RequiredPermission> {
         match policy.permission(name) {
             Some(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
+            // The permission may be in the roles or scopes that could not be read.
+            None if self.unreadable("roles") || self.unreadable("scopes") => None,
             None => {
                 self.error(path, format!("permission {name:?} is granted by no role"));
                 None
@@ -976,6 +1027,8 @@ impl Validator {
             }
         };
         match orgs.get(&org).map(|o| o.projects.get(&project)) {
+            // The org may be in the `orgs` that could not be read.
+            _ if self.unreadable("orgs") => {}
             None => self.error(at("org"), format!("org {org:?} is not defined under `orgs`")),
             Some(None) => {
                 self.error(at("project"), format!("project {project:?} is not defined in org {org:?}"))

@@ -132,6 +132,118 @@ fn a_type_error_names_its_path() {
 }
 
 #[test]
+fn a_type_error_hides_no_other_error() {
+    let yaml = r#"
+threads: two
+cache: { colour: red, capacity: lots }
+routes:
+  - { path: /a, upstream: "127.0.0.1:1", auth: maybe }
+  - { path: b, upstream: nowhere, auth: none, colour: blue }
+  - { path: /c, upstream: "127.0.0.1:1", auth: none, query_token: sometimes }
+  - { path: /d, upstream: "127.0.0.1:1", auth: none, permissions: { DELET: admin } }
+log: { level: loud, colour: green }
+flavour: vanilla
+"#;
+    check(
+        yaml,
+        &[
+            "threads: invalid type: string \"two\", expected usize at line 2",
+            "cache.colour: unknown field",
+            "cache.capacity: invalid type",
+            "routes[0].auth: unknown variant `maybe`",
+            "routes[1].colour: unknown field",
+            "routes[1].path: \"b\" must start with '/'",
+            "routes[1].upstream: \"nowhere\" is not a reachable host:port",
+            "routes[2].query_token: invalid type",
+            "routes[3].permissions.DELET: \"DELET\" is not an HTTP method",
+            "log.colour: unknown field",
+            "log.level: \"loud\" is not one of",
+            "flavour: unknown field",
+        ],
+    );
+    // Reading one key at a time changes nothing else: a scalar is read as written.
+    check("listen: 8080", &["listen: \"8080\" is not an address"]);
+    assert!(Config::parse("orgs: { acme: { projects: { shop: { environments: [2024] } } } }").is_ok());
+    check("routes: 5", &["routes: invalid type: integer `5`, expected a list of routes"]);
+    check("- listen: x", &["expected a mapping of settings"]);
+    check("listen: [", &["did not find expected node content"]);
+    check("? [a]\n: 1\nthreads: two\n", &["every top-level key must be a name like `listen`"]);
+}
+
+#[test]
+fn a_route_without_a_usable_path_is_still_checked() {
+    check(
+        "routes:\n  - { upstream: nowhere, auth: none, permissions: { DELET: admin } }\n  \
+         - { path: x, upstream: nowhere, auth: none }\n",
+        &[
+            "routes[0].path: missing",
+            "routes[0].upstream: \"nowhere\"",
+            "routes[0].permissions.DELET: \"DELET\" is not an HTTP method",
+            "routes[1].path: \"x\" must start with '/'",
+            "routes[1].upstream: \"nowhere\"",
+        ],
+    );
+}
+
+#[test]
+fn what_refers_to_an_unreadable_section_is_not_checked_against_its_defaults() {
+    // Each has only its own error: the route's org, permission and identity JWT may be in the
+    // section that could not be read, and the default `listen` stands in for nothing.
+    let route = "routes:\n  - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, permissions: { POST: deploy }, identity_jwt: true }\n";
+    let orgs = "orgs: { acme: { projects: { shop: { environments: [production] } } } }\n";
+    let roles = "roles: { editor: [read, write, deploy] }\n";
+    check(
+        &format!("orgs: {{ acme: {{ projects: {{ shop: {{ environments: production }} }} }} }}\n{roles}jwt: 5\n{route}"),
+        &["orgs.acme.projects.shop.environments: invalid type", "jwt: invalid type"],
+    );
+    check(
+        &format!("{orgs}roles: {{ editor: deploy }}\n{route}"),
+        &["roles.editor: invalid type", "routes[0].identity_jwt: needs a `jwt` section"],
+    );
+    check("listen: [1]\nadmin: { listen: '127.0.0.1:8080' }\n", &["listen: invalid type"]);
+}
+
+#[test]
+fn permissions_name_standard_and_webdav_methods_each_once() {
+    let route = |permissions: &str| {
+        format!("routes:\n  - {{ path: /a, upstream: '127.0.0.1:1', auth: none, permissions: {{ {permissions} }} }}\n")
+    };
+    check(
+        &route("DELET: admin"),
+        &["routes[0].permissions.DELET: \"DELET\" is not an HTTP method; use one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK, REPORT, MKCALENDAR, SEARCH (in any case)"],
+    );
+    check(&route("BREW: admin"), &["routes[0].permissions.BREW: \"BREW\" is not an HTTP method"]);
+    // The later of two keys is named, in file order (a sorted map would name `get`).
+    check(
+        &route("get: read, GET: admin"),
+        &["routes[0].permissions.GET: \"GET\" is the same method as \"get\"; give each method once"],
+    );
+    check(
+        &route("Post: admin, POST: admin, post: admin"),
+        &[
+            "routes[0].permissions.POST: \"POST\" is the same method as \"Post\"",
+            "routes[0].permissions.post: \"post\" is the same method as \"Post\"",
+        ],
+    );
+    let c = Config::parse(&route("delete: admin, Propfind: admin, MKCOL: admin, search: read")).unwrap();
+    let r = c.routes.route(None, "/a").unwrap().unwrap();
+    for (method, want) in
+        [("DELETE", "admin"), ("PROPFIND", "admin"), ("MKCOL", "admin"), ("SEARCH", "read"), ("PUT", "write")]
+    {
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        assert_eq!(r.required_permission(&method).name, want, "{method}");
+    }
+}
+
+#[test]
+fn a_shutdown_grace_of_zero_stops_accepting_at_once() {
+    let c = Config::parse("shutdown: { grace: 0s }").unwrap();
+    assert_eq!(c.shutdown.grace, Duration::ZERO);
+    check("shutdown: { grace: soon }", &["shutdown.grace: not a duration"]);
+    check("shutdown: { timeout: 0s }", &["shutdown.timeout: must be greater than zero"]);
+}
+
+#[test]
 fn the_redis_password_is_redacted_in_debug() {
     let c = Config::parse("store: { redis: { url: 'redis://:hunter2@127.0.0.1:6379' } }").unwrap();
     let shown = format!("{:?}", c.store);
@@ -147,12 +259,21 @@ fn jwt_keys_load_and_every_error_is_named() {
         format!("jwt:\n  signing_key: k1\n  keys:\n    - {{ kid: k1, key_file: '{}' }}\n", key.display());
     let c = Config::parse(&good).unwrap();
     let jwt = c.jwt.unwrap();
+    assert_eq!(jwt.default_ttl, Duration::from_secs(15 * 60));
     assert_eq!(jwt.signing_key().kid, "k1");
     assert_eq!(jwt.signing_key().algorithm, jsonwebtoken::Algorithm::EdDSA, "EdDSA by default");
     assert_eq!((jwt.leeway, jwt.max_ttl), (Duration::from_secs(5), Duration::from_secs(3600)));
     check(
         "routes:\n  - { path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }\n",
         &["routes[0].identity_jwt: needs a `jwt` section", "routes[0].identity_jwt: a public route"],
+    );
+    // Without `default_ttl`, a `max_ttl` under 15 minutes is the default lifetime too.
+    let short = good.replace("jwt:\n", "jwt:\n  max_ttl: 10m\n");
+    let jwt = Config::parse(&short).unwrap().jwt.unwrap();
+    assert_eq!((jwt.default_ttl, jwt.max_ttl), (Duration::from_secs(600), Duration::from_secs(600)));
+    check(
+        &good.replace("jwt:\n", "jwt:\n  max_ttl: 10m\n  default_ttl: 11m\n"),
+        &["jwt.default_ttl: must not exceed jwt.max_ttl"],
     );
 
     let bad = format!(
