@@ -55,6 +55,31 @@ impl BackgroundService for LastUseFlusher {
 struct ConfigWatcher {
     path: PathBuf,
     config: Arc<ArcSwap<Config>>,
+    /// The config the process started with: what the settings read once at start still are.
+    started: Arc<Config>,
+    /// Trims the audit log to the reloaded `audit.max_entries`.
+    store: store::Store,
+}
+
+/// The settings read once at start that differ in `new`: they apply only after a restart.
+fn needs_restart(started: &Config, new: &Config) -> Vec<&'static str> {
+    [
+        ("listen", started.listen != new.listen),
+        ("admin.listen", started.admin.listen != new.admin.listen),
+        ("admin.last_use_flush", started.admin.last_use_flush != new.admin.last_use_flush),
+        ("threads", started.threads != new.threads),
+        // The real settings, password included: the redacted `Debug` would hide a changed one.
+        ("store", started.store != new.store),
+        ("cache", started.cache != new.cache),
+        ("argon2.max_concurrency", started.argon2.max_concurrency != new.argon2.max_concurrency),
+        ("argon2.max_wait", started.argon2.max_wait != new.argon2.max_wait),
+        ("shutdown.grace", started.shutdown.grace != new.shutdown.grace),
+        ("shutdown.timeout", started.shutdown.timeout != new.shutdown.timeout),
+        ("log.level", started.log_level != new.log_level),
+    ]
+    .into_iter()
+    .filter_map(|(field, changed)| changed.then_some(field))
+    .collect()
 }
 
 /// How often the config file is checked for changes. A change is applied once the file has held
@@ -67,42 +92,41 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 }
 
 impl ConfigWatcher {
-    fn reload(&self, why: &str) {
+    /// Applies the file if it is valid; returns the settings it changed that need a restart (each
+    /// also logged).
+    fn reload(&self, why: &str) -> Vec<&'static str> {
         // Read once: what is checked is what is applied.
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
-                return tracing::error!(path = %self.path.display(), why, error = %e, "config reload refused: the file cannot be read; the running config stays")
+                tracing::error!(path = %self.path.display(), why, error = %e, "config reload refused: the file cannot be read; the running config stays");
+                return Vec::new();
             }
         };
-        // A file with no settings is a valid config with no routes; on a reload it is a file being
-        // written (or a mistake), never a wish to refuse every request.
-        if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-            return tracing::error!(
+        // A file with no settings (empty, only comments, `---`, `{}`, `null`) is a valid config
+        // with no routes; on a reload it is a file being written (or a mistake), never a wish to
+        // refuse every request.
+        if crate::config::sets_nothing(&text) {
+            tracing::error!(
                 path = %self.path.display(),
                 why,
-                "config reload refused: the file is empty; the running config stays"
+                "config reload refused: the file sets nothing (empty, only comments, `{{}}` or `null`); the running config stays"
             );
+            return Vec::new();
         }
         match Config::parse(&text) {
             Ok(new) => {
-                let old = self.config.load();
-                for (field, changed) in [
-                    ("listen", old.listen != new.listen),
-                    ("admin.listen", old.admin.listen != new.admin.listen),
-                    ("threads", old.threads != new.threads),
-                    ("store", format!("{:?}", old.store) != format!("{:?}", new.store)),
-                    ("cache", old.cache != new.cache),
-                    ("argon2.max_concurrency", old.argon2.max_concurrency != new.argon2.max_concurrency),
-                    ("argon2.max_wait", old.argon2.max_wait != new.argon2.max_wait),
-                ] {
-                    if changed {
-                        tracing::warn!(field, "this setting changed but applies only after a restart");
-                    }
+                // Compared with what runs, not with the last file: a setting put back is no
+                // change, and one still changed is still reported on every reload.
+                let restart = needs_restart(&self.started, &new);
+                for field in &restart {
+                    tracing::warn!(field, "this setting changed but applies only after a restart");
                 }
+                self.store.set_audit_max(new.audit_max);
                 let routes = new.routes.iter().count();
                 self.config.store(Arc::new(new));
                 tracing::info!(path = %self.path.display(), why, routes, "config reloaded");
+                restart
             }
             Err(e) => {
                 let errors: Vec<String> =
@@ -113,6 +137,7 @@ impl ConfigWatcher {
                     errors = ?errors,
                     "config reload refused; the running config stays"
                 );
+                Vec::new()
             }
         }
     }
@@ -308,10 +333,78 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     };
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
     server.add_service(background_service("last-use flusher", flusher));
-    let watcher = ConfigWatcher { path: path.to_path_buf(), config: watched };
+    let started = watched.load_full();
+    let watcher = ConfigWatcher { path: path.to_path_buf(), config: watched, started, store: store.clone() };
     server.add_service(background_service("config watcher", watcher));
 
     tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
     server.run(RunArgs { shutdown_signal: Box::new(shutdown) });
     std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watcher(dir: &Path, started: &str) -> ConfigWatcher {
+        let started = Arc::new(Config::parse(started).unwrap());
+        let backend = Arc::new(store::memory::MemoryBackend::default());
+        ConfigWatcher {
+            path: dir.join("tollgate.yaml"),
+            config: Arc::new(ArcSwap::new(started.clone())),
+            started,
+            store: store::Store::new(backend, std::time::Duration::from_millis(500)),
+        }
+    }
+
+    #[test]
+    fn a_reload_names_each_setting_that_differs_from_what_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher(dir.path(), "threads: 2\n");
+        let reload = |text: &str| {
+            std::fs::write(&w.path, text).unwrap();
+            w.reload("test")
+        };
+        assert_eq!(reload("threads: 3\n"), ["threads"]);
+        // Still changed on the next reload, and no change once put back.
+        assert_eq!(reload("threads: 3\nlog: { access: false }\n"), ["threads"]);
+        assert_eq!(reload("threads: 2\n"), Vec::<&str>::new());
+        assert_eq!(
+            reload(
+                "shutdown: { grace: 0s, timeout: 1s }\nadmin: { last_use_flush: 1s }\nlog: { level: debug }\n"
+            ),
+            ["admin.last_use_flush", "shutdown.grace", "shutdown.timeout", "log.level"]
+        );
+    }
+
+    #[test]
+    fn a_changed_redis_password_needs_a_restart() {
+        let redis = |password: &str| {
+            Config::parse(&format!("store: {{ redis: {{ url: 'redis://:{password}@127.0.0.1:6379' }} }}"))
+                .unwrap()
+        };
+        assert_eq!(needs_restart(&redis("old"), &redis("new")), ["store"]);
+        assert!(needs_restart(&redis("old"), &redis("old")).is_empty());
+    }
+
+    #[test]
+    fn a_reload_that_sets_nothing_keeps_the_running_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher(dir.path(), "threads: 3\n");
+        for text in ["", "# soon\n", "---\n", "{}\n", "null\n"] {
+            std::fs::write(&w.path, text).unwrap();
+            w.reload("test");
+            assert_eq!(w.config.load().threads, 3, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_reloaded_audit_max_trims_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher(dir.path(), "audit: { max_entries: 10 }\n");
+        let running = w.store.clone().with_audit_max(10);
+        std::fs::write(&w.path, "audit: { max_entries: 3 }\n").unwrap();
+        w.reload("test");
+        assert_eq!((w.config.load().audit_max, running.audit_max()), (3, 3));
+    }
 }

@@ -63,7 +63,7 @@ impl ConfigError {
 }
 
 /// Where tokens are kept.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct StoreSettings {
     /// Redis, if configured; otherwise the embedded store.
     pub redis: Option<RedisSettings>,
@@ -77,7 +77,7 @@ pub struct StoreSettings {
 pub const DEFAULT_EMBEDDED_PATH: &str = "tollgate-data/tollgate.redb";
 
 /// Redis connection settings. The URL may hold a password, so `Debug` redacts it.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct RedisSettings {
     /// `redis://[:password@]host:port[/db]`.
     pub url: String,
@@ -304,6 +304,16 @@ impl Config {
             Some(c) if v.issues.is_empty() => Ok(c),
             _ => Err(ConfigError { issues: v.issues }),
         }
+    }
+}
+
+/// Whether config text sets nothing: empty, only comments, or a document that is null or an empty
+/// mapping (`---`, `null`, `{}`). Such a file is a valid config with every default and no routes.
+pub fn sets_nothing(text: &str) -> bool {
+    match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(serde_yaml::Value::Null) => true,
+        Ok(serde_yaml::Value::Mapping(m)) => m.is_empty(),
+        _ => false,
     }
 }
 

@@ -244,6 +244,18 @@ fn a_shutdown_grace_of_zero_stops_accepting_at_once() {
 }
 
 #[test]
+fn files_that_set_nothing_are_known() {
+    for text in ["", "\n", "# only a comment\n", "---", "--- # c\n...\n", "{}", "null", "~\n"] {
+        assert!(sets_nothing(text), "{text:?}");
+        // At start such a file is the default config.
+        assert_eq!(Config::parse(text).unwrap().routes.iter().count(), 0, "{text:?}");
+    }
+    for text in ["threads: 2", "routes: []", "[]", "listen: [", "x"] {
+        assert!(!sets_nothing(text), "{text:?}");
+    }
+}
+
+#[test]
 fn the_redis_password_is_redacted_in_debug() {
     let c = Config::parse("store: { redis: { url: 'redis://:hunter2@127.0.0.1:6379' } }").unwrap();
     let shown = format!("{:?}", c.store);

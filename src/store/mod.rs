@@ -268,7 +268,8 @@ const READ_CHUNK: usize = 500;
 pub struct Store {
     backend: Arc<dyn Backend>,
     timeout: Duration,
-    audit_max: usize,
+    /// Audit entries kept per org; shared by every clone, so that a reload changes it for all.
+    audit_max: Arc<std::sync::atomic::AtomicUsize>,
     listener: Arc<std::sync::OnceLock<std::sync::Weak<dyn CommitListener>>>,
     stats: StoreStats,
 }
@@ -386,7 +387,7 @@ impl Store {
         Store {
             backend,
             timeout,
-            audit_max: DEFAULT_AUDIT_MAX,
+            audit_max: Arc::new(std::sync::atomic::AtomicUsize::new(DEFAULT_AUDIT_MAX)),
             listener: Arc::default(),
             stats: StoreStats::default(),
         }
@@ -398,9 +399,20 @@ impl Store {
     }
 
     /// Keeps at most `max` audit entries per org.
-    pub fn with_audit_max(mut self, max: usize) -> Store {
-        self.audit_max = max.max(1);
+    pub fn with_audit_max(self, max: usize) -> Store {
+        self.set_audit_max(max);
         self
+    }
+
+    /// Keeps at most `max` audit entries per org from the next write on, in this store and every
+    /// clone of it (a reloaded `audit.max_entries`).
+    pub fn set_audit_max(&self, max: usize) {
+        self.audit_max.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Audit entries kept per org.
+    pub fn audit_max(&self) -> usize {
+        self.audit_max.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The backend's description.
@@ -575,7 +587,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         self.add_first(&mut b, first)?;
         let email_key = user_email_key(&user.org, &user.email);
@@ -596,7 +608,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.expect(user_key(&before.id), before);
         b.acting(actor);
         b.put(user_key(&user.id), user)?;
@@ -614,7 +626,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         self.add_first(&mut b, first)?;
         let name_key = service_name_key(&service.org, &service.name);
@@ -636,7 +648,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         // As read: a rename in between would otherwise leave its new name taken forever.
         b.expect(service_key(&service.id), service);
@@ -658,7 +670,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         add_token(&mut b, token)?;
         self.commit(b).await
@@ -667,7 +679,7 @@ impl Store {
     /// A first token (and its audit entry) into the change that creates its owner.
     fn add_first(&self, b: &mut Batch, first: Option<FirstToken<'_>>) -> Result<(), StoreError> {
         if let Some(first) = first {
-            b.audit(first.audit, self.audit_max)?;
+            b.audit(first.audit, self.audit_max())?;
             add_token(b, first.token)?;
         }
         Ok(())
@@ -682,7 +694,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         b.expect(token_key(&before.id), before);
         b.put(token_key(&token.id), token)?;
@@ -712,7 +724,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.acting(actor);
         b.expect(service_key(&before.id), before);
         let old_name = before.name.as_str();
@@ -736,7 +748,7 @@ impl Store {
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(audit, self.audit_max)?;
+        b.audit(audit, self.audit_max())?;
         b.expect(user_key(&user.id), user);
         b.acting(actor);
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
@@ -762,7 +774,7 @@ impl Store {
         let mut b = Batch::default();
         b.acting(actor);
         for entry in audit {
-            b.audit(entry, self.audit_max)?;
+            b.audit(entry, self.audit_max())?;
         }
         b.expect(token_key(&before.id), before);
         b.absent.push(token_key(&new.id));
@@ -792,7 +804,7 @@ impl Store {
     /// ephemeral credential).
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut b = Batch::default();
-        b.audit(Some(audit), self.audit_max)?;
+        b.audit(Some(audit), self.audit_max())?;
         self.commit(b).await
     }
 

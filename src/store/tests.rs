@@ -361,3 +361,34 @@ async fn a_late_flush_never_moves_a_last_use_back_on_every_backend() {
         assert_eq!(s.last_use(&id).await.unwrap().map(|l| l.at), Some(300));
     }
 }
+
+#[tokio::test]
+async fn a_changed_audit_max_trims_from_the_next_write_in_every_clone() {
+    // The reload applies `audit.max_entries` to its own clone of the store; the admin API writes
+    // through another, and must trim to the same bound its reads use.
+    let s = Store::new(Arc::new(MemoryBackend::default()), Duration::from_millis(500)).with_audit_max(10);
+    let reloaded = s.clone();
+    let svc = lifecycle::create_service(&s, "acme", "etl", None, BTreeMap::new(), Attributes::new(), None)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        if i == 4 {
+            reloaded.set_audit_max(2);
+        }
+        let event = AuditEvent {
+            at: i,
+            org: "acme".into(),
+            actor: "user:u_1".into(),
+            action: format!("step.{i}"),
+            target: "service:etl".into(),
+            token_id: None,
+            reason: None,
+            details: serde_json::Value::Null,
+        };
+        let read = s.get_service(&svc.id).await.unwrap().unwrap();
+        s.update_service(&read, &svc, Some(&event), None).await.unwrap();
+    }
+    let actions: Vec<String> =
+        s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
+    assert_eq!(actions, ["step.4", "step.3"]);
+}

@@ -170,7 +170,7 @@ async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs()
 
     // An emptied file (as an editor leaves it before writing, or by mistake) is a valid config
     // with no routes, but never applied by a reload: every route keeps answering.
-    let empty = "config reload refused: the file is empty";
+    let empty = "config reload refused: the file sets nothing";
     std::fs::write(&w.gateway.config_path, "").unwrap();
     let refused = eventually(std::time::Duration::from_secs(5), || async {
         w.gateway.log_text().matches(empty).count() == 1
