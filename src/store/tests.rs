@@ -190,6 +190,22 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
     }
 }
 
+/// An unchanged write of `svc` with the audit entry `step.<i>`.
+async fn audited_step(s: &Store, svc: &Service, i: Millis) {
+    let event = AuditEvent {
+        at: i,
+        org: "acme".into(),
+        actor: "user:u_1".into(),
+        action: format!("step.{i}"),
+        target: "service:etl".into(),
+        token_id: None,
+        reason: None,
+        details: serde_json::Value::Null,
+    };
+    let read = s.get_service(&svc.id).await.unwrap().unwrap();
+    s.update_service(&read, svc, Some(&event), None).await.unwrap();
+}
+
 #[tokio::test]
 async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
     for (s, _guard) in stores() {
@@ -206,18 +222,7 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
         .await
         .unwrap();
         for i in 0..5 {
-            let event = AuditEvent {
-                at: i,
-                org: "acme".into(),
-                actor: "user:u_1".into(),
-                action: format!("step.{i}"),
-                target: "service:etl".into(),
-                token_id: None,
-                reason: None,
-                details: serde_json::Value::Null,
-            };
-            let read = s.get_service(&svc.id).await.unwrap().unwrap();
-            s.update_service(&read, &svc, Some(&event), None).await.unwrap();
+            audited_step(&s, &svc, i).await;
         }
         let actions: Vec<String> =
             s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
@@ -375,18 +380,7 @@ async fn a_changed_audit_max_trims_from_the_next_write_in_every_clone() {
         if i == 4 {
             reloaded.set_audit_max(2);
         }
-        let event = AuditEvent {
-            at: i,
-            org: "acme".into(),
-            actor: "user:u_1".into(),
-            action: format!("step.{i}"),
-            target: "service:etl".into(),
-            token_id: None,
-            reason: None,
-            details: serde_json::Value::Null,
-        };
-        let read = s.get_service(&svc.id).await.unwrap().unwrap();
-        s.update_service(&read, &svc, Some(&event), None).await.unwrap();
+        audited_step(&s, &svc, i).await;
     }
     let actions: Vec<String> =
         s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();

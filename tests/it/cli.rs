@@ -243,12 +243,7 @@ async fn tls_terminator(backend: String, dir: &std::path::Path) -> (u16, std::pa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reaches_an_admin_api_behind_tls() {
     let w = World::start().await;
-    tollgate::lifecycle::ensure_org(&w.store, "acme").await.unwrap();
-    let (_, admin) =
-        tollgate::lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io")
-            .await
-            .unwrap();
-    remember_secret(&admin.token);
+    let admin = w.bootstrap_admin("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let backend = w.gateway.admin_url().trim_start_matches("http://").to_string();
     let (port, cert) = tls_terminator(backend, dir.path()).await;

@@ -11,7 +11,7 @@ use jwt_compact::alg::Ed25519;
 use jwt_compact::jwk::JsonWebKey;
 use jwt_compact::{AlgorithmExt, Claims, UntrustedToken};
 use serde_json::{json, Value};
-use tollgate::lifecycle::{self, TokenSpec};
+use tollgate::lifecycle::TokenSpec;
 use tollgate::policy::Role;
 use tollgate::store::Scope;
 
@@ -365,11 +365,7 @@ async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_
     let keys = JwtKeys::generate();
     let w = World::start_jwt(&keys).await;
     let second = w.jwt_gateway(&keys);
-    lifecycle::ensure_org(&w.store, "acme").await.unwrap();
-    let (_, admin) =
-        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io").await.unwrap();
-    remember_secret(&admin.token);
-    let admin = Cli::new(&w.gateway, &admin.token);
+    let admin = w.bootstrap_admin("acme").await;
 
     let (_, token_a) = w.service("acme", "svc-a", &[("shop", Role::Viewer)], TokenSpec::default()).await;
     let (_, token_b) = w.service("acme", "svc-b", &[("shop", Role::Viewer)], TokenSpec::default()).await;
@@ -412,11 +408,7 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
     let keys = JwtKeys::generate();
     let w = World::start_jwt(&keys).await;
     let second = w.jwt_gateway(&keys);
-    lifecycle::ensure_org(&w.store, "acme").await.unwrap();
-    let (_, admin) =
-        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), "acme", "admin@acme.io").await.unwrap();
-    remember_secret(&admin.token);
-    let admin = Cli::new(&w.gateway, &admin.token);
+    let admin = w.bootstrap_admin("acme").await;
     let (_, token) = w.service("acme", "svc", &[("shop", Role::Viewer)], TokenSpec::default()).await;
     w.user("acme", "ann@acme.io", Role::Viewer, json!({"team": "red"})).await;
     let for_ann = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "ann@acme.io"})).await;

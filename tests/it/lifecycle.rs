@@ -3,20 +3,13 @@
 
 use std::time::Duration;
 
-use tollgate::lifecycle;
 use tollgate::store::format_millis;
 
 use crate::support::*;
 
 /// The org's first admin (bootstrapped through the library) and a CLI acting as them.
 async fn admin(w: &mut World, org: &str) -> Cli {
-    lifecycle::ensure_org(&w.store, org).await.unwrap();
-    let (_, token) =
-        lifecycle::bootstrap(&w.store, ARGON2, &Default::default(), org, &format!("admin@{org}.io"))
-            .await
-            .unwrap();
-    remember_secret(&token.token);
-    Cli::new(&w.gateway, &token.token)
+    w.bootstrap_admin(org).await
 }
 
 /// Adds a user through the CLI and returns a CLI acting as them.

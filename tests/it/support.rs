@@ -364,6 +364,17 @@ pub struct World {
 }
 
 impl World {
+    /// The first admin of `org` (`admin@<org>.io`, made by `bootstrap`), as a CLI user.
+    pub async fn bootstrap_admin(&self, org: &str) -> Cli {
+        lifecycle::ensure_org(&self.store, org).await.unwrap();
+        let (_, token) =
+            lifecycle::bootstrap(&self.store, ARGON2, &Default::default(), org, &format!("admin@{org}.io"))
+                .await
+                .unwrap();
+        remember_secret(&token.token);
+        Cli::new(&self.gateway, &token.token)
+    }
+
     pub async fn start() -> World {
         World::start_with(Gateway::start).await
     }
