@@ -76,7 +76,7 @@ impl FromRequestParts<AdminState> for Caller {
 /// Where [`Caller`] leaves the `Deprecation` and `Sunset` headers of a token in a rotation's
 /// grace, for the layer that adds them to whatever the call answers.
 #[derive(Clone, Default)]
-struct DeprecationSlot(Arc<std::sync::OnceLock<[(http::HeaderName, http::HeaderValue); 2]>>);
+struct DeprecationSlot(Arc<std::sync::OnceLock<Box<crate::proxy::headers::Deprecation>>>);
 
 /// Adds the calling token's deprecation headers, if any, to the response.
 async fn deprecation_headers(mut req: Request, next: axum::middleware::Next) -> Response {

@@ -424,7 +424,7 @@ static SUNSET: HeaderName = HeaderName::from_static("sunset");
 /// The headers every response to a token in a rotation's grace carries, proxied, refused or from
 /// the admin API: `Deprecation: @<start of grace>` (RFC 9745) and `Sunset: <HTTP-date>` (RFC 8594)
 /// of when it stops working, the end of grace or its own expiry if that comes first.
-pub fn deprecation(principal: &crate::auth::Principal) -> Option<[(HeaderName, HeaderValue); 2]> {
+pub fn deprecation(principal: &crate::auth::Principal) -> Option<Box<Deprecation>> {
     if !principal.deprecated() {
         return None;
     }
@@ -435,8 +435,12 @@ pub fn deprecation(principal: &crate::auth::Principal) -> Option<[(HeaderName, H
     let end = std::time::UNIX_EPOCH + std::time::Duration::from_millis(end.max(0) as u64);
     let since = HeaderValue::from_str(&format!("@{since}")).ok()?;
     let end = HeaderValue::from_str(&httpdate::fmt_http_date(end)).ok()?;
-    Some([(DEPRECATION.clone(), since), (SUNSET.clone(), end)])
+    Some(Box::new([(DEPRECATION.clone(), since), (SUNSET.clone(), end)]))
 }
+
+/// The `Deprecation` and `Sunset` headers (boxed where kept: seldom there, and the request
+/// context moves on every request).
+pub type Deprecation = [(HeaderName, HeaderValue); 2];
 
 pub fn value(text: impl AsRef<str>) -> pingora::Result<HeaderValue> {
     HeaderValue::from_str(text.as_ref()).map_err(|_| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -45,7 +45,7 @@ pub struct RequestCtx {
     permit: Option<Permit>,
     rejection: Option<Rejection>,
     /// A token in a rotation's grace: the headers that say so, on any answer.
-    deprecation: Option<[(HeaderName, HeaderValue); 2]>,
+    deprecation: Option<Box<headers::Deprecation>>,
 }
 
 impl Gateway {
@@ -243,7 +243,7 @@ impl ProxyHttp for Gateway {
                 // must still count and log the request as refused, never as allowed.
                 let rejection = ctx.rejection.insert(rejection);
                 let id = id_text(&ctx.request_id);
-                let extra = ctx.deprecation.as_ref().map_or(&[][..], |d| &d[..]);
+                let extra = ctx.deprecation.as_deref().map_or(&[][..], |d| &d[..]);
                 rejection.send(session, id, config.identity.request_id_header.as_str(), extra).await?;
                 Ok(true)
             }
@@ -288,7 +288,7 @@ impl ProxyHttp for Gateway {
         let keep_case = ctx.route.as_ref().is_some_and(|r| r.preserve_header_case);
         headers::edit_response(response, keep_case, |response| {
             response.insert(&config.identity.request_id_header, &ctx.request_id)?;
-            if let Some(deprecation) = &ctx.deprecation {
+            if let Some(deprecation) = ctx.deprecation.as_deref() {
                 response.reserve(deprecation.len());
                 for (name, value) in deprecation {
                     response.insert(name, value)?;
