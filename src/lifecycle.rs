@@ -117,6 +117,24 @@ impl Actor {
         }
     }
 
+    /// The roles this caller can hand on: each of its roles, lowered until its token's scope
+    /// covers every permission of the role (an admin whose token is scoped `read-write` grants
+    /// no more than what `read-write` covers).
+    fn grantable_roles(&self, config: &Config) -> RoleSet {
+        let cap = |role: Role| {
+            let held = self.permissions_for(config, role);
+            Role::ALL
+                .into_iter()
+                .rev()
+                .find(|r| *r <= role && held.contains(config.policy.role_permissions(*r)))
+                .unwrap_or(Role::Guest)
+        };
+        RoleSet {
+            org: cap(self.roles.org),
+            projects: self.roles.projects.iter().map(|(p, r)| (p.clone(), cap(*r))).collect(),
+        }
+    }
+
     fn may(&self, config: &Config, permission: &str) -> bool {
         config.policy.permission(permission).is_some_and(|bit| self.org_permissions(config).contains(bit))
     }
@@ -243,7 +261,7 @@ pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
             // `decided_at` was kept, gave the reason below), not by a revocation during the
             // grace, which stops it at once.
             let by_rotation = r.decided_at.is_some()
-                || r.reason.as_deref().is_some_and(|why| why.starts_with("rotated to "));
+                || r.reason.as_deref().is_some_and(|why| why.starts_with(crate::store::ROTATED_TO));
             if t.rotated_to.is_some() && by_rotation {
                 "rotated"
             } else {
@@ -296,6 +314,16 @@ fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) 
     audit.token_id = Some(record.id.to_string());
     audit.details = details;
     audit
+}
+
+/// An admin service may not demote or delete itself, as an admin may not (an org keeps an admin).
+fn not_itself(actor: &Actor, s: &Service, what: &str) -> Result<()> {
+    match &actor.service_id {
+        Some(id) if *id == s.id => {
+            Err(LifecycleError::Forbidden(format!("a service may not {what}; an org admin does that")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The expiry of a token made without anyone choosing one (a service's, a new user's first, the
@@ -815,7 +843,7 @@ impl<'a> Lifecycle<'a> {
         old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,
             decided_at: Some(now),
-            reason: Some(format!("rotated to {}", record.id)),
+            reason: Some(format!("{}{}", crate::store::ROTATED_TO, record.id)),
             by: Some(actor.subject.clone()),
         }));
         old.rotated_to = Some(record.id.clone());
@@ -921,9 +949,18 @@ impl<'a> Lifecycle<'a> {
     async fn acting(&self, actor: &Actor) -> Result<Option<Acting>> {
         let Some(acting) = self.acting_owner(actor).await? else { return Ok(None) };
         let Some(id) = &actor.token_id else { return Ok(Some(acting)) };
-        // The calling token too: one revoked while the call was decided changes nothing.
+        // The calling token too: one revoked while the call was decided changes nothing. And one
+        // in its rotation's grace changes nothing at all: the grace keeps clients working while
+        // they move to the new token, it is no licence to manage tokens (a leaked old token could
+        // otherwise revoke or rotate away its own replacement).
         let now = now_millis();
         match self.store.get_token(id).await? {
+            Some(token) if token.revoked.is_some() && !token.is_revoked(now) => {
+                Err(LifecycleError::Forbidden(
+                    "the token you called with was rotated: it still reads, but changes need its replacement"
+                        .into(),
+                ))
+            }
             Some(token) if !token.is_revoked(now) && !token.is_expired(now) => {
                 Ok(Some(Acting::Through(Box::new(acting), token)))
             }
@@ -1074,7 +1111,7 @@ impl<'a> Lifecycle<'a> {
     /// The roles a service may have: never above its creator's at creation, nor the actor's now.
     fn check_service_roles(&self, actor: &Actor, s: &Service) -> Result<()> {
         self.check_roles(&s.org, &s.project_roles)?;
-        let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
+        let caps = [s.creator_roles.clone(), Some(actor.grantable_roles(self.config))];
         for cap in caps.iter().flatten() {
             if let Some(role) = s.org_role.filter(|r| *r > cap.org) {
                 return Err(LifecycleError::Forbidden(format!(
@@ -1125,7 +1162,7 @@ impl<'a> Lifecycle<'a> {
             project_roles: req.project_roles,
             attributes: req.attributes,
             created_by: Some(creator),
-            creator_roles: Some(actor.roles.clone()),
+            creator_roles: Some(actor.grantable_roles(self.config)),
             created_at: now_millis(),
         };
         self.check_service_roles(actor, &service)?;
@@ -1150,6 +1187,19 @@ impl<'a> Lifecycle<'a> {
             .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
         let issued = self.issued(new, &record).await;
         Ok((service, issued))
+    }
+
+    /// A service to manage: only callers who could manage some service learn whether it exists.
+    async fn managed_service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Stored<Service>> {
+        actor.require_org(org)?;
+        if actor.require_admin(self.config).is_err()
+            && !(actor.user_id.is_some() && actor.may(self.config, "write"))
+        {
+            return Err(LifecycleError::Forbidden(
+                "only org admins and the service's creator manage it".into(),
+            ));
+        }
+        self.service_in(actor, org, name).await
     }
 
     async fn service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Stored<Service>> {
@@ -1190,7 +1240,7 @@ impl<'a> Lifecycle<'a> {
         new_name: Option<String>,
         attributes: Option<Attributes>,
     ) -> Result<Service> {
-        let before = self.service_in(actor, org, name).await?;
+        let before = self.managed_service_in(actor, org, name).await?;
         let mut s = (*before).clone();
         self.may_manage_service(actor, &s)?;
         if new_name.is_none() && attributes.is_none() {
@@ -1224,9 +1274,10 @@ impl<'a> Lifecycle<'a> {
         name: &str,
         change: RoleChange,
     ) -> Result<Service> {
-        let before = self.service_in(actor, org, name).await?;
+        let before = self.managed_service_in(actor, org, name).await?;
         let mut s = (*before).clone();
         self.may_manage_service(actor, &s)?;
+        not_itself(actor, &s, "change its own role")?;
         let mut org_role = s.org_role.unwrap_or(Role::Guest);
         let had_org_role = s.org_role.is_some();
         change.apply(&mut org_role, &mut s.project_roles)?;
@@ -1240,8 +1291,9 @@ impl<'a> Lifecycle<'a> {
 
     /// Deletes a service; its tokens (and anything they minted) stop at once.
     pub async fn delete_service(&self, actor: &Actor, org: &str, name: &str) -> Result<()> {
-        let s = self.service_in(actor, org, name).await?;
+        let s = self.managed_service_in(actor, org, name).await?;
         self.may_manage_service(actor, &s)?;
+        not_itself(actor, &s, "delete itself")?;
         let tokens = self.revoked_tokens_of(&Owner::Service(s.id.clone()), actor, "service deleted").await?;
         let mut audit = actor.audit("service.delete", format!("service:{name}"));
         audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });

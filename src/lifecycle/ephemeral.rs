@@ -7,7 +7,7 @@ use super::{check_attributes, check_email, Actor, Lifecycle, LifecycleError, Res
 use crate::jwt::{EphemeralClaims, EPHEMERAL, MAX_JWT_LEN};
 use crate::policy::PermSet;
 use crate::proxy::headers::is_header_text;
-use crate::store::{format_millis, now_millis, Attributes, UserStatus};
+use crate::store::{format_millis, now_millis, Attributes, Stored, User, UserStatus};
 use crate::token;
 
 /// What a service asks for.
@@ -65,6 +65,17 @@ fn header_text(what: &str, value: &str) -> Result<()> {
 }
 
 impl Lifecycle<'_> {
+    /// The org's user with `email`, if any: credentials minted for them carry their id, so that
+    /// suspension stops everything done on their behalf, now (refused here) and on every use.
+    async fn org_user(&self, org: &str, email: &str) -> Result<Option<User>> {
+        match self.store.find_user_by_email(org, email).await? {
+            Some(user) if user.status != UserStatus::Active => {
+                Err(LifecycleError::Forbidden(format!("user {email} is suspended")))
+            }
+            user => Ok(user.map(Stored::into_inner)),
+        }
+    }
+
     /// Mints an ephemeral credential for an end user of the calling service.
     pub async fn issue_credentials(
         &self,
@@ -151,20 +162,17 @@ impl Lifecycle<'_> {
                 // credential's length is checked below either way).
                 check_attributes(&attrs)?;
                 let email = attrs.get("email").and_then(|e| e.as_str()).map(str::to_string);
-                (attrs, email, None)
+                // An `email` naming an org user is that user, as with `user_email`.
+                let uid = match &email {
+                    Some(e) => self.org_user(org, e).await?.map(|u| u.id),
+                    None => None,
+                };
+                (attrs, email, uid)
             }
             (None, Some(email)) => {
                 check_email(&email)?;
-                // Suspension stops everything a user does, on their behalf too: now, and on
-                // every use of the credential (by the user id it carries).
-                let (mut attrs, uid) = match self.store.find_user_by_email(org, &email).await? {
-                    Some(user) if user.status != UserStatus::Active => {
-                        return Err(LifecycleError::Forbidden(format!("user {email} is suspended")))
-                    }
-                    Some(user) => {
-                        let user = user.into_inner();
-                        (user.attributes, Some(user.id))
-                    }
+                let (mut attrs, uid) = match self.org_user(org, &email).await? {
+                    Some(user) => (user.attributes, Some(user.id)),
                     None => (Attributes::new(), None),
                 };
                 attrs.entry("email").or_insert_with(|| email.clone().into());

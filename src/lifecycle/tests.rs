@@ -123,6 +123,10 @@ fn token_status_follows_the_clock() {
     check(in_grace, "deprecated");
     // Revoked on an instance whose clock is ahead of this one's: revoked here too, at once.
     check(record(Some(150), None, false), "revoked");
+    // A grace stored before `decided_at` was kept still runs to its end.
+    let mut legacy = record(Some(150), None, true);
+    legacy.revoked.as_mut().unwrap().reason = Some("rotated to tgp_xxxxxx".into());
+    check(legacy, "deprecated");
     let mut no_grace = record(Some(150), None, true);
     no_grace.revoked.as_mut().unwrap().decided_at = Some(150);
     check(no_grace, "rotated");
@@ -316,4 +320,58 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
     // Asked for anew, a scope beyond the role is still refused, as at issue.
     let wider = RotateRequest { scope: Some("admin".into()), ..RotateRequest::default() };
     assert!(forbidden(l.rotate(&me, &new.details.id, wider).await).contains("more rights"));
+}
+
+#[tokio::test]
+async fn an_admin_token_scoped_below_admin_creates_no_service_above_what_its_scope_covers() {
+    let (store, config, mut actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    // An admin's PAT scoped read-write acts as an editor: it may create services (the creator
+    // path), but not hand on the admin role it cannot use itself.
+    actor.scope = Some(vec!["read".into(), "write".into(), "execute".into()]);
+    let admin_service = CreateService { org_role: Some(Role::Admin), ..viewer_service("ops") };
+    let why = forbidden(l.create_service(&actor, admin_service).await);
+    assert!(why.contains("may not exceed"), "{why}");
+    let editor_service = CreateService { org_role: Some(Role::Editor), ..viewer_service("etl") };
+    l.create_service(&actor, editor_service).await.unwrap();
+    // Nor raise it later.
+    let change = RoleChange { org_role: Some(Role::Admin), ..RoleChange::default() };
+    let why = forbidden(l.set_service_role(&actor, "acme", "etl", change).await);
+    assert!(why.contains("may not exceed"), "{why}");
+    // Read-only, it grants at most viewer (and creates nothing: creating needs write).
+    actor.scope = Some(vec!["read".into()]);
+    assert!(forbidden(l.create_service(&actor, viewer_service("ro")).await).contains("editor role"));
+}
+
+#[tokio::test]
+async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_themselves() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let ops = CreateService { org_role: Some(Role::Admin), ..viewer_service("ops") };
+    let (ops, _) = l.create_service(&actor, ops).await.unwrap();
+
+    // A viewer learns nothing from a name: the same refusal whether the service exists or not.
+    let viewer = Actor { roles: RoleSet { org: Role::Viewer, projects: BTreeMap::new() }, ..actor.clone() };
+    for name in ["ops", "nope"] {
+        let why = forbidden(l.edit_service(&viewer, "acme", name, None, Some(Attributes::new())).await);
+        assert!(why.contains("only org admins"), "{name}: {why}");
+        assert!(
+            forbidden(l.delete_service(&viewer, "acme", name).await).contains("only org admins"),
+            "{name}"
+        );
+    }
+
+    // An admin service acting as an org admin may not remove or demote itself.
+    let itself = Actor {
+        subject: "service:ops".into(),
+        user_id: None,
+        service_id: Some(ops.id.clone()),
+        roles: RoleSet { org: Role::Admin, projects: BTreeMap::new() },
+        ..actor.clone()
+    };
+    assert!(forbidden(l.delete_service(&itself, "acme", "ops").await).contains("may not delete itself"));
+    let demote = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
+    let why = forbidden(l.set_service_role(&itself, "acme", "ops", demote).await);
+    assert!(why.contains("may not change its own role"), "{why}");
+    l.delete_service(&actor, "acme", "ops").await.unwrap();
 }

@@ -200,10 +200,17 @@ impl TokenRecord {
     }
 }
 
+/// The reason a rotation gives the token it replaces: `rotated to <new id>`.
+pub const ROTATED_TO: &str = "rotated to ";
+
 impl Revocation {
     /// Whether it took effect as it was decided (every revocation but a rotation's grace).
     pub fn is_immediate(&self) -> bool {
-        self.decided_at.is_none_or(|decided| self.at <= decided)
+        match self.decided_at {
+            Some(decided) => self.at <= decided,
+            // A rotation stored before `decided_at` was kept: known by the reason it was given.
+            None => !self.reason.as_deref().is_some_and(|why| why.starts_with(ROTATED_TO)),
+        }
     }
 }
 

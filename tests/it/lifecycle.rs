@@ -167,13 +167,28 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     // So does every other answer to it: a refusal, and the admin API's.
     let refused = w.http.get(w.gateway.url("/reports")).bearer_auth(&old).send().await.unwrap();
     assert_eq!(refused.status(), 403);
+    let failed = w.http.get(w.gateway.url("/dead")).bearer_auth(&old).send().await.unwrap();
+    assert_eq!(failed.status(), 502);
     let admin_call = w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&old);
     let admin_call = admin_call.send().await.unwrap();
     assert_eq!(admin_call.status(), 200);
-    for (what, r) in [("the refusal", &refused), ("the admin API", &admin_call)] {
+    for (what, r) in
+        [("the refusal", &refused), ("the upstream's failure", &failed), ("the admin API", &admin_call)]
+    {
         assert_eq!(r.headers().get("deprecation"), resp.headers().get("deprecation"), "{what}");
         assert_eq!(r.headers().get("sunset"), resp.headers().get("sunset"), "{what}");
     }
+    // In its grace it still reads, but changes nothing: a leaked old token cannot revoke or
+    // rotate away its replacement, nor make more tokens.
+    let old_cli = ann.as_token(&old);
+    for args in
+        [vec!["token", "revoke", &new[..10]], vec!["token", "rotate", &new[..10]], vec!["token", "issue"]]
+    {
+        let err = old_cli.run(&args).failed();
+        assert!(err.contains("was rotated"), "{args:?}: {err}");
+    }
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &new).await, 200, "the replacement is untouched");
+    assert!(old_cli.run(&["token", "list"]).ok().contains(&new[..10]), "reading still works");
     // The plain list shows it, with a status saying it is on its way out.
     let listed = ann.run(&["token", "list"]).ok();
     assert!(listed.lines().next().unwrap().contains("STATUS"), "{listed}");
