@@ -12,6 +12,10 @@ COPY benches ./benches
 RUN cargo build --release --locked --bin tollgate
 
 FROM debian:bookworm-slim
+# The CLI checks an https admin API's certificate against the system's trusted ones.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /var/lib/tollgate --create-home tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
 COPY config/docker.yaml /etc/tollgate/tollgate.yaml

@@ -399,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reloaded_audit_max_trims_the_log() {
+    fn a_reload_sets_the_audit_max_every_store_clone_trims_to() {
         let dir = tempfile::tempdir().unwrap();
         let w = watcher(dir.path(), "audit: { max_entries: 10 }\n");
         let running = w.store.clone().with_audit_max(10);

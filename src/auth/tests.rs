@@ -298,7 +298,12 @@ async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_while_a_first_check_waits_for_argon2_is_not_missed() {
-    let f = Fixture::new().await;
+    let mut f = Fixture::new().await;
+    // No bound on the wait: argon2 runs at the lowest priority, and a busy machine must not turn
+    // this into a test of `argon2.max_wait`.
+    f.verifier = Arc::new(
+        Verifier::new(f.verifier.cache().clone(), 100, 2).with_argon2_wait(Duration::from_secs(600)),
+    );
     // A slower hash, so that the check is still under way when the token is revoked.
     let slow = Argon2Params { memory_kib: 32 * 1024, iterations: 4, parallelism: 1 };
     let (new, _) =
@@ -321,6 +326,7 @@ async fn a_revocation_while_a_first_check_waits_for_argon2_is_not_missed() {
     f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
     f.settle(applied, 1).await;
     assert!(!right.is_finished(), "the check ended before the revocation: the test needs a slower hash");
-    assert!(matches!(right.await.unwrap(), Err(AuthError::Invalid(Invalid::Revoked))));
+    let answer = right.await.unwrap();
+    assert!(matches!(answer, Err(AuthError::Invalid(Invalid::Revoked))), "{answer:?}");
     assert!(flood.await.unwrap().is_err());
 }

@@ -54,22 +54,28 @@ routes:
 pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tollgate.yaml");
-    let upstream_listener = match std::fs::read_to_string(&path) {
+    let (config, upstream_listener) = match std::fs::read_to_string(&path) {
         // A config from an earlier run is kept as it is, the user's edits included.
         Ok(text) => {
             println!("Using {} from an earlier run (delete it for a fresh one).", path.display());
-            echo_listener(&text, &path)?
+            let config = load(&path)?;
+            let listener = echo_listener(&text, &config, &path)?;
+            (config, listener)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let listener =
-                TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot start the echo upstream")?;
+            // Next to the admin port if free (the ports the OS hands out may be taken by any
+            // client later, and a later run binds the same one again), else any.
+            let listener = admin_port
+                .checked_add(1)
+                .and_then(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).ok())
+                .map_or_else(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)), Ok)
+                .context("cannot start the echo upstream")?;
             std::fs::write(&path, config_text(port, admin_port, listener.local_addr()?, dir))
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            Some(listener)
+            (load(&path)?, Some(listener))
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("quickstart config invalid:\n{e}"))?;
     super::init_logging("warn,tollgate=info");
 
     let token = first_token(&config)?;
@@ -80,18 +86,34 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
     server::run(config, &path)
 }
 
-/// The echo upstream where an existing quickstart config names it; none if its line is gone.
-fn echo_listener(text: &str, path: &Path) -> anyhow::Result<Option<TcpListener>> {
-    let Some(addr) = text.lines().find_map(|l| l.strip_prefix(ECHO_MARK)) else {
-        println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
-        return Ok(None);
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("quickstart config invalid:\n{e}"))
+}
+
+/// The echo upstream where an existing quickstart config names it (its marker line, or, in a
+/// config written before the marker, the `demo` route's upstream); none if neither is there.
+fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Option<TcpListener>> {
+    let marked = text.lines().find_map(|l| l.strip_prefix(ECHO_MARK)).map(str::trim);
+    let addr = match marked {
+        Some(addr) => addr.parse::<SocketAddr>().with_context(|| {
+            format!("{}: the `{}` line names no address: {addr:?}", path.display(), ECHO_MARK.trim_end())
+        })?,
+        None => match config.routes.iter().find(|r| r.name == "demo").and_then(|r| r.upstreams.first()) {
+            Some(addr) if addr.ip().is_loopback() => *addr,
+            _ => {
+                println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
+                return Ok(None);
+            }
+        },
     };
-    let addr: SocketAddr = addr
-        .trim()
-        .parse()
-        .with_context(|| format!("{}: the echo upstream line names no address: {addr:?}", path.display()))?;
-    let listener = TcpListener::bind(addr)
-        .with_context(|| format!("cannot start the echo upstream on {addr} (named in {})", path.display()))?;
+    let listener = TcpListener::bind(addr).with_context(|| {
+        format!(
+            "cannot start the echo upstream on {addr}, as {} says: change that port there (the `{}` \
+             line and the routes' upstreams), or delete the file for a fresh config",
+            path.display(),
+            ECHO_MARK.trim_end()
+        )
+    })?;
     Ok(Some(listener))
 }
 

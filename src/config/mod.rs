@@ -317,10 +317,12 @@ pub fn sets_nothing(text: &str) -> bool {
     }
 }
 
-/// The methods a route's `permissions` may name: the standard ones and WebDAV's (with CalDAV's
-/// MKCALENDAR). Any other token is refused, so that a misspelt `DELET` is not silently a method
-/// of its own while DELETE keeps its default.
-const METHODS: [&str; 19] = [
+/// The methods a route's `permissions` knows by name: IANA's HTTP method registry (the standard
+/// methods, WebDAV, CalDAV, versioning, QUERY) and the cache purges of Varnish and nginx. Another
+/// method token is taken as an extension method unless it is a near miss of one of these (`DELET`,
+/// `PUTT`): a misspelt DELETE must not silently be a method of its own while DELETE keeps its
+/// default.
+const METHODS: [&str; 42] = [
     "GET",
     "HEAD",
     "POST",
@@ -330,6 +332,7 @@ const METHODS: [&str; 19] = [
     "OPTIONS",
     "TRACE",
     "CONNECT",
+    "QUERY",
     "PROPFIND",
     "PROPPATCH",
     "MKCOL",
@@ -337,10 +340,52 @@ const METHODS: [&str; 19] = [
     "MOVE",
     "LOCK",
     "UNLOCK",
+    "ACL",
+    "SEARCH",
     "REPORT",
     "MKCALENDAR",
-    "SEARCH",
+    "BIND",
+    "REBIND",
+    "UNBIND",
+    "LINK",
+    "UNLINK",
+    "MKREDIRECTREF",
+    "UPDATEREDIRECTREF",
+    "ORDERPATCH",
+    "VERSION-CONTROL",
+    "CHECKIN",
+    "CHECKOUT",
+    "UNCHECKOUT",
+    "MKWORKSPACE",
+    "UPDATE",
+    "LABEL",
+    "MERGE",
+    "BASELINE-CONTROL",
+    "MKACTIVITY",
+    "PRI",
+    "PURGE",
+    "BAN",
 ];
+
+/// A `permissions` key as the method it names (upper case), or why it names none.
+fn permission_method(key: &str) -> Result<(String, http::Method), String> {
+    let upper = key.to_ascii_uppercase();
+    let method =
+        http::Method::from_bytes(upper.as_bytes()).map_err(|_| format!("{key:?} is not an HTTP method"))?;
+    if !METHODS.contains(&upper.as_str()) {
+        // Near enough to a known method to be a typo of it: two edits for longer names, one for
+        // three-letter ones (GET, PUT).
+        let near =
+            METHODS.iter().find(|m| strsim::damerau_levenshtein(m, &upper) <= (m.len() / 4).clamp(1, 2));
+        if let Some(near) = near {
+            return Err(format!(
+                "{key:?} is not a known HTTP method; did you mean {near}? (an extension method not this \
+                 close to a known one is taken as written)"
+            ));
+        }
+    }
+    Ok((upper, method))
+}
 
 struct Validator {
     issues: Vec<ConfigIssue>,
@@ -936,23 +981,17 @@ impl Validator {
                 self.route_target(i, &r.org, &r.project, &r.environment, orgs, public);
             let mut methods = std::collections::HashMap::new();
             // Each method's key as written, to name the first when another key means the same.
-            let mut written: HashMap<&str, String> = HashMap::new();
+            let mut written: HashMap<String, String> = HashMap::new();
             for (method, perm) in r.permissions.unwrap_or_default().0 {
                 let path = format!("routes[{i}].permissions.{method}");
-                let known = METHODS.iter().copied().find(|m| m.eq_ignore_ascii_case(&method));
-                let Some((known, m)) =
-                    known.and_then(|k| http::Method::from_bytes(k.as_bytes()).ok().map(|m| (k, m)))
-                else {
-                    self.error(
-                        path,
-                        format!(
-                            "{method:?} is not an HTTP method; use one of {} (in any case)",
-                            METHODS.join(", ")
-                        ),
-                    );
-                    continue;
+                let (known, m) = match permission_method(&method) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        self.error(path, why);
+                        continue;
+                    }
                 };
-                if let Some(first) = written.get(known) {
+                if let Some(first) = written.get(known.as_str()) {
                     self.error(
                         path,
                         format!("{method:?} is the same method as {first:?}; give each method once"),

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 
 use crate::audit::LastUseLog;
@@ -347,6 +347,43 @@ impl ProxyHttp for Gateway {
             error = error.map(|e| e.to_string()),
             "request"
         );
+    }
+
+    /// A request let through whose proxying failed (the upstream down: 502) is answered in the
+    /// gateway's JSON, with the request id and, for a token in its grace, the deprecation headers,
+    /// instead of Pingora's bare error page. The status is Pingora's choice, as in its default.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => 502,
+                pingora::ErrorSource::Downstream => match e.etype() {
+                    // The client is gone: nobody to answer.
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                pingora::ErrorSource::Internal | pingora::ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            let status = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            let config = ctx.config.clone().unwrap_or_else(|| self.config.load_full());
+            let extra = ctx.deprecation.as_deref().map_or(&[][..], |d| &d[..]);
+            let answer = Rejection::ProxyFailed(status).response(
+                id_text(&ctx.request_id),
+                config.identity.request_id_header.as_str(),
+                extra,
+            );
+            // (Written only if no response has been: a failure halfway through one just ends it.)
+            let written = match answer {
+                Ok((header, body)) => session.as_downstream_mut().write_error_response(header, body).await,
+                Err(_) => session.respond_error(code).await,
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "could not send the error response");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
     /// Pingora's own error lines show this; the query string may hold a token, so it is dropped.

@@ -29,6 +29,9 @@ pub enum Rejection {
     Unavailable,
     /// The token's first verification would wait too long (argon2 is busy).
     Busy,
+    /// Not a refusal: the request was let through and proxying it failed with this status (the
+    /// upstream unreachable: 502). Answered in the same JSON; never kept as the request's outcome.
+    ProxyFailed(StatusCode),
 }
 
 impl From<AuthError> for Rejection {
@@ -70,6 +73,17 @@ impl Rejection {
                 "temporarily_unavailable",
                 "too many new tokens are being verified to check this one now; retry shortly".into(),
             ),
+            Rejection::ProxyFailed(status) => {
+                let (code, description) = match *status {
+                    StatusCode::BAD_GATEWAY => {
+                        ("bad_gateway", "the upstream could not be reached, or its answer could not be read")
+                    }
+                    StatusCode::GATEWAY_TIMEOUT => ("gateway_timeout", "the upstream did not answer in time"),
+                    s if s.is_client_error() => ("invalid_request", "the request could not be read"),
+                    _ => ("internal_error", "the gateway could not proxy this request"),
+                };
+                (*status, code, description.into())
+            }
         }
     }
 
@@ -87,6 +101,7 @@ impl Rejection {
             Rejection::Forbidden(Forbidden::Permission(_)) => "forbidden_permission",
             Rejection::Unavailable => "store_unavailable",
             Rejection::Busy => "verification_busy",
+            Rejection::ProxyFailed(_) => "proxy_failed",
         }
     }
 

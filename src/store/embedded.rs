@@ -73,6 +73,18 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        let keys = keys.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(failed)?;
+            let table = tx.open_table(KV).map_err(failed)?;
+            keys.iter()
+                .map(|key| Ok(table.get(key.as_str()).map_err(failed)?.map(|v| v.value().to_string())))
+                .collect()
+        })
+        .await
+    }
+
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
         let set = set.to_string();
         self.blocking(move |db| {

@@ -265,4 +265,5 @@ async fn the_cli_reaches_an_admin_api_behind_tls() {
     let out = run(false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("cannot reach the admin API"), "{stderr}");
+    assert!(stderr.contains("certificate"), "refused for its certificate: {stderr}");
 }

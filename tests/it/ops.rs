@@ -100,6 +100,11 @@ async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() 
     // A query token to a dead upstream: Pingora logs the failure with its request summary.
     let resp = w.http.get(w.gateway.url(&format!("/dead/x?access_token={token}&a=1"))).send().await.unwrap();
     assert_eq!(resp.status(), 502);
+    // In the gateway's JSON, with the request id, like its refusals.
+    let id = resp.headers().get("x-request-id").expect("a request id").to_str().unwrap().to_string();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway", "{body}");
+    assert_eq!(body["request_id"], id.as_str(), "{body}");
     assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200);
     let log = w.gateway.log_text();
     assert!(log.contains("tollgate::access"), "one access line per request: {log}");
