@@ -117,24 +117,6 @@ impl Actor {
         }
     }
 
-    /// The roles this caller can hand on: each of its roles, lowered until its token's scope
-    /// covers every permission of the role (an admin whose token is scoped `read-write` grants
-    /// no more than what `read-write` covers).
-    fn grantable_roles(&self, config: &Config) -> RoleSet {
-        let cap = |role: Role| {
-            let held = self.permissions_for(config, role);
-            Role::ALL
-                .into_iter()
-                .rev()
-                .find(|r| *r <= role && held.contains(config.policy.role_permissions(*r)))
-                .unwrap_or(Role::Guest)
-        };
-        RoleSet {
-            org: cap(self.roles.org),
-            projects: self.roles.projects.iter().map(|(p, r)| (p.clone(), cap(*r))).collect(),
-        }
-    }
-
     fn may(&self, config: &Config, permission: &str) -> bool {
         config.policy.permission(permission).is_some_and(|bit| self.org_permissions(config).contains(bit))
     }
@@ -888,6 +870,7 @@ impl<'a> Lifecycle<'a> {
         check_email(email)?;
         check_attributes(&attributes)?;
         self.check_roles(org, &project_roles)?;
+        self.check_grantable(actor, Some(org_role), project_roles.iter().map(|(p, r)| (p.as_str(), *r)))?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
             true => {
@@ -1019,6 +1002,7 @@ impl<'a> Lifecycle<'a> {
             ));
         }
         self.check_roles(org, &project_roles)?;
+        self.check_grantable(actor, change.org_role, change.granted_project_role())?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1108,10 +1092,40 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
+    /// Roles handed on (to a new or changed user or service) must be covered by what the caller's
+    /// token can do where they apply: every permission of the role, among the caller's role's
+    /// permissions narrowed by the token's scope. An admin whose token is scoped `read-write`
+    /// hands on no role with `admin` or `execute`; nor does a narrowed token get round its scope
+    /// through a service it creates (and then holds the token of).
+    fn check_grantable<'r>(
+        &self,
+        actor: &Actor,
+        org_role: Option<Role>,
+        project_roles: impl IntoIterator<Item = (&'r str, Role)>,
+    ) -> Result<()> {
+        let covers = |held: Role, given: Role| {
+            actor.permissions_for(self.config, held).contains(self.config.policy.role_permissions(given))
+        };
+        let refuse = |given: Role, place: String| {
+            Err(LifecycleError::Forbidden(format!(
+                "your token cannot hand on the {given} role{place}: its scope does not cover that role's permissions"
+            )))
+        };
+        if let Some(given) = org_role.filter(|r| !covers(actor.roles.org, *r)) {
+            return refuse(given, String::new());
+        }
+        for (project, given) in project_roles {
+            if !covers(actor.roles.on(project), given) {
+                return refuse(given, format!(" on project {project:?}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The roles a service may have: never above its creator's at creation, nor the actor's now.
     fn check_service_roles(&self, actor: &Actor, s: &Service) -> Result<()> {
         self.check_roles(&s.org, &s.project_roles)?;
-        let caps = [s.creator_roles.clone(), Some(actor.grantable_roles(self.config))];
+        let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
         for cap in caps.iter().flatten() {
             if let Some(role) = s.org_role.filter(|r| *r > cap.org) {
                 return Err(LifecycleError::Forbidden(format!(
@@ -1162,10 +1176,12 @@ impl<'a> Lifecycle<'a> {
             project_roles: req.project_roles,
             attributes: req.attributes,
             created_by: Some(creator),
-            creator_roles: Some(actor.grantable_roles(self.config)),
+            creator_roles: Some(actor.roles.clone()),
             created_at: now_millis(),
         };
         self.check_service_roles(actor, &service)?;
+        let project_roles = service.project_roles.iter().map(|(p, r)| (p.as_str(), *r));
+        self.check_grantable(actor, service.org_role, project_roles)?;
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
             serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
@@ -1283,6 +1299,7 @@ impl<'a> Lifecycle<'a> {
         change.apply(&mut org_role, &mut s.project_roles)?;
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
         self.check_service_roles(actor, &s)?;
+        self.check_grantable(actor, change.org_role, change.granted_project_role())?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1336,6 +1353,14 @@ pub struct RoleChange {
 }
 
 impl RoleChange {
+    /// The project role it hands on, if any.
+    fn granted_project_role(&self) -> Option<(&str, Role)> {
+        match (&self.project, self.project_role, self.remove) {
+            (Some(project), Some(role), false) => Some((project.as_str(), role)),
+            _ => None,
+        }
+    }
+
     fn apply(
         &self,
         org_role: &mut Role,

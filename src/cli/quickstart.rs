@@ -67,6 +67,7 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
             // client later, and a later run binds the same one again), else any.
             let listener = admin_port
                 .checked_add(1)
+                .filter(|p| *p != port)
                 .and_then(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).ok())
                 .map_or_else(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)), Ok)
                 .context("cannot start the echo upstream")?;
@@ -94,17 +95,24 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 /// config written before the marker, the `demo` route's upstream); none if neither is there.
 fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Option<TcpListener>> {
     let marked = text.lines().find_map(|l| l.strip_prefix(ECHO_MARK)).map(str::trim);
+    let none = || {
+        println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
+        Ok(None)
+    };
     let addr = match marked {
         Some(addr) => addr.parse::<SocketAddr>().with_context(|| {
             format!("{}: the `{}` line names no address: {addr:?}", path.display(), ECHO_MARK.trim_end())
         })?,
-        None => match config.routes.iter().find(|r| r.name == "demo").and_then(|r| r.upstreams.first()) {
-            Some(addr) if addr.ip().is_loopback() => *addr,
-            _ => {
-                println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
-                return Ok(None);
+        // Written by a quickstart from before the line: its `demo` route leads to the echo (if
+        // that port is taken now, the user may have put their own app there).
+        None if text.starts_with("# Written by `tollgate quickstart`") => {
+            let demo = config.routes.iter().find(|r| r.name == "demo").and_then(|r| r.upstreams.first());
+            match demo.filter(|a| a.ip().is_loopback()).and_then(|a| TcpListener::bind(a).ok()) {
+                Some(listener) => return Ok(Some(listener)),
+                None => return none(),
             }
-        },
+        }
+        None => return none(),
     };
     let listener = TcpListener::bind(addr).with_context(|| {
         format!(

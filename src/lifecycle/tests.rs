@@ -125,8 +125,13 @@ fn token_status_follows_the_clock() {
     check(record(Some(150), None, false), "revoked");
     // A grace stored before `decided_at` was kept still runs to its end.
     let mut legacy = record(Some(150), None, true);
-    legacy.revoked.as_mut().unwrap().reason = Some("rotated to tgp_xxxxxx".into());
+    let to = legacy.rotated_to.clone().unwrap();
+    legacy.revoked.as_mut().unwrap().reason = Some(format!("rotated to {to}"));
     check(legacy, "deprecated");
+    // A revocation whose reason only reads like a rotation's holds at once.
+    let mut explicit = record(Some(150), None, false);
+    explicit.revoked.as_mut().unwrap().reason = Some(format!("rotated to {to}"));
+    check(explicit, "revoked");
     let mut no_grace = record(Some(150), None, true);
     no_grace.revoked.as_mut().unwrap().decided_at = Some(150);
     check(no_grace, "rotated");
@@ -136,7 +141,7 @@ fn token_status_follows_the_clock() {
 async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_config() {
     let (store, config, mut actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    actor.scope = Some(vec!["read".into(), "write".into(), "admin".into()]);
+    actor.scope = Some(vec!["read".into(), "write".into(), "execute".into(), "admin".into()]);
     actor.environments = Some(vec!["production".into()]);
     let req = viewer_service("etl");
     let (_, token) = l.create_service(&actor, req).await.unwrap();
@@ -300,7 +305,7 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
     let (store, config, admin) = setup().await;
     let l = Lifecycle::new(&store, &config);
     // A scoped admin token hands its scope (admin included) to a new editor's first token.
-    let scope = vec!["read".to_string(), "write".to_string(), "admin".to_string()];
+    let scope = ["read", "write", "execute", "admin"].map(String::from).to_vec();
     let scoped_admin = Actor { scope: Some(scope.clone()), ..admin };
     let (editor, first) = l
         .add_user(&scoped_admin, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), true)
@@ -323,24 +328,45 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
 }
 
 #[tokio::test]
-async fn an_admin_token_scoped_below_admin_creates_no_service_above_what_its_scope_covers() {
+async fn a_narrowed_admin_token_hands_on_no_role_its_scope_does_not_cover() {
     let (store, config, mut actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    // An admin's PAT scoped read-write acts as an editor: it may create services (the creator
-    // path), but not hand on the admin role it cannot use itself.
+    l.add_user(&actor, "acme", "bob@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
+        .await
+        .unwrap();
+    // An admin's PAT scoped read-write-execute acts as an editor: it may create services (the
+    // creator path), but not hand on the admin role it cannot use itself.
     actor.scope = Some(vec!["read".into(), "write".into(), "execute".into()]);
     let admin_service = CreateService { org_role: Some(Role::Admin), ..viewer_service("ops") };
     let why = forbidden(l.create_service(&actor, admin_service).await);
-    assert!(why.contains("may not exceed"), "{why}");
+    assert!(why.contains("cannot hand on the admin role"), "{why}");
     let editor_service = CreateService { org_role: Some(Role::Editor), ..viewer_service("etl") };
     l.create_service(&actor, editor_service).await.unwrap();
-    // Nor raise it later.
-    let change = RoleChange { org_role: Some(Role::Admin), ..RoleChange::default() };
-    let why = forbidden(l.set_service_role(&actor, "acme", "etl", change).await);
-    assert!(why.contains("may not exceed"), "{why}");
-    // Read-only, it grants at most viewer (and creates nothing: creating needs write).
-    actor.scope = Some(vec!["read".into()]);
-    assert!(forbidden(l.create_service(&actor, viewer_service("ro")).await).contains("editor role"));
+    let to_admin = RoleChange { org_role: Some(Role::Admin), ..RoleChange::default() };
+    let why = forbidden(l.set_service_role(&actor, "acme", "etl", to_admin.clone()).await);
+    assert!(why.contains("cannot hand on the admin role"), "{why}");
+    // The same for users, through a token that keeps the admin permission but not write.
+    actor.scope = Some(vec!["read".into(), "admin".into()]);
+    let why = forbidden(l.set_user_role(&actor, "acme", "bob@acme.io", to_admin.clone()).await);
+    assert!(why.contains("cannot hand on the admin role"), "{why}");
+    let on_shop = RoleChange {
+        project: Some("shop".into()),
+        project_role: Some(Role::Editor),
+        ..RoleChange::default()
+    };
+    let why = forbidden(l.set_user_role(&actor, "acme", "bob@acme.io", on_shop).await);
+    assert!(why.contains("cannot hand on the editor role on project \"shop\""), "{why}");
+    let why = forbidden(
+        l.add_user(&actor, "acme", "eve@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), false)
+            .await,
+    );
+    assert!(why.contains("cannot hand on the editor role"), "{why}");
+    // A viewer is within read: still fine. And an unscoped admin later raises what the
+    // narrowed one made: the service is capped by its creator's role (admin), not its token.
+    let to_viewer = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
+    l.set_user_role(&actor, "acme", "bob@acme.io", to_viewer).await.unwrap();
+    actor.scope = None;
+    l.set_service_role(&actor, "acme", "etl", to_admin).await.unwrap();
 }
 
 #[tokio::test]

@@ -107,6 +107,10 @@ impl Rejection {
 
     /// The `WWW-Authenticate` value (RFC 6750, section 3): no error code when no token was sent.
     fn www_authenticate(&self, code: &str, status: StatusCode) -> Option<String> {
+        // The token was accepted: no challenge for a failure after it.
+        if matches!(self, Rejection::ProxyFailed(_)) {
+            return None;
+        }
         match status {
             StatusCode::UNAUTHORIZED if matches!(self, Rejection::Missing) => {
                 Some("Bearer realm=\"tollgate\"".into())
@@ -198,6 +202,8 @@ mod tests {
         check(Rejection::Unavailable, 503, None);
         assert_eq!(header(&Rejection::Unavailable, "retry-after").as_deref(), Some("1"));
         check(Rejection::Busy, 503, None);
+        check(Rejection::ProxyFailed(StatusCode::BAD_GATEWAY), 502, None);
+        check(Rejection::ProxyFailed(StatusCode::BAD_REQUEST), 400, None);
         assert_eq!(header(&Rejection::Busy, "retry-after").as_deref(), Some("1"));
     }
 

@@ -196,7 +196,16 @@ impl TokenRecord {
     /// instance's clock reads, so that a clock behind the deciding instance's, or stepped back,
     /// cannot let it through.
     pub fn is_revoked(&self, now: Millis) -> bool {
-        self.revoked.as_ref().is_some_and(|r| r.is_immediate() || r.at <= now)
+        self.revoked.as_ref().is_some_and(|r| (r.is_immediate() && !self.is_legacy_grace(r)) || r.at <= now)
+    }
+
+    /// A rotation's grace stored before `decided_at` was kept: the revocation gives exactly the
+    /// reason its rotation wrote, naming the token it was rotated to.
+    fn is_legacy_grace(&self, r: &Revocation) -> bool {
+        r.decided_at.is_none()
+            && self.rotated_to.as_ref().is_some_and(|to| {
+                r.reason.as_deref().and_then(|why| why.strip_prefix(ROTATED_TO)) == Some(to.as_str())
+            })
     }
 }
 
@@ -206,11 +215,7 @@ pub const ROTATED_TO: &str = "rotated to ";
 impl Revocation {
     /// Whether it took effect as it was decided (every revocation but a rotation's grace).
     pub fn is_immediate(&self) -> bool {
-        match self.decided_at {
-            Some(decided) => self.at <= decided,
-            // A rotation stored before `decided_at` was kept: known by the reason it was given.
-            None => !self.reason.as_deref().is_some_and(|why| why.starts_with(ROTATED_TO)),
-        }
+        self.decided_at.is_none_or(|decided| self.at <= decided)
     }
 }
 
