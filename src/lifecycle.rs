@@ -238,13 +238,10 @@ pub struct IssuedToken {
 /// The status of a token at `now`.
 pub fn token_status(t: &TokenRecord, now: Millis) -> &'static str {
     match &t.revoked {
-        Some(r) if t.is_revoked(now) => {
-            // Revoked by its rotation (which decides ahead of the end of the grace, or, before
-            // `decided_at` was kept, gave the reason below), not by a revocation during the
-            // grace, which stops it at once.
-            let by_rotation = r.decided_at.is_some()
-                || r.reason.as_deref().is_some_and(|why| why.starts_with(crate::store::ROTATED_TO));
-            if t.rotated_to.is_some() && by_rotation {
+        Some(_) if t.is_revoked(now) => {
+            // Revoked by its rotation, not by a revocation during the grace (which stops it at
+            // once and replaces the rotation's reason).
+            if t.revoked_by_rotation() {
                 "rotated"
             } else {
                 "revoked"
@@ -741,9 +738,10 @@ impl<'a> Lifecycle<'a> {
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
         }
+        let now = now_millis();
         t.revoked = Some(Box::new(Revocation {
-            at: now_millis(),
-            decided_at: None,
+            at: now,
+            decided_at: Some(now),
             reason: reason.clone(),
             by: Some(actor.subject.clone()),
         }));
@@ -870,7 +868,12 @@ impl<'a> Lifecycle<'a> {
         check_email(email)?;
         check_attributes(&attributes)?;
         self.check_roles(org, &project_roles)?;
-        self.check_grantable(actor, Some(org_role), project_roles.iter().map(|(p, r)| (p.as_str(), *r)))?;
+        self.check_grantable(
+            actor,
+            None,
+            Some(org_role),
+            project_roles.iter().map(|(p, r)| (p.as_str(), *r)),
+        )?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
             true => {
@@ -1002,7 +1005,8 @@ impl<'a> Lifecycle<'a> {
             ));
         }
         self.check_roles(org, &project_roles)?;
-        self.check_grantable(actor, change.org_role, change.granted_project_role())?;
+        let had = RoleSet { org: before.org_role, projects: before.project_roles.clone() };
+        self.check_grantable(actor, Some(&had), change.org_role, change.granted_project_role())?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1074,7 +1078,7 @@ impl<'a> Lifecycle<'a> {
         for t in &mut tokens {
             t.revoked = Some(Box::new(Revocation {
                 at: now,
-                decided_at: None,
+                decided_at: Some(now),
                 reason: Some(reason.into()),
                 by: Some(actor.subject.clone()),
             }));
@@ -1092,30 +1096,35 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
-    /// Roles handed on (to a new or changed user or service) must be covered by what the caller's
-    /// token can do where they apply: every permission of the role, among the caller's role's
-    /// permissions narrowed by the token's scope. An admin whose token is scoped `read-write`
-    /// hands on no role with `admin` or `execute`; nor does a narrowed token get round its scope
-    /// through a service it creates (and then holds the token of).
+    /// Roles handed on (to a new or changed user or service) may not add a permission that the
+    /// calling token's scope leaves out: an admin whose token is scoped `read-write` hands on no
+    /// role with `admin` (the role order, and `require_admin` for users, cap the rest). Only what
+    /// a change adds counts, so such a token may still lower a role. Nor does a narrowed token get
+    /// round its scope through a service it creates (and then holds the token of).
     fn check_grantable<'r>(
         &self,
         actor: &Actor,
+        before: Option<&RoleSet>,
         org_role: Option<Role>,
         project_roles: impl IntoIterator<Item = (&'r str, Role)>,
     ) -> Result<()> {
-        let covers = |held: Role, given: Role| {
-            actor.permissions_for(self.config, held).contains(self.config.policy.role_permissions(given))
+        let Some(scope) = &actor.scope else { return Ok(()) };
+        let policy = &self.config.policy;
+        let scope = policy.set_of(scope);
+        let covers = |had: Option<Role>, given: Role| {
+            let had = had.map_or(crate::policy::PermSet::EMPTY, |r| policy.role_permissions(r));
+            scope.union(had).contains(policy.role_permissions(given))
         };
         let refuse = |given: Role, place: String| {
             Err(LifecycleError::Forbidden(format!(
                 "your token cannot hand on the {given} role{place}: its scope does not cover that role's permissions"
             )))
         };
-        if let Some(given) = org_role.filter(|r| !covers(actor.roles.org, *r)) {
+        if let Some(given) = org_role.filter(|r| !covers(before.map(|b| b.org), *r)) {
             return refuse(given, String::new());
         }
         for (project, given) in project_roles {
-            if !covers(actor.roles.on(project), given) {
+            if !covers(before.map(|b| b.on(project)), given) {
                 return refuse(given, format!(" on project {project:?}"));
             }
         }
@@ -1181,7 +1190,7 @@ impl<'a> Lifecycle<'a> {
         };
         self.check_service_roles(actor, &service)?;
         let project_roles = service.project_roles.iter().map(|(p, r)| (p.as_str(), *r));
-        self.check_grantable(actor, service.org_role, project_roles)?;
+        self.check_grantable(actor, None, service.org_role, project_roles)?;
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
             serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
@@ -1299,7 +1308,9 @@ impl<'a> Lifecycle<'a> {
         change.apply(&mut org_role, &mut s.project_roles)?;
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
         self.check_service_roles(actor, &s)?;
-        self.check_grantable(actor, change.org_role, change.granted_project_role())?;
+        let had =
+            RoleSet { org: before.org_role.unwrap_or(Role::Guest), projects: before.project_roles.clone() };
+        self.check_grantable(actor, Some(&had), change.org_role, change.granted_project_role())?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;

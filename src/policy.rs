@@ -71,7 +71,8 @@ impl PermSet {
         PermSet(self.0 & other.0)
     }
 
-    fn union(self, other: PermSet) -> PermSet {
+    /// Set union.
+    pub fn union(self, other: PermSet) -> PermSet {
         PermSet(self.0 | other.0)
     }
 }

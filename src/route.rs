@@ -131,13 +131,6 @@ impl Route {
 
     /// The permission a method needs here.
     pub fn required_permission(&self, method: &http::Method) -> &RequiredPermission {
-        // Upstreams read a method in any case (Django and Flask upper-case it: `delete` runs the
-        // DELETE handler), so the check does too; Pingora passes `delete` on as sent.
-        if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
-            if let Ok(upper) = http::Method::from_bytes(method.as_str().to_ascii_uppercase().as_bytes()) {
-                return self.required_permission(&upper);
-            }
-        }
         if let Some(p) = self.methods.get(method) {
             return p;
         }
@@ -488,11 +481,6 @@ mod tests {
         check(http::Method::POST, "write");
         check(http::Method::PATCH, "write");
         check(http::Method::DELETE, "admin");
-        // In any case, as upstreams read it.
-        let sent = |m: &str| http::Method::from_bytes(m.as_bytes()).unwrap();
-        check(sent("delete"), "admin");
-        check(sent("Delete"), "admin");
-        check(sent("get"), "read");
     }
 
     #[test]

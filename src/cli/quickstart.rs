@@ -106,14 +106,30 @@ fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Opt
         // Written by a quickstart from before the line: its `demo` route leads to the echo (if
         // that port is taken now, the user may have put their own app there).
         None if text.starts_with("# Written by `tollgate quickstart`") => {
-            let demo = config.routes.iter().find(|r| r.name == "demo").and_then(|r| r.upstreams.first());
-            match demo.filter(|a| a.ip().is_loopback()).and_then(|a| TcpListener::bind(a).ok()) {
+            // Only as quickstart wrote it: `demo` and `public` both on one loopback upstream.
+            let upstream = |name: &str| {
+                config.routes.iter().find(|r| r.name == name).map(|r| r.upstreams.clone()).unwrap_or_default()
+            };
+            let (demo, public) = (upstream("demo"), upstream("public"));
+            let echo = match demo.as_slice() {
+                [a] if a.ip().is_loopback() && public == demo => Some(*a),
+                _ => None,
+            };
+            match echo.and_then(|a| TcpListener::bind(a).ok()) {
                 Some(listener) => return Ok(Some(listener)),
                 None => return none(),
             }
         }
         None => return none(),
     };
+    if addr == config.listen || addr == config.admin.listen {
+        anyhow::bail!(
+            "{}: the echo upstream's address {addr} is the gateway's own; change the `{}` line (and the \
+             routes that use it), or delete the file for a fresh config",
+            path.display(),
+            ECHO_MARK.trim_end()
+        );
+    }
     let listener = TcpListener::bind(addr).with_context(|| {
         format!(
             "cannot start the echo upstream on {addr}, as {} says: change that port there (the `{}` \

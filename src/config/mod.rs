@@ -318,11 +318,11 @@ pub fn sets_nothing(text: &str) -> bool {
 }
 
 /// The methods a route's `permissions` knows by name: IANA's HTTP method registry (the standard
-/// methods, WebDAV, CalDAV, versioning, QUERY) and the cache purges of Varnish and nginx. Another
-/// method token is taken as an extension method unless it is a near miss of one of these (`DELET`,
-/// `PUTT`): a misspelt DELETE must not silently be a method of its own while DELETE keeps its
-/// default.
-const METHODS: [&str; 42] = [
+/// methods, WebDAV, CalDAV, versioning, QUERY), the cache purges of Varnish and nginx, IIS's TRACK
+/// and Exchange's WebDAV batch methods. Another method token is taken as an extension method
+/// unless it is one edit from a method every API uses (`DELET`, `PUTT`, `POSTT`): a misspelt
+/// DELETE must not silently be a method of its own while DELETE keeps its default.
+const METHODS: [&str; 49] = [
     "GET",
     "HEAD",
     "POST",
@@ -365,7 +365,17 @@ const METHODS: [&str; 42] = [
     "PRI",
     "PURGE",
     "BAN",
+    "TRACK",
+    "BCOPY",
+    "BMOVE",
+    "BDELETE",
+    "BPROPFIND",
+    "BPROPPATCH",
+    "BATCH",
 ];
+
+/// The methods a misspelling is checked against.
+const COMMON_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
 
 /// A `permissions` key as the method it names (upper case), or why it names none.
 fn permission_method(key: &str) -> Result<(String, http::Method), String> {
@@ -373,10 +383,7 @@ fn permission_method(key: &str) -> Result<(String, http::Method), String> {
     let method =
         http::Method::from_bytes(upper.as_bytes()).map_err(|_| format!("{key:?} is not an HTTP method"))?;
     if !METHODS.contains(&upper.as_str()) {
-        // Near enough to a known method to be a typo of it: two edits for longer names, one for
-        // three-letter ones (GET, PUT).
-        let near =
-            METHODS.iter().find(|m| strsim::damerau_levenshtein(m, &upper) <= (m.len() / 4).clamp(1, 2));
+        let near = COMMON_METHODS.iter().find(|m| strsim::damerau_levenshtein(m, &upper) <= 1);
         if let Some(near) = near {
             return Err(format!(
                 "{key:?} is not a known HTTP method; did you mean {near}? (an extension method not this \

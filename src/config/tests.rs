@@ -216,7 +216,7 @@ fn permissions_name_each_method_once_and_refuse_near_misses_of_known_ones() {
         &route("PUTT: admin"),
         &["routes[0].permissions.PUTT: \"PUTT\" is not a known HTTP method; did you mean PUT?"],
     );
-    check(&route("PROPFINDE: admin"), &["did you mean PROPFIND?"]);
+    check(&route("POSTT: admin"), &["did you mean POST?"]);
     check(&route("'BR EW': admin"), &["routes[0].permissions.BR EW: \"BR EW\" is not an HTTP method"]);
     // The later of two keys is named, in file order (a sorted map would name `get`).
     check(
@@ -232,7 +232,8 @@ fn permissions_name_each_method_once_and_refuse_near_misses_of_known_ones() {
     );
     // Registered methods, cache purges, and extension methods not close to a known one.
     let c = Config::parse(&route(
-        "delete: admin, Propfind: admin, MKCOL: admin, search: read, ACL: admin, purge: admin, BREW: admin",
+        "delete: admin, Propfind: admin, MKCOL: admin, search: read, ACL: admin, purge: admin, BREW: admin, \
+         TRACK: admin, BDELETE: admin, MKCOLL: admin",
     ))
     .unwrap();
     let r = c.routes.route(None, "/a").unwrap().unwrap();
@@ -244,6 +245,9 @@ fn permissions_name_each_method_once_and_refuse_near_misses_of_known_ones() {
         ("ACL", "admin"),
         ("PURGE", "admin"),
         ("BREW", "admin"),
+        ("TRACK", "admin"),
+        ("BDELETE", "admin"),
+        ("MKCOLL", "admin"),
         ("PUT", "write"),
     ] {
         let method = http::Method::from_bytes(method.as_bytes()).unwrap();

@@ -111,30 +111,30 @@ fn token_status_follows_the_clock() {
         rotated_to: rotated.then(|| token::generate(TokenKind::Pat).id),
     };
     let check = |t: TokenRecord, expected: &str| assert_eq!(token_status(&t, 100), expected);
+    // A revocation as stored: decided at `decided`, by its rotation (the reason it writes) or not.
+    let revoked = |at: Millis, decided: Option<Millis>, by_rotation: bool| {
+        let mut t = record(Some(at), None, true);
+        let to = t.rotated_to.clone().unwrap();
+        let r = t.revoked.as_mut().unwrap();
+        r.decided_at = decided;
+        r.reason = by_rotation.then(|| format!("rotated to {to}"));
+        t
+    };
     check(record(None, None, false), "active");
     check(record(None, Some(100), false), "expired");
     check(record(Some(50), None, false), "revoked");
-    check(record(Some(50), None, true), "revoked");
-    let mut rotated = record(Some(50), None, true);
-    rotated.revoked.as_mut().unwrap().decided_at = Some(40);
-    check(rotated, "rotated");
-    let mut in_grace = record(Some(150), None, true);
-    in_grace.revoked.as_mut().unwrap().decided_at = Some(40);
-    check(in_grace, "deprecated");
+    check(revoked(50, Some(50), false), "revoked");
+    check(revoked(50, Some(40), true), "rotated");
+    check(revoked(150, Some(40), true), "deprecated");
+    check(revoked(150, Some(150), true), "rotated");
     // Revoked on an instance whose clock is ahead of this one's: revoked here too, at once.
-    check(record(Some(150), None, false), "revoked");
-    // A grace stored before `decided_at` was kept still runs to its end.
-    let mut legacy = record(Some(150), None, true);
-    let to = legacy.rotated_to.clone().unwrap();
-    legacy.revoked.as_mut().unwrap().reason = Some(format!("rotated to {to}"));
-    check(legacy, "deprecated");
-    // A revocation whose reason only reads like a rotation's holds at once.
-    let mut explicit = record(Some(150), None, false);
-    explicit.revoked.as_mut().unwrap().reason = Some(format!("rotated to {to}"));
-    check(explicit, "revoked");
-    let mut no_grace = record(Some(150), None, true);
-    no_grace.revoked.as_mut().unwrap().decided_at = Some(150);
-    check(no_grace, "rotated");
+    check(revoked(150, Some(150), false), "revoked");
+    // Revoked in the grace: at once, and not read as the rotation.
+    check(revoked(150, Some(150), false), "revoked");
+    // A grace stored before `decided_at` was kept still runs to its end; a revocation of then
+    // with another reason held at once.
+    check(revoked(150, None, true), "deprecated");
+    check(revoked(150, None, false), "revoked");
 }
 
 #[tokio::test]
@@ -361,12 +361,29 @@ async fn a_narrowed_admin_token_hands_on_no_role_its_scope_does_not_cover() {
             .await,
     );
     assert!(why.contains("cannot hand on the editor role"), "{why}");
-    // A viewer is within read: still fine. And an unscoped admin later raises what the
-    // narrowed one made: the service is capped by its creator's role (admin), not its token.
-    let to_viewer = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
-    l.set_user_role(&actor, "acme", "bob@acme.io", to_viewer).await.unwrap();
+    // Lowering a role adds nothing: allowed through the narrowed token.
+    actor.scope = None;
+    l.set_user_role(&actor, "acme", "bob@acme.io", to_admin.clone()).await.unwrap();
+    actor.scope = Some(vec!["read".into(), "admin".into()]);
+    let to_editor = RoleChange { org_role: Some(Role::Editor), ..RoleChange::default() };
+    l.set_user_role(&actor, "acme", "bob@acme.io", to_editor).await.unwrap();
+    // An unscoped admin later raises what the narrowed one made: the service is capped by its
+    // creator's role (admin), not by the creating token.
     actor.scope = None;
     l.set_service_role(&actor, "acme", "etl", to_admin).await.unwrap();
+}
+
+#[tokio::test]
+async fn roles_whose_permissions_no_higher_role_has_can_still_be_handed_on() {
+    // Roles need not nest: a viewer here may `export`, which no admin may.
+    let custom = format!("{CONFIG}roles: {{ viewer: [read, export] }}\n");
+    let config = Config::parse(&custom).unwrap();
+    let (store, _, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    l.add_user(&actor, "acme", "v@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
+        .await
+        .unwrap();
+    l.create_service(&actor, viewer_service("exporter")).await.unwrap();
 }
 
 #[tokio::test]

@@ -67,6 +67,12 @@ impl Gateway {
         req: &RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Permit, Rejection> {
+        // Upstreams disagree on a method in lower case: Django, Flask and Symfony upper-case it
+        // (`delete` runs DELETE), Go and servlets keep it (`get` is not GET there), so no one
+        // permission fits it. Refused, as nginx does.
+        if req.method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(Rejection::BadRequest("the request method must be in upper case"));
+        }
         let mut hosts = req.headers.get_all(http::header::HOST).iter();
         let header_host = hosts.next();
         if hosts.next().is_some() {

@@ -711,7 +711,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let before = self.get_token(id).await?.ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
         let mut token = (*before).clone();
-        token.revoked = Some(Box::new(Revocation { at: now_millis(), decided_at: None, reason, by }));
+        let now = now_millis();
+        token.revoked = Some(Box::new(Revocation { at: now, decided_at: Some(now), reason, by }));
         self.update_token(&before, &token, None, None).await
     }
 

@@ -199,13 +199,20 @@ impl TokenRecord {
         self.revoked.as_ref().is_some_and(|r| (r.is_immediate() && !self.is_legacy_grace(r)) || r.at <= now)
     }
 
-    /// A rotation's grace stored before `decided_at` was kept: the revocation gives exactly the
-    /// reason its rotation wrote, naming the token it was rotated to.
+    /// A rotation's grace stored before `decided_at` was kept (every revocation writes it now).
     fn is_legacy_grace(&self, r: &Revocation) -> bool {
-        r.decided_at.is_none()
-            && self.rotated_to.as_ref().is_some_and(|to| {
+        r.decided_at.is_none() && self.revoked_by_rotation()
+    }
+
+    /// Whether its revocation is its rotation's: it gives exactly the reason the rotation wrote,
+    /// naming the token it was rotated to (a later revocation in the grace replaces it).
+    pub fn revoked_by_rotation(&self) -> bool {
+        match (&self.revoked, &self.rotated_to) {
+            (Some(r), Some(to)) => {
                 r.reason.as_deref().and_then(|why| why.strip_prefix(ROTATED_TO)) == Some(to.as_str())
-            })
+            }
+            _ => false,
+        }
     }
 }
 

@@ -784,3 +784,25 @@ async fn the_upstream_gets_the_target_as_sent_and_only_a_path_or_a_full_url() {
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(!String::from_utf8_lossy(&head).contains("forged"), "{}", String::from_utf8_lossy(&head));
 }
+
+#[tokio::test]
+async fn a_method_in_lower_case_is_refused_since_upstreams_read_it_two_ways() {
+    // `/shop` needs `admin` for DELETE. Django would run `delete` as DELETE, Go would not run it as
+    // anything it knows: no one permission fits, so it never reaches the upstream.
+    let mut w = World::start().await;
+    let user = w.user("acme", "lower@acme.io", Role::Editor, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    for method in ["delete", "get", "Post"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = w
+            .http
+            .request(method.clone(), w.gateway.url("/shop/x"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let (_, body) = error_body(resp, 400).await;
+        assert!(body["error_description"].as_str().unwrap().contains("upper case"), "{method}: {body}");
+    }
+    assert_eq!(w.get(&w.gateway, "/shop/x", &token).await.status(), 200);
+}
