@@ -295,6 +295,11 @@ fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) 
     audit
 }
 
+/// A service's roles as a role set (no org role: guest in the org).
+fn service_roles(s: &Service) -> RoleSet {
+    RoleSet { org: s.org_role.unwrap_or(Role::Guest), projects: s.project_roles.clone() }
+}
+
 /// An admin service may not demote or delete itself, as an admin may not (an org keeps an admin).
 fn not_itself(actor: &Actor, s: &Service, what: &str) -> Result<()> {
     match &actor.service_id {
@@ -868,12 +873,7 @@ impl<'a> Lifecycle<'a> {
         check_email(email)?;
         check_attributes(&attributes)?;
         self.check_roles(org, &project_roles)?;
-        self.check_grantable(
-            actor,
-            None,
-            Some(org_role),
-            project_roles.iter().map(|(p, r)| (p.as_str(), *r)),
-        )?;
+        self.check_grantable(actor, None, &RoleSet { org: org_role, projects: project_roles.clone() })?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
             true => {
@@ -1006,7 +1006,8 @@ impl<'a> Lifecycle<'a> {
         }
         self.check_roles(org, &project_roles)?;
         let had = RoleSet { org: before.org_role, projects: before.project_roles.clone() };
-        self.check_grantable(actor, Some(&had), change.org_role, change.granted_project_role())?;
+        let has = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+        self.check_grantable(actor, Some(&had), &has)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1096,37 +1097,37 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
-    /// Roles handed on (to a new or changed user or service) may not add a permission that the
-    /// calling token's scope leaves out: an admin whose token is scoped `read-write` hands on no
-    /// role with `admin` (the role order, and `require_admin` for users, cap the rest). Only what
-    /// a change adds counts, so such a token may still lower a role. Nor does a narrowed token get
-    /// round its scope through a service it creates (and then holds the token of).
-    fn check_grantable<'r>(
-        &self,
-        actor: &Actor,
-        before: Option<&RoleSet>,
-        org_role: Option<Role>,
-        project_roles: impl IntoIterator<Item = (&'r str, Role)>,
-    ) -> Result<()> {
-        let Some(scope) = &actor.scope else { return Ok(()) };
+    /// Roles handed on (a new or changed user or service: `before` to `after`) may not add a
+    /// permission the caller could not use: for an org admin, none its token's scope leaves out of
+    /// its role (an admin whose token is scoped `read-write` hands on no role with `admin`; an
+    /// unscoped admin hands on any role, whatever the roles' permissions); for anyone else (an
+    /// editor creating a service), none outside its own permissions as its token narrows them.
+    /// Only what a change adds counts, at the org and on each project (a project role removed
+    /// can add the org role's permissions there), so lowering a role is always possible.
+    fn check_grantable(&self, actor: &Actor, before: Option<&RoleSet>, after: &RoleSet) -> Result<()> {
+        use crate::policy::PermSet;
         let policy = &self.config.policy;
-        let scope = policy.set_of(scope);
-        let covers = |had: Option<Role>, given: Role| {
-            let had = had.map_or(crate::policy::PermSet::EMPTY, |r| policy.role_permissions(r));
-            scope.union(had).contains(policy.role_permissions(given))
-        };
-        let refuse = |given: Role, place: String| {
-            Err(LifecycleError::Forbidden(format!(
-                "your token cannot hand on the {given} role{place}: its scope does not cover that role's permissions"
-            )))
-        };
-        if let Some(given) = org_role.filter(|r| !covers(before.map(|b| b.org), *r)) {
-            return refuse(given, String::new());
-        }
-        for (project, given) in project_roles {
-            if !covers(before.map(|b| b.on(project)), given) {
-                return refuse(given, format!(" on project {project:?}"));
+        let admin = actor.require_admin(self.config).is_ok();
+        let check = |held: Role, had: Option<Role>, given: Role, place: String| {
+            let usable = actor.permissions_for(self.config, held);
+            let had = had.map_or(PermSet::EMPTY, |r| policy.role_permissions(r));
+            let added = policy.role_permissions(given).minus(had);
+            let allowed = match admin {
+                true => added.intersect(policy.role_permissions(held).minus(usable)).is_empty(),
+                false => usable.contains(added),
+            };
+            match allowed {
+                true => Ok(()),
+                false => Err(LifecycleError::Forbidden(format!(
+                    "you cannot hand on the {given} role{place}: it has permissions your token cannot use"
+                ))),
             }
+        };
+        check(actor.roles.org, before.map(|b| b.org), after.org, String::new())?;
+        let projects = after.projects.keys().chain(before.into_iter().flat_map(|b| b.projects.keys()));
+        for project in projects {
+            let had = before.map(|b| b.on(project));
+            check(actor.roles.on(project), had, after.on(project), format!(" on project {project:?}"))?;
         }
         Ok(())
     }
@@ -1189,8 +1190,7 @@ impl<'a> Lifecycle<'a> {
             created_at: now_millis(),
         };
         self.check_service_roles(actor, &service)?;
-        let project_roles = service.project_roles.iter().map(|(p, r)| (p.as_str(), *r));
-        self.check_grantable(actor, None, service.org_role, project_roles)?;
+        self.check_grantable(actor, None, &service_roles(&service))?;
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
             serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
@@ -1308,9 +1308,7 @@ impl<'a> Lifecycle<'a> {
         change.apply(&mut org_role, &mut s.project_roles)?;
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
         self.check_service_roles(actor, &s)?;
-        let had =
-            RoleSet { org: before.org_role.unwrap_or(Role::Guest), projects: before.project_roles.clone() };
-        self.check_grantable(actor, Some(&had), change.org_role, change.granted_project_role())?;
+        self.check_grantable(actor, Some(&service_roles(&before)), &service_roles(&s))?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1364,14 +1362,6 @@ pub struct RoleChange {
 }
 
 impl RoleChange {
-    /// The project role it hands on, if any.
-    fn granted_project_role(&self) -> Option<(&str, Role)> {
-        match (&self.project, self.project_role, self.remove) {
-            (Some(project), Some(role), false) => Some((project.as_str(), role)),
-            _ => None,
-        }
-    }
-
     fn apply(
         &self,
         org_role: &mut Role,

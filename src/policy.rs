@@ -71,9 +71,18 @@ impl PermSet {
         PermSet(self.0 & other.0)
     }
 
-    /// Set union.
-    pub fn union(self, other: PermSet) -> PermSet {
+    fn union(self, other: PermSet) -> PermSet {
         PermSet(self.0 | other.0)
+    }
+
+    /// Set difference: what `self` has and `other` has not.
+    pub fn minus(self, other: PermSet) -> PermSet {
+        PermSet(self.0 & !other.0)
+    }
+
+    /// Whether it holds no permission.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }
 

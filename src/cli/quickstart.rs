@@ -115,14 +115,14 @@ fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Opt
                 [a] if a.ip().is_loopback() && public == demo => Some(*a),
                 _ => None,
             };
-            match echo.and_then(|a| TcpListener::bind(a).ok()) {
+            match echo.filter(|a| !clashes(*a, config)).and_then(|a| TcpListener::bind(a).ok()) {
                 Some(listener) => return Ok(Some(listener)),
                 None => return none(),
             }
         }
         None => return none(),
     };
-    if addr == config.listen || addr == config.admin.listen {
+    if clashes(addr, config) {
         anyhow::bail!(
             "{}: the echo upstream's address {addr} is the gateway's own; change the `{}` line (and the \
              routes that use it), or delete the file for a fresh config",
@@ -139,6 +139,14 @@ fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Opt
         )
     })?;
     Ok(Some(listener))
+}
+
+/// Whether `addr` is (or overlaps, through an any-address listener) the gateway's or admin API's.
+fn clashes(addr: SocketAddr, config: &Config) -> bool {
+    [config.listen, config.admin.listen].iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_unspecified())
+    })
 }
 
 /// Bootstraps the demo admin, or gives the existing one a new token (audited, as `quickstart`).
