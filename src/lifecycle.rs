@@ -1103,7 +1103,7 @@ impl<'a> Lifecycle<'a> {
     /// unscoped admin hands on any role, whatever the roles' permissions); for anyone else (an
     /// editor creating a service), none outside its own permissions as its token narrows them.
     /// Only what a change adds counts, at the org and on each project (a project role removed
-    /// can add the org role's permissions there), so lowering a role is always possible.
+    /// can add the org role's permissions there); where roles nest, lowering adds nothing.
     fn check_grantable(&self, actor: &Actor, before: Option<&RoleSet>, after: &RoleSet) -> Result<()> {
         use crate::policy::PermSet;
         let policy = &self.config.policy;
@@ -1124,7 +1124,12 @@ impl<'a> Lifecycle<'a> {
             }
         };
         check(actor.roles.org, before.map(|b| b.org), after.org, String::new())?;
-        let projects = after.projects.keys().chain(before.into_iter().flat_map(|b| b.projects.keys()));
+        // Every project whose roles differ from the org's, the caller's own included.
+        let projects = after
+            .projects
+            .keys()
+            .chain(before.into_iter().flat_map(|b| b.projects.keys()))
+            .chain(actor.roles.projects.keys());
         for project in projects {
             let had = before.map(|b| b.on(project));
             check(actor.roles.on(project), had, after.on(project), format!(" on project {project:?}"))?;
@@ -1148,6 +1153,23 @@ impl<'a> Lifecycle<'a> {
                     return Err(LifecycleError::Forbidden(format!(
                         "a service's role on project {project:?} ({role}) may not exceed its creator's or yours ({})",
                         cap.on(project)
+                    )));
+                }
+            }
+        }
+        // A creator who is no org admin holds the service's first token: where roles do not
+        // nest, a lower role can still carry a permission the creator's lacks, which an admin's
+        // later set-role must not hand the creator either.
+        if let Some(creator) = s.creator_roles.as_ref().filter(|c| c.org < Role::Admin) {
+            let policy = &self.config.policy;
+            let roles = service_roles(s);
+            let places = s.project_roles.keys().chain(creator.projects.keys());
+            let checks = std::iter::once((String::new(), creator.org, roles.org))
+                .chain(places.map(|p| (format!(" on project {p:?}"), creator.on(p), roles.on(p))));
+            for (place, held, given) in checks {
+                if !policy.role_permissions(held).contains(policy.role_permissions(given)) {
+                    return Err(LifecycleError::Forbidden(format!(
+                        "a service's role{place} ({given}) may not have permissions its creator's ({held}) lacks"
                     )));
                 }
             }

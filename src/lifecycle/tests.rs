@@ -389,9 +389,23 @@ async fn roles_whose_permissions_no_higher_role_has_can_still_be_handed_on() {
     l.create_service(&preset, viewer_service("exporter-2")).await.unwrap();
     // An editor, who cannot export, does not get to through a service it creates (and holds the
     // token of).
-    let editor = Actor { roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() }, ..actor.clone() };
+    let ed = create_user(&store, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    let editor = Actor {
+        subject: format!("user:{}", ed.id),
+        user_id: Some(ed.id.clone()),
+        roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
+        ..actor.clone()
+    };
     let why = forbidden(l.create_service(&editor, viewer_service("exporter-3")).await);
-    assert!(why.contains("cannot hand on the viewer role"), "{why}");
+    assert!(why.contains("(viewer) may not have permissions its creator's (editor) lacks"), "{why}");
+    // Nor when an admin later "lowers" the editor's service to viewer.
+    let mine = CreateService { org_role: Some(Role::Editor), ..viewer_service("editors") };
+    l.create_service(&editor, mine).await.unwrap();
+    let to_viewer = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
+    let why = forbidden(l.set_service_role(&actor, "acme", "editors", to_viewer).await);
+    assert!(why.contains("permissions its creator's (editor) lacks"), "{why}");
 }
 
 #[tokio::test]
@@ -425,4 +439,24 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
     let why = forbidden(l.set_service_role(&itself, "acme", "ops", demote).await);
     assert!(why.contains("may not change its own role"), "{why}");
     l.delete_service(&actor, "acme", "ops").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_service_gets_no_permission_its_creator_lacks_on_the_creators_own_projects() {
+    // Here an editor may deploy and an admin may not; Ann is an editor with admin on shop, so on
+    // shop she cannot deploy, and a service she makes as editor would there.
+    let custom = format!("{CONFIG}roles: {{ editor: [read, write, execute, deploy] }}\n");
+    let config = Config::parse(&custom).unwrap();
+    let (store, _, admin) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let ann = Actor {
+        roles: RoleSet { org: Role::Editor, projects: BTreeMap::from([("shop".to_string(), Role::Admin)]) },
+        ..admin
+    };
+    let editor_service = CreateService { org_role: Some(Role::Editor), ..viewer_service("deployer") };
+    let why = forbidden(l.create_service(&ann, editor_service).await);
+    assert!(
+        why.contains("on project \"shop\" (editor) may not have permissions its creator's (admin) lacks"),
+        "{why}"
+    );
 }
