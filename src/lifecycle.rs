@@ -1138,7 +1138,7 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// The roles a service may have: never above its creator's at creation, nor the actor's now.
-    fn check_service_roles(&self, actor: &Actor, s: &Service) -> Result<()> {
+    fn check_service_roles(&self, actor: &Actor, before: Option<&RoleSet>, s: &Service) -> Result<()> {
         self.check_roles(&s.org, &s.project_roles)?;
         let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
         for cap in caps.iter().flatten() {
@@ -1158,18 +1158,33 @@ impl<'a> Lifecycle<'a> {
             }
         }
         // A creator who is no org admin holds the service's first token: where roles do not
-        // nest, a lower role can still carry a permission the creator's lacks, which an admin's
-        // later set-role must not hand the creator either.
+        // nest, a lower role can still carry a permission the creator's lacked, which no role
+        // change (an admin's later set-role included) may add. Only what a change adds counts.
         if let Some(creator) = s.creator_roles.as_ref().filter(|c| c.org < Role::Admin) {
             let policy = &self.config.policy;
             let roles = service_roles(s);
-            let places = s.project_roles.keys().chain(creator.projects.keys());
-            let checks = std::iter::once((String::new(), creator.org, roles.org))
-                .chain(places.map(|p| (format!(" on project {p:?}"), creator.on(p), roles.on(p))));
-            for (place, held, given) in checks {
-                if !policy.role_permissions(held).contains(policy.role_permissions(given)) {
+            let places = s
+                .project_roles
+                .keys()
+                .chain(creator.projects.keys())
+                .chain(before.into_iter().flat_map(|b| b.projects.keys()));
+            let checks = std::iter::once(("its org role".to_string(), None))
+                .chain(places.map(|p| (format!("its role on project {p:?}"), Some(p))));
+            for (place, project) in checks {
+                let at = |r: &RoleSet| project.map_or(r.org, |p| r.on(p));
+                let had = before.map_or(crate::policy::PermSet::EMPTY, |b| policy.role_permissions(at(b)));
+                let lacking = policy
+                    .role_permissions(at(&roles))
+                    .minus(had)
+                    .minus(policy.role_permissions(at(creator)));
+                if !lacking.is_empty() {
                     return Err(LifecycleError::Forbidden(format!(
-                        "a service's role{place} ({given}) may not have permissions its creator's ({held}) lacks"
+                        "service {:?}: {place} ({}) would carry {}, which its creator did not hold when creating it \
+                         (as {}); a service never gets more than that",
+                        s.name,
+                        at(&roles),
+                        policy.names_of(lacking),
+                        at(creator)
                     )));
                 }
             }
@@ -1211,7 +1226,7 @@ impl<'a> Lifecycle<'a> {
             creator_roles: Some(actor.roles.clone()),
             created_at: now_millis(),
         };
-        self.check_service_roles(actor, &service)?;
+        self.check_service_roles(actor, None, &service)?;
         self.check_grantable(actor, None, &service_roles(&service))?;
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
@@ -1329,7 +1344,7 @@ impl<'a> Lifecycle<'a> {
         let had_org_role = s.org_role.is_some();
         change.apply(&mut org_role, &mut s.project_roles)?;
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
-        self.check_service_roles(actor, &s)?;
+        self.check_service_roles(actor, Some(&service_roles(&before)), &s)?;
         self.check_grantable(actor, Some(&service_roles(&before)), &service_roles(&s))?;
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();

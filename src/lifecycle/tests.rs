@@ -399,13 +399,13 @@ async fn roles_whose_permissions_no_higher_role_has_can_still_be_handed_on() {
         ..actor.clone()
     };
     let why = forbidden(l.create_service(&editor, viewer_service("exporter-3")).await);
-    assert!(why.contains("(viewer) may not have permissions its creator's (editor) lacks"), "{why}");
+    assert!(why.contains("its org role (viewer) would carry export,"), "{why}");
     // Nor when an admin later "lowers" the editor's service to viewer.
     let mine = CreateService { org_role: Some(Role::Editor), ..viewer_service("editors") };
     l.create_service(&editor, mine).await.unwrap();
     let to_viewer = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
     let why = forbidden(l.set_service_role(&actor, "acme", "editors", to_viewer).await);
-    assert!(why.contains("permissions its creator's (editor) lacks"), "{why}");
+    assert!(why.contains("which its creator did not hold when creating it (as editor)"), "{why}");
 }
 
 #[tokio::test]
@@ -455,8 +455,35 @@ async fn a_service_gets_no_permission_its_creator_lacks_on_the_creators_own_proj
     };
     let editor_service = CreateService { org_role: Some(Role::Editor), ..viewer_service("deployer") };
     let why = forbidden(l.create_service(&ann, editor_service).await);
-    assert!(
-        why.contains("on project \"shop\" (editor) may not have permissions its creator's (admin) lacks"),
-        "{why}"
-    );
+    assert!(why.contains("its role on project \"shop\" (editor) would carry deploy"), "{why}");
+}
+
+#[tokio::test]
+async fn a_service_made_before_its_roles_stopped_nesting_can_still_be_lowered() {
+    let (store, config, admin) = setup().await;
+    let ed = create_user(&store, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    let editor = Actor {
+        subject: format!("user:{}", ed.id),
+        user_id: Some(ed.id.clone()),
+        roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
+        ..admin.clone()
+    };
+    let reporter = CreateService {
+        project_roles: BTreeMap::from([("shop".to_string(), Role::Viewer)]),
+        ..viewer_service("reporter")
+    };
+    Lifecycle::new(&store, &config).create_service(&editor, reporter).await.unwrap();
+    // Then a viewer may export, which the editor who made it may not: lowering adds nothing and
+    // goes ahead, raising it back would add export and does not.
+    let custom = Config::parse(&format!("{CONFIG}roles: {{ viewer: [read, export] }}\n")).unwrap();
+    let l = Lifecycle::new(&store, &custom);
+    let remove = RoleChange { project: Some("shop".into()), remove: true, ..RoleChange::default() };
+    l.set_service_role(&admin, "acme", "reporter", remove).await.unwrap();
+    let to_guest = RoleChange { org_role: Some(Role::Guest), ..RoleChange::default() };
+    l.set_service_role(&admin, "acme", "reporter", to_guest).await.unwrap();
+    let back = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
+    let why = forbidden(l.set_service_role(&admin, "acme", "reporter", back).await);
+    assert!(why.contains("its org role (viewer) would carry export"), "{why}");
 }
