@@ -31,6 +31,19 @@ async fn setup() -> (Store, Config, Actor) {
     (store, config, actor)
 }
 
+/// A stored editor of org acme (`ed@acme.io`), acting like `admin` in all else.
+async fn editor(store: &Store, admin: &Actor) -> Actor {
+    let ed = create_user(store, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    Actor {
+        subject: format!("user:{}", ed.id),
+        user_id: Some(ed.id.clone()),
+        roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
+        ..admin.clone()
+    }
+}
+
 /// A service of org acme with the viewer role.
 fn viewer_service(name: &str) -> CreateService {
     CreateService {
@@ -389,15 +402,7 @@ async fn roles_whose_permissions_no_higher_role_has_can_still_be_handed_on() {
     l.create_service(&preset, viewer_service("exporter-2")).await.unwrap();
     // An editor, who cannot export, does not get to through a service it creates (and holds the
     // token of).
-    let ed = create_user(&store, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
-        .await
-        .unwrap();
-    let editor = Actor {
-        subject: format!("user:{}", ed.id),
-        user_id: Some(ed.id.clone()),
-        roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
-        ..actor.clone()
-    };
+    let editor = editor(&store, &actor).await;
     let why = forbidden(l.create_service(&editor, viewer_service("exporter-3")).await);
     assert!(why.contains("its org role (viewer) would carry export,"), "{why}");
     // Nor when an admin later "lowers" the editor's service to viewer.
@@ -461,15 +466,7 @@ async fn a_service_gets_no_permission_its_creator_lacks_on_the_creators_own_proj
 #[tokio::test]
 async fn a_service_made_before_its_roles_stopped_nesting_can_still_be_lowered() {
     let (store, config, admin) = setup().await;
-    let ed = create_user(&store, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new())
-        .await
-        .unwrap();
-    let editor = Actor {
-        subject: format!("user:{}", ed.id),
-        user_id: Some(ed.id.clone()),
-        roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
-        ..admin.clone()
-    };
+    let editor = editor(&store, &admin).await;
     let reporter = CreateService {
         project_roles: BTreeMap::from([("shop".to_string(), Role::Viewer)]),
         ..viewer_service("reporter")
