@@ -86,7 +86,8 @@ fn run_origin(port: u16) {
     });
 }
 
-/// Plain Pingora: the same proxy service Tollgate builds, with nothing but the upstream choice.
+/// Plain Pingora: the same proxy service Tollgate builds, with nothing but the upstream choice and
+/// the same upstream timeouts (a proxy's, not authentication's: as nginx has its own).
 struct Passthrough(std::net::SocketAddr);
 
 #[async_trait]
@@ -95,7 +96,9 @@ impl ProxyHttp for Passthrough {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> pingora::Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+        let mut peer = Box::new(HttpPeer::new(self.0, false, String::new()));
+        tollgate::route::UpstreamTimeouts::default().apply(&mut peer);
+        Ok(peer)
     }
 }
 

@@ -1,5 +1,5 @@
 //! A built-in echo upstream: answers every request with JSON of what it received (method, URI,
-//! headers). The quickstart puts it behind the gateway, `tollgate echo` serves it for the
+//! headers, body). The quickstart puts it behind the gateway, `tollgate echo` serves it for the
 //! docker-compose demo, and the tests use it as their upstream.
 
 use std::collections::BTreeMap;
@@ -31,17 +31,33 @@ pub fn spawn(listener: std::net::TcpListener) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bodies longer than this are not echoed (their length is).
+const ECHOED_BODY: usize = 1 << 20;
+
 async fn echo(req: Request) -> Json<serde_json::Value> {
+    let (parts, body) = req.into_parts();
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, value) in req.headers() {
+    for (name, value) in &parts.headers {
         headers
             .entry(name.as_str().to_string())
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
+    // The whole body is read (and counted) whatever its length; its text is echoed up to a bound.
+    let mut body = body.into_data_stream();
+    let (mut text, mut length) = (Vec::new(), 0usize);
+    while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut body).await {
+        length += chunk.len();
+        if length <= ECHOED_BODY {
+            text.extend_from_slice(&chunk);
+        }
+    }
+    let body = (length <= ECHOED_BODY).then(|| String::from_utf8_lossy(&text).into_owned());
     Json(serde_json::json!({
-        "method": req.method().as_str(),
-        "uri": req.uri().to_string(),
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
         "headers": headers,
+        "body": body,
+        "body_length": length,
     }))
 }

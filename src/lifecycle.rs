@@ -5,7 +5,7 @@
 //! Nobody can grant more than they hold: a new token's scope and environments stay within the
 //! caller's effective rights, and a service's roles within its creator's at creation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -427,7 +427,12 @@ impl<'a> Lifecycle<'a> {
     /// Validates a token's settings against the config and the caller's rights. Where `wanted`
     /// leaves the scope or the environments unset, `making` says what that means.
     fn spec(&self, actor: &Actor, wanted: TokenSpec, making: Making, now: Millis) -> Result<TokenSpec> {
-        let TokenSpec { display_name, scope, environments, expires_at } = wanted;
+        let TokenSpec { display_name, scope, mut environments, expires_at } = wanted;
+        // Each once, in the order first given.
+        if let Some(envs) = &mut environments {
+            let mut seen = std::collections::HashSet::new();
+            envs.retain(|e| seen.insert(e.clone()));
+        }
         let policy = &self.config.policy;
         // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
         // the caller holds: the owner's role caps it on every request.)
@@ -706,6 +711,7 @@ impl<'a> Lifecycle<'a> {
         display_name: Option<&str>,
         reason: Option<String>,
     ) -> Result<TokenView> {
+        check_reason(&reason)?;
         let before = match (id, display_name) {
             (Some(id), None) => self.visible_token(actor, id).await?,
             (None, Some(name)) => {
@@ -1023,6 +1029,7 @@ impl<'a> Lifecycle<'a> {
         status: UserStatus,
         reason: Option<String>,
     ) -> Result<User> {
+        check_reason(&reason)?;
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let before = self.user_in(actor, org, email).await?;
@@ -1050,6 +1057,7 @@ impl<'a> Lifecycle<'a> {
         email: &str,
         reason: Option<String>,
     ) -> Result<usize> {
+        check_reason(&reason)?;
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let user = self.user_in(actor, org, email).await?;
@@ -1207,7 +1215,7 @@ impl<'a> Lifecycle<'a> {
         }
         if !is_service_name(&req.name) {
             return Err(LifecycleError::Invalid(format!(
-                "{:?} is not a service name (letters, digits, '-', '_', '.', up to 64)",
+                "{:?} is not a service name (letters, digits, '-', '_', '.' (not first), up to 64)",
                 req.name
             )));
         }
@@ -1374,7 +1382,9 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<Vec<AuditEvent>> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        let mut events = self.store.audit_log(org, self.config.audit_max).await?;
+        // Filtered, any of the kept entries may be wanted; otherwise only the newest `limit`.
+        let read = if token_id.is_some() { self.config.audit_max } else { limit.min(self.config.audit_max) };
+        let mut events = self.store.audit_log(org, read).await?;
         if let Some(id) = token_id {
             events.retain(|e| e.token_id.as_deref() == Some(id) || e.target == id);
         }
@@ -1447,12 +1457,56 @@ pub struct CreateService {
 /// Longest attributes object, as compact JSON: it travels in every request's headers.
 const MAX_ATTRIBUTES_BYTES: usize = 4096;
 
+/// Deepest nesting of lists and objects inside an attribute value.
+const MAX_ATTRIBUTES_DEPTH: usize = 16;
+
+/// Longest reason for a revocation, suspension or removal, in characters.
+const MAX_REASON_CHARS: usize = 500;
+
+/// A reason as given, refused when longer than [`MAX_REASON_CHARS`]: it is kept twice (the record
+/// and the audit entry) and read with every audit listing.
+fn check_reason(reason: &Option<String>) -> Result<()> {
+    match reason {
+        Some(r) if r.chars().count() > MAX_REASON_CHARS => {
+            Err(LifecycleError::Invalid(format!("a reason is at most {MAX_REASON_CHARS} characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A user's, a service's or an end user's attributes: at most [`MAX_ATTRIBUTES_BYTES`] of JSON.
 fn check_attributes(attributes: &Attributes) -> Result<()> {
-    if serde_json::to_string(attributes).map_or(0, |j| j.len()) > MAX_ATTRIBUTES_BYTES {
+    // Measured as it travels: non-ASCII escaped (`\uXXXX`), as in `X-Auth-Attributes`.
+    if crate::proxy::headers::ascii_json(attributes).len() > MAX_ATTRIBUTES_BYTES {
         return Err(LifecycleError::Invalid(format!(
-            "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON"
+            "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON, non-ASCII characters \
+             counted as their \\uXXXX escapes"
         )));
+    }
+    // Records nest them a level or two deeper (an audit entry's details), and JSON readers stop at
+    // 128 levels: a deep value would make the records holding it unreadable.
+    fn depth(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if attributes.values().map(depth).max().unwrap_or(0) > MAX_ATTRIBUTES_DEPTH {
+        return Err(LifecycleError::Invalid(format!(
+            "attribute values nest at most {MAX_ATTRIBUTES_DEPTH} lists or objects deep"
+        )));
+    }
+    // Each travels in a header of its own: two keys the upstream would read as one are refused.
+    let mut headers: HashMap<String, &str> = HashMap::new();
+    for key in attributes.keys() {
+        let header: String = crate::proxy::headers::attr_suffix(key).collect();
+        if let Some(first) = headers.get(&header) {
+            return Err(LifecycleError::Invalid(format!(
+                "attributes {first:?} and {key:?} would travel as one header (attr-{header}); keep one"
+            )));
+        }
+        headers.insert(header, key);
     }
     Ok(())
 }
@@ -1471,8 +1525,9 @@ fn check_email(email: &str) -> Result<()> {
     Ok(())
 }
 
+/// Like config names ([`crate::config::is_name`]): a name travels as a URL path segment.
 fn is_service_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    crate::config::is_name(s)
 }
 
 pub(crate) fn new_user(

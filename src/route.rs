@@ -29,6 +29,8 @@ pub struct Route {
     pub path_prefix: String,
     /// Upstream addresses, resolved when the config was loaded; used in turn.
     pub upstreams: Vec<SocketAddr>,
+    /// How long the gateway waits on the upstream.
+    pub timeouts: UpstreamTimeouts,
     /// Organization the route belongs to.
     pub org: String,
     /// Project inside the org.
@@ -62,6 +64,40 @@ pub struct Route {
     pub allowed_requests: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
+/// How long the gateway waits on a route's upstream before it answers `504` (`upstream_timeouts`
+/// in the config; a route's own override the file's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    /// Opening a connection (a pooled one is reused without).
+    pub connect: std::time::Duration,
+    /// Each wait for the upstream to send: its response head, then each piece of its body. A
+    /// response that keeps coming is never cut; one that stalls this long is.
+    pub read: std::time::Duration,
+    /// Each wait for the upstream to take the request: its head, then each piece of the body.
+    pub write: std::time::Duration,
+}
+
+impl UpstreamTimeouts {
+    /// Sets these on a peer's options.
+    pub fn apply(&self, peer: &mut pingora::prelude::HttpPeer) {
+        peer.options.connection_timeout = Some(self.connect);
+        peer.options.read_timeout = Some(self.read);
+        peer.options.write_timeout = Some(self.write);
+    }
+}
+
+impl Default for UpstreamTimeouts {
+    /// nginx's read and send timeouts (60 s); a connect bound of 5 s, as Envoy's, since an
+    /// upstream that takes longer to accept is down for a client's purposes.
+    fn default() -> UpstreamTimeouts {
+        UpstreamTimeouts {
+            connect: std::time::Duration::from_secs(5),
+            read: std::time::Duration::from_secs(60),
+            write: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// Everything needed to make a [`Route`], as validated config.
 #[derive(Debug)]
 pub struct RouteSpec {
@@ -73,6 +109,8 @@ pub struct RouteSpec {
     pub path_prefix: String,
     /// See [`Route::upstreams`].
     pub upstreams: Vec<SocketAddr>,
+    /// See [`Route::timeouts`].
+    pub timeouts: UpstreamTimeouts,
     /// See [`Route::org`].
     pub org: String,
     /// See [`Route::project`].
@@ -113,6 +151,7 @@ impl Route {
             host: spec.host,
             path_prefix: spec.path_prefix,
             upstreams: spec.upstreams,
+            timeouts: spec.timeouts,
             org: spec.org,
             project: spec.project,
             environment: spec.environment,
@@ -173,6 +212,11 @@ struct Entry {
     /// only then is the path matched a second time, without regard to case. Known when the
     /// table is built, so an ordinary request pays nothing for it.
     check_case: bool,
+    /// Whether a route tried before this one has a longer prefix inside this one's (`/shop/admin`
+    /// beside `/shop`): only then can a path this route takes (`/shop/admin.json`) be that
+    /// route's to an upstream that drops a format extension (Rails' `(.:format)`, Spring MVC's
+    /// suffix patterns), so only then is the path matched again without its extension.
+    check_extension: bool,
 }
 
 impl RouteTable {
@@ -232,6 +276,17 @@ impl RouteTable {
                 );
             }
         }
+        if let Some(entry) = sent.filter(|e| e.check_extension) {
+            if let Some(bare) = without_extension(path) {
+                if !same(self.find(host, bare, false))
+                    || (entry.check_case && !same(self.find(host, bare, true)))
+                {
+                    return Err(
+                        "the path reads as another route's without its extension (as Rails reads .json)",
+                    );
+                }
+            }
+        }
         if sent.is_some_and(|e| e.check_case) {
             let folded_alike = |path: &str| same(self.find(host, path, true));
             let normalized_differs = matches!(normalized, Cow::Owned(_));
@@ -249,6 +304,11 @@ impl RouteTable {
         Ok((!self.by_host.is_empty()).then(|| fold_name(name)))
     }
 
+    /// Whether some route names a host (so a request's host decides its route).
+    pub fn names_hosts(&self) -> bool {
+        !self.by_host.is_empty()
+    }
+
     /// All routes, for listing.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_host.values().flatten().chain(self.any_host.iter()).map(|e| &e.route)
@@ -262,16 +322,25 @@ fn entries(routes: &[Arc<Route>], before: &[&str]) -> Vec<Entry> {
     routes
         .iter()
         .enumerate()
-        .map(|(i, route)| Entry {
-            check_case: !route.case_sensitive
-                && routes[..i]
-                    .iter()
-                    .map(|r| r.path_prefix.as_str())
-                    .chain(before.iter().copied())
-                    .any(|earlier| could_shadow(earlier, &route.path_prefix)),
-            route: route.clone(),
+        .map(|(i, route)| {
+            let mut earlier =
+                routes[..i].iter().map(|r| r.path_prefix.as_str()).chain(before.iter().copied());
+            let prefix = route.path_prefix.as_str();
+            Entry {
+                check_case: !route.case_sensitive && earlier.clone().any(|e| could_shadow(e, prefix)),
+                check_extension: earlier.any(|e| e.len() > prefix.len() && could_shadow(e, prefix)),
+                route: route.clone(),
+            }
         })
         .collect()
+}
+
+/// `path` with its last segment's extension dropped (`/shop/admin.json` -> `/shop/admin`), if it
+/// has one.
+fn without_extension(path: &str) -> Option<&str> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let last = path.rfind('/').map_or(0, |i| i + 1);
+    path[last..].find('.').filter(|&dot| dot > 0).map(|dot| &path[..last + dot])
 }
 
 /// Whether a route with prefix `earlier`, tried before one with prefix `prefix`, could match a
@@ -425,6 +494,7 @@ mod tests {
             host: host.map(str::to_string),
             path_prefix: prefix.into(),
             upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            timeouts: Default::default(),
             org: "o".into(),
             project: "p".into(),
             environment: "e".into(),
@@ -450,6 +520,36 @@ mod tests {
             route("api-v2", None, "/api/v2/"),
             route("host-api", Some("shop.example.com"), "/api"),
         ])
+    }
+
+    #[test]
+    fn a_path_must_reach_the_same_route_with_its_extension_dropped() {
+        let t = RouteTable::new(vec![
+            route("root", None, "/"),
+            route("shop", None, "/shop"),
+            route("admin", None, "/shop/admin"),
+            route("v2", None, "/api/v2/"),
+            route("api", None, "/api"),
+        ]);
+        let name = |path: &str| t.route(None, path).map(|r| r.map(|r| r.name.as_str()));
+        for (path, expected) in [
+            ("/shop/items.json", "shop"),
+            ("/shop/admin/users.json", "admin"),
+            ("/shop/admin.json/x", "shop"),
+            ("/robots.txt", "root"),
+            ("/.well-known/x", "root"),
+            ("/shop/.hidden", "shop"),
+            // A prefix ending in `/` is not its path without it (see `matching`).
+            ("/api/v2.json", "api"),
+        ] {
+            assert_eq!(name(path), Ok(Some(expected)), "{path}");
+        }
+        // Rails runs `/shop/admin(.:format)` for these: the admin route's, not the shop's.
+        for path in
+            ["/shop/admin.json", "/shop/admin.", "/shop/Admin.json", "/shop.json", "/shop/admin.json?x=1"]
+        {
+            assert!(name(path).is_err(), "{path}");
+        }
     }
 
     #[test]

@@ -18,6 +18,14 @@ use std::time::{Duration, Instant};
 /// and the server's `bind`. These come from below that range (Linux's is 32768-60999), in turn
 /// from a place that differs per process.
 pub fn free_port() -> u16 {
+    let [port] = free_ports();
+    port
+}
+
+/// `N` consecutive free ports, as [`free_port`] finds them: for a server that also listens on the
+/// ports after the one it is given (the quickstart's echo upstream takes the admin port's next),
+/// so that no other caller is handed those.
+pub fn free_ports<const N: usize>() -> [u16; N] {
     use std::sync::atomic::{AtomicU32, Ordering};
     const FIRST: u32 = 20_000;
     const COUNT: u32 = 12_000;
@@ -25,10 +33,11 @@ pub fn free_port() -> u16 {
     static TAKEN: AtomicU32 = AtomicU32::new(0);
     let start = *START.get_or_init(|| (u64::from(std::process::id()) * 7919 % u64::from(COUNT)) as u32);
     loop {
-        let n = start + TAKEN.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + n % COUNT) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let n = start + TAKEN.fetch_add(N as u32, Ordering::Relaxed);
+        let ports: [u16; N] = std::array::from_fn(|i| (FIRST + (n + i as u32) % COUNT) as u16);
+        let consecutive = ports.windows(2).all(|w| w[1] == w[0] + 1);
+        if consecutive && ports.iter().all(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return ports;
         }
     }
 }

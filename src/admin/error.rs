@@ -23,6 +23,9 @@ pub enum ApiError {
     /// Malformed request.
     #[error("{0}")]
     BadRequest(String),
+    /// A body that could not be read, with its status (400; 413 too large; 415 not JSON).
+    #[error("{1}")]
+    Body(StatusCode, String),
     /// Not allowed.
     #[error("{0}")]
     Forbidden(String),
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::InvalidToken | ApiError::Refused(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Body(status, _) => (*status, "invalid_request"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

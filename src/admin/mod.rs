@@ -98,7 +98,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+            // Too large (413) and not JSON (415) keep their status; every other unreadable body,
+            // axum's 422 for a field of the wrong type included, is a 400 like the API's own.
+            Err(e) => {
+                let status = match e.status() {
+                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError::Body(status, e.body_text()))
+            }
         }
     }
 }
@@ -128,6 +136,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        // No request of this API needs more (attributes are at most 4 KiB); axum's default is 2 MiB.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut).
@@ -139,6 +149,9 @@ pub fn router(state: AdminState) -> Router {
         ))
         .with_state(state)
 }
+
+/// Largest request body the API reads; a longer one is refused with `413`.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The OpenAPI document of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -250,6 +263,12 @@ async fn revoke_token(
     Body(req): Body<RevokeRequest>,
 ) -> Response {
     lifecycle!(s, l);
+    if req.display_name.is_some() {
+        return ApiError::BadRequest(
+            "give the token's id in the path or a `display_name` (POST /v1/tokens/revoke), not both".into(),
+        )
+        .into_response();
+    }
     reply(l.revoke(&a, Some(&id), None, req.reason).await)
 }
 

@@ -18,7 +18,9 @@ use http::header::HeaderName;
 use crate::cache::CacheSettings;
 use crate::jwt::{self, JwtKey, JwtSettings, KeyMaterial};
 use crate::policy::{Policy, Role, MAX_PERMISSIONS};
-use crate::route::{normalize_host, route_path, RequiredPermission, Route, RouteSpec, RouteTable};
+use crate::route::{
+    normalize_host, route_path, RequiredPermission, Route, RouteSpec, RouteTable, UpstreamTimeouts,
+};
 use crate::token::Argon2Params;
 use raw::*;
 
@@ -400,8 +402,13 @@ struct Validator {
     unreadable: Unreadable,
 }
 
-fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+/// An org, project, environment or service name: 1 to 64 letters, digits, `-`, `_` and `.`, not
+/// starting with `.` (it travels as a URL path segment, where `.` and `..` are dropped by clients).
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl Validator {
@@ -435,6 +442,16 @@ impl Validator {
                     default
                 }
             },
+        }
+    }
+
+    /// `upstream_timeouts` at `path`: each one given replaces the one in `base`.
+    fn timeouts(&mut self, path: &str, raw: Option<RawTimeouts>, base: UpstreamTimeouts) -> UpstreamTimeouts {
+        let Some(raw) = raw else { return base };
+        UpstreamTimeouts {
+            connect: self.duration(&format!("{path}.connect"), raw.connect, base.connect),
+            read: self.duration(&format!("{path}.read"), raw.read, base.read),
+            write: self.duration(&format!("{path}.write"), raw.write, base.write),
         }
     }
 
@@ -497,7 +514,8 @@ impl Validator {
             .iter()
             .flatten()
             .position(|r| r.as_ref().is_some_and(|r| r.identity_jwt == Some(true)));
-        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present);
+        let timeouts = self.timeouts("upstream_timeouts", raw.upstream_timeouts, UpstreamTimeouts::default());
+        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts);
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
         if let Some(hmac) = jwt.as_ref().map(|j| j.signing_key()).filter(|k| jwt::is_hmac(k.algorithm)) {
@@ -610,7 +628,7 @@ impl Validator {
         for (i, k) in raw_keys.into_iter().enumerate() {
             let at = |field: &str| format!("jwt.keys[{i}].{field}");
             let Some(kid) = k.kid.filter(|kid| is_name(kid)) else {
-                self.error(at("kid"), "missing or not a name (letters, digits, '-', '_', '.')");
+                self.error(at("kid"), "missing or not a name (letters, digits, '-', '_', '.' (not first))");
                 continue;
             };
             if keys.iter().any(|other| other.kid == kid) {
@@ -824,13 +842,19 @@ impl Validator {
         let mut orgs = BTreeMap::new();
         for (org, raw_org) in raw {
             if !is_name(&org) {
-                self.error(format!("orgs.{org}"), "org names use letters, digits, '-', '_' and '.'");
+                self.error(
+                    format!("orgs.{org}"),
+                    "org names use letters, digits, '-', '_' and '.' (not first), up to 64",
+                );
             }
             let mut settings = OrgSettings::default();
             for (project, raw_project) in raw_org.projects.unwrap_or_default() {
                 let path = format!("orgs.{org}.projects.{project}");
                 if !is_name(&project) {
-                    self.error(&path, "project names use letters, digits, '-', '_' and '.'");
+                    self.error(
+                        &path,
+                        "project names use letters, digits, '-', '_' and '.' (not first), up to 64",
+                    );
                 }
                 let envs = raw_project.environments.unwrap_or_default();
                 if envs.is_empty() {
@@ -857,6 +881,7 @@ impl Validator {
         orgs: &BTreeMap<String, OrgSettings>,
         policy: &Policy,
         jwt_present: bool,
+        timeouts: UpstreamTimeouts,
     ) -> RouteTable {
         let mut routes = Vec::new();
         // What each earlier route took, to name it when a later one takes the same.
@@ -977,6 +1002,7 @@ impl Validator {
                     Err(e) => self.error(path, format!("{addr:?} is not a reachable host:port ({e})")),
                 }
             }
+            let timeouts = self.timeouts(&at("upstream_timeouts"), r.upstream_timeouts, timeouts);
             let identity_jwt = r.identity_jwt.unwrap_or(false);
             if identity_jwt && !jwt_present {
                 self.error(at("identity_jwt"), "needs a `jwt` section with a signing key");
@@ -1023,6 +1049,7 @@ impl Validator {
                 host,
                 path_prefix,
                 upstreams,
+                timeouts,
                 org,
                 project,
                 environment,

@@ -37,6 +37,14 @@ pub struct RawConfig {
     pub tokens: Option<RawTokens>,
     pub audit: Option<RawAudit>,
     pub jwt: Option<RawJwt>,
+    pub upstream_timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTimeouts {
+    pub connect: Option<String>,
+    pub read: Option<String>,
+    pub write: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +163,7 @@ pub struct RawRoute {
     pub path: Option<String>,
     pub upstream: Option<String>,
     pub upstreams: Option<Vec<String>>,
+    pub upstream_timeouts: Option<RawTimeouts>,
     pub org: Option<String>,
     pub project: Option<String>,
     pub environment: Option<String>,
@@ -264,6 +273,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "tokens" => section(text, name, issues).map(|v| raw.tokens = v),
             "audit" => section(text, name, issues).map(|v| raw.audit = v),
             "jwt" => section(text, name, issues).map(|v| raw.jwt = v),
+            "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
             _ => Some(()),
         };
         if read.is_none() {
@@ -274,7 +284,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level keys, as in [`RawConfig`].
-const SECTIONS: [&str; 17] = [
+const SECTIONS: [&str; 18] = [
     "listen",
     "threads",
     "shutdown",
@@ -292,6 +302,7 @@ const SECTIONS: [&str; 17] = [
     "tokens",
     "audit",
     "jwt",
+    "upstream_timeouts",
 ];
 
 /// A scalar key as written (near enough) for an error's path.

@@ -468,3 +468,39 @@ fn a_store_value_of_the_wrong_type_is_not_repeated_in_the_error() {
         "other values are quoted: {errs:#?}"
     );
 }
+
+#[test]
+fn upstream_timeouts_default_and_a_route_overrides_only_what_it_names() {
+    let c = Config::parse(GOOD).unwrap();
+    let shop = c.routes.route(None, "/shop").unwrap().unwrap();
+    assert_eq!(shop.timeouts, UpstreamTimeouts::default());
+    assert_eq!(shop.timeouts.connect, Duration::from_secs(5));
+    assert_eq!(shop.timeouts.read, Duration::from_secs(60));
+
+    let yaml = GOOD
+        .replace("listen:", "upstream_timeouts: { read: 2s, write: 3s }\nlisten:")
+        .replace("    query_token: true\n", "    query_token: true\n    upstream_timeouts: { read: 5m }\n");
+    let c = Config::parse(&yaml).unwrap();
+    let shop = c.routes.route(None, "/shop").unwrap().unwrap();
+    let health = c.routes.route(None, "/health").unwrap().unwrap();
+    let t = |connect, read, write| UpstreamTimeouts {
+        connect: Duration::from_secs(connect),
+        read: Duration::from_secs(read),
+        write: Duration::from_secs(write),
+    };
+    assert_eq!(shop.timeouts, t(5, 300, 3), "the route's read, the file's write, the default connect");
+    assert_eq!(health.timeouts, t(5, 2, 3));
+
+    let bad = GOOD.replace("listen:", "upstream_timeouts: { read: soon, idle: 1s }\nlisten:").replace(
+        "    query_token: true\n",
+        "    query_token: true\n    upstream_timeouts: { connect: 0s }\n",
+    );
+    check(
+        &bad,
+        &[
+            "upstream_timeouts.read: not a duration",
+            "upstream_timeouts.idle: unknown field",
+            "routes[0].upstream_timeouts.connect: must be greater than zero",
+        ],
+    );
+}

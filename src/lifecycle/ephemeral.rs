@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_attributes, check_email, Actor, Lifecycle, LifecycleError, Result, EMPTY_ENVIRONMENTS};
 use crate::jwt::{EphemeralClaims, EPHEMERAL, MAX_JWT_LEN};
 use crate::policy::PermSet;
-use crate::proxy::headers::is_header_text;
+use crate::proxy::headers::{attr_suffix, is_header_text};
 use crate::store::{format_millis, now_millis, Attributes, Stored, User, UserStatus};
 use crate::token;
 
@@ -161,7 +161,21 @@ impl Lifecycle<'_> {
                 // The caller's own; a stored user's were checked when stored (and the signed
                 // credential's length is checked below either way).
                 check_attributes(&attrs)?;
-                let email = attrs.get("email").and_then(|e| e.as_str()).map(str::to_string);
+                // The one key (if any) that travels as the email attribute, however spelled: it
+                // must be an address, checked as `user_email` is, so that no spelling of a
+                // user's address (`Email`, a padded one) escapes the binding below.
+                let email = match attrs.iter().find(|(k, _)| attr_suffix(k).eq("email".chars())) {
+                    None => None,
+                    Some((_, serde_json::Value::String(e))) => {
+                        check_email(e)?;
+                        Some(e.clone())
+                    }
+                    Some((key, _)) => {
+                        return Err(LifecycleError::Invalid(format!(
+                            "the attribute {key:?} must be an email address (a string)"
+                        )))
+                    }
+                };
                 // An `email` naming an org user is that user, as with `user_email`.
                 let uid = match &email {
                     Some(e) => self.org_user(org, e).await?.map(|u| u.id),

@@ -20,6 +20,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         host: None,
         path_prefix: "/".into(),
         upstreams: vec![],
+        timeouts: Default::default(),
         org: "acme".into(),
         project: "shop".into(),
         environment: "production".into(),

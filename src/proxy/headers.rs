@@ -156,28 +156,32 @@ pub trait Upstream: HeaderEdit {
 
 /// Whether a client-sent header never reaches the upstream: every name in the identity namespace,
 /// the request id (the gateway's own) and, when `credential`, the headers that carry a credential.
-/// The first two are matched with `-` and `_` counting as the same ([`in_namespace`]).
+/// All but `Authorization` are matched in every spelling an upstream may read as theirs
+/// ([`spelled_alike`]).
 fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
     let identity = &config.identity;
+    let alike = |other: &HeaderName| spelled_alike(name.as_str().as_bytes(), other.as_str().as_bytes());
     in_namespace(name.as_str(), &identity.prefix)
-        || spelled_alike(name.as_str().as_bytes(), identity.request_id_header.as_str().as_bytes())
+        || alike(&identity.request_id_header)
         || (credential
             && (*name == http::header::AUTHORIZATION
-                || config.credentials.api_key_header.as_ref() == Some(name)))
+                || config.credentials.api_key_header.as_ref().is_some_and(alike)))
 }
 
-/// Whether a (lowercase) header name starts with the identity prefix, `-` and `_` counting as
-/// the same: CGI, WSGI and Rack upstreams read both `X-Auth-Email` and `X_Auth_Email` as
-/// `HTTP_X_AUTH_EMAIL`, so either spelling would forge the same identity.
+/// Whether a (lowercase) header name starts with the identity prefix in any spelling
+/// ([`spelled_alike`]): CGI, WSGI and Rack upstreams read `X-Auth-Email`, `X_Auth_Email` (and
+/// PHP `X.Auth.Email`) as `HTTP_X_AUTH_EMAIL`, so each would forge the same identity.
 fn in_namespace(name: &str, prefix: &str) -> bool {
     name.as_bytes().get(..prefix.len()).is_some_and(|head| spelled_alike(head, prefix.as_bytes()))
 }
 
-/// Whether two (lowercase) header names are the same with `-` and `_` counting as the same.
+/// Whether two (lowercase) header names are the same with every character but a letter or a
+/// digit counting as the same: CGI gateways turn `-` into `_`, and PHP then `.` too (Caddy's
+/// `php_fastcgi` passes `X.Auth.Email` as `HTTP_X.AUTH.EMAIL`, which PHP reads as
+/// `HTTP_X_AUTH_EMAIL`).
 pub(crate) fn spelled_alike(a: &[u8], b: &[u8]) -> bool {
-    let dash_or_underscore = |b: u8| b == b'-' || b == b'_';
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(&x, &y)| x == y || (dash_or_underscore(x) && dash_or_underscore(y)))
+    let separator = |b: u8| !b.is_ascii_alphanumeric();
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| x == y || (separator(x) && separator(y)))
 }
 
 /// Removes the client's [`withheld`] headers in place.
@@ -532,14 +536,18 @@ fn attr_headers(
         let mut name = String::with_capacity(prefix.len() + 1 + key.len());
         name.push_str(prefix);
         name.push('-');
-        name.extend(
-            key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }),
-        );
+        name.extend(attr_suffix(key));
         // Every character of the name was made a valid header-name character above.
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
         made.push((name, value(text)?));
     }
     Ok(())
+}
+
+/// The name an attribute's header has after `<prefix>attr-`: letters and digits in lower case,
+/// every other character `-` (`Team_ID` -> `team-id`).
+pub(crate) fn attr_suffix(key: &str) -> impl Iterator<Item = char> + '_ {
+    key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
 }
 
 /// Whether `s` is printable ASCII, so it can travel as a header value as it is.

@@ -105,6 +105,18 @@ impl Gateway {
         };
         let route = config.routes.route(host, req.uri.path()).map_err(Rejection::BadRequest)?;
         let route = route.ok_or(Rejection::NoRoute)?.clone();
+        // Rails (and Django, Laravel or Express told to trust the proxy, which Tollgate is) route
+        // by a forwarded host before `Host`: one naming a host whose routes differ is refused.
+        if config.routes.names_hosts() {
+            for forwarded in forwarded_hosts(req) {
+                let theirs = config.routes.route(Some(forwarded), req.uri.path());
+                if !matches!(theirs, Ok(Some(r)) if Arc::ptr_eq(r, &route)) {
+                    return Err(Rejection::BadRequest(
+                        "X-Forwarded-Host or Forwarded names a host routed otherwise than Host",
+                    ));
+                }
+            }
+        }
         ctx.route = Some(route.clone());
         if route.public {
             return Ok(Permit::public(route));
@@ -125,8 +137,31 @@ impl Gateway {
     }
 }
 
-/// Headers through which clients ask a framework to treat a POST as another method, matched
-/// with `-` and `_` alike (Rack reads `X_HTTP_Method_Override` as the same header).
+/// The hosts a request's `X-Forwarded-Host` (in any spelling, each of a list) and `Forwarded`
+/// (`host=`, RFC 7239) headers name.
+fn forwarded_hosts(req: &RequestHeader) -> impl Iterator<Item = &str> {
+    req.headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().as_bytes();
+            let xfh = headers::spelled_alike(name, b"x-forwarded-host");
+            (xfh || headers::spelled_alike(name, b"forwarded")).then(|| (xfh, value.to_str().unwrap_or("")))
+        })
+        .flat_map(|(xfh, text)| text.split(',').map(move |element| (xfh, element)))
+        .flat_map(|(xfh, element)| {
+            let hosts = element
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .filter(move |(key, _)| !xfh && key.trim().eq_ignore_ascii_case("host"))
+                .map(|(_, value)| value.trim().trim_matches('"'));
+            xfh.then(|| element.trim()).into_iter().chain(hosts)
+        })
+        .filter(|host| !host.is_empty())
+}
+
+/// Headers through which clients ask a framework to treat a POST as another method, matched in
+/// every spelling an upstream may read as them (Rack reads `X_HTTP_Method_Override`, PHP behind
+/// Caddy `X.HTTP.Method.Override`, as the same header).
 const METHOD_OVERRIDE_HEADERS: [&[u8]; 3] =
     [b"x-http-method-override", b"x-http-method", b"x-method-override"];
 
@@ -263,11 +298,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         let permit = ctx.permit.as_ref().ok_or_else(missing_permit)?;
-        let addr = permit
-            .route()
+        let route = permit.route();
+        let addr = route
             .next_upstream()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
-        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+        let mut peer = Box::new(HttpPeer::new(addr, false, String::new()));
+        route.timeouts.apply(&mut peer);
+        Ok(peer)
     }
 
     /// Strips the credential and forged identity headers, injects the permit's identity.
@@ -355,13 +392,23 @@ impl ProxyHttp for Gateway {
         );
     }
 
-    /// A request let through whose proxying failed (the upstream down: 502) is answered in the
-    /// gateway's JSON, with the request id and, for a token in its grace, the deprecation headers,
-    /// instead of Pingora's bare error page. The status is Pingora's choice, as in its default.
+    /// A request let through whose proxying failed (the upstream down: 502; silent past its
+    /// route's `upstream_timeouts`: 504) is answered in the gateway's JSON, with the request id
+    /// and, for a token in its grace, the deprecation headers, instead of Pingora's bare error
+    /// page. The status is otherwise Pingora's choice, as in its default.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
+                // The route's `upstream_timeouts` ran out.
+                pingora::ErrorSource::Upstream
+                    if matches!(
+                        e.etype(),
+                        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                    ) =>
+                {
+                    504
+                }
                 pingora::ErrorSource::Upstream => 502,
                 pingora::ErrorSource::Downstream => match e.etype() {
                     // The client is gone: nobody to answer.

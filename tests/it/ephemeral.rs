@@ -412,9 +412,21 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
     let (_, token) = w.service("acme", "svc", &[("shop", Role::Viewer)], TokenSpec::default()).await;
     w.user("acme", "ann@acme.io", Role::Viewer, json!({"team": "red"})).await;
     let for_ann = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "ann@acme.io"})).await;
-    // Naming her by an `email` attribute is the same.
+    // Naming her by an `email` attribute is the same, however the key is spelled: the upstream
+    // reads `Email` as the same header.
     let as_attribute =
-        minted(&w, &w.gateway, &token, "shop", json!({"attributes": {"email": "ann@acme.io"}})).await;
+        minted(&w, &w.gateway, &token, "shop", json!({"attributes": {"Email": "ANN@acme.io"}})).await;
+    // A spelling of her address the upstream would read as hers (a space it trims) is refused.
+    for attrs in [json!({"email": "ann@acme.io "}), json!({"EMAIL": " ann@acme.io"}), json!({"email": 7})] {
+        let (status, answer) =
+            mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": attrs})).await;
+        assert_eq!(status, 400, "{attrs}: {answer}");
+    }
+    let (status, answer) =
+        mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": {"team_id": "a", "team-id": "b"}}))
+            .await;
+    assert_eq!(status, 400, "two keys that travel as one header: {answer}");
+    assert!(answer.to_string().contains("attr-team-id"), "{answer}");
     // An end user who is no org user has nobody to suspend.
     let outsider = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "eu@customer.io"})).await;
     let all_refuse = |jwt: &str, want: u16| {
@@ -433,9 +445,11 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
     admin.run(&["user", "suspend", "ann@acme.io"]).ok();
     assert_refused(&w, &for_ann, "at once on the instance that suspended").await;
     assert_refused(&w, &as_attribute, "named by an email attribute").await;
-    let (status, answer) =
-        mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": {"email": "ann@acme.io"}})).await;
-    assert_eq!(status, 403, "no new credential for her either way: {answer}");
+    for attrs in [json!({"email": "ann@acme.io"}), json!({"E-mail": "x", "eMail": "Ann@Acme.io"})] {
+        let (status, answer) =
+            mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": attrs})).await;
+        assert_eq!(status, 403, "no new credential for her either way: {answer}");
+    }
     assert!(all_refuse(&for_ann, 401).await, "the second instance refuses too");
     assert_eq!(status_of(&w, &w.gateway, "/shop/x", &outsider).await, 200);
     admin.run(&["user", "reactivate", "ann@acme.io"]).ok();

@@ -120,9 +120,14 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         // CGI-style upstreams read `_` as `-`: HTTP_X_AUTH_EMAIL either way.
         .header("X_Auth_Email", "ceo@example.com")
         .header("x_auth-attr-tenant", "victim")
+        // PHP behind Caddy reads `.` as `_` too.
+        .header("X.Auth.Email", "ceo@example.com")
         // The request id is the gateway's, however it is spelled.
         .header("X_Request_Id", "forged")
         .header("x-request_id", "forged")
+        .header("X.Request.Id", "forged")
+        // So is the API-key header a credential came in.
+        .header("X_API_Key", &token)
         .send()
         .await
         .unwrap();
@@ -132,9 +137,13 @@ async fn forged_identity_headers_never_reach_the_upstream() {
     assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
     assert_eq!(echo["headers"]["x-auth-subject"].as_array().unwrap().len(), 1);
     assert!(echo["headers"].get("x-auth-anything").is_none());
-    let underscored: Vec<&String> =
-        echo["headers"].as_object().unwrap().keys().filter(|k| k.starts_with("x_auth")).collect();
-    assert!(underscored.is_empty(), "{underscored:?}");
+    let respelled: Vec<&String> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("x_auth") || k.starts_with("x.auth") || k.starts_with("x_api"))
+        .collect();
+    assert!(respelled.is_empty(), "{respelled:?}");
 
     // A public route needs no token and still strips the namespace.
     let resp = w
@@ -164,7 +173,7 @@ fn assert_no_forged_request_id(echo: &serde_json::Value) {
         .as_object()
         .unwrap()
         .iter()
-        .filter(|(name, _)| name.replace('_', "-") == "x-request-id")
+        .filter(|(name, _)| name.replace(['_', '.'], "-") == "x-request-id")
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(ids[0].0, "x-request-id");
@@ -317,6 +326,7 @@ async fn scope_environment_and_org_are_enforced_with_403() {
         ("X-Other", "x", "?_method=DELETE"),
         ("X-Other", "x", "?a=1;_method=%44ELETE"),
         ("X_HTTP_Method_Override", "DELETE", ""),
+        ("X.HTTP.Method.Override", "DELETE", ""),
         ("X-Other", "x", "?.method=DELETE"),
         ("X-Other", "x", "?+_method=+delete+"),
         ("X-Other", "x", "?_method%00x=DELETE"),
@@ -401,6 +411,128 @@ async fn role_changes_suspension_and_revocation_reach_every_instance() {
         let (_, body) = error_body(w.get(g, "/shop", &token).await, 401).await;
         assert_eq!(body["error_description"], "the access token has been revoked");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_lost_its_invalidation_feed_reads_the_store_until_it_is_back() {
+    // The second gateway logs in to Redis as a user of its own, so that its subscription alone can
+    // be taken away while its reads still work: Redis drops the subscribed connection of a user who
+    // loses the channel, and refuses its new SUBSCRIBE, as a broken pub/sub path would.
+    let mut w = World::start().await;
+    let mut redis = w.redis.client();
+    let mut acl = |args: &[&str]| {
+        let _: () = redis::cmd("ACL").arg("SETUSER").arg("gw_b").arg(args).query(&mut redis).unwrap();
+    };
+    acl(&["on", ">secret-b", "~*", "&*", "+@all"]);
+    let port = free_port();
+    let url = w.redis.url().replace("redis://", "redis://gw_b:secret-b@");
+    let second = Gateway::start_with(port, &gateway_config(port, &url, w.upstream.port));
+    let live = "invalidation feed live";
+    assert!(eventually(Duration::from_secs(5), || async { second.log_text().contains(live) }).await);
+    let user = w.user("acme", "feed@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let revoked = w.pat(&user, TokenSpec::default()).await;
+    let kept = w.pat(&user, TokenSpec::default()).await;
+    for token in [&revoked, &kept] {
+        assert_eq!(w.get(&second, "/shop", token).await.status(), 200, "cached on the second gateway");
+    }
+
+    acl(&["resetchannels"]);
+    let lost =
+        eventually(Duration::from_secs(5), || async { second.log_text().contains("invalidation feed lost") });
+    assert!(lost.await, "{}", second.log_text());
+    // Revoked while the second gateway hears nothing: it must not answer from its cache.
+    let id = token::parse(&revoked).unwrap().id;
+    w.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
+    assert_eq!(w.get(&second, "/shop", &revoked).await.status(), 401, "refused at once, from the store");
+    assert_eq!(w.get(&second, "/shop", &kept).await.status(), 200, "the store still answers for the rest");
+
+    // Back: the entries from before the loss are gone, not trusted again.
+    acl(&["allchannels"]);
+    let back = eventually(Duration::from_secs(10), || async { second.log_text().matches(live).count() >= 2 });
+    assert!(back.await, "{}", second.log_text());
+    assert_eq!(w.get(&second, "/shop", &revoked).await.status(), 401);
+    assert_eq!(w.get(&second, "/shop", &kept).await.status(), 200);
+    assert!(!second.log_text().contains("secret-b"), "the Redis password is never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_host_cannot_lead_the_upstream_past_the_hosts_routes() {
+    let w = World::start().await;
+    let port = free_port();
+    let hosts = format!(
+        "  - {{ name: admin-users, host: admin.example.com, path: /users, upstream: \"127.0.0.1:{up}\", org: acme, \
+         project: shop, environment: production, permissions: {{ GET: admin }} }}\n  - {{ name: public-users, path: /users, \
+         upstream: \"127.0.0.1:{up}\", auth: none }}\n",
+        up = w.upstream.port
+    );
+    let g = Gateway::start_with(port, &(gateway_config(port, &w.redis.url(), w.upstream.port) + &hosts));
+    let get = |headers: &[(&str, &str)]| {
+        let mut req = w.http.get(g.url("/users")).header("host", "www.example.com");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send()
+    };
+    assert_eq!(get(&[]).await.unwrap().status(), 200, "the public route, without a token");
+    // Rails routes by X-Forwarded-Host: these would reach the admin host's handlers.
+    for forged in [
+        ("X-Forwarded-Host", "admin.example.com"),
+        ("X-Forwarded-Host", "cdn.example.net, ADMIN.example.com:443"),
+        ("X_Forwarded_Host", "admin.example.com"),
+        ("Forwarded", "for=192.0.2.1;proto=https;host=\"admin.example.com\""),
+    ] {
+        let (_, body) = error_body(get(&[forged]).await.unwrap(), 400).await;
+        assert!(body["error_description"].as_str().unwrap().contains("Forwarded"), "{forged:?}: {body}");
+    }
+    // A forwarded host routed as `Host` is (a CDN's public name) passes.
+    for same in [
+        ("X-Forwarded-Host", "www.example.com"),
+        ("X-Forwarded-Host", "cdn.example.net"),
+        ("Forwarded", "for=192.0.2.1"),
+    ] {
+        assert_eq!(get(&[same]).await.unwrap().status(), 200, "{same:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_and_the_upstreams_own_answers_pass_through_untouched() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "body@acme.io", Role::Editor, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    // A body of 300 KiB with a length, then one sent in chunks, reach the upstream byte for byte.
+    let big: String = (0..300 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let resp = w
+        .http
+        .post(w.gateway.url("/shop/upload"))
+        .bearer_auth(&token)
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    assert_eq!(echo["body_length"], big.len());
+    assert!(echo["body"].as_str() == Some(big.as_str()), "the body arrived changed");
+    let chunked = format!(
+        "POST /shop/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+    );
+    let raw = raw_request(w.gateway.addr(), chunked.as_bytes());
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains(r#""body":"hello, world""#), "{raw}");
+
+    // The upstream's own error is its answer, not the gateway's: status, headers and body.
+    const DOWN: &[u8] =
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 7\r\nContent-Length: 11\r\n\r\nmaintenance";
+    let down = RawUpstream::start_answering(DOWN);
+    let port = free_port();
+    let g = Gateway::start_with(port, &gateway_config(port, &w.redis.url(), down.port));
+    let resp = w.get(&g, "/shop/x", &token).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    assert_eq!(resp.headers()["content-type"], "text/plain");
+    assert!(resp.headers().get("x-request-id").is_some(), "with the request id added");
+    assert_eq!(resp.text().await.unwrap(), "maintenance");
 }
 
 #[tokio::test]

@@ -127,6 +127,50 @@ async fn a_scoped_token_with_two_environments_works_only_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_without_grace_refuses_the_old_token_at_once_on_every_instance() {
+    let mut w = World::start().await;
+    let second = w.second_gateway();
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    let old = ann.run(&["token", "issue", "--display-name", "deploy"]).token();
+    for g in [&w.gateway, &second] {
+        assert_eq!(w.get(g, "/shop", &old).await.status(), 200, "cached on both instances");
+    }
+    let new = ann.run(&["token", "rotate", &old[..10]]).token();
+    let resp = w.get(&w.gateway, "/shop", &old).await;
+    assert_eq!(resp.status(), 401, "refused once the call returns");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error_description"], "the access token has been revoked", "{body}");
+    let refused =
+        eventually(Duration::from_secs(2), || async { w.get(&second, "/shop", &old).await.status() == 401 });
+    assert!(refused.await, "and on the other instance");
+    for g in [&w.gateway, &second] {
+        assert_eq!(w.get(g, "/shop", &new).await.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_store_cannot_take_fails_loudly_and_changes_nothing() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    let token = ann.run(&["token", "issue", "--display-name", "deploy"]).token();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
+
+    w.redis.stop();
+    let err = ann.run(&["token", "revoke", &token[..10]]).failed();
+    assert!(err.contains("unreachable"), "{err}");
+    w.redis.restart();
+    // Not acknowledged, so not done: the token still works, and a retry revokes it.
+    let back = eventually(Duration::from_secs(10), || async {
+        status(&w, reqwest::Method::GET, "/shop", &token).await == 200
+    });
+    assert!(back.await, "the unacknowledged revocation changed nothing");
+    ann.run(&["token", "revoke", &token[..10]]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grace() {
     let mut w = World::start().await;
     let admin = admin(&mut w, "acme").await;
@@ -463,9 +507,74 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(resp.status(), 401);
     assert!(resp.headers().get("www-authenticate").is_some());
 
+    // What would be accepted and then break something later: attributes nested deeper than the
+    // records holding them can be read back, or longer than 4 KiB once escaped for their header;
+    // a name a URL cannot carry; a reason of any length; a body of any size.
+    let deep = (0..20).fold(serde_json::json!(1), |v, _| serde_json::json!({ "a": v }));
+    let wide = "\u{1F600}".repeat(1018);
+    let post = |path: &str, body: String, content_type: &'static str| {
+        http.post(format!("{admin_url}{path}"))
+            .bearer_auth(&admin.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let json = "application/json";
+    let long_reason = serde_json::json!({ "reason": "x".repeat(501) }).to_string();
+    let resp = post("/v1/tokens", r#"{"environments":["production","production","staging"]}"#.into(), json);
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let issued: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(issued["environments"], serde_json::json!(["production", "staging"]), "each once: {issued}");
+    let id = issued["id"].as_str().unwrap().to_string();
+    for (path, body, content_type, status, says) in [
+        (
+            "/v1/orgs/acme/services",
+            serde_json::json!({"name": "deep", "org_role": "viewer", "attributes": {"d": deep}}).to_string(),
+            json,
+            400,
+            "nest",
+        ),
+        (
+            "/v1/orgs/acme/users",
+            serde_json::json!({"email": "wide@acme.io", "org_role": "viewer", "attributes": {"n": wide}})
+                .to_string(),
+            json,
+            400,
+            "4096 bytes",
+        ),
+        (
+            "/v1/orgs/acme/services",
+            r#"{"name": "..", "org_role": "viewer"}"#.into(),
+            json,
+            400,
+            "not a service name",
+        ),
+        (
+            "/v1/orgs/acme/services",
+            r#"{"name": ".hidden", "org_role": "viewer"}"#.into(),
+            json,
+            400,
+            "not a service name",
+        ),
+        (&format!("/v1/tokens/{id}/revoke"), long_reason.clone(), json, 400, "at most 500"),
+        ("/v1/orgs/acme/users/bob@acme.io/suspend", long_reason, json, 400, "at most 500"),
+        (&format!("/v1/tokens/{id}/revoke"), r#"{"display_name": "ci"}"#.into(), json, 400, "not both"),
+        ("/v1/tokens", format!(r#"{{"display_name": "{}"}}"#, "x".repeat(70_000)), json, 413, "length limit"),
+        ("/v1/tokens", "{}".into(), "text/plain", 415, "Content-Type"),
+    ] {
+        let resp = post(path, body, content_type).await.unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(answer["error"], "invalid_request", "{path}: {answer}");
+        assert!(answer["error_description"].as_str().unwrap().contains(says), "{path}: {answer}");
+    }
+    assert!(admin.json(&["audit"]).as_array().is_some(), "the audit log still reads");
+    admin.run(&["token", "revoke", &id]).ok();
+
     assert_eq!(admin.json(&["service", "list"]), before, "nothing changed");
-    // Only the one successful `user add` was audited.
-    assert_eq!(admin.json(&["audit"]).as_array().unwrap().len(), audit_before + 1);
+    // Only the one successful `user add`, and the token issued and revoked, were audited.
+    assert_eq!(admin.json(&["audit"]).as_array().unwrap().len(), audit_before + 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

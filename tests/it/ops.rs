@@ -54,6 +54,41 @@ async fn metrics_count_allowed_and_denied_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_token_costs_the_store_nothing_and_its_last_use_is_written_later() {
+    let mut w = World::start().await;
+    // Last uses are written only at shutdown here, so that any store command during the requests
+    // is the request path's.
+    let port = free_port();
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port)
+        .replace("last_use_flush: 200ms", "last_use_flush: 1h");
+    let mut g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "hits@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let id = tollgate::token::parse(&token).unwrap().id;
+    assert_eq!(w.get(&g, "/shop", &token).await.status(), 200, "cached from here on");
+
+    w.redis.reset_stats();
+    for _ in 0..100 {
+        assert_eq!(w.get(&g, "/shop/x", &token).await.status(), 200);
+    }
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut w.redis.client()).unwrap();
+    let commands: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| l.split(':').next())
+        // The invalidation feeds' heartbeats, and this test's own calls.
+        .filter(|c| !["ping", "info", "config|resetstat"].contains(c))
+        .collect();
+    assert!(commands.is_empty(), "100 cached requests sent the store {commands:?}: {info}");
+    assert_eq!(w.store.last_use(&id).await.unwrap(), None, "nothing written yet");
+
+    g.signal("TERM");
+    assert!(g.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let written = w.store.last_use(&id).await.unwrap().expect("the last use is written at shutdown");
+    assert_eq!(written.ip, "127.0.0.1", "{written:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
     use tokio::io::AsyncWriteExt;
     let w = World::start().await;
@@ -164,8 +199,9 @@ async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs()
     });
     assert!(added_answers.await, "a route added by reload answers");
 
-    // An invalid file (picked up by the file watch, no signal) changes nothing and says why.
-    std::fs::write(&w.gateway.config_path, format!("{added}\nbogus_key: 1\n")).unwrap();
+    // An invalid file (picked up by the file watch, no signal) changes nothing and says why: not
+    // even its valid part, which would drop the added route again.
+    std::fs::write(&w.gateway.config_path, format!("{original}\nbogus_key: 1\n")).unwrap();
     let refused = eventually(std::time::Duration::from_secs(5), || async {
         w.gateway.log_text().contains("config reload refused")
     });
@@ -266,6 +302,43 @@ async fn sigterm_lets_a_request_in_flight_finish() {
     assert_eq!(resp.text().await.unwrap(), "ok");
     let status = g.wait_exit(Duration::from_secs(30)).expect("then the gateway exits");
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wait_longer() {
+    let mut w = World::start().await;
+    // It answers each request 1.5 s after its head.
+    let slow = RawUpstream::start_slow(Duration::from_millis(1500));
+    let port = free_port();
+    let patient = format!(
+        "  - {{ name: patient, path: /patient, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
+         environment: production, upstream_timeouts: {{ read: 30s }} }}\n",
+        slow.port
+    );
+    let config = gateway_config(port, &w.redis.url(), slow.port)
+        .replace("threads: 2", "threads: 2\nupstream_timeouts: { read: 300ms }")
+        + &patient;
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "t@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let resp = w.http.get(g.url("/shop/slow")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(resp.headers().get("www-authenticate").is_none(), "the token was accepted");
+    let id = resp.headers().get("x-request-id").expect("a request id").to_str().unwrap().to_string();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "gateway_timeout", "{body}");
+    assert_eq!(body["request_id"], id.as_str(), "{body}");
+    assert!(!slow.heads().is_empty(), "the request reached the upstream before the gateway gave up");
+
+    // The route's own bound replaces the file's: the same upstream's answer arrives.
+    let resp = w.http.get(g.url("/patient/slow")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    let logged = eventually(Duration::from_secs(5), || async {
+        g.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("status=504"))
+    });
+    assert!(logged.await, "{}", g.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,8 @@ async fn wait_ready(http: &reqwest::Client, url: &str) {
 async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_restart() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("qs");
-    let (port, admin_port) = (free_port(), free_port());
+    // The echo upstream listens on the admin port's next.
+    let [port, admin_port, _echo] = tollgate::testing::free_ports();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
 
     let mut first = Quickstart::start(&dir, port, admin_port);

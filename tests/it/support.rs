@@ -105,6 +105,15 @@ pub struct RawUpstream {
 impl RawUpstream {
     /// One that answers each request `delay` after receiving its head.
     pub fn start_slow(delay: Duration) -> RawUpstream {
+        RawUpstream::spawn(delay, Self::ANSWER)
+    }
+
+    /// One that answers each request with `answer` (a whole response, bodiless requests only).
+    pub fn start_answering(answer: &'static [u8]) -> RawUpstream {
+        RawUpstream::spawn(Duration::ZERO, answer)
+    }
+
+    fn spawn(delay: Duration, answer: &'static [u8]) -> RawUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
         let port = listener.local_addr().expect("addr").port();
         let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -112,7 +121,7 @@ impl RawUpstream {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let kept = kept.clone();
-                std::thread::spawn(move || RawUpstream::answer(stream, &kept, delay));
+                std::thread::spawn(move || RawUpstream::answer(stream, &kept, delay, answer));
             }
         });
         RawUpstream { port, heads }
@@ -128,7 +137,7 @@ impl RawUpstream {
     }
 
     /// Answers request after request (bodiless) on one kept-alive connection.
-    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<Vec<u8>>>, delay: Duration) {
+    fn answer(mut stream: TcpStream, kept: &std::sync::Mutex<Vec<Vec<u8>>>, delay: Duration, answer: &[u8]) {
         use std::io::{Read, Write};
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -137,7 +146,7 @@ impl RawUpstream {
                 let head: Vec<u8> = buf.drain(..end + 4).collect();
                 kept.lock().unwrap().push(head);
                 std::thread::sleep(delay);
-                if stream.write_all(Self::ANSWER).is_err() {
+                if stream.write_all(answer).is_err() {
                     return;
                 }
             }
