@@ -1497,9 +1497,17 @@ fn check_attributes(attributes: &Attributes) -> Result<()> {
             "attribute values nest at most {MAX_ATTRIBUTES_DEPTH} lists or objects deep"
         )));
     }
-    // Each travels in a header of its own: two keys the upstream would read as one are refused.
+    // Each scalar one with an ASCII key travels in a header of its own (the others only in
+    // `X-Auth-Attributes`): two keys the upstream would read as one are refused.
     let mut headers: HashMap<String, &str> = HashMap::new();
-    for key in attributes.keys() {
+    let own_header = |(key, value): &(&String, &serde_json::Value)| {
+        key.is_ascii()
+            && matches!(
+                value,
+                serde_json::Value::String(_) | serde_json::Value::Number(_) | serde_json::Value::Bool(_)
+            )
+    };
+    for (key, _) in attributes.iter().filter(own_header) {
         let header: String = crate::proxy::headers::attr_suffix(key).collect();
         if let Some(first) = headers.get(&header) {
             return Err(LifecycleError::Invalid(format!(

@@ -237,7 +237,7 @@ impl RouteTable {
         by_host.values_mut().for_each(longest_first);
         longest_first(&mut any_host);
         // A host's routes are tried before the routes for any host, on that host.
-        let named: Vec<&str> = by_host.values().flatten().map(|r| r.path_prefix.as_str()).collect();
+        let named: Vec<&Arc<Route>> = by_host.values().flatten().collect();
         let any_host = entries(&any_host, &named);
         let by_host = by_host.iter().map(|(host, routes)| (host.clone(), entries(routes, &[]))).collect();
         RouteTable { by_host, any_host }
@@ -276,14 +276,21 @@ impl RouteTable {
                 );
             }
         }
+        // Rails and Spring read the path normalized, then without its extension; refused when
+        // that leads to another route on an upstream the two share.
         if let Some(entry) = sent.filter(|e| e.check_extension) {
-            if let Some(bare) = without_extension(path) {
-                if !same(self.find(host, bare, false))
-                    || (entry.check_case && !same(self.find(host, bare, true)))
-                {
-                    return Err(
-                        "the path reads as another route's without its extension (as Rails reads .json)",
-                    );
+            let normalized_differs = matches!(normalized, Cow::Owned(_));
+            let readings = std::iter::once(path).chain(normalized_differs.then_some(&*normalized));
+            for bare in readings.flat_map(without_extension) {
+                for fold in [false, entry.check_case] {
+                    let other = self.find(host, bare, fold);
+                    if other
+                        .is_some_and(|o| !std::ptr::eq(o, entry) && shares_upstream(&o.route, &entry.route))
+                    {
+                        return Err(
+                            "the path reads as another route's without its extension (as Rails reads .json)",
+                        );
+                    }
                 }
             }
         }
@@ -318,29 +325,39 @@ impl RouteTable {
 /// The table's entries for `routes` (in the order they are tried), each told whether a route
 /// tried before it, among the earlier ones and `before`, could take its paths without regard to
 /// case.
-fn entries(routes: &[Arc<Route>], before: &[&str]) -> Vec<Entry> {
+fn entries(routes: &[Arc<Route>], before: &[&Arc<Route>]) -> Vec<Entry> {
     routes
         .iter()
         .enumerate()
         .map(|(i, route)| {
-            let mut earlier =
-                routes[..i].iter().map(|r| r.path_prefix.as_str()).chain(before.iter().copied());
+            let mut earlier = routes[..i].iter().chain(before.iter().copied());
             let prefix = route.path_prefix.as_str();
             Entry {
-                check_case: !route.case_sensitive && earlier.clone().any(|e| could_shadow(e, prefix)),
-                check_extension: earlier.any(|e| e.len() > prefix.len() && could_shadow(e, prefix)),
+                check_case: !route.case_sensitive
+                    && earlier.clone().any(|e| could_shadow(&e.path_prefix, prefix)),
+                check_extension: earlier.any(|e| {
+                    e.path_prefix.len() > prefix.len()
+                        && could_shadow(&e.path_prefix, prefix)
+                        && shares_upstream(e, route)
+                }),
                 route: route.clone(),
             }
         })
         .collect()
 }
 
-/// `path` with its last segment's extension dropped (`/shop/admin.json` -> `/shop/admin`), if it
-/// has one.
-fn without_extension(path: &str) -> Option<&str> {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
+/// Whether two routes send to an upstream address in common: only then can one upstream read a
+/// path sent on one route as the other's.
+fn shares_upstream(a: &Route, b: &Route) -> bool {
+    a.upstreams.iter().any(|u| b.upstreams.contains(u))
+}
+
+/// `path` with its last segment's extension dropped at each of its dots
+/// (`/shop/admin.v1.json/` -> `/shop/admin`, `/shop/admin.v1`): Rails drops a trailing `/` too.
+fn without_extension(path: &str) -> impl Iterator<Item = &str> {
+    let path = path.trim_end_matches('/');
     let last = path.rfind('/').map_or(0, |i| i + 1);
-    path[last..].find('.').filter(|&dot| dot > 0).map(|dot| &path[..last + dot])
+    path[last..].match_indices('.').filter(|&(dot, _)| dot > 0).map(move |(dot, _)| &path[..last + dot])
 }
 
 /// Whether a route with prefix `earlier`, tried before one with prefix `prefix`, could match a
@@ -529,6 +546,7 @@ mod tests {
             route("shop", None, "/shop"),
             route("admin", None, "/shop/admin"),
             route("v2", None, "/api/v2/"),
+            route("v21", None, "/api/v2.1"),
             route("api", None, "/api"),
         ]);
         let name = |path: &str| t.route(None, path).map(|r| r.map(|r| r.name.as_str()));
@@ -544,12 +562,25 @@ mod tests {
         ] {
             assert_eq!(name(path), Ok(Some(expected)), "{path}");
         }
-        // Rails runs `/shop/admin(.:format)` for these: the admin route's, not the shop's.
-        for path in
-            ["/shop/admin.json", "/shop/admin.", "/shop/Admin.json", "/shop.json", "/shop/admin.json?x=1"]
-        {
+        // Rails runs `/shop/admin(.:format)` for these (and `/api/v2.1(.:format)`): the longer
+        // route's, not the one the path as sent matches. Rails reads `//` as `/` and drops a
+        // trailing `/`.
+        for path in [
+            "/shop/admin.json",
+            "/shop/admin.",
+            "/shop/Admin.json",
+            "/shop.json",
+            "/shop/admin.json/",
+            "/shop//admin.json",
+            "/api/v2.1.json",
+        ] {
             assert!(name(path).is_err(), "{path}");
         }
+        // Routes on other upstreams: the upstream the path reaches has no such route to run.
+        let mut elsewhere = spec("admin", None, "/shop/admin");
+        elsewhere.upstreams = vec!["127.0.0.1:2".parse().unwrap()];
+        let t = RouteTable::new(vec![route("shop", None, "/shop"), Route::new(elsewhere)]);
+        assert_eq!(t.route(None, "/shop/admin.json").map(|r| r.map(|r| r.name.as_str())), Ok(Some("shop")));
     }
 
     #[test]

@@ -530,7 +530,9 @@ fn attr_headers(
             AttributeValue::Json(serde_json::Value::Bool(b)) => b.to_string(),
             AttributeValue::Json(_) => continue,
         };
-        if key.is_empty() || !is_header_text(&text) {
+        // A key with other characters than ASCII would lose them in the name: it travels in
+        // `X-Auth-Attributes` only.
+        if key.is_empty() || !key.is_ascii() || !is_header_text(&text) {
             continue;
         }
         let mut name = String::with_capacity(prefix.len() + 1 + key.len());

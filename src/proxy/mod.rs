@@ -108,7 +108,7 @@ impl Gateway {
         // Rails (and Django, Laravel or Express told to trust the proxy, which Tollgate is) route
         // by a forwarded host before `Host`: one naming a host whose routes differ is refused.
         if config.routes.names_hosts() {
-            for forwarded in forwarded_hosts(req) {
+            for forwarded in forwarded_hosts(req)? {
                 let theirs = config.routes.route(Some(forwarded), req.uri.path());
                 if !matches!(theirs, Ok(Some(r)) if Arc::ptr_eq(r, &route)) {
                     return Err(Rejection::BadRequest(
@@ -138,25 +138,32 @@ impl Gateway {
 }
 
 /// The hosts a request's `X-Forwarded-Host` (in any spelling, each of a list) and `Forwarded`
-/// (`host=`, RFC 7239) headers name.
-fn forwarded_hosts(req: &RequestHeader) -> impl Iterator<Item = &str> {
-    req.headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let name = name.as_str().as_bytes();
-            let xfh = headers::spelled_alike(name, b"x-forwarded-host");
-            (xfh || headers::spelled_alike(name, b"forwarded")).then(|| (xfh, value.to_str().unwrap_or("")))
-        })
-        .flat_map(|(xfh, text)| text.split(',').map(move |element| (xfh, element)))
-        .flat_map(|(xfh, element)| {
-            let hosts = element
-                .split(';')
-                .filter_map(|pair| pair.split_once('='))
-                .filter(move |(key, _)| !xfh && key.trim().eq_ignore_ascii_case("host"))
-                .map(|(_, value)| value.trim().trim_matches('"'));
-            xfh.then(|| element.trim()).into_iter().chain(hosts)
-        })
-        .filter(|host| !host.is_empty())
+/// (`host=`, RFC 7239) headers name; refused when such a header is not text (its hosts unknown).
+fn forwarded_hosts(req: &RequestHeader) -> Result<Vec<&str>, Rejection> {
+    let mut hosts = Vec::new();
+    for (name, value) in &req.headers {
+        let name = name.as_str().as_bytes();
+        let xfh = headers::spelled_alike(name, b"x-forwarded-host");
+        if !xfh && !headers::spelled_alike(name, b"forwarded") {
+            continue;
+        }
+        let text =
+            value.to_str().map_err(|_| Rejection::BadRequest("X-Forwarded-Host or Forwarded is not text"))?;
+        for element in text.split(',') {
+            if xfh {
+                hosts.push(element.trim());
+                continue;
+            }
+            let pairs = element.split(';').filter_map(|pair| pair.split_once('='));
+            hosts.extend(
+                pairs
+                    .filter(|(key, _)| key.trim().eq_ignore_ascii_case("host"))
+                    .map(|(_, value)| value.trim().trim_matches('"')),
+            );
+        }
+    }
+    hosts.retain(|host| !host.is_empty());
+    Ok(hosts)
 }
 
 /// Headers through which clients ask a framework to treat a POST as another method, matched in

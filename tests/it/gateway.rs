@@ -484,6 +484,12 @@ async fn a_forwarded_host_cannot_lead_the_upstream_past_the_hosts_routes() {
         let (_, body) = error_body(get(&[forged]).await.unwrap(), 400).await;
         assert!(body["error_description"].as_str().unwrap().contains("Forwarded"), "{forged:?}: {body}");
     }
+    // One that is not text hides its hosts: refused too.
+    let mut raw = b"GET /users HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-Host: ".to_vec();
+    raw.push(0xff);
+    raw.extend_from_slice(b"x, admin.example.com\r\nConnection: close\r\n\r\n");
+    let answer = raw_request(g.addr(), &raw);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // A forwarded host routed as `Host` is (a CDN's public name) passes.
     for same in [
         ("X-Forwarded-Host", "www.example.com"),

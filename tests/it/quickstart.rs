@@ -92,7 +92,9 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let dir = root.path().join("qs");
     // The echo upstream listens on the admin port's next.
     let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    // A hang guard only: the token's first check runs argon2 at the default cost, which an
+    // unoptimized build on a busy machine takes seconds to finish.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
 
     let mut first = Quickstart::start(&dir, port, admin_port);
     let token = first.token();
