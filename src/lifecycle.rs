@@ -1501,11 +1501,7 @@ fn check_attributes(attributes: &Attributes) -> Result<()> {
     // `X-Auth-Attributes`): two keys the upstream would read as one are refused.
     let mut headers: HashMap<String, &str> = HashMap::new();
     let own_header = |(key, value): &(&String, &serde_json::Value)| {
-        key.is_ascii()
-            && matches!(
-                value,
-                serde_json::Value::String(_) | serde_json::Value::Number(_) | serde_json::Value::Bool(_)
-            )
+        crate::proxy::headers::own_header_text(key, value).is_some()
     };
     for (key, _) in attributes.iter().filter(own_header) {
         let header: String = crate::proxy::headers::attr_suffix(key).collect();

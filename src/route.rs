@@ -51,6 +51,11 @@ pub struct Route {
     /// this route takes is refused when another route would take it with case ignored, since
     /// Express or ASP.NET upstreams would run that route's handler. On: no such check.
     pub case_sensitive: bool,
+    /// Whether the upstream may read a last segment's `.ext` as a response format (Rails'
+    /// `(.:format)`, Spring MVC's suffix patterns), running the handler of the path without it.
+    /// On (the default): a path this route takes is refused when, so cut, it is another route's.
+    /// Off: the upstream serves `.ext` paths as they are (a static site).
+    pub format_extensions: bool,
     /// Permission per method; methods not listed use `read_default` or `write_default`. HEAD,
     /// unless listed, has GET's when GET is listed (see [`Route::new`]).
     pub methods: HashMap<http::Method, RequiredPermission>,
@@ -127,6 +132,8 @@ pub struct RouteSpec {
     pub preserve_header_case: bool,
     /// See [`Route::case_sensitive`].
     pub case_sensitive: bool,
+    /// See [`Route::format_extensions`].
+    pub format_extensions: bool,
     /// See [`Route::methods`].
     pub methods: HashMap<http::Method, RequiredPermission>,
     /// See [`Route::read_default`].
@@ -160,6 +167,7 @@ impl Route {
             identity_jwt: spec.identity_jwt,
             preserve_header_case: spec.preserve_header_case,
             case_sensitive: spec.case_sensitive,
+            format_extensions: spec.format_extensions,
             methods,
             read_default: spec.read_default,
             write_default: spec.write_default,
@@ -200,6 +208,8 @@ impl Route {
 pub struct RouteTable {
     by_host: HashMap<String, Vec<Entry>>,
     any_host: Vec<Entry>,
+    /// The longest route prefix: a path cut longer than it is no route's prefix.
+    longest_prefix: usize,
 }
 
 /// A route in the table.
@@ -239,8 +249,11 @@ impl RouteTable {
         // A host's routes are tried before the routes for any host, on that host.
         let named: Vec<&Arc<Route>> = by_host.values().flatten().collect();
         let any_host = entries(&any_host, &named);
-        let by_host = by_host.iter().map(|(host, routes)| (host.clone(), entries(routes, &[]))).collect();
-        RouteTable { by_host, any_host }
+        let by_host: HashMap<String, Vec<Entry>> =
+            by_host.iter().map(|(host, routes)| (host.clone(), entries(routes, &[]))).collect();
+        let longest_prefix =
+            by_host.values().chain([&any_host]).flatten().map(|e| e.route.path_prefix.len()).max();
+        RouteTable { by_host, any_host, longest_prefix: longest_prefix.unwrap_or(0) }
     }
 
     /// Matches host first (routes naming the host, then routes for any host), then the longest
@@ -276,17 +289,16 @@ impl RouteTable {
                 );
             }
         }
-        // Rails and Spring read the path normalized, then without its extension; refused when
-        // that leads to another route on an upstream the two share.
+        // Rails and Spring read the path normalized, then without its extension: refused when
+        // that leads to another route. Only a cut as long as some prefix can (a longer route
+        // would have taken the whole path), which bounds the cuts tried.
         if let Some(entry) = sent.filter(|e| e.check_extension) {
             let normalized_differs = matches!(normalized, Cow::Owned(_));
             let readings = std::iter::once(path).chain(normalized_differs.then_some(&*normalized));
-            for bare in readings.flat_map(without_extension) {
-                for fold in [false, entry.check_case] {
-                    let other = self.find(host, bare, fold);
-                    if other
-                        .is_some_and(|o| !std::ptr::eq(o, entry) && shares_upstream(&o.route, &entry.route))
-                    {
+            let cuts = readings.flat_map(without_extension).filter(|bare| bare.len() <= self.longest_prefix);
+            for bare in cuts {
+                for fold in [false, true].into_iter().take(if entry.check_case { 2 } else { 1 }) {
+                    if self.find(host, bare, fold).is_some_and(|o| !std::ptr::eq(o, entry)) {
                         return Err(
                             "the path reads as another route's without its extension (as Rails reads .json)",
                         );
@@ -335,21 +347,13 @@ fn entries(routes: &[Arc<Route>], before: &[&Arc<Route>]) -> Vec<Entry> {
             Entry {
                 check_case: !route.case_sensitive
                     && earlier.clone().any(|e| could_shadow(&e.path_prefix, prefix)),
-                check_extension: earlier.any(|e| {
-                    e.path_prefix.len() > prefix.len()
-                        && could_shadow(&e.path_prefix, prefix)
-                        && shares_upstream(e, route)
-                }),
+                check_extension: route.format_extensions
+                    && earlier
+                        .any(|e| e.path_prefix.len() > prefix.len() && could_shadow(&e.path_prefix, prefix)),
                 route: route.clone(),
             }
         })
         .collect()
-}
-
-/// Whether two routes send to an upstream address in common: only then can one upstream read a
-/// path sent on one route as the other's.
-fn shares_upstream(a: &Route, b: &Route) -> bool {
-    a.upstreams.iter().any(|u| b.upstreams.contains(u))
 }
 
 /// `path` with its last segment's extension dropped at each of its dots
@@ -520,6 +524,7 @@ mod tests {
             identity_jwt: false,
             preserve_header_case: false,
             case_sensitive: false,
+            format_extensions: true,
             methods: HashMap::from([(http::Method::DELETE, perm("admin"))]),
             read_default: perm("read"),
             write_default: perm("write"),
@@ -576,10 +581,11 @@ mod tests {
         ] {
             assert!(name(path).is_err(), "{path}");
         }
-        // Routes on other upstreams: the upstream the path reaches has no such route to run.
-        let mut elsewhere = spec("admin", None, "/shop/admin");
-        elsewhere.upstreams = vec!["127.0.0.1:2".parse().unwrap()];
-        let t = RouteTable::new(vec![route("shop", None, "/shop"), Route::new(elsewhere)]);
+        // A route whose upstream serves `.ext` paths as they are (a static site) says so.
+        let t = RouteTable::new(vec![
+            Route::new(RouteSpec { format_extensions: false, ..spec("shop", None, "/shop") }),
+            route("admin", None, "/shop/admin"),
+        ]);
         assert_eq!(t.route(None, "/shop/admin.json").map(|r| r.map(|r| r.name.as_str())), Ok(Some("shop")));
     }
 

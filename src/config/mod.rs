@@ -1058,6 +1058,7 @@ impl Validator {
                 identity_jwt,
                 preserve_header_case: r.preserve_header_case.unwrap_or(false),
                 case_sensitive,
+                format_extensions: r.format_extensions.unwrap_or(true),
                 methods,
                 read_default,
                 write_default,

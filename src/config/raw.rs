@@ -172,6 +172,7 @@ pub struct RawRoute {
     pub identity_jwt: Option<bool>,
     pub preserve_header_case: Option<bool>,
     pub case_sensitive: Option<bool>,
+    pub format_extensions: Option<bool>,
     pub permissions: Option<Pairs>,
 }
 

@@ -477,12 +477,14 @@ fn upstream_timeouts_default_and_a_route_overrides_only_what_it_names() {
     assert_eq!(shop.timeouts.connect, Duration::from_secs(5));
     assert_eq!(shop.timeouts.read, Duration::from_secs(60));
 
-    let yaml = GOOD
-        .replace("listen:", "upstream_timeouts: { read: 2s, write: 3s }\nlisten:")
-        .replace("    query_token: true\n", "    query_token: true\n    upstream_timeouts: { read: 5m }\n");
+    let yaml = GOOD.replace("listen:", "upstream_timeouts: { read: 2s, write: 3s }\nlisten:").replace(
+        "    query_token: true\n",
+        "    query_token: true\n    upstream_timeouts: { read: 5m }\n    format_extensions: false\n",
+    );
     let c = Config::parse(&yaml).unwrap();
     let shop = c.routes.route(None, "/shop").unwrap().unwrap();
     let health = c.routes.route(None, "/health").unwrap().unwrap();
+    assert!(!shop.format_extensions && health.format_extensions);
     let t = |connect, read, write| UpstreamTimeouts {
         connect: Duration::from_secs(connect),
         read: Duration::from_secs(read),

@@ -29,6 +29,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         identity_jwt: false,
         preserve_header_case: false,
         case_sensitive: false,
+        format_extensions: true,
         methods: HashMap::from([(http::Method::DELETE, req("admin"))]),
         read_default: req("read"),
         write_default: req("write"),

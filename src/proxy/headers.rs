@@ -524,17 +524,10 @@ fn attr_headers(
 ) -> pingora::Result<()> {
     for (key, attr) in attrs.iter() {
         let text = match attr {
-            AttributeValue::Text(t) => t.to_string(),
-            AttributeValue::Json(serde_json::Value::String(s)) => s.clone(),
-            AttributeValue::Json(serde_json::Value::Number(n)) => n.to_string(),
-            AttributeValue::Json(serde_json::Value::Bool(b)) => b.to_string(),
-            AttributeValue::Json(_) => continue,
+            AttributeValue::Text(t) => own_header(key, t).then(|| t.to_string()),
+            AttributeValue::Json(v) => own_header_text(key, v),
         };
-        // A key with other characters than ASCII would lose them in the name: it travels in
-        // `X-Auth-Attributes` only.
-        if key.is_empty() || !key.is_ascii() || !is_header_text(&text) {
-            continue;
-        }
+        let Some(text) = text else { continue };
         let mut name = String::with_capacity(prefix.len() + 1 + key.len());
         name.push_str(prefix);
         name.push('-');
@@ -544,6 +537,24 @@ fn attr_headers(
         made.push((name, value(text)?));
     }
     Ok(())
+}
+
+/// The text of an attribute that travels in a header of its own (`<prefix>attr-<key>`): a string,
+/// number or boolean under a non-empty ASCII key (other characters would be lost in the name),
+/// whose text can be a header value as it is. Every other one travels in `X-Auth-Attributes` only.
+pub(crate) fn own_header_text(key: &str, value: &serde_json::Value) -> Option<String> {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    own_header(key, &text).then_some(text)
+}
+
+/// See [`own_header_text`].
+fn own_header(key: &str, text: &str) -> bool {
+    !key.is_empty() && key.is_ascii() && is_header_text(text)
 }
 
 /// The name an attribute's header has after `<prefix>attr-`: letters and digits in lower case,

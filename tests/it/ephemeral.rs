@@ -428,7 +428,7 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
     assert_eq!(status, 400, "two keys that travel as one header: {answer}");
     assert!(answer.to_string().contains("attr-team-id"), "{answer}");
     // Keys that get no header of their own (not ASCII, or not a scalar) cannot collide.
-    let attrs = json!({"部署": "eng", "役職": "lead", "team_id": 2, "team-id": {"x": 1}});
+    let attrs = json!({"部署": "eng", "役職": "lead", "team_id": 2, "team-id": {"x": 1}, "role_x": "é", "role-x": "y"});
     let (status, answer) = mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": attrs})).await;
     assert_eq!(status, 201, "{answer}");
     // An end user who is no org user has nobody to suspend.
