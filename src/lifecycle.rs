@@ -415,9 +415,7 @@ impl<'a> Lifecycle<'a> {
                 if let Some(bad) = perms.iter().find(|p| policy.permission(p).is_none()) {
                     return Err(LifecycleError::Invalid(format!("unknown permission {bad:?}")));
                 }
-                // Each once, in the order first given.
-                let mut seen = std::collections::HashSet::new();
-                perms.retain(|p| seen.insert(p.clone()));
+                once_each(&mut perms);
                 Ok(Some(Scope { name: None, permissions: perms }))
             }
             (None, None) => Ok(None),
@@ -428,10 +426,8 @@ impl<'a> Lifecycle<'a> {
     /// leaves the scope or the environments unset, `making` says what that means.
     fn spec(&self, actor: &Actor, wanted: TokenSpec, making: Making, now: Millis) -> Result<TokenSpec> {
         let TokenSpec { display_name, scope, mut environments, expires_at } = wanted;
-        // Each once, in the order first given.
         if let Some(envs) = &mut environments {
-            let mut seen = std::collections::HashSet::new();
-            envs.retain(|e| seen.insert(e.clone()));
+            once_each(envs);
         }
         let policy = &self.config.policy;
         // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
@@ -1213,7 +1209,7 @@ impl<'a> Lifecycle<'a> {
                 "creating a service needs the editor role or higher".into(),
             ));
         }
-        if !is_service_name(&req.name) {
+        if !crate::config::is_name(&req.name) {
             return Err(LifecycleError::Invalid(format!(
                 "{:?} is not a service name (letters, digits, '-', '_', '.' (not first), up to 64)",
                 req.name
@@ -1317,7 +1313,7 @@ impl<'a> Lifecycle<'a> {
             return Err(LifecycleError::Invalid("give --new-name and/or --attributes".into()));
         }
         if let Some(n) = &new_name {
-            if !is_service_name(n) {
+            if !crate::config::is_name(n) {
                 return Err(LifecycleError::Invalid(format!("{n:?} is not a service name")));
             }
             s.name = n.clone();
@@ -1529,9 +1525,10 @@ fn check_email(email: &str) -> Result<()> {
     Ok(())
 }
 
-/// Like config names ([`crate::config::is_name`]): a name travels as a URL path segment.
-fn is_service_name(s: &str) -> bool {
-    crate::config::is_name(s)
+/// Keeps each name once, in the order first given.
+fn once_each(names: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
 }
 
 pub(crate) fn new_user(

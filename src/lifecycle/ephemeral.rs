@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_attributes, check_email, Actor, Lifecycle, LifecycleError, Result, EMPTY_ENVIRONMENTS};
+use super::{
+    check_attributes, check_email, once_each, Actor, Lifecycle, LifecycleError, Result, EMPTY_ENVIRONMENTS,
+};
 use crate::jwt::{EphemeralClaims, EPHEMERAL, MAX_JWT_LEN};
 use crate::policy::PermSet;
 use crate::proxy::headers::{attr_suffix, is_header_text};
@@ -117,10 +119,9 @@ impl Lifecycle<'_> {
                 )));
             }
         }
+        // Each once (the list travels in the token).
         let environments = req.environments.map(|mut envs| {
-            // Each once, in the order first given (the list travels in the token).
-            let mut seen = std::collections::HashSet::new();
-            envs.retain(|e| seen.insert(e.clone()));
+            once_each(&mut envs);
             envs
         });
         if let Some(envs) = &environments {
