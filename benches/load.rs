@@ -87,13 +87,20 @@ fn run_origin(port: u16) {
 }
 
 /// Plain Pingora: the same proxy service Tollgate builds, with nothing but the upstream choice and
-/// the same upstream timeouts (a proxy's, not authentication's: as nginx has its own).
+/// the same upstream timeouts and client keep-alive bound (a proxy's, not authentication's: as
+/// nginx has its own).
 struct Passthrough(std::net::SocketAddr);
 
 #[async_trait]
 impl ProxyHttp for Passthrough {
     type CTX = ();
     fn new_ctx(&self) {}
+
+    /// The same bound on idle client connections as Tollgate's default (a proxy's cost too).
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+        tollgate::proxy::bound_keepalive(session, Some(tollgate::config::DEFAULT_KEEPALIVE.as_secs()));
+        Ok(false)
+    }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> pingora::Result<Box<HttpPeer>> {
         let mut peer = Box::new(HttpPeer::new(self.0, false, String::new()));

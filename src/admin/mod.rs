@@ -6,6 +6,7 @@
 mod error;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -147,11 +148,57 @@ pub fn router(state: AdminState) -> Router {
                 next.run(req).await
             },
         ))
+        // Outermost: a body is read whole, within `admin.read_timeout`, before the call counts as
+        // in flight.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), body_in_time))
         .with_state(state)
 }
 
 /// Largest request body the API reads; a longer one is refused with `413`.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads the request's body whole, at most [`MAX_BODY_BYTES`] and within `admin.read_timeout`
+/// (hyper bounds only the head's arrival): a client that stops sending mid-body gets `408` and the
+/// connection is closed, instead of holding it, and an admin call's place in a graceful shutdown,
+/// for as long as it likes.
+async fn body_in_time(
+    State(state): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = req.into_parts();
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut whole = bytes::BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::Body(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}"))
+            })?;
+            if whole.len() + chunk.len() > MAX_BODY_BYTES {
+                let message = format!("the body exceeds the length limit of {} KiB", MAX_BODY_BYTES / 1024);
+                return Err(ApiError::Body(StatusCode::PAYLOAD_TOO_LARGE, message));
+            }
+            whole.extend_from_slice(&chunk);
+        }
+        Ok(whole.freeze())
+    };
+    let limit = state.config.load().admin.read_timeout;
+    let refusal = match tokio::time::timeout(limit, read).await {
+        Ok(Ok(whole)) => {
+            return next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(whole))).await
+        }
+        Ok(Err(e)) => e,
+        Err(_) => ApiError::Body(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {}", humantime::format_duration(limit)),
+        ),
+    };
+    // The rest of the body is not read: the connection cannot carry another request.
+    let mut response = refusal.into_response();
+    response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
 
 /// The OpenAPI document of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -601,13 +648,41 @@ impl Service for AdminService {
                     return;
                 }
             };
-        let app = router(self.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let stop = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "admin API stopped");
+        let app = router(self.state.clone());
+        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: give the ones in use time to close.
+                        tracing::warn!(error = %e, "admin API cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let read_timeout = self.state.config.load().admin.read_timeout;
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
+            // hyper's header read timeout also ends a connection left idle between requests.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let connection = connections.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "admin API connection ended");
+                }
+            });
         }
+        // Requests under way are answered; idle connections are closed.
+        connections.shutdown().await;
     }
 
     fn name(&self) -> &str {

@@ -266,7 +266,14 @@ pub struct Config {
     pub audit_max: usize,
     /// JWT keys and lifetimes, if ephemeral credentials or identity JWTs are used.
     pub jwt: Option<JwtSettings>,
+    /// How long a client's connection may sit idle between requests, in whole seconds; `None`:
+    /// one request per connection (`keepalive_timeout: 0s`).
+    pub keepalive: Option<u64>,
 }
+
+/// How long a client's connection is kept open for its next request: nginx's `keepalive_timeout`
+/// is 75 s, Pingora's own apps use 60 s.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The admin API listener.
 #[derive(Debug, Clone, Copy)]
@@ -275,6 +282,9 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// How often last-use records are written to the store, in one batch.
     pub last_use_flush: Duration,
+    /// How long a client may take to send a request's head, or its body, and may leave its
+    /// connection idle between requests.
+    pub read_timeout: Duration,
 }
 
 /// Limits on the tokens users may issue.
@@ -515,6 +525,10 @@ impl Validator {
             .flatten()
             .position(|r| r.as_ref().is_some_and(|r| r.identity_jwt == Some(true)));
         let timeouts = self.timeouts("upstream_timeouts", raw.upstream_timeouts, UpstreamTimeouts::default());
+        let keepalive = self.duration_or_zero("keepalive_timeout", raw.keepalive_timeout, DEFAULT_KEEPALIVE);
+        // Pingora counts it in seconds; a part of one is one.
+        let keepalive =
+            (!keepalive.is_zero()).then(|| keepalive.as_secs() + u64::from(keepalive.subsec_nanos() > 0));
         let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts);
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
@@ -547,6 +561,7 @@ impl Validator {
         }
         let last_use_flush =
             self.duration("admin.last_use_flush", admin.last_use_flush, Duration::from_secs(5));
+        let read_timeout = self.duration("admin.read_timeout", admin.read_timeout, Duration::from_secs(10));
         let tokens = raw.tokens.unwrap_or_default();
         let tokens = TokenLimits {
             max_ttl: tokens.max_ttl.map(|t| self.duration("tokens.max_ttl", Some(t), Duration::from_secs(1))),
@@ -557,7 +572,7 @@ impl Validator {
             self.error("audit.max_entries", "must be at least 1");
         }
         Some(Config {
-            admin: AdminSettings { listen: admin_listen?, last_use_flush },
+            admin: AdminSettings { listen: admin_listen?, last_use_flush, read_timeout },
             tokens,
             audit_max,
             listen: listen?,
@@ -574,6 +589,7 @@ impl Validator {
             log_level,
             access_log,
             jwt,
+            keepalive,
         })
     }
 

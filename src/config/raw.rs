@@ -38,6 +38,7 @@ pub struct RawConfig {
     pub audit: Option<RawAudit>,
     pub jwt: Option<RawJwt>,
     pub upstream_timeouts: Option<RawTimeouts>,
+    pub keepalive_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +52,7 @@ pub struct RawTimeouts {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub last_use_flush: Option<String>,
+    pub read_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +277,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "audit" => section(text, name, issues).map(|v| raw.audit = v),
             "jwt" => section(text, name, issues).map(|v| raw.jwt = v),
             "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
+            "keepalive_timeout" => section(text, name, issues).map(|v| raw.keepalive_timeout = v),
             _ => Some(()),
         };
         if read.is_none() {
@@ -285,7 +288,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level keys, as in [`RawConfig`].
-const SECTIONS: [&str; 18] = [
+const SECTIONS: [&str; 19] = [
     "listen",
     "threads",
     "shutdown",
@@ -304,6 +307,7 @@ const SECTIONS: [&str; 18] = [
     "audit",
     "jwt",
     "upstream_timeouts",
+    "keepalive_timeout",
 ];
 
 /// A scalar key as written (near enough) for an error's path.

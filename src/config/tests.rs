@@ -506,3 +506,21 @@ fn upstream_timeouts_default_and_a_route_overrides_only_what_it_names() {
         ],
     );
 }
+
+#[test]
+fn keepalive_timeout_is_whole_seconds_and_zero_turns_keep_alive_off() {
+    let keepalive =
+        |value: &str| Config::parse(&GOOD.replace("listen:", &format!("{value}listen:"))).unwrap().keepalive;
+    assert_eq!(keepalive(""), Some(60));
+    assert_eq!(keepalive("keepalive_timeout: 5s\n"), Some(5));
+    assert_eq!(keepalive("keepalive_timeout: 1500ms\n"), Some(2), "a part of a second counts as one");
+    assert_eq!(keepalive("keepalive_timeout: 0s\n"), None);
+    let admin =
+        |value: &str| Config::parse(&GOOD.replace("listen:", &format!("{value}listen:"))).unwrap().admin;
+    assert_eq!(admin("").read_timeout, Duration::from_secs(10));
+    assert_eq!(admin("admin: { read_timeout: 3s }\n").read_timeout, Duration::from_secs(3));
+    check(
+        &GOOD.replace("listen:", "keepalive_timeout: never\nadmin: { read_timeout: 0s }\nlisten:"),
+        &["keepalive_timeout: not a duration", "admin.read_timeout: must be greater than zero"],
+    );
+}

@@ -254,6 +254,15 @@ fn id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
+/// Bounds how long a client's connection waits idle for its next request (`keepalive_timeout`;
+/// Pingora's own default waits forever), where the client keeps it open at all: HTTP/1.1 without
+/// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
+pub fn bound_keepalive(session: &mut Session, idle_seconds: Option<u64>) {
+    if session.get_keepalive().is_some() {
+        session.set_keepalive(idle_seconds);
+    }
+}
+
 fn missing_permit() -> Box<Error> {
     Error::explain(ErrorType::InternalError, "request reached the upstream phase without a permit")
 }
@@ -278,6 +287,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         let config = self.config.load_full();
         ctx.config = Some(config.clone());
+        bound_keepalive(session, config.keepalive);
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();

@@ -809,16 +809,21 @@ impl Store {
         self.commit(b).await
     }
 
-    /// The newest `limit` audit entries of an org.
+    /// The newest `limit` audit entries of an org. An entry that cannot be read (written by hand,
+    /// or by a version that wrote another shape) is left out and logged, so that it does not hide
+    /// the others.
     pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let entries = self.bounded(self.backend.list(&audit_key(org), limit)).await?;
-        entries
+        Ok(entries
             .into_iter()
-            .map(|json| {
-                serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt { key: audit_key(org), reason: e.to_string() })
+            .filter_map(|json| match serde_json::from_str(&json) {
+                Ok(event) => Some(event),
+                Err(e) => {
+                    tracing::error!(key = %audit_key(org), error = %e, "an audit entry cannot be read; left out");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Writes a batch of last-use records; nothing is invalidated (they are not cached).

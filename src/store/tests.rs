@@ -229,6 +229,14 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
         assert_eq!(actions, ["step.4", "step.3", "step.2"], "{}", s.describe());
         assert_eq!(s.audit_log("acme", 1).await.unwrap().len(), 1);
         assert!(s.audit_log("other", 10).await.unwrap().is_empty());
+        // An entry that cannot be read hides none of the others.
+        let mut b = Batch::default();
+        b.lpush.push((audit_key("acme"), "{\"at\": \"not a time\"".into(), 3));
+        s.commit(b).await.unwrap();
+        audited_step(&s, &svc, 5).await;
+        let actions: Vec<String> =
+            s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(actions, ["step.5", "step.4"], "{}", s.describe());
     }
 }
 

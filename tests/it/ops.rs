@@ -371,3 +371,110 @@ async fn serve_warns_when_redis_could_lose_a_revocation() {
         "{log}"
     );
 }
+
+/// Reads one response (head, then a `Content-Length` body) off a kept-alive connection.
+fn read_one_response(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).expect("the response arrives");
+        assert!(n > 0, "the connection closed before the response was whole: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether the peer closes `stream` within `within` (whatever it sends first is kept in `sent`).
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration, sent: &mut Vec<u8>) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => sent.extend_from_slice(&buf[..n]),
+            // A reset is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_on_both_listeners() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let port = free_port();
+    let w = World::start_with(|redis, upstream| {
+        let config = gateway_config(port, &redis.url(), upstream.port)
+            .replace("threads: 2", "threads: 2\nkeepalive_timeout: 1s")
+            .replace("last_use_flush: 200ms", "last_use_flush: 200ms, read_timeout: 1s");
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    let g = &w.gateway;
+    let admin = std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        g.admin_url().rsplit(':').next().unwrap().parse().unwrap(),
+    ));
+    // Pingora's own default keeps an idle client connection forever; nginx closes it after 75 s.
+    let mut proxy = TcpStream::connect(g.addr()).unwrap();
+    proxy.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    proxy.write_all(b"GET /public/a HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(read_one_response(&mut proxy).starts_with("HTTP/1.1 200"));
+    // Kept alive: a second request on it is served.
+    proxy.write_all(b"GET /public/b HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(read_one_response(&mut proxy).starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    assert!(closed_within(&mut proxy, Duration::from_secs(6), &mut rest), "idle past keepalive_timeout");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    // The admin API: an idle connection, half a head, and a body that stops coming.
+    let mut idle = TcpStream::connect(admin).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(read_one_response(&mut idle).starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    assert!(closed_within(&mut idle, Duration::from_secs(6), &mut rest), "idle past admin.read_timeout");
+
+    let mut half_head = TcpStream::connect(admin).unwrap();
+    half_head.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut sent = Vec::new();
+    assert!(closed_within(&mut half_head, Duration::from_secs(6), &mut sent), "half a head is cut off");
+
+    let mut half_body = TcpStream::connect(admin).unwrap();
+    half_body
+        .write_all(b"POST /v1/tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"disp")
+        .unwrap();
+    let mut sent = Vec::new();
+    assert!(closed_within(&mut half_body, Duration::from_secs(6), &mut sent), "a stalled body is cut off");
+    let sent = String::from_utf8_lossy(&sent);
+    assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+    assert!(
+        sent.contains("\"error\":\"invalid_request\"") && sent.contains("did not arrive within 1s"),
+        "{sent}"
+    );
+
+    // Requests sent whole are still served, bodies included.
+    let resp = w
+        .http
+        .post(format!("{}/v1/tokens", g.admin_url()))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "read, then refused for want of a token");
+}
