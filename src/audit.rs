@@ -10,6 +10,9 @@ use std::time::Duration;
 use crate::store::{now_millis, LastUse, Millis, Store};
 use crate::token::TokenId;
 
+/// Most last-use records written in one store call (about a millisecond of Redis's time).
+pub const FLUSH_CHUNK: usize = 1000;
+
 /// Pending last-use records of one instance.
 #[derive(Default)]
 pub struct LastUseLog {
@@ -42,18 +45,23 @@ impl LastUseLog {
             .collect()
     }
 
-    /// Writes what is pending. On a store failure the records are kept for the next flush.
+    /// Writes what is pending, [`FLUSH_CHUNK`] records per store call: one script over 100k records
+    /// held Redis for half a second, longer than the invalidation feed's heartbeat may wait, so
+    /// every instance dropped its cache. On a store failure the records not yet written are kept
+    /// for the next flush (a newer use noted meanwhile wins).
     pub async fn flush(&self, store: &Store) {
         let _one_at_a_time = self.flushing.lock().await;
         let batch = self.take();
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = store.record_last_use(&batch).await {
-            tracing::warn!(error = %e, records = batch.len(), "could not write last-use records; will retry");
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, last) in batch {
-                pending.entry(id).or_insert((last.at, last.ip.parse().ok()));
+        let mut chunks = batch.chunks(FLUSH_CHUNK);
+        while let Some(chunk) = chunks.next() {
+            if let Err(e) = store.record_last_use(chunk).await {
+                let unwritten: Vec<_> = std::iter::once(chunk).chain(chunks).flatten().collect();
+                tracing::warn!(error = %e, records = unwritten.len(), "could not write last-use records; will retry");
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                for (id, last) in unwritten {
+                    pending.entry(id.clone()).or_insert((last.at, last.ip.parse().ok()));
+                }
+                return;
             }
         }
     }
@@ -73,5 +81,46 @@ impl LastUseLog {
             }
         }
         self.flush(store).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::redis::RedisBackend;
+    use crate::testing::RedisServer;
+    use crate::token::{generate, TokenKind};
+
+    #[tokio::test]
+    async fn a_flush_writes_every_record_a_bounded_chunk_at_a_time() {
+        let server = RedisServer::start(["--save", "", "--appendonly", "no"]);
+        let timeout = Duration::from_millis(500);
+        let store = Store::new(Arc::new(RedisBackend::new(&server.url(), "t:", timeout).unwrap()), timeout);
+        let log = LastUseLog::default();
+        // The script is loaded by a first write; then only the flush is counted.
+        log.note(&generate(TokenKind::Pat).id, None);
+        log.flush(&store).await;
+        let _: () = ::redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.client()).unwrap();
+
+        let ids: Vec<TokenId> = (0..2 * FLUSH_CHUNK + 500).map(|_| generate(TokenKind::Pat).id).collect();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for id in &ids {
+            log.note(id, Some(ip));
+        }
+        log.flush(&store).await;
+        let info: String = ::redis::cmd("INFO").arg("commandstats").query(&mut server.client()).unwrap();
+        let scripts = info
+            .lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        assert_eq!(scripts, 3, "{info}");
+        for id in &ids {
+            let last = store.last_use(id).await.unwrap().expect("written");
+            assert_eq!(last.ip, "192.0.2.7");
+        }
+        assert!(log.pending.lock().unwrap().is_empty());
     }
 }

@@ -14,7 +14,11 @@ use tokio::sync::OnceCell;
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
 /// Applies a batch atomically: checks that the `absent` keys do not exist and the `expect` keys hold
-/// what was read, then writes, then publishes. Answers '' (done), a key (exists) or '~' + key (changed).
+/// what was read, then publishes, then writes. Answers '' (done), a key (exists) or '~' + key
+/// (changed). Redis does not undo a script's writes when a later command fails, so the invalidations
+/// go first: a Redis user refused PUBLISH (Redis 7's `acl-pubsub-default` is `resetchannels`) fails
+/// the batch before anything is written, instead of storing a revocation no instance hears of; and
+/// no instance reads the store between the two, since a script runs alone.
 const COMMIT_SCRIPT: &str = r#"
 local b = cjson.decode(ARGV[1])
 for _, k in ipairs(b.absent) do
@@ -23,6 +27,7 @@ end
 for _, e in ipairs(b.expect) do
   if redis.call('GET', e[1]) ~= e[2] then return '~' .. e[1] end
 end
+for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end
 for _, k in ipairs(b.del) do redis.call('DEL', k) end
 for _, m in ipairs(b.sadd) do redis.call('SADD', m[1], m[2]) end
@@ -37,7 +42,6 @@ for _, n in ipairs(b.newer) do
   local at = ok and type(rec) == 'table' and tonumber(rec.at) or 0
   if not cur or at < n[3] then redis.call('SET', n[1], n[2]) end
 end
-for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 return ''
 "#;
 

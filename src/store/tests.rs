@@ -394,3 +394,47 @@ async fn a_changed_audit_max_trims_from_the_next_write_in_every_clone() {
         s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
     assert_eq!(actions, ["step.4", "step.3"]);
 }
+
+/// A Redis user refused PUBLISH (Redis 7's default for a new ACL user) must not store a change no
+/// instance hears of: the batch fails before any write.
+#[tokio::test]
+async fn a_redis_user_that_may_not_publish_stores_nothing() {
+    let timeout = Duration::from_millis(500);
+    let server = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let mut admin = server.client();
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nopub")
+        .arg(&["on", ">pw", "~*", "resetchannels", "+@all"])
+        .query(&mut admin)
+        .unwrap();
+    let full =
+        Store::new(Arc::new(redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap()), timeout);
+    let url = server.url().replace("redis://", "redis://nopub:pw@");
+    let narrow = Store::new(Arc::new(redis::RedisBackend::new(&url, "test:", timeout).unwrap()), timeout);
+    let svc = lifecycle::create_service(
+        &full,
+        "acme",
+        "etl",
+        Some(Role::Viewer),
+        BTreeMap::new(),
+        Attributes::new(),
+        None,
+    )
+    .await
+    .unwrap();
+    let params = crate::token::Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 };
+    let (token, _) = lifecycle::issue_token(
+        &full,
+        params,
+        "acme",
+        Owner::Service(svc.id.clone()),
+        lifecycle::TokenSpec::default(),
+    )
+    .await
+    .unwrap();
+    let refused = narrow.revoke_token(&token.id, Some("leaked".into()), None).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let stored = full.get_token(&token.id).await.unwrap().unwrap();
+    assert!(!stored.is_revoked(now_millis()), "nothing was written");
+}
