@@ -5,24 +5,65 @@ use anyhow::{anyhow, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// `server` with its scheme. `localhost:8081` or `127.0.0.1:8081` means plain HTTP, as the
-/// default does; another host must say `http://` or `https://`, so that a token is never sent
-/// in the clear to a host that was meant to be reached over TLS.
-fn with_scheme(server: &str) -> anyhow::Result<String> {
-    if server.contains("://") {
-        return Ok(server.to_string());
+/// `server` (`--server`, `TOLLGATE_SERVER`) as the base of the API's URLs. `localhost:8081` or
+/// `127.0.0.1:8081` means plain HTTP, as the default does; another host must say `http://` or
+/// `https://`, so that a token is never sent in the clear to a host that was meant to be reached
+/// over TLS. The host is judged as the URL is parsed (`localhost:1@evil.example` names
+/// `evil.example`), and an address with a user name or password, a query or a fragment is
+/// refused: the token is the credential, and the API's paths are appended.
+fn server_url(server: &str) -> anyhow::Result<String> {
+    let server = server.trim();
+    let example = "write e.g. http://127.0.0.1:8081 or https://admin.example.com";
+    if server.is_empty() {
+        return Err(anyhow!("--server (TOLLGATE_SERVER) is empty: {example}"));
     }
-    let host = server.rsplit_once(':').map_or(server, |(host, _)| host);
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match loopback {
-        true => Ok(format!("http://{server}")),
-        false => Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}")),
+    let scheme_given = server.contains("://");
+    if !scheme_given && (server.starts_with("http:") || server.starts_with("https:")) {
+        return Err(anyhow!("--server {server:?}: the scheme needs two slashes; {example}"));
     }
+    let text = match scheme_given {
+        true => server.to_string(),
+        false => format!("http://{server}"),
+    };
+    let url = reqwest::Url::parse(&text)
+        .map_err(|e| anyhow!("--server {server:?} is not an address ({e}); {example}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(anyhow!("--server {server:?}: the admin API speaks http:// or https://"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(anyhow!(
+            "--server {server:?} holds a user name or password: the token is the only credential"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(anyhow!("--server {server:?}: an address without `?` or `#`; {example}"));
+    }
+    if !scheme_given {
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}"));
+        }
+    }
+    Ok(text.trim_end_matches('/').to_string())
+}
+
+/// The token (`--token`, `TOLLGATE_TOKEN`) without the whitespace a copy brings along (a `\r` from
+/// a file written on Windows); `None` for none at all. A token is printable ASCII: anything else
+/// is refused here, naming where it came from, rather than as a failure to reach the server.
+fn token_text(token: Option<String>) -> anyhow::Result<Option<String>> {
+    let Some(token) = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else { return Ok(None) };
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(anyhow!(
+            "the token (--token or TOLLGATE_TOKEN) holds spaces or characters no token has; copy it again"
+        ));
+    }
+    Ok(Some(token))
 }
 
 /// An admin API client.
@@ -36,9 +77,9 @@ impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
     pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
-        let server = with_scheme(server.trim_end_matches('/'))?;
+        let server = server_url(server)?;
         // An empty TOLLGATE_TOKEN is no token, not an empty one.
-        let token = token.filter(|t| !t.trim().is_empty());
+        let token = token_text(token)?;
         Ok(Client { http, server, token })
     }
 
@@ -128,7 +169,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{printable, with_scheme};
+    use super::{printable, server_url, token_text};
 
     #[test]
     fn control_characters_are_shown_escaped() {
@@ -138,11 +179,38 @@ mod tests {
 
     #[test]
     fn a_server_without_scheme_is_plain_http_only_on_this_machine() {
-        for local in ["127.0.0.1:8081", "localhost:8081", "[::1]:8081"] {
-            assert_eq!(with_scheme(local).unwrap(), format!("http://{local}"));
+        for local in ["127.0.0.1:8081", "localhost:8081", "[::1]:8081", "[::1]", "localhost"] {
+            assert_eq!(server_url(local).unwrap(), format!("http://{local}"));
         }
-        assert_eq!(with_scheme("https://admin.corp:8443").unwrap(), "https://admin.corp:8443");
-        let err = with_scheme("admin.corp:8443").unwrap_err().to_string();
+        assert_eq!(server_url(" http://127.0.0.1:8081/ ").unwrap(), "http://127.0.0.1:8081");
+        assert_eq!(server_url("https://admin.corp:8443").unwrap(), "https://admin.corp:8443");
+        assert_eq!(server_url("https://ops.corp/tollgate/").unwrap(), "https://ops.corp/tollgate");
+        let err = server_url("admin.corp:8443").unwrap_err().to_string();
         assert!(err.contains("needs a scheme: https://admin.corp:8443"), "{err}");
+        // The host is the URL's, not the text before the last colon.
+        let err = server_url("localhost:8081@evil.example").unwrap_err().to_string();
+        assert!(err.contains("user name or password"), "{err}");
+        let err = server_url("127.0.0.1.evil.example:8081").unwrap_err().to_string();
+        assert!(err.contains("needs a scheme"), "{err}");
+        for (bad, says) in [
+            ("", "is empty"),
+            ("http:/localhost:8081", "two slashes"),
+            ("ftp://localhost:8081", "http:// or https://"),
+            ("http://localhost:8081/?x=1", "without `?`"),
+            ("http://local host:8081", "not an address"),
+        ] {
+            let err = server_url(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_token_is_trimmed_and_must_be_printable() {
+        assert_eq!(token_text(Some("tgp_abc\r\n".into())).unwrap().as_deref(), Some("tgp_abc"));
+        assert_eq!(token_text(Some("  ".into())).unwrap(), None);
+        assert_eq!(token_text(None).unwrap(), None);
+        let err = token_text(Some("tgp_a bc".into())).unwrap_err().to_string();
+        assert!(err.contains("TOLLGATE_TOKEN"), "{err}");
+        assert!(token_text(Some("tgp_ä".into())).is_err());
     }
 }

@@ -28,7 +28,7 @@ fn config_text(port: u16, admin_port: u16, upstream: SocketAddr, dir: &Path) -> 
 listen: 127.0.0.1:{port}
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
 store:
-  embedded: {{ path: "{store}" }}
+  embedded: {{ path: {store} }}
 orgs:
   {ORG}:
     projects:
@@ -46,7 +46,8 @@ routes:
     upstream: "{upstream}"
     auth: none
 "#,
-        store = dir.join("store.redb").display(),
+        // A JSON string is a YAML double-quoted one: a `"` or `\` in the directory's name stays itself.
+        store = serde_json::Value::from(dir.join("store.redb").to_string_lossy()),
     )
 }
 
@@ -88,7 +89,8 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| anyhow::anyhow!("quickstart config invalid:\n{e}"))
+    Config::load(path)
+        .map_err(|e| anyhow::anyhow!("quickstart config {} invalid (fix or delete it):\n{e}", path.display()))
 }
 
 /// The echo upstream where an existing quickstart config names it (its marker line, or, in a
@@ -143,10 +145,7 @@ fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Opt
 
 /// Whether `addr` is (or overlaps, through an any-address listener) the gateway's or admin API's.
 fn clashes(addr: SocketAddr, config: &Config) -> bool {
-    [config.listen, config.admin.listen].iter().any(|own| {
-        own.port() == addr.port()
-            && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_unspecified())
-    })
+    [config.listen, config.admin.listen].into_iter().any(|own| crate::config::same_socket(own, addr))
 }
 
 /// Bootstraps the demo admin, or gives the existing one a new token (audited, as `quickstart`).
@@ -184,4 +183,18 @@ fn print_instructions(config: &Config, path: &Path, token: &str) {
     println!("  TOLLGATE_SERVER={admin} TOLLGATE_TOKEN={token} cargo run --release -- token list");
     println!();
     println!("Stop with Ctrl-C; run it again to continue with the same data.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_config_names_any_directory_as_it_is() {
+        // A `"` in the directory's name broke the YAML, and every later run reused the file.
+        let dir = Path::new("/tmp/q\"x\\y: z #w");
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let config = Config::parse(&config_text(18080, 18081, upstream, dir)).unwrap();
+        assert_eq!(config.store.embedded_path, dir.join("store.redb"));
+    }
 }

@@ -271,6 +271,55 @@ pub struct Config {
     pub keepalive: Option<u64>,
 }
 
+/// Request headers that HTTP, or an upstream, relies on: the identity prefix may cover none.
+const HEADERS_NOT_IN_PREFIX: [&str; 30] = [
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "accept",
+    "accept-encoding",
+    "user-agent",
+    "origin",
+    "referer",
+    "range",
+    "cache-control",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "traceparent",
+];
+
+/// Whether a listener on `a` and one on `b` would take the same socket: the same port on the same
+/// address, or on any address where one of them listens on all (`0.0.0.0`, `[::]`).
+pub fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Most threads for the proxy (`threads`) or for argon2 (`argon2.max_concurrency`).
+pub const MAX_THREADS: usize = 1024;
+
+/// Most memory one argon2 hash may take: 1 GiB (the default is 19 MiB, OWASP's minimum).
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 1024 * 1024;
+
+/// Most audit entries kept per org (each is a few hundred bytes of the store's memory).
+pub const MAX_AUDIT_ENTRIES: usize = 10_000_000;
+
 /// How long a client's connection is kept open for its next request: nginx's `keepalive_timeout`
 /// is 75 s, Pingora's own apps use 60 s.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -495,6 +544,8 @@ impl Validator {
         let threads = raw.threads.unwrap_or(2);
         if threads == 0 {
             self.error("threads", "must be at least 1");
+        } else if threads > MAX_THREADS {
+            self.error("threads", format!("must be at most {MAX_THREADS}"));
         }
         let shutdown = raw.shutdown.unwrap_or_default();
         let shutdown = ShutdownSettings {
@@ -519,11 +570,14 @@ impl Validator {
         // own errors.
         let jwt_present = raw.jwt.is_some() || self.unreadable("jwt");
         let jwt = raw.jwt.and_then(|j| self.jwt(j));
-        let identity_jwt_route = raw
+        let identity_jwt_routes: Vec<usize> = raw
             .routes
             .iter()
             .flatten()
-            .position(|r| r.as_ref().is_some_and(|r| r.identity_jwt == Some(true)));
+            .enumerate()
+            .filter(|(_, r)| r.as_ref().is_some_and(|r| r.identity_jwt == Some(true)))
+            .map(|(i, _)| i)
+            .collect();
         let timeouts = self.timeouts("upstream_timeouts", raw.upstream_timeouts, UpstreamTimeouts::default());
         let keepalive = self.duration_or_zero("keepalive_timeout", raw.keepalive_timeout, DEFAULT_KEEPALIVE);
         // Pingora counts it in seconds; a part of one is one.
@@ -533,7 +587,7 @@ impl Validator {
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
         if let Some(hmac) = jwt.as_ref().map(|j| j.signing_key()).filter(|k| jwt::is_hmac(k.algorithm)) {
-            if let Some(i) = identity_jwt_route {
+            for i in identity_jwt_routes {
                 self.error(
                     format!("routes[{i}].identity_jwt"),
                     format!(
@@ -556,8 +610,10 @@ impl Validator {
             true => None,
             false => self.address("admin.listen", admin.listen, "127.0.0.1:8081"),
         };
-        if admin_listen.is_some() && admin_listen == listen {
-            self.error("admin.listen", "must differ from `listen`");
+        if let (Some(admin), Some(proxy)) = (admin_listen, listen) {
+            if same_socket(admin, proxy) {
+                self.error("admin.listen", format!("{admin} takes the port of `listen` ({proxy})"));
+            }
         }
         let last_use_flush =
             self.duration("admin.last_use_flush", admin.last_use_flush, Duration::from_secs(5));
@@ -570,6 +626,9 @@ impl Validator {
         let audit_max = raw.audit.and_then(|a| a.max_entries).unwrap_or(crate::store::DEFAULT_AUDIT_MAX);
         if audit_max == 0 {
             self.error("audit.max_entries", "must be at least 1");
+        } else if audit_max > MAX_AUDIT_ENTRIES {
+            // Redis reads the bound as a Lua number: past 2^53 it is no integer, and LTRIM fails.
+            self.error("audit.max_entries", format!("must be at most {MAX_AUDIT_ENTRIES}"));
         }
         Some(Config {
             admin: AdminSettings { listen: admin_listen?, last_use_flush, read_timeout },
@@ -591,6 +650,13 @@ impl Validator {
             jwt,
             keepalive,
         })
+    }
+
+    /// JWT times count whole seconds: `500ms` would become a lifetime of 0.
+    fn whole_seconds(&mut self, path: &str, d: Duration) {
+        if d.subsec_nanos() != 0 {
+            self.error(path, "must be whole seconds (a JWT counts time in seconds)");
+        }
     }
 
     /// A duration that may be zero (a leeway).
@@ -623,6 +689,7 @@ impl Validator {
         if leeway > Duration::from_secs(300) {
             self.error("jwt.leeway", "at most 5m");
         }
+        self.whole_seconds("jwt.leeway", leeway);
         let max_ttl = self.duration("jwt.max_ttl", raw.max_ttl, Duration::from_secs(3600));
         // Not given, the default lifetime is 15 minutes or `max_ttl` if shorter: a short `max_ttl`
         // alone must not be refused over a key the user never wrote.
@@ -635,6 +702,11 @@ impl Validator {
         let upstream_ttl = self.duration("jwt.upstream_ttl", raw.upstream_ttl, Duration::from_secs(60));
         if upstream_ttl > Duration::from_secs(60) {
             self.error("jwt.upstream_ttl", "at most 60s: the identity JWT is for one request");
+        }
+        for (path, d) in
+            [("jwt.max_ttl", max_ttl), ("jwt.default_ttl", default_ttl), ("jwt.upstream_ttl", upstream_ttl)]
+        {
+            self.whole_seconds(path, d);
         }
         let mut keys: Vec<Arc<JwtKey>> = Vec::new();
         let raw_keys = raw.keys.unwrap_or_default();
@@ -747,7 +819,23 @@ impl Validator {
 
     fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
         let prefix = raw.prefix.unwrap_or_else(|| "x-auth-".into()).to_ascii_lowercase();
-        let prefix_ok = self.header_name("identity.prefix", &format!("{prefix}x")).is_some();
+        let mut prefix_ok = self.header_name("identity.prefix", &format!("{prefix}x")).is_some();
+        // Whatever a client sends under the prefix is stripped: it must not cover a header that
+        // HTTP or an upstream relies on (`content-` took `Content-Length` and `Content-Type` away).
+        let covered = HEADERS_NOT_IN_PREFIX.iter().find(|h| crate::proxy::headers::in_namespace(h, &prefix));
+        if prefix.is_empty() {
+            self.error(
+                "identity.prefix",
+                "must not be empty (every header under it is stripped); the default is x-auth-",
+            );
+            prefix_ok = false;
+        } else if let Some(header) = covered {
+            self.error(
+                "identity.prefix",
+                format!("{prefix:?} would strip {header} from every request (headers under the prefix are stripped); the default is x-auth-"),
+            );
+            prefix_ok = false;
+        }
         let fields: Vec<IdentityField> = match raw.headers {
             None => IdentityField::ALL.to_vec(),
             Some(names) => names
@@ -776,7 +864,7 @@ impl Validator {
         {
             self.error("identity.request_id_header", "must not be Host or Authorization");
         }
-        if request_id_header.as_ref().is_some_and(|h| h.as_str().starts_with(&prefix)) {
+        if prefix_ok && request_id_header.as_ref().is_some_and(|h| h.as_str().starts_with(&prefix)) {
             self.error(
                 "identity.request_id_header",
                 "must not be inside the identity prefix, which is stripped",
@@ -842,13 +930,29 @@ impl Validator {
             iterations: raw.iterations.unwrap_or(d.iterations),
             parallelism: raw.parallelism.unwrap_or(d.parallelism),
         };
-        if let Err(e) = params.validate() {
+        // Past these a hash takes seconds or more memory than a host has: an issue or a first
+        // verification would stall or abort the process (an allocation that fails is fatal).
+        let bounds = [
+            ("argon2.memory_kib", params.memory_kib, MAX_ARGON2_MEMORY_KIB, " (1 GiB)"),
+            ("argon2.iterations", params.iterations, 100, ""),
+            ("argon2.parallelism", params.parallelism, 64, ""),
+        ];
+        let mut within = true;
+        for (path, value, max, shown) in bounds {
+            if value > max {
+                self.error(path, format!("must be at most {max}{shown}"));
+                within = false;
+            }
+        }
+        if let (true, Err(e)) = (within, params.validate()) {
             self.error("argon2", format!("invalid parameters: {e}"));
         }
         let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
         let max_concurrency = raw.max_concurrency.unwrap_or(cpus);
         if max_concurrency == 0 {
             self.error("argon2.max_concurrency", "must be at least 1");
+        } else if max_concurrency > MAX_THREADS {
+            self.error("argon2.max_concurrency", format!("must be at most {MAX_THREADS}"));
         }
         let max_wait = self.duration("argon2.max_wait", raw.max_wait, Duration::from_secs(5));
         Argon2Settings { params, max_concurrency, max_wait }
@@ -923,7 +1027,11 @@ impl Validator {
                 }
             };
             let host = r.host.map(|h| {
-                normalize_host(&h).unwrap_or_else(|why| {
+                let normalized = match h.contains("://") {
+                    true => Err("a host name without a scheme or path (api.example.com)"),
+                    false => normalize_host(&h),
+                };
+                normalized.unwrap_or_else(|why| {
                     self.error(at("host"), format!("{h:?}: {why}"));
                     h
                 })
@@ -996,6 +1104,7 @@ impl Validator {
                     _ => {}
                 }
             }
+            let listed = r.upstreams.is_some();
             let addresses: Vec<String> = match (r.upstream, r.upstreams) {
                 (Some(one), None) => vec![one],
                 (None, Some(many)) if !many.is_empty() => many,
@@ -1003,15 +1112,21 @@ impl Validator {
                     self.error(at("upstreams"), "give either `upstream` or `upstreams`, not both");
                     vec![]
                 }
-                _ => {
+                (None, Some(_)) => {
+                    self.error(at("upstreams"), "list at least one `host:port`");
+                    vec![]
+                }
+                (None, None) => {
                     self.error(at("upstream"), "missing; give `upstream: host:port` or `upstreams: [...]`");
                     vec![]
                 }
             };
             let mut upstreams = Vec::new();
             for (j, addr) in addresses.iter().enumerate() {
-                let path =
-                    if addresses.len() == 1 { at("upstream") } else { format!("routes[{i}].upstreams[{j}]") };
+                let path = match listed {
+                    true => format!("routes[{i}].upstreams[{j}]"),
+                    false => at("upstream"),
+                };
                 match addr.to_socket_addrs().map(|mut a| a.next()) {
                     Ok(Some(a)) => upstreams.push(a),
                     Ok(None) => self.error(path, format!("{addr:?} resolves to no address")),

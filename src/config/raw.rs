@@ -389,6 +389,9 @@ where
 
 /// A type error at `path` (`.` for the whole file).
 fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
+    // serde_path_to_error writes `?` for a step it could not name (a YAML syntax error inside a
+    // value): the path ends at the last step named, and the message gives the line.
+    let path = path.split('.').filter(|step| *step != "?").collect::<Vec<_>>().join(".");
     let path = if path == "." { String::new() } else { path };
     let message = error.to_string();
     // serde_yaml names the path in its message too: say it once.

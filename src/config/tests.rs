@@ -97,6 +97,19 @@ fn structural_errors() {
     );
     check("routes:\n  - upstream: 127.0.0.1:1\n    auth: none\n", &["routes[0].path: missing"]);
     check("routes:\n  - path: /x\n    auth: none\n", &["routes[0].upstream: missing"]);
+    // Said at the key written.
+    check(
+        "routes:\n  - { path: /x, upstreams: [], auth: none }\n",
+        &["routes[0].upstreams: list at least one"],
+    );
+    check(
+        "routes:\n  - { path: /x, upstreams: ['nonexistent.invalid:1'], auth: none }\n",
+        &["routes[0].upstreams[0]: \"nonexistent.invalid:1\""],
+    );
+    check(
+        "routes:\n  - { path: /x, host: 'https://api.example.com', upstream: 127.0.0.1:1, auth: none }\n",
+        &["routes[0].host: \"https://api.example.com\": a host name without a scheme"],
+    );
     check(
         "routes:\n  - { path: /files/%7Ebob, upstream: 127.0.0.1:1, auth: none }\n  - { path: /a//b, upstream: 127.0.0.1:1, auth: none }\n  - { path: /a/../b, upstream: 127.0.0.1:1, auth: none }\n",
         &[
@@ -167,6 +180,10 @@ flavour: vanilla
     check("routes: 5", &["routes: invalid type: integer `5`, expected a list of routes"]);
     check("- listen: x", &["expected a mapping of settings"]);
     check("listen: [", &["did not find expected node content"]);
+    // A syntax error inside a value is placed at the last key named, never at a `?`.
+    let errs = errors("routes:\n  - { path: /x upstream: 127.0.0.1:1 }\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(!errs[0].contains('?') && errs[0].contains("line 2"), "{errs:#?}");
     check("? [a]\n: 1\nthreads: two\n", &["every top-level key must be a name like `listen`"]);
 }
 
@@ -307,6 +324,19 @@ fn jwt_keys_load_and_every_error_is_named() {
         &good.replace("jwt:\n", "jwt:\n  max_ttl: 10m\n  default_ttl: 11m\n"),
         &["jwt.default_ttl: must not exceed jwt.max_ttl"],
     );
+    // JWT times are whole seconds: 500ms became an identity JWT with `exp == iat`.
+    check(
+        &good.replace(
+            "jwt:\n",
+            "jwt:\n  max_ttl: 900ms\n  default_ttl: 500ms\n  upstream_ttl: 1500ms\n  leeway: 2500ms\n",
+        ),
+        &[
+            "jwt.max_ttl: must be whole seconds",
+            "jwt.default_ttl: must be whole seconds",
+            "jwt.upstream_ttl: must be whole seconds",
+            "jwt.leeway: must be whole seconds",
+        ],
+    );
 
     let bad = format!(
         r#"
@@ -400,11 +430,19 @@ fn an_hmac_signing_key_cannot_sign_identity_jwts() {
             "orgs: {{ acme: {{ projects: {{ shop: {{ environments: [production] }} }} }} }}\n\
              jwt:\n  signing_key: k\n  keys:\n    - {{ kid: k, algorithm: {algorithm}, {material} }}\n\
              routes:\n  - {{ path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production }}\n  \
-             - {{ path: /b, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: {identity_jwt} }}\n"
+             - {{ path: /b, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: {identity_jwt} }}\n  \
+             - {{ path: /c, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: {identity_jwt} }}\n"
         )
     };
-    // Whoever verifies an HMAC-signed identity JWT holds the secret that signs credentials.
-    check(&yaml("HS256", true), &["routes[1].identity_jwt: the signing key \"k\" is an HMAC key"]);
+    // Whoever verifies an HMAC-signed identity JWT holds the secret that signs credentials. Every
+    // such route is named (the first alone was).
+    check(
+        &yaml("HS256", true),
+        &[
+            "routes[1].identity_jwt: the signing key \"k\" is an HMAC key",
+            "routes[2].identity_jwt: the signing key \"k\" is an HMAC key",
+        ],
+    );
     assert!(Config::parse(&yaml("HS256", false)).is_ok(), "HMAC credentials alone are fine");
     assert!(Config::parse(&yaml("EdDSA", true)).is_ok());
 }
@@ -523,4 +561,62 @@ fn keepalive_timeout_is_whole_seconds_and_zero_turns_keep_alive_off() {
         &GOOD.replace("listen:", "keepalive_timeout: never\nadmin: { read_timeout: 0s }\nlisten:"),
         &["keepalive_timeout: not a duration", "admin.read_timeout: must be greater than zero"],
     );
+}
+
+#[test]
+fn audit_max_entries_is_bounded() {
+    // Redis trims the list with the bound as a Lua number: past 2^53 the trim fails mid-batch.
+    check("audit: { max_entries: 18446744073709551615 }\n", &["audit.max_entries: must be at most 10000000"]);
+    check("audit: { max_entries: 0 }\n", &["audit.max_entries: must be at least 1"]);
+    assert!(Config::parse(&format!("audit: {{ max_entries: {} }}\n", MAX_AUDIT_ENTRIES)).is_ok());
+}
+
+#[test]
+fn thread_counts_and_argon2_costs_are_bounded() {
+    // Each of these passed check-config and then panicked `serve`, or aborted it at the first
+    // token issued after a reload (an allocation of 4 TiB).
+    check(
+        "threads: 100000\nargon2: { memory_kib: 4294967295, iterations: 1000, parallelism: 65, max_concurrency: 2305843009213693952 }\n",
+        &[
+            "threads: must be at most 1024",
+            "argon2.memory_kib: must be at most 1048576 (1 GiB)",
+            "argon2.iterations: must be at most 100",
+            "argon2.parallelism: must be at most 64",
+            "argon2.max_concurrency: must be at most 1024",
+        ],
+    );
+    assert!(Config::parse("threads: 1024\nargon2: { memory_kib: 1048576, max_concurrency: 1024 }\n").is_ok());
+}
+
+#[test]
+fn the_identity_prefix_covers_no_header_http_relies_on() {
+    for (prefix, header) in [
+        ("content-", "content-length"),
+        ("ho", "host"),
+        ("X-", "x-forwarded-for"),
+        ("t", "transfer-encoding"),
+    ] {
+        check(
+            &format!("identity: {{ prefix: \"{prefix}\" }}\n"),
+            &[&format!("identity.prefix: {:?} would strip {header}", prefix.to_ascii_lowercase())],
+        );
+    }
+    // Said at the key written, and only there.
+    check("identity: { prefix: \"\" }\n", &["identity.prefix: must not be empty"]);
+    let c = Config::parse("identity: { prefix: \"x-gw-\" }\n").unwrap();
+    assert_eq!(c.identity.prefix, "x-gw-");
+}
+
+#[test]
+fn the_admin_listener_may_not_take_the_proxys_socket() {
+    // `serve` could not bind the second; check-config passed it when the addresses differed.
+    for (proxy, admin) in [
+        ("0.0.0.0:19104", "127.0.0.1:19104"),
+        ("127.0.0.1:19104", "127.0.0.1:19104"),
+        ("127.0.0.1:19104", "[::]:19104"),
+    ] {
+        check(&format!("listen: \"{proxy}\"\nadmin: {{ listen: \"{admin}\" }}\n"), &["admin.listen: "]);
+    }
+    assert!(Config::parse("listen: 127.0.0.1:19104\nadmin: { listen: \"127.0.0.2:19104\" }\n").is_ok());
+    assert!(Config::parse("listen: 0.0.0.0:19104\nadmin: { listen: \"127.0.0.1:19105\" }\n").is_ok());
 }

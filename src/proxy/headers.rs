@@ -171,7 +171,7 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
 /// Whether a (lowercase) header name starts with the identity prefix in any spelling
 /// ([`spelled_alike`]): CGI, WSGI and Rack upstreams read `X-Auth-Email`, `X_Auth_Email` (and
 /// PHP `X.Auth.Email`) as `HTTP_X_AUTH_EMAIL`, so each would forge the same identity.
-fn in_namespace(name: &str, prefix: &str) -> bool {
+pub(crate) fn in_namespace(name: &str, prefix: &str) -> bool {
     name.as_bytes().get(..prefix.len()).is_some_and(|head| spelled_alike(head, prefix.as_bytes()))
 }
 
