@@ -14,7 +14,7 @@ use crate::config::{Config, TokenLimits};
 use crate::policy::{PermSet, Role};
 use crate::store::{
     format_millis, now_millis, Acting, Attributes, AuditEvent, FirstToken, LastUse, Millis, Org, Owner,
-    Revocation, RoleSet, Scope, Service, Store, StoreError, Stored, TokenRecord, User, UserStatus,
+    Revocation, Revoking, RoleSet, Scope, Service, Store, StoreError, Stored, TokenRecord, User, UserStatus,
 };
 use crate::token::{self, Argon2Params, NewToken, TokenId, TokenKind};
 
@@ -298,6 +298,11 @@ fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) 
 /// A service's roles as a role set (no org role: guest in the org).
 fn service_roles(s: &Service) -> RoleSet {
     RoleSet { org: s.org_role.unwrap_or(Role::Guest), projects: s.project_roles.clone() }
+}
+
+/// The ids a removal revokes, for its audit entry.
+fn revoked_ids(revoking: &Revoking) -> Vec<String> {
+    revoking.tokens.iter().map(|(_, t)| t.id.to_string()).collect()
 }
 
 /// An admin service may not demote or delete itself, as an admin may not (an org keeps an admin).
@@ -1063,32 +1068,33 @@ impl<'a> Lifecycle<'a> {
         let tokens = self.revoked_tokens_of(&Owner::User(user.id.clone()), actor, "owner removed").await?;
         let mut audit = actor.audit("user.remove", format!("user:{email}"));
         audit.reason = reason;
-        audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
+        audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
-        Ok(tokens.len())
+        Ok(tokens.tokens.len())
     }
 
-    /// An owner's tokens not yet revoked, revoked now by `actor`: written with the owner's removal.
-    async fn revoked_tokens_of(
-        &self,
-        owner: &Owner,
-        actor: &Actor,
-        reason: &str,
-    ) -> Result<Vec<TokenRecord>> {
+    /// An owner's tokens not yet revoked, revoked now by `actor`: written with the owner's removal,
+    /// which fails (`Changed`) if a token of the owner is added or changed before it lands.
+    async fn revoked_tokens_of(&self, owner: &Owner, actor: &Actor, reason: &str) -> Result<Revoking> {
         let now = now_millis();
-        let mut tokens: Vec<TokenRecord> =
-            self.store.list_owner_tokens(owner).await?.into_iter().map(Stored::into_inner).collect();
-        // An expired token needs no revocation (and a long-lived owner may have many).
-        tokens.retain(|t| !t.is_revoked(now) && !t.is_expired(now));
-        for t in &mut tokens {
-            t.revoked = Some(Box::new(Revocation {
-                at: now,
-                decided_at: Some(now),
-                reason: Some(reason.into()),
-                by: Some(actor.subject.clone()),
-            }));
-        }
-        Ok(tokens)
+        let read = self.store.owner_tokens(owner).await?;
+        let tokens = read
+            .tokens
+            .into_iter()
+            // An expired token needs no revocation (and a long-lived owner may have many).
+            .filter(|t| !t.is_revoked(now) && !t.is_expired(now))
+            .map(|before| {
+                let mut after = TokenRecord::clone(&before);
+                after.revoked = Some(Box::new(Revocation {
+                    at: now,
+                    decided_at: Some(now),
+                    reason: Some(reason.into()),
+                    by: Some(actor.subject.clone()),
+                }));
+                (before, after)
+            })
+            .collect();
+        Ok(Revoking { members: read.members, tokens })
     }
 
     fn may_manage_service(&self, actor: &Actor, s: &Service) -> Result<()> {
@@ -1363,7 +1369,7 @@ impl<'a> Lifecycle<'a> {
         not_itself(actor, &s, "delete itself")?;
         let tokens = self.revoked_tokens_of(&Owner::Service(s.id.clone()), actor, "service deleted").await?;
         let mut audit = actor.audit("service.delete", format!("service:{name}"));
-        audit.details = serde_json::json!({ "revoked_tokens": tokens.iter().map(|t| t.id.to_string()).collect::<Vec<_>>() });
+        audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_service(&s, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(())
     }

@@ -654,6 +654,14 @@ impl Service for AdminService {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
+                    // A connection gone before it was accepted concerns that connection alone.
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::Interrupted
+                    ) => continue,
                     Err(e) => {
                         // Out of file descriptors, most likely: give the ones in use time to close.
                         tracing::warn!(error = %e, "admin API cannot accept a connection");

@@ -8,7 +8,7 @@ mod raw;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -306,9 +306,16 @@ const HEADERS_NOT_IN_PREFIX: [&str; 30] = [
 ];
 
 /// Whether a listener on `a` and one on `b` would take the same socket: the same port on the same
-/// address, or on any address where one of them listens on all (`0.0.0.0`, `[::]`).
+/// address, or on any address of its family where one of them listens on all (`0.0.0.0`, `[::]`).
 pub fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    // `[::]` takes both families (Linux's default, `bindv6only` 0), `0.0.0.0` IPv4 only; an
+    // IPv4-mapped address is its IPv4 one.
+    let covers = |any: IpAddr, other: IpAddr| match any {
+        IpAddr::V6(ip) => ip.is_unspecified(),
+        IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
+    };
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
 }
 
 /// Most threads for the proxy (`threads`) or for argon2 (`argon2.max_concurrency`).
@@ -703,11 +710,12 @@ impl Validator {
         if upstream_ttl > Duration::from_secs(60) {
             self.error("jwt.upstream_ttl", "at most 60s: the identity JWT is for one request");
         }
-        for (path, d) in
-            [("jwt.max_ttl", max_ttl), ("jwt.default_ttl", default_ttl), ("jwt.upstream_ttl", upstream_ttl)]
-        {
-            self.whole_seconds(path, d);
+        self.whole_seconds("jwt.max_ttl", max_ttl);
+        // A default taken from `max_ttl` is judged there.
+        if given_default {
+            self.whole_seconds("jwt.default_ttl", default_ttl);
         }
+        self.whole_seconds("jwt.upstream_ttl", upstream_ttl);
         let mut keys: Vec<Arc<JwtKey>> = Vec::new();
         let raw_keys = raw.keys.unwrap_or_default();
         if raw_keys.is_empty() {
@@ -948,7 +956,7 @@ impl Validator {
             self.error("argon2", format!("invalid parameters: {e}"));
         }
         let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
-        let max_concurrency = raw.max_concurrency.unwrap_or(cpus);
+        let max_concurrency = raw.max_concurrency.unwrap_or(cpus.min(MAX_THREADS));
         if max_concurrency == 0 {
             self.error("argon2.max_concurrency", "must be at least 1");
         } else if max_concurrency > MAX_THREADS {

@@ -337,6 +337,8 @@ fn jwt_keys_load_and_every_error_is_named() {
             "jwt.leeway: must be whole seconds",
         ],
     );
+    // A default taken from a fractional `max_ttl` is not blamed on `default_ttl`, never written.
+    check(&good.replace("jwt:\n", "jwt:\n  max_ttl: 600500ms\n"), &["jwt.max_ttl: must be whole seconds"]);
 
     let bad = format!(
         r#"
@@ -619,4 +621,10 @@ fn the_admin_listener_may_not_take_the_proxys_socket() {
     }
     assert!(Config::parse("listen: 127.0.0.1:19104\nadmin: { listen: \"127.0.0.2:19104\" }\n").is_ok());
     assert!(Config::parse("listen: 0.0.0.0:19104\nadmin: { listen: \"127.0.0.1:19105\" }\n").is_ok());
+    // The families as Linux binds them: 0.0.0.0 leaves IPv6 free; a mapped address is its IPv4 one.
+    assert!(Config::parse("listen: 0.0.0.0:19104\nadmin: { listen: \"[::1]:19104\" }\n").is_ok());
+    check(
+        "listen: \"[::ffff:127.0.0.1]:19104\"\nadmin: { listen: \"127.0.0.1:19104\" }\n",
+        &["admin.listen: "],
+    );
 }

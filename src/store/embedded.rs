@@ -136,6 +136,21 @@ impl Backend for EmbeddedBackend {
                         return Err(StoreError::Changed(k.clone()));
                     }
                 }
+                if !batch.sizes.is_empty() {
+                    let sets = tx.open_table(SETS).map_err(failed)?;
+                    for (set, members) in &batch.sizes {
+                        let mut held = 0;
+                        for row in sets.range((set.as_str(), "")..).map_err(failed)? {
+                            if row.map_err(failed)?.0.value().0 != set.as_str() {
+                                break;
+                            }
+                            held += 1;
+                        }
+                        if held != *members {
+                            return Err(StoreError::Changed(set.clone()));
+                        }
+                    }
+                }
                 for (k, v) in &batch.put {
                     kv.insert(k.as_str(), v.as_str()).map_err(failed)?;
                 }

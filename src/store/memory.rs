@@ -85,6 +85,11 @@ impl Backend for MemoryBackend {
             if let Some((k, _)) = batch.expect.iter().find(|(k, v)| state.kv.get(k) != Some(v)) {
                 return Err(StoreError::Changed(k.clone()));
             }
+            if let Some((k, _)) =
+                batch.sizes.iter().find(|(k, n)| state.sets.get(k).map_or(0, |s| s.len()) != *n)
+            {
+                return Err(StoreError::Changed(k.clone()));
+            }
             for (k, v) in batch.put {
                 state.kv.insert(k, v);
             }

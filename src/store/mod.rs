@@ -134,6 +134,9 @@ pub struct Batch {
     pub absent: Vec<String>,
     /// Keys that must still hold exactly this text (the record as it was read: [`Stored`]).
     pub expect: Vec<(String, String)>,
+    /// Sets that must still hold exactly this many members. An owner's token set only ever grows,
+    /// so the count it had when read tells whether a token was added since.
+    pub sizes: Vec<(String, usize)>,
     /// Keys to set to JSON values.
     pub put: Vec<(String, String)>,
     /// Keys to delete.
@@ -208,6 +211,37 @@ fn add_token(b: &mut Batch, token: &TokenRecord) -> Result<(), StoreError> {
     b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
     b.sadd.push((owner_tokens_key(&token.owner), token.id.to_string()));
     b.invalidate(Invalidation::Token(token.id.clone()));
+    Ok(())
+}
+
+/// An owner's tokens as read ([`Store::owner_tokens`]).
+pub struct OwnerTokens {
+    /// How many ids the owner's token set held.
+    pub members: usize,
+    /// The records, each with the text it was read as.
+    pub tokens: Vec<Stored<TokenRecord>>,
+}
+
+/// The tokens an owner's removal revokes: each as read and as it is to be written, and how many ids
+/// the owner's token set held when they were read. The removal commits only if none of them has
+/// changed and no token was added meanwhile (else `Changed`, and the caller tries again): a token
+/// issued, revoked or rotated while the owner was being removed is never left out or overwritten.
+#[derive(Default)]
+pub struct Revoking {
+    /// [`OwnerTokens::members`].
+    pub members: usize,
+    /// (as read, as revoked).
+    pub tokens: Vec<(Stored<TokenRecord>, TokenRecord)>,
+}
+
+/// The writes and conditions of revoking `revoking` with the removal of `owner`.
+fn revoke_all(b: &mut Batch, owner: &Owner, revoking: &Revoking) -> Result<(), StoreError> {
+    b.sizes.push((owner_tokens_key(owner), revoking.members));
+    for (before, after) in &revoking.tokens {
+        b.expect(token_key(&before.id), before);
+        b.put(token_key(&after.id), after)?;
+        b.invalidate(Invalidation::Token(after.id.clone()));
+    }
     Ok(())
 }
 
@@ -564,9 +598,16 @@ impl Store {
 
     /// The tokens of a user or service.
     pub async fn list_owner_tokens(&self, owner: &Owner) -> Result<Vec<Stored<TokenRecord>>, StoreError> {
+        Ok(self.owner_tokens(owner).await?.tokens)
+    }
+
+    /// The tokens of a user or service, with how many ids its token set held when read.
+    pub async fn owner_tokens(&self, owner: &Owner) -> Result<OwnerTokens, StoreError> {
         let ids = self.bounded(self.backend.members(&owner_tokens_key(owner))).await?;
-        self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
-            .await
+        let tokens = self
+            .read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
+            .await?;
+        Ok(OwnerTokens { members: ids.len(), tokens })
     }
 
     /// Creates an org; `Conflict` if it exists.
@@ -643,7 +684,7 @@ impl Store {
     pub async fn delete_service(
         &self,
         service: &Stored<Service>,
-        revoked: &[TokenRecord],
+        revoking: &Revoking,
         audit: Option<&AuditEvent>,
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
@@ -654,10 +695,7 @@ impl Store {
         b.expect(service_key(&service.id), service);
         b.del.extend([service_key(&service.id), service_name_key(&service.org, &service.name)]);
         b.srem.push((org_services_key(&service.org), service.id.clone()));
-        for token in revoked {
-            b.put(token_key(&token.id), token)?;
-            b.invalidate(Invalidation::Token(token.id.clone()));
-        }
+        revoke_all(&mut b, &Owner::Service(service.id.clone()), revoking)?;
         b.invalidate(Invalidation::Service(service.id.clone()));
         self.commit(b).await
     }
@@ -744,7 +782,7 @@ impl Store {
     pub async fn delete_user(
         &self,
         user: &Stored<User>,
-        revoked: &[TokenRecord],
+        revoking: &Revoking,
         audit: Option<&AuditEvent>,
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
@@ -754,10 +792,7 @@ impl Store {
         b.acting(actor);
         b.del.extend([user_key(&user.id), user_email_key(&user.org, &user.email)]);
         b.srem.push((org_users_key(&user.org), user.id.clone()));
-        for token in revoked {
-            b.put(token_key(&token.id), token)?;
-            b.invalidate(Invalidation::Token(token.id.clone()));
-        }
+        revoke_all(&mut b, &Owner::User(user.id.clone()), revoking)?;
         b.invalidate(Invalidation::User(user.id.clone()));
         self.commit(b).await
     }

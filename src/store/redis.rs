@@ -13,8 +13,8 @@ use tokio::sync::OnceCell;
 
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
-/// Applies a batch atomically: checks that the `absent` keys do not exist and the `expect` keys hold
-/// what was read, then publishes, then writes. Answers '' (done), a key (exists) or '~' + key
+/// Applies a batch atomically: checks that the `absent` keys do not exist, the `expect` keys hold
+/// what was read and the `sizes` sets as many members as then, then publishes, then writes. Answers '' (done), a key (exists) or '~' + key
 /// (changed). Redis does not undo a script's writes when a later command fails, so the invalidations
 /// go first: a Redis user refused PUBLISH (Redis 7's `acl-pubsub-default` is `resetchannels`) fails
 /// the batch before anything is written, instead of storing a revocation no instance hears of; and
@@ -26,6 +26,9 @@ for _, k in ipairs(b.absent) do
 end
 for _, e in ipairs(b.expect) do
   if redis.call('GET', e[1]) ~= e[2] then return '~' .. e[1] end
+end
+for _, c in ipairs(b.sizes) do
+  if redis.call('SCARD', c[1]) ~= c[2] then return '~' .. c[1] end
 end
 for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end
@@ -151,10 +154,16 @@ impl Backend for RedisBackend {
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
-        let unprefixed: Vec<String> =
-            batch.absent.iter().chain(batch.expect.iter().map(|(k, _)| k)).cloned().collect();
+        let unprefixed: Vec<String> = batch
+            .absent
+            .iter()
+            .chain(batch.expect.iter().map(|(k, _)| k))
+            .chain(batch.sizes.iter().map(|(k, _)| k))
+            .cloned()
+            .collect();
         batch.absent.iter_mut().for_each(|k| *k = self.key(k));
         batch.expect.iter_mut().for_each(|(k, _)| *k = self.key(k));
+        batch.sizes.iter_mut().for_each(|(k, _)| *k = self.key(k));
         batch.put.iter_mut().for_each(|(k, _)| *k = self.key(k));
         batch.del.iter_mut().for_each(|k| *k = self.key(k));
         batch.sadd.iter_mut().chain(batch.srem.iter_mut()).for_each(|(s, _)| *s = self.key(s));

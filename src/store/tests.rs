@@ -112,7 +112,9 @@ async fn writes_publish(s: &Store) {
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert!(s.get_token(&token.id).await.unwrap().unwrap().is_revoked(now_millis()));
-    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), &[], None, None).await.unwrap();
+    // Its one token, revoked already, is left as it is.
+    let none = Revoking { members: 1, tokens: vec![] };
+    s.delete_service(&s.get_service(&svc.id).await.unwrap().unwrap(), &none, None, None).await.unwrap();
     assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
     assert!(s.get_service(&svc.id).await.unwrap().is_none());
     assert!(s.find_service_by_name("acme", "etl").await.unwrap().is_none());
@@ -170,7 +172,7 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
                 .await
                 .unwrap();
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
-        s.delete_service(&read, &[], None, None).await.unwrap();
+        s.delete_service(&read, &Revoking::default(), None, None).await.unwrap();
         let mut renamed = svc.clone();
         renamed.org_role = Some(Role::Admin);
         assert!(matches!(s.update_service(&read, &renamed, None, None).await, Err(StoreError::Changed(_))));
@@ -184,7 +186,7 @@ async fn a_change_to_a_record_read_before_another_change_is_refused_on_every_bac
         let read = s.get_service(&svc.id).await.unwrap().unwrap();
         let renamed = Service { name: "etl3".into(), ..svc.clone() };
         s.update_service(&read, &renamed, None, None).await.unwrap();
-        let refused = s.delete_service(&read, &[], None, None).await;
+        let refused = s.delete_service(&read, &Revoking::default(), None, None).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         assert!(s.find_service_by_name("acme", "etl3").await.unwrap().is_some(), "{}", s.describe());
     }
@@ -346,7 +348,7 @@ async fn two_admins_demoting_each_other_at_once_cannot_both_succeed_on_every_bac
         let renamed = Service { name: "etl2".into(), ..svc.clone() };
         let refused = s.update_service(&svc_read, &renamed, None, Some(&bob_acting)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
-        let refused = s.delete_service(&svc_read, &[], None, Some(&bob_acting)).await;
+        let refused = s.delete_service(&svc_read, &Revoking::default(), None, Some(&bob_acting)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         let other = Service { id: "s_other".into(), name: "other".into(), ..svc.clone() };
         let refused = s.create_service(&other, None, None, Some(&bob_acting)).await;
@@ -437,4 +439,60 @@ async fn a_redis_user_that_may_not_publish_stores_nothing() {
     assert!(refused.is_err(), "{refused:?}");
     let stored = full.get_token(&token.id).await.unwrap().unwrap();
     assert!(!stored.is_revoked(now_millis()), "nothing was written");
+}
+
+/// An owner's removal read its tokens, then wrote them back revoked: a token issued in between was
+/// left active under a removed owner, and a revocation or rotation in between was overwritten.
+#[tokio::test]
+async fn a_removal_fails_when_a_token_of_the_owner_is_added_or_changed_meanwhile() {
+    let params = crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
+    for (s, _guard) in stores() {
+        let ann =
+            lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+                .await
+                .unwrap();
+        let owner = Owner::User(ann.id.clone());
+        let issue =
+            || lifecycle::issue_token(&s, params, "acme", owner.clone(), lifecycle::TokenSpec::default());
+        let (first, _) = issue().await.unwrap();
+        let revoking = |read: OwnerTokens| Revoking {
+            members: read.members,
+            tokens: read
+                .tokens
+                .into_iter()
+                .map(|before| {
+                    let mut after = TokenRecord::clone(&before);
+                    after.revoked =
+                        Some(Box::new(Revocation { at: 1, decided_at: Some(1), reason: None, by: None }));
+                    (before, after)
+                })
+                .collect(),
+        };
+        let user = s.get_user(&ann.id).await.unwrap().unwrap();
+
+        // A token issued after the removal read the owner's tokens.
+        let stale = revoking(s.owner_tokens(&owner).await.unwrap());
+        let (second, _) = issue().await.unwrap();
+        let refused = s.delete_user(&user, &stale, None, None).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+
+        // A token revoked (with its reason) after the removal read it.
+        let stale = revoking(s.owner_tokens(&owner).await.unwrap());
+        s.revoke_token(&first.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
+        let refused = s.delete_user(&user, &stale, None, None).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        let kept = s.get_token(&first.id).await.unwrap().unwrap();
+        assert_eq!(
+            kept.revoked.as_ref().and_then(|r| r.reason.as_deref()),
+            Some("leaked"),
+            "{}",
+            s.describe()
+        );
+
+        // Read again, the removal lands and leaves no token of the owner unrevoked.
+        let fresh = revoking(s.owner_tokens(&owner).await.unwrap());
+        s.delete_user(&user, &fresh, None, None).await.unwrap();
+        assert!(s.get_user(&ann.id).await.unwrap().is_none(), "{}", s.describe());
+        assert!(s.get_token(&second.id).await.unwrap().unwrap().revoked.is_some(), "{}", s.describe());
+    }
 }
