@@ -129,12 +129,12 @@ impl ConfigWatcher {
                 restart
             }
             Err(e) => {
-                let errors: Vec<String> =
-                    e.issues.iter().map(|i| format!("{}: {}", i.path, i.message)).collect();
+                // As `check-config` prints them, on one line.
+                let errors = e.to_string().lines().collect::<Vec<_>>().join("; ");
                 tracing::error!(
                     path = %self.path.display(),
                     why,
-                    errors = ?errors,
+                    %errors,
                     "config reload refused; the running config stays"
                 );
                 Vec::new()

@@ -208,7 +208,6 @@ impl Batch {
 fn add_token(b: &mut Batch, token: &TokenRecord) -> Result<(), StoreError> {
     b.absent.push(token_key(&token.id));
     b.put(token_key(&token.id), token)?;
-    b.sadd.push((org_tokens_key(&token.org), token.id.to_string()));
     b.sadd.push((owner_tokens_key(&token.owner), token.id.to_string()));
     b.invalidate(Invalidation::Token(token.id.clone()));
     Ok(())
@@ -389,9 +388,6 @@ fn org_users_key(org: &str) -> String {
 }
 fn org_services_key(org: &str) -> String {
     format!("org-services:{org}")
-}
-fn org_tokens_key(org: &str) -> String {
-    format!("org-tokens:{org}")
 }
 fn audit_key(org: &str) -> String {
     format!("audit:{org}")
@@ -816,7 +812,6 @@ impl Store {
         b.absent.push(token_key(&new.id));
         b.put(token_key(&old.id), old)?;
         b.put(token_key(&new.id), new)?;
-        b.sadd.push((org_tokens_key(&new.org), new.id.to_string()));
         b.sadd.push((owner_tokens_key(&new.owner), new.id.to_string()));
         b.invalidate(Invalidation::Token(old.id.clone()));
         b.invalidate(Invalidation::Token(new.id.clone()));
@@ -827,13 +822,6 @@ impl Store {
     pub async fn list_services(&self, org: &str) -> Result<Vec<Stored<Service>>, StoreError> {
         let ids = self.bounded(self.backend.members(&org_services_key(org))).await?;
         self.read_many(ids.iter().map(|id| service_key(id)).collect()).await
-    }
-
-    /// Every token of an org.
-    pub async fn list_org_tokens(&self, org: &str) -> Result<Vec<Stored<TokenRecord>>, StoreError> {
-        let ids = self.bounded(self.backend.members(&org_tokens_key(org))).await?;
-        self.read_many(ids.iter().filter_map(|id| TokenId::parse(id)).map(|id| token_key(&id)).collect())
-            .await
     }
 
     /// Writes an audit entry on its own (an action that changes no record, like minting an

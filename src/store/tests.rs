@@ -83,30 +83,26 @@ async fn writes_publish_invalidations() {
     }
 }
 
+/// A viewer service `etl` in org `acme`.
+async fn etl(s: &Store) -> Service {
+    lifecycle::create_service(s, "acme", "etl", Some(Role::Viewer), BTreeMap::new(), Attributes::new(), None)
+        .await
+        .unwrap()
+}
+
+/// A new token of `svc`.
+async fn service_token(s: &Store, svc: &Service) -> (crate::token::NewToken, TokenRecord) {
+    let params = crate::token::Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 };
+    let owner = Owner::Service(svc.id.clone());
+    lifecycle::issue_token(s, params, "acme", owner, lifecycle::TokenSpec::default()).await.unwrap()
+}
+
 async fn writes_publish(s: &Store) {
     let s = s.clone();
     let mut feed = s.subscribe().await.unwrap();
-    let svc = lifecycle::create_service(
-        &s,
-        "acme",
-        "etl",
-        Some(Role::Viewer),
-        BTreeMap::new(),
-        Attributes::new(),
-        None,
-    )
-    .await
-    .unwrap();
+    let svc = etl(&s).await;
     assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
-    let (token, record) = lifecycle::issue_token(
-        &s,
-        crate::token::Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 },
-        "acme",
-        Owner::Service(svc.id.clone()),
-        lifecycle::TokenSpec::default(),
-    )
-    .await
-    .unwrap();
+    let (token, record) = service_token(&s, &svc).await;
     assert_eq!(next(&mut feed).await, Some(Invalidation::Token(token.id.clone())));
     assert_eq!(records(s.list_owner_tokens(&Owner::Service(svc.id.clone())).await.unwrap()), vec![record]);
     s.revoke_token(&token.id, Some("leaked".into()), Some("u_admin".into())).await.unwrap();
@@ -212,17 +208,7 @@ async fn audited_step(s: &Store, svc: &Service, i: Millis) {
 async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
     for (s, _guard) in stores() {
         let s = s.with_audit_max(3);
-        let svc = lifecycle::create_service(
-            &s,
-            "acme",
-            "etl",
-            Some(Role::Viewer),
-            BTreeMap::new(),
-            Attributes::new(),
-            None,
-        )
-        .await
-        .unwrap();
+        let svc = etl(&s).await;
         for i in 0..5 {
             audited_step(&s, &svc, i).await;
         }
@@ -414,27 +400,8 @@ async fn a_redis_user_that_may_not_publish_stores_nothing() {
         Store::new(Arc::new(redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap()), timeout);
     let url = server.url().replace("redis://", "redis://nopub:pw@");
     let narrow = Store::new(Arc::new(redis::RedisBackend::new(&url, "test:", timeout).unwrap()), timeout);
-    let svc = lifecycle::create_service(
-        &full,
-        "acme",
-        "etl",
-        Some(Role::Viewer),
-        BTreeMap::new(),
-        Attributes::new(),
-        None,
-    )
-    .await
-    .unwrap();
-    let params = crate::token::Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 };
-    let (token, _) = lifecycle::issue_token(
-        &full,
-        params,
-        "acme",
-        Owner::Service(svc.id.clone()),
-        lifecycle::TokenSpec::default(),
-    )
-    .await
-    .unwrap();
+    let svc = etl(&full).await;
+    let (token, _) = service_token(&full, &svc).await;
     let refused = narrow.revoke_token(&token.id, Some("leaked".into()), None).await;
     assert!(refused.is_err(), "{refused:?}");
     let stored = full.get_token(&token.id).await.unwrap().unwrap();
