@@ -254,7 +254,7 @@ impl Lifecycle<'_> {
             "id": claims.jti, "subject": claims.sub, "expires_at": expires_at,
             "permissions": claims.scope, "environments": claims.env,
         });
-        self.store.append_audit(&audit).await?;
+        self.store.append_credentials_audit(&audit).await?;
         Ok(IssuedCredential {
             token,
             token_type: "Bearer".into(),

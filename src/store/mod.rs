@@ -392,6 +392,11 @@ fn org_services_key(org: &str) -> String {
 fn audit_key(org: &str) -> String {
     format!("audit:{org}")
 }
+/// Ephemeral credentials minted: a list of its own, so that a service minting many cannot push the
+/// org's changes out of `audit:{org}`.
+fn credentials_audit_key(org: &str) -> String {
+    format!("audit-credentials:{org}")
+}
 fn last_use_key(id: &TokenId) -> String {
     format!("last-use:{id}")
 }
@@ -824,11 +829,15 @@ impl Store {
         self.read_many(ids.iter().map(|id| service_key(id)).collect()).await
     }
 
-    /// Writes an audit entry on its own (an action that changes no record, like minting an
-    /// ephemeral credential).
-    pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+    /// Writes the audit entry of an ephemeral credential minted (which changes no record), into
+    /// the org's list of those, bounded as the changes' list is.
+    pub async fn append_credentials_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        let json = serde_json::to_string(audit).map_err(|e| StoreError::Corrupt {
+            key: credentials_audit_key(&audit.org),
+            reason: e.to_string(),
+        })?;
         let mut b = Batch::default();
-        b.audit(Some(audit), self.audit_max())?;
+        b.lpush.push((credentials_audit_key(&audit.org), json, self.audit_max()));
         self.commit(b).await
     }
 
@@ -836,17 +845,24 @@ impl Store {
     /// or by a version that wrote another shape) is left out and logged, so that it does not hide
     /// the others.
     pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
-        let entries = self.bounded(self.backend.list(&audit_key(org), limit)).await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|json| match serde_json::from_str(&json) {
-                Ok(event) => Some(event),
-                Err(e) => {
-                    tracing::error!(key = %audit_key(org), error = %e, "an audit entry cannot be read; left out");
-                    None
+        // The changes and the credentials minted, each newest first, merged by time.
+        let mut events = Vec::new();
+        for key in [audit_key(org), credentials_audit_key(org)] {
+            let entries = self.bounded(self.backend.list(&key, limit)).await?;
+            events.extend(entries.into_iter().filter_map(|json| {
+                match serde_json::from_str::<AuditEvent>(&json) {
+                    Ok(event) => Some(event),
+                    Err(e) => {
+                        tracing::error!(key = %key, error = %e, "an audit entry cannot be read; left out");
+                        None
+                    }
                 }
-            })
-            .collect())
+            }));
+        }
+        // Stable: entries of one list at the same millisecond keep their order.
+        events.sort_by_key(|e| std::cmp::Reverse(e.at));
+        events.truncate(limit);
+        Ok(events)
     }
 
     /// Writes a batch of last-use records; nothing is invalidated (they are not cached).

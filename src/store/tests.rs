@@ -463,3 +463,45 @@ async fn a_removal_fails_when_a_token_of_the_owner_is_added_or_changed_meanwhile
         assert!(s.get_token(&second.id).await.unwrap().unwrap().revoked.is_some(), "{}", s.describe());
     }
 }
+
+/// A service minting credentials (one audit entry each) could push every change out of a bounded
+/// log: minted credentials are kept in a list of their own, and the listing merges both by time.
+#[tokio::test]
+async fn credentials_minted_do_not_push_the_orgs_changes_out_of_the_audit_log() {
+    for (s, _guard) in stores() {
+        let s = s.with_audit_max(3);
+        let svc = etl(&s).await;
+        for i in 0..3 {
+            audited_step(&s, &svc, i).await;
+        }
+        for i in 0..10 {
+            let minted = AuditEvent {
+                at: 10 + i,
+                org: "acme".into(),
+                actor: "service:etl".into(),
+                action: "credentials.issue".into(),
+                target: "project:shop".into(),
+                token_id: None,
+                reason: None,
+                details: serde_json::json!({ "n": i }),
+            };
+            s.append_credentials_audit(&minted).await.unwrap();
+        }
+        audited_step(&s, &svc, 15).await;
+        let log: Vec<(Millis, String)> =
+            s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| (e.at, e.action)).collect();
+        let want: Vec<(Millis, String)> = [
+            (19, "credentials.issue"),
+            (18, "credentials.issue"),
+            (17, "credentials.issue"),
+            (15, "step.15"),
+            (2, "step.2"),
+            (1, "step.1"),
+        ]
+        .into_iter()
+        .map(|(at, action)| (at, action.to_string()))
+        .collect();
+        assert_eq!(log, want, "{}", s.describe());
+        assert_eq!(s.audit_log("acme", 2).await.unwrap().len(), 2, "the limit holds over both");
+    }
+}
