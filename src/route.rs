@@ -189,8 +189,18 @@ impl Route {
 
     /// The next upstream address, round robin.
     pub fn next_upstream(&self) -> Option<SocketAddr> {
+        self.upstream_after(None).map(|(_, addr)| addr)
+    }
+
+    /// The upstream address to try: after `tried` (the index of the one whose connection failed),
+    /// the next one in the list; first, the next one round robin. With its index.
+    pub fn upstream_after(&self, tried: Option<usize>) -> Option<(usize, SocketAddr)> {
         let n = self.upstreams.len();
-        (n > 0).then(|| self.upstreams[self.next_upstream.fetch_add(1, Ordering::Relaxed) % n])
+        let i = match tried {
+            Some(i) => i + 1,
+            None => self.next_upstream.fetch_add(1, Ordering::Relaxed),
+        };
+        (n > 0).then(|| (i, self.upstreams[i % n]))
     }
 
     /// Whether `path` is under this route's prefix (on a segment boundary), comparing letters

@@ -451,23 +451,27 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
 }
 
-/// See [`init_logging`].
-const PINGORA_PROXY_AT_MOST_INFO: &str = "pingora_proxy=info";
-
 pub(crate) fn init_logging(default_level: &str) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    // Never below info, whatever the level (`RUST_LOG` too): Pingora's proxy logs a refused
-    // request head whole at debug, its `Authorization` header included.
-    if let Ok(directive) = PINGORA_PROXY_AT_MOST_INFO.parse() {
-        filter = filter.add_directive(directive);
-    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(tracing_subscriber::filter::filter_fn(pingora_at_most_info))
         .try_init();
+}
+
+/// Pingora never logs below info, whatever the level or `RUST_LOG` says (a directive for one of
+/// its modules included): at debug its proxy logs request heads whole, `Authorization` included,
+/// and its core a chunked body's bytes. A filter of its own, since a more specific `RUST_LOG`
+/// directive overrides any directive added to the env filter.
+fn pingora_at_most_info(meta: &tracing::Metadata<'_>) -> bool {
+    !meta.target().starts_with("pingora") || *meta.level() <= tracing::Level::INFO
 }
 
 fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {

@@ -1135,9 +1135,20 @@ impl Validator {
                     true => format!("routes[{i}].upstreams[{j}]"),
                     false => at("upstream"),
                 };
-                match addr.to_socket_addrs().map(|mut a| a.next()) {
-                    Ok(Some(a)) => upstreams.push(a),
-                    Ok(None) => self.error(path, format!("{addr:?} resolves to no address")),
+                // Every address a name resolves to (`localhost` is `::1` and `127.0.0.1` on most
+                // hosts, and an upstream may listen on one of them only): a connection refused by
+                // one is tried on the next (see `proxy::Gateway::fail_to_connect`).
+                match addr.to_socket_addrs().map(Iterator::collect::<Vec<_>>) {
+                    Ok(found) if found.is_empty() => {
+                        self.error(path, format!("{addr:?} resolves to no address"))
+                    }
+                    Ok(found) => {
+                        for a in found {
+                            if !upstreams.contains(&a) {
+                                upstreams.push(a);
+                            }
+                        }
+                    }
                     Err(e) => self.error(path, format!("{addr:?} is not a reachable host:port ({e})")),
                 }
             }

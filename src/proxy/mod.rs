@@ -46,6 +46,8 @@ pub struct RequestCtx {
     rejection: Option<Rejection>,
     /// A token in a rotation's grace: the headers that say so, on any answer.
     deprecation: Option<Box<headers::Deprecation>>,
+    /// The upstream address last tried ([`Route::upstream_after`]'s index) and how many were.
+    upstream: Option<(usize, u32)>,
 }
 
 impl Gateway {
@@ -254,6 +256,42 @@ fn id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
+/// A request path as logs show it: a path segment that holds a Tollgate token (a client's
+/// mistake: `/items/tgp_…`) is cut to the token id, and one that looks like a JWT to its first
+/// characters. A path without either comes back as it is, unallocated.
+fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let secret = |segment: &str| {
+        let token =
+            ["tgp_", "tgs_"].iter().any(|p| segment.starts_with(p)) && segment.len() > crate::token::ID_LEN;
+        let jwt = segment.starts_with("eyJ") && segment.contains('.');
+        token || jwt
+    };
+    if !path.split('/').any(secret) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let cut: Vec<String> = path
+        .split('/')
+        .map(|segment| match secret(segment) {
+            true if segment.starts_with("eyJ") => "eyJ…".to_string(),
+            true => format!("{}…", segment.get(..crate::token::ID_LEN).unwrap_or("tg")),
+            false => segment.to_string(),
+        })
+        .collect();
+    std::borrow::Cow::Owned(cut.join("/"))
+}
+
+/// An error as logs show it: where and what, and the system's reason (`Connection refused`), but
+/// never its context, which for a head Pingora could not parse quotes the head (an upstream's
+/// `Set-Cookie`, a client's credential).
+fn loggable_error(e: &Error) -> String {
+    let mut text = format!("{} {}", e.esource().as_str(), e.etype().as_str());
+    if let Some(io) = e.root_cause().downcast_ref::<std::io::Error>() {
+        text.push_str(": ");
+        text.push_str(&io.to_string());
+    }
+    text
+}
+
 /// Bounds how long a client's connection waits idle for its next request (`keepalive_timeout`;
 /// Pingora's own default waits forever), where the client keeps it open at all: HTTP/1.1 without
 /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
@@ -280,6 +318,7 @@ impl ProxyHttp for Gateway {
             permit: None,
             rejection: None,
             deprecation: None,
+            upstream: None,
         }
     }
 
@@ -287,7 +326,9 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         let config = self.config.load_full();
         ctx.config = Some(config.clone());
-        bound_keepalive(session, config.keepalive);
+        // Once a shutdown has begun, no connection is kept for a next request that would find the
+        // listener gone and the connection reset.
+        bound_keepalive(session, if crate::drain::stopping() { None } else { config.keepalive });
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();
@@ -316,12 +357,30 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<Box<HttpPeer>> {
         let permit = ctx.permit.as_ref().ok_or_else(missing_permit)?;
         let route = permit.route();
-        let addr = route
-            .next_upstream()
+        let (i, addr) = route
+            .upstream_after(ctx.upstream.map(|(i, _)| i))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
+        ctx.upstream = Some((i, ctx.upstream.map_or(1, |(_, tries)| tries + 1)));
         let mut peer = Box::new(HttpPeer::new(addr, false, String::new()));
         route.timeouts.apply(&mut peer);
         Ok(peer)
+    }
+
+    /// A connection that could not be made (refused, unreachable, past `upstream_timeouts.connect`)
+    /// sent nothing: the route's next upstream address is tried, each at most once, as nginx's
+    /// `proxy_next_upstream error timeout` does. Then Pingora's 502 (or 504).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let addresses = ctx.permit.as_ref().map_or(0, |p| p.route().upstreams.len());
+        if ctx.upstream.is_some_and(|(_, tries)| (tries as usize) < addresses) {
+            e.set_retry(true);
+        }
+        e
     }
 
     /// Strips the credential and forged identity headers, injects the permit's identity.
@@ -340,10 +399,14 @@ impl ProxyHttp for Gateway {
     /// Tells the client the request id, and warns holders of a token in a rotation's grace.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // A request admitted before a shutdown began and answered after: `Connection: close`.
+        if crate::drain::stopping() {
+            session.set_keepalive(None);
+        }
         let Some(config) = &ctx.config else { return Ok(()) };
         let keep_case = ctx.route.as_ref().is_some_and(|r| r.preserve_header_case);
         headers::edit_response(response, keep_case, |response| {
@@ -396,7 +459,7 @@ impl ProxyHttp for Gateway {
             target: "tollgate::access",
             request_id = id_text(&ctx.request_id),
             method = %session.req_header().method,
-            path = %session.req_header().uri.path(),
+            path = %loggable_path(session.req_header().uri.path()),
             route,
             token_id = grant
                 .map(|g| g.principal.credential_id())
@@ -404,7 +467,7 @@ impl ProxyHttp for Gateway {
                 .unwrap_or("-"),
             outcome,
             status,
-            error = error.map(|e| e.to_string()),
+            error = error.map(loggable_error),
             "request"
         );
     }
@@ -453,14 +516,32 @@ impl ProxyHttp for Gateway {
                 tracing::debug!(error = %e, "could not send the error response");
             }
         }
+        // Pingora's own line for this is suppressed (`suppress_error_log`): its error text quotes
+        // what it could not parse, an upstream's response head with its cookies included.
+        let request_id = id_text(&ctx.request_id);
+        let summary = self.request_summary(session, ctx);
+        let error = loggable_error(e);
+        match code {
+            // The client went away; nothing for an operator to act on.
+            0 => tracing::debug!(request_id, summary, error, "client gone before its answer"),
+            400..=499 => {
+                tracing::info!(request_id, summary, error, status = code, "request refused by the proxy")
+            }
+            _ => tracing::error!(request_id, summary, error, status = code, "proxying failed"),
+        }
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
-    /// Pingora's own error lines show this; the query string may hold a token, so it is dropped.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    /// Pingora's own error lines show this; the query string may hold a token, so it is dropped,
+    /// and a token pasted into the path is cut to its id.
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         let req = session.req_header();
         let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        format!("{} {}, Host: {host}", req.method, req.uri.path())
+        format!("{} {}, Host: {host}", req.method, loggable_path(req.uri.path()))
     }
 }
 

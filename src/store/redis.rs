@@ -58,6 +58,8 @@ pub struct RedisBackend {
     channel: String,
     timeout: Duration,
     conn: OnceCell<ConnectionManager>,
+    /// [`Backend::ping`]'s connection.
+    ping_conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     script: redis::Script,
     display: String,
 }
@@ -83,6 +85,7 @@ impl RedisBackend {
             channel: format!("{prefix}invalidate"),
             timeout,
             conn: OnceCell::new(),
+            ping_conn: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
         })
     }
@@ -227,10 +230,18 @@ impl Backend for RedisBackend {
     }
 
     /// A `PING` on a connection of its own, so that readiness probes (often the first thing to
-    /// reach a new instance) do not decide on which runtime the shared connection lives.
+    /// reach a new instance) do not decide on which runtime the shared connection lives. It is
+    /// kept for the next probe (a connection per probe left a socket in TIME-WAIT each, and
+    /// `/readyz` needs no token) and dropped when a ping fails.
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
-        redis::cmd("PING").query_async::<redis::Value>(&mut conn).await.map(|_| ()).map_err(unavailable)
+        let mut kept = self.ping_conn.lock().await;
+        let mut conn = match kept.take() {
+            Some(conn) => conn,
+            None => self.client.get_multiplexed_async_connection().await.map_err(unavailable)?,
+        };
+        redis::cmd("PING").query_async::<redis::Value>(&mut conn).await.map_err(unavailable)?;
+        *kept = Some(conn);
+        Ok(())
     }
 
     /// Asks the server for its persistence settings on a connection of its own (this may run in a

@@ -944,3 +944,35 @@ async fn a_method_in_lower_case_is_refused_since_upstreams_read_it_two_ways() {
     }
     assert_eq!(w.get(&w.gateway, "/shop/x", &token).await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_tried_on_the_routes_next_upstream() {
+    // Round robin over a dead and a live upstream answered every other request 502; nothing was
+    // sent on a connection that was never made, so the next address takes it (as nginx does).
+    let w = World::start().await;
+    let port = free_port();
+    let route = format!(
+        "  - {{ name: pair, path: /pair, upstreams: [\"127.0.0.1:{dead}\", \"127.0.0.1:{live}\"], org: acme, \
+         project: shop, environment: production }}\n  - {{ name: gone, path: /gone, upstreams: [\"127.0.0.1:{dead}\", \
+         \"127.0.0.1:{dead2}\"], org: acme, project: shop, environment: production }}\n",
+        dead = free_port(),
+        dead2 = free_port(),
+        live = w.upstream.port
+    );
+    let g = Gateway::start_with(port, &(gateway_config(port, &w.redis.url(), w.upstream.port) + &route));
+    let user = w.user("acme", "pair@acme.io", Role::Editor, serde_json::json!({})).await;
+    let mut w = w;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    for i in 0..6 {
+        let resp =
+            w.http.post(g.url(&format!("/pair/{i}"))).bearer_auth(&token).body("once").send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        let echoed: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(echoed["body"], "once", "the body arrives whole, once: {echoed}");
+    }
+    // When every address refuses, the client gets the gateway's 502, after one try of each.
+    let resp = w.get(&g, "/gone/x", &token).await;
+    assert_eq!(resp.status(), 502);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway", "{body}");
+}

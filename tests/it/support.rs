@@ -180,7 +180,7 @@ threads: 2
 log: {{ level: debug }}
 store:
   redis: {{ url: "{redis_url}", key_prefix: "t:" }}
-  timeout: 300ms
+  timeout: 1s
 cache: {{ capacity: 1000, ttl: 60s }}
 credentials: {{ query_param: access_token, api_key_header: X-API-Key }}
 argon2: {{ memory_kib: {mem}, iterations: 1, parallelism: 1, max_concurrency: 2 }}
@@ -275,6 +275,11 @@ impl Gateway {
     }
 
     pub fn start_with(port: u16, config: &str) -> Gateway {
+        Gateway::start_with_env(port, config, &[])
+    }
+
+    /// Like [`Gateway::start_with`], with these environment variables set.
+    pub fn start_with_env(port: u16, config: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, config).expect("write config");
@@ -285,6 +290,7 @@ impl Gateway {
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -398,8 +404,8 @@ impl World {
         let redis = Redis::start();
         let upstream = Upstream::start().await;
         let gateway = gateway(&redis, &upstream);
-        let backend = RedisBackend::new(&redis.url(), "t:", Duration::from_millis(300)).expect("backend");
-        let store = Store::new(Arc::new(backend), Duration::from_millis(300));
+        let backend = RedisBackend::new(&redis.url(), "t:", Duration::from_secs(1)).expect("backend");
+        let store = Store::new(Arc::new(backend), Duration::from_secs(1));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
         World { redis, upstream, gateway, store, http }
     }
