@@ -1386,7 +1386,8 @@ impl<'a> Lifecycle<'a> {
         actor.require_admin(self.config)?;
         // Filtered, any of the kept entries may be wanted; otherwise only the newest `limit`.
         let read = if token_id.is_some() { self.config.audit_max } else { limit.min(self.config.audit_max) };
-        let mut events = self.store.audit_log(org, read).await?;
+        // Filtered before the cut: the kept changes must not be cut away by newer credentials minted.
+        let mut events = self.store.audit_entries(org, read).await?;
         if let Some(id) = token_id {
             events.retain(|e| e.token_id.as_deref() == Some(id) || e.target == id);
         }

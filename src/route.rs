@@ -64,10 +64,17 @@ pub struct Route {
     /// Required for every other method unless listed.
     pub write_default: RequiredPermission,
     next_upstream: AtomicUsize,
+    /// Per upstream address, until when (milliseconds since the epoch) it is passed over after a
+    /// connection to it failed.
+    upstream_down_until: Box<[std::sync::atomic::AtomicI64]>,
     /// This route's `allowed` request counter, looked up once rather than by its labels on every
     /// request.
     pub allowed_requests: std::sync::OnceLock<prometheus::IntCounter>,
 }
+
+/// How long an upstream address whose connection failed is passed over while the route has
+/// another (nginx's `fail_timeout` default).
+pub const UPSTREAM_DOWN_MS: i64 = 10_000;
 
 /// How long the gateway waits on a route's upstream before it answers `504` (`upstream_timeouts`
 /// in the config; a route's own override the file's).
@@ -157,6 +164,11 @@ impl Route {
             name: spec.name,
             host: spec.host,
             path_prefix: spec.path_prefix,
+            upstream_down_until: spec
+                .upstreams
+                .iter()
+                .map(|_| std::sync::atomic::AtomicI64::new(0))
+                .collect(),
             upstreams: spec.upstreams,
             timeouts: spec.timeouts,
             org: spec.org,
@@ -193,14 +205,40 @@ impl Route {
     }
 
     /// The upstream address to try: after `tried` (the index of the one whose connection failed),
-    /// the next one in the list; first, the next one round robin. With its index.
+    /// the next one in the list; first, the next one round robin; in both cases passing over an
+    /// address whose connection failed in the last [`UPSTREAM_DOWN_MS`] while another has not
+    /// (nginx's `max_fails=1 fail_timeout=10s`). With its index.
     pub fn upstream_after(&self, tried: Option<usize>) -> Option<(usize, SocketAddr)> {
         let n = self.upstreams.len();
-        let i = match tried {
+        let start = match tried {
             Some(i) => i + 1,
+            None if n < 2 => 0,
             None => self.next_upstream.fetch_add(1, Ordering::Relaxed),
         };
-        (n > 0).then(|| (i, self.upstreams[i % n]))
+        if n < 2 {
+            return self.upstreams.first().map(|a| (start, *a));
+        }
+        let now = crate::store::now_millis();
+        let down =
+            |i: usize| self.upstream_down_until.get(i % n).is_some_and(|d| d.load(Ordering::Relaxed) > now);
+        let live = (0..n).filter(|i| !down(*i)).count();
+        let i = match tried {
+            // After a failed try: the next address that is not passed over.
+            Some(_) => (start..start + n).find(|i| !down(*i)).unwrap_or(start),
+            // Round robin over the addresses not passed over (all of them, if none or all are).
+            None if live == 0 || live == n => start,
+            None => (0..n).filter(|i| !down(*i)).nth(start % live).unwrap_or(start),
+        };
+        Some((i, self.upstreams[i % n]))
+    }
+
+    /// The connection to the address [`Route::upstream_after`] gave as `i` failed: it is passed
+    /// over for a while (a route with one address has nothing else to try).
+    pub fn upstream_failed(&self, i: usize) {
+        let n = self.upstreams.len();
+        if let Some(down_until) = self.upstream_down_until.get(i % n.max(1)).filter(|_| n > 1) {
+            down_until.store(crate::store::now_millis() + UPSTREAM_DOWN_MS, Ordering::Relaxed);
+        }
     }
 
     /// Whether `path` is under this route's prefix (on a segment boundary), comparing letters
@@ -631,11 +669,25 @@ mod tests {
     }
 
     #[test]
-    fn upstreams_round_robin() {
+    fn upstreams_round_robin_passing_over_one_that_failed() {
         let mut r = route("r", None, "/");
-        r.upstreams = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
-        let ports: Vec<u16> = (0..4).map(|_| r.next_upstream().unwrap().port()).collect();
-        assert_eq!(ports, [1, 2, 1, 2]);
+        r.upstreams = (1..=3).map(|p| SocketAddr::from(([127, 0, 0, 1], p))).collect();
+        r.upstream_down_until = r.upstreams.iter().map(|_| std::sync::atomic::AtomicI64::new(0)).collect();
+        let ports = |r: &Route| -> Vec<u16> { (0..6).map(|_| r.next_upstream().unwrap().port()).collect() };
+        assert_eq!(ports(&r), [1, 2, 3, 1, 2, 3]);
+        // After a failed try, the next address; and the failed one is passed over meanwhile.
+        let (i, first) = r.upstream_after(None).unwrap();
+        assert_eq!(first.port(), 1);
+        r.upstream_failed(i);
+        assert_eq!(r.upstream_after(Some(i)).unwrap().1.port(), 2);
+        let mut shared = ports(&r);
+        shared.sort();
+        assert_eq!(shared, [2, 2, 2, 3, 3, 3], "the others share its load evenly");
+        // Every one failed: round robin again rather than nothing.
+        for i in 0..3 {
+            r.upstream_failed(i);
+        }
+        assert_eq!(ports(&r).len(), 6);
     }
 
     #[test]

@@ -484,3 +484,34 @@ async fn a_service_made_before_its_roles_stopped_nesting_can_still_be_lowered() 
     let why = forbidden(l.set_service_role(&admin, "acme", "reporter", back).await);
     assert!(why.contains("its org role (viewer) would carry export"), "{why}");
 }
+
+#[tokio::test]
+async fn a_tokens_history_outlives_a_flood_of_credentials_minted() {
+    // The minted list full of entries newer than a PAT's issue: `audit --token-id` still finds it
+    // (the two lists were merged and cut before the filter, which then found nothing).
+    let (store, mut config, actor) = setup().await;
+    config.audit_max = 3;
+    let store = store.with_audit_max(3);
+    let l = Lifecycle::new(&store, &config);
+    let pat =
+        l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
+    for i in 0..3 {
+        let minted = AuditEvent {
+            at: now_millis() + 1000 + i,
+            org: "acme".into(),
+            actor: "service:etl".into(),
+            action: "credentials.issue".into(),
+            target: "project:shop".into(),
+            token_id: Some("tgs_aaaaaa".into()),
+            reason: None,
+            details: serde_json::Value::Null,
+        };
+        store.append_credentials_audit(&minted).await.unwrap();
+    }
+    let history = l.audit_log(&actor, "acme", Some(&pat.details.id), 10).await.unwrap();
+    assert_eq!(history.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["token.issue"], "{history:?}");
+    // Unfiltered, the newest entries of both, cut to the limit.
+    let newest = l.audit_log(&actor, "acme", None, 2).await.unwrap();
+    assert!(newest.iter().all(|e| e.action == "credentials.issue"), "{newest:?}");
+    assert_eq!(l.audit_log(&actor, "acme", None, 10).await.unwrap().len(), 4);
+}

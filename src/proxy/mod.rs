@@ -256,25 +256,26 @@ fn id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
-/// A request path as logs show it: a path segment that holds a Tollgate token (a client's
-/// mistake: `/items/tgp_…`) is cut to the token id, and one that looks like a JWT to its first
-/// characters. A path without either comes back as it is, unallocated.
+/// A request path as logs show it: a path segment that holds a Tollgate token anywhere (a
+/// client's mistake: `/items/tgp_…`, `/x;key=tgp_…`, percent-encoded or not) is logged as the
+/// token id, and one that holds something like a JWT as `eyJ…`. A path without a token prefix, a
+/// JWT's start or a percent-escape comes back as it is, unallocated.
 fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let secret = |segment: &str| {
-        let token =
-            ["tgp_", "tgs_"].iter().any(|p| segment.starts_with(p)) && segment.len() > crate::token::ID_LEN;
-        let jwt = segment.starts_with("eyJ") && segment.contains('.');
-        token || jwt
-    };
-    if !path.split('/').any(secret) {
+    let suspect = ["tgp_", "tgs_", "eyJ", "%"].iter().any(|p| path.contains(p));
+    if !suspect {
         return std::borrow::Cow::Borrowed(path);
     }
+    let id_len = crate::token::ID_LEN;
     let cut: Vec<String> = path
         .split('/')
-        .map(|segment| match secret(segment) {
-            true if segment.starts_with("eyJ") => "eyJ…".to_string(),
-            true => format!("{}…", segment.get(..crate::token::ID_LEN).unwrap_or("tg")),
-            false => segment.to_string(),
+        .map(|segment| {
+            let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+            let token = ["tgp_", "tgs_"].iter().filter_map(|p| decoded.find(p)).min();
+            match token.map(|at| &decoded[at..]) {
+                Some(token) if token.len() > id_len => format!("{}…", token.get(..id_len).unwrap_or("tg")),
+                _ if decoded.contains("eyJ") && decoded.contains('.') => "eyJ…".to_string(),
+                _ => segment.to_string(),
+            }
         })
         .collect();
     std::borrow::Cow::Owned(cut.join("/"))
@@ -376,11 +377,31 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let addresses = ctx.permit.as_ref().map_or(0, |p| p.route().upstreams.len());
-        if ctx.upstream.is_some_and(|(_, tries)| (tries as usize) < addresses) {
-            e.set_retry(true);
+        let Some(route) = ctx.permit.as_ref().map(|p| p.route()) else { return e };
+        if let Some((i, tries)) = ctx.upstream {
+            route.upstream_failed(i);
+            if (tries as usize) < route.upstreams.len() {
+                tracing::debug!(
+                    request_id = id_text(&ctx.request_id),
+                    error = loggable_error(&e),
+                    "trying the route's next upstream"
+                );
+                e.set_retry(true);
+            }
         }
         e
+    }
+
+    /// Pingora's line for a try that will be retried (above) quotes its error whole: the failure
+    /// that counts is logged by `fail_to_proxy`.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        true
     }
 
     /// Strips the credential and forged identity headers, injects the permit's identity.
@@ -498,6 +519,8 @@ impl ProxyHttp for Gateway {
                 pingora::ErrorSource::Internal | pingora::ErrorSource::Unset => 500,
             },
         };
+        // A failure halfway through a response: the client has its status already.
+        let begun = session.response_written().map(|r| r.status.as_u16());
         if code > 0 {
             let status = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
             let config = ctx.config.clone().unwrap_or_else(|| self.config.load_full());
@@ -521,13 +544,22 @@ impl ProxyHttp for Gateway {
         let request_id = id_text(&ctx.request_id);
         let summary = self.request_summary(session, ctx);
         let error = loggable_error(e);
-        match code {
+        match (code, begun) {
             // The client went away; nothing for an operator to act on.
-            0 => tracing::debug!(request_id, summary, error, "client gone before its answer"),
-            400..=499 => {
+            (0, _) => tracing::debug!(request_id, summary, error, "client gone before its answer"),
+            (_, Some(status)) => {
+                tracing::error!(
+                    request_id,
+                    summary,
+                    error,
+                    status,
+                    "proxying failed after the response began"
+                )
+            }
+            (400..=499, None) => {
                 tracing::info!(request_id, summary, error, status = code, "request refused by the proxy")
             }
-            _ => tracing::error!(request_id, summary, error, status = code, "proxying failed"),
+            (_, None) => tracing::error!(request_id, summary, error, status = code, "proxying failed"),
         }
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
@@ -548,6 +580,26 @@ impl ProxyHttp for Gateway {
 #[cfg(test)]
 mod tests {
     use super::is_method_param;
+
+    #[test]
+    fn a_token_anywhere_in_a_path_is_logged_as_its_id() {
+        use super::loggable_path;
+        let token = "tgp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcd";
+        assert!(matches!(loggable_path("/shop/items/42"), std::borrow::Cow::Borrowed(_)));
+        for (path, logged) in [
+            (format!("/shop/{token}"), "/shop/tgp_AbCdEf…".to_string()),
+            // The whole segment goes: what else it held is the client's mistake too.
+            (format!("/x;key={token}/y"), "/tgp_AbCdEf…/y".to_string()),
+            (format!("/shop/{}", token.replacen('_', "%5F", 1)), "/shop/tgp_AbCdEf…".to_string()),
+            (format!("/shop/%74{}", &token[1..]), "/shop/tgp_AbCdEf…".to_string()),
+            ("/cb;jwt=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln".to_string(), "/eyJ…".to_string()),
+            ("/caf%C3%A9/menu".to_string(), "/caf%C3%A9/menu".to_string()),
+        ] {
+            let shown = loggable_path(&path);
+            assert_eq!(shown, logged.as_str(), "{path}");
+            assert!(!shown.contains(&token[10..]), "{path}: {shown}");
+        }
+    }
 
     #[test]
     fn method_override_query_keys_are_read_as_php_reads_them() {

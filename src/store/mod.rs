@@ -845,6 +845,16 @@ impl Store {
     /// or by a version that wrote another shape) is left out and logged, so that it does not hide
     /// the others.
     pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut events = self.audit_entries(org, limit).await?;
+        events.truncate(limit);
+        Ok(events)
+    }
+
+    /// The newest `each` entries of the org's changes and the newest `each` of its credentials
+    /// minted, merged newest first (up to twice `each`: a caller that filters them needs both
+    /// lists whole before it cuts).
+    pub async fn audit_entries(&self, org: &str, each: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let limit = each;
         // The changes and the credentials minted, each newest first, merged by time.
         let mut events = Vec::new();
         for key in [audit_key(org), credentials_audit_key(org)] {
@@ -861,7 +871,6 @@ impl Store {
         }
         // Stable: entries of one list at the same millisecond keep their order.
         events.sort_by_key(|e| std::cmp::Reverse(e.at));
-        events.truncate(limit);
         Ok(events)
     }
 

@@ -48,6 +48,9 @@ end
 return ''
 "#;
 
+/// How long a readiness ping's success stands for the probes that follow.
+const PING_FRESH: Duration = Duration::from_millis(500);
+
 /// How often the subscription proves it is alive.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -58,8 +61,8 @@ pub struct RedisBackend {
     channel: String,
     timeout: Duration,
     conn: OnceCell<ConnectionManager>,
-    /// [`Backend::ping`]'s connection.
-    ping_conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// When [`Backend::ping`] last succeeded.
+    last_ping: tokio::sync::Mutex<Option<std::time::Instant>>,
     script: redis::Script,
     display: String,
 }
@@ -85,7 +88,7 @@ impl RedisBackend {
             channel: format!("{prefix}invalidate"),
             timeout,
             conn: OnceCell::new(),
-            ping_conn: tokio::sync::Mutex::new(None),
+            last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
         })
     }
@@ -230,17 +233,21 @@ impl Backend for RedisBackend {
     }
 
     /// A `PING` on a connection of its own, so that readiness probes (often the first thing to
-    /// reach a new instance) do not decide on which runtime the shared connection lives. It is
-    /// kept for the next probe (a connection per probe left a socket in TIME-WAIT each, and
-    /// `/readyz` needs no token) and dropped when a ping fails.
+    /// reach a new instance) do not decide on which runtime the shared connection lives: a new
+    /// one each time, as a new client would connect (a password or a failover that only new
+    /// connections meet shows), but after a success at most one every [`PING_FRESH`]: probes
+    /// meanwhile share it (`/readyz` needs no token, and each connection leaves a socket in
+    /// TIME-WAIT). A failure is not kept: the next probe asks again, so readiness comes back
+    /// with the store.
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut kept = self.ping_conn.lock().await;
-        let mut conn = match kept.take() {
-            Some(conn) => conn,
-            None => self.client.get_multiplexed_async_connection().await.map_err(unavailable)?,
-        };
+        let mut last = self.last_ping.lock().await;
+        if last.is_some_and(|at| at.elapsed() < PING_FRESH) {
+            return Ok(());
+        }
+        *last = None;
+        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
         redis::cmd("PING").query_async::<redis::Value>(&mut conn).await.map_err(unavailable)?;
-        *kept = Some(conn);
+        *last = Some(std::time::Instant::now());
         Ok(())
     }
 

@@ -970,6 +970,9 @@ async fn a_refused_connection_is_tried_on_the_routes_next_upstream() {
         let echoed: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(echoed["body"], "once", "the body arrives whole, once: {echoed}");
     }
+    // The dead address is passed over once it failed: one retry in all, not one every other request.
+    let retried = g.log_text().matches("trying the route's next upstream").count();
+    assert_eq!(retried, 1, "{}", g.log_text());
     // When every address refuses, the client gets the gateway's 502, after one try of each.
     let resp = w.get(&g, "/gone/x", &token).await;
     assert_eq!(resp.status(), 502);

@@ -549,7 +549,7 @@ async fn after_sigterm_answers_close_the_connection_so_no_next_request_is_reset(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_probes_share_one_store_connection() {
+async fn readiness_probes_open_at_most_a_store_connection_a_half_second() {
     // `/readyz` needs no token; a connection per probe left a socket in TIME-WAIT each.
     let w = World::start().await;
     let received = || {
@@ -560,11 +560,13 @@ async fn readiness_probes_share_one_store_connection() {
             .unwrap()
     };
     let readyz = format!("{}/readyz", w.gateway.admin_url());
-    assert_eq!(w.http.get(&readyz).send().await.unwrap().status(), 200);
     let before = received();
-    for _ in 0..30 {
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
         assert_eq!(w.http.get(&readyz).send().await.unwrap().status(), 200);
     }
-    // (Each `received()` is a connection of its own.)
-    assert_eq!(received() - before, 1, "the probes opened no connection");
+    // At most one a half second, whatever the rate (and `received()` is a connection of its own).
+    let allowed = 2 * started.elapsed().as_secs() + 2 + 1;
+    let opened = received() - before;
+    assert!(opened <= allowed, "{opened} connections for 40 probes in {:?}", started.elapsed());
 }
