@@ -59,6 +59,9 @@ pub struct Metrics {
     registry: Registry,
     argon2_waiting: IntGauge,
     verifier: Arc<VerifierStats>,
+    /// Admin API calls by route template (never the path as sent: it names emails and ids) and
+    /// status.
+    pub admin_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,15 +74,21 @@ impl Metrics {
         let argon2_waiting =
             IntGauge::new("tollgate_argon2_queue_depth", "Verifications waiting for an argon2 slot")
                 .unwrap_or_else(|e| panic!("metric: {e}"));
-        let all = collectors
-            .into_iter()
-            .chain([Box::new(argon2_waiting.clone()) as Box<dyn prometheus::core::Collector>]);
+        let admin_requests = counter_vec(
+            "tollgate_admin_requests_total",
+            "Admin API calls by route template and status",
+            &["route", "status"],
+        );
+        let all = collectors.into_iter().chain([
+            Box::new(argon2_waiting.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(admin_requests.clone()),
+        ]);
         for c in all {
             if let Err(e) = registry.register(c) {
                 tracing::error!(error = %e, "metric not registered");
             }
         }
-        Metrics { registry, argon2_waiting, verifier }
+        Metrics { registry, argon2_waiting, verifier, admin_requests }
     }
 
     /// The text exposition format.

@@ -137,6 +137,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access))
         // No request of this API needs more (attributes are at most 4 KiB); axum's default is 2 MiB.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(error::json_refusals))
@@ -152,6 +153,28 @@ pub fn router(state: AdminState) -> Router {
         // in flight.
         .layer(axum::middleware::from_fn_with_state(state.clone(), body_in_time))
         .with_state(state)
+}
+
+/// One line per call (`tollgate::admin_access`) and a count by route template and status, so that
+/// someone trying tokens against the API shows. The route is the template
+/// (`/v1/orgs/{org}/users/{email}`), never the path as sent, which names emails and token ids.
+async fn access(
+    State(state): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    state.metrics.admin_requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
+    if state.config.load().access_log {
+        tracing::info!(target: "tollgate::admin_access", method = %method, route, status, "admin request");
+    }
+    response
 }
 
 /// Largest request body the API reads; a longer one is refused with `413`.

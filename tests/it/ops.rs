@@ -570,3 +570,43 @@ async fn readiness_probes_open_at_most_a_store_connection_a_half_second() {
     let opened = received() - before;
     assert!(opened <= allowed, "{opened} connections for 40 probes in {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_are_counted_and_logged_by_route_template_never_by_path() {
+    // Someone trying tokens against the admin API left no trace but the 401s they got.
+    let mut w = World::start().await;
+    let user = w.user("acme", "who@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let forged = tollgate::token::generate(tollgate::token::TokenKind::Pat).token;
+    let admin = w.gateway.admin_url();
+    for _ in 0..3 {
+        let resp = w.http.get(format!("{admin}/v1/tokens")).bearer_auth(&forged).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let resp = w
+        .http
+        .get(format!("{admin}/v1/orgs/acme/users/who@acme.io"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a user sees themselves");
+    let metrics = scrape(&w).await;
+    assert_eq!(
+        sample(&metrics, r#"tollgate_admin_requests_total{route="/v1/tokens",status="401"}"#),
+        3.0,
+        "{metrics}"
+    );
+    let user_route = r#"tollgate_admin_requests_total{route="/v1/orgs/{org}/users/{email}",status="200"}"#;
+    assert_eq!(sample(&metrics, user_route), 1.0, "{metrics}");
+    let logged = eventually(Duration::from_secs(5), || async {
+        w.gateway
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("tollgate::admin_access") && l.contains("status=401"))
+            .count()
+            == 3
+    });
+    assert!(logged.await, "{}", w.gateway.log_text());
+    assert!(!w.gateway.log_text().contains("who@acme.io"), "no email from a path: {}", w.gateway.log_text());
+}
