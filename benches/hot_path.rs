@@ -110,11 +110,13 @@ fn authorize_and_headers(c: &mut Criterion) {
     }
     let request_id = http::HeaderValue::from_static("0123456789abcdef0123456789abcdef");
     let made = tollgate::proxy::headers::IdentityHeaders::default();
+    let client = Some(std::net::IpAddr::from([192, 0, 2, 7]));
     c.bench_function("headers/strip_and_inject", |b| {
         b.iter_batched(
             || request.clone(),
             |mut req| {
-                tollgate::proxy::headers::forward(&w.config, &permit, &mut req, &request_id, &made).unwrap()
+                tollgate::proxy::headers::forward(&w.config, &permit, &mut req, &request_id, &made, client)
+                    .unwrap()
             },
             criterion::BatchSize::SmallInput,
         )

@@ -269,6 +269,21 @@ pub struct Config {
     /// How long a client's connection may sit idle between requests, in whole seconds; `None`:
     /// one request per connection (`keepalive_timeout: 0s`).
     pub keepalive: Option<u64>,
+    /// What the upstream's `X-Forwarded-For` says (`forwarded_for`).
+    pub forwarded_for: ForwardedFor,
+}
+
+/// What the gateway does with `X-Forwarded-For` (`forwarded_for` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// The client's list, then the client's address (nginx's `$proxy_add_x_forwarded_for`):
+    /// behind a load balancer that adds its own.
+    Append,
+    /// The client's address alone: where the gateway faces clients directly, and what they send
+    /// is not to be believed.
+    Replace,
+    /// As sent (Pingora's default): only where the upstream never reads it.
+    Keep,
 }
 
 /// Request headers that HTTP, or an upstream, relies on: the identity prefix may cover none.
@@ -587,6 +602,15 @@ impl Validator {
             .collect();
         let timeouts = self.timeouts("upstream_timeouts", raw.upstream_timeouts, UpstreamTimeouts::default());
         let keepalive = self.duration_or_zero("keepalive_timeout", raw.keepalive_timeout, DEFAULT_KEEPALIVE);
+        let forwarded_for = match raw.forwarded_for.as_deref() {
+            None | Some("append") => ForwardedFor::Append,
+            Some("replace") => ForwardedFor::Replace,
+            Some("keep") => ForwardedFor::Keep,
+            Some(other) => {
+                self.error("forwarded_for", format!("{other:?} is not one of append, replace, keep"));
+                ForwardedFor::Append
+            }
+        };
         // Pingora counts it in seconds; a part of one is one.
         let keepalive =
             (!keepalive.is_zero()).then(|| keepalive.as_secs() + u64::from(keepalive.subsec_nanos() > 0));
@@ -656,6 +680,7 @@ impl Validator {
             access_log,
             jwt,
             keepalive,
+            forwarded_for,
         })
     }
 

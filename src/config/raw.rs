@@ -39,6 +39,7 @@ pub struct RawConfig {
     pub jwt: Option<RawJwt>,
     pub upstream_timeouts: Option<RawTimeouts>,
     pub keepalive_timeout: Option<String>,
+    pub forwarded_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +279,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "jwt" => section(text, name, issues).map(|v| raw.jwt = v),
             "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
             "keepalive_timeout" => section(text, name, issues).map(|v| raw.keepalive_timeout = v),
+            "forwarded_for" => section(text, name, issues).map(|v| raw.forwarded_for = v),
             _ => Some(()),
         };
         if read.is_none() {
@@ -288,7 +290,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level keys, as in [`RawConfig`].
-const SECTIONS: [&str; 19] = [
+const SECTIONS: [&str; 20] = [
     "listen",
     "threads",
     "shutdown",
@@ -308,6 +310,7 @@ const SECTIONS: [&str; 19] = [
     "jwt",
     "upstream_timeouts",
     "keepalive_timeout",
+    "forwarded_for",
 ];
 
 /// A scalar key as written (near enough) for an error's path.

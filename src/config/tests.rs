@@ -628,3 +628,13 @@ fn the_admin_listener_may_not_take_the_proxys_socket() {
         &["admin.listen: "],
     );
 }
+
+#[test]
+fn forwarded_for_is_append_unless_said_otherwise() {
+    use crate::config::ForwardedFor;
+    let mode = |yaml: &str| Config::parse(yaml).unwrap().forwarded_for;
+    assert_eq!(mode(""), ForwardedFor::Append);
+    assert_eq!(mode("forwarded_for: replace\n"), ForwardedFor::Replace);
+    assert_eq!(mode("forwarded_for: keep\n"), ForwardedFor::Keep);
+    check("forwarded_for: trust\n", &["forwarded_for: \"trust\" is not one of append, replace, keep"]);
+}

@@ -82,9 +82,54 @@ pub fn forward(
     req: &mut RequestHeader,
     request_id: &HeaderValue,
     identity_headers: &IdentityHeaders,
+    client: Option<std::net::IpAddr>,
 ) -> pingora::Result<()> {
     edit_request(req, permit.route().preserve_header_case, |req| {
-        rewrite(config, permit, req, request_id, identity_headers)
+        rewrite(config, permit, req, request_id, identity_headers)?;
+        forwarded_for(config.forwarded_for, req, client)
+    })
+}
+
+/// `X-Forwarded-For` as `mode` says, with the client's address: an upstream that finds the client
+/// by it (Rails' `remote_ip`, behind a proxy it trusts) otherwise believes whatever the client
+/// wrote there.
+pub fn forwarded_for(
+    mode: crate::config::ForwardedFor,
+    req: &mut dyn Upstream,
+    client: Option<std::net::IpAddr>,
+) -> pingora::Result<()> {
+    use crate::config::ForwardedFor;
+    let (Some(client), false) = (client, mode == ForwardedFor::Keep) else { return Ok(()) };
+    let sent = match mode {
+        ForwardedFor::Append => {
+            req.headers().get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let list = match sent.is_empty() {
+        true => address_value(client)?,
+        false => value(format!("{}, {client}", sent.join(", ")))?,
+    };
+    req.insert(&X_FORWARDED_FOR, &list)
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// `client` as a header value, made once while requests come from the same address (a kept-alive
+/// connection's do): formatting an address and checking the value cost more than the rest of the
+/// header's handling.
+fn address_value(client: std::net::IpAddr) -> pingora::Result<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let kept = last.borrow().as_ref().filter(|(ip, _)| *ip == client).map(|(_, made)| made.clone());
+        if let Some(made) = kept {
+            return Ok(made);
+        }
+        let made = value(client.to_string())?;
+        *last.borrow_mut() = Some((client, made.clone()));
+        Ok(made)
     })
 }
 

@@ -407,14 +407,15 @@ impl ProxyHttp for Gateway {
     /// Strips the credential and forged identity headers, injects the permit's identity.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let (Some(permit), Some(config)) = (&ctx.permit, &ctx.config) else {
             return Err(missing_permit());
         };
-        headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers)
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers, client)
     }
 
     /// Tells the client the request id, and warns holders of a token in a rotation's grace.

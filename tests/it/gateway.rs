@@ -979,3 +979,33 @@ async fn a_refused_connection_is_tried_on_the_routes_next_upstream() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "bad_gateway", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() {
+    // Passed as sent, a forged X-Forwarded-For was all an upstream behind a proxy it trusts (Rails'
+    // remote_ip trusts private and loopback addresses) could see of the client.
+    let mut w = World::start().await;
+    let user = w.user("acme", "xff@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let sent = |g: &Gateway, path: &str, forged: Option<&str>| {
+        let mut req = w.http.get(g.url(path)).bearer_auth(&token);
+        if let Some(forged) = forged {
+            req = req.header("X-Forwarded-For", forged);
+        }
+        req.send()
+    };
+    let xff = |echo: &serde_json::Value| echo["headers"]["x-forwarded-for"].clone();
+    let g = &w.gateway;
+    let echo = echoed(sent(g, "/shop/a", Some("203.0.113.9")).await.unwrap()).await;
+    assert_eq!(xff(&echo), serde_json::json!(["203.0.113.9, 127.0.0.1"]), "{echo}");
+    let echo = echoed(sent(g, "/public/a", None).await.unwrap()).await;
+    assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "public routes too: {echo}");
+
+    // At the edge, what the client sends is dropped.
+    let port = free_port();
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port)
+        .replace("threads: 2", "threads: 2\nforwarded_for: replace");
+    let edge = Gateway::start_with(port, &config);
+    let echo = echoed(sent(&edge, "/shop/a", Some("203.0.113.9")).await.unwrap()).await;
+    assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "{echo}");
+}

@@ -10,6 +10,8 @@ use crate::support::*;
 struct Quickstart {
     child: Child,
     printed: Vec<String>,
+    /// Its stderr.
+    log: std::path::PathBuf,
 }
 
 impl Quickstart {
@@ -44,7 +46,7 @@ impl Quickstart {
             }
         }
         assert!(printed.iter().any(|l| l.contains("token list")), "quickstart printed: {printed:#?}");
-        Quickstart { child, printed }
+        Quickstart { child, printed, log: dir.with_extension("log") }
     }
 
     fn token(&self) -> String {
@@ -81,9 +83,15 @@ impl Drop for Quickstart {
     }
 }
 
-async fn wait_ready(http: &reqwest::Client, url: &str) {
-    let ready = eventually(Duration::from_secs(30), || async { http.get(url).send().await.is_ok() }).await;
-    assert!(ready, "{url} never answered");
+/// Waits for the gateway to answer at `url` (60 s: the machine may be busy with every other test);
+/// else fails with whether it is still running and what it logged.
+async fn wait_ready(http: &reqwest::Client, url: &str, quickstart: &mut Quickstart) {
+    let ready = eventually(Duration::from_secs(60), || async { http.get(url).send().await.is_ok() }).await;
+    if !ready {
+        let exited = quickstart.child.try_wait().ok().flatten();
+        let log = std::fs::read_to_string(&quickstart.log).unwrap_or_default();
+        panic!("{url} never answered (exited: {exited:?}); its log:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +107,7 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let mut first = Quickstart::start(&dir, port, admin_port);
     let token = first.token();
     let url = first.curl_url();
-    wait_ready(&http, &url).await;
+    wait_ready(&http, &url, &mut first).await;
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "the first curl line: no token");
     let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status(), 200, "the second curl line");
@@ -124,8 +132,8 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let edited = format!("{config}  - {{ name: mine, path: /mine, upstream: \"{echo}\", auth: none }}\n");
     std::fs::write(&config_path, &edited).unwrap();
 
-    let second = Quickstart::start(&dir, port, admin_port);
-    wait_ready(&http, &url).await;
+    let mut second = Quickstart::start(&dir, port, admin_port);
+    wait_ready(&http, &url, &mut second).await;
     let second_token = second.token();
     for (t, expected) in [(&token, 200), (&kept, 200), (&revoked, 401), (&second_token, 200)] {
         assert_eq!(http.get(&url).bearer_auth(t).send().await.unwrap().status(), expected, "{}", &t[..10]);
