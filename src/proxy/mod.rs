@@ -368,8 +368,9 @@ impl ProxyHttp for Gateway {
     }
 
     /// A connection that could not be made (refused, unreachable, past `upstream_timeouts.connect`)
-    /// sent nothing: the route's next upstream address is tried, each at most once, as nginx's
-    /// `proxy_next_upstream error timeout` does. Then Pingora's 502 (or 504).
+    /// sent nothing: the route's next upstream address not passed over is tried, up to as many
+    /// tries as the route has addresses, as nginx's `proxy_next_upstream error timeout` does; the
+    /// failed address is passed over for a while. Then Pingora's 502 (or 504).
     fn fail_to_connect(
         &self,
         _session: &mut Session,
