@@ -199,11 +199,6 @@ impl Route {
         }
     }
 
-    /// The next upstream address, round robin.
-    pub fn next_upstream(&self) -> Option<SocketAddr> {
-        self.upstream_after(None).map(|(_, addr)| addr)
-    }
-
     /// The upstream address to try: after `tried` (the index of the one whose connection failed),
     /// the next one in the list; first, the next one round robin; in both cases passing over an
     /// address whose connection failed in the last [`UPSTREAM_DOWN_MS`] while another has not
@@ -673,7 +668,8 @@ mod tests {
         let mut r = route("r", None, "/");
         r.upstreams = (1..=3).map(|p| SocketAddr::from(([127, 0, 0, 1], p))).collect();
         r.upstream_down_until = r.upstreams.iter().map(|_| std::sync::atomic::AtomicI64::new(0)).collect();
-        let ports = |r: &Route| -> Vec<u16> { (0..6).map(|_| r.next_upstream().unwrap().port()).collect() };
+        let ports =
+            |r: &Route| -> Vec<u16> { (0..6).map(|_| r.upstream_after(None).unwrap().1.port()).collect() };
         assert_eq!(ports(&r), [1, 2, 3, 1, 2, 3]);
         // After a failed try, the next address; and the failed one is passed over meanwhile.
         let (i, first) = r.upstream_after(None).unwrap();

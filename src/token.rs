@@ -32,11 +32,14 @@ pub enum TokenKind {
     Service,
 }
 
+/// The prefixes of stored tokens, a PAT's and a service token's: what marks text as a token.
+pub const PREFIXES: [&str; 2] = ["tgp_", "tgs_"];
+
 impl TokenKind {
     fn prefix(self) -> &'static str {
         match self {
-            TokenKind::Pat => "tgp_",
-            TokenKind::Service => "tgs_",
+            TokenKind::Pat => PREFIXES[0],
+            TokenKind::Service => PREFIXES[1],
         }
     }
 

@@ -138,8 +138,6 @@ pub fn router(state: AdminState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), access))
-        // No request of this API needs more (attributes are at most 4 KiB); axum's default is 2 MiB.
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut).

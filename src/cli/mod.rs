@@ -440,7 +440,7 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
 /// reduced to its id here, so that its secret never travels in a URL or comes back in a message.
 fn token_id(arg: &str) -> String {
     let arg = arg.trim();
-    let prefixed = ["tgp_", "tgs_"].iter().any(|p| arg.starts_with(p));
+    let prefixed = crate::token::PREFIXES.iter().any(|p| arg.starts_with(p));
     match arg.get(..crate::token::ID_LEN) {
         Some(id) if prefixed && arg.len() > crate::token::ID_LEN => id.to_string(),
         _ => arg.to_string(),

@@ -261,7 +261,7 @@ fn id_text(id: &HeaderValue) -> &str {
 /// token id, and one that holds something like a JWT as `eyJ…`. A path without a token prefix, a
 /// JWT's start or a percent-escape comes back as it is, unallocated.
 fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let suspect = ["tgp_", "tgs_", "eyJ", "%"].iter().any(|p| path.contains(p));
+    let suspect = crate::token::PREFIXES.iter().chain(&["eyJ", "%"]).any(|p| path.contains(p));
     if !suspect {
         return std::borrow::Cow::Borrowed(path);
     }
@@ -270,7 +270,7 @@ fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
         .split('/')
         .map(|segment| {
             let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-            let token = ["tgp_", "tgs_"].iter().filter_map(|p| decoded.find(p)).min();
+            let token = crate::token::PREFIXES.iter().filter_map(|p| decoded.find(p)).min();
             match token.map(|at| &decoded[at..]) {
                 Some(token) if token.len() > id_len => format!("{}…", token.get(..id_len).unwrap_or("tg")),
                 _ if decoded.contains("eyJ") && decoded.contains('.') => "eyJ…".to_string(),

@@ -195,11 +195,17 @@ impl Batch {
     }
 
     fn audit(&mut self, event: Option<&AuditEvent>, max: usize) -> Result<(), StoreError> {
-        if let Some(event) = event {
-            let json = serde_json::to_string(event)
-                .map_err(|e| StoreError::Corrupt { key: audit_key(&event.org), reason: e.to_string() })?;
-            self.lpush.push((audit_key(&event.org), json, max));
+        match event {
+            Some(event) => self.audit_into(audit_key(&event.org), event, max),
+            None => Ok(()),
         }
+    }
+
+    /// `event` at the front of the audit list `key`, which keeps its newest `max`.
+    fn audit_into(&mut self, key: String, event: &AuditEvent, max: usize) -> Result<(), StoreError> {
+        let json = serde_json::to_string(event)
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        self.lpush.push((key, json, max));
         Ok(())
     }
 }
@@ -832,12 +838,8 @@ impl Store {
     /// Writes the audit entry of an ephemeral credential minted (which changes no record), into
     /// the org's list of those, bounded as the changes' list is.
     pub async fn append_credentials_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
-        let json = serde_json::to_string(audit).map_err(|e| StoreError::Corrupt {
-            key: credentials_audit_key(&audit.org),
-            reason: e.to_string(),
-        })?;
         let mut b = Batch::default();
-        b.lpush.push((credentials_audit_key(&audit.org), json, self.audit_max()));
+        b.audit_into(credentials_audit_key(&audit.org), audit, self.audit_max())?;
         self.commit(b).await
     }
 
