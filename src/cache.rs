@@ -98,6 +98,10 @@ pub struct CacheStats {
     pub evictions: prometheus::IntCounter,
     /// Invalidations applied from the feed.
     pub invalidations: prometheus::IntCounter,
+    /// 1 while the invalidation feed is live and the cache in use, 0 while it is bypassed.
+    pub live: prometheus::IntGauge,
+    /// Times the feed was lost (the cache dropped, the store read until the feed is back).
+    pub feed_lost: prometheus::IntCounter,
 }
 
 impl Default for CacheStats {
@@ -106,6 +110,8 @@ impl Default for CacheStats {
             lookups: crate::metrics::counter_vec("tollgate_cache_lookups_total", "Cache lookups by record kind and result (hit or miss; while the feed is down every lookup is a miss)", &["kind", "result"]),
             evictions: crate::metrics::counter("tollgate_cache_evictions_total", "Entries evicted for capacity"),
             invalidations: crate::metrics::counter("tollgate_invalidations_total", "Invalidations received from the feed"),
+            live: crate::metrics::gauge("tollgate_cache_live", "1 while the invalidation feed is live and the cache in use; 0 while it is bypassed and every lookup reads the store"),
+            feed_lost: crate::metrics::counter("tollgate_invalidation_feed_lost_total", "Times the invalidation feed was lost (the cache dropped, the store read until the feed is back)"),
         }
     }
 }
@@ -340,6 +346,7 @@ impl Cache {
     /// Stops using the cache and drops everything in it.
     fn go_dark(&self) {
         self.gens.live.store(false, Ordering::Release);
+        self.stats.live.set(0);
         self.drop_all();
     }
 
@@ -347,6 +354,7 @@ impl Cache {
     fn go_live(&self) {
         self.drop_all();
         self.gens.live.store(true, Ordering::Release);
+        self.stats.live.set(1);
     }
 
     fn drop_all(&self) {
@@ -383,6 +391,7 @@ impl Cache {
                         }
                     }
                     self.go_dark();
+                    self.stats.feed_lost.inc();
                     tracing::warn!(
                         "invalidation feed lost; cache dropped, reading the store until it is back"
                     );

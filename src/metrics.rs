@@ -26,6 +26,11 @@ pub fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
 }
 
+/// A gauge.
+pub fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
 /// A latency histogram in seconds.
 pub fn histogram(name: &str, help: &str) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()))
@@ -71,9 +76,7 @@ impl Metrics {
         verifier: Arc<VerifierStats>,
     ) -> Metrics {
         let registry = Registry::new();
-        let argon2_waiting =
-            IntGauge::new("tollgate_argon2_queue_depth", "Verifications waiting for an argon2 slot")
-                .unwrap_or_else(|e| panic!("metric: {e}"));
+        let argon2_waiting = gauge("tollgate_argon2_queue_depth", "Verifications waiting for an argon2 slot");
         let admin_requests = counter_vec(
             "tollgate_admin_requests_total",
             "Admin API calls by route template and status",

@@ -311,6 +311,8 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             Box::new(cache.stats().lookups.clone()),
             Box::new(cache.stats().evictions.clone()),
             Box::new(cache.stats().invalidations.clone()),
+            Box::new(cache.stats().live.clone()),
+            Box::new(cache.stats().feed_lost.clone()),
             Box::new(store.stats().latency.clone()),
             Box::new(store.stats().errors.clone()),
             Box::new(store.stats().corrupt.clone()),

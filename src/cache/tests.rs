@@ -53,13 +53,19 @@ async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
     let reads = backend.reads();
     cache.user(&user.id).await.unwrap().unwrap();
     assert_eq!(backend.reads(), reads, "hit");
+    // The gauge follows `is_live` at once; the loss counter after the cache went dark.
+    wait(|| cache.stats().live.get() == 1).await;
+    assert_eq!(cache.stats().feed_lost.get(), 0);
 
     backend.set_down(true);
-    wait(|| !cache.is_live()).await;
+    wait(|| cache.stats().feed_lost.get() == 1).await;
+    assert!(!cache.is_live());
+    assert_eq!(cache.stats().live.get(), 0);
     assert!(cache.user(&user.id).await.is_err(), "a dark cache reads the store, which is down");
     backend.set_down(false);
     // Until the feed is back every lookup reads the store.
     wait(|| cache.is_live()).await;
+    wait(|| cache.stats().live.get() == 1).await;
     let reads = backend.reads();
     cache.user(&user.id).await.unwrap().unwrap();
     assert_eq!(backend.reads(), reads + 1, "the cache was dropped while dark");

@@ -436,10 +436,28 @@ async fn an_instance_that_lost_its_invalidation_feed_reads_the_store_until_it_is
         assert_eq!(w.get(&second, "/shop", token).await.status(), 200, "cached on the second gateway");
     }
 
+    let health = || async {
+        let metrics = w.http.get(format!("{}/metrics", second.admin_url())).send().await.unwrap();
+        let metrics = metrics.text().await.unwrap();
+        let sample =
+            |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(String::from);
+        let ready = w.http.get(format!("{}/readyz", second.admin_url())).send().await.unwrap();
+        assert_eq!(ready.status(), 200, "serving from the store is still serving");
+        let ready: serde_json::Value = ready.json().await.unwrap();
+        (
+            sample("tollgate_cache_live "),
+            sample("tollgate_invalidation_feed_lost_total "),
+            ready["cache"].clone(),
+        )
+    };
+    assert_eq!(health().await, (Some("1".into()), Some("0".into()), "live".into()));
+
     acl(&["resetchannels"]);
     let lost =
         eventually(Duration::from_secs(5), || async { second.log_text().contains("invalidation feed lost") });
     assert!(lost.await, "{}", second.log_text());
+    // An operator sees it without reading the log.
+    assert_eq!(health().await, (Some("0".into()), Some("1".into()), "bypassed".into()));
     // Revoked while the second gateway hears nothing: it must not answer from its cache.
     let id = token::parse(&revoked).unwrap().id;
     w.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
@@ -450,6 +468,7 @@ async fn an_instance_that_lost_its_invalidation_feed_reads_the_store_until_it_is
     acl(&["allchannels"]);
     let back = eventually(Duration::from_secs(10), || async { second.log_text().matches(live).count() >= 2 });
     assert!(back.await, "{}", second.log_text());
+    assert_eq!(health().await, (Some("1".into()), Some("1".into()), "live".into()));
     assert_eq!(w.get(&second, "/shop", &revoked).await.status(), 401);
     assert_eq!(w.get(&second, "/shop", &kept).await.status(), 200);
     assert!(!second.log_text().contains("secret-b"), "the Redis password is never logged");
