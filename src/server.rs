@@ -59,6 +59,9 @@ struct ConfigWatcher {
     started: Arc<Config>,
     /// Trims the audit log to the reloaded `audit.max_entries`.
     store: store::Store,
+    /// The file's stamp from just before `started` was read: an edit made after that, before
+    /// the watcher starts, is applied at its start, not left waiting for the next edit.
+    loaded: Option<FileStamp>,
 }
 
 /// The settings read once at start that differ in `new`: they apply only after a restart.
@@ -87,7 +90,11 @@ fn needs_restart(started: &Config, new: &Config) -> Vec<&'static str> {
 /// half-way.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+/// A file's modification time and length.
+pub type FileStamp = (std::time::SystemTime, u64);
+
+/// The config file's stamp, to be taken just before it is read and handed to [`run`].
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
     std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
 }
 
@@ -154,7 +161,7 @@ impl BackgroundService for ConfigWatcher {
                 None
             }
         };
-        let mut stamp = file_stamp(&self.path);
+        let mut stamp = self.loaded;
         // A changed stamp waits here for the next tick; it is applied if it is still the same.
         let mut settling = None;
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
@@ -264,7 +271,7 @@ fn warn_if_not_durable(store: &store::Store) {
 }
 
 /// Runs the gateway until a shutdown signal; exits the process.
-pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Result<()> {
     let store = store::open(&config.store)?.with_audit_max(config.audit_max);
     warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
@@ -336,7 +343,8 @@ pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
     server.add_service(background_service("last-use flusher", flusher));
     let started = watched.load_full();
-    let watcher = ConfigWatcher { path: path.to_path_buf(), config: watched, started, store: store.clone() };
+    let watcher =
+        ConfigWatcher { path: path.to_path_buf(), config: watched, started, store: store.clone(), loaded };
     server.add_service(background_service("config watcher", watcher));
 
     tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
@@ -356,7 +364,31 @@ mod tests {
             config: Arc::new(ArcSwap::new(started.clone())),
             started,
             store: store::Store::new(backend, std::time::Duration::from_millis(500)),
+            loaded: None,
         }
+    }
+
+    #[tokio::test]
+    async fn an_edit_made_before_the_watcher_starts_is_applied_when_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watcher(dir.path(), "threads: 2\n");
+        std::fs::write(&w.path, "threads: 2\n").unwrap();
+        w.loaded = file_stamp(&w.path);
+        // Edited between the start's reading and the watcher's first look.
+        std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
+        let w = Arc::new(w);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn({
+            let w = w.clone();
+            async move { w.start(shutdown).await }
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.config.load().access_log && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!w.config.load().access_log, "the edit was applied");
+        stop.send(true).unwrap();
+        running.await.unwrap();
     }
 
     #[test]

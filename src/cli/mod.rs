@@ -482,9 +482,11 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> any
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
+            // Before the reading: an edit from here on is applied once the watcher starts.
+            let loaded = server::file_stamp(&path);
             let config = load(&path)?;
             init_logging(&config.log_level);
-            server::run(config, &path)
+            server::run(config, &path, loaded)
         }
         Command::Quickstart { dir, port, admin_port } => quickstart::run(&dir, port, admin_port),
         Command::Echo { listen } => {

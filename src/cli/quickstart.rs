@@ -55,6 +55,9 @@ routes:
 pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tollgate.yaml");
+    // Before the reading: an edit from here on (the instructions invite them) is applied once the
+    // watcher starts.
+    let mut loaded = server::file_stamp(&path);
     let (config, upstream_listener) = match std::fs::read_to_string(&path) {
         // A config from an earlier run is kept as it is, the user's edits included.
         Ok(text) => {
@@ -74,6 +77,7 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
                 .context("cannot start the echo upstream")?;
             std::fs::write(&path, config_text(port, admin_port, listener.local_addr()?, dir))
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            loaded = server::file_stamp(&path);
             (load(&path)?, Some(listener))
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -85,7 +89,7 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
         echo::spawn(listener)?;
     }
     print_instructions(&config, &path, &token);
-    server::run(config, &path)
+    server::run(config, &path, loaded)
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
