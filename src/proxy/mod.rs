@@ -128,12 +128,11 @@ impl Gateway {
         ctx.deprecation = headers::deprecation(&principal);
         let permit =
             policy::authorize(&config.policy, route, &req.method, principal).map_err(Rejection::Forbidden)?;
-        // A POST that asks the upstream's framework to run it as another method (Express's
-        // method-override, Symfony, Rails, Laravel) needs that method's permission too.
-        if req.method == http::Method::POST {
-            for method in overridden_methods(req)? {
-                permit.allows(&method).map_err(Rejection::Forbidden)?;
-            }
+        // A request that asks the upstream's framework to run it as another method (Express's
+        // method-override, Symfony, Rails, Laravel on a POST; Slim 3 and 4 take the header on any
+        // method, a GET included) needs that method's permission too.
+        for method in overridden_methods(req)? {
+            permit.allows(&method).map_err(Rejection::Forbidden)?;
         }
         Ok(permit)
     }
@@ -174,7 +173,7 @@ fn forwarded_hosts(req: &RequestHeader) -> Result<Vec<&str>, Rejection> {
 const METHOD_OVERRIDE_HEADERS: [&[u8]; 3] =
     [b"x-http-method-override", b"x-http-method", b"x-method-override"];
 
-/// The methods a POST asks to be run as: by the override headers, or the `_method` query
+/// The methods a request asks to be run as: by the override headers, or the `_method` query
 /// parameter. (A `_method` field in a form body is not seen: bodies are never buffered.)
 fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejection> {
     // Frameworks read the name in any case.
