@@ -313,6 +313,20 @@ pub struct EphemeralClaims {
     pub env: Option<Vec<String>>,
 }
 
+/// Whether the claims that travel in the upstream's headers as they are (`sub`, `jti`, `email`)
+/// are what minting lets through: 1 to 256 printable ASCII characters. Minting checks them; a JWT
+/// signed elsewhere with a configured key (an HS256 secret shared with another system) may hold
+/// anything, which must be a `401`, never a failed request.
+fn header_claims(claims: &EphemeralClaims) -> bool {
+    let text = |s: &str| is_claim_text(s);
+    text(&claims.sub) && text(&claims.jti) && claims.email.as_deref().is_none_or(text)
+}
+
+/// 1 to 256 printable ASCII characters: what a claim that travels in a header may be.
+pub(crate) fn is_claim_text(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && crate::proxy::headers::is_header_text(s)
+}
+
 /// The claims of the identity JWT a route can send to its upstream (`X-Auth-Jwt`).
 #[derive(Debug, Serialize)]
 pub struct IdentityClaims<'a> {
@@ -408,7 +422,8 @@ impl JwtSettings {
                 _ => JwtError::Claims,
             },
         )?;
-        if data.claims.tg != EPHEMERAL || !self.lifetime_allowed(&data.claims) {
+        if data.claims.tg != EPHEMERAL || !self.lifetime_allowed(&data.claims) || !header_claims(&data.claims)
+        {
             return Err(JwtError::Claims);
         }
         Ok((data.claims, KeyFingerprint { kid: key.kid.clone(), hash: key.fingerprint }))

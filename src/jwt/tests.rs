@@ -77,6 +77,16 @@ fn refusals() {
     let mut other_aud = claims(60);
     other_aud.aud = "tollgate-upstream".into();
     check(&s.sign(&other_aud).unwrap(), JwtError::Claims);
+    // What minting never signs (signed elsewhere with a shared key): claims that would travel in
+    // a header as they are must be header text.
+    for unfit in [
+        EphemeralClaims { sub: "a\r\nx-auth-role: admin".into(), ..claims(60) },
+        EphemeralClaims { sub: String::new(), ..claims(60) },
+        EphemeralClaims { jti: "é".into(), ..claims(60) },
+        EphemeralClaims { email: Some("x".repeat(300)), ..claims(60) },
+    ] {
+        check(&s.sign(&unfit).unwrap(), JwtError::Claims);
+    }
 
     // A flipped signature byte, and a payload swapped under the original signature.
     let (head, sig) = good.rsplit_once('.').unwrap();

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::jwt::{EphemeralClaims, EPHEMERAL, MAX_JWT_LEN};
 use crate::policy::PermSet;
-use crate::proxy::headers::{attr_suffix, is_header_text};
+use crate::proxy::headers::attr_suffix;
 use crate::store::{format_millis, now_millis, Attributes, Stored, User, UserStatus};
 use crate::token;
 
@@ -60,7 +60,7 @@ pub struct IssuedCredential {
 }
 
 fn header_text(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() || value.len() > 256 || !is_header_text(value) {
+    if !crate::jwt::is_claim_text(value) {
         return Err(LifecycleError::Invalid(format!("{what} must be 1 to 256 printable ASCII characters")));
     }
     Ok(())
@@ -177,18 +177,32 @@ impl Lifecycle<'_> {
                         )))
                     }
                 };
-                // An `email` naming an org user is that user, as with `user_email`.
-                let uid = match &email {
-                    Some(e) => self.org_user(org, e).await?.map(|u| u.id),
-                    None => None,
+                // An `email` naming an org user is that user, as with `user_email`, and is
+                // spelled as stored: the user reaches upstreams as one address, by PAT or by
+                // credential, however the caller wrote it.
+                let mut attrs = attrs;
+                let (email, uid) = match email {
+                    Some(e) => match self.org_user(org, &e).await? {
+                        Some(user) => {
+                            if let Some((_, value)) =
+                                attrs.iter_mut().find(|(k, _)| attr_suffix(k).eq("email".chars()))
+                            {
+                                *value = user.email.clone().into();
+                            }
+                            (Some(user.email), Some(user.id))
+                        }
+                        None => (Some(e), None),
+                    },
+                    None => (None, None),
                 };
                 (attrs, email, uid)
             }
             (None, Some(email)) => {
                 check_email(&email)?;
-                let (mut attrs, uid) = match self.org_user(org, &email).await? {
-                    Some(user) => (user.attributes, Some(user.id)),
-                    None => (Attributes::new(), None),
+                // An org user's address as stored, however the caller spelled it.
+                let (mut attrs, uid, email) = match self.org_user(org, &email).await? {
+                    Some(user) => (user.attributes, Some(user.id), user.email),
+                    None => (Attributes::new(), None, email),
                 };
                 attrs.entry("email").or_insert_with(|| email.clone().into());
                 if let Some((_, domain)) = email.rsplit_once('@') {

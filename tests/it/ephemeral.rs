@@ -92,6 +92,11 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     let h = &echo["headers"];
     assert_eq!(h["x-auth-subject"][0], "ephemeral:eu@customer.io");
     assert_eq!(h["x-auth-token-kind"][0], "ephemeral");
+    // Its own id, the JWT's `jti`: never the minting service token's.
+    let untrusted = UntrustedToken::new(&jwt).unwrap();
+    let claims = untrusted.deserialize_claims_unchecked::<serde_json::Map<String, Value>>().unwrap();
+    assert!(claims.custom["jti"].as_str().is_some_and(|j| !j.is_empty()), "{:?}", claims.custom);
+    assert_eq!(h["x-auth-token-id"][0], claims.custom["jti"]);
     assert_eq!(h["x-auth-org"][0], "acme");
     assert_eq!(h["x-auth-project"][0], "shop");
     assert_eq!(h["x-auth-permissions"][0], "read,write,execute", "the service's editor role");
@@ -120,6 +125,16 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     assert_eq!(echo["headers"]["x-auth-attr-team"][0], "red");
     assert_eq!(echo["headers"]["x-auth-attr-domain"][0], "acme.io");
     assert_eq!(echo["headers"]["x-auth-subject"][0], "ephemeral:bob@acme.io");
+    // However the service spells the address, the user reaches the upstream as stored, the same
+    // address a PAT of theirs carries.
+    for body in [json!({"user_email": "Bob@ACME.io"}), json!({"attributes": {"Email": "BOB@acme.IO"}})] {
+        let jwt = minted(&w, &w.gateway, &service_token, "shop", body.clone()).await;
+        let echo = echoed(w.get(&w.gateway, "/shop/x", &jwt).await).await;
+        let h = &echo["headers"];
+        assert_eq!(h["x-auth-subject"][0], "ephemeral:bob@acme.io", "{body}");
+        assert_eq!(h["x-auth-email"][0], "bob@acme.io", "{body}");
+        assert_eq!(h["x-auth-attr-email"][0], "bob@acme.io", "{body}");
+    }
 
     // A narrowed credential: read only, and only in production.
     let narrow = minted(
@@ -147,7 +162,7 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
 
     // Every mint is in the audit log, under the minting token.
     let audit = w.store.audit_log("acme", 100).await.unwrap();
-    assert_eq!(audit.iter().filter(|e| e.action == "credentials.issue").count(), 4);
+    assert_eq!(audit.iter().filter(|e| e.action == "credentials.issue").count(), 6);
 }
 
 /// Base64url JSON, as a JWT part.
