@@ -610,3 +610,57 @@ async fn admin_calls_are_counted_and_logged_by_route_template_never_by_path() {
     assert!(logged.await, "{}", w.gateway.log_text());
     assert!(!w.gateway.log_text().contains("who@acme.io"), "no email from a path: {}", w.gateway.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines_can_be_off() {
+    let mut w = World::start().await;
+    let port = free_port();
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port)
+        .replace("log: { level: debug }", "log: { level: debug, access: false }")
+        + "identity: { prefix: x-gw- }\n";
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "prefix@acme.io", Role::Viewer, serde_json::json!({"tier": "gold"})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let resp = w
+        .http
+        .get(g.url("/shop"))
+        .bearer_auth(&token)
+        .header("X-Gw-Role", "admin")
+        .header("X_Gw_Subject", "user:root")
+        .header("x-gw-anything", "forged")
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    let headers = echo["headers"].as_object().unwrap();
+    let one = |name: &str| {
+        let values = headers.get(name).and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(values.len(), 1, "{name}: {echo}");
+        values[0].as_str().unwrap().to_string()
+    };
+    assert_eq!(one("x-gw-subject"), format!("user:{}", user.id));
+    assert_eq!(one("x-gw-role"), "viewer", "the forged value is gone");
+    assert_eq!(one("x-gw-attr-tier"), "gold");
+    assert_eq!(one("x-gw-email"), "prefix@acme.io");
+    for name in ["x_gw_subject", "x-gw-anything", "x-auth-subject", "x-auth-role"] {
+        assert!(!headers.contains_key(name), "{name}: {echo}");
+    }
+
+    // No access line, for the proxy or the admin API, allowed or refused; the requests are
+    // still counted (in the same phase, just before the line would be written).
+    assert_eq!(w.http.get(g.url("/shop")).send().await.unwrap().status(), 401);
+    let admin = format!("{}/v1/whoami", g.admin_url());
+    assert_eq!(w.http.get(&admin).bearer_auth(&token).send().await.unwrap().status(), 200);
+    let metrics = || async {
+        w.http.get(format!("{}/metrics", g.admin_url())).send().await.unwrap().text().await.unwrap()
+    };
+    let counted = eventually(Duration::from_secs(5), || async {
+        metrics().await.contains(r#"tollgate_requests_total{outcome="missing_token",route="shop"} 1"#)
+    });
+    assert!(counted.await, "{}", metrics().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = g.log_text();
+    assert!(log.contains("tollgate gateway listening"), "the log itself is written: {log}");
+    assert!(!log.contains("tollgate::access") && !log.contains("tollgate::admin_access"), "{log}");
+}
