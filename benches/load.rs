@@ -28,7 +28,7 @@
 //! Environment: `LOAD_SECONDS` (per measurement, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_RATE_FRACTION` (open-loop rate as a fraction of plain Pingora's throughput, default 0.25,
 //! a load every target sustains, so latency shows the cost of a request rather than a queue),
-//! `STORM_TOKENS` (default 1300 per storm round: 6500), `STORM_ROUNDS` (default 5), `THROUGHPUT_ROUNDS` (default 5),
+//! `STORM_TOKENS` (default 1300 per storm round, 6500 for the default 5), `STORM_ROUNDS` (default 5), `THROUGHPUT_ROUNDS` (default 5),
 //! `LOAD_ARGON2_MEMORY_KIB` (argon2 memory of every token, default 19456, the default of the config).
 
 // Set-up failures in a benchmark should stop it with their message.
@@ -572,7 +572,7 @@ fn main() {
     let _pingora = spawn(self_exe(&cores.servers, "passthrough", &[pingora_port, origin_port]), "pingora");
     wait_for(pingora_port, "plain pingora");
     let nginx = start_nginx(&cores, origin_port);
-    // About 1,000 cold tokens go per storm round, and a few hundred to the main table's row.
+    // About 1,000 cold tokens go per storm round (round 1 measures the main table's storm row).
     let storm_rounds_asked = env_or("STORM_ROUNDS", 5usize).max(1);
     let tg = start_tollgate(&cores, origin_port, env_or("STORM_TOKENS", 1300 * storm_rounds_asked));
     let url = |port: u16| format!("http://127.0.0.1:{port}/items");
