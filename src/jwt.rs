@@ -318,8 +318,9 @@ pub struct EphemeralClaims {
 /// signed elsewhere with a configured key (an HS256 secret shared with another system) may hold
 /// anything, which must be a `401`, never a failed request.
 fn header_claims(claims: &EphemeralClaims) -> bool {
-    let text = |s: &str| is_claim_text(s);
-    text(&claims.sub) && text(&claims.jti) && claims.email.as_deref().is_none_or(text)
+    is_claim_text(&claims.sub)
+        && is_claim_text(&claims.jti)
+        && claims.email.as_deref().is_none_or(is_claim_text)
 }
 
 /// 1 to 256 printable ASCII characters: what a claim that travels in a header may be.
