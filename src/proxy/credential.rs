@@ -114,10 +114,37 @@ fn key(param: &[u8]) -> &[u8] {
     param.split(|&b| b == b'=').next().unwrap_or_default()
 }
 
-/// Whether a parameter's raw key is `name`, as the upstream's query parser would read it: with
-/// its percent-encodings decoded (`access%5Ftoken` is `access_token`).
-fn is_param(key: &[u8], name: &str) -> bool {
-    key == name.as_bytes() || (key.contains(&b'%') && percent_encoding::percent_decode(key).eq(name.bytes()))
+/// Whether a parameter's raw key is `name` as some upstream's query parser reads it: with its
+/// percent-encodings decoded (`access%5Ftoken`), in any case (ASP.NET Core's query collection
+/// ignores case: `ACCESS_TOKEN`), and as PHP reads keys (Symfony, Laravel): `+` as a space, cut at
+/// a NUL, leading spaces dropped, then a space or `.` as `_` (`access.token`, `+access_token`).
+/// Matching fewer spellings would let a token reach the upstream in one of the others, unstripped
+/// and never counted as a second credential.
+pub fn is_param(key: &[u8], name: &str) -> bool {
+    let as_read = |b: u8| match b {
+        b' ' | b'.' => b'_',
+        b => b.to_ascii_lowercase(),
+    };
+    let same = |read: &[u8]| {
+        read.len() == name.len() && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
+    };
+    if key == name.as_bytes() {
+        return true;
+    }
+    // Most keys need no decoding (this runs on every request with a query, for `_method`).
+    if !key.iter().any(|&b| matches!(b, b'%' | b'+' | b' ' | 0)) {
+        return same(key);
+    }
+    let decoded = form_decoded(key);
+    let cut = decoded.split(|&b| b == 0).next().unwrap_or_default();
+    let start = cut.iter().position(|&b| b != b' ').unwrap_or(cut.len());
+    same(&cut[start..])
+}
+
+/// A query component decoded as a form: `+` is a space, then percent-decoded.
+pub fn form_decoded(text: &[u8]) -> Vec<u8> {
+    let spaced: Vec<u8> = text.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+    percent_encoding::percent_decode(&spaced).collect()
 }
 
 #[cfg(test)]
@@ -163,9 +190,30 @@ mod tests {
     fn query_params_are_found_by_their_decoded_name() {
         assert!(has_query_param(b"a=1&access%5Ftoken=x", "access_token"));
         assert!(has_query_param(b"access_token", "access_token"));
-        assert!(!has_query_param(b"a=access_token&Access_Token=1&access_tokens=2", "access_token"));
+        assert!(!has_query_param(
+            b"a=access_token&access_tokens=2&access-token&xaccess_token",
+            "access_token"
+        ));
         assert!(!has_query_param(b"", "access_token"));
         assert_eq!(query_values("access%5Ftoken=x&access_token=y", "access_token"), ["x", "y"]);
+    }
+
+    #[test]
+    fn query_params_are_found_in_every_spelling_an_upstream_reads_as_theirs() {
+        for key in [
+            "ACCESS_TOKEN",
+            "Access.Token",
+            "access+token",
+            "+access_token",
+            "%20access%2Etoken",
+            "access_token%00x",
+        ] {
+            assert!(is_param(key.as_bytes(), "access_token"), "{key}");
+        }
+        for key in ["access-token", "[access_token", "access_tokens", "access__token", "xaccess_token"] {
+            assert!(!is_param(key.as_bytes(), "access_token"), "{key}");
+        }
+        assert_eq!(strip_query_param(b"a=1&ACCESS.TOKEN=x&b", "access_token"), b"a=1&b");
     }
 
     #[test]

@@ -110,7 +110,20 @@ pub fn forwarded_for(
         true => address_value(client)?,
         false => value(format!("{}, {client}", sent.join(", ")))?,
     };
-    req.insert(&X_FORWARDED_FOR, &list)
+    req.insert(&X_FORWARDED_FOR, &list)?;
+    // A `Forwarded` list the client sent ends with the gateway's node too, as `X-Forwarded-For`
+    // does: an upstream that reads it (Rack, Spring) trusts its last entry.
+    if mode == ForwardedFor::Append && req.headers().contains_key(http::header::FORWARDED) {
+        let sent: Vec<&str> =
+            req.headers().get_all(http::header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+        let node = match client {
+            std::net::IpAddr::V4(v4) => format!("for={v4}"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        let list = value(sent.into_iter().chain([node.as_str()]).collect::<Vec<_>>().join(", "))?;
+        req.insert(&http::header::FORWARDED, &list)?;
+    }
+    Ok(())
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -211,6 +224,26 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
         || (credential
             && (*name == http::header::AUTHORIZATION
                 || config.credentials.api_key_header.as_ref().is_some_and(alike)))
+        || client_address_claim(config.forwarded_for, name)
+}
+
+/// Whether a client-sent header claiming the client's address is withheld, as `mode` says. Unless
+/// the mode is `keep`, `X-Forwarded-For` in any other spelling (`X_Forwarded_For`): a CGI, Rack or
+/// PHP upstream reads it as the same header, merged after the gateway's (Werkzeug's `ProxyFix`
+/// then takes the forged last entry). Under `replace`, also `Forwarded` and `X-Real-IP`, in every
+/// spelling: Rack and Spring prefer `Forwarded`'s `for=`, and others read `X-Real-IP`.
+fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) -> bool {
+    use crate::config::ForwardedFor;
+    let spelled = name.as_str().as_bytes();
+    // The lengths first: most names are none of these (this runs on each of a request's headers).
+    match (mode, spelled.len()) {
+        (ForwardedFor::Keep, _) => false,
+        (_, 15) => *name != X_FORWARDED_FOR && spelled_alike(spelled, X_FORWARDED_FOR.as_str().as_bytes()),
+        (ForwardedFor::Replace, 9) => {
+            *name == http::header::FORWARDED || spelled_alike(spelled, b"x-real-ip")
+        }
+        _ => false,
+    }
 }
 
 /// Whether a (lowercase) header name starts with the identity prefix in any spelling

@@ -204,30 +204,18 @@ fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejectio
     if let Some(query) = req.uri.query().filter(|q| !q.is_empty()) {
         for (key, value) in credential::query_pairs(query) {
             if is_method_param(key) {
-                methods.push(method(&form_decoded(value))?);
+                methods.push(method(&credential::form_decoded(value.as_bytes()))?);
             }
         }
     }
     Ok(methods)
 }
 
-/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel): percent-decoded with `+`
-/// as a space, cut at a NUL, leading spaces dropped, then a space or `.` as `_` (`?.method=`,
-/// `?+_method=` and `?_method%00x=` are `_method` there; `?+method=` is `method`, and a key
-/// starting with `[` is dropped).
+/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel) or in any case
+/// ([`credential::is_param`]): `?.method=`, `?+_method=` and `?_method%00x=` are `_method` there;
+/// `?+method=` is `method`, and a key starting with `[` is dropped.
 fn is_method_param(key: &str) -> bool {
-    let decoded = form_decoded(key);
-    let cut = decoded.split(|&b| b == 0).next().unwrap_or_default();
-    let start = cut.iter().position(|&b| b != b' ').unwrap_or(cut.len());
-    let key: Vec<u8> =
-        cut[start..].iter().map(|&b| if matches!(b, b' ' | b'.') { b'_' } else { b }).collect();
-    key == b"_method"
-}
-
-/// A query component decoded as a form: `+` is a space, then percent-decoded.
-fn form_decoded(text: &str) -> Vec<u8> {
-    let spaced = text.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced).collect()
+    credential::is_param(key.as_bytes(), "_method")
 }
 
 /// The host of an absolute-form request target, without user info; `None` for the usual
@@ -620,10 +608,19 @@ mod tests {
 
     #[test]
     fn method_override_query_keys_are_read_as_php_reads_them() {
-        for key in ["_method", ".method", "%5Fmethod", "+_method", "%20_method", "_method%00x", "%2Emethod"] {
+        for key in [
+            "_method",
+            ".method",
+            "%5Fmethod",
+            "+_method",
+            "%20_method",
+            "_method%00x",
+            "%2Emethod",
+            "_Method",
+        ] {
             assert!(is_method_param(key), "{key}");
         }
-        for key in ["method", "+method", "[method", "_methods", "x_method", "_Method"] {
+        for key in ["method", "+method", "[method", "_methods", "x_method"] {
             assert!(!is_method_param(key), "{key}");
         }
     }

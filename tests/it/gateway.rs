@@ -83,6 +83,16 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     let url = w.gateway.url(&format!("/shop/search?access%5Ftoken={token}&a=1"));
     let echo = echoed(w.http.get(url).send().await.unwrap()).await;
     assert_eq!(echo["uri"], "/shop/search?a=1");
+    // And in the other spellings an upstream reads as it: ASP.NET Core ignores case, PHP reads
+    // `access.token` as `access_token`. Each is the credential, removed, and counts as a copy.
+    for spelled in ["ACCESS_TOKEN", "access.token", "+access_token"] {
+        let url = w.gateway.url(&format!("/shop/search?{spelled}={token}&a=1"));
+        let echo = echoed(w.http.get(url).send().await.unwrap()).await;
+        assert_eq!(echo["uri"], "/shop/search?a=1", "{spelled}");
+        let url = w.gateway.url(&format!("/shop/search?{spelled}={token}"));
+        let (_, body) = error_body(w.http.get(url).bearer_auth(&token).send().await.unwrap(), 400).await;
+        assert_eq!(body["error_description"], "send the token once, in one place only", "{spelled}");
+    }
 
     // `;` separates parameters too (Rack 2, Perl's CGI, older Python read it so): a copy behind
     // one is found and removed, and two copies are one too many.
@@ -1032,6 +1042,39 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
     assert_eq!(xff(&echo), serde_json::json!(["203.0.113.9, 127.0.0.1"]), "{echo}");
     let echo = echoed(sent(g, "/public/a", None).await.unwrap()).await;
     assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "public routes too: {echo}");
+    // Another spelling of the name, which CGI, Rack and PHP upstreams merge after the real one
+    // (where Werkzeug's ProxyFix takes the last entry), is removed; a `Forwarded` list gets the
+    // address as its last node, as X-Forwarded-For does.
+    let forged = |g: &Gateway, path: &str| {
+        w.http
+            .get(g.url(path))
+            .bearer_auth(&token)
+            .header("X-Forwarded-For", "198.51.100.1")
+            .header("X_Forwarded_For", "203.0.113.66")
+            .header("X.Forwarded.For", "203.0.113.67")
+            .header("Forwarded", "for=203.0.113.68")
+            .header("X-Real-IP", "203.0.113.69")
+            .send()
+    };
+    for path in ["/shop/a", "/public/a"] {
+        let echo = echoed(forged(g, path).await.unwrap()).await;
+        assert_eq!(xff(&echo), serde_json::json!(["198.51.100.1, 127.0.0.1"]), "{path}: {echo}");
+        let names: Vec<&String> = echo["headers"].as_object().unwrap().keys().collect();
+        assert!(
+            !names.iter().any(|n| n.contains("forwarded_for") || n.contains("forwarded.for")),
+            "{names:?}"
+        );
+        assert_eq!(
+            echo["headers"]["forwarded"],
+            serde_json::json!(["for=203.0.113.68, for=127.0.0.1"]),
+            "{path}"
+        );
+        assert_eq!(
+            echo["headers"]["x-real-ip"],
+            serde_json::json!(["203.0.113.69"]),
+            "{path}: append keeps it"
+        );
+    }
 
     // At the edge, what the client sends is dropped.
     let port = free_port();
@@ -1040,4 +1083,16 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
     let edge = Gateway::start_with(port, &config);
     let echo = echoed(sent(&edge, "/shop/a", Some("203.0.113.9")).await.unwrap()).await;
     assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "{echo}");
+    for path in ["/shop/a", "/public/a"] {
+        let echo = echoed(forged(&edge, path).await.unwrap()).await;
+        assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "{path}: {echo}");
+        let names: Vec<&String> = echo["headers"].as_object().unwrap().keys().collect();
+        assert!(
+            !names.iter().any(|n| n.contains("forwarded_for")
+                || n.contains("forwarded.for")
+                || *n == "forwarded"
+                || *n == "x-real-ip"),
+            "{path}: {names:?}"
+        );
+    }
 }
