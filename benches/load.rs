@@ -411,7 +411,7 @@ routes:
         // store call past the gateway's 500 ms bound (a run once stopped here), so the set-up's
         // store waits longer.
         let setup = StoreSettings { timeout: Duration::from_secs(30), ..config.store.clone() };
-        let store = store::open(&setup).unwrap();
+        let store = store::open(&setup, config.audit_max).unwrap();
         let params = config.argon2.params;
         lifecycle::ensure_org(&store, "acme").await.unwrap();
         let attrs: Attributes = serde_json::from_value(serde_json::json!({"team": "bench"})).unwrap();

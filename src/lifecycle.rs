@@ -555,11 +555,15 @@ impl<'a> Lifecycle<'a> {
     }
 
     async fn view_with(&self, t: &TokenRecord, last: Option<LastUse>) -> TokenView {
+        Self::view_of(t, last, self.owner_label(&t.owner).await)
+    }
+
+    fn view_of(t: &TokenRecord, last: Option<LastUse>, owner: String) -> TokenView {
         TokenView {
             id: t.id.to_string(),
             kind: t.kind.as_str().to_string(),
             org: t.org.clone(),
-            owner: self.owner_label(&t.owner).await,
+            owner,
             display_name: t.display_name.clone(),
             scope: t.scope.as_ref().and_then(|s| s.name.clone()),
             permissions: t.scope.as_ref().map(|s| s.permissions.clone()),
@@ -666,12 +670,12 @@ impl<'a> Lifecycle<'a> {
     /// Lists tokens: the caller's own, or (admins) a given user's or service's; `all` adds inactive ones.
     pub async fn list_tokens(&self, actor: &Actor, all: bool, owner: Option<&str>) -> Result<Vec<TokenView>> {
         let owner = match owner {
-            None => Owner::User(
-                actor
-                    .user_id
-                    .clone()
-                    .ok_or_else(|| LifecycleError::Invalid("a service lists tokens with --owner".into()))?,
-            ),
+            None => Owner::User(actor.user_id.clone().ok_or_else(|| {
+                LifecycleError::Invalid(
+                    "only users list their own tokens; an org admin lists a service's with --owner <name>"
+                        .into(),
+                )
+            })?),
             Some(name) => {
                 actor.require_admin(self.config)?;
                 self.owner_by_name(&actor.org, name).await?
@@ -681,11 +685,12 @@ impl<'a> Lifecycle<'a> {
         let mut tokens = self.store.list_owner_tokens(&owner).await?;
         tokens.retain(|t| all || matches!(token_status(t, now), "active" | "deprecated"));
         tokens.sort_by_key(|t| t.created_at);
-        let mut out = Vec::with_capacity(tokens.len());
-        for t in &tokens {
-            out.push(self.view(t).await?);
-        }
-        Ok(out)
+        // One owner, and the last uses read together: a read per token made listing a service
+        // rotated for years take minutes.
+        let label = self.owner_label(&owner).await;
+        let ids: Vec<&TokenId> = tokens.iter().map(|t| &t.id).collect();
+        let last = self.store.last_uses(&ids).await?;
+        Ok(tokens.iter().zip(last).map(|(t, last)| Self::view_of(t, last, label.clone())).collect())
     }
 
     async fn owner_by_name(&self, org: &str, name: &str) -> Result<Owner> {
@@ -1384,15 +1389,13 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<Vec<AuditEvent>> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
-        // Filtered, any of the kept entries may be wanted; otherwise only the newest `limit`.
-        let read = if token_id.is_some() { self.config.audit_max } else { limit.min(self.config.audit_max) };
-        // Filtered before the cut: the kept changes must not be cut away by newer credentials minted.
-        let mut events = self.store.audit_entries(org, read).await?;
-        if let Some(id) = token_id {
-            events.retain(|e| e.token_id.as_deref() == Some(id) || e.target == id);
-        }
-        events.truncate(limit);
-        Ok(events)
+        // A token's entries: its own, and the removal of an owner that revoked it with the rest.
+        let about = |e: &AuditEvent, id: &str| {
+            e.token_id.as_deref() == Some(id)
+                || e.target == id
+                || e.details["revoked_tokens"].as_array().is_some_and(|ids| ids.iter().any(|t| t == id))
+        };
+        Ok(self.store.audit_matching(org, limit, |e| token_id.is_none_or(|id| about(e, id))).await?)
     }
 }
 

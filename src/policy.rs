@@ -161,6 +161,11 @@ impl Policy {
         self.bits.get(name).copied()
     }
 
+    /// Whether some role grants `bit`.
+    pub fn granted(&self, bit: PermSet) -> bool {
+        self.roles.iter().any(|role| role.contains(bit))
+    }
+
     /// The set of the named permissions; names no role grants add nothing.
     pub fn set_of<S: AsRef<str>>(&self, names: &[S]) -> PermSet {
         names.iter().filter_map(|n| self.permission(n.as_ref())).fold(PermSet::EMPTY, PermSet::union)

@@ -272,7 +272,7 @@ fn warn_if_not_durable(store: &store::Store) {
 
 /// Runs the gateway until a shutdown signal; exits the process.
 pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Result<()> {
-    let store = store::open(&config.store)?.with_audit_max(config.audit_max);
+    let store = store::open(&config.store, config.audit_max)?;
     warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {}: {e}", config.admin.listen))?;

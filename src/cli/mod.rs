@@ -527,7 +527,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             init_logging("warn");
             block_on(async {
-                let store = store::open(&config.store)?.with_audit_max(config.audit_max);
+                let store = store::open(&config.store, config.audit_max)?;
                 let (user, token) =
                     lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email)
                         .await

@@ -157,7 +157,7 @@ fn clashes(addr: SocketAddr, config: &Config) -> bool {
 fn first_token(config: &Config) -> anyhow::Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let store = store::open(&config.store)?;
+        let store = store::open(&config.store, config.audit_max)?;
         let params = config.argon2.params;
         let token = match store.find_user_by_email(ORG, EMAIL).await? {
             None => lifecycle::bootstrap(&store, params, &config.tokens, ORG, EMAIL).await?.1,

@@ -946,6 +946,14 @@ impl Validator {
                 }
             }
         }
+        // The admin API's org-admin calls need the admin role and the `admin` permission: an
+        // admin role without it would leave nobody able to add a user or revoke another's token.
+        if all_roles.get(&Role::Admin).is_some_and(|perms| !perms.iter().any(|p| p == "admin")) {
+            self.error(
+                "roles.admin",
+                "must keep the admin permission, which the admin API's admin calls need",
+            );
+        }
         let count = Policy::permission_count(&all_roles, &all_scopes);
         if count > MAX_PERMISSIONS {
             self.error(
@@ -1244,10 +1252,11 @@ impl Validator {
 
     fn required(&mut self, path: &str, name: &str, policy: &Policy) -> Option<RequiredPermission> {
         match policy.permission(name) {
-            Some(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
+            // A scope preset may name a permission no role grants, which nobody then has.
+            Some(bit) if policy.granted(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
             // The permission may be in the roles or scopes that could not be read.
             None if self.unreadable("roles") || self.unreadable("scopes") => None,
-            None => {
+            _ => {
                 self.error(path, format!("permission {name:?} is granted by no role"));
                 None
             }

@@ -89,6 +89,19 @@ fn semantic_errors_are_all_collected() {
 }
 
 #[test]
+fn a_route_permission_only_a_scope_preset_names_and_an_admin_role_without_admin_are_refused() {
+    // Nobody could ever make the POST: every role lacks `deploy`, whatever a token's scope says.
+    let yaml = format!("scopes:\n  deploy: [deploy]\n{}", GOOD.replace("DELETE: admin", "DELETE: deploy"));
+    check(&yaml, &["routes[0].permissions.DELETE: permission \"deploy\" is granted by no role"]);
+    // Admin-only admin calls need the `admin` permission as well as the admin role.
+    let yaml = format!(
+        "roles:\n  admin: [read, write, execute]\n{}",
+        GOOD.replace("DELETE: admin", "DELETE: write")
+    );
+    check(&yaml, &["roles.admin: must keep the admin permission"]);
+}
+
+#[test]
 fn structural_errors() {
     check("listen: nowhere", &["listen: \"nowhere\" is not an address"]);
     check(

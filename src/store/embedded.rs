@@ -104,13 +104,17 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
-    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
         let key = key.to_string();
         self.blocking(move |db| {
             let tx = db.begin_read().map_err(failed)?;
             let table = tx.open_table(LISTS).map_err(failed)?;
             let mut out = Vec::new();
-            for row in table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(failed)?.take(limit)
+            for row in table
+                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+                .map_err(failed)?
+                .skip(skip)
+                .take(limit)
             {
                 out.push(row.map_err(failed)?.1.value().to_string());
             }

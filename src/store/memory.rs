@@ -37,7 +37,7 @@ impl Default for MemoryBackend {
 }
 
 impl MemoryBackend {
-    /// How many reads (`get`, `members`) have been served.
+    /// How many reads (`get`, `get_many`, `members`, `list`: store commands) have been served.
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::SeqCst)
     }
@@ -66,14 +66,26 @@ impl Backend for MemoryBackend {
         Ok(self.state()?.kv.get(key).cloned())
     }
 
+    /// One read, as one round trip on a backend that has them.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let state = self.state()?;
+        Ok(keys.iter().map(|key| state.kv.get(key).cloned()).collect())
+    }
+
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(self.state()?.sets.get(set).map(|s| s.iter().cloned().collect()).unwrap_or_default())
     }
 
-    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
-        Ok(self.state()?.lists.get(key).map(|l| l.iter().take(limit).cloned().collect()).unwrap_or_default())
+        let state = self.state()?;
+        Ok(state
+            .lists
+            .get(key)
+            .map(|l| l.iter().skip(skip).take(limit).cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {

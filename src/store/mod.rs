@@ -281,8 +281,8 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Reads the members of a set.
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError>;
-    /// Reads up to `limit` entries of a list, newest first.
-    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Reads up to `limit` entries of a list, newest first, after the newest `skip`.
+    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists, `Changed(key)` if a
     /// key in `expect` holds anything else.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
@@ -301,6 +301,9 @@ pub trait Backend: Send + Sync + 'static {
 /// Keys read in one round trip by [`Store::read_many`]: a chunk's answer stays well within the
 /// store timeout.
 const READ_CHUNK: usize = 500;
+
+/// Audit entries read per store command when a log is searched ([`Store::audit_matching`]).
+const AUDIT_PAGE: usize = 1_000;
 
 /// The domain operations on top of a backend, each bounded by the store timeout.
 #[derive(Clone)]
@@ -413,13 +416,14 @@ fn owner_tokens_key(owner: &Owner) -> String {
     }
 }
 
-/// Opens the store the config names.
-pub fn open(settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
+/// Opens the store the config names, keeping `audit_max` entries of each org's audit log (every
+/// process that writes to it must be told, or it trims the log to its own default).
+pub fn open(settings: &crate::config::StoreSettings, audit_max: usize) -> Result<Store, StoreError> {
     let backend: Arc<dyn Backend> = match &settings.redis {
         Some(r) => Arc::new(redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?),
         None => Arc::new(embedded::EmbeddedBackend::open(&settings.embedded_path)?),
     };
-    Ok(Store::new(backend, settings.timeout))
+    Ok(Store::new(backend, settings.timeout).with_audit_max(audit_max))
 }
 
 impl Store {
@@ -515,14 +519,20 @@ impl Store {
     /// Reads records in chunks of [`READ_CHUNK`] keys, a round trip each (one per key before, so
     /// that listing an owner of many tokens took as many round trips).
     async fn read_many<T: DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<Stored<T>>, StoreError> {
+        // A member whose record is gone (deleted between the two reads) is skipped.
+        Ok(self.read_each(keys).await?.into_iter().flatten().collect())
+    }
+
+    /// Each key's record, or `None`, in the order of `keys`, read as [`Store::read_many`] reads.
+    async fn read_each<T: DeserializeOwned>(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<Stored<T>>>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(READ_CHUNK) {
             let texts = self.bounded(self.backend.get_many(chunk)).await?;
             for (key, text) in chunk.iter().zip(texts) {
-                // A member whose record is gone (deleted between the two reads) is skipped.
-                if let Some(v) = self.decode(key.clone(), text)? {
-                    out.push(v);
-                }
+                out.push(self.decode(key.clone(), text)?);
             }
         }
         Ok(out)
@@ -847,32 +857,61 @@ impl Store {
     /// or by a version that wrote another shape) is left out and logged, so that it does not hide
     /// the others.
     pub async fn audit_log(&self, org: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
-        let mut events = self.audit_entries(org, limit).await?;
-        events.truncate(limit);
-        Ok(events)
+        self.audit_matching(org, limit, |_| true).await
     }
 
-    /// The newest `each` entries of the org's changes and the newest `each` of its credentials
-    /// minted, merged newest first (up to twice `each`: a caller that filters them needs both
-    /// lists whole before it cuts).
-    pub async fn audit_entries(&self, org: &str, each: usize) -> Result<Vec<AuditEvent>, StoreError> {
-        let limit = each;
-        // The changes and the credentials minted, each newest first, merged by time.
+    /// The newest `limit` audit entries of an org that are `wanted`. The search may read the whole
+    /// log (`audit.max_entries` in each of its two lists), [`AUDIT_PAGE`] entries per store
+    /// command: one command for all of it would hold a Redis server, and every instance's reads
+    /// and heartbeats with it, for as long as it takes to send.
+    pub async fn audit_matching(
+        &self,
+        org: &str,
+        limit: usize,
+        wanted: impl Fn(&AuditEvent) -> bool,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.audit_search(org, limit, AUDIT_PAGE, wanted).await
+    }
+
+    async fn audit_search(
+        &self,
+        org: &str,
+        limit: usize,
+        page: usize,
+        wanted: impl Fn(&AuditEvent) -> bool,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let max = self.audit_max();
+        // The changes and the credentials minted, each newest first, merged by time: the newest
+        // `limit` of both are among the newest `limit` of each.
         let mut events = Vec::new();
         for key in [audit_key(org), credentials_audit_key(org)] {
-            let entries = self.bounded(self.backend.list(&key, limit)).await?;
-            events.extend(entries.into_iter().filter_map(|json| {
-                match serde_json::from_str::<AuditEvent>(&json) {
-                    Ok(event) => Some(event),
-                    Err(e) => {
-                        tracing::error!(key = %key, error = %e, "an audit entry cannot be read; left out");
-                        None
+            // An entry written meanwhile moves the older ones down, so a page may begin with the
+            // previous page's last entries again: each is taken once.
+            let mut taken = std::collections::HashSet::new();
+            let mut skip = 0;
+            while taken.len() < limit && skip < max {
+                let entries = self.bounded(self.backend.list(&key, skip, page.min(max - skip))).await?;
+                let read = entries.len();
+                for json in entries {
+                    match serde_json::from_str::<AuditEvent>(&json) {
+                        Ok(event) if wanted(&event) && taken.len() < limit && taken.insert(json) => {
+                            events.push(event)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(key = %key, error = %e, "an audit entry cannot be read; left out")
+                        }
                     }
                 }
-            }));
+                if read < page.min(max - skip) {
+                    break;
+                }
+                skip += read;
+            }
         }
         // Stable: entries of one list at the same millisecond keep their order.
         events.sort_by_key(|e| std::cmp::Reverse(e.at));
+        events.truncate(limit);
         Ok(events)
     }
 
@@ -890,6 +929,12 @@ impl Store {
     /// When and from where a token was last used.
     pub async fn last_use(&self, id: &TokenId) -> Result<Option<LastUse>, StoreError> {
         self.read(last_use_key(id)).await
+    }
+
+    /// The last uses of several tokens, in their order, a round trip per [`READ_CHUNK`].
+    pub async fn last_uses(&self, ids: &[&TokenId]) -> Result<Vec<Option<LastUse>>, StoreError> {
+        let read = self.read_each(ids.iter().map(|id| last_use_key(id)).collect()).await?;
+        Ok(read.into_iter().map(|last| last.map(Stored::into_inner)).collect())
     }
 }
 

@@ -154,9 +154,13 @@ impl Backend for RedisBackend {
         self.conn().await?.smembers(self.key(set)).await.map_err(unavailable)
     }
 
-    async fn list(&self, key: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        let stop = limit.max(1) as isize - 1;
-        self.conn().await?.lrange(self.key(key), 0, stop).await.map_err(unavailable)
+    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = isize::try_from(skip).unwrap_or(isize::MAX);
+        let stop = start.saturating_add(isize::try_from(limit).unwrap_or(isize::MAX) - 1);
+        self.conn().await?.lrange(self.key(key), start, stop).await.map_err(unavailable)
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {

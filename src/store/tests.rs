@@ -228,6 +228,42 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
     }
 }
 
+/// A search for old entries (`tollgate audit --token-id`) may read the whole log, which may hold
+/// millions: it reads a page per store command, not all of it in one.
+#[tokio::test]
+async fn an_audit_search_reads_the_log_a_page_per_command_and_finds_the_oldest_entries() {
+    let actions = |events: Vec<AuditEvent>| events.into_iter().map(|e| e.action).collect::<Vec<_>>();
+    for (s, _guard) in stores() {
+        let s = s.with_audit_max(8);
+        let svc = etl(&s).await;
+        for i in 0..10 {
+            audited_step(&s, &svc, i).await;
+        }
+        let found =
+            s.audit_search("acme", 5, 3, |e| e.action == "step.2" || e.action == "step.7").await.unwrap();
+        assert_eq!(actions(found), ["step.7", "step.2"], "{}", s.describe());
+        let all = s.audit_search("acme", 100, 3, |_| true).await.unwrap();
+        let kept: Vec<String> = (2..10).rev().map(|i| format!("step.{i}")).collect();
+        assert_eq!(actions(all), kept, "{}", s.describe());
+        let newest = s.audit_search("acme", 4, 3, |_| true).await.unwrap();
+        assert_eq!(actions(newest), kept[..4], "{}", s.describe());
+    }
+    // Counted: eight entries in pages of three are three commands, and one for the empty list of
+    // credentials minted; a search that has found enough stops.
+    let backend = Arc::new(MemoryBackend::default());
+    let s = Store::new(backend.clone(), Duration::from_millis(500)).with_audit_max(8);
+    let svc = etl(&s).await;
+    for i in 0..10 {
+        audited_step(&s, &svc, i).await;
+    }
+    let before = backend.reads();
+    s.audit_search("acme", 5, 3, |_| false).await.unwrap();
+    assert_eq!(backend.reads() - before, 4);
+    let before = backend.reads();
+    s.audit_search("acme", 2, 3, |_| true).await.unwrap();
+    assert_eq!(backend.reads() - before, 2);
+}
+
 #[tokio::test]
 async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
     for (s, _guard) in stores() {
