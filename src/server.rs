@@ -90,12 +90,38 @@ fn needs_restart(started: &Config, new: &Config) -> Vec<&'static str> {
 /// half-way.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// A file's modification time and length.
-pub type FileStamp = (std::time::SystemTime, u64);
+/// A file's modification time, length and a digest of its contents: on a file system that keeps
+/// times to the second (or two, or an NFS or container mount's), an edit of the same length in
+/// the same second as the last would leave time and length as they were.
+pub type FileStamp = (std::time::SystemTime, u64, u64);
 
 /// The config file's stamp, to be taken just before it is read and handed to [`run`].
 pub fn file_stamp(path: &Path) -> Option<FileStamp> {
-    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+    use std::hash::{Hash, Hasher};
+    let modified = std::fs::metadata(path).ok()?.modified().unwrap_or(std::time::UNIX_EPOCH);
+    let text = std::fs::read(path).ok()?;
+    let mut digest = std::hash::DefaultHasher::new();
+    text.hash(&mut digest);
+    Some((modified, text.len() as u64, digest.finish()))
+}
+
+/// Set by a `SIGHUP` that came before the config watcher listened for one.
+static EARLY_HANGUP: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
+/// Called first thing by the commands that serve: a `SIGHUP` from here until the config watcher
+/// starts (a deploy tool's "restart, then reload" sends it while the store is still being
+/// checked) is a reload once the watcher starts, not the end of the process, which is its
+/// default action.
+pub fn catch_early_hangup() {
+    let flag = EARLY_HANGUP.get_or_init(Arc::default);
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone()) {
+        tracing::warn!(error = %e, "a SIGHUP during start-up would end the process");
+    }
+}
+
+/// Whether a `SIGHUP` came before the watcher listened for one (and forgets it).
+fn early_hangup() -> bool {
+    EARLY_HANGUP.get().is_some_and(|flag| flag.swap(false, std::sync::atomic::Ordering::SeqCst))
 }
 
 impl ConfigWatcher {
@@ -162,6 +188,11 @@ impl BackgroundService for ConfigWatcher {
             }
         };
         let mut stamp = self.loaded;
+        // Listened for from here on (above): one that came earlier is applied now.
+        if early_hangup() {
+            stamp = file_stamp(&self.path);
+            self.reload("SIGHUP during start-up");
+        }
         // A changed stamp waits here for the next tick; it is applied if it is still the same.
         let mut settling = None;
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
@@ -376,6 +407,11 @@ mod tests {
         w.loaded = file_stamp(&w.path);
         // Edited between the start's reading and the watcher's first look.
         std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
+        assert!(watch_until(w, |c| !c.access_log).await, "the edit was applied");
+    }
+
+    /// Runs the watcher until `applied` holds of the running config (10 s at most), then stops it.
+    async fn watch_until(w: ConfigWatcher, applied: impl Fn(&Config) -> bool) -> bool {
         let w = Arc::new(w);
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let running = tokio::spawn({
@@ -383,12 +419,39 @@ mod tests {
             async move { w.start(shutdown).await }
         });
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while w.config.load().access_log && tokio::time::Instant::now() < deadline {
+        while !applied(&w.config.load()) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        assert!(!w.config.load().access_log, "the edit was applied");
         stop.send(true).unwrap();
         running.await.unwrap();
+        applied(&w.config.load())
+    }
+
+    #[tokio::test]
+    async fn an_edit_that_keeps_the_files_time_and_length_is_applied() {
+        // As on a file system that keeps times to the second: the same length, the same time.
+        let (before, after) = ("threads: 2\nlog: { access: true }\n", "threads: 2\nlog: {access: false }\n");
+        assert_eq!(before.len(), after.len());
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watcher(dir.path(), before);
+        std::fs::write(&w.path, before).unwrap();
+        w.loaded = file_stamp(&w.path);
+        let modified = std::fs::metadata(&w.path).unwrap().modified().unwrap();
+        std::fs::write(&w.path, after).unwrap();
+        std::fs::File::options().write(true).open(&w.path).unwrap().set_modified(modified).unwrap();
+        assert!(watch_until(w, |c| !c.access_log).await, "the edit was applied");
+    }
+
+    #[tokio::test]
+    async fn a_sighup_during_start_up_is_a_reload_when_the_watcher_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watcher(dir.path(), "threads: 2\n");
+        // The file as it is when the watcher starts: only the SIGHUP says to read it.
+        std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
+        w.loaded = file_stamp(&w.path);
+        catch_early_hangup();
+        signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
+        assert!(watch_until(w, |c| !c.access_log).await, "the SIGHUP was applied, and the process is alive");
     }
 
     #[test]

@@ -53,6 +53,7 @@ routes:
 
 /// Runs the quickstart; serves until stopped.
 pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
+    server::catch_early_hangup();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tollgate.yaml");
     // Before the reading: an edit from here on (the instructions invite them) is applied once the

@@ -673,6 +673,28 @@ async fn a_redis_that_hangs_gives_503_within_the_store_timeout_and_readyz_says_s
     assert_eq!(ready(&w).await, 200);
 }
 
+/// A feed connection that hangs is not closed by anything: the heartbeat's failure is what stops
+/// the cache (else a revocation would go unheard while a cached token was served on).
+#[tokio::test]
+async fn a_cached_token_stops_being_served_from_the_cache_when_the_feed_hangs() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "hang@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200, "cached");
+    w.redis.pause();
+    let dark = eventually(Duration::from_secs(10), || async {
+        w.get(&w.gateway, "/shop", &token).await.status() == 503
+    })
+    .await;
+    assert!(dark, "the cached grant was still served with the feed hung");
+    assert!(w.gateway.log_text().contains("invalidation feed lost"), "{}", w.gateway.log_text());
+    w.redis.resume();
+    let back = eventually(Duration::from_secs(10), || async {
+        w.get(&w.gateway, "/shop", &token).await.status() == 200
+    });
+    assert!(back.await);
+}
+
 #[tokio::test]
 async fn no_route_is_a_404_json() {
     let w = World::start().await;
