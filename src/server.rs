@@ -399,12 +399,18 @@ mod tests {
         }
     }
 
+    /// A watcher started with `started`, whose file holds `on_disk` as it was read at the start.
+    fn watcher_of_file(started: &str, on_disk: &str) -> (tempfile::TempDir, ConfigWatcher) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watcher(dir.path(), started);
+        std::fs::write(&w.path, on_disk).unwrap();
+        w.loaded = file_stamp(&w.path);
+        (dir, w)
+    }
+
     #[tokio::test]
     async fn an_edit_made_before_the_watcher_starts_is_applied_when_it_starts() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = watcher(dir.path(), "threads: 2\n");
-        std::fs::write(&w.path, "threads: 2\n").unwrap();
-        w.loaded = file_stamp(&w.path);
+        let (_dir, w) = watcher_of_file("threads: 2\n", "threads: 2\n");
         // Edited between the start's reading and the watcher's first look.
         std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
         assert!(watch_until(w, |c| !c.access_log).await, "the edit was applied");
@@ -432,10 +438,7 @@ mod tests {
         // As on a file system that keeps times to the second: the same length, the same time.
         let (before, after) = ("threads: 2\nlog: { access: true }\n", "threads: 2\nlog: {access: false }\n");
         assert_eq!(before.len(), after.len());
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = watcher(dir.path(), before);
-        std::fs::write(&w.path, before).unwrap();
-        w.loaded = file_stamp(&w.path);
+        let (_dir, w) = watcher_of_file(before, before);
         let modified = std::fs::metadata(&w.path).unwrap().modified().unwrap();
         std::fs::write(&w.path, after).unwrap();
         std::fs::File::options().write(true).open(&w.path).unwrap().set_modified(modified).unwrap();
@@ -444,11 +447,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_sighup_during_start_up_is_a_reload_when_the_watcher_starts() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = watcher(dir.path(), "threads: 2\n");
         // The file as it is when the watcher starts: only the SIGHUP says to read it.
-        std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
-        w.loaded = file_stamp(&w.path);
+        let (_dir, w) = watcher_of_file("threads: 2\n", "threads: 2\nlog: { access: false }\n");
         catch_early_hangup();
         signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
         assert!(watch_until(w, |c| !c.access_log).await, "the SIGHUP was applied, and the process is alive");
