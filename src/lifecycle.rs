@@ -172,6 +172,16 @@ pub struct IssueRequest {
     pub environments: Option<Vec<String>>,
 }
 
+/// When a first token (a new service's, a new user's) ends: in `ttl_minutes`, at `expires`
+/// (RFC 3339), or, given neither, as a token issued without an expiry (`tokens.max_ttl`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifetime {
+    /// Lifetime in minutes.
+    pub ttl_minutes: Option<i64>,
+    /// Expiry as RFC 3339.
+    pub expires: Option<String>,
+}
+
 /// A rotation request: the new token keeps the old one's settings unless overridden.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -607,12 +617,14 @@ impl<'a> Lifecycle<'a> {
         owner: Owner,
         roles: RoleSet,
         display_name: String,
+        lifetime: &Lifetime,
     ) -> Result<(NewToken, TokenRecord)> {
         let now = now_millis();
         let owner_actor = Actor { roles, ..actor.clone() };
+        let asked = parse_expiry(lifetime.ttl_minutes, lifetime.expires.as_deref(), now)?;
         let wanted = TokenSpec {
             display_name: Some(display_name),
-            expires_at: implicit_expiry(&self.config.tokens, now),
+            expires_at: asked.or_else(|| implicit_expiry(&self.config.tokens, now)),
             ..TokenSpec::default()
         };
         let spec = self.spec(&owner_actor, wanted, Making::New, now)?;
@@ -878,7 +890,7 @@ impl<'a> Lifecycle<'a> {
         org_role: Role,
         project_roles: BTreeMap<String, Role>,
         attributes: Attributes,
-        first_token: bool,
+        first_token: Option<Lifetime>,
     ) -> Result<(User, Option<String>)> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
@@ -888,12 +900,12 @@ impl<'a> Lifecycle<'a> {
         self.check_grantable(actor, None, &RoleSet { org: org_role, projects: project_roles.clone() })?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
-            true => {
+            Some(lifetime) => {
                 let roles = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
                 let owner = Owner::User(user.id.clone());
-                Some(self.first_token(actor, org, owner, roles, "initial".into()).await?)
+                Some(self.first_token(actor, org, owner, roles, "initial".into(), &lifetime).await?)
             }
-            false => None,
+            None => None,
         };
         let issued = first.as_ref().map(|(_, record)| {
             issue_audit(actor, record, serde_json::json!({ "for": format!("user:{email}") }))
@@ -1250,7 +1262,9 @@ impl<'a> Lifecycle<'a> {
             RoleSet { org: service.org_role.unwrap_or(Role::Guest), projects: service.project_roles.clone() };
         let owner = Owner::Service(service.id.clone());
         let display_name = format!("{} token", service.name);
-        let (new, record) = self.first_token(actor, &service.org, owner, roles, display_name).await?;
+        let lifetime = Lifetime { ttl_minutes: req.ttl_minutes, expires: req.expires.clone() };
+        let (new, record) =
+            self.first_token(actor, &service.org, owner, roles, display_name, &lifetime).await?;
         let issued = issue_audit(actor, &record, serde_json::Value::Null);
         let (org, name) = (req.org.clone(), req.name.clone());
         self.store
@@ -1457,6 +1471,12 @@ pub struct CreateService {
     /// Attributes.
     #[serde(default)]
     pub attributes: Attributes,
+    /// Its token's lifetime in minutes ([`Lifetime`]).
+    #[serde(default)]
+    pub ttl_minutes: Option<i64>,
+    /// Its token's expiry as RFC 3339 ([`Lifetime`]).
+    #[serde(default)]
+    pub expires: Option<String>,
 }
 
 /// Refuses what cannot be an email address.

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::lifecycle::{
-    Actor, CreateService, CredentialsRequest, IssueRequest, Lifecycle, RoleChange, RotateRequest,
+    Actor, CreateService, CredentialsRequest, IssueRequest, Lifecycle, LifecycleError, Lifetime, RoleChange,
+    RotateRequest,
 };
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
@@ -417,6 +418,12 @@ pub struct AddUser {
     /// Also issue the user's first personal access token (shown once, in the answer).
     #[serde(default)]
     pub issue_token: bool,
+    /// That token's lifetime in minutes (with `issue_token`).
+    #[serde(default)]
+    pub ttl_minutes: Option<i64>,
+    /// That token's expiry as RFC 3339 (with `issue_token`).
+    #[serde(default)]
+    pub expires: Option<String>,
 }
 
 /// An added user, with their first token when one was asked for.
@@ -441,8 +448,16 @@ async fn add_user(
     Body(u): Body<AddUser>,
 ) -> Response {
     lifecycle!(s, l);
-    let added =
-        l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, u.issue_token).await;
+    let lifetime = Lifetime { ttl_minutes: u.ttl_minutes, expires: u.expires };
+    let first_token = match (u.issue_token, lifetime == Lifetime::default()) {
+        (true, _) => Some(lifetime),
+        (false, true) => None,
+        (false, false) => {
+            let why = "ttl_minutes and expires (--ttl-minutes, --expires) are the first token's: give issue_token (--issue-token) too";
+            return ApiError::from(LifecycleError::Invalid(why.into())).into_response();
+        }
+    };
+    let added = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, first_token).await;
     created(added.map(|(user, token)| AddedUser { user: user.into(), token }))
 }
 
@@ -744,6 +759,8 @@ mod tests {
             project_roles: Default::default(),
             attributes: Default::default(),
             issue_token: false,
+            ttl_minutes: None,
+            expires: None,
         };
         let bodies = [
             ("IssueRequest", serde_json::to_value(IssueRequest::default())),

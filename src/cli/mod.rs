@@ -104,7 +104,7 @@ enum Command {
         email: String,
     },
     /// Personal access tokens (and any token, for admins).
-    #[command(subcommand)]
+    #[command(subcommand, visible_alias = "tokens")]
     Token(TokenCmd),
     /// Users of an org.
     #[command(subcommand)]
@@ -138,19 +138,31 @@ enum Command {
     },
 }
 
+/// A new token's lifetime (`token issue`, and the first token of `service create` and
+/// `user add --issue-token`); with neither, `tokens.max_ttl` or no expiry.
+#[derive(Debug, clap::Args)]
+struct LifetimeArgs {
+    /// The token's lifetime in minutes.
+    #[arg(long, conflicts_with = "expires", allow_negative_numbers = true)]
+    ttl_minutes: Option<i64>,
+    /// The token's expiry time (RFC 3339).
+    #[arg(long)]
+    expires: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
     /// Issue a personal access token; it is shown once.
+    #[command(visible_alias = "create")]
     Issue {
+        /// A name to recognise it by, as `--display-name` (`token create my-token`).
+        #[arg(conflicts_with = "display_name", value_name = "DISPLAY_NAME")]
+        name: Option<String>,
         /// A name to recognise it by.
         #[arg(long)]
         display_name: Option<String>,
-        /// Lifetime in minutes.
-        #[arg(long, conflicts_with = "expires", allow_negative_numbers = true)]
-        ttl_minutes: Option<i64>,
-        /// Expiry time (RFC 3339).
-        #[arg(long)]
-        expires: Option<String>,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
         #[command(flatten)]
         narrowing: Narrowing,
     },
@@ -305,6 +317,8 @@ enum UserCmd {
         /// Also issue the user's first token (shown once) to hand over to them.
         #[arg(long)]
         issue_token: bool,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
     },
     /// List users.
     List {
@@ -373,6 +387,8 @@ enum ServiceCmd {
         /// Attributes as a JSON object.
         #[arg(long)]
         attributes: Option<String>,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
     },
     /// List services.
     List {
@@ -674,8 +690,10 @@ impl Api {
 
     async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
         match cmd {
-            TokenCmd::Issue { display_name, ttl_minutes, expires, narrowing } => {
+            TokenCmd::Issue { name, display_name, lifetime, narrowing } => {
+                let display_name = display_name.or(name);
                 let (scope, permissions, environments) = narrowing.into_parts();
+                let LifetimeArgs { ttl_minutes, expires } = lifetime;
                 let req =
                     IssueRequest { display_name, ttl_minutes, expires, scope, permissions, environments };
                 let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
@@ -753,7 +771,7 @@ impl Api {
 
     async fn user(&self, cmd: UserCmd) -> anyhow::Result<()> {
         match cmd {
-            UserCmd::Add { email, org, roles, attributes, issue_token } => {
+            UserCmd::Add { email, org, roles, attributes, issue_token, lifetime } => {
                 let attributes = parse_attributes(attributes.as_deref())?.unwrap_or_default();
                 let org_role = roles.org_role.ok_or_else(|| anyhow!("give --org-role"))?;
                 let body = AddUser {
@@ -762,6 +780,8 @@ impl Api {
                     project_roles: roles.project_roles()?,
                     attributes,
                     issue_token,
+                    ttl_minutes: lifetime.ttl_minutes,
+                    expires: lifetime.expires,
                 };
                 let org = self.org(org).await?;
                 let added: AddedUser =
@@ -829,7 +849,7 @@ impl Api {
 
     async fn service(&self, cmd: ServiceCmd) -> anyhow::Result<()> {
         match cmd {
-            ServiceCmd::Create { name, org, roles, attributes } => {
+            ServiceCmd::Create { name, org, roles, attributes, lifetime } => {
                 let org = self.org(org).await?;
                 let body = CreateService {
                     org: String::new(),
@@ -837,6 +857,8 @@ impl Api {
                     org_role: roles.org_role,
                     project_roles: roles.project_roles()?,
                     attributes: parse_attributes(attributes.as_deref())?.unwrap_or_default(),
+                    ttl_minutes: lifetime.ttl_minutes,
+                    expires: lifetime.expires,
                 };
                 let created: CreatedService =
                     self.send(Method::POST, &format!("/v1/orgs/{}/services", segment(&org)), &body).await?;

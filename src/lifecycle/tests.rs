@@ -106,9 +106,8 @@ async fn a_narrowed_caller_makes_tokens_no_wider_than_itself() {
     let wider = IssueRequest { scope: Some("read-write".into()), ..req };
     assert!(matches!(l.issue_pat(&actor, wider).await, Err(LifecycleError::Forbidden(_))));
     // A read-scoped admin token cannot manage users.
-    let added = l
-        .add_user(&actor, "acme", "b@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
-        .await;
+    let added =
+        l.add_user(&actor, "acme", "b@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), None).await;
     assert!(matches!(added, Err(LifecycleError::Forbidden(_))), "{added:?}");
 }
 
@@ -167,7 +166,15 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     assert!(token.details.expires_at.is_some(), "require_expiry and max_ttl apply");
 
     let (_, first) = l
-        .add_user(&actor, "acme", "new@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), true)
+        .add_user(
+            &actor,
+            "acme",
+            "new@acme.io",
+            Role::Editor,
+            BTreeMap::new(),
+            Attributes::new(),
+            Some(Lifetime::default()),
+        )
         .await
         .unwrap();
     let first = first.expect("a first token");
@@ -258,7 +265,7 @@ async fn a_change_needs_the_acting_admin_as_authenticated() {
 
     // And the lifecycle refuses outright once it reads the change.
     let msg = forbidden(
-        l.add_user(&actor, "acme", "late@acme.io", Role::Admin, BTreeMap::new(), Attributes::new(), false)
+        l.add_user(&actor, "acme", "late@acme.io", Role::Admin, BTreeMap::new(), Attributes::new(), None)
             .await,
     );
     assert!(msg.contains("changed meanwhile"), "{msg}");
@@ -281,7 +288,7 @@ async fn bad_input_is_refused_with_a_reason() {
     }
     let mut big = Attributes::new();
     big.insert("notes".into(), "x".repeat(5000).into());
-    let added = l.add_user(&actor, "acme", "big@acme.io", Role::Viewer, BTreeMap::new(), big, false).await;
+    let added = l.add_user(&actor, "acme", "big@acme.io", Role::Viewer, BTreeMap::new(), big, None).await;
     assert!(matches!(&added, Err(LifecycleError::Invalid(m)) if m.contains("4096 bytes")), "{added:?}");
 
     let ttl = IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() };
@@ -348,7 +355,15 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
     let scope = ["read", "write", "execute", "admin"].map(String::from).to_vec();
     let scoped_admin = Actor { scope: Some(scope.clone()), ..admin };
     let (editor, first) = l
-        .add_user(&scoped_admin, "acme", "ed@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), true)
+        .add_user(
+            &scoped_admin,
+            "acme",
+            "ed@acme.io",
+            Role::Editor,
+            BTreeMap::new(),
+            Attributes::new(),
+            Some(Lifetime::default()),
+        )
         .await
         .unwrap();
     let first = first.unwrap();
@@ -371,7 +386,7 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
 async fn a_narrowed_admin_token_hands_on_no_role_its_scope_does_not_cover() {
     let (store, config, mut actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    l.add_user(&actor, "acme", "bob@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
+    l.add_user(&actor, "acme", "bob@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), None)
         .await
         .unwrap();
     // An admin's PAT scoped read-write-execute acts as an editor: it may create services (the
@@ -397,7 +412,7 @@ async fn a_narrowed_admin_token_hands_on_no_role_its_scope_does_not_cover() {
     let why = forbidden(l.set_user_role(&actor, "acme", "bob@acme.io", on_shop).await);
     assert!(why.contains("cannot hand on the editor role on project \"shop\""), "{why}");
     let why = forbidden(
-        l.add_user(&actor, "acme", "eve@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), false)
+        l.add_user(&actor, "acme", "eve@acme.io", Role::Editor, BTreeMap::new(), Attributes::new(), None)
             .await,
     );
     assert!(why.contains("cannot hand on the editor role"), "{why}");
@@ -420,7 +435,7 @@ async fn roles_whose_permissions_no_higher_role_has_can_still_be_handed_on() {
     let config = Config::parse(&custom).unwrap();
     let (store, _, actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    l.add_user(&actor, "acme", "v@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), false)
+    l.add_user(&actor, "acme", "v@acme.io", Role::Viewer, BTreeMap::new(), Attributes::new(), None)
         .await
         .unwrap();
     l.create_service(&actor, viewer_service("exporter")).await.unwrap();

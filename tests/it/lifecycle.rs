@@ -95,6 +95,11 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         assert!(all.lines().any(|l| l.contains(id.as_str()) && l.trim_end().ends_with("revoked")), "{all}");
     }
 
+    // As ToolFront's users type it: `tokens create <name>`.
+    let tf = ann.run(&["tokens", "create", "my-token", "--scope", "execute"]).token();
+    assert_eq!(ann.json(&["token", "get", &tf[..10]])["display_name"], "my-token");
+    ann.run(&["tokens", "revoke", &tf[..10], "--reason", "No longer in use"]).ok();
+
     // Several tokens with one name: refused, naming them.
     let a = ann.run(&["token", "issue", "--display-name", "ci"]).token();
     let b = ann.run(&["token", "issue", "--display-name", "ci"]).token();
@@ -401,6 +406,46 @@ async fn a_pat_cannot_reach_another_org_and_non_admins_cannot_list_others_tokens
     assert!(err.contains("not found"), "{err}");
     let listed = acme.json(&["token", "list", "--owner", "ann@acme.io"]);
     assert_eq!(listed.as_array().unwrap().len(), 2, "an admin can: {listed}");
+}
+
+/// Every token may be given an expiry when it is made (PRODUCT: "optional expiry on every
+/// token"), a service's and a new user's first token included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_tokens_take_an_expiry_when_they_are_made() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let expires_in = |token: &str| {
+        let details = admin.json(&["token", "get", &token[..10]]);
+        let at = humantime::parse_rfc3339(details["expires_at"].as_str().unwrap()).unwrap();
+        at.duration_since(std::time::SystemTime::now()).unwrap()
+    };
+    let hour = Duration::from_secs(3600);
+    let svc =
+        admin.run(&["service", "create", "nightly", "--org-role", "viewer", "--ttl-minutes", "60"]).token();
+    let left = expires_in(&svc);
+    assert!(left > hour - Duration::from_secs(120) && left <= hour, "{left:?}");
+    let soon = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + 2 * hour).to_string();
+    let out = admin.run(&[
+        "user",
+        "add",
+        "tmp@acme.io",
+        "--org-role",
+        "viewer",
+        "--issue-token",
+        "--expires",
+        &soon,
+    ]);
+    let left = expires_in(&out.token());
+    assert!(left > 2 * hour - Duration::from_secs(120) && left <= 2 * hour, "{left:?}");
+    // Bounded like any token, and only for a token that is made.
+    let err = admin
+        .run(&["service", "create", "forever", "--org-role", "viewer", "--ttl-minutes", "100000"])
+        .failed();
+    assert!(err.contains("maximum lifetime of 30d"), "{err}");
+    let err = admin.run(&["user", "add", "x@acme.io", "--org-role", "viewer", "--ttl-minutes", "5"]).failed();
+    assert!(err.contains("--issue-token"), "{err}");
+    let err = admin.run(&["service", "show", "forever"]).failed();
+    assert!(err.contains("no service \"forever\""), "the refused service was not made: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
