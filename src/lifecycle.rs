@@ -136,7 +136,7 @@ impl Actor {
             Ok(())
         } else {
             // Other orgs are not even confirmed to exist.
-            Err(LifecycleError::NotFound(format!("org {org:?} not found")))
+            Err(LifecycleError::NotFound(format!("org {:?} not found", shown(org))))
         }
     }
 
@@ -349,6 +349,12 @@ fn lifetime(d: std::time::Duration) -> String {
 
 /// 9999-12-31T23:59:59Z: the last instant RFC 3339 can write.
 const MAX_EXPIRY: Millis = 253_402_300_799_000;
+
+/// A name or email from a request, as an error message may repeat it: never a whole token that
+/// was pasted in its place ([`crate::token::redacted`]).
+fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    crate::token::redacted(name).map_or(std::borrow::Cow::Borrowed(name), std::borrow::Cow::Owned)
+}
 
 fn parse_expiry(ttl_minutes: Option<i64>, expires: Option<&str>, now: Millis) -> Result<Option<Millis>> {
     match (ttl_minutes, expires) {
@@ -712,7 +718,7 @@ impl<'a> Lifecycle<'a> {
         if let Some(s) = self.store.find_service_by_name(org, name).await? {
             return Ok(Owner::Service(s.into_inner().id));
         }
-        Err(LifecycleError::NotFound(format!("no user or service {name:?} in org {org:?}")))
+        Err(LifecycleError::NotFound(format!("no user or service {:?} in org {org:?}", shown(name))))
     }
 
     /// One token's details.
@@ -746,7 +752,7 @@ impl<'a> Lifecycle<'a> {
                     })
                     .collect();
                 match matches.len() {
-                    0 => return Err(LifecycleError::NotFound(format!("no token named {name:?}"))),
+                    0 => return Err(LifecycleError::NotFound(format!("no token named {:?}", shown(name)))),
                     1 => matches
                         .into_iter()
                         .next()
@@ -925,7 +931,7 @@ impl<'a> Lifecycle<'a> {
         self.store
             .find_user_by_email(org, email)
             .await?
-            .ok_or_else(|| LifecycleError::NotFound(format!("no user {email} in org {org}")))
+            .ok_or_else(|| LifecycleError::NotFound(format!("no user {} in org {org}", shown(email))))
     }
 
     /// The users of an org (admins only).
@@ -949,7 +955,7 @@ impl<'a> Lifecycle<'a> {
                 Err(LifecycleError::Forbidden("only org admins see other users".into()))
             }
             Some(u) => Ok(u.into_inner()),
-            None => Err(LifecycleError::NotFound(format!("no user {email} in org {org}"))),
+            None => Err(LifecycleError::NotFound(format!("no user {} in org {org}", shown(email)))),
         }
     }
 
@@ -1298,7 +1304,7 @@ impl<'a> Lifecycle<'a> {
         self.store
             .find_service_by_name(org, name)
             .await?
-            .ok_or_else(|| LifecycleError::NotFound(format!("no service {name:?} in org {org:?}")))
+            .ok_or_else(|| LifecycleError::NotFound(format!("no service {:?} in org {org:?}", shown(name))))
     }
 
     /// The services of an org (editors and admins).

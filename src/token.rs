@@ -141,6 +141,18 @@ pub enum FormatError {
     Checksum,
 }
 
+/// What may be repeated of a value a client sent (in a log line, an error message) when it holds
+/// a credential, perhaps a whole token pasted in the wrong place: the token's id (`tgp_AbCdEf…`),
+/// or `eyJ…` for what may be a JWT. `None` when it holds none.
+pub fn redacted(text: &str) -> Option<String> {
+    let token = PREFIXES.iter().filter_map(|p| text.find(p)).min();
+    match token.map(|at| &text[at..]) {
+        Some(token) if token.len() > ID_LEN => Some(format!("{}…", token.get(..ID_LEN).unwrap_or("tg"))),
+        _ if text.contains("eyJ") && text.contains('.') => Some("eyJ…".to_string()),
+        _ => None,
+    }
+}
+
 /// Checks format and checksum. Pure: no cache or store is involved.
 pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     if token.len() != TOKEN_LEN {

@@ -52,12 +52,22 @@ impl FromRequestParts<AdminState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Caller, ApiError> {
-        let header = parts.headers.get(http::header::AUTHORIZATION).ok_or(ApiError::Unauthenticated)?;
+        let mut sent = parts.headers.get_all(http::header::AUTHORIZATION).iter();
+        let header = sent.next().ok_or(ApiError::Unauthenticated)?;
+        // Which of two would be taken is the order's choice: refused, as the gateway refuses it.
+        if sent.next().is_some() {
+            return Err(ApiError::BadRequest("send one Authorization header".into()));
+        }
         let value = header.to_str().map_err(|_| ApiError::InvalidToken)?;
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
             _ => return Err(ApiError::Unauthenticated),
         };
+        if crate::jwt::looks_like_jwt(token) {
+            return Err(ApiError::Refused(
+                "an ephemeral credential cannot call the admin API; use a personal access or service token",
+            ));
+        }
         // Run to the end even if the client goes away: a verification dropped mid-run would free
         // its token's turn at argon2 while the run still holds a thread (so that repeated
         // abandoned requests for one id could take every thread), and would lose the proof.
@@ -138,7 +148,6 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), access))
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut).
@@ -148,9 +157,10 @@ pub fn router(state: AdminState) -> Router {
                 next.run(req).await
             },
         ))
-        // Outermost: a body is read whole, within `admin.read_timeout`, before the call counts as
-        // in flight.
+        // A body is read whole, within `admin.read_timeout`, before the call counts as in flight.
         .layer(axum::middleware::from_fn_with_state(state.clone(), body_in_time))
+        // Outermost: a body refused as too large or too slow is logged and counted too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access))
         .with_state(state)
 }
 
@@ -179,6 +189,11 @@ async fn access(
 /// Largest request body the API reads; a longer one is refused with `413`.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
+fn too_large() -> ApiError {
+    let message = format!("the body exceeds the length limit of {} KiB", MAX_BODY_BYTES / 1024);
+    ApiError::Body(StatusCode::PAYLOAD_TOO_LARGE, message)
+}
+
 /// Reads the request's body whole, at most [`MAX_BODY_BYTES`] and within `admin.read_timeout`
 /// (hyper bounds only the head's arrival): a client that stops sending mid-body gets `408` and the
 /// connection is closed, instead of holding it, and an admin call's place in a graceful shutdown,
@@ -189,6 +204,12 @@ async fn body_in_time(
     next: axum::middleware::Next,
 ) -> Response {
     use futures_util::StreamExt;
+    // Declared too long: refused before a byte is read (and before `100 Continue`).
+    let declared =
+        req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large().into_response();
+    }
     let (parts, body) = req.into_parts();
     let read = async {
         let mut chunks = body.into_data_stream();
@@ -198,8 +219,7 @@ async fn body_in_time(
                 ApiError::Body(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}"))
             })?;
             if whole.len() + chunk.len() > MAX_BODY_BYTES {
-                let message = format!("the body exceeds the length limit of {} KiB", MAX_BODY_BYTES / 1024);
-                return Err(ApiError::Body(StatusCode::PAYLOAD_TOO_LARGE, message));
+                return Err(too_large());
             }
             whole.extend_from_slice(&chunk);
         }
@@ -657,9 +677,14 @@ fn reply<T: Serialize>(r: Result<T, crate::lifecycle::LifecycleError>) -> Respon
     }
 }
 
+/// A `201`, which here always carries a new secret (a token, a credential): `no-store`, so that no
+/// cache between keeps it (RFC 6749, section 5.1).
 fn created<T: Serialize>(r: Result<T, crate::lifecycle::LifecycleError>) -> Response {
     match r {
-        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Ok(v) => {
+            let no_store = [(http::header::CACHE_CONTROL, "no-store")];
+            (StatusCode::CREATED, no_store, Json(v)).into_response()
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -268,17 +268,11 @@ fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
     if !suspect {
         return std::borrow::Cow::Borrowed(path);
     }
-    let id_len = crate::token::ID_LEN;
     let cut: Vec<String> = path
         .split('/')
         .map(|segment| {
             let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-            let token = crate::token::PREFIXES.iter().filter_map(|p| decoded.find(p)).min();
-            match token.map(|at| &decoded[at..]) {
-                Some(token) if token.len() > id_len => format!("{}…", token.get(..id_len).unwrap_or("tg")),
-                _ if decoded.contains("eyJ") && decoded.contains('.') => "eyJ…".to_string(),
-                _ => segment.to_string(),
-            }
+            crate::token::redacted(&decoded).unwrap_or_else(|| segment.to_string())
         })
         .collect();
     std::borrow::Cow::Owned(cut.join("/"))

@@ -35,9 +35,11 @@ async fn mint(
         .await
         .unwrap();
     let status = resp.status().as_u16();
+    let cache = resp.headers().get("cache-control").map(|v| v.to_str().unwrap().to_string());
     let body: Value = resp.json().await.unwrap();
     if let Some(t) = body["token"].as_str() {
         remember_secret(t);
+        assert_eq!(cache.as_deref(), Some("no-store"), "a new secret is kept by no cache");
     }
     (status, body)
 }
@@ -260,6 +262,9 @@ async fn forged_and_malformed_jwts_are_refused_with_401() {
     let whoami =
         w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&good).send().await.unwrap();
     assert_eq!(whoami.status(), 401);
+    // Told why: the credential is good, the admin API is not for it.
+    let body: Value = whoami.json().await.unwrap();
+    assert!(body["error_description"].as_str().unwrap().contains("cannot call the admin API"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

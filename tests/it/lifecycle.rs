@@ -84,6 +84,18 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         .unwrap();
     assert_eq!(resp.status(), 404);
     assert!(!resp.text().await.unwrap().contains(&local));
+    // Nor where a user, a service or an owner is named (its id is said instead).
+    for path in [
+        format!("/v1/orgs/acme/users/{local}"),
+        format!("/v1/orgs/acme/services/{local}"),
+        format!("/v1/tokens?owner={local}"),
+        format!("/v1/orgs/{local}/users"),
+    ] {
+        let resp =
+            w.http.get(format!("{}{path}", w.gateway.admin_url())).bearer_auth(&admin.token).send().await;
+        let text = resp.unwrap().text().await.unwrap();
+        assert!(!text.contains(&local[10..]) && text.contains(&local[..10]), "{}: {text}", &path[..12]);
+    }
     ann.run(&["token", "revoke", "--display-name", "Local Development"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 401);
 
@@ -551,6 +563,16 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     let resp = http.get(format!("{}/v1/tokens", w.gateway.admin_url())).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     assert!(resp.headers().get("www-authenticate").is_some());
+    // Two Authorization headers: which one counts would be the order's choice, as in the gateway.
+    let bearer = format!("Bearer {}", admin.token);
+    for (i, [first, second]) in
+        [[bearer.as_str(), "Bearer xyz"], ["Bearer xyz", bearer.as_str()]].iter().enumerate()
+    {
+        let url = format!("{}/v1/whoami", w.gateway.admin_url());
+        let resp =
+            http.get(url).header("authorization", *first).header("authorization", *second).send().await;
+        assert_eq!(resp.unwrap().status(), 400, "order {i}");
+    }
 
     // What would be accepted and then break something later: attributes nested deeper than the
     // records holding them can be read back, or longer than 4 KiB once escaped for their header;
@@ -569,6 +591,7 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     let resp = post("/v1/tokens", r#"{"environments":["production","production","staging"]}"#.into(), json);
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["cache-control"], "no-store", "the answer holds a new secret");
     let issued: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(issued["environments"], serde_json::json!(["production", "staging"]), "each once: {issued}");
     let id = issued["id"].as_str().unwrap().to_string();
@@ -616,6 +639,11 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     }
     assert!(admin.json(&["audit"]).as_array().is_some(), "the audit log still reads");
     admin.run(&["token", "revoke", &id]).ok();
+    // A body refused for its size is counted and logged like any call.
+    let metrics = http.get(format!("{admin_url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let counted = r#"tollgate_admin_requests_total{route="/v1/tokens",status="413"} 1"#;
+    assert!(metrics.contains(counted), "{metrics}");
+    assert!(w.gateway.log_text().contains("status=413"), "{}", w.gateway.log_text());
 
     assert_eq!(admin.json(&["service", "list"]), before, "nothing changed");
     // Only the one successful `user add`, and the token issued and revoked, were audited.
