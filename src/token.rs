@@ -355,6 +355,20 @@ mod tests {
         }
     }
 
+    /// Fixed values, computed apart from this code (Python's `zlib.crc32` of the body, written in
+    /// base62 `0-9A-Za-z`, most significant digit first, six digits): a secret scanner checking a
+    /// candidate computes exactly this, so another CRC or alphabet order would break every scanner.
+    #[test]
+    fn the_checksum_is_the_bodys_crc32_in_base62() {
+        for (body, checksum) in [
+            ("tgp_a1B2c30123456789abcdefghijABCDEFGHIJ", "2By29E"),
+            ("tgs_Zz9Yy8ABCDEFGHIJKLMNOPQRSTUVWXYZabcd", "1gUBqY"),
+        ] {
+            assert_eq!(with_checksum_for_tests(body), format!("{body}{checksum}"));
+            assert!(parse(&format!("{body}{checksum}")).is_ok());
+        }
+    }
+
     #[test]
     fn secret_has_at_least_160_bits() {
         let bits = SECRET_CHARS as f64 * 62f64.log2();

@@ -305,6 +305,18 @@ async fn bad_input_is_refused_with_a_reason() {
     assert_eq!((revoked.id, revoked.status.as_str()), (t.details.id, "revoked"));
 }
 
+/// Secrets are hashed with the configured argon2 parameters (here the test config's 256 KiB, one
+/// pass, one lane), not the defaults.
+#[tokio::test]
+async fn secrets_are_hashed_with_the_configured_argon2_parameters() {
+    let (store, config, actor) = setup().await;
+    let five = IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() };
+    let issued = Lifecycle::new(&store, &config).issue_pat(&actor, five).await.unwrap();
+    let id = crate::token::TokenId::parse(&issued.details.id).unwrap();
+    let hash = store.get_token(&id).await.unwrap().unwrap().into_inner().secret_hash;
+    assert!(hash.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{hash}");
+}
+
 /// Listing an owner of many tokens (a service rotated hourly for years) took two store reads per
 /// token, one after the other.
 #[tokio::test]

@@ -31,6 +31,24 @@ fn the_docker_compose_config_is_valid_but_for_its_compose_host_names() {
     }
 }
 
+/// PRODUCT: the shipped Redis keeps every acknowledged write (AOF, fsync on each), since a lost
+/// revocation would bring a token back.
+#[test]
+fn the_shipped_redis_writes_every_change_to_disk_before_it_answers() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
+    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let command: Vec<&str> = compose["services"]["redis"]["command"]
+        .as_sequence()
+        .expect("the redis service's command, as a list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let setting =
+        |name: &str| command.iter().position(|a| *a == name).and_then(|i| command.get(i + 1)).copied();
+    assert_eq!(setting("--appendonly"), Some("yes"), "{command:?}");
+    assert_eq!(setting("--appendfsync"), Some("always"), "{command:?}");
+}
+
 #[test]
 fn check_config_names_the_yaml_path_of_every_error() {
     let yaml = r#"

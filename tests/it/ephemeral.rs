@@ -380,6 +380,29 @@ async fn minting_refuses_what_the_service_may_not_grant() {
     assert!(err.contains("above the maximum"), "{err}");
 }
 
+/// A minted credential carries its service's rights as they are now (PRODUCT): lowering the
+/// service's role narrows credentials already out, on every instance, at their next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_follows_its_services_role_as_it_is_now() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let second = w.jwt_gateway(&keys);
+    let admin = w.bootstrap_admin("acme").await;
+    let (_, token) = w.service("acme", "writer", &[("shop", Role::Editor)], TokenSpec::default()).await;
+    let jwt = minted(&w, &w.gateway, &token, "shop", json!({"attributes": {}})).await;
+    let post = |g: &Gateway| {
+        let req = w.http.post(g.url("/shop/orders")).bearer_auth(&jwt).send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    for g in [&w.gateway, &second] {
+        assert_eq!(post(g).await, 200, "an editor's credential writes");
+    }
+    admin.run(&["service", "set-role", "writer", "--project", "shop", "--project-role", "viewer"]).ok();
+    assert_eq!(post(&w.gateway).await, 403, "at once on the instance that changed it");
+    assert!(eventually(Duration::from_secs(2), || async { post(&second).await == 403 }).await);
+    assert_eq!(status_of(&w, &second, "/shop/x", &jwt).await, 200, "still a viewer's");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_both_instances() {
     let keys = JwtKeys::generate();

@@ -18,6 +18,20 @@ fn add_user(admin: &Cli, email: &str, role: &str) -> Cli {
     admin.as_token(&out.token())
 }
 
+/// Asserts that the org's audit log holds each `(action, target)`, made by `by`'s caller.
+async fn assert_audited(w: &World, by: &Cli, changes: &[(&str, &str)]) {
+    let whoami =
+        w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&by.token).send().await;
+    let whoami: serde_json::Value = whoami.unwrap().json().await.unwrap();
+    let subject = whoami["subject"].as_str().expect("the caller's subject").to_string();
+    let log = by.json(&["audit"]);
+    for (action, target) in changes {
+        let entry = log.as_array().unwrap().iter().find(|e| e["action"] == *action && e["target"] == *target);
+        let entry = entry.unwrap_or_else(|| panic!("no {action} of {target} in {log}"));
+        assert_eq!(entry["actor"], subject.as_str(), "{entry}");
+    }
+}
+
 async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> u16 {
     w.http.request(method, w.gateway.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
 }
@@ -330,6 +344,18 @@ async fn an_admin_manages_services_end_to_end() {
         "a deleted service's token is refused"
     );
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
+    assert_audited(
+        &w,
+        &admin,
+        &[
+            ("service.create", "service:reporting"),
+            ("service.create", "service:embed"),
+            ("service.edit", "service:embed"),
+            ("service.set_role", "service:embed"),
+            ("service.delete", "service:dashboards"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,6 +409,17 @@ async fn nobody_grants_more_than_they_hold() {
     );
     let shown = admin.json(&["user", "show", "val@acme.io"]);
     assert_eq!(shown["org_role"], "editor");
+    assert_audited(
+        &w,
+        &admin,
+        &[
+            ("user.remove", "user:ed@acme.io"),
+            ("user.suspend", "user:val@acme.io"),
+            ("user.reactivate", "user:val@acme.io"),
+            ("user.set_role", "user:val@acme.io"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

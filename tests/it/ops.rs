@@ -611,6 +611,32 @@ async fn admin_calls_are_counted_and_logged_by_route_template_never_by_path() {
     assert!(!w.gateway.log_text().contains("who@acme.io"), "no email from a path: {}", w.gateway.log_text());
 }
 
+/// `identity.headers` picks which identity headers are sent; the others are not, and a client's
+/// own in the namespace are still removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_configured_identity_headers_are_sent() {
+    let mut w = World::start().await;
+    let port = free_port();
+    let config =
+        gateway_config(port, &w.redis.url(), w.upstream.port) + "identity: { headers: [subject, attr] }\n";
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "subset@acme.io", Role::Viewer, serde_json::json!({"tier": "gold"})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let resp = w.http.get(g.url("/shop")).bearer_auth(&token).header("X-Auth-Role", "admin").send().await;
+    let echo = echoed(resp.unwrap()).await;
+    let mut sent: Vec<&str> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .filter(|name| name.starts_with("x-auth-"))
+        .collect();
+    sent.sort();
+    // A user's attributes include the `email` and `domain` of their address.
+    let want = ["x-auth-attr-domain", "x-auth-attr-email", "x-auth-attr-tier", "x-auth-subject"];
+    assert_eq!(sent, want, "the forged role is gone too: {echo}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines_can_be_off() {
     let mut w = World::start().await;
