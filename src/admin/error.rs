@@ -120,7 +120,8 @@ impl IntoResponse for ApiError {
 }
 
 /// Axum's own refusals (a query or path segment that does not parse, a method the route lacks)
-/// come as plain text or empty; this makes every 4xx of the API JSON, as [`ApiError`]'s are, with
+/// come as plain text or empty; this makes every 4xx the router answers JSON (hyper's `414` and
+/// `431`, for a head refused before routing, stay empty), as [`ApiError`]'s are, with
 /// the status and other headers (`Allow`) kept.
 pub async fn json_refusals(response: Response) -> Response {
     let status = response.status();
