@@ -1554,8 +1554,9 @@ fn check_email(email: &str) -> Result<()> {
         if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
     if !printable || !shaped || email.len() > 254 {
         return Err(LifecycleError::Invalid(format!(
-            "{email:?} is not an email address (local@domain, printable ASCII: write an \
-             internationalized domain in its xn-- form)"
+            "{:?} is not an email address (local@domain, printable ASCII: write an \
+             internationalized domain in its xn-- form)",
+            shown(email)
         )));
     }
     Ok(())

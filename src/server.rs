@@ -399,6 +399,10 @@ mod tests {
         }
     }
 
+    /// One running watcher at a time in this process: a SIGHUP raised by one test would reload
+    /// another's watcher, or another's start would take the early-SIGHUP flag first.
+    static WATCHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// A watcher started with `started`, whose file holds `on_disk` as it was read at the start.
     fn watcher_of_file(started: &str, on_disk: &str) -> (tempfile::TempDir, ConfigWatcher) {
         let dir = tempfile::tempdir().unwrap();
@@ -410,6 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_edit_made_before_the_watcher_starts_is_applied_when_it_starts() {
+        let _alone = WATCHING.lock().await;
         let (_dir, w) = watcher_of_file("threads: 2\n", "threads: 2\n");
         // Edited between the start's reading and the watcher's first look.
         std::fs::write(&w.path, "threads: 2\nlog: { access: false }\n").unwrap();
@@ -435,6 +440,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_edit_that_keeps_the_files_time_and_length_is_applied() {
+        let _alone = WATCHING.lock().await;
         // As on a file system that keeps times to the second: the same length, the same time.
         let (before, after) = ("threads: 2\nlog: { access: true }\n", "threads: 2\nlog: {access: false }\n");
         assert_eq!(before.len(), after.len());
@@ -447,6 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sighup_during_start_up_is_a_reload_when_the_watcher_starts() {
+        let _alone = WATCHING.lock().await;
         // The file as it is when the watcher starts: only the SIGHUP says to read it.
         let (_dir, w) = watcher_of_file("threads: 2\n", "threads: 2\nlog: { access: false }\n");
         catch_early_hangup();

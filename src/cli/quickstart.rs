@@ -64,6 +64,9 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
         Ok(text) => {
             println!("Using {} from an earlier run (delete it for a fresh one).", path.display());
             let config = load(&path)?;
+            // A gateway already running on this directory holds its store: said before the echo
+            // upstream's port, which it holds too, is blamed on the config.
+            drop(store::open(&config.store, config.audit_max)?);
             let listener = echo_listener(&text, &config, &path)?;
             (config, listener)
         }
@@ -85,6 +88,15 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
     };
     super::init_logging("warn,tollgate=info");
 
+    // The ports first: a token issued for a gateway that then cannot start would be left behind.
+    for (what, addr) in [("listen", config.listen), ("admin.listen", config.admin.listen)] {
+        TcpListener::bind(addr).with_context(|| {
+            format!(
+                "cannot listen on {what} {addr} (nothing was issued; free it, or change it in {})",
+                path.display()
+            )
+        })?;
+    }
     let token = first_token(&config)?;
     if let Some(listener) = upstream_listener {
         echo::spawn(listener)?;

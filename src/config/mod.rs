@@ -1215,14 +1215,14 @@ impl Validator {
                     continue;
                 }
                 written.insert(known, method.clone());
-                if let Some(p) = self.required(&path, &perm, policy) {
+                if let Some(p) = self.required(&path, &perm, policy, true) {
                     methods.insert(m, p);
                 }
             }
             let (Some(path_prefix), Some(read_default), Some(write_default)) = (
                 path_prefix,
-                self.required(&at("path"), "read", policy),
-                self.required(&at("path"), "write", policy),
+                self.required(&at("path"), "read", policy, false),
+                self.required(&at("path"), "write", policy, false),
             ) else {
                 continue;
             };
@@ -1250,13 +1250,21 @@ impl Validator {
         RouteTable::new(routes)
     }
 
-    fn required(&mut self, path: &str, name: &str, policy: &Policy) -> Option<RequiredPermission> {
-        match policy.permission(name) {
-            // A scope preset may name a permission no role grants, which nobody then has.
-            Some(bit) if policy.granted(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
+    /// The permission `name` a route asks for. One the config names (`explicit`) must be granted by
+    /// some role: one only a scope preset names is one nobody has. The defaults (`read`, `write`)
+    /// need only exist: a role set without `write` makes a read-only gateway.
+    fn required(
+        &mut self,
+        path: &str,
+        name: &str,
+        policy: &Policy,
+        explicit: bool,
+    ) -> Option<RequiredPermission> {
+        match policy.permission(name).filter(|bit| !explicit || policy.granted(*bit)) {
+            Some(bit) => Some(RequiredPermission { name: name.to_string(), bit }),
             // The permission may be in the roles or scopes that could not be read.
             None if self.unreadable("roles") || self.unreadable("scopes") => None,
-            _ => {
+            None => {
                 self.error(path, format!("permission {name:?} is granted by no role"));
                 None
             }

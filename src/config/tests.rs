@@ -99,6 +99,16 @@ fn a_route_permission_only_a_scope_preset_names_and_an_admin_role_without_admin_
         GOOD.replace("DELETE: admin", "DELETE: write")
     );
     check(&yaml, &["roles.admin: must keep the admin permission"]);
+    // The defaults a route falls back on need no role: without `write`, the gateway is read-only.
+    let read_only = "roles: { editor: [read, execute], admin: [read, execute, admin] }\n";
+    let yaml = format!("{read_only}{}", GOOD.replace("DELETE: admin", "DELETE: execute"));
+    check(&yaml, &[]);
+    // With the roles unreadable, a preset's permission is not judged against the defaults.
+    let yaml = format!(
+        "roles: {{ editor: deploy }}\nscopes: {{ deploy: [deploy] }}\n{}",
+        GOOD.replace("DELETE: admin", "DELETE: deploy")
+    );
+    check(&yaml, &["roles.editor: invalid type"]);
 }
 
 #[test]

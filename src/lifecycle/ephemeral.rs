@@ -97,6 +97,7 @@ impl Lifecycle<'_> {
         })?;
         let project_envs =
             self.config.orgs.get(org).and_then(|o| o.projects.get(project)).ok_or_else(|| {
+                let (project, org) = (super::shown(project), super::shown(org));
                 LifecycleError::NotFound(format!("project {project:?} not found in org {org:?}"))
             })?;
 

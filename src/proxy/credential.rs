@@ -121,12 +121,22 @@ fn key(param: &[u8]) -> &[u8] {
 /// Matching fewer spellings would let a token reach the upstream in one of the others, unstripped
 /// and never counted as a second credential.
 pub fn is_param(key: &[u8], name: &str) -> bool {
+    reads_as(key, name, true)
+}
+
+/// [`is_param`], in any case only when `any_case`. PHP also reads a `[` with no `]` after it as
+/// `_` (`access[token`); with one, the key is an array's and holds a `]`, which no name matches.
+pub fn reads_as(key: &[u8], name: &str, any_case: bool) -> bool {
     let as_read = |b: u8| match b {
-        b' ' | b'.' => b'_',
-        b => b.to_ascii_lowercase(),
+        b' ' | b'.' | b'[' => b'_',
+        b if any_case => b.to_ascii_lowercase(),
+        b => b,
     };
+    // PHP drops a key that starts with `[`.
     let same = |read: &[u8]| {
-        read.len() == name.len() && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
+        read.first() != Some(&b'[')
+            && read.len() == name.len()
+            && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
     };
     if key == name.as_bytes() {
         return true;
@@ -202,6 +212,8 @@ mod tests {
     fn query_params_are_found_in_every_spelling_an_upstream_reads_as_theirs() {
         for key in [
             "ACCESS_TOKEN",
+            "access[token",
+            "access%5Btoken",
             "Access.Token",
             "access+token",
             "+access_token",
@@ -210,7 +222,14 @@ mod tests {
         ] {
             assert!(is_param(key.as_bytes(), "access_token"), "{key}");
         }
-        for key in ["access-token", "[access_token", "access_tokens", "access__token", "xaccess_token"] {
+        for key in [
+            "access-token",
+            "[access_token",
+            "access_tokens",
+            "access__token",
+            "xaccess_token",
+            "access[token]",
+        ] {
             assert!(!is_param(key.as_bytes(), "access_token"), "{key}");
         }
         assert_eq!(strip_query_param(b"a=1&ACCESS.TOKEN=x&b", "access_token"), b"a=1&b");

@@ -230,8 +230,10 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
 /// Whether a client-sent header claiming the client's address is withheld, as `mode` says. Unless
 /// the mode is `keep`, `X-Forwarded-For` in any other spelling (`X_Forwarded_For`): a CGI, Rack or
 /// PHP upstream reads it as the same header, merged after the gateway's (Werkzeug's `ProxyFix`
-/// then takes the forged last entry). Under `replace`, also `Forwarded` and `X-Real-IP`, in every
-/// spelling: Rack and Spring prefer `Forwarded`'s `for=`, and others read `X-Real-IP`.
+/// then takes the forged last entry). Under `replace`, also `Forwarded` and the other headers
+/// that name a client's address ([`CLIENT_ADDRESS_HEADERS`]), in every spelling: Rack and Spring
+/// prefer `Forwarded`'s `for=`, and libraries such as npm's `request-ip` read `X-Client-IP` or
+/// `CF-Connecting-IP` before `X-Forwarded-For`.
 fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) -> bool {
     use crate::config::ForwardedFor;
     let spelled = name.as_str().as_bytes();
@@ -239,12 +241,33 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
     match (mode, spelled.len()) {
         (ForwardedFor::Keep, _) => false,
         (_, 15) => *name != X_FORWARDED_FOR && spelled_alike(spelled, X_FORWARDED_FOR.as_str().as_bytes()),
-        (ForwardedFor::Replace, 9) => {
-            *name == http::header::FORWARDED || spelled_alike(spelled, b"x-real-ip")
+        (ForwardedFor::Append, _) => false,
+        (ForwardedFor::Replace, 9 | 11 | 13 | 14 | 16 | 19) => {
+            *name == http::header::FORWARDED
+                || CLIENT_ADDRESS_HEADERS.iter().any(|h| spelled_alike(spelled, h.as_bytes()))
         }
-        _ => false,
+        (ForwardedFor::Replace, _) => false,
     }
 }
+
+/// Headers besides `X-Forwarded-For` and `Forwarded` in which proxies and CDNs name the client's
+/// address, and upstream libraries look for it: removed under `forwarded_for: replace`.
+const CLIENT_ADDRESS_HEADERS: [&str; 6] = [
+    "x-real-ip",
+    "x-client-ip",
+    "forwarded-for",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+];
+const _: () = {
+    // The lengths `client_address_claim` lets through are exactly these names'.
+    let mut i = 0;
+    while i < CLIENT_ADDRESS_HEADERS.len() {
+        assert!(matches!(CLIENT_ADDRESS_HEADERS[i].len(), 9 | 11 | 13 | 14 | 16 | 19));
+        i += 1;
+    }
+};
 
 /// Whether a (lowercase) header name starts with the identity prefix in any spelling
 /// ([`spelled_alike`]): CGI, WSGI and Rack upstreams read `X-Auth-Email`, `X_Auth_Email` (and

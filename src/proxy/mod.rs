@@ -211,11 +211,11 @@ fn overridden_methods(req: &RequestHeader) -> Result<Vec<http::Method>, Rejectio
     Ok(methods)
 }
 
-/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel) or in any case
-/// ([`credential::is_param`]): `?.method=`, `?+_method=` and `?_method%00x=` are `_method` there;
-/// `?+method=` is `method`, and a key starting with `[` is dropped.
+/// A query key as `_method`, read as PHP reads keys (Symfony, Laravel; [`credential::reads_as`]):
+/// `?.method=`, `?+_method=` and `?_method%00x=` are `_method` there; `?+method=` is `method`, and
+/// a key starting with `[` is dropped. In its case only: no framework reads `_METHOD` as it.
 fn is_method_param(key: &str) -> bool {
-    credential::is_param(key.as_bytes(), "_method")
+    credential::reads_as(key.as_bytes(), "_method", false)
 }
 
 /// The host of an absolute-form request target, without user info; `None` for the usual
@@ -602,19 +602,10 @@ mod tests {
 
     #[test]
     fn method_override_query_keys_are_read_as_php_reads_them() {
-        for key in [
-            "_method",
-            ".method",
-            "%5Fmethod",
-            "+_method",
-            "%20_method",
-            "_method%00x",
-            "%2Emethod",
-            "_Method",
-        ] {
+        for key in ["_method", ".method", "%5Fmethod", "+_method", "%20_method", "_method%00x", "%2Emethod"] {
             assert!(is_method_param(key), "{key}");
         }
-        for key in ["method", "+method", "[method", "_methods", "x_method"] {
+        for key in ["method", "+method", "[method", "_methods", "x_method", "_Method", "_METHOD"] {
             assert!(!is_method_param(key), "{key}");
         }
     }

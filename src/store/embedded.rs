@@ -35,9 +35,30 @@ impl EmbeddedBackend {
             std::fs::create_dir_all(dir)
                 .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
+        // Made by us, readable by its owner only: it holds users' emails and attributes, the audit
+        // log and the secrets' hashes. (A file that exists keeps its mode.)
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+            match made {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(failed(format!("cannot create {}: {e}", path.display()))),
+            }
+        }
+        // redb panics on some damaged files (a truncated one fails an assertion) instead of
+        // answering an error: caught here, so that the file is named and the process ends cleanly.
+        let opened = std::panic::catch_unwind(|| Database::create(path)).map_err(|_| {
+            failed(format!(
+                "{} is damaged (truncated or corrupt) and cannot be opened; restore it from a backup, \
+                 or move it away to start with an empty store",
+                path.display()
+            ))
+        })?;
+        let db = opened.map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => failed(format!(
-                "{} is in use by another tollgate process (the embedded store serves one process)",
+                "{} is in use by another tollgate process (the embedded store serves one process: \
+                 stop the other, `serve` or `quickstart`, first)",
                 path.display()
             )),
             other => failed(format!("cannot open {}: {other}", path.display())),
@@ -110,17 +131,25 @@ impl Backend for EmbeddedBackend {
             let tx = db.begin_read().map_err(failed)?;
             let table = tx.open_table(LISTS).map_err(failed)?;
             let mut out = Vec::new();
-            for row in table
-                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
-                .map_err(failed)?
-                .skip(skip)
-                .take(limit)
+            // A list's keys are consecutive from its newest (`commit` inserts one below the
+            // smallest and trims from the largest), so the `skip`th is found without walking.
+            let whole = (key.as_str(), 0)..=(key.as_str(), u64::MAX);
+            let Some(newest) = table.range(whole).map_err(failed)?.next().transpose().map_err(failed)? else {
+                return Ok(out);
+            };
+            let Some(start) = newest.0.value().1.checked_add(skip as u64) else { return Ok(out) };
+            for row in
+                table.range((key.as_str(), start)..=(key.as_str(), u64::MAX)).map_err(failed)?.take(limit)
             {
                 out.push(row.map_err(failed)?.1.value().to_string());
             }
             Ok(out)
         })
         .await
+    }
+
+    fn commit_may_time_out(&self) -> bool {
+        false
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {

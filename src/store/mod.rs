@@ -286,6 +286,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Applies a batch atomically; `Conflict(key)` if a key in `absent` exists, `Changed(key)` if a
     /// key in `expect` holds anything else.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Whether a commit may be given up on after the store timeout. Not for a store in this
+    /// process: its commit, once handed to the writer, lands however long the wait, and a `503`
+    /// would tell the caller that nothing was written (a retried issue would make a second token).
+    fn commit_may_time_out(&self) -> bool {
+        true
+    }
     /// Subscribes to invalidations. Returns once the subscription is live.
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError>;
     /// A one-line description for logs (never a password).
@@ -474,10 +480,21 @@ impl Store {
         &self,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        self.measured(fut, Some(self.timeout)).await
+    }
+
+    /// `fut`, timed and counted, and given up on after `limit` if there is one.
+    async fn measured<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+        limit: Option<Duration>,
+    ) -> Result<T, StoreError> {
         let timer = self.stats.latency.start_timer();
-        let result = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, fut)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("no answer within {limit:?}")))),
+            None => fut.await,
         };
         timer.observe_duration();
         if let Err(e) = &result {
@@ -541,7 +558,8 @@ impl Store {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let changed: Vec<Invalidation> =
             batch.publish.iter().filter_map(|m| Invalidation::decode(m)).collect();
-        self.bounded(self.backend.commit(batch)).await?;
+        let limit = self.backend.commit_may_time_out().then_some(self.timeout);
+        self.measured(self.backend.commit(batch), limit).await?;
         if let Some(listener) = self.listener.get().and_then(std::sync::Weak::upgrade) {
             listener.committed(&changed);
         }
@@ -890,7 +908,9 @@ impl Store {
             let mut taken = std::collections::HashSet::new();
             let mut skip = 0;
             while taken.len() < limit && skip < max {
-                let entries = self.bounded(self.backend.list(&key, skip, page.min(max - skip))).await?;
+                // The first page no longer than asked for: unfiltered, it is all that is needed.
+                let want = if skip == 0 { page.min(limit) } else { page }.min(max - skip);
+                let entries = self.bounded(self.backend.list(&key, skip, want)).await?;
                 let read = entries.len();
                 for json in entries {
                     match serde_json::from_str::<AuditEvent>(&json) {
@@ -903,7 +923,7 @@ impl Store {
                         }
                     }
                 }
-                if read < page.min(max - skip) {
+                if read < want {
                     break;
                 }
                 skip += read;

@@ -144,6 +144,23 @@ async fn the_embedded_store_keeps_its_data_across_a_reopen() {
     assert_eq!(record(s.get_user(&user.id).await.unwrap()), Some(user));
     // A second process cannot open the same file while it is open.
     assert!(embedded::EmbeddedBackend::open(&path).is_err());
+    // Its owner alone may read it: it holds emails, attributes, the audit log, secret hashes.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+/// redb panics on some damaged files; the store names the file and says what to do instead.
+#[test]
+fn a_damaged_embedded_store_is_an_error_naming_the_file_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    drop(embedded::EmbeddedBackend::open(&path).unwrap());
+    let whole = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.redb");
+    std::fs::write(&cut, &whole[..whole.len().min(4096)]).unwrap();
+    let Err(e) = embedded::EmbeddedBackend::open(&cut) else { panic!("a truncated store opened") };
+    let message = e.to_string();
+    assert!(message.contains("cut.redb") && message.contains("damaged"), "{message}");
 }
 
 #[tokio::test]
@@ -539,5 +556,65 @@ async fn credentials_minted_do_not_push_the_orgs_changes_out_of_the_audit_log() 
         .collect();
         assert_eq!(log, want, "{}", s.describe());
         assert_eq!(s.audit_log("acme", 2).await.unwrap().len(), 2, "the limit holds over both");
+    }
+}
+
+/// Commits that take longer than the store timeout, as the embedded store's can behind a busy
+/// disk (its writer then finishes them whatever the caller does).
+struct SlowCommits {
+    inner: MemoryBackend,
+    may_time_out: bool,
+}
+
+#[async_trait]
+impl Backend for SlowCommits {
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.members(set).await
+    }
+    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.list(key, skip, limit).await
+    }
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.inner.commit(batch).await
+    }
+    fn commit_may_time_out(&self) -> bool {
+        self.may_time_out
+    }
+    async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        self.inner.subscribe().await
+    }
+    fn describe(&self) -> String {
+        "slow commits".into()
+    }
+    async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// A `503` must mean nothing was written. A store in this process finishes a commit once handed
+/// over, so its callers wait for it rather than answer `503` for a change that then lands (a
+/// retried issue made a second token whose secret nobody saw).
+#[tokio::test]
+async fn a_commit_that_lands_anyway_is_waited_for_not_timed_out() {
+    assert!(!embedded::EmbeddedBackend::open(&tempfile::tempdir().unwrap().path().join("s.redb"))
+        .unwrap()
+        .commit_may_time_out());
+    for may_time_out in [false, true] {
+        let slow = SlowCommits { inner: MemoryBackend::default(), may_time_out };
+        let s = Store::new(Arc::new(slow), Duration::from_millis(100));
+        let made =
+            lifecycle::create_user(&s, "acme", "w@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+                .await;
+        match may_time_out {
+            false => assert!(s.get_user(&made.unwrap().id).await.unwrap().is_some()),
+            true => assert!(
+                matches!(made, Err(lifecycle::LifecycleError::Store(StoreError::Unavailable(_)))),
+                "{made:?}"
+            ),
+        }
     }
 }

@@ -145,7 +145,32 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let audit = cli.json(&["audit", "--org", "demo", "--token-id", &second_token[..10]]);
     assert_eq!(audit[0]["action"], "token.issue", "{audit}");
     assert_eq!(audit[0]["actor"], "quickstart", "{audit}");
+    // A second quickstart on the same directory is told the store is in use, not that the echo
+    // upstream's port in the config is taken.
+    let run = |dir: &std::path::Path, port: u16| {
+        let out = Command::new(tollgate_bin())
+            .args(["quickstart", "--dir"])
+            .arg(dir)
+            .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&dir, port);
+    assert!(err.contains("in use by another tollgate process"), "{err}");
+    let tokens = cli.json(&["token", "list"]).as_array().unwrap().len();
     drop(second);
+    // With its gateway port taken, a run stops before it issues a token.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let err = run(&dir, port);
+    assert!(err.contains("nothing was issued"), "{err}");
+    drop(taken);
+    let mut third = Quickstart::start(&dir, port, admin_port);
+    wait_ready(&http, &url, &mut third).await;
+    let cli = Cli { server: cli.server.clone(), token: third.token() };
+    assert_eq!(cli.json(&["token", "list"]).as_array().unwrap().len(), tokens + 1, "only the third run's");
+    drop(third);
     let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
     assert_no_secret_in(&log, "the quickstart log");
 }
