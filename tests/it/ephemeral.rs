@@ -267,6 +267,16 @@ async fn forged_and_malformed_jwts_are_refused_with_401() {
     assert!(body["error_description"].as_str().unwrap().contains("cannot call the admin API"), "{body}");
 }
 
+/// A world with minting, a second gateway instance on its Redis, acme's admin, and the signing
+/// keys' files (kept while the gateways run).
+async fn two_instances() -> (World, Gateway, Cli, JwtKeys) {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let second = w.jwt_gateway(&keys);
+    let admin = w.bootstrap_admin("acme").await;
+    (w, second, admin, keys)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minting_refuses_what_the_service_may_not_grant() {
     let keys = JwtKeys::generate();
@@ -384,10 +394,7 @@ async fn minting_refuses_what_the_service_may_not_grant() {
 /// service's role narrows credentials already out, on every instance, at their next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_follows_its_services_role_as_it_is_now() {
-    let keys = JwtKeys::generate();
-    let w = World::start_jwt(&keys).await;
-    let second = w.jwt_gateway(&keys);
-    let admin = w.bootstrap_admin("acme").await;
+    let (w, second, admin, _keys) = two_instances().await;
     let (_, token) = w.service("acme", "writer", &[("shop", Role::Editor)], TokenSpec::default()).await;
     let jwt = minted(&w, &w.gateway, &token, "shop", json!({"attributes": {}})).await;
     let post = |g: &Gateway| {
@@ -405,10 +412,7 @@ async fn a_credential_follows_its_services_role_as_it_is_now() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_both_instances() {
-    let keys = JwtKeys::generate();
-    let w = World::start_jwt(&keys).await;
-    let second = w.jwt_gateway(&keys);
-    let admin = w.bootstrap_admin("acme").await;
+    let (w, second, admin, _keys) = two_instances().await;
 
     let (_, token_a) = w.service("acme", "svc-a", &[("shop", Role::Viewer)], TokenSpec::default()).await;
     let (_, token_b) = w.service("acme", "svc-b", &[("shop", Role::Viewer)], TokenSpec::default()).await;
@@ -448,10 +452,7 @@ async fn deleting_the_service_or_revoking_its_token_stops_minted_credentials_on_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_both_instances() {
-    let keys = JwtKeys::generate();
-    let w = World::start_jwt(&keys).await;
-    let second = w.jwt_gateway(&keys);
-    let admin = w.bootstrap_admin("acme").await;
+    let (w, second, admin, _keys) = two_instances().await;
     let (_, token) = w.service("acme", "svc", &[("shop", Role::Viewer)], TokenSpec::default()).await;
     w.user("acme", "ann@acme.io", Role::Viewer, json!({"team": "red"})).await;
     let for_ann = minted(&w, &w.gateway, &token, "shop", json!({"user_email": "ann@acme.io"})).await;
