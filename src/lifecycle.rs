@@ -1477,11 +1477,12 @@ pub struct CreateService {
     /// Attributes.
     #[serde(default)]
     pub attributes: Attributes,
-    /// Its token's lifetime in minutes ([`Lifetime`]).
-    #[serde(default)]
+    /// Its token's lifetime in minutes ([`Lifetime`]). Left out when not given, so that a gateway
+    /// older than the field still takes the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_minutes: Option<i64>,
     /// Its token's expiry as RFC 3339 ([`Lifetime`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
 }
 

@@ -318,8 +318,9 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Re
     let conf = ServerConf {
         threads: config.threads,
         // Pingora's grace is how long it lets requests run after it stops accepting; `drain` exits
-        // sooner, as soon as none is left, and always within `shutdown.timeout`.
-        // (plus room for its last flush, bounded by the store timeout).
+        // sooner, as soon as none is left, and always within `shutdown.timeout` (plus room for
+        // its last flush, bounded by the store timeout on Redis; on the embedded store, whose
+        // commits are waited for, this grace is the bound).
         grace_period_seconds: Some((config.shutdown.timeout + config.store.timeout).as_secs() + 2),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()

@@ -148,7 +148,11 @@ pub fn redacted(text: &str) -> Option<String> {
     let token = PREFIXES.iter().filter_map(|p| text.find(p)).min();
     match token.map(|at| &text[at..]) {
         Some(token) if token.len() > ID_LEN => Some(format!("{}…", token.get(..ID_LEN).unwrap_or("tg"))),
-        _ if text.contains("eyJ") && text.contains('.') => Some("eyJ…".to_string()),
+        // A JWT's header starts `eyJ` (base64 of `{"`), and two dots follow: an email such as
+        // `heyJoe@acme.io` is no JWT.
+        _ if text.find("eyJ").is_some_and(|at| text[at..].matches('.').count() >= 2) => {
+            Some("eyJ…".to_string())
+        }
         _ => None,
     }
 }
@@ -366,6 +370,16 @@ mod tests {
         ] {
             assert_eq!(with_checksum_for_tests(body), format!("{body}{checksum}"));
             assert!(parse(&format!("{body}{checksum}")).is_ok());
+        }
+    }
+
+    #[test]
+    fn redacted_cuts_a_token_or_a_jwt_and_leaves_names_alone() {
+        let token = with_checksum_for_tests("tgp_a1B2c30123456789abcdefghijABCDEFGHIJ");
+        assert_eq!(redacted(&format!("x-{token}")).as_deref(), Some("tgp_a1B2c3…"));
+        assert_eq!(redacted("cb;jwt=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln").as_deref(), Some("eyJ…"));
+        for name in ["heyJoe@acme.io", "tgp_a1B2c3", "reporting", "ann@example.com"] {
+            assert_eq!(redacted(name), None, "{name}");
         }
     }
 

@@ -438,11 +438,12 @@ pub struct AddUser {
     /// Also issue the user's first personal access token (shown once, in the answer).
     #[serde(default)]
     pub issue_token: bool,
-    /// That token's lifetime in minutes (with `issue_token`).
-    #[serde(default)]
+    /// That token's lifetime in minutes (with `issue_token`). Left out when not given, so that a
+    /// gateway older than the field still takes the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_minutes: Option<i64>,
     /// That token's expiry as RFC 3339 (with `issue_token`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
 }
 
@@ -784,9 +785,11 @@ mod tests {
             project_roles: Default::default(),
             attributes: Default::default(),
             issue_token: false,
-            ttl_minutes: None,
-            expires: None,
+            ttl_minutes: Some(1),
+            expires: Some(String::new()),
         };
+        let create_service =
+            CreateService { ttl_minutes: Some(1), expires: Some(String::new()), ..CreateService::default() };
         let bodies = [
             ("IssueRequest", serde_json::to_value(IssueRequest::default())),
             ("RotateRequest", serde_json::to_value(RotateRequest::default())),
@@ -794,7 +797,7 @@ mod tests {
             ("Reason", serde_json::to_value(Reason::default())),
             ("RoleChange", serde_json::to_value(RoleChange::default())),
             ("AddUser", serde_json::to_value(add_user)),
-            ("CreateService", serde_json::to_value(CreateService::default())),
+            ("CreateService", serde_json::to_value(create_service)),
             ("EditService", serde_json::to_value(EditService::default())),
             ("CredentialsRequest", serde_json::to_value(CredentialsRequest::default())),
         ];

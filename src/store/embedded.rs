@@ -48,7 +48,12 @@ impl EmbeddedBackend {
         }
         // redb panics on some damaged files (a truncated one fails an assertion) instead of
         // answering an error: caught here, so that the file is named and the process ends cleanly.
-        let opened = std::panic::catch_unwind(|| Database::create(path)).map_err(|_| {
+        // Quietly: the panic's own message (an assertion in redb's code) would only confuse.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| Database::create(path));
+        std::panic::set_hook(hook);
+        let opened = opened.map_err(|_| {
             failed(format!(
                 "{} is damaged (truncated or corrupt) and cannot be opened; restore it from a backup, \
                  or move it away to start with an empty store",
@@ -63,6 +68,19 @@ impl EmbeddedBackend {
             )),
             other => failed(format!("cannot open {}: {other}", path.display())),
         })?;
+        // A file made before it was made 0600 (or through a link) may be readable by others.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(mode) = std::fs::metadata(path).map(|m| m.permissions().mode()) {
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{:o}", mode & 0o777),
+                        "the store file is readable by other users (it holds emails, attributes, the audit log and secret hashes): chmod 600 it"
+                    );
+                }
+            }
+        }
         // Create the tables so that reads never meet a missing table.
         let tx = db.begin_write().map_err(failed)?;
         tx.open_table(KV).map_err(failed)?;

@@ -147,15 +147,31 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     assert_eq!(audit[0]["actor"], "quickstart", "{audit}");
     // A second quickstart on the same directory is told the store is in use, not that the echo
     // upstream's port in the config is taken.
+    // Each must fail at once: one that started serving instead is stopped, and fails the test.
     let run = |dir: &std::path::Path, port: u16| {
-        let out = Command::new(tollgate_bin())
+        let mut child = Command::new(tollgate_bin())
             .args(["quickstart", "--dir"])
             .arg(dir)
             .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).to_string()
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            match child.try_wait().unwrap() {
+                Some(status) => break status,
+                None if std::time::Instant::now() > deadline => {
+                    let _ = child.kill();
+                    panic!("quickstart kept running instead of refusing to start");
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        assert!(!status.success());
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        err
     };
     let err = run(&dir, port);
     assert!(err.contains("in use by another tollgate process"), "{err}");
