@@ -204,10 +204,15 @@ async fn body_in_time(
     next: axum::middleware::Next,
 ) -> Response {
     use futures_util::StreamExt;
-    // Declared too long: refused before a byte is read (and before `100 Continue`).
+    // Declared too long by a client that waits for `100 Continue` before it sends: refused at
+    // once. (One that sends at once is read up to the limit first: answered before it has sent,
+    // it would meet a closed connection instead of the answer.)
+    let headers = req.headers();
     let declared =
-        req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let waits =
+        headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits && declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return too_large().into_response();
     }
     let (parts, body) = req.into_parts();

@@ -676,9 +676,17 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     }
     assert!(admin.json(&["audit"]).as_array().is_some(), "the audit log still reads");
     admin.run(&["token", "revoke", &id]).ok();
+    // A client that waits for `100 Continue` is refused before it sends a declared-too-long body.
+    let addr: std::net::SocketAddr = admin_url.trim_start_matches("http://").parse().unwrap();
+    let head = format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        admin.token
+    );
+    let answer = raw_request(addr, head.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // A body refused for its size is counted and logged like any call.
     let metrics = http.get(format!("{admin_url}/metrics")).send().await.unwrap().text().await.unwrap();
-    let counted = r#"tollgate_admin_requests_total{route="/v1/tokens",status="413"} 1"#;
+    let counted = r#"tollgate_admin_requests_total{route="/v1/tokens",status="413"} 2"#;
     assert!(metrics.contains(counted), "{metrics}");
     assert!(w.gateway.log_text().contains("status=413"), "{}", w.gateway.log_text());
 
