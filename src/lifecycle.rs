@@ -174,12 +174,28 @@ pub struct IssueRequest {
 
 /// When a first token (a new service's, a new user's) ends: in `ttl_minutes`, at `expires`
 /// (RFC 3339), or, given neither, as a token issued without an expiry (`tokens.max_ttl`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Lifetime {
     /// Lifetime in minutes.
     pub ttl_minutes: Option<i64>,
     /// Expiry as RFC 3339.
     pub expires: Option<String>,
+}
+
+impl Lifetime {
+    /// A new user's first token, if `issue_token`, lasting `self`; a lifetime given without a
+    /// token to apply it to is refused.
+    pub fn of_first_token(self, issue_token: bool) -> Result<Option<Lifetime>> {
+        match (issue_token, self == Lifetime::default()) {
+            (true, _) => Ok(Some(self)),
+            (false, true) => Ok(None),
+            (false, false) => Err(LifecycleError::Invalid(
+                "ttl_minutes and expires (--ttl-minutes, --expires) are the first token's: give issue_token \
+                 (--issue-token) too"
+                    .into(),
+            )),
+        }
+    }
 }
 
 /// A rotation request: the new token keeps the old one's settings unless overridden.

@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::lifecycle::{
-    Actor, CreateService, CredentialsRequest, IssueRequest, Lifecycle, LifecycleError, Lifetime, RoleChange,
-    RotateRequest,
+    Actor, CreateService, CredentialsRequest, IssueRequest, Lifecycle, Lifetime, RoleChange, RotateRequest,
 };
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
@@ -474,15 +473,11 @@ async fn add_user(
     Body(u): Body<AddUser>,
 ) -> Response {
     lifecycle!(s, l);
-    let lifetime = Lifetime { ttl_minutes: u.ttl_minutes, expires: u.expires };
-    let first_token = match (u.issue_token, lifetime == Lifetime::default()) {
-        (true, _) => Some(lifetime),
-        (false, true) => None,
-        (false, false) => {
-            let why = "ttl_minutes and expires (--ttl-minutes, --expires) are the first token's: give issue_token (--issue-token) too";
-            return ApiError::from(LifecycleError::Invalid(why.into())).into_response();
-        }
-    };
+    let first_token =
+        match (Lifetime { ttl_minutes: u.ttl_minutes, expires: u.expires }).of_first_token(u.issue_token) {
+            Ok(first_token) => first_token,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
     let added = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, first_token).await;
     created(added.map(|(user, token)| AddedUser { user: user.into(), token }))
 }
