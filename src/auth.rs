@@ -310,7 +310,11 @@ impl<'a> AttributeView<'a> {
     /// Every attribute, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, AttributeValue<'a>)> + 'a {
         let own = self.own;
-        let added = self.added.into_iter().flatten().filter(move |(k, _)| !own.contains_key(*k));
+        // An own key spelled otherwise (`Domain`) travels in the same header: it wins too.
+        let added = self.added.into_iter().flatten().filter(move |(k, _)| {
+            !own.keys()
+                .any(|o| crate::proxy::headers::attr_suffix(o).eq(crate::proxy::headers::attr_suffix(k)))
+        });
         let mut own = own.iter().map(|(k, v)| (k.as_str(), AttributeValue::Json(v))).peekable();
         let mut added = added.map(|(k, v)| (k, AttributeValue::Text(v))).peekable();
         std::iter::from_fn(move || match (own.peek(), added.peek()) {
@@ -508,10 +512,12 @@ impl Verifier {
                 return Err(AuthError::Invalid(Invalid::OwnerSuspended));
             }
         }
+        // It ends with its minting token's grace, and says so as that token does.
+        let deprecated = record.revoked.is_some();
         Ok(Principal {
             token: record,
             owner: OwnerRecord::Service(service),
-            deprecated: false,
+            deprecated,
             ephemeral: Some(ephemeral),
         })
     }

@@ -423,7 +423,10 @@ impl JwtSettings {
                 _ => JwtError::Claims,
             },
         )?;
-        if data.claims.tg != EPHEMERAL || !self.lifetime_allowed(&data.claims) || !header_claims(&data.claims)
+        let now = crate::store::now_millis() / 1000;
+        if data.claims.tg != EPHEMERAL
+            || !self.lifetime_allowed(&data.claims, now)
+            || !header_claims(&data.claims)
         {
             return Err(JwtError::Claims);
         }
@@ -444,13 +447,13 @@ impl JwtSettings {
             _ => return Err(JwtError::UnknownKey),
         }
         let leeway = self.leeway.as_secs() as i64;
-        if claims.exp + leeway <= now {
+        if claims.exp.saturating_add(leeway) <= now {
             return Err(JwtError::Expired);
         }
-        if claims.nbf - leeway > now
+        if claims.nbf.saturating_sub(leeway) > now
             || claims.iss != self.issuer
             || claims.aud != self.audience
-            || !self.lifetime_allowed(claims)
+            || !self.lifetime_allowed(claims, now)
         {
             return Err(JwtError::Claims);
         }
@@ -459,9 +462,14 @@ impl JwtSettings {
 
     /// Whether a credential's lifetime (from `iat` to `exp`) is within `max_ttl` as configured
     /// now: lowering `jwt.max_ttl` stops longer credentials already minted, whatever their age.
-    fn lifetime_allowed(&self, claims: &EphemeralClaims) -> bool {
-        let max = i64::try_from(self.max_ttl.as_secs()).unwrap_or(i64::MAX);
-        claims.exp.saturating_sub(claims.iat) <= max.saturating_add(self.leeway.as_secs() as i64)
+    /// An `iat` after `now` (seconds) is refused, and so is an `exp` further than `max_ttl` from
+    /// now: a holder of a shared HS256 secret cannot stretch a lifetime by dating it ahead.
+    fn lifetime_allowed(&self, claims: &EphemeralClaims, now: i64) -> bool {
+        let leeway = self.leeway.as_secs() as i64;
+        let max = i64::try_from(self.max_ttl.as_secs()).unwrap_or(i64::MAX).saturating_add(leeway);
+        claims.iat <= now.saturating_add(leeway)
+            && claims.exp.saturating_sub(claims.iat) <= max
+            && claims.exp.saturating_sub(now) <= max
     }
 
     /// The public keys as a JSON Web Key Set. HS256 keys are secret and never published.

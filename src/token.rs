@@ -157,6 +157,26 @@ pub fn redacted(text: &str) -> Option<String> {
     }
 }
 
+/// `text` (an error message, say) with every token or JWT in it cut to what [`redacted`] leaves:
+/// each run of the characters tokens and JWTs are made of is judged alone.
+pub fn redacted_within(text: &str) -> std::borrow::Cow<'_, str> {
+    if redacted(text).is_none() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let part_of_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(part_of_token) {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find(|c| !part_of_token(c)).map_or(rest.len(), |n| start + n);
+        let run = &rest[start..end];
+        out.push_str(redacted(run).as_deref().unwrap_or(run));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Checks format and checksum. Pure: no cache or store is involved.
 pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     if token.len() != TOKEN_LEN {
@@ -381,6 +401,16 @@ mod tests {
         for name in ["heyJoe@acme.io", "tgp_a1B2c3", "reporting", "ann@example.com"] {
             assert_eq!(redacted(name), None, "{name}");
         }
+        let message = format!("invalid type: string \"{token}\", expected i64 at line 1 column 9");
+        assert_eq!(
+            redacted_within(&message),
+            "invalid type: string \"tgp_a1B2c3…\", expected i64 at line 1 column 9"
+        );
+        assert_eq!(
+            redacted_within("[\"eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln\"] for heyJoe"),
+            "[\"eyJ…\"] for heyJoe"
+        );
+        assert!(matches!(redacted_within("unknown field `colour`"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

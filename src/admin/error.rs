@@ -101,7 +101,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "admin API internal error");
         }
-        let body = Json(serde_json::json!({ "error": code, "error_description": self.to_string() }));
+        // A message may quote a value the caller sent, which may be a token pasted into the
+        // wrong field: no answer repeats one whole.
+        let description = crate::token::redacted_within(&self.to_string()).into_owned();
+        let body = Json(serde_json::json!({ "error": code, "error_description": description }));
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
             let value = match code {
@@ -137,7 +140,7 @@ pub async fn json_refusals(response: Response) -> Response {
     let text = String::from_utf8_lossy(&text);
     let description = match text.trim() {
         "" => status.canonical_reason().unwrap_or("refused").to_string(),
-        text => text.to_string(),
+        text => crate::token::redacted_within(text).into_owned(),
     };
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",

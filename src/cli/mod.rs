@@ -72,12 +72,13 @@ enum Command {
         /// Where to keep the config and the data.
         #[arg(long, default_value = "tollgate-quickstart")]
         dir: PathBuf,
-        /// Gateway port, for a new config (a later run uses the config it finds in --dir).
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// Admin API port, for a new config.
-        #[arg(long, default_value_t = 8081)]
-        admin_port: u16,
+        /// Gateway port, for a new config [default: 8080] (a later run uses the config it finds in
+        /// --dir, and refuses a port that differs from it).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Admin API port, for a new config [default: 8081].
+        #[arg(long)]
+        admin_port: Option<u16>,
     },
     /// Serve the echo upstream (answers every request with JSON of what it received).
     Echo {
@@ -517,15 +518,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keygen { algorithm, out } => {
-            let alg = crate::jwt::ALGORITHMS
+            // Named in the config as the list spells it, whatever case it was asked for in.
+            let (name, alg) = crate::jwt::ALGORITHMS
                 .iter()
                 .find(|(name, _)| name.eq_ignore_ascii_case(&algorithm))
-                .map(|(_, a)| *a)
+                .copied()
                 .ok_or_else(|| anyhow!("unknown algorithm {algorithm:?}; use EdDSA or ES256"))?;
             let pem = crate::jwt::generate_key(alg).map_err(|e| anyhow!(e))?;
             write_private(&out, pem.as_bytes())?;
-            println!("Wrote a new {algorithm} private key to {}.", out.display());
-            println!("Add it under `jwt.keys` with a new kid; make it `jwt.signing_key` to sign with it.");
+            println!("Wrote a new {name} private key to {}.", out.display());
+            println!("Add it under `jwt.keys` with a kid of your own (make that kid `jwt.signing_key` to sign with it):");
+            // A JSON string is a YAML double-quoted one.
+            let file = serde_json::Value::from(out.to_string_lossy());
+            println!("  - {{ kid: NEW-KID, algorithm: {name}, key_file: {file} }}");
             Ok(())
         }
         Command::CheckConfig { config: path } => {

@@ -52,7 +52,9 @@ routes:
 }
 
 /// Runs the quickstart; serves until stopped.
-pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
+/// `port` and `admin_port` as given on the command line: they shape a new config; an earlier
+/// run's config is used as it is, and a port given that differs from it is refused.
+pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Result<()> {
     server::catch_early_hangup();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tollgate.yaml");
@@ -64,6 +66,17 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
         Ok(text) => {
             println!("Using {} from an earlier run (delete it for a fresh one).", path.display());
             let config = load(&path)?;
+            for (flag, given, own) in
+                [("--port", port, config.listen), ("--admin-port", admin_port, config.admin.listen)]
+            {
+                if let Some(given) = given.filter(|p| *p != own.port()) {
+                    anyhow::bail!(
+                        "{flag} {given} differs from {} ({own}), which this run uses as it is: change \
+                         the port there, or delete the file for a fresh config",
+                        path.display()
+                    );
+                }
+            }
             // A gateway already running on this directory holds its store: said before the echo
             // upstream's port, which it holds too, is blamed on the config.
             drop(store::open(&config.store, config.audit_max)?);
@@ -71,6 +84,19 @@ pub fn run(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
             (config, listener)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (port, admin_port) = (port.unwrap_or(8080), admin_port.unwrap_or(8081));
+            // Before the file is written: a config whose ports cannot be used would be kept and
+            // used as it is by the next run.
+            if port == admin_port {
+                anyhow::bail!(
+                    "--port and --admin-port are both {port}; give each its own (nothing was written)"
+                );
+            }
+            for (flag, port) in [("--port", port), ("--admin-port", admin_port)] {
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port)).with_context(|| {
+                    format!("cannot listen on 127.0.0.1:{port} (nothing was written or issued; free it, or choose another with {flag})")
+                })?;
+            }
             // Next to the admin port if free (the ports the OS hands out may be taken by any
             // client later, and a later run binds the same one again), else any.
             let listener = admin_port

@@ -333,6 +333,15 @@ pub fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
 }
 
+/// Whether an upstream at `upstream` is the gateway's listener on `own`: the same address, or a
+/// loopback or unspecified one where the listener takes all of its family. (Another host's
+/// address on the same port is not: a gateway on `0.0.0.0:8080` may front `api:8080`.)
+fn is_own(own: SocketAddr, upstream: SocketAddr) -> bool {
+    let here = upstream.ip().to_canonical();
+    let local = here.is_loopback() || here.is_unspecified();
+    same_socket(own, upstream) && (own.ip().to_canonical() == here || local)
+}
+
 /// Most threads for the proxy (`threads`) or for argon2 (`argon2.max_concurrency`).
 pub const MAX_THREADS: usize = 1024;
 
@@ -614,7 +623,18 @@ impl Validator {
         // Pingora counts it in seconds; a part of one is one.
         let keepalive =
             (!keepalive.is_zero()).then(|| keepalive.as_secs() + u64::from(keepalive.subsec_nanos() > 0));
-        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts);
+        let admin = raw.admin.unwrap_or_default();
+        let admin_listen = match self.unreadable("admin") {
+            true => None,
+            false => self.address("admin.listen", admin.listen, "127.0.0.1:8081"),
+        };
+        if let (Some(admin), Some(proxy)) = (admin_listen, listen) {
+            if same_socket(admin, proxy) {
+                self.error("admin.listen", format!("{admin} takes the port of `listen` ({proxy})"));
+            }
+        }
+        let own: Vec<SocketAddr> = [listen, admin_listen].into_iter().flatten().collect();
+        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts, &own);
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
         if let Some(hmac) = jwt.as_ref().map(|j| j.signing_key()).filter(|k| jwt::is_hmac(k.algorithm)) {
@@ -635,16 +655,6 @@ impl Validator {
         let log_level = log.level.unwrap_or_else(|| "info".into());
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             self.error("log.level", format!("{log_level:?} is not one of trace, debug, info, warn, error"));
-        }
-        let admin = raw.admin.unwrap_or_default();
-        let admin_listen = match self.unreadable("admin") {
-            true => None,
-            false => self.address("admin.listen", admin.listen, "127.0.0.1:8081"),
-        };
-        if let (Some(admin), Some(proxy)) = (admin_listen, listen) {
-            if same_socket(admin, proxy) {
-                self.error("admin.listen", format!("{admin} takes the port of `listen` ({proxy})"));
-            }
         }
         let last_use_flush =
             self.duration("admin.last_use_flush", admin.last_use_flush, Duration::from_secs(5));
@@ -762,7 +772,27 @@ impl Validator {
                 self.error(at("algorithm"), format!("{alg_name:?} is not one of {}", known.join(", ")));
                 continue;
             };
+            // A key or secret written where its file or variable is named is not echoed back.
+            let pasted = |file: &Option<String>| {
+                file.as_ref().is_some_and(|f| f.contains('\n') || f.contains("-----BEGIN"))
+            };
+            let not_a_name = |var: &Option<String>| {
+                var.as_ref().is_some_and(|v| {
+                    !v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                        || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+            };
             let loaded = match (k.key_file, k.secret_file, k.secret_env) {
+                (file, None, None) if pasted(&file) => {
+                    Err((at("key_file"), "holds a key's text; give the path of the file that holds it".into()))
+                }
+                (None, file, None) if pasted(&file) => {
+                    Err((at("secret_file"), "holds a secret's text; give the path of the file that holds it".into()))
+                }
+                (None, None, var) if not_a_name(&var) => Err((
+                    at("secret_env"),
+                    "is not an environment variable's name (letters, digits, `_`); name the variable that holds the secret, not the secret".into(),
+                )),
                 (Some(file), None, None) => match std::fs::read_to_string(&file) {
                     Ok(text) => JwtKey::load(&kid, algorithm, KeyMaterial::Pem(&text))
                         .map_err(|e| (at("key_file"), e)),
@@ -1043,6 +1073,7 @@ impl Validator {
         policy: &Policy,
         jwt_present: bool,
         timeouts: UpstreamTimeouts,
+        own: &[SocketAddr],
     ) -> RouteTable {
         let mut routes = Vec::new();
         // What each earlier route took, to name it when a later one takes the same.
@@ -1176,6 +1207,15 @@ impl Validator {
                         self.error(path, format!("{addr:?} resolves to no address"))
                     }
                     Ok(found) => {
+                        // The gateway as its own upstream: a protected route strips the
+                        // credential and answers itself 401, a public one loops until sockets
+                        // run out.
+                        if let Some(me) = found.iter().find(|a| own.iter().any(|o| is_own(*o, **a))) {
+                            self.error(
+                                path.clone(),
+                                format!("{addr:?} ({me}) is this gateway's own listener; name the service it fronts"),
+                            );
+                        }
                         for a in found {
                             if !upstreams.contains(&a) {
                                 upstreams.push(a);
@@ -1192,6 +1232,20 @@ impl Validator {
             }
             if identity_jwt && public {
                 self.error(at("identity_jwt"), "a public route has no identity to sign");
+            }
+            // A public route checks no token, so it could hold to no permission or token parameter:
+            // every method would pass, whatever `permissions` says.
+            if public && r.permissions.as_ref().is_some_and(|p| !p.0.is_empty()) {
+                self.error(
+                    at("permissions"),
+                    "a public route (auth: none) checks no token, so every method would pass; drop `permissions` or drop `auth: none`",
+                );
+            }
+            if public && r.query_token == Some(true) {
+                self.error(
+                    at("query_token"),
+                    "a public route (auth: none) reads no token; drop `query_token`",
+                );
             }
             let (org, project, environment) =
                 self.route_target(i, &r.org, &r.project, &r.environment, orgs, public);

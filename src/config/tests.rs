@@ -192,6 +192,7 @@ flavour: vanilla
             "routes[1].upstream: \"nowhere\" is not a reachable host:port",
             "routes[2].query_token: invalid type",
             "routes[3].permissions.DELET: \"DELET\" is not a known HTTP method; did you mean DELETE?",
+            "routes[3].permissions: a public route (auth: none) checks no token",
             "log.colour: unknown field",
             "log.level: \"loud\" is not one of",
             "flavour: unknown field",
@@ -219,6 +220,7 @@ fn a_route_without_a_usable_path_is_still_checked() {
             "routes[0].path: missing",
             "routes[0].upstream: \"nowhere\"",
             "routes[0].permissions.DELET: \"DELET\" is not a known HTTP method; did you mean DELETE?",
+            "routes[0].permissions: a public route",
             "routes[1].path: \"x\" must start with '/'",
             "routes[1].upstream: \"nowhere\"",
         ],
@@ -246,7 +248,9 @@ fn what_refers_to_an_unreadable_section_is_not_checked_against_its_defaults() {
 #[test]
 fn permissions_name_each_method_once_and_refuse_near_misses_of_known_ones() {
     let route = |permissions: &str| {
-        format!("routes:\n  - {{ path: /a, upstream: '127.0.0.1:1', auth: none, permissions: {{ {permissions} }} }}\n")
+        format!(
+            "orgs: {{ acme: {{ projects: {{ shop: {{ environments: [production] }} }} }} }}\nroutes:\n  - {{ path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, permissions: {{ {permissions} }} }}\n"
+        )
     };
     check(
         &route("DELET: admin"),
@@ -293,6 +297,38 @@ fn permissions_name_each_method_once_and_refuse_near_misses_of_known_ones() {
         let method = http::Method::from_bytes(method.as_bytes()).unwrap();
         assert_eq!(r.required_permission(&method).name, want, "{method}");
     }
+}
+
+#[test]
+fn a_public_route_takes_no_permission_or_token_parameter() {
+    // Every method of a public route passes, so a `permissions` map there protects nothing.
+    check(
+        "routes:\n  - { path: /a, upstream: '127.0.0.1:1', auth: none, permissions: { POST: write }, query_token: true }\n",
+        &[
+            "routes[0].permissions: a public route (auth: none) checks no token, so every method would pass",
+            "routes[0].query_token: a public route (auth: none) reads no token",
+        ],
+    );
+    assert!(Config::parse(
+        "routes:\n  - { path: /a, upstream: '127.0.0.1:1', auth: none, permissions: {} }\n"
+    )
+    .is_ok());
+}
+
+#[test]
+fn a_route_cannot_lead_back_to_the_gateway() {
+    let yaml = |listen: &str, upstream: &str| {
+        format!("listen: '{listen}'\nadmin: {{ listen: '127.0.0.1:18081' }}\nroutes:\n  - {{ path: /a, upstream: '{upstream}', auth: none }}\n")
+    };
+    check(
+        &yaml("127.0.0.1:18080", "127.0.0.1:18080"),
+        &["routes[0].upstream: \"127.0.0.1:18080\" (127.0.0.1:18080) is this gateway's own listener"],
+    );
+    check(&yaml("0.0.0.0:18080", "localhost:18080"), &["is this gateway's own listener"]);
+    check(&yaml("127.0.0.1:18080", "127.0.0.1:18081"), &["routes[0].upstream: \"127.0.0.1:18081\""]);
+    // Another host on the gateway's port is another service; another port here is too.
+    assert!(Config::parse(&yaml("0.0.0.0:18080", "10.1.2.3:18080")).is_ok());
+    assert!(Config::parse(&yaml("127.0.0.1:18080", "127.0.0.1:18082")).is_ok());
 }
 
 #[test]
@@ -379,6 +415,8 @@ jwt:
     - {{ kid: k3, algorithm: ES256, key_file: '{key}' }}
     - {{ kid: k4, algorithm: HS256, secret_env: TOLLGATE_TEST_UNSET_SECRET }}
     - {{ kid: k5, key_file: /nonexistent/key.pem }}
+    - {{ kid: k6, algorithm: HS256, secret_env: 'pasted-s3cret/value+A==' }}
+    - {{ kid: k7, key_file: "-----BEGIN PRIVATE KEY-----\\nMC4CAQAwBQYDK2VwBCIEIPASTED\\n-----END PRIVATE KEY-----" }}
 routes:
   - {{ path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }}
 "#,
@@ -395,10 +433,16 @@ routes:
             "jwt.keys[3].key_file: not a usable ES256 key",
             "jwt.keys[4].secret_env: environment variable TOLLGATE_TEST_UNSET_SECRET is not set",
             "jwt.keys[5].key_file: cannot read /nonexistent/key.pem",
+            "jwt.keys[6].secret_env: is not an environment variable's name",
+            "jwt.keys[7].key_file: holds a key's text; give the path",
             "jwt.signing_key: no key in jwt.keys has kid \"nope\"",
             "routes[0].identity_jwt: a public route has no identity to sign",
         ],
     );
+    // Neither pasted value is echoed back, whatever else the errors say.
+    for err in errors(&bad) {
+        assert!(!err.contains("s3cret") && !err.contains("PASTED"), "{err}");
+    }
 }
 
 #[test]

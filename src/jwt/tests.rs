@@ -205,3 +205,25 @@ fn a_credential_longer_than_max_ttl_now_is_refused_even_once_cached() {
         assert_eq!(s.still_valid(&c, &key, now), Err(JwtError::Claims));
     }
 }
+
+#[test]
+fn a_lifetime_dated_ahead_is_refused_and_a_far_expiry_never_overflows() {
+    // Signed by another holder of the key (a shared HS256 secret, say): a short `exp - iat` whose
+    // `iat` lies in the future stretches the credential's life past `max_ttl` from now.
+    let mut s = settings(vec![generated("a", Algorithm::EdDSA)], 0);
+    s.leeway = Duration::from_secs(5);
+    let mut ahead = claims(10 * 365 * 86_400);
+    ahead.iat = ahead.exp - 60;
+    assert_eq!(s.verify(&s.sign(&ahead).unwrap()).map(|_| ()), Err(JwtError::Claims));
+    let mut last = claims(0);
+    last.exp = i64::MAX;
+    last.iat = i64::MAX - 60;
+    assert_eq!(s.verify(&s.sign(&last).unwrap()).map(|_| ()), Err(JwtError::Claims));
+    // Were such claims ever cached, their later checks refuse them without overflowing.
+    let (verified, key) = s.verify(&s.sign(&claims(60)).unwrap()).unwrap();
+    let now = verified.iat;
+    let far = EphemeralClaims { exp: i64::MAX, iat: i64::MAX - 60, ..verified.clone() };
+    assert_eq!(s.still_valid(&far, &key, now), Err(JwtError::Claims));
+    let since_ever = EphemeralClaims { nbf: i64::MIN, ..verified.clone() };
+    assert_eq!(s.still_valid(&since_ever, &key, now), Ok(()));
+}

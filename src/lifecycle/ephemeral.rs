@@ -205,9 +205,15 @@ impl Lifecycle<'_> {
                     Some(user) => (user.attributes, Some(user.id), user.email),
                     None => (Attributes::new(), None, email),
                 };
-                attrs.entry("email").or_insert_with(|| email.clone().into());
+                // As a PAT's (`AttributeView`): the user's own key, however spelled, wins.
+                let mut add = |key: &str, value: &str| {
+                    if !attrs.keys().any(|k| attr_suffix(k).eq(attr_suffix(key))) {
+                        attrs.insert(key.to_string(), value.into());
+                    }
+                };
+                add("email", &email);
                 if let Some((_, domain)) = email.rsplit_once('@') {
-                    attrs.entry("domain").or_insert_with(|| domain.into());
+                    add("domain", domain);
                 }
                 (attrs, Some(email), uid)
             }
@@ -219,6 +225,20 @@ impl Lifecycle<'_> {
         };
         if let Some(e) = &email {
             header_text("the email", e)?;
+        }
+        // A subject naming an org user would reach upstreams as that user (`X-Auth-Subject:
+        // ephemeral:<address>`, as a credential bound to them does) without the binding that stops
+        // it when they are suspended or removed: only the bound user's own address may be it.
+        if let Some(subject) = req.subject.as_deref().filter(|s| check_email(s).is_ok()) {
+            if let Some(user) = self.org_user(org, subject).await? {
+                if uid.as_ref() != Some(&user.id) {
+                    return Err(LifecycleError::Invalid(format!(
+                        "the subject {subject:?} is org user {}'s address: send it as `user_email` (or \
+                         the `email` attribute), which binds the credential to that user",
+                        user.email
+                    )));
+                }
+            }
         }
         let jti = token::random_base62(16);
         let sub = req.subject.or_else(|| email.clone()).unwrap_or_else(|| jti.clone());
@@ -234,6 +254,13 @@ impl Lifecycle<'_> {
             None => None,
         };
         let exp = parent_expiry.map_or(now + ttl, |end| end.min(now + ttl));
+        // The token ended after it authenticated this call: a credential dead at birth is no success.
+        if exp <= now {
+            return Err(LifecycleError::Forbidden(
+                "the calling token has just expired or been revoked; mint with a token that is in force"
+                    .into(),
+            ));
+        }
         let claims = EphemeralClaims {
             iss: jwt.issuer.clone(),
             aud: jwt.audience.clone(),

@@ -49,6 +49,43 @@ fn the_shipped_redis_writes_every_change_to_disk_before_it_answers() {
     assert_eq!(setting("--appendfsync"), Some("always"), "{command:?}");
 }
 
+/// The admin API manages tokens: the shipped compose file publishes it to the host's loopback
+/// only (a published port skips the host's firewall), the proxy to every interface.
+#[test]
+fn the_shipped_compose_file_keeps_the_admin_api_off_the_network() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
+    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ports: Vec<&str> = compose["services"]["tollgate"]["ports"]
+        .as_sequence()
+        .expect("the gateway's published ports, as a list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(ports.contains(&"8080:8080"), "{ports:?}");
+    let admin: Vec<&&str> = ports.iter().filter(|p| p.ends_with(":8081")).collect();
+    assert_eq!(admin, [&"127.0.0.1:8081:8081"], "{ports:?}");
+}
+
+/// `keygen` prints the line that adds its key to the config: pasted as it is (with a kid), the
+/// config loads, whatever case the algorithm was asked for in.
+#[test]
+fn the_line_keygen_prints_loads_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let out = Command::new(tollgate_bin())
+        .args(["keygen", "--algorithm", "es256", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let line = printed.lines().find(|l| l.trim_start().starts_with("- { kid:")).expect(&printed);
+    assert!(line.contains("algorithm: ES256"), "{line}");
+    let yaml = format!("jwt:\n  signing_key: NEW-KID\n  keys:\n  {}\n", line.trim_end());
+    let (ok, text) = check_config(&yaml);
+    assert!(ok, "{yaml}\n{text}");
+}
+
 #[test]
 fn check_config_names_the_yaml_path_of_every_error() {
     let yaml = r#"

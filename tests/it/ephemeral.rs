@@ -66,7 +66,7 @@ async fn assert_refused(w: &World, token: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     let keys = JwtKeys::generate();
-    let w = World::start_jwt(&keys).await;
+    let mut w = World::start_jwt(&keys).await;
     // A reader of the blog too: a credential minted for the shop must still not reach it.
     let (_, service_token) = w
         .service("acme", "embed", &[("shop", Role::Editor), ("blog", Role::Viewer)], TokenSpec::default())
@@ -127,6 +127,14 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     assert_eq!(echo["headers"]["x-auth-attr-team"][0], "red");
     assert_eq!(echo["headers"]["x-auth-attr-domain"][0], "acme.io");
     assert_eq!(echo["headers"]["x-auth-subject"][0], "ephemeral:bob@acme.io");
+    // A user's own `Domain` travels as X-Auth-Attr-Domain, the header the added `domain` would
+    // take: theirs is sent, once, by credential and by PAT alike.
+    let carol = w.user("acme", "carol@acme.io", Role::Viewer, json!({"Domain": "eng"})).await;
+    let by_carol = minted(&w, &w.gateway, &service_token, "shop", json!({"user_email": carol.email})).await;
+    for credential in [by_carol, w.pat(&carol, TokenSpec::default()).await] {
+        let echo = echoed(w.get(&w.gateway, "/shop/x", &credential).await).await;
+        assert_eq!(echo["headers"]["x-auth-attr-domain"], json!(["eng"]), "{echo}");
+    }
     // However the service spells the address, the user reaches the upstream as stored, the same
     // address a PAT of theirs carries.
     for body in [json!({"user_email": "Bob@ACME.io"}), json!({"attributes": {"Email": "BOB@acme.IO"}})] {
@@ -164,7 +172,7 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
 
     // Every mint is in the audit log, under the minting token.
     let audit = w.store.audit_log("acme", 100).await.unwrap();
-    assert_eq!(audit.iter().filter(|e| e.action == "credentials.issue").count(), 6);
+    assert_eq!(audit.iter().filter(|e| e.action == "credentials.issue").count(), 7);
 }
 
 /// Base64url JSON, as a JWT part.
@@ -277,6 +285,29 @@ async fn two_instances() -> (World, Gateway, Cli, JwtKeys) {
     (w, second, admin, keys)
 }
 
+/// A credential minted by a service token in its rotation's grace ends with that grace: its
+/// answers say so, as the old token's own do (`Deprecation`, `Sunset`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_of_a_token_in_its_grace_carries_the_deprecation() {
+    let keys = JwtKeys::generate();
+    let w = World::start_jwt(&keys).await;
+    let (_, old) = w.service("acme", "embed", &[("shop", Role::Viewer)], TokenSpec::default()).await;
+    let fresh = minted(&w, &w.gateway, &old, "shop", json!({"attributes": {}})).await;
+    let resp = w.get(&w.gateway, "/shop/x", &fresh).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("deprecation").is_none(), "nothing is deprecated yet");
+    let admin = w.bootstrap_admin("acme").await;
+    admin.run(&["token", "rotate", &old[..10], "--grace-seconds", "300"]).ok();
+    for credential in [fresh, minted(&w, &w.gateway, &old, "shop", json!({"attributes": {}})).await] {
+        let resp = w.get(&w.gateway, "/shop/x", &credential).await;
+        assert_eq!(resp.status(), 200);
+        let said = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let deprecation = said("deprecation").expect("Deprecation on a credential of a token in its grace");
+        assert!(deprecation.starts_with('@'), "{deprecation}");
+        assert!(said("sunset").is_some(), "and when it ends");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minting_refuses_what_the_service_may_not_grant() {
     let keys = JwtKeys::generate();
@@ -339,6 +370,19 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         (&viewer, "acme", "shop", with(json!({"environments": []})), 400, "at least one environment"),
         (&viewer, "acme", "shop", json!({"user_email": "a@b@c"}), 400, "not an email"),
         (&viewer, "acme", "shop", json!({"user_email": "sus@acme.io"}), 403, "is suspended"),
+        // A subject that is an org user's address is that user's binding or nothing.
+        (&viewer, "acme", "shop", with(json!({"subject": "SUS@acme.io"})), 403, "is suspended"),
+        (&viewer, "acme", "shop", with(json!({"subject": "Ann@acme.io"})), 400, "send it as `user_email`"),
+        (
+            &viewer,
+            "acme",
+            "shop",
+            json!({"attributes": {"email": "bob@elsewhere.io"}, "subject": "ann@acme.io"}),
+            400,
+            "is org user ann@acme.io's address",
+        ),
+        (&viewer, "acme", "shop", json!({"user_email": "ann@acme.io", "subject": "ANN@acme.io"}), 201, ""),
+        (&viewer, "acme", "shop", with(json!({"subject": "carol@elsewhere.io"})), 201, ""),
     ];
     for (caller, org, project, body, want, reason) in cases {
         let (status, answer) = mint(&w, &w.gateway, caller, org, project, body.clone()).await;

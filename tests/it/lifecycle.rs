@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use serde_json::json;
+
 use tollgate::store::format_millis;
 
 use crate::support::*;
@@ -109,6 +111,25 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
             w.http.get(format!("{}{path}", w.gateway.admin_url())).bearer_auth(&admin.token).send().await;
         let text = resp.unwrap().text().await.unwrap();
         assert!(!text.contains(&local[10..]) && text.contains(&local[..10]), "{}: {text}", &path[..12]);
+    }
+    // Nor where a body's value is refused: a token pasted into the wrong field.
+    for body in [
+        json!({"display_name": "x", "ttl_minutes": local}),
+        json!({"display_name": "x", "environments": [local]}),
+        json!({"display_name": "x", "scope": local}),
+        json!({"display_name": "x", "permissions": [local]}),
+    ] {
+        let resp = w
+            .http
+            .post(format!("{}/v1/tokens", w.gateway.admin_url()))
+            .bearer_auth(&local)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains(&local[10..]) && text.contains(&local[..10]), "{text}");
     }
     ann.run(&["token", "revoke", "--display-name", "Local Development"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &local).await, 401);

@@ -181,7 +181,17 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = run(&dir, port);
     assert!(err.contains("nothing was issued"), "{err}");
+    // A fresh directory with that port taken is left without a config: the next run, with a free
+    // port, writes its own instead of using one it could never serve.
+    let fresh = root.path().join("fresh");
+    let err = run(&fresh, port);
+    assert!(err.contains("nothing was written or issued") && err.contains("--port"), "{err}");
+    assert!(!fresh.join("tollgate.yaml").exists(), "a config was written for a port that is taken");
     drop(taken);
+    // An earlier run's config is used as it is: a different port asked for is refused, naming it.
+    let [other] = tollgate::testing::free_ports();
+    let err = run(&dir, other);
+    assert!(err.contains(&format!("--port {other} differs from")) && err.contains("tollgate.yaml"), "{err}");
     let mut third = Quickstart::start(&dir, port, admin_port);
     wait_ready(&http, &url, &mut third).await;
     let cli = Cli { server: cli.server.clone(), token: third.token() };
