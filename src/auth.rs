@@ -382,7 +382,7 @@ pub struct Verifier {
     digester: SecretDigester,
     /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
     /// entry per token).
-    proven: quick_cache::sync::Cache<u64, Proven>,
+    proven: Arc<quick_cache::sync::Cache<u64, Proven>>,
     id_hasher: foldhash::fast::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
@@ -406,7 +406,9 @@ impl Verifier {
         Verifier {
             cache,
             digester: SecretDigester::new(),
-            proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
+            proven: Arc::new(quick_cache::sync::Cache::new(
+                usize::try_from(capacity).unwrap_or(usize::MAX).max(1),
+            )),
             id_hasher: foldhash::fast::RandomState::default(),
             // Bounded by weight, not count: a credential's attributes may be a thousand times
             // another's, and any service may mint and present many.
@@ -423,8 +425,8 @@ impl Verifier {
     }
 
     /// The same verifier, answering [`AuthError::Busy`] when a first verification would wait
-    /// longer than `wait` for its token's turn and a free argon2 thread (a run, once started, is
-    /// waited for).
+    /// longer than `wait` for its token's turn and a free argon2 thread, or a started run would
+    /// take longer than `wait` again.
     pub fn with_argon2_wait(mut self, wait: std::time::Duration) -> Verifier {
         self.argon2_wait = wait;
         self
@@ -567,9 +569,11 @@ impl Verifier {
     /// flood of made-up secrets for a known id takes at most one argon2 thread, so other tokens'
     /// first checks go on (that token's own first check on this instance waits behind them, and
     /// is answered busy past the bound; once proven it is never held up). Waiting for the
-    /// token's turn and a free thread is bounded by `argon2_wait` ([`AuthError::Busy`] past it);
-    /// a run, once started, is waited for and its proof kept. Answers whether it had to wait
-    /// (the record may have changed meanwhile).
+    /// token's turn and a free thread is bounded by `argon2_wait` ([`AuthError::Busy`] past it),
+    /// and so is a started run, which at the lowest priority on a saturated machine can take far
+    /// longer than alone: past that the request is busy too, and the run's proof is kept when it
+    /// ends, for the client's retry. Answers whether it had to wait (the record may have changed
+    /// meanwhile).
     async fn check_secret(
         &self,
         parsed: &ParsedToken<'_>,
@@ -592,11 +596,28 @@ impl Verifier {
             Ok(Ok(_)) => None,
             Ok(Err(guard)) => Some(guard),
         };
-        if !self.argon2(parsed.secret, &record.secret_hash, deadline).await? {
+        let mut run = self.argon2(parsed.secret, &record.secret_hash, deadline).await?;
+        let proof = Proven { secret: digest, phc };
+        let matched = match tokio::time::timeout_at(deadline + self.argon2_wait, &mut run).await {
+            Ok(Ok(matched)) => matched,
+            // The argon2 thread died mid-run: the secret is unjudged, not wrong.
+            Ok(Err(_)) => return Err(AuthError::Busy),
+            Err(_) => {
+                // Its proof is kept for the retry (a proof is of the secret against a stored
+                // hash, and says nothing of the token's state, which every request checks).
+                let proven = self.proven.clone();
+                tokio::spawn(async move {
+                    if let Ok(true) = run.await {
+                        proven.insert(key, proof);
+                    }
+                });
+                return Err(AuthError::Busy);
+            }
+        };
+        if !matched {
             // The guard goes with this request: the next waiter runs its own secret.
             return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
-        let proof = Proven { secret: digest, phc };
         match guard {
             Some(guard) => {
                 let _ = guard.insert(proof);
@@ -606,27 +627,29 @@ impl Verifier {
         Ok(Waited::Yes)
     }
 
-    /// Runs argon2 on a worker thread once one is free (by `deadline`, else [`AuthError::Busy`]).
+    /// Starts argon2 on a worker thread once one is free (by `deadline`, else
+    /// [`AuthError::Busy`]); the run's verdict comes on the channel answered.
     async fn argon2(
         &self,
         secret: &str,
         phc: &str,
         deadline: tokio::time::Instant,
-    ) -> Result<bool, AuthError> {
+    ) -> Result<tokio::sync::oneshot::Receiver<bool>, AuthError> {
         let slot = {
             let _waiting = Waiting::count(&self.stats.argon2_waiting);
             tokio::time::timeout_at(deadline, self.argon2_slots.clone().acquire_owned()).await
         };
-        let Ok(slot) = slot else { return Err(AuthError::Busy) };
-        let Ok(slot) = slot else { return Ok(false) };
+        // Past the deadline, or the slots closed (never, while the verifier lives).
+        let Ok(Ok(slot)) = slot else { return Err(AuthError::Busy) };
         self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let (done, result) = tokio::sync::oneshot::channel();
         let job = Argon2Job { secret: secret.to_owned(), phc: phc.to_owned(), done, _slot: slot };
         if self.argon2_workers.send(job).is_err() {
+            // No thread could start (a process limit): every first check is unjudged, not wrong.
             tracing::error!("the argon2 threads are gone");
-            return Ok(false);
+            return Err(AuthError::Busy);
         }
-        Ok(result.await.unwrap_or(false))
+        Ok(result)
     }
 }
 

@@ -297,6 +297,41 @@ async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_outlasts_the_bound_is_busy_and_its_proof_serves_the_retry() {
+    let f = Fixture::new().await;
+    // argon2 at the lowest priority on a saturated machine: here, a slow hash and a short bound.
+    let slow = Argon2Params { memory_kib: 32 * 1024, iterations: 4, parallelism: 1 };
+    let (new, _) =
+        lifecycle::issue_token(&f.store, slow, "acme", Owner::User(f.user.id.clone()), TokenSpec::default())
+            .await
+            .unwrap();
+    let v = Verifier::new(f.verifier.cache().clone(), 100, 1).with_argon2_wait(Duration::from_millis(20));
+    let answer = v.verify(&new.token).await;
+    assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}: the test needs a slower hash");
+    // The run goes on and its proof is kept: the retry needs no run of its own.
+    let kept = async {
+        while v.proven.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), kept).await.expect("the run's proof is kept");
+    v.verify(&new.token).await.unwrap();
+    assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn without_argon2_threads_a_first_check_is_busy_never_invalid() {
+    let f = Fixture::new().await;
+    let mut v = Verifier::new(f.verifier.cache().clone(), 100, 1);
+    // As when no thread could start (a process limit): nobody takes the jobs.
+    let (jobs, queue) = crossbeam_channel::unbounded();
+    drop(queue);
+    v.argon2_workers = jobs;
+    let answer = v.verify(&f.token).await;
+    assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_while_a_first_check_waits_for_argon2_is_not_missed() {
     let mut f = Fixture::new().await;
     // No bound on the wait: argon2 runs at the lowest priority, and a busy machine must not turn

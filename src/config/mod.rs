@@ -208,8 +208,9 @@ pub struct Argon2Settings {
     pub params: Argon2Params,
     /// Concurrent verifications, off the request threads.
     pub max_concurrency: usize,
-    /// Longest a request waits for its token's first verification (queue and run) before it is
-    /// answered `503`: under a flood of never-seen secrets a request is refused, never left hanging.
+    /// Longest a request waits for its token's turn and a free argon2 thread, and then again for
+    /// the run, before it is answered `503`: under a flood of never-seen secrets, or on a
+    /// saturated machine, a request is refused, never left hanging.
     pub max_wait: Duration,
 }
 

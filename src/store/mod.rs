@@ -53,6 +53,9 @@ pub enum StoreError {
     },
 }
 
+/// Said of a change sent to a remote store whose answer did not come: it may be applied anyway.
+pub(crate) const MAY_HAVE_LANDED: &str = "the change may still have been made: look before retrying";
+
 /// What changed, as told to every instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Invalidation {
@@ -558,8 +561,21 @@ impl Store {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let changed: Vec<Invalidation> =
             batch.publish.iter().filter_map(|m| Invalidation::decode(m)).collect();
+        // A change sent to a remote store may still be applied after the wait is given up (Redis
+        // runs the script once it reads it): the error says so, for the caller to look before
+        // retrying (a retried issue would make a second token).
         let limit = self.backend.commit_may_time_out().then_some(self.timeout);
-        self.measured(self.backend.commit(batch), limit).await?;
+        let commit = async {
+            match limit {
+                Some(limit) => {
+                    tokio::time::timeout(limit, self.backend.commit(batch)).await.unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(format!("no answer within {limit:?}; {MAY_HAVE_LANDED}")))
+                    })
+                }
+                None => self.backend.commit(batch).await,
+            }
+        };
+        self.measured(commit, None).await?;
         if let Some(listener) = self.listener.get().and_then(std::sync::Weak::upgrade) {
             listener.committed(&changed);
         }

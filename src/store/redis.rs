@@ -182,8 +182,16 @@ impl Backend for RedisBackend {
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;
+        // Sent, then no answer (a timeout, a dropped connection): Redis may run it anyway.
         let conflict: String =
-            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(unavailable)?;
+            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(|e| match e
+                .is_timeout()
+                || e.is_io_error()
+                || e.is_connection_dropped()
+            {
+                true => StoreError::Unavailable(format!("{e}; {}", super::MAY_HAVE_LANDED)),
+                false => unavailable(e),
+            })?;
         if conflict.is_empty() {
             return Ok(());
         }

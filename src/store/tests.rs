@@ -461,6 +461,32 @@ async fn a_redis_user_that_may_not_publish_stores_nothing() {
     assert!(!stored.is_revoked(now_millis()), "nothing was written");
 }
 
+/// A remote store may apply a change after its caller gave up waiting: the error says the change
+/// may have been made, never that nothing was written.
+#[tokio::test]
+async fn a_redis_commit_given_up_on_says_it_may_still_land() {
+    let timeout = Duration::from_millis(200);
+    let server = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let s = Store::new(Arc::new(redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap()), timeout);
+    let svc = etl(&s).await;
+    let (token, _) = service_token(&s, &svc).await;
+    // Redis holds write commands for a second, then runs them.
+    let _: () =
+        ::redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE").query(&mut server.client()).unwrap();
+    let late = s.revoke_token(&token.id, Some("leaked".into()), None).await;
+    match &late {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("may still have been made"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // (A read on the connection queues behind the held script until the pause ends.)
+    let landed = async {
+        while !s.get_token(&token.id).await.ok().flatten().is_some_and(|t| t.is_revoked(now_millis())) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), landed).await.expect("the change lands after the pause");
+}
+
 /// An owner's removal read its tokens, then wrote them back revoked: a token issued in between was
 /// left active under a removed owner, and a revocation or rotation in between was overwritten.
 #[tokio::test]
