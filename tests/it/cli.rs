@@ -31,20 +31,23 @@ fn the_docker_compose_config_is_valid_but_for_its_compose_host_names() {
     }
 }
 
+/// A list of strings in the shipped docker-compose.yml: `service`'s `field`.
+fn compose_list(service: &str, field: &str) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
+    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let list = compose["services"][service][field].as_sequence();
+    let list = list.unwrap_or_else(|| panic!("services.{service}.{field} in docker-compose.yml, as a list"));
+    list.iter().filter_map(|v| v.as_str()).map(str::to_string).collect()
+}
+
 /// PRODUCT: the shipped Redis keeps every acknowledged write (AOF, fsync on each), since a lost
 /// revocation would bring a token back.
 #[test]
 fn the_shipped_redis_writes_every_change_to_disk_before_it_answers() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
-    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let command: Vec<&str> = compose["services"]["redis"]["command"]
-        .as_sequence()
-        .expect("the redis service's command, as a list")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    let setting =
-        |name: &str| command.iter().position(|a| *a == name).and_then(|i| command.get(i + 1)).copied();
+    let command = compose_list("redis", "command");
+    let setting = |name: &str| {
+        command.iter().position(|a| a == name).and_then(|i| command.get(i + 1)).map(String::as_str)
+    };
     assert_eq!(setting("--appendonly"), Some("yes"), "{command:?}");
     assert_eq!(setting("--appendfsync"), Some("always"), "{command:?}");
 }
@@ -53,17 +56,10 @@ fn the_shipped_redis_writes_every_change_to_disk_before_it_answers() {
 /// only (a published port skips the host's firewall), the proxy to every interface.
 #[test]
 fn the_shipped_compose_file_keeps_the_admin_api_off_the_network() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
-    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let ports: Vec<&str> = compose["services"]["tollgate"]["ports"]
-        .as_sequence()
-        .expect("the gateway's published ports, as a list")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    assert!(ports.contains(&"8080:8080"), "{ports:?}");
-    let admin: Vec<&&str> = ports.iter().filter(|p| p.ends_with(":8081")).collect();
-    assert_eq!(admin, [&"127.0.0.1:8081:8081"], "{ports:?}");
+    let ports = compose_list("tollgate", "ports");
+    assert!(ports.iter().any(|p| p == "8080:8080"), "{ports:?}");
+    let admin: Vec<&String> = ports.iter().filter(|p| p.ends_with(":8081")).collect();
+    assert_eq!(admin, ["127.0.0.1:8081:8081"], "{ports:?}");
 }
 
 /// `keygen` prints the line that adds its key to the config: pasted as it is (with a kid), the
