@@ -380,15 +380,11 @@ const JWT_CACHE_SECONDS: u64 = 300;
 pub struct Verifier {
     cache: Arc<Cache>,
     digester: SecretDigester,
-    /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one small
-    /// entry per token).
-    proven: Arc<quick_cache::sync::Cache<u64, Proven>>,
+    prover: Arc<Prover>,
     id_hasher: foldhash::fast::RandomState,
     /// Ephemeral credentials whose signature this instance has verified, by keyed digest of the
     /// whole JWT; their times, key and parent are checked again on every request.
     jwts: moka::sync::Cache<blake3::Hash, Arc<Ephemeral>, foldhash::fast::RandomState>,
-    argon2_slots: Arc<Semaphore>,
-    argon2_workers: crossbeam_channel::Sender<Argon2Job>,
     /// See [`crate::config::Argon2Settings::max_wait`].
     argon2_wait: std::time::Duration,
     stats: Arc<VerifierStats>,
@@ -403,12 +399,17 @@ impl fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier running at most `argon2_concurrency` argon2 checks at once.
     pub fn new(cache: Arc<Cache>, capacity: u64, argon2_concurrency: usize) -> Verifier {
+        let stats = Arc::<VerifierStats>::default();
+        let prover = Prover {
+            proven: quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
+            slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
+            workers: start_argon2_workers(argon2_concurrency.max(1)),
+            stats: stats.clone(),
+        };
         Verifier {
             cache,
             digester: SecretDigester::new(),
-            proven: Arc::new(quick_cache::sync::Cache::new(
-                usize::try_from(capacity).unwrap_or(usize::MAX).max(1),
-            )),
+            prover: Arc::new(prover),
             id_hasher: foldhash::fast::RandomState::default(),
             // Bounded by weight, not count: a credential's attributes may be a thousand times
             // another's, and any service may mint and present many.
@@ -417,10 +418,8 @@ impl Verifier {
                 .weigher(|_, e: &Arc<Ephemeral>| e.weight)
                 .time_to_live(std::time::Duration::from_secs(JWT_CACHE_SECONDS))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
-            argon2_slots: Arc::new(Semaphore::new(argon2_concurrency.max(1))),
-            argon2_workers: start_argon2_workers(argon2_concurrency.max(1)),
             argon2_wait: DEFAULT_ARGON2_WAIT,
-            stats: Arc::default(),
+            stats,
         }
     }
 
@@ -571,9 +570,9 @@ impl Verifier {
     /// is answered busy past the bound; once proven it is never held up). Waiting for the
     /// token's turn and a free thread is bounded by `argon2_wait` ([`AuthError::Busy`] past it),
     /// and so is a started run, which at the lowest priority on a saturated machine can take far
-    /// longer than alone: past that the request is busy too, and the run's proof is kept when it
-    /// ends, for the client's retry. Answers whether it had to wait (the record may have changed
-    /// meanwhile).
+    /// longer than alone: past that the request is busy too, while the run keeps the token's turn
+    /// until it ends and its proof is kept, so the client's retry waits for it rather than
+    /// starting another. Answers whether it had to wait (the record may have changed meanwhile).
     async fn check_secret(
         &self,
         parsed: &ParsedToken<'_>,
@@ -583,46 +582,74 @@ impl Verifier {
         let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
         let key = self.id_hasher.hash_one(parsed.id.as_str());
         // A hit pays no timer.
-        if let Some(p) = self.proven.get(&key).filter(|p| p.phc == phc) {
+        if let Some(p) = self.prover.proven.get(&key).filter(|p| p.phc == phc) {
             return judge(&p, &digest).map(|()| Waited::No);
         }
         let deadline = tokio::time::Instant::now() + self.argon2_wait;
-        let guard = match tokio::time::timeout_at(deadline, self.proven.get_value_or_guard_async(&key)).await
-        {
+        // The turn and the run belong to a task of their own, which outlives this request when
+        // the run outlasts the bound.
+        let (prover, claim) = (self.prover.clone(), Claim { key, digest, phc });
+        let (secret, stored) = (parsed.secret.to_owned(), record.secret_hash.clone());
+        let proving = tokio::spawn(async move { prover.prove(claim, &secret, &stored, deadline).await });
+        match tokio::time::timeout_at(deadline + self.argon2_wait, proving).await {
+            Ok(Ok(proved)) => proved,
+            // The task panicked: the secret is unjudged, not wrong.
+            Ok(Err(_)) | Err(_) => Err(AuthError::Busy),
+        }
+    }
+}
+
+/// A secret presented for a token: the key of the token's proof, the secret's keyed digest, and
+/// the keyed hash of the stored PHC string it is checked against.
+#[derive(Clone, Copy)]
+struct Claim {
+    key: u64,
+    digest: blake3::Hash,
+    phc: u64,
+}
+
+/// The proofs and the argon2 threads that make them, shared with the tasks that run them.
+struct Prover {
+    /// Secrets proven with argon2, by a per-process keyed hash of the token id (compact: one
+    /// small entry per token).
+    proven: quick_cache::sync::Cache<u64, Proven>,
+    slots: Arc<Semaphore>,
+    workers: crossbeam_channel::Sender<Argon2Job>,
+    stats: Arc<VerifierStats>,
+}
+
+impl Prover {
+    /// Takes the token's turn (by `deadline`), then proves the claim with an argon2 run; the turn
+    /// is held until the run ends, and a proof, once made, is kept.
+    async fn prove(
+        &self,
+        claim: Claim,
+        secret: &str,
+        stored: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Waited, AuthError> {
+        let turn = tokio::time::timeout_at(deadline, self.proven.get_value_or_guard_async(&claim.key)).await;
+        let guard = match turn {
             Err(_) => return Err(AuthError::Busy),
             // Proven meanwhile by a request with its right secret.
-            Ok(Ok(p)) if p.phc == phc => return judge(&p, &digest).map(|()| Waited::Yes),
+            Ok(Ok(p)) if p.phc == claim.phc => return judge(&p, &claim.digest).map(|()| Waited::Yes),
             // A proof against another stored hash (the record changed): this run replaces it.
             Ok(Ok(_)) => None,
             Ok(Err(guard)) => Some(guard),
         };
-        let mut run = self.argon2(parsed.secret, &record.secret_hash, deadline).await?;
-        let proof = Proven { secret: digest, phc };
-        let matched = match tokio::time::timeout_at(deadline + self.argon2_wait, &mut run).await {
-            Ok(Ok(matched)) => matched,
-            // The argon2 thread died mid-run: the secret is unjudged, not wrong.
-            Ok(Err(_)) => return Err(AuthError::Busy),
-            Err(_) => {
-                // Its proof is kept for the retry (a proof is of the secret against a stored
-                // hash, and says nothing of the token's state, which every request checks).
-                let proven = self.proven.clone();
-                tokio::spawn(async move {
-                    if let Ok(true) = run.await {
-                        proven.insert(key, proof);
-                    }
-                });
-                return Err(AuthError::Busy);
-            }
-        };
+        let run = self.argon2(secret, stored, deadline).await?;
+        // The argon2 thread died mid-run: the secret is unjudged, not wrong.
+        let matched = run.await.map_err(|_| AuthError::Busy)?;
         if !matched {
             // The guard goes with this request: the next waiter runs its own secret.
             return Err(AuthError::Invalid(Invalid::WrongSecret));
         }
+        let proof = Proven { secret: claim.digest, phc: claim.phc };
         match guard {
             Some(guard) => {
                 let _ = guard.insert(proof);
             }
-            None => self.proven.insert(key, proof),
+            None => self.proven.insert(claim.key, proof),
         }
         Ok(Waited::Yes)
     }
@@ -637,14 +664,14 @@ impl Verifier {
     ) -> Result<tokio::sync::oneshot::Receiver<bool>, AuthError> {
         let slot = {
             let _waiting = Waiting::count(&self.stats.argon2_waiting);
-            tokio::time::timeout_at(deadline, self.argon2_slots.clone().acquire_owned()).await
+            tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await
         };
         // Past the deadline, or the slots closed (never, while the verifier lives).
         let Ok(Ok(slot)) = slot else { return Err(AuthError::Busy) };
         self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let (done, result) = tokio::sync::oneshot::channel();
         let job = Argon2Job { secret: secret.to_owned(), phc: phc.to_owned(), done, _slot: slot };
-        if self.argon2_workers.send(job).is_err() {
+        if self.workers.send(job).is_err() {
             // No thread could start (a process limit): every first check is unjudged, not wrong.
             tracing::error!("the argon2 threads are gone");
             return Err(AuthError::Busy);

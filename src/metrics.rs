@@ -44,6 +44,9 @@ pub struct ProxyMetrics {
     pub requests: IntCounterVec,
     /// Time from the start of `request_filter` to a decision.
     pub auth_latency: Histogram,
+    /// Requests let through whose proxying failed, by route and the status answered (`502` the
+    /// upstream down, `504` silent past its bound): counted as `allowed` in `requests` too.
+    pub proxy_failures: IntCounterVec,
 }
 
 impl Default for ProxyMetrics {
@@ -55,6 +58,11 @@ impl Default for ProxyMetrics {
                 &["route", "outcome"],
             ),
             auth_latency: histogram("tollgate_auth_seconds", "Time to verify and authorize a request"),
+            proxy_failures: counter_vec(
+                "tollgate_proxy_failures_total",
+                "Requests let through whose proxying failed, by route and status answered",
+                &["route", "status"],
+            ),
         }
     }
 }

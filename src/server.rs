@@ -108,14 +108,27 @@ pub fn file_stamp(path: &Path) -> Option<FileStamp> {
 /// Set by a `SIGHUP` that came before the config watcher listened for one.
 static EARLY_HANGUP: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
 
-/// Called first thing by the commands that serve: a `SIGHUP` from here until the config watcher
+/// Set by a `SIGTERM` or `SIGQUIT` that came before the shutdown watch listened for one.
+static EARLY_STOP: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
+/// Called first thing by the commands that serve. A `SIGHUP` from here until the config watcher
 /// starts (a deploy tool's "restart, then reload" sends it while the store is still being
 /// checked) is a reload once the watcher starts, not the end of the process, which is its
-/// default action.
-pub fn catch_early_hangup() {
-    let flag = EARLY_HANGUP.get_or_init(Arc::default);
-    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone()) {
+/// default action. A `SIGTERM` (or `SIGQUIT`) before the shutdown watch starts is a graceful
+/// shutdown once it does: as a container's first process, which the kernel spares the default
+/// action, it would otherwise be lost, and the container stopped only by `SIGKILL`. (`SIGINT`
+/// keeps its default: Ctrl-C during start-up stops at once.)
+pub fn catch_early_signals() {
+    use signal_hook::consts::{SIGHUP, SIGQUIT, SIGTERM};
+    let hangup = EARLY_HANGUP.get_or_init(Arc::default);
+    if let Err(e) = signal_hook::flag::register(SIGHUP, hangup.clone()) {
         tracing::warn!(error = %e, "a SIGHUP during start-up would end the process");
+    }
+    let stop = EARLY_STOP.get_or_init(Arc::default);
+    for signal in [SIGTERM, SIGQUIT] {
+        if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
+            tracing::warn!(error = %e, signal, "a stop signal during start-up would end the process at once");
+        }
     }
 }
 
@@ -244,10 +257,14 @@ impl ShutdownSignalWatch for Shutdown {
             tracing::error!("cannot watch for signals; stopping");
             return ShutdownSignal::FastShutdown;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = quit.recv() => {}
-            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        // One that came during start-up counts as come now.
+        let early = EARLY_STOP.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        if !early {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = quit.recv() => {}
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+            }
         }
         crate::drain::begin_shutdown();
         tracing::info!(grace = ?self.grace, "shutting down: still accepting for shutdown.grace; /readyz answers 503");
@@ -347,6 +364,7 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Re
         vec![
             Box::new(proxy_metrics.requests.clone()),
             Box::new(proxy_metrics.auth_latency.clone()),
+            Box::new(proxy_metrics.proxy_failures.clone()),
             Box::new(cache.stats().lookups.clone()),
             Box::new(cache.stats().evictions.clone()),
             Box::new(cache.stats().invalidations.clone()),
@@ -457,7 +475,7 @@ mod tests {
         let _alone = WATCHING.lock().await;
         // The file as it is when the watcher starts: only the SIGHUP says to read it.
         let (_dir, w) = watcher_of_file("threads: 2\n", "threads: 2\nlog: { access: false }\n");
-        catch_early_hangup();
+        catch_early_signals();
         signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
         assert!(watch_until(w, |c| !c.access_log).await, "the SIGHUP was applied, and the process is alive");
     }

@@ -169,8 +169,24 @@ pub fn redacted_within(text: &str) -> std::borrow::Cow<'_, str> {
     while let Some(start) = rest.find(part_of_token) {
         out.push_str(&rest[..start]);
         let end = rest[start..].find(|c| !part_of_token(c)).map_or(rest.len(), |n| start + n);
-        let run = &rest[start..end];
-        out.push_str(redacted(run).as_deref().unwrap_or(run));
+        // A sentence's full stop (or a dash) after a run is not part of it.
+        let whole = &rest[start..end];
+        let run = whole.trim_end_matches(['.', '-']);
+        let token = PREFIXES.iter().filter_map(|p| run.find(p)).min().filter(|at| run.len() - at > ID_LEN);
+        let jwt = run.strip_prefix("eyJ").is_some_and(|r| {
+            let parts: Vec<&str> = r.split('.').collect();
+            parts.len() >= 3 && parts.iter().all(|p| !p.is_empty())
+        });
+        match (token, jwt) {
+            (Some(at), _) => {
+                out.push_str(&run[..at]);
+                out.push_str(&run[at..at + ID_LEN]);
+                out.push('…');
+            }
+            (None, true) => out.push_str("eyJ…"),
+            (None, false) => out.push_str(run),
+        }
+        out.push_str(&whole[run.len()..]);
         rest = &rest[end..];
     }
     out.push_str(rest);
@@ -411,6 +427,15 @@ mod tests {
             "[\"eyJ…\"] for heyJoe"
         );
         assert!(matches!(redacted_within("unknown field `colour`"), std::borrow::Cow::Borrowed(_)));
+        // A full stop after an id, and an address that merely holds `eyJ`, are left alone.
+        let near = format!("no token tgp_a1B2c3. {token} heyJoe.van.dam@acme.io");
+        assert_eq!(redacted_within(&near), "no token tgp_a1B2c3. tgp_a1B2c3… heyJoe.van.dam@acme.io");
+        // Every text comes back whole but for what is cut (runs of only stops and dashes too).
+        for text in [".", "-.-", "x. .", "tgp_.", "eyJ..", "eyJa.b.", "..eyJa.b.c..", ""] {
+            let with_token = format!("{text} {token} {text}");
+            let cut = redacted_within(&with_token);
+            assert_eq!(cut, format!("{text} tgp_a1B2c3… {text}"), "{text:?}");
+        }
     }
 
     #[test]

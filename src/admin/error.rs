@@ -38,6 +38,9 @@ pub enum ApiError {
     /// The store is unreachable.
     #[error("the store is unreachable; retry shortly")]
     Unavailable,
+    /// A change was sent to the store and its answer did not come: it may have been made.
+    #[error("the store did not answer in time; the change may still have been made: look (token list, user show) before retrying")]
+    Unanswered,
     /// The calling token's first verification would wait too long.
     #[error("too many new tokens are being verified to check this one now; retry shortly")]
     Busy,
@@ -65,6 +68,7 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Invalid(m) => ApiError::BadRequest(m),
             LifecycleError::Hash(m) => ApiError::Internal(m),
             LifecycleError::Store(StoreError::Unavailable(_)) => ApiError::Unavailable,
+            LifecycleError::Store(StoreError::Unanswered(_)) => ApiError::Unanswered,
             LifecycleError::Store(StoreError::Conflict(k)) => {
                 ApiError::Conflict(format!("{k} already exists"))
             }
@@ -87,7 +91,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Unavailable | ApiError::Busy => {
+            ApiError::Unavailable | ApiError::Unanswered | ApiError::Busy => {
                 (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

@@ -756,6 +756,8 @@ impl Service for AdminService {
                 }
             });
         }
+        // New connections are refused at once rather than left in the backlog until the exit.
+        drop(listener);
         // Requests under way are answered; idle connections are closed.
         connections.shutdown().await;
     }

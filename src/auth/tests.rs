@@ -285,7 +285,7 @@ async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
     let f = Fixture::new().await;
     let v = Verifier::new(f.verifier.cache().clone(), 100, 1).with_argon2_wait(Duration::from_millis(50));
     // Its one argon2 thread busy for longer than the wait: refused as busy, and counted out again.
-    let held = v.argon2_slots.clone().acquire_owned().await.unwrap();
+    let held = v.prover.slots.clone().acquire_owned().await.unwrap();
     assert!(matches!(v.verify(&f.token).await, Err(AuthError::Busy)));
     assert_eq!(v.stats.argon2_waiting.load(Ordering::Relaxed), 0, "a given-up wait is not counted");
     drop(held);
@@ -308,9 +308,14 @@ async fn a_run_that_outlasts_the_bound_is_busy_and_its_proof_serves_the_retry() 
     let v = Verifier::new(f.verifier.cache().clone(), 100, 1).with_argon2_wait(Duration::from_millis(20));
     let answer = v.verify(&new.token).await;
     assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}: the test needs a slower hash");
-    // The run goes on and its proof is kept: the retry needs no run of its own.
+    // The run goes on, holding the token's turn: a retry meanwhile waits for it (and is busy
+    // past its own bound) rather than starting a second run.
+    let answer = v.verify(&new.token).await;
+    assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}: the test needs a slower hash");
+    assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1, "one run at a time per token");
+    // Its proof is kept: the retry after it needs no run of its own.
     let kept = async {
-        while v.proven.is_empty() {
+        while v.prover.proven.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
@@ -326,7 +331,7 @@ async fn without_argon2_threads_a_first_check_is_busy_never_invalid() {
     // As when no thread could start (a process limit): nobody takes the jobs.
     let (jobs, queue) = crossbeam_channel::unbounded();
     drop(queue);
-    v.argon2_workers = jobs;
+    Arc::get_mut(&mut v.prover).expect("not shared yet").workers = jobs;
     let answer = v.verify(&f.token).await;
     assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
 }

@@ -499,7 +499,7 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> any
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
-            server::catch_early_hangup();
+            server::catch_early_signals();
             // Before the reading: an edit from here on is applied once the watcher starts.
             let loaded = server::file_stamp(&path);
             let config = load(&path)?;

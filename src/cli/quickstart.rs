@@ -55,7 +55,7 @@ routes:
 /// `port` and `admin_port` as given on the command line: they shape a new config; an earlier
 /// run's config is used as it is, and a port given that differs from it is refused.
 pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Result<()> {
-    server::catch_early_hangup();
+    server::catch_early_signals();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tollgate.yaml");
     // Before the reading: an edit from here on (the instructions invite them) is applied once the

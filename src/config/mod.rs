@@ -777,12 +777,9 @@ impl Validator {
             let pasted = |file: &Option<String>| {
                 file.as_ref().is_some_and(|f| f.contains('\n') || f.contains("-----BEGIN"))
             };
-            let not_a_name = |var: &Option<String>| {
-                var.as_ref().is_some_and(|v| {
-                    !v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                        || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                })
-            };
+            // Any name a shell, Docker or Kubernetes can set (`JWT-SECRET` too), but none with `=`.
+            let not_a_name =
+                |var: &Option<String>| var.as_ref().is_some_and(|v| v.is_empty() || v.contains(['=', '\0']));
             let loaded = match (k.key_file, k.secret_file, k.secret_env) {
                 (file, None, None) if pasted(&file) => {
                     Err((at("key_file"), "holds a key's text; give the path of the file that holds it".into()))
@@ -792,7 +789,7 @@ impl Validator {
                 }
                 (None, None, var) if not_a_name(&var) => Err((
                     at("secret_env"),
-                    "is not an environment variable's name (letters, digits, `_`); name the variable that holds the secret, not the secret".into(),
+                    "is not an environment variable's name (it is empty or holds `=`); name the variable that holds the secret, not the secret".into(),
                 )),
                 (Some(file), None, None) => match std::fs::read_to_string(&file) {
                     Ok(text) => JwtKey::load(&kid, algorithm, KeyMaterial::Pem(&text))
@@ -805,12 +802,13 @@ impl Validator {
                         JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret))
                             .map_err(|e| (at("secret_file"), e))
                     }
-                    Err(e) => Err((at("secret_file"), format!("cannot read {file}: {e}"))),
+                    // The value is not repeated: it may be the secret itself, written by mistake.
+                    Err(e) => Err((at("secret_file"), format!("cannot read the file it names: {e}"))),
                 },
                 (None, None, Some(var)) => match std::env::var(&var) {
                     Ok(secret) => JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret.as_bytes()))
                         .map_err(|e| (at("secret_env"), e)),
-                    Err(_) => Err((at("secret_env"), format!("environment variable {var} is not set"))),
+                    Err(_) => Err((at("secret_env"), "names an environment variable that is not set".into())),
                 },
                 _ => Err((at("key_file"), "give exactly one of key_file, secret_file, secret_env".into())),
             };

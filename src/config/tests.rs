@@ -417,6 +417,9 @@ jwt:
     - {{ kid: k5, key_file: /nonexistent/key.pem }}
     - {{ kid: k6, algorithm: HS256, secret_env: 'pasted-s3cret/value+A==' }}
     - {{ kid: k7, key_file: "-----BEGIN PRIVATE KEY-----\\nMC4CAQAwBQYDK2VwBCIEIPASTED\\n-----END PRIVATE KEY-----" }}
+    - {{ kid: k8, algorithm: HS256, secret_env: a3f9s3cret0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8 }}
+    - {{ kid: k9, algorithm: HS256, secret_file: q8Zxs3cretAbCdEfGhIjKlMnOpQrStUvWxYz0123456789 }}
+    - {{ kid: k10, algorithm: HS256, secret_env: JWT-SECRET-UNSET }}
 routes:
   - {{ path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }}
 "#,
@@ -431,10 +434,13 @@ routes:
             "jwt.keys[1].kid: another key already has kid \"k1\"",
             "jwt.keys[2].algorithm: \"PS512\" is not one of EdDSA, ES256, RS256, HS256",
             "jwt.keys[3].key_file: not a usable ES256 key",
-            "jwt.keys[4].secret_env: environment variable TOLLGATE_TEST_UNSET_SECRET is not set",
+            "jwt.keys[4].secret_env: names an environment variable that is not set",
             "jwt.keys[5].key_file: cannot read /nonexistent/key.pem",
             "jwt.keys[6].secret_env: is not an environment variable's name",
             "jwt.keys[7].key_file: holds a key's text; give the path",
+            "jwt.keys[8].secret_env: names an environment variable that is not set",
+            "jwt.keys[9].secret_file: cannot read the file it names",
+            "jwt.keys[10].secret_env: names an environment variable that is not set",
             "jwt.signing_key: no key in jwt.keys has kid \"nope\"",
             "routes[0].identity_jwt: a public route has no identity to sign",
         ],

@@ -229,7 +229,8 @@ impl Lifecycle<'_> {
         // A subject naming an org user would reach upstreams as that user (`X-Auth-Subject:
         // ephemeral:<address>`, as a credential bound to them does) without the binding that stops
         // it when they are suspended or removed: only the bound user's own address may be it.
-        if let Some(subject) = req.subject.as_deref().filter(|s| check_email(s).is_ok()) {
+        // Trimmed as an upstream's HTTP parser trims the header value.
+        if let Some(subject) = req.subject.as_deref().map(str::trim).filter(|s| check_email(s).is_ok()) {
             if let Some(user) = self.org_user(org, subject).await? {
                 if uid.as_ref() != Some(&user.id) {
                     return Err(LifecycleError::Invalid(format!(

@@ -34,6 +34,10 @@ pub enum StoreError {
     /// The backend could not be reached in time.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A change was sent to a remote store and its answer did not come (a timeout, a dropped
+    /// connection): the store may apply it anyway.
+    #[error("the store did not answer ({0}); the change may still have been made: look before retrying")]
+    Unanswered(String),
     /// A unique key is already taken (duplicate email, service name, token id).
     #[error("{0} already exists")]
     Conflict(String),
@@ -52,9 +56,6 @@ pub enum StoreError {
         reason: String,
     },
 }
-
-/// Said of a change sent to a remote store whose answer did not come: it may be applied anyway.
-pub(crate) const MAY_HAVE_LANDED: &str = "the change may still have been made: look before retrying";
 
 /// What changed, as told to every instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -342,7 +343,7 @@ impl StoreStats {
     /// Counts a failed call and logs it, at most once a second.
     fn failed(&self, e: &StoreError) {
         match e {
-            StoreError::Unavailable(_) => self.errors.inc(),
+            StoreError::Unavailable(_) | StoreError::Unanswered(_) => self.errors.inc(),
             StoreError::Corrupt { .. } => self.corrupt.inc(),
             _ => return,
         }
@@ -567,11 +568,9 @@ impl Store {
         let limit = self.backend.commit_may_time_out().then_some(self.timeout);
         let commit = async {
             match limit {
-                Some(limit) => {
-                    tokio::time::timeout(limit, self.backend.commit(batch)).await.unwrap_or_else(|_| {
-                        Err(StoreError::Unavailable(format!("no answer within {limit:?}; {MAY_HAVE_LANDED}")))
-                    })
-                }
+                Some(limit) => tokio::time::timeout(limit, self.backend.commit(batch))
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Unanswered(format!("no answer within {limit:?}")))),
                 None => self.backend.commit(batch).await,
             }
         };

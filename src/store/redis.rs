@@ -189,7 +189,7 @@ impl Backend for RedisBackend {
                 || e.is_io_error()
                 || e.is_connection_dropped()
             {
-                true => StoreError::Unavailable(format!("{e}; {}", super::MAY_HAVE_LANDED)),
+                true => StoreError::Unanswered(e.to_string()),
                 false => unavailable(e),
             })?;
         if conflict.is_empty() {

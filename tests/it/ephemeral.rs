@@ -373,6 +373,7 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         // A subject that is an org user's address is that user's binding or nothing.
         (&viewer, "acme", "shop", with(json!({"subject": "SUS@acme.io"})), 403, "is suspended"),
         (&viewer, "acme", "shop", with(json!({"subject": "Ann@acme.io"})), 400, "send it as `user_email`"),
+        (&viewer, "acme", "shop", with(json!({"subject": "ann@acme.io "})), 400, "send it as `user_email`"),
         (
             &viewer,
             "acme",

@@ -88,6 +88,25 @@ async fn a_cached_token_costs_the_store_nothing_and_its_last_use_is_written_late
     assert_eq!(written.ip, "127.0.0.1", "{written:?}");
 }
 
+/// Redis runs a change it has read even when the gateway stopped waiting for its answer: the
+/// caller is told the change may have been made (a blind retry would issue a second token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
+    let w = World::start().await;
+    let admin = w.bootstrap_admin("acme").await;
+    admin.run(&["token", "list"]).ok();
+    // Redis holds write commands (the change's script) for 3 s, past the store timeout (1 s).
+    let _: () =
+        redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut w.redis.client()).unwrap();
+    let err = admin.run(&["token", "issue", "--display-name", "during-pause"]).failed();
+    assert!(err.contains("may still have been made"), "{err}");
+    let landed = eventually(Duration::from_secs(15), || async {
+        admin.run(&["token", "list"]).stdout.contains("during-pause")
+    })
+    .await;
+    assert!(landed, "the change was made once the pause ended");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
     use tokio::io::AsyncWriteExt;
@@ -273,6 +292,58 @@ async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
     assert!(w.gateway.wait_exit(std::time::Duration::from_secs(30)).is_some());
 }
 
+/// A `SIGTERM` while the gateway is still starting (here: waiting for a store that does not
+/// answer) is a graceful shutdown once it serves, never lost (a container's first process would
+/// ignore it) nor the end of the process by the default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_up_is_a_graceful_shutdown_once_serving() {
+    let w = World::start().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("tollgate.yaml");
+    std::fs::write(&config_path, gateway_config(port, &w.redis.url(), w.upstream.port)).unwrap();
+    let log = dir.path().join("tollgate.log");
+    // The start-up's store check waits for its timeout (1 s) on a stopped Redis.
+    w.redis.pause();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Caught (the kernel shows a handler for SIGTERM, signal 15) while the proxy is not yet
+    // listening: in the start-up, before the shutdown watch.
+    let caught = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+        u64::from_str_radix(mask, 16).is_ok_and(|m| m & (1 << 14) != 0)
+    };
+    let starting = eventually(Duration::from_secs(10), || async {
+        caught(child.id()) && std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    let starting = starting.await;
+    let sent = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    w.redis.resume();
+    assert!(starting, "SIGTERM is caught during start-up");
+    assert!(sent.is_ok_and(|s| s.success()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break status,
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!("the SIGTERM during start-up was lost: {}", std::fs::read_to_string(&log).unwrap());
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("shutting down"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_request_in_flight_finish() {
     let mut w = World::start().await;
@@ -331,6 +402,13 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
     assert_eq!(body["error"], "gateway_timeout", "{body}");
     assert_eq!(body["request_id"], id.as_str(), "{body}");
     assert!(!slow.heads().is_empty(), "the request reached the upstream before the gateway gave up");
+    // Counted as allowed (it was), and as a proxy failure an operator can alert on.
+    let failures = r#"tollgate_proxy_failures_total{route="shop",status="504"}"#;
+    let metrics = format!("{}/metrics", g.admin_url());
+    let counted = eventually(Duration::from_secs(5), || async {
+        sample(&w.http.get(&metrics).send().await.unwrap().text().await.unwrap(), failures) == 1.0
+    });
+    assert!(counted.await, "the 504 is counted as a proxy failure");
 
     // The route's own bound replaces the file's: the same upstream's answer arrives.
     let resp = w.http.get(g.url("/patient/slow")).bearer_auth(&token).send().await.unwrap();
