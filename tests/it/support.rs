@@ -326,14 +326,7 @@ impl Gateway {
 
     /// Waits up to `within` for the process to exit.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        exit_within(&mut self.child, within)
     }
 
     pub fn log_text(&self) -> String {
@@ -580,4 +573,16 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
 
 pub fn tollgate_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+/// Waits up to `within` for a child process to exit; `None` if it is still running.
+pub fn exit_within(child: &mut std::process::Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
