@@ -237,12 +237,17 @@ impl Route {
     }
 
     /// Whether `path` is under this route's prefix (on a segment boundary), comparing letters
-    /// without regard to case when `fold_case`.
+    /// without regard to case when `fold_case`. A prefix ending in `/` covers the path without it
+    /// too (`/admin/` takes `/admin`, which Express, Rails and ASP.NET serve as `/admin/`).
     fn matches_path(&self, path: &str, fold_case: bool) -> bool {
         let prefix = self.path_prefix.as_bytes();
-        let Some((head, rest)) = path.as_bytes().split_at_checked(prefix.len()) else { return false };
-        let same = if fold_case { head.eq_ignore_ascii_case(prefix) } else { head == prefix };
-        same && (prefix.ends_with(b"/") || matches!(rest.first(), None | Some(b'/' | b'?')))
+        if prefix == b"/" {
+            return path.starts_with('/');
+        }
+        let bare = prefix.strip_suffix(b"/").unwrap_or(prefix);
+        let Some((head, rest)) = path.as_bytes().split_at_checked(bare.len()) else { return false };
+        let same = if fold_case { head.eq_ignore_ascii_case(bare) } else { head == bare };
+        same && matches!(rest.first(), None | Some(b'/' | b'?'))
     }
 }
 
@@ -605,8 +610,6 @@ mod tests {
             ("/robots.txt", "root"),
             ("/.well-known/x", "root"),
             ("/shop/.hidden", "shop"),
-            // A prefix ending in `/` is not its path without it (see `matching`).
-            ("/api/v2.json", "api"),
         ] {
             assert_eq!(name(path), Ok(Some(expected)), "{path}");
         }
@@ -621,6 +624,8 @@ mod tests {
             "/shop/admin.json/",
             "/shop//admin.json",
             "/api/v2.1.json",
+            // A prefix ending in `/` covers its path without it (see `matching`).
+            "/api/v2.json",
         ] {
             assert!(name(path).is_err(), "{path}");
         }
@@ -643,7 +648,10 @@ mod tests {
         check(None, "/api/users", Some("api"));
         check(None, "/apix", Some("root"));
         check(None, "/api/v2/x", Some("api-v2"));
-        check(None, "/api/v2", Some("api"));
+        // `/api/v2/` covers `/api/v2` too, which upstreams serve alike.
+        check(None, "/api/v2", Some("api-v2"));
+        check(None, "/api/v2?x=1", Some("api-v2"));
+        check(None, "/api/v2x", Some("api"));
         check(Some("SHOP.example.com:8443"), "/api/x", Some("host-api"));
         check(Some("shop.example.com"), "/other", Some("root"));
         check(Some("other.example.com"), "/api", Some("api"));

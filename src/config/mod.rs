@@ -1120,10 +1120,15 @@ impl Validator {
                     ),
                     Err(why) => self.error(at("path"), format!("{path_prefix:?}: {why}")),
                 }
-                path_clash = seen.insert((host.clone(), path_prefix.clone()), i);
+                // Keyed without a trailing `/`: `/admin/` covers `/admin` too, so the two are one.
+                let key = path_prefix.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path_prefix);
+                path_clash = seen.insert((host.clone(), key.to_string()), i);
                 if let Some(j) = path_clash {
                     let on = host.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default();
-                    self.error(at("path"), format!("routes[{j}] already has path {path_prefix:?}{on}"));
+                    self.error(
+                        at("path"),
+                        format!("routes[{j}] already has path {path_prefix:?}{on} (a prefix ending in `/` covers the path without it)"),
+                    );
                 }
                 // Two prefixes that differ only in case, on one host or one for any host (tried on
                 // every host, after the host's own): an upstream that ignores case reads them as

@@ -316,6 +316,14 @@ fn a_public_route_takes_no_permission_or_token_parameter() {
 }
 
 #[test]
+fn a_prefix_and_the_same_with_a_trailing_slash_are_one_route() {
+    check(
+        "routes:\n  - { path: /admin, upstream: '127.0.0.1:1', auth: none }\n  - { path: /admin/, upstream: '127.0.0.1:1', auth: none }\n",
+        &["routes[1].path: routes[0] already has path \"/admin/\""],
+    );
+}
+
+#[test]
 fn a_route_cannot_lead_back_to_the_gateway() {
     let yaml = |listen: &str, upstream: &str| {
         format!("listen: '{listen}'\nadmin: {{ listen: '127.0.0.1:18081' }}\nroutes:\n  - {{ path: /a, upstream: '{upstream}', auth: none }}\n")

@@ -215,6 +215,10 @@ fn a_lifetime_dated_ahead_is_refused_and_a_far_expiry_never_overflows() {
     let mut ahead = claims(10 * 365 * 86_400);
     ahead.iat = ahead.exp - 60;
     assert_eq!(s.verify(&s.sign(&ahead).unwrap()).map(|_| ()), Err(JwtError::Claims));
+    // Dated ahead alone, with an expiry well within `max_ttl` from now: refused too.
+    let mut soon = claims(180);
+    soon.iat += 120;
+    assert_eq!(s.verify(&s.sign(&soon).unwrap()).map(|_| ()), Err(JwtError::Claims));
     let mut last = claims(0);
     last.exp = i64::MAX;
     last.iat = i64::MAX - 60;

@@ -240,9 +240,13 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
     // The lengths first: most names are none of these (this runs on each of a request's headers).
     match (mode, spelled.len()) {
         (ForwardedFor::Keep, _) => false,
-        (_, 15) => *name != X_FORWARDED_FOR && spelled_alike(spelled, X_FORWARDED_FOR.as_str().as_bytes()),
+        (_, 15)
+            if *name != X_FORWARDED_FOR && spelled_alike(spelled, X_FORWARDED_FOR.as_str().as_bytes()) =>
+        {
+            true
+        }
         (ForwardedFor::Append, _) => false,
-        (ForwardedFor::Replace, 9 | 11 | 13 | 14 | 16 | 19) => {
+        (ForwardedFor::Replace, 9 | 11 | 13..=19) => {
             *name == http::header::FORWARDED
                 || CLIENT_ADDRESS_HEADERS.iter().any(|h| spelled_alike(spelled, h.as_bytes()))
         }
@@ -251,20 +255,27 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
 }
 
 /// Headers besides `X-Forwarded-For` and `Forwarded` in which proxies and CDNs name the client's
-/// address, and upstream libraries look for it: removed under `forwarded_for: replace`.
-const CLIENT_ADDRESS_HEADERS: [&str; 6] = [
+/// address, or the host and scheme it asked for (Rails, Django, Laravel and Express behind a
+/// trusted proxy build links and redirects from `X-Forwarded-Host` and `-Proto`), and upstream
+/// libraries look for them: removed under `forwarded_for: replace`.
+const CLIENT_ADDRESS_HEADERS: [&str; 11] = [
     "x-real-ip",
     "x-client-ip",
     "forwarded-for",
     "true-client-ip",
     "cf-connecting-ip",
     "x-cluster-client-ip",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
 ];
 const _: () = {
     // The lengths `client_address_claim` lets through are exactly these names'.
     let mut i = 0;
     while i < CLIENT_ADDRESS_HEADERS.len() {
-        assert!(matches!(CLIENT_ADDRESS_HEADERS[i].len(), 9 | 11 | 13 | 14 | 16 | 19));
+        assert!(matches!(CLIENT_ADDRESS_HEADERS[i].len(), 9 | 11 | 13..=19));
         i += 1;
     }
 };

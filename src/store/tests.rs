@@ -470,10 +470,11 @@ async fn a_redis_commit_given_up_on_says_it_may_still_land() {
     let s = Store::new(Arc::new(redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap()), timeout);
     let svc = etl(&s).await;
     let (token, _) = service_token(&s, &svc).await;
-    // Redis holds write commands for a second, then runs them.
+    // Redis holds write commands until told, then runs them.
     let _: () =
-        ::redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE").query(&mut server.client()).unwrap();
+        ::redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut server.client()).unwrap();
     let late = s.revoke_token(&token.id, Some("leaked".into()), None).await;
+    let _: () = ::redis::cmd("CLIENT").arg("UNPAUSE").query(&mut server.client()).unwrap();
     match &late {
         Err(e @ StoreError::Unanswered(_)) => {
             assert!(e.to_string().contains("may still have been made"), "{e}")

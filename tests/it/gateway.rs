@@ -1044,6 +1044,58 @@ async fn a_refused_connection_is_tried_on_the_routes_next_upstream() {
     assert_eq!(body["error"], "bad_gateway", "{body}");
 }
 
+/// The client's `Connection` header concerns its connection with the gateway: forwarded, one
+/// naming `X-Auth-Subject` would have a later proxy (Go's `ReverseProxy`, Traefik, Caddy) delete
+/// the gateway's own. Pingora 0.9 removes the client's hop-by-hop headers before the gateway adds
+/// its own, and refuses a request whose `Connection` names `Host` or `X-Forwarded-For`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_hop_by_hop_headers_stop_at_the_gateway() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "hop@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    for nominated in ["X-Forwarded-For", "host"] {
+        let resp = w
+            .http
+            .get(w.gateway.url("/shop/a"))
+            .bearer_auth(&token)
+            .header("Connection", format!("keep-alive, {nominated}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{nominated}");
+    }
+    for path in ["/shop/a", "/public/a"] {
+        let resp = w
+            .http
+            .get(w.gateway.url(path))
+            .bearer_auth(&token)
+            .header("Connection", "keep-alive, X-Custom-A")
+            .header("Connection", "X-Auth-Subject, X-Auth-Role")
+            .header("X-Custom-A", "1")
+            .header("X-Custom-B", "2")
+            .header("Keep-Alive", "timeout=5")
+            .header("Proxy-Connection", "keep-alive")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            panic!("{path}: {} {}", resp.status(), resp.text().await.unwrap());
+        }
+        let echo = echoed(resp).await;
+        let h = &echo["headers"];
+        for gone in ["connection", "x-custom-a", "keep-alive", "proxy-connection"] {
+            assert!(h.get(gone).is_none(), "{path}: {gone} in {echo}");
+        }
+        assert_eq!(h["x-custom-b"], serde_json::json!(["2"]), "{path}: others pass");
+        assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]), "{path}");
+        assert!(h.get("host").is_some(), "{path}");
+        if path == "/shop/a" {
+            assert_eq!(h["x-auth-subject"][0], format!("user:{}", user.id), "{path}");
+            assert_eq!(h["x-auth-role"][0], "viewer", "{path}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() {
     // Passed as sent, a forged X-Forwarded-For was all an upstream behind a proxy it trusts (Rails'
@@ -1079,6 +1131,9 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             .header("X_Client_IP", "203.0.113.70")
             .header("True-Client-IP", "203.0.113.71")
             .header("CF-Connecting-IP", "203.0.113.72")
+            .header("X-Forwarded-Host", "evil.example")
+            .header("X_Forwarded_Proto", "https")
+            .header("X-Forwarded-Ssl", "on")
             .send()
     };
     for path in ["/shop/a", "/public/a"] {
@@ -1112,7 +1167,16 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
         let echo = echoed(forged(&edge, path).await.unwrap()).await;
         assert_eq!(xff(&echo), serde_json::json!(["127.0.0.1"]), "{path}: {echo}");
         let names: Vec<&String> = echo["headers"].as_object().unwrap().keys().collect();
-        let claims = ["forwarded", "x-real-ip", "x_client_ip", "true-client-ip", "cf-connecting-ip"];
+        let claims = [
+            "forwarded",
+            "x-real-ip",
+            "x_client_ip",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-forwarded-host",
+            "x_forwarded_proto",
+            "x-forwarded-ssl",
+        ];
         assert!(
             !names.iter().any(|n| n.contains("forwarded_for")
                 || n.contains("forwarded.for")

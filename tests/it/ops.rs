@@ -95,10 +95,11 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     let w = World::start().await;
     let admin = w.bootstrap_admin("acme").await;
     admin.run(&["token", "list"]).ok();
-    // Redis holds write commands (the change's script) for 3 s, past the store timeout (1 s).
+    // Redis holds write commands (the change's script) past the store timeout (1 s), until told.
     let _: () =
-        redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut w.redis.client()).unwrap();
+        redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut w.redis.client()).unwrap();
     let err = admin.run(&["token", "issue", "--display-name", "during-pause"]).failed();
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut w.redis.client()).unwrap();
     assert!(err.contains("may still have been made"), "{err}");
     let landed = eventually(Duration::from_secs(15), || async {
         admin.run(&["token", "list"]).stdout.contains("during-pause")
@@ -301,9 +302,11 @@ async fn a_sigterm_during_start_up_is_a_graceful_shutdown_once_serving() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("tollgate.yaml");
-    std::fs::write(&config_path, gateway_config(port, &w.redis.url(), w.upstream.port)).unwrap();
+    // The start-up's store check waits for its timeout on a stopped Redis: long enough that the
+    // window lasts until the test resumes it.
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port).replace("timeout: 1s", "timeout: 20s");
+    std::fs::write(&config_path, config).unwrap();
     let log = dir.path().join("tollgate.log");
-    // The start-up's store check waits for its timeout (1 s) on a stopped Redis.
     w.redis.pause();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("serve")
@@ -399,9 +402,11 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
     assert!(!slow.heads().is_empty(), "the request reached the upstream before the gateway gave up");
     // Counted as allowed (it was), and as a proxy failure an operator can alert on.
     let failures = r#"tollgate_proxy_failures_total{route="shop",status="504"}"#;
+    let allowed = r#"tollgate_requests_total{outcome="allowed",route="shop"}"#;
     let metrics = format!("{}/metrics", g.admin_url());
     let counted = eventually(Duration::from_secs(5), || async {
-        sample(&w.http.get(&metrics).send().await.unwrap().text().await.unwrap(), failures) == 1.0
+        let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        sample(&now, failures) == 1.0 && sample(&now, allowed) == 1.0
     });
     assert!(counted.await, "the 504 is counted as a proxy failure");
 
