@@ -145,52 +145,49 @@ pub enum FormatError {
 /// a credential, perhaps a whole token pasted in the wrong place: the token's id (`tgp_AbCdEf…`),
 /// or `eyJ…` for what may be a JWT. `None` when it holds none.
 pub fn redacted(text: &str) -> Option<String> {
-    let token = PREFIXES.iter().filter_map(|p| text.find(p)).min();
-    match token.map(|at| &text[at..]) {
-        Some(token) if token.len() > ID_LEN => Some(format!("{}…", token.get(..ID_LEN).unwrap_or("tg"))),
-        // A JWT's header starts `eyJ` (base64 of `{"`), and two dots follow: an email such as
-        // `heyJoe@acme.io` is no JWT.
-        _ if text.find("eyJ").is_some_and(|at| text[at..].matches('.').count() >= 2) => {
-            Some("eyJ…".to_string())
-        }
-        _ => None,
-    }
+    runs(text).find_map(|(_, run)| credential_in(run)).map(|(_, said)| said)
 }
 
-/// `text` (an error message, say) with every token or JWT in it cut to what [`redacted`] leaves:
-/// each run of the characters tokens and JWTs are made of is judged alone.
+/// `text` (an error message, say) with every token or JWT in it cut to what [`redacted`] leaves.
 pub fn redacted_within(text: &str) -> std::borrow::Cow<'_, str> {
     if redacted(text).is_none() {
         return std::borrow::Cow::Borrowed(text);
     }
-    let part_of_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find(part_of_token) {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find(|c| !part_of_token(c)).map_or(rest.len(), |n| start + n);
-        // A sentence's full stop (or a dash) after a run is not part of it.
-        let whole = &rest[start..end];
-        let run = whole.trim_end_matches(['.', '-']);
-        let token = PREFIXES.iter().filter_map(|p| run.find(p)).min().filter(|at| run.len() - at > ID_LEN);
-        let jwt = run.strip_prefix("eyJ").is_some_and(|r| {
-            let parts: Vec<&str> = r.split('.').collect();
-            parts.len() >= 3 && parts.iter().all(|p| !p.is_empty())
-        });
-        match (token, jwt) {
-            (Some(at), _) => {
-                out.push_str(&run[..at]);
-                out.push_str(&run[at..at + ID_LEN]);
-                out.push('…');
-            }
-            (None, true) => out.push_str("eyJ…"),
-            (None, false) => out.push_str(run),
+    let mut done = 0;
+    for (start, run) in runs(text) {
+        if let Some((at, said)) = credential_in(run) {
+            out.push_str(&text[done..start + at]);
+            out.push_str(&said);
+            done = start + run.len();
         }
-        out.push_str(&whole[run.len()..]);
-        rest = &rest[end..];
     }
-    out.push_str(rest);
+    out.push_str(&text[done..]);
     std::borrow::Cow::Owned(out)
+}
+
+/// The runs of the characters tokens and JWTs are made of, each with its offset in `text`, and
+/// without a sentence's full stop (or a dash) after it.
+fn runs(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let part_of_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    text.split(move |c| !part_of_token(c))
+        .map(move |run| (run.as_ptr() as usize - text.as_ptr() as usize, run.trim_end_matches(['.', '-'])))
+        .filter(|(_, run)| !run.is_empty())
+}
+
+/// Where a credential starts in a run, and what may be said of it: a token by its id; a JWT
+/// (a run starting `eyJ`, base64 of `{"`, in three non-empty parts: an address such as
+/// `heyJoe.van.dam@acme.io` is none) as `eyJ…`.
+fn credential_in(run: &str) -> Option<(usize, String)> {
+    let token = PREFIXES.iter().filter_map(|p| run.find(p)).min().filter(|at| run.len() - at > ID_LEN);
+    if let Some(at) = token {
+        return Some((at, format!("{}…", &run[at..at + ID_LEN])));
+    }
+    let jwt = run.starts_with("eyJ") && {
+        let parts: Vec<&str> = run.split('.').collect();
+        parts.len() >= 3 && parts.iter().all(|p| !p.is_empty())
+    };
+    jwt.then(|| (0, "eyJ…".to_string()))
 }
 
 /// Checks format and checksum. Pure: no cache or store is involved.

@@ -308,6 +308,10 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// What a call given up on is: [`StoreError::Unavailable`] for a read, [`StoreError::Unanswered`]
+/// for a change a remote store may still apply.
+type Late = fn(String) -> StoreError;
+
 /// Keys read in one round trip by [`Store::read_many`]: a chunk's answer stays well within the
 /// store timeout.
 const READ_CHUNK: usize = 500;
@@ -484,20 +488,22 @@ impl Store {
         &self,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.measured(fut, Some(self.timeout)).await
+        self.measured(fut, Some((self.timeout, StoreError::Unavailable))).await
     }
 
     /// `fut`, timed and counted, and given up on after `limit` if there is one.
+    /// Times and counts a store call; with `limit`, one given up on past it is the error its
+    /// [`Late`] makes of the reason.
     async fn measured<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
-        limit: Option<Duration>,
+        limit: Option<(Duration, Late)>,
     ) -> Result<T, StoreError> {
         let timer = self.stats.latency.start_timer();
         let result = match limit {
-            Some(limit) => tokio::time::timeout(limit, fut)
+            Some((limit, late)) => tokio::time::timeout(limit, fut)
                 .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("no answer within {limit:?}")))),
+                .unwrap_or_else(|_| Err(late(format!("no answer within {limit:?}")))),
             None => fut.await,
         };
         timer.observe_duration();
@@ -565,16 +571,9 @@ impl Store {
         // A change sent to a remote store may still be applied after the wait is given up (Redis
         // runs the script once it reads it): the error says so, for the caller to look before
         // retrying (a retried issue would make a second token).
-        let limit = self.backend.commit_may_time_out().then_some(self.timeout);
-        let commit = async {
-            match limit {
-                Some(limit) => tokio::time::timeout(limit, self.backend.commit(batch))
-                    .await
-                    .unwrap_or_else(|_| Err(StoreError::Unanswered(format!("no answer within {limit:?}")))),
-                None => self.backend.commit(batch).await,
-            }
-        };
-        self.measured(commit, None).await?;
+        let limit =
+            self.backend.commit_may_time_out().then_some((self.timeout, StoreError::Unanswered as Late));
+        self.measured(self.backend.commit(batch), limit).await?;
         if let Some(listener) = self.listener.get().and_then(std::sync::Weak::upgrade) {
             listener.committed(&changed);
         }
