@@ -50,10 +50,11 @@ impl<V> Clone for Entry<V> {
 }
 
 /// Why a load produced nothing to cache. Not-found is an error here only so moka does not cache it.
-#[derive(Debug, Clone)]
-enum Miss {
+enum Miss<V> {
     NotFound,
     Store(StoreError),
+    /// Read, but slower than the load bound: served, not kept (see [`RecordCache::load`]).
+    Late(Entry<V>),
 }
 
 struct Generations {
@@ -85,6 +86,7 @@ struct RecordCache<K, V> {
     hot: quick_cache::sync::Cache<K, Hot<V>, quick_cache::UnitWeighter, Hasher>,
     hot_for: Duration,
     invalidated_at: moka::sync::Cache<K, u64, Hasher>,
+    load_bound: Duration,
     hits: prometheus::IntCounter,
     misses: prometheus::IntCounter,
 }
@@ -148,6 +150,7 @@ where
             invalidated_at: moka::sync::Cache::builder()
                 .time_to_live(settings.ttl + load_bound * 2)
                 .build_with_hasher(Hasher::default()),
+            load_bound,
         }
     }
 
@@ -207,25 +210,36 @@ where
             .entries
             .try_get_with_by_ref(key, async {
                 let generation = gens.current.load(Ordering::Acquire);
+                let started = Instant::now();
                 match load().await {
+                    // An invalidation's marker outlives an entry by twice the load bound, counted
+                    // from the invalidation: an entry kept after a longer load (a stalled task, a
+                    // paused machine) could outlive the marker that refuses it.
+                    Ok(Some(v)) if started.elapsed() > self.load_bound => {
+                        Err(Miss::Late(Entry { value: Arc::new(v), generation }))
+                    }
                     Ok(Some(v)) => Ok(Entry { value: Arc::new(v), generation }),
                     Ok(None) => Err(Miss::NotFound),
                     Err(e) => Err(Miss::Store(e)),
                 }
             })
             .await;
-        match loaded {
-            // A shared load that started before an invalidation: read again, uncached.
-            Ok(entry) if !self.is_fresh(key, &entry, gens) => {
-                self.entries.invalidate(key).await;
-                Ok(load().await?.map(Arc::new))
-            }
-            Ok(entry) => Ok(Some(entry.value)),
+        let entry = match loaded {
+            Ok(entry) => entry,
             Err(miss) => match miss.as_ref() {
-                Miss::NotFound => Ok(None),
-                Miss::Store(e) => Err(e.clone()),
+                Miss::NotFound => return Ok(None),
+                Miss::Store(e) => return Err(e.clone()),
+                // Served, uncached, unless an invalidation came meanwhile.
+                Miss::Late(entry) if self.is_fresh(key, entry, gens) => return Ok(Some(entry.value.clone())),
+                Miss::Late(_) => return Ok(load().await?.map(Arc::new)),
             },
+        };
+        if !self.is_fresh(key, &entry, gens) {
+            // A shared load that started before an invalidation: read again, uncached.
+            self.entries.invalidate(key).await;
+            return Ok(load().await?.map(Arc::new));
         }
+        Ok(Some(entry.value))
     }
 
     /// Marks the key's entry stale at once (the generation check refuses it); removal follows.

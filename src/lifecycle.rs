@@ -121,13 +121,18 @@ impl Actor {
         config.policy.permission(permission).is_some_and(|bit| self.org_permissions(config).contains(bit))
     }
 
+    /// An org admin's change reaches every environment (a role, a token, a service used in all of
+    /// them), so a token restricted to some environments is no admin's, whatever its owner's role.
     fn require_admin(&self, config: &Config) -> Result<()> {
-        if self.roles.org == Role::Admin && self.may(config, "admin") {
-            Ok(())
-        } else {
-            Err(LifecycleError::Forbidden(
+        match (self.roles.org == Role::Admin && self.may(config, "admin"), &self.environments) {
+            (true, None) => Ok(()),
+            (true, Some(envs)) => Err(LifecycleError::Forbidden(format!(
+                "this needs an org admin's token not restricted to environments (yours may be used only in {})",
+                envs.join(", ")
+            ))),
+            (false, _) => Err(LifecycleError::Forbidden(
                 "this needs an org admin (role admin, token with the admin permission)".into(),
-            ))
+            )),
         }
     }
 
@@ -170,6 +175,9 @@ pub struct IssueRequest {
     pub permissions: Option<Vec<String>>,
     /// Environments the token may be used in.
     pub environments: Option<Vec<String>>,
+    /// A service of the caller's org to issue the token to instead (its admins and its creator):
+    /// the way back for a service whose tokens all expired or were revoked.
+    pub service: Option<String>,
 }
 
 /// When a first token (a new service's, a new user's) ends: in `ttl_minutes`, at `expires`
@@ -508,7 +516,9 @@ impl<'a> Lifecycle<'a> {
                 .get(&actor.org)
                 .map(|o| o.projects.values().flatten().collect())
                 .unwrap_or_default();
-            if let Some(bad) = envs.iter().find(|e| !known.contains(e)) {
+            // A rotation keeps the old token's environments, one since removed from the config
+            // included: it is not asked for again (and is refused by the proxy until it returns).
+            if let Some(bad) = envs.iter().find(|e| making == Making::New && !known.contains(e)) {
                 return Err(LifecycleError::Invalid(format!(
                     "unknown environment {bad:?} in org {:?}",
                     actor.org
@@ -660,22 +670,44 @@ impl<'a> Lifecycle<'a> {
         IssuedToken { token: new.token, details: self.view_with(record, None).await }
     }
 
-    /// Issues a personal access token to the calling user.
-    pub async fn issue_pat(&self, actor: &Actor, req: IssueRequest) -> Result<IssuedToken> {
+    /// Issues a personal access token to the calling user, or with `service` a token to that
+    /// service.
+    pub async fn issue_pat(&self, actor: &Actor, mut req: IssueRequest) -> Result<IssuedToken> {
+        if let Some(name) = req.service.take() {
+            return self.issue_service_token(actor, &name, req).await;
+        }
         let user_id = actor
             .user_id
             .clone()
             .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
         let now = now_millis();
-        let wanted = TokenSpec {
+        let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
+        let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
+        self.store_issued(actor, &record, serde_json::Value::Null).await?;
+        Ok(self.issued(new, &record).await)
+    }
+
+    /// What `req` asks a new token to be.
+    fn wanted(&self, req: IssueRequest, now: Millis) -> Result<TokenSpec> {
+        Ok(TokenSpec {
             expires_at: parse_expiry(req.ttl_minutes, req.expires.as_deref(), now)?,
             scope: self.requested_scope(req.scope, req.permissions)?,
             display_name: req.display_name,
             environments: req.environments,
-        };
-        let spec = self.spec(actor, wanted, Making::New, now)?;
-        let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
-        self.store_issued(actor, &record, serde_json::Value::Null).await?;
+        })
+    }
+
+    /// Issues a token to a service of the caller's org (its admins and its creator), within the
+    /// service's roles and the caller's own narrowing, as a rotation of one of its tokens is.
+    async fn issue_service_token(&self, actor: &Actor, name: &str, req: IssueRequest) -> Result<IssuedToken> {
+        let s = self.managed_service_in(actor, &actor.org, name).await?;
+        self.may_manage_service(actor, &s)?;
+        let now = now_millis();
+        let owner_actor = Actor { roles: service_roles(&s), ..actor.clone() };
+        let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
+        let (new, record) = self.mint(&s.org, Owner::Service(s.id.clone()), spec).await?;
+        let details = serde_json::json!({ "for": format!("service:{}", s.name) });
+        self.store_issued(actor, &record, details).await?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -785,6 +817,9 @@ impl<'a> Lifecycle<'a> {
             }
             _ => return Err(LifecycleError::Invalid("give a token id or --display-name".into())),
         };
+        if actor.require_admin(self.config).is_err() && actor.token_id.as_ref() != Some(&before.id) {
+            self.within_reach(actor, &before)?;
+        }
         let mut t = (*before).clone();
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
@@ -801,6 +836,30 @@ impl<'a> Lifecycle<'a> {
         audit.reason = reason;
         self.store.update_token(&before, &t, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(self.view_after_change(&t).await)
+    }
+
+    /// Whether the caller's token reaches as far as another of its owner's tokens, `t`: no
+    /// permission the caller's scope leaves out, no environment outside the caller's. A token
+    /// narrowed for one job (a read-only dashboard's, a staging bot's) does not revoke its owner's
+    /// wider tokens, as it could not have issued them.
+    fn within_reach(&self, actor: &Actor, t: &TokenRecord) -> Result<()> {
+        let policy = &self.config.policy;
+        let role = policy.role_permissions(actor.roles.highest());
+        let reaches = t.scope.as_ref().map_or(role, |s| policy.set_of(&s.permissions).intersect(role));
+        let held = actor.permissions_for(self.config, actor.roles.highest());
+        let envs_within = match (&actor.environments, &t.environments) {
+            (None, _) => true,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|e| mine.contains(e)),
+            (Some(_), None) => false,
+        };
+        match held.contains(reaches) && envs_within {
+            true => Ok(()),
+            false => Err(LifecycleError::Forbidden(format!(
+                "token {} reaches further than the token you called with (its permissions or \
+                 environments): revoke it with a token that holds as much",
+                t.id
+            ))),
+        }
     }
 
     async fn list_owned(&self, actor: &Actor) -> Result<Vec<Stored<TokenRecord>>> {
@@ -853,13 +912,7 @@ impl<'a> Lifecycle<'a> {
                     .await?
                     .ok_or_else(|| LifecycleError::NotFound("service gone".into()))?;
                 // The caller's own narrowing (scope, environments) still applies.
-                Actor {
-                    roles: RoleSet {
-                        org: s.org_role.unwrap_or(Role::Guest),
-                        projects: s.project_roles.clone(),
-                    },
-                    ..actor.clone()
-                }
+                Actor { roles: service_roles(&s), ..actor.clone() }
             }
             Owner::User(_) => actor.clone(),
         };
@@ -889,9 +942,18 @@ impl<'a> Lifecycle<'a> {
         Ok(self.issued(new, &record).await)
     }
 
-    fn check_roles(&self, org: &str, project_roles: &BTreeMap<String, Role>) -> Result<()> {
+    /// Every project given a role it did not have (`before`) is one the config defines. Roles kept
+    /// on a project since removed from the config are not checked again: a demotion or another
+    /// project's change must not wait for that one to be cleaned up.
+    fn check_roles(
+        &self,
+        org: &str,
+        project_roles: &BTreeMap<String, Role>,
+        before: Option<&BTreeMap<String, Role>>,
+    ) -> Result<()> {
         let projects = self.config.orgs.get(org).map(|o| &o.projects);
-        for project in project_roles.keys() {
+        let given = project_roles.iter().filter(|(p, r)| before.and_then(|b| b.get(*p)) != Some(*r));
+        for (project, _) in given {
             if !projects.is_some_and(|p| p.contains_key(project)) {
                 return Err(LifecycleError::Invalid(format!(
                     "project {project:?} is not defined in org {org:?}"
@@ -918,7 +980,7 @@ impl<'a> Lifecycle<'a> {
         actor.require_admin(self.config)?;
         check_email(email)?;
         check_attributes(&attributes)?;
-        self.check_roles(org, &project_roles)?;
+        self.check_roles(org, &project_roles, None)?;
         self.check_grantable(actor, None, &RoleSet { org: org_role, projects: project_roles.clone() })?;
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
@@ -1050,7 +1112,7 @@ impl<'a> Lifecycle<'a> {
                 "you cannot lower your own org role; another org admin can".into(),
             ));
         }
-        self.check_roles(org, &project_roles)?;
+        self.check_roles(org, &project_roles, Some(&before.project_roles))?;
         let had = RoleSet { org: before.org_role, projects: before.project_roles.clone() };
         let has = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
         self.check_grantable(actor, Some(&had), &has)?;
@@ -1141,7 +1203,11 @@ impl<'a> Lifecycle<'a> {
             return Ok(());
         }
         match (&s.created_by, &actor.user_id) {
-            (Some(creator), Some(me)) if creator == me && actor.may(self.config, "write") => Ok(()),
+            (Some(creator), Some(me))
+                if creator == me && actor.may(self.config, "write") && actor.environments.is_none() =>
+            {
+                Ok(())
+            }
             _ => Err(LifecycleError::Forbidden("only org admins and the service's creator manage it".into())),
         }
     }
@@ -1188,7 +1254,7 @@ impl<'a> Lifecycle<'a> {
 
     /// The roles a service may have: never above its creator's at creation, nor the actor's now.
     fn check_service_roles(&self, actor: &Actor, before: Option<&RoleSet>, s: &Service) -> Result<()> {
-        self.check_roles(&s.org, &s.project_roles)?;
+        self.check_roles(&s.org, &s.project_roles, before.map(|b| &b.projects))?;
         let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
         for cap in caps.iter().flatten() {
             if let Some(role) = s.org_role.filter(|r| *r > cap.org) {

@@ -151,3 +151,29 @@ async fn an_invalidation_marker_never_goes_back_to_an_older_generation() {
     let loaded_before = Entry { value: Arc::new(user.clone()), generation: g };
     assert!(!cache.users.is_fresh(&user.id, &loaded_before, &cache.gens));
 }
+
+#[tokio::test]
+async fn a_load_slower_than_the_store_bound_is_served_but_not_kept() {
+    let (_backend, cache) = live_cache().await;
+    let user = viewer(&cache).await;
+    let loads = std::sync::atomic::AtomicUsize::new(0);
+    let slow = || async {
+        loads.fetch_add(1, Ordering::SeqCst);
+        // Past the store's 200 ms bound: as a task not polled for that long would be.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Some(user.clone()))
+    };
+    let key = user.id.clone();
+    for round in 1..=2 {
+        let got = cache.users.get_or_load(&key, &cache.gens, slow).await.unwrap().unwrap();
+        assert_eq!(got.id, user.id);
+        assert_eq!(loads.load(Ordering::SeqCst), round, "not kept: every lookup loads again");
+    }
+    let quick = || async {
+        loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(user.clone()))
+    };
+    cache.users.get_or_load(&key, &cache.gens, quick).await.unwrap().unwrap();
+    cache.users.get_or_load(&key, &cache.gens, quick).await.unwrap().unwrap();
+    assert_eq!(loads.load(Ordering::SeqCst), 3, "a load within the bound is kept");
+}

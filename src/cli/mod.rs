@@ -162,6 +162,10 @@ enum TokenCmd {
         /// A name to recognise it by.
         #[arg(long)]
         display_name: Option<String>,
+        /// Issue it to this service of your org instead (its admins and its creator): a service
+        /// whose tokens all expired or were revoked gets a working one again.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
         #[command(flatten)]
         lifetime: LifetimeArgs,
         #[command(flatten)]
@@ -695,12 +699,19 @@ impl Api {
 
     async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
         match cmd {
-            TokenCmd::Issue { name, display_name, lifetime, narrowing } => {
+            TokenCmd::Issue { name, display_name, service, lifetime, narrowing } => {
                 let display_name = display_name.or(name);
                 let (scope, permissions, environments) = narrowing.into_parts();
                 let LifetimeArgs { ttl_minutes, expires } = lifetime;
-                let req =
-                    IssueRequest { display_name, ttl_minutes, expires, scope, permissions, environments };
+                let req = IssueRequest {
+                    display_name,
+                    ttl_minutes,
+                    expires,
+                    scope,
+                    permissions,
+                    environments,
+                    service,
+                };
                 let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
                 self.show(&issued, print_issued)
             }

@@ -165,21 +165,21 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     assert!(token.details.permissions.is_some(), "the caller's scope is inherited");
     assert!(token.details.expires_at.is_some(), "require_expiry and max_ttl apply");
 
-    let (_, first) = l
-        .add_user(
-            &actor,
-            "acme",
-            "new@acme.io",
-            Role::Editor,
-            BTreeMap::new(),
-            Attributes::new(),
-            Some(Lifetime::default()),
-        )
-        .await
-        .unwrap();
+    let add = |actor: Actor| {
+        let (roles, lifetime) = (BTreeMap::new(), Some(Lifetime::default()));
+        let l = &l;
+        async move {
+            l.add_user(&actor, "acme", "new@acme.io", Role::Editor, roles, Attributes::new(), lifetime).await
+        }
+    };
+    // Adding a user reaches every environment: no admin's token for one environment does it.
+    let msg = forbidden(add(actor.clone()).await);
+    assert!(msg.contains("not restricted to environments"), "{msg}");
+    let scoped = Actor { environments: None, ..actor.clone() };
+    let (_, first) = add(scoped.clone()).await.unwrap();
     let first = first.expect("a first token");
-    let view = l.get_token(&actor, &first[..10]).await.unwrap();
-    assert_eq!(view.environments, Some(vec!["production".to_string()]));
+    let view = l.get_token(&scoped, &first[..10]).await.unwrap();
+    assert!(view.permissions.is_some(), "the caller's scope is inherited");
     assert!(view.expires_at.is_some());
 }
 

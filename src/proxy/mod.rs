@@ -307,6 +307,11 @@ fn missing_permit() -> Box<Error> {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No downstream modules. Pingora's default adds its response compression module, disabled,
+    /// which still costs every request an allocation and two boxed filter calls; the gateway
+    /// never compresses (bodies pass through untouched), so it goes.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             _in_flight: crate::drain::InFlight::begin(),

@@ -744,3 +744,139 @@ async fn the_admin_api_serves_its_openapi_document_and_health() {
     let ready = http.get(format!("{}/readyz", w.gateway.admin_url())).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_token_manages_nothing_beyond_its_reach() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let main_id = admin.token[..10].to_string();
+    let bob = add_user(&admin, "bob@acme.io", "editor");
+    let bobs_id = bob.token[..10].to_string();
+
+    // An admin's token for one environment is no org admin's: its changes would reach them all.
+    let staging = admin.as_token(&admin.run(&["token", "issue", "--env", "staging"]).token());
+    let envs = "not restricted to environments";
+    for (args, says) in [
+        (&["user", "set-role", "bob@acme.io", "--org-role", "admin"][..], envs),
+        (&["user", "add", "carl@acme.io", "--org-role", "viewer"], envs),
+        (&["user", "suspend", "bob@acme.io"], envs),
+        (&["token", "list", "--owner", "bob@acme.io"], envs),
+        // Another's token is not even confirmed to exist.
+        (&["token", "revoke", &bobs_id], "not found"),
+    ] {
+        let err = staging.run(args).failed();
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(admin.json(&["user", "show", "bob@acme.io"])["org_role"], "editor");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &bob.token).await, 200);
+    // Nor does it revoke its owner's token that reaches every environment.
+    let err = staging.run(&["token", "revoke", &main_id]).failed();
+    assert!(err.contains("reaches further"), "{err}");
+
+    // A read-only token does not revoke its owner's wider tokens either; a narrower one it does,
+    // and itself.
+    let read = admin.as_token(&admin.run(&["token", "issue", "--scope", "read"]).token());
+    let read_staging = admin.run(&["token", "issue", "--scope", "read", "--env", "staging"]).token();
+    for wider in [&main_id, &staging.token[..10]] {
+        let err = read.run(&["token", "revoke", wider]).failed();
+        assert!(err.contains("reaches further"), "{wider}: {err}");
+    }
+    read.run(&["token", "revoke", &read_staging[..10]]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/staging", &read_staging).await, 401);
+    read.run(&["token", "revoke", &read.token[..10]]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &read.token).await, 401);
+
+    // The admin's own unrestricted token still does all of it.
+    admin.run(&["token", "revoke", &staging.token[..10]]).ok();
+    admin.run(&["user", "set-role", "bob@acme.io", "--org-role", "viewer"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &admin.token).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let first = admin.run(&["service", "create", "nightly", "--org", "acme", "--org-role", "viewer"]).token();
+    admin.run(&["token", "revoke", &first[..10], "--reason", "leaked"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &first).await, 401);
+    let err = admin.run(&["token", "rotate", &first[..10]]).failed();
+    assert!(err.contains("not active"), "{err}");
+
+    let out = admin.run(&[
+        "token",
+        "issue",
+        "--service",
+        "nightly",
+        "--display-name",
+        "again",
+        "--env",
+        "production",
+    ]);
+    let again = out.token();
+    assert!(again.starts_with("tgs_"), "{again}");
+    let echo = echoed(w.get(&w.gateway, "/shop", &again).await).await;
+    assert_eq!(echo["headers"]["x-auth-subject"][0], "service:nightly");
+    assert_eq!(echo["headers"]["x-auth-role"][0], "viewer", "the service's own role");
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &again).await, 403);
+    assert_eq!(status(&w, reqwest::Method::GET, "/staging", &again).await, 403, "production only");
+    let listed = admin.json(&["token", "list", "--owner", "nightly"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["display_name"], "again");
+    assert_audited(&w, &admin, &[("token.issue", &again[..10])]).await;
+
+    // Within the service's roles, and only for those who manage it.
+    let err = admin.run(&["token", "issue", "--service", "nightly", "--scope", "admin"]).failed();
+    assert!(err.contains("more rights"), "{err}");
+    let viewer = add_user(&admin, "vic@acme.io", "viewer");
+    let err = viewer.run(&["token", "issue", "--service", "nightly"]).failed();
+    assert!(err.contains("403") || err.contains("only org admins"), "{err}");
+    let err = admin.run(&["token", "issue", "--service", "nobody"]).failed();
+    assert!(err.contains("no service"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_environments_removed_from_the_config_do_not_block_other_changes() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    admin
+        .run(&[
+            "user",
+            "add",
+            "bob@acme.io",
+            "--org-role",
+            "editor",
+            "--project",
+            "blog",
+            "--project-role",
+            "admin",
+        ])
+        .ok();
+    let dev = admin.run(&["token", "issue", "--env", "dev"]).token();
+    // The blog project and the dev environment go from the config.
+    w.gateway
+        .reload(|old| {
+            old.lines()
+                .filter(|l| !l.contains("blog"))
+                .map(|l| l.replace("[production, staging, dev]", "[production, staging]"))
+                .filter(|l| !l.contains("name: dev,"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .await;
+
+    // A demotion does not wait for the stale project role to be cleaned up.
+    admin.run(&["user", "set-role", "bob@acme.io", "--org-role", "viewer"]).ok();
+    assert_eq!(admin.json(&["user", "show", "bob@acme.io"])["org_role"], "viewer");
+    // A new role on the removed project is still refused; removing the stale one works.
+    let err = admin
+        .run(&["user", "set-role", "bob@acme.io", "--project", "blog", "--project-role", "viewer"])
+        .failed();
+    assert!(err.contains("not defined"), "{err}");
+    admin.run(&["user", "set-role", "bob@acme.io", "--project", "blog", "--remove"]).ok();
+    // A token for the removed environment can still be rotated away (its leak is no less urgent).
+    let rotated = admin.run(&["token", "rotate", &dev[..10]]).token();
+    assert_eq!(admin.json(&["token", "get", &rotated[..10]])["environments"], json!(["dev"]));
+    // Asking for the removed environment anew is refused.
+    let err = admin.run(&["token", "issue", "--env", "dev"]).failed();
+    assert!(err.contains("unknown environment"), "{err}");
+}

@@ -332,6 +332,17 @@ impl Gateway {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Rewrites the config file as `edit` makes it from the current one and reloads it with
+    /// SIGHUP, as an operator would; returns once the gateway has logged the reload.
+    pub async fn reload(&self, edit: impl FnOnce(&str) -> String) {
+        let old = std::fs::read_to_string(&self.config_path).expect("config");
+        let reloads = || self.log_text().matches("config reloaded").count();
+        let before = reloads();
+        std::fs::write(&self.config_path, edit(&old)).expect("write config");
+        self.signal("HUP");
+        assert!(eventually(Duration::from_secs(5), || async { reloads() > before }).await, "reload applied");
+    }
 }
 
 impl Drop for Gateway {
