@@ -176,7 +176,9 @@ pub struct IssueRequest {
     /// Environments the token may be used in.
     pub environments: Option<Vec<String>>,
     /// A service of the caller's org to issue the token to instead (its admins and its creator):
-    /// the way back for a service whose tokens all expired or were revoked.
+    /// the way back for a service whose tokens all expired or were revoked. Left out when unset,
+    /// so that a gateway older than the field still takes the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
 }
 
@@ -702,6 +704,9 @@ impl<'a> Lifecycle<'a> {
     async fn issue_service_token(&self, actor: &Actor, name: &str, req: IssueRequest) -> Result<IssuedToken> {
         let s = self.managed_service_in(actor, &actor.org, name).await?;
         self.may_manage_service(actor, &s)?;
+        // Whoever holds the token acts as the service: only someone who could give it its roles
+        // now (a creator since demoted cannot) gets one.
+        self.check_service_roles(actor, Some(&service_roles(&s)), &s)?;
         let now = now_millis();
         let owner_actor = Actor { roles: service_roles(&s), ..actor.clone() };
         let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
@@ -873,6 +878,10 @@ impl<'a> Lifecycle<'a> {
     /// at the end of the grace period.
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
         let before = self.visible_token(actor, id).await?;
+        // A rotation revokes the old token (at once without a grace): bounded as revoking is.
+        if actor.require_admin(self.config).is_err() && actor.token_id.as_ref() != Some(&before.id) {
+            self.within_reach(actor, &before)?;
+        }
         let mut old = (*before).clone();
         // The new secret is shown to whoever rotates: for a personal token only its owner, or an
         // admin would walk away with a working credential of another person.

@@ -793,7 +793,13 @@ mod tests {
         let create_service =
             CreateService { ttl_minutes: Some(1), expires: Some(String::new()), ..CreateService::default() };
         let bodies = [
-            ("IssueRequest", serde_json::to_value(IssueRequest::default())),
+            (
+                "IssueRequest",
+                serde_json::to_value(IssueRequest {
+                    service: Some(String::new()),
+                    ..IssueRequest::default()
+                }),
+            ),
             ("RotateRequest", serde_json::to_value(RotateRequest::default())),
             ("RevokeRequest", serde_json::to_value(RevokeRequest::default())),
             ("Reason", serde_json::to_value(Reason::default())),

@@ -857,12 +857,7 @@ impl Validator {
             if let Err(e) = crate::store::redis::check_url(&url) {
                 self.error("store.redis.url", e);
             }
-            let key_prefix = r.key_prefix.unwrap_or_else(|| "tollgate:".into());
-            // The commit script marks a key changed (not taken) by a leading `~`.
-            if key_prefix.starts_with('~') {
-                self.error("store.redis.key_prefix", "may not start with '~'");
-            }
-            RedisSettings { url, key_prefix }
+            RedisSettings { url, key_prefix: r.key_prefix.unwrap_or_else(|| "tollgate:".into()) }
         });
         if redis.is_some() && raw.embedded.is_some() {
             self.error("store", "configure either `redis` or `embedded`, not both");

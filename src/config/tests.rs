@@ -148,10 +148,6 @@ fn structural_errors() {
     check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
     check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);
     check(
-        "store: { redis: { url: 'redis://127.0.0.1', key_prefix: '~tg:' } }",
-        &["store.redis.key_prefix: may not start with '~'"],
-    );
-    check(
         "orgs: { acme: { projects: { shop: {} } } }",
         &["orgs.acme.projects.shop.environments: list at least one"],
     );

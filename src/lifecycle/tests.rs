@@ -191,17 +191,24 @@ async fn rotation_keeps_the_old_settings_or_refuses_a_narrower_caller() {
         l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() }).await.unwrap();
     let rotate = |grace| RotateRequest { grace_seconds: Some(grace), ..RotateRequest::default() };
 
-    // A caller narrower than the token would silently narrow it: refused, with what to do.
+    // A caller narrower than the token neither narrows it silently nor replaces it by a narrower
+    // one (a leaked narrow token would swap its owner's wide token away): refused, with why.
     let staging_only = Actor { environments: Some(vec!["production".into()]), ..actor.clone() };
     let msg = forbidden(l.rotate(&staging_only, &old.details.id, rotate(60)).await);
-    assert!(msg.contains("every environment"), "{msg}");
+    assert!(msg.contains("reaches further"), "{msg}");
     let read_only = Actor { scope: Some(vec!["read".into()]), ..actor.clone() };
     let msg = forbidden(l.rotate(&read_only, &old.details.id, rotate(60)).await);
-    assert!(msg.contains("give a narrower --scope"), "{msg}");
-    // Asked for explicitly, the narrower scope is fine.
+    assert!(msg.contains("reaches further"), "{msg}");
     let narrowed = RotateRequest { scope: Some("read".into()), ..rotate(60) };
-    let new = l.rotate(&read_only, &old.details.id, narrowed).await.unwrap();
+    let msg = forbidden(l.rotate(&read_only, &old.details.id, narrowed.clone()).await);
+    assert!(msg.contains("reaches further"), "{msg}");
+    // Asked for explicitly by a caller that holds it all, the narrower scope is fine.
+    let new = l.rotate(&actor, &old.details.id, narrowed).await.unwrap();
     assert_eq!(new.details.permissions, Some(vec!["read".to_string()]));
+    // A narrow token rotates itself.
+    let own = Actor { token_id: crate::token::TokenId::parse(&new.details.id), ..read_only.clone() };
+    let newer = l.rotate(&own, &new.details.id, rotate(0)).await.unwrap();
+    assert_eq!(newer.details.permissions, Some(vec!["read".to_string()]));
 
     // By an unrestricted caller, unrestricted stays unrestricted.
     let again =

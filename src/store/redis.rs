@@ -14,15 +14,15 @@ use tokio::sync::OnceCell;
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
 /// Applies a batch atomically: checks that the `absent` keys do not exist, the `expect` keys hold
-/// what was read and the `sizes` sets as many members as then, then publishes, then writes. Answers '' (done), a key (exists) or '~' + key
-/// (changed). Redis does not undo a script's writes when a later command fails, so the invalidations
+/// what was read and the `sizes` sets as many members as then, then publishes, then writes. Answers '' (done), '=' + a key (exists) or
+/// '~' + a key (changed): every answer but the first is tagged, so no key prefix reads as a tag. Redis does not undo a script's writes when a later command fails, so the invalidations
 /// go first: a Redis user refused PUBLISH (Redis 7's `acl-pubsub-default` is `resetchannels`) fails
 /// the batch before anything is written, instead of storing a revocation no instance hears of; and
 /// no instance reads the store between the two, since a script runs alone.
 const COMMIT_SCRIPT: &str = r#"
 local b = cjson.decode(ARGV[1])
 for _, k in ipairs(b.absent) do
-  if redis.call('EXISTS', k) == 1 then return k end
+  if redis.call('EXISTS', k) == 1 then return '=' .. k end
 end
 for _, e in ipairs(b.expect) do
   if redis.call('GET', e[1]) ~= e[2] then return '~' .. e[1] end
@@ -195,9 +195,15 @@ impl Backend for RedisBackend {
         if conflict.is_empty() {
             return Ok(());
         }
-        let (changed, prefixed) = match conflict.strip_prefix('~') {
-            Some(k) => (true, k.to_string()),
-            None => (false, conflict),
+        let (changed, prefixed) = match (conflict.strip_prefix('~'), conflict.strip_prefix('=')) {
+            (Some(k), _) => (true, k.to_string()),
+            (_, Some(k)) => (false, k.to_string()),
+            _ => {
+                return Err(StoreError::Corrupt {
+                    key: "commit".into(),
+                    reason: format!("answered {conflict:?}"),
+                })
+            }
         };
         let key = unprefixed.into_iter().find(|k| self.key(k) == prefixed).unwrap_or(prefixed);
         Err(if changed { StoreError::Changed(key) } else { StoreError::Conflict(key) })

@@ -20,7 +20,8 @@ fn stores() -> Vec<(Store, Box<dyn std::any::Any>)> {
     let embedded = embedded::EmbeddedBackend::open(&dir.path().join("sub/store.redb")).unwrap();
     out.push((Store::new(Arc::new(embedded), timeout), Box::new(dir)));
     let server = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
-    let backend = redis::RedisBackend::new(&server.url(), "test:", timeout).unwrap();
+    // A prefix starting with the commit script's "changed" tag: a taken key still reads as taken.
+    let backend = redis::RedisBackend::new(&server.url(), "~test:", timeout).unwrap();
     out.push((Store::new(Arc::new(backend), timeout), Box::new(server)));
     out
 }

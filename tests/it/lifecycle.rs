@@ -780,7 +780,11 @@ async fn a_narrowed_token_manages_nothing_beyond_its_reach() {
     for wider in [&main_id, &staging.token[..10]] {
         let err = read.run(&["token", "revoke", wider]).failed();
         assert!(err.contains("reaches further"), "{wider}: {err}");
+        // Nor swaps it for a read-only one by rotating it away at once.
+        let err = read.run(&["token", "rotate", wider, "--scope", "read", "--grace-seconds", "0"]).failed();
+        assert!(err.contains("reaches further"), "{wider}: {err}");
     }
+    assert_eq!(status(&w, reqwest::Method::DELETE, "/shop", &admin.token).await, 200, "still whole");
     read.run(&["token", "revoke", &read_staging[..10]]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/staging", &read_staging).await, 401);
     read.run(&["token", "revoke", &read.token[..10]]).ok();
@@ -832,6 +836,21 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     assert!(err.contains("403") || err.contains("only org admins"), "{err}");
     let err = admin.run(&["token", "issue", "--service", "nobody"]).failed();
     assert!(err.contains("no service"), "{err}");
+
+    // A creator who is no admin issues their service's tokens, while they could give it its
+    // roles: one demoted since cannot come back through it.
+    let ed = add_user(&admin, "ed@acme.io", "editor");
+    ed.run(&["service", "create", "etl", "--org", "acme", "--org-role", "editor"]).token();
+    let etl = ed.run(&["token", "issue", "--service", "etl"]).token();
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &etl).await, 200);
+    admin.run(&["user", "set-role", "ed@acme.io", "--org-role", "viewer"]).ok();
+    let err = ed.run(&["token", "issue", "--service", "etl"]).failed();
+    assert!(err.contains("403") || err.contains("only org admins"), "{err}");
+    let ann = add_user(&admin, "ann@acme.io", "admin");
+    ann.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
+    admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "editor"]).ok();
+    let err = ann.run(&["token", "issue", "--service", "ops"]).failed();
+    assert!(err.contains("may not exceed"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
