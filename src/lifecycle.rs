@@ -180,6 +180,11 @@ pub struct IssueRequest {
     /// so that a gateway older than the field still takes the body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// A user of the caller's org (by email) to issue a personal access token to instead (org
+    /// admins): the way back for a user whose tokens all expired or were revoked, who has no
+    /// token to issue one with. Left out when unset, as `service` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// When a first token (a new service's, a new user's) ends: in `ttl_minutes`, at `expires`
@@ -675,8 +680,15 @@ impl<'a> Lifecycle<'a> {
     /// Issues a personal access token to the calling user, or with `service` a token to that
     /// service.
     pub async fn issue_pat(&self, actor: &Actor, mut req: IssueRequest) -> Result<IssuedToken> {
-        if let Some(name) = req.service.take() {
-            return self.issue_service_token(actor, &name, req).await;
+        match (req.service.take(), req.user.take()) {
+            (Some(_), Some(_)) => {
+                return Err(LifecycleError::Invalid(
+                    "give service or user (--service, --user), not both".into(),
+                ))
+            }
+            (Some(name), None) => return self.issue_service_token(actor, &name, req).await,
+            (None, Some(email)) => return self.issue_user_token(actor, &email, req).await,
+            (None, None) => {}
         }
         let user_id = actor
             .user_id
@@ -697,6 +709,29 @@ impl<'a> Lifecycle<'a> {
             display_name: req.display_name,
             environments: req.environments,
         })
+    }
+
+    /// Issues a personal access token to another user of the caller's org (org admins), as
+    /// `user add --issue-token` does for a new one: within the user's roles, narrowed by the
+    /// caller's token, handing on no permission the caller could not (`check_grantable`).
+    async fn issue_user_token(&self, actor: &Actor, email: &str, req: IssueRequest) -> Result<IssuedToken> {
+        actor.require_admin(self.config)?;
+        let user = self.user_in(actor, &actor.org, email).await?;
+        if user.status != UserStatus::Active {
+            return Err(LifecycleError::Conflict(format!(
+                "user {} is suspended; reactivate them first",
+                shown(&user.email)
+            )));
+        }
+        let roles = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+        self.check_grantable(actor, None, &roles)?;
+        let now = now_millis();
+        let owner_actor = Actor { roles, ..actor.clone() };
+        let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
+        let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
+        let details = serde_json::json!({ "for": format!("user:{}", user.email) });
+        self.store_issued(actor, &record, details).await?;
+        Ok(self.issued(new, &record).await)
     }
 
     /// Issues a token to a service of the caller's org (its admins and its creator), within the
@@ -884,7 +919,8 @@ impl<'a> Lifecycle<'a> {
         }
         let mut old = (*before).clone();
         // The new secret is shown to whoever rotates: for a personal token only its owner, or an
-        // admin would walk away with a working credential of another person.
+        // admin would silently take over the credential its owner uses. An admin revokes it, or
+        // issues the user a token of its own (`IssueRequest::user`), audited as that.
         if matches!(&old.owner, Owner::User(u) if Some(u) != actor.user_id.as_ref()) {
             return Err(LifecycleError::Forbidden(format!(
                 "only its owner can rotate personal access token {}; an admin can revoke it",

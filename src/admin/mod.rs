@@ -797,6 +797,7 @@ mod tests {
                 "IssueRequest",
                 serde_json::to_value(IssueRequest {
                     service: Some(String::new()),
+                    user: Some(String::new()),
                     ..IssueRequest::default()
                 }),
             ),

@@ -164,8 +164,12 @@ enum TokenCmd {
         display_name: Option<String>,
         /// Issue it to this service of your org instead (its admins and its creator): a service
         /// whose tokens all expired or were revoked gets a working one again.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "user")]
         service: Option<String>,
+        /// Issue it to this user of your org instead (org admins), as `user add --issue-token`
+        /// does: a user whose tokens all expired or were revoked gets a working one again.
+        #[arg(long, value_name = "EMAIL")]
+        user: Option<String>,
         #[command(flatten)]
         lifetime: LifetimeArgs,
         #[command(flatten)]
@@ -699,7 +703,7 @@ impl Api {
 
     async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
         match cmd {
-            TokenCmd::Issue { name, display_name, service, lifetime, narrowing } => {
+            TokenCmd::Issue { name, display_name, service, user, lifetime, narrowing } => {
                 let display_name = display_name.or(name);
                 let (scope, permissions, environments) = narrowing.into_parts();
                 let LifetimeArgs { ttl_minutes, expires } = lifetime;
@@ -711,6 +715,7 @@ impl Api {
                     permissions,
                     environments,
                     service,
+                    user,
                 };
                 let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
                 self.show(&issued, print_issued)

@@ -899,3 +899,46 @@ async fn roles_and_environments_removed_from_the_config_do_not_block_other_chang
     let err = admin.run(&["token", "issue", "--env", "dev"]).failed();
     assert!(err.contains("unknown environment"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_issues_a_token_to_a_user_whose_tokens_are_gone() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let bob = add_user(&admin, "bob@acme.io", "editor");
+    let subject = echoed(w.get(&w.gateway, "/shop", &bob.token).await).await["headers"]["x-auth-subject"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin.run(&["token", "revoke", &bob.token[..10], "--reason", "expired laptop"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &bob.token).await, 401);
+
+    // Bob has no token to issue one with; an admin gives him one, and he is still himself.
+    let again = admin.run(&["token", "issue", "--user", "bob@acme.io", "--display-name", "laptop"]).token();
+    assert!(again.starts_with("tgp_"), "{again}");
+    let echo = echoed(w.get(&w.gateway, "/shop", &again).await).await;
+    assert_eq!(echo["headers"]["x-auth-subject"][0], subject.as_str(), "the same user id upstream");
+    assert_eq!(echo["headers"]["x-auth-role"][0], "editor");
+    let bob = admin.as_token(&again);
+    let listed = bob.json(&["token", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["display_name"], "laptop");
+    assert_audited(&w, &admin, &[("token.issue", &again[..10])]).await;
+
+    // Only org admins, within what their own token may hand on, for an active user.
+    let err = bob.run(&["token", "issue", "--user", "admin@acme.io"]).failed();
+    assert!(err.contains("org admin"), "{err}");
+    admin.run(&["user", "add", "root@acme.io", "--org-role", "admin"]).ok();
+    let scoped = admin.as_token(&admin.run(&["token", "issue", "--scope", "read-write"]).token());
+    let err = scoped.run(&["token", "issue", "--user", "root@acme.io"]).failed();
+    assert!(err.contains("org admin"), "{err}");
+    let admin_only = admin.as_token(&admin.run(&["token", "issue", "--permission", "admin"]).token());
+    let err = admin_only.run(&["token", "issue", "--user", "root@acme.io"]).failed();
+    assert!(err.contains("hand on"), "{err}");
+    admin.run(&["user", "suspend", "bob@acme.io"]).ok();
+    let err = admin.run(&["token", "issue", "--user", "bob@acme.io"]).failed();
+    assert!(err.contains("suspended"), "{err}");
+    let err = admin.run(&["token", "issue", "--user", "nobody@acme.io"]).failed();
+    assert!(err.contains("no user"), "{err}");
+    let err = admin.run(&["token", "issue", "--user", "bob@acme.io", "--service", "x"]).failed();
+    assert!(err.contains("cannot be used with"), "{err}");
+}
