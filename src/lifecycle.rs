@@ -78,11 +78,7 @@ impl Actor {
     /// The actor behind a verified principal.
     pub fn from_principal(p: &Principal) -> Actor {
         let (subject, user_id, roles) = match p.owner() {
-            OwnerRecord::User(u) => (
-                format!("user:{}", u.id),
-                Some(u.id.clone()),
-                RoleSet { org: u.org_role, projects: u.project_roles.clone() },
-            ),
+            OwnerRecord::User(u) => (format!("user:{}", u.id), Some(u.id.clone()), user_roles(u)),
             OwnerRecord::Service(s) => (
                 format!("service:{}", s.name),
                 None,
@@ -334,6 +330,11 @@ fn issue_audit(actor: &Actor, record: &TokenRecord, details: serde_json::Value) 
     audit.token_id = Some(record.id.to_string());
     audit.details = details;
     audit
+}
+
+/// A user's roles as a role set.
+fn user_roles(u: &User) -> RoleSet {
+    RoleSet { org: u.org_role, projects: u.project_roles.clone() }
 }
 
 /// A service's roles as a role set (no org role: guest in the org).
@@ -677,8 +678,8 @@ impl<'a> Lifecycle<'a> {
         IssuedToken { token: new.token, details: self.view_with(record, None).await }
     }
 
-    /// Issues a personal access token to the calling user, or with `service` a token to that
-    /// service.
+    /// Issues a personal access token to the calling user, or with `user` to that user, or with
+    /// `service` a token to that service.
     pub async fn issue_pat(&self, actor: &Actor, mut req: IssueRequest) -> Result<IssuedToken> {
         match (req.service.take(), req.user.take()) {
             (Some(_), Some(_)) => {
@@ -711,11 +712,19 @@ impl<'a> Lifecycle<'a> {
         })
     }
 
-    /// Issues a personal access token to another user of the caller's org (org admins), as
-    /// `user add --issue-token` does for a new one: within the user's roles, narrowed by the
-    /// caller's token, handing on no permission the caller could not (`check_grantable`).
+    /// Issues a personal access token to another user of the caller's org who has none left (an
+    /// org admin who is a user): the way back in for someone with no token to issue one with.
+    /// Within the user's roles, narrowed by the caller's token, handing on no permission the
+    /// caller could not (`check_grantable`). A user who still has a working token issues their
+    /// own: an admin holding a second, silent credential of someone who uses theirs would act as
+    /// them unnoticed (as rotating another's token would).
     async fn issue_user_token(&self, actor: &Actor, email: &str, req: IssueRequest) -> Result<IssuedToken> {
         actor.require_admin(self.config)?;
+        if actor.user_id.is_none() {
+            return Err(LifecycleError::Forbidden(
+                "a user's token is issued by an org admin who is a user, not by a service".into(),
+            ));
+        }
         let user = self.user_in(actor, &actor.org, email).await?;
         if user.status != UserStatus::Active {
             return Err(LifecycleError::Conflict(format!(
@@ -723,14 +732,49 @@ impl<'a> Lifecycle<'a> {
                 shown(&user.email)
             )));
         }
-        let roles = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+        let owner = Owner::User(user.id.clone());
+        let held = self.store.owner_tokens(&owner).await?;
+        let now = now_millis();
+        let live: Vec<String> = held
+            .tokens
+            .iter()
+            .filter(|t| matches!(token_status(t, now), "active" | "deprecated"))
+            .map(|t| t.id.to_string())
+            .collect();
+        if !live.is_empty() {
+            return Err(LifecycleError::Conflict(format!(
+                "user {} still has a working token ({}): they issue another themselves; an admin \
+                 issues one only to a user who has none left (revoke theirs first if it is lost)",
+                shown(&user.email),
+                live.join(", ")
+            )));
+        }
+        let roles = user_roles(&user);
         self.check_grantable(actor, None, &roles)?;
+        let label = format!("user:{}", user.email);
+        let guard = (Acting::User(user), Some(held.members));
+        self.issue_for(actor, roles, owner, label, guard, req).await
+    }
+
+    /// Issues a token to `owner`, who holds `roles`, made by `actor` as `req` asks: within those
+    /// roles, narrowed by the caller's token, audited as issued for `label`, and stored only while
+    /// the owner's record (and, if counted, token set) is as `guard` read it.
+    async fn issue_for(
+        &self,
+        actor: &Actor,
+        roles: RoleSet,
+        owner: Owner,
+        label: String,
+        guard: (Acting, Option<usize>),
+        req: IssueRequest,
+    ) -> Result<IssuedToken> {
         let now = now_millis();
         let owner_actor = Actor { roles, ..actor.clone() };
         let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
-        let (new, record) = self.mint(&user.org, Owner::User(user.id.clone()), spec).await?;
-        let details = serde_json::json!({ "for": format!("user:{}", user.email) });
-        self.store_issued(actor, &record, details).await?;
+        let (new, record) = self.mint(&actor.org, owner, spec).await?;
+        let audit = issue_audit(actor, &record, serde_json::json!({ "for": label }));
+        let acting = self.acting(actor).await?;
+        self.store.insert_token_for(&record, Some(&audit), acting.as_ref(), &guard.0, guard.1).await?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -741,14 +785,10 @@ impl<'a> Lifecycle<'a> {
         self.may_manage_service(actor, &s)?;
         // Whoever holds the token acts as the service: only someone who could give it its roles
         // now (a creator since demoted cannot) gets one.
-        self.check_service_roles(actor, Some(&service_roles(&s)), &s)?;
-        let now = now_millis();
-        let owner_actor = Actor { roles: service_roles(&s), ..actor.clone() };
-        let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
-        let (new, record) = self.mint(&s.org, Owner::Service(s.id.clone()), spec).await?;
-        let details = serde_json::json!({ "for": format!("service:{}", s.name) });
-        self.store_issued(actor, &record, details).await?;
-        Ok(self.issued(new, &record).await)
+        let roles = service_roles(&s);
+        self.check_service_roles(actor, Some(&roles), &s)?;
+        let (owner, label) = (Owner::Service(s.id.clone()), format!("service:{}", s.name));
+        self.issue_for(actor, roles, owner, label, (Acting::Service(s), None), req).await
     }
 
     /// A token the caller may see: their own, or any in their org for an admin.
@@ -857,9 +897,7 @@ impl<'a> Lifecycle<'a> {
             }
             _ => return Err(LifecycleError::Invalid("give a token id or --display-name".into())),
         };
-        if actor.require_admin(self.config).is_err() && actor.token_id.as_ref() != Some(&before.id) {
-            self.within_reach(actor, &before)?;
-        }
+        self.within_reach(actor, &before)?;
         let mut t = (*before).clone();
         if t.is_revoked(now_millis()) {
             return Err(LifecycleError::Conflict(format!("token {} is already revoked", t.id)));
@@ -878,11 +916,15 @@ impl<'a> Lifecycle<'a> {
         Ok(self.view_after_change(&t).await)
     }
 
-    /// Whether the caller's token reaches as far as another of its owner's tokens, `t`: no
-    /// permission the caller's scope leaves out, no environment outside the caller's. A token
+    /// Whether the caller's token may revoke or rotate `t`: an org admin's may, and a token
+    /// itself; otherwise (another of its owner's tokens) only one reaching no further, with no
+    /// permission the caller's scope leaves out and no environment outside the caller's. A token
     /// narrowed for one job (a read-only dashboard's, a staging bot's) does not revoke its owner's
     /// wider tokens, as it could not have issued them.
     fn within_reach(&self, actor: &Actor, t: &TokenRecord) -> Result<()> {
+        if actor.require_admin(self.config).is_ok() || actor.token_id.as_ref() == Some(&t.id) {
+            return Ok(());
+        }
         let policy = &self.config.policy;
         let role = policy.role_permissions(actor.roles.highest());
         let reaches = t.scope.as_ref().map_or(role, |s| policy.set_of(&s.permissions).intersect(role));
@@ -914,9 +956,7 @@ impl<'a> Lifecycle<'a> {
     pub async fn rotate(&self, actor: &Actor, id: &str, req: RotateRequest) -> Result<IssuedToken> {
         let before = self.visible_token(actor, id).await?;
         // A rotation revokes the old token (at once without a grace): bounded as revoking is.
-        if actor.require_admin(self.config).is_err() && actor.token_id.as_ref() != Some(&before.id) {
-            self.within_reach(actor, &before)?;
-        }
+        self.within_reach(actor, &before)?;
         let mut old = (*before).clone();
         // The new secret is shown to whoever rotates: for a personal token only its owner, or an
         // admin would silently take over the credential its owner uses. An admin revokes it, or
@@ -1030,7 +1070,7 @@ impl<'a> Lifecycle<'a> {
         let user = new_user(org, email, org_role, project_roles, attributes);
         let first = match first_token {
             Some(lifetime) => {
-                let roles = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+                let roles = user_roles(&user);
                 let owner = Owner::User(user.id.clone());
                 Some(self.first_token(actor, org, owner, roles, "initial".into(), &lifetime).await?)
             }
@@ -1158,8 +1198,7 @@ impl<'a> Lifecycle<'a> {
             ));
         }
         self.check_roles(org, &project_roles, Some(&before.project_roles))?;
-        let had = RoleSet { org: before.org_role, projects: before.project_roles.clone() };
-        let has = RoleSet { org: user.org_role, projects: user.project_roles.clone() };
+        let (had, has) = (user_roles(&before), user_roles(&user));
         self.check_grantable(actor, Some(&had), &has)?;
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();

@@ -64,7 +64,7 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
     let (config, upstream_listener) = match std::fs::read_to_string(&path) {
         // A config from an earlier run is kept as it is, the user's edits included.
         Ok(text) => {
-            println!("Using {} from an earlier run (delete it for a fresh one).", path.display());
+            say(&format!("Using {} from an earlier run (delete it for a fresh one).\n", path.display()));
             let config = load(&path)?;
             for (flag, given, own) in
                 [("--port", port, config.listen), ("--admin-port", admin_port, config.admin.listen)]
@@ -141,7 +141,7 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 fn echo_listener(text: &str, config: &Config, path: &Path) -> anyhow::Result<Option<TcpListener>> {
     let marked = text.lines().find_map(|l| l.strip_prefix(ECHO_MARK)).map(str::trim);
     let none = || {
-        println!("No `{}` line in it: no echo upstream started.", ECHO_MARK.trim_end());
+        say(&format!("No `{}` line in it: no echo upstream started.\n", ECHO_MARK.trim_end()));
         Ok(None)
     };
     let addr = match marked {
@@ -212,20 +212,33 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
 fn print_instructions(config: &Config, path: &Path, token: &str) {
     let gw = format!("http://{}", config.listen);
     let admin = format!("http://{}", config.admin.listen);
-    println!("Tollgate is starting.");
-    println!("  gateway    {gw}   (route /demo -> a built-in echo upstream, org \"{ORG}\")");
-    println!("  admin API  {admin}");
-    println!("  config     {}   (edits are picked up while it runs)", path.display());
-    println!();
-    println!("Access token for {EMAIL} (shown once):");
-    println!("Access token: {token}");
-    println!();
-    println!("Try:");
-    println!("  curl -i {gw}/demo/hello");
-    println!("  curl -i -H \"Authorization: Bearer {token}\" {gw}/demo/hello");
-    println!("  TOLLGATE_SERVER={admin} TOLLGATE_TOKEN={token} cargo run --release -- token list");
-    println!();
-    println!("Stop with Ctrl-C; run it again to continue with the same data.");
+    say(&format!(
+        "Tollgate is starting.
+  gateway    {gw}   (route /demo -> a built-in echo upstream, org \"{ORG}\")
+  admin API  {admin}
+  config     {}   (edits are picked up while it runs)
+
+Access token for {EMAIL} (shown once):
+Access token: {token}
+
+Try:
+  curl -i {gw}/demo/hello
+  curl -i -H \"Authorization: Bearer {token}\" {gw}/demo/hello
+  TOLLGATE_SERVER={admin} TOLLGATE_TOKEN={token} cargo run --release -- token list
+
+Stop with Ctrl-C; run it again to continue with the same data.
+",
+        path.display()
+    ));
+}
+
+/// Writes `text` to stdout, whether or not anyone still reads it: the gateway keeps running when
+/// whoever read its instructions (`| head`, a pager, a script) has gone, where `println!` would
+/// panic on the closed pipe and take the gateway down.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 #[cfg(test)]

@@ -763,6 +763,29 @@ impl Store {
         self.commit(b).await
     }
 
+    /// A token issued by one actor to another owner (a user, a service), stored only while the
+    /// owner's record is still `owner` as read (not removed, suspended or changed meanwhile) and,
+    /// with `owner_tokens`, while the owner's token set still holds that many ids (none issued
+    /// meanwhile): else `Changed`.
+    pub async fn insert_token_for(
+        &self,
+        token: &TokenRecord,
+        audit: Option<&AuditEvent>,
+        actor: Option<&Acting>,
+        owner: &Acting,
+        owner_tokens: Option<usize>,
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.audit(audit, self.audit_max())?;
+        b.acting(actor);
+        b.acting(Some(owner));
+        if let Some(members) = owner_tokens {
+            b.sizes.push((owner_tokens_key(&token.owner), members));
+        }
+        add_token(&mut b, token)?;
+        self.commit(b).await
+    }
+
     /// A first token (and its audit entry) into the change that creates its owner.
     fn add_first(&self, b: &mut Batch, first: Option<FirstToken<'_>>) -> Result<(), StoreError> {
         if let Some(first) = first {

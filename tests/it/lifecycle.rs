@@ -923,6 +923,19 @@ async fn an_admin_issues_a_token_to_a_user_whose_tokens_are_gone() {
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["display_name"], "laptop");
     assert_audited(&w, &admin, &[("token.issue", &again[..10])]).await;
+    let log = admin.json(&["audit"]);
+    let entry = log.as_array().unwrap().iter().find(|e| e["target"] == again[..10]).unwrap();
+    assert_eq!(entry["details"]["for"], "user:bob@acme.io", "{entry}");
+
+    // Not while the user has a working token: they issue their own, and an admin holding a second
+    // credential of someone who uses theirs would act as them unnoticed.
+    let err = admin.run(&["token", "issue", "--user", "bob@acme.io"]).failed();
+    assert!(err.contains("still has a working token"), "{err}");
+    // Nor by a service, admin or not.
+    let ops = admin.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
+    admin.run(&["user", "add", "idle@acme.io", "--org-role", "viewer"]).ok();
+    let err = admin.as_token(&ops).run(&["token", "issue", "--user", "idle@acme.io"]).failed();
+    assert!(err.contains("not by a service"), "{err}");
 
     // Only org admins, within what their own token may hand on, for an active user.
     let err = bob.run(&["token", "issue", "--user", "admin@acme.io"]).failed();

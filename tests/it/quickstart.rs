@@ -17,15 +17,7 @@ struct Quickstart {
 impl Quickstart {
     /// Starts it and reads its instructions (everything up to the `token list` line).
     fn start(dir: &std::path::Path, port: u16, admin_port: u16) -> Quickstart {
-        let mut child = Command::new(tollgate_bin())
-            .arg("quickstart")
-            .arg("--dir")
-            .arg(dir)
-            .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
-            .spawn()
-            .unwrap();
+        let mut child = Quickstart::spawn(dir, port, admin_port);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -47,6 +39,19 @@ impl Quickstart {
         }
         assert!(printed.iter().any(|l| l.contains("token list")), "quickstart printed: {printed:#?}");
         Quickstart { child, printed, log: dir.with_extension("log") }
+    }
+
+    /// `tollgate quickstart` with its stdout piped (its stderr goes to the log).
+    fn spawn(dir: &std::path::Path, port: u16, admin_port: u16) -> Child {
+        Command::new(tollgate_bin())
+            .arg("quickstart")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap()
     }
 
     fn token(&self) -> String {
@@ -211,4 +216,20 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     drop(third);
     let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
     assert_no_secret_in(&log, "the quickstart log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_keeps_serving_when_nobody_reads_what_it_prints() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("qs");
+    let [port, admin_port, _echo] = tollgate::testing::free_ports();
+    let mut child = Quickstart::spawn(&dir, port, admin_port);
+    // Whoever read it is gone before it prints (`tollgate quickstart | head -1`, a closed pager).
+    drop(child.stdout.take());
+    let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/demo/hello");
+    wait_ready(&http, &url, &mut quickstart).await;
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
 }
