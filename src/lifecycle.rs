@@ -79,11 +79,7 @@ impl Actor {
     pub fn from_principal(p: &Principal) -> Actor {
         let (subject, user_id, roles) = match p.owner() {
             OwnerRecord::User(u) => (format!("user:{}", u.id), Some(u.id.clone()), user_roles(u)),
-            OwnerRecord::Service(s) => (
-                format!("service:{}", s.name),
-                None,
-                RoleSet { org: s.org_role.unwrap_or(Role::Guest), projects: s.project_roles.clone() },
-            ),
+            OwnerRecord::Service(s) => (format!("service:{}", s.name), None, service_roles(s)),
         };
         Actor {
             subject,
@@ -660,13 +656,27 @@ impl<'a> Lifecycle<'a> {
         lifetime: &Lifetime,
     ) -> Result<(NewToken, TokenRecord)> {
         let now = now_millis();
-        let owner_actor = Actor { roles, ..actor.clone() };
         let asked = parse_expiry(lifetime.ttl_minutes, lifetime.expires.as_deref(), now)?;
         let wanted = TokenSpec {
             display_name: Some(display_name),
             expires_at: asked.or_else(|| implicit_expiry(&self.config.tokens, now)),
             ..TokenSpec::default()
         };
+        self.mint_for(actor, roles, org, owner, wanted, now).await
+    }
+
+    /// A new token for `owner`, who holds `roles`, made by `actor`: `wanted` within those roles,
+    /// narrowed by the caller's token ([`Lifecycle::spec`]).
+    async fn mint_for(
+        &self,
+        actor: &Actor,
+        roles: RoleSet,
+        org: &str,
+        owner: Owner,
+        wanted: TokenSpec,
+        now: Millis,
+    ) -> Result<(NewToken, TokenRecord)> {
+        let owner_actor = Actor { roles, ..actor.clone() };
         let spec = self.spec(&owner_actor, wanted, Making::New, now)?;
         self.mint(org, owner, spec).await
     }
@@ -769,9 +779,8 @@ impl<'a> Lifecycle<'a> {
         req: IssueRequest,
     ) -> Result<IssuedToken> {
         let now = now_millis();
-        let owner_actor = Actor { roles, ..actor.clone() };
-        let spec = self.spec(&owner_actor, self.wanted(req, now)?, Making::New, now)?;
-        let (new, record) = self.mint(&actor.org, owner, spec).await?;
+        let (new, record) =
+            self.mint_for(actor, roles, &actor.org, owner, self.wanted(req, now)?, now).await?;
         let audit = issue_audit(actor, &record, serde_json::json!({ "for": label }));
         let acting = self.acting(actor).await?;
         self.store.insert_token_for(&record, Some(&audit), acting.as_ref(), &guard.0, guard.1).await?;
@@ -787,6 +796,7 @@ impl<'a> Lifecycle<'a> {
         // now (a creator since demoted cannot) gets one.
         let roles = service_roles(&s);
         self.check_service_roles(actor, Some(&roles), &s)?;
+        self.check_grantable(actor, None, &roles)?;
         let (owner, label) = (Owner::Service(s.id.clone()), format!("service:{}", s.name));
         self.issue_for(actor, roles, owner, label, (Acting::Service(s), None), req).await
     }
@@ -806,7 +816,10 @@ impl<'a> Lifecycle<'a> {
         if t.org != actor.org {
             return Err(not_found());
         }
-        let own = matches!(&t.owner, Owner::User(u) if Some(u) == actor.user_id.as_ref());
+        // A user's tokens are theirs; a service's own token is its own too (it revokes or rotates
+        // itself).
+        let own = matches!(&t.owner, Owner::User(u) if Some(u) == actor.user_id.as_ref())
+            || actor.token_id.as_ref() == Some(&t.id);
         if !own && actor.require_admin(self.config).is_err() {
             return Err(not_found());
         }
@@ -938,7 +951,7 @@ impl<'a> Lifecycle<'a> {
             true => Ok(()),
             false => Err(LifecycleError::Forbidden(format!(
                 "token {} reaches further than the token you called with (its permissions or \
-                 environments): revoke it with a token that holds as much",
+                 environments): use a token that holds as much",
                 t.id
             ))),
         }
@@ -1430,8 +1443,7 @@ impl<'a> Lifecycle<'a> {
         let mut audit = actor.audit("service.create", format!("service:{}", service.name));
         audit.details =
             serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
-        let roles =
-            RoleSet { org: service.org_role.unwrap_or(Role::Guest), projects: service.project_roles.clone() };
+        let roles = service_roles(&service);
         let owner = Owner::Service(service.id.clone());
         let display_name = format!("{} token", service.name);
         let lifetime = Lifetime { ttl_minutes: req.ttl_minutes, expires: req.expires.clone() };
@@ -1768,7 +1780,7 @@ async fn fresh_token(store: &Store, kind: TokenKind) -> Result<NewToken> {
 }
 
 /// Generates a token and hashes its secret (off the async threads) into a record, not yet stored.
-async fn mint(
+pub(crate) async fn mint(
     store: &Store,
     argon2: Argon2Params,
     org: &str,

@@ -177,3 +177,29 @@ async fn a_load_slower_than_the_store_bound_is_served_but_not_kept() {
     cache.users.get_or_load(&key, &cache.gens, quick).await.unwrap().unwrap();
     assert_eq!(loads.load(Ordering::SeqCst), 3, "a load within the bound is kept");
 }
+
+#[tokio::test]
+async fn a_slow_load_overtaken_by_an_invalidation_is_read_again() {
+    let (_backend, cache) = live_cache().await;
+    let user = viewer(&cache).await;
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (key, cache2, loads2) = (user.id.clone(), cache.clone(), loads.clone());
+    let store = cache.store().clone();
+    let lookup = tokio::spawn(async move {
+        let slow = || async {
+            loads2.fetch_add(1, Ordering::SeqCst);
+            let read = store.get_user(&key).await;
+            // Past the store's 200 ms bound, with what was read before the change below.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            read.map(|u| u.map(crate::store::Stored::into_inner))
+        };
+        cache2.users.get_or_load(&key, &cache2.gens, slow).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cache.store().get_user(&user.id).await.unwrap().unwrap();
+    let admin = User { org_role: Role::Admin, ..user.clone() };
+    cache.store().update_user(&before, &admin, None, None).await.unwrap();
+    let got = lookup.await.unwrap().unwrap().unwrap();
+    assert_eq!(got.org_role, Role::Admin, "the late read was stale: read again");
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+}

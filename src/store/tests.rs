@@ -648,3 +648,45 @@ async fn a_commit_that_lands_anyway_is_waited_for_not_timed_out() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_on_every_backend() {
+    for (s, _guard) in stores() {
+        let params = crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let ann =
+            lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+                .await
+                .unwrap();
+        let owner = Owner::User(ann.id.clone());
+        let mint = || lifecycle::mint(&s, params, "acme", owner.clone(), lifecycle::TokenSpec::default());
+        let read =
+            || async { (s.get_user(&ann.id).await.unwrap().unwrap(), s.owner_tokens(&owner).await.unwrap()) };
+
+        // Suspended meanwhile: refused.
+        let (as_read, held) = read().await;
+        let mut suspended = User::clone(&as_read);
+        suspended.status = UserStatus::Suspended;
+        s.update_user(&as_read, &suspended, None, None).await.unwrap();
+        let (_, token) = mint().await.unwrap();
+        let refused =
+            s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+        assert!(s.get_token(&token.id).await.unwrap().is_none());
+
+        // Issued another token meanwhile: refused.
+        let (as_read, held) = read().await;
+        lifecycle::issue_token(&s, params, "acme", owner.clone(), lifecycle::TokenSpec::default())
+            .await
+            .unwrap();
+        let (_, token) = mint().await.unwrap();
+        let refused =
+            s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
+
+        // Nothing changed: stored.
+        let (as_read, held) = read().await;
+        let (_, token) = mint().await.unwrap();
+        s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await.unwrap();
+        assert!(s.get_token(&token.id).await.unwrap().is_some(), "{}", s.describe());
+    }
+}

@@ -828,6 +828,18 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     assert_eq!(listed[0]["display_name"], "again");
     assert_audited(&w, &admin, &[("token.issue", &again[..10])]).await;
 
+    // A service rotates and revokes its own token, as a user does theirs.
+    let nightly = admin.as_token(&again);
+    let rotated = nightly.run(&["token", "rotate", &again[..10]]).token();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &again).await, 401, "rotated without grace");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &rotated).await, 200);
+    let nightly = admin.as_token(&rotated);
+    nightly.run(&["token", "revoke", &rotated[..10], "--reason", "moved to vault"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &rotated).await, 401);
+    let again = admin.run(&["token", "issue", "--service", "nightly"]).token();
+    let err = admin.as_token(&again).run(&["token", "get", &first[..10]]).failed();
+    assert!(err.contains("not found"), "only its own token: {err}");
+
     // Within the service's roles, and only for those who manage it.
     let err = admin.run(&["token", "issue", "--service", "nightly", "--scope", "admin"]).failed();
     assert!(err.contains("more rights"), "{err}");
