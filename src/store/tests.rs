@@ -282,15 +282,24 @@ async fn an_audit_search_reads_the_log_a_page_per_command_and_finds_the_oldest_e
     assert_eq!(backend.reads() - before, 2);
 }
 
+/// Cheap argon2 settings for the tokens these tests make.
+const CHEAP: crate::token::Argon2Params =
+    crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
+
+/// A viewer of org acme, `ann@x.io`, and her as a token owner.
+async fn ann(s: &Store) -> (User, Owner) {
+    let ann = lifecycle::create_user(s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    let owner = Owner::User(ann.id.clone());
+    (ann, owner)
+}
+
 #[tokio::test]
 async fn a_new_owner_and_its_first_token_are_stored_together_or_not_at_all() {
     for (s, _guard) in stores() {
-        let params = crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let ann =
-            lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
-                .await
-                .unwrap();
-        let owner = Owner::User(ann.id.clone());
+        let params = CHEAP;
+        let (ann, owner) = ann(&s).await;
         let (_, taken) =
             lifecycle::issue_token(&s, params, "acme", owner, lifecycle::TokenSpec::default()).await.unwrap();
         // Bob's write carries a token whose id is taken: the whole change is refused, Bob included.
@@ -652,12 +661,8 @@ async fn a_commit_that_lands_anyway_is_waited_for_not_timed_out() {
 #[tokio::test]
 async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_on_every_backend() {
     for (s, _guard) in stores() {
-        let params = crate::token::Argon2Params { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let ann =
-            lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
-                .await
-                .unwrap();
-        let owner = Owner::User(ann.id.clone());
+        let params = CHEAP;
+        let (ann, owner) = ann(&s).await;
         let mint = || lifecycle::mint(&s, params, "acme", owner.clone(), lifecycle::TokenSpec::default());
         let read =
             || async { (s.get_user(&ann.id).await.unwrap().unwrap(), s.owner_tokens(&owner).await.unwrap()) };
