@@ -276,30 +276,39 @@ enum CredentialsCmd {
 
 #[derive(Debug, Args)]
 struct RoleArgs {
-    /// New org role.
+    /// Org role.
     #[arg(long, value_parser = parse_role)]
     org_role: Option<Role>,
-    /// Project whose role to set or remove.
+    /// Project to give a role on.
     #[arg(long)]
     project: Option<String>,
     /// Role on that project.
     #[arg(long, value_parser = parse_role, requires = "project")]
     project_role: Option<Role>,
-    /// Remove the project's role (set-role only).
-    #[arg(long, requires = "project")]
+}
+
+/// A role change: [`RoleArgs`], or a project's role removed.
+#[derive(Debug, Args)]
+struct SetRoleArgs {
+    #[command(flatten)]
+    roles: RoleArgs,
+    /// Remove the role on `--project`.
+    #[arg(long, requires = "project", conflicts_with = "project_role")]
     remove: bool,
 }
 
-impl RoleArgs {
+impl SetRoleArgs {
     fn change(&self) -> RoleChange {
         RoleChange {
-            org_role: self.org_role,
-            project: self.project.clone(),
-            project_role: self.project_role,
+            org_role: self.roles.org_role,
+            project: self.roles.project.clone(),
+            project_role: self.roles.project_role,
             remove: self.remove,
         }
     }
+}
 
+impl RoleArgs {
     fn project_roles(&self) -> anyhow::Result<BTreeMap<String, Role>> {
         match (&self.project, self.project_role) {
             (Some(p), Some(r)) => Ok(BTreeMap::from([(p.clone(), r)])),
@@ -351,7 +360,7 @@ enum UserCmd {
         #[arg(long)]
         org: Option<String>,
         #[command(flatten)]
-        roles: RoleArgs,
+        roles: SetRoleArgs,
     },
     /// Suspend a user: all their tokens stop until reactivated.
     Suspend {
@@ -435,7 +444,7 @@ enum ServiceCmd {
         #[arg(long)]
         org: Option<String>,
         #[command(flatten)]
-        roles: RoleArgs,
+        roles: SetRoleArgs,
     },
     /// Delete a service; its tokens stop at once.
     Delete {

@@ -212,6 +212,8 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
 fn print_instructions(config: &Config, path: &Path, token: &str) {
     let gw = format!("http://{}", config.listen);
     let admin = format!("http://{}", config.admin.listen);
+    // The binary running now, however it was started (`cargo run` builds it in `target/`).
+    let cli = std::env::current_exe().map_or_else(|_| "tollgate".into(), |p| p.display().to_string());
     say(&format!(
         "Tollgate is starting.
   gateway    {gw}   (route /demo -> a built-in echo upstream, org \"{ORG}\")
@@ -224,7 +226,7 @@ Access token: {token}
 Try:
   curl -i {gw}/demo/hello
   curl -i -H \"Authorization: Bearer {token}\" {gw}/demo/hello
-  TOLLGATE_SERVER={admin} TOLLGATE_TOKEN={token} cargo run --release -- token list
+  TOLLGATE_SERVER={admin} TOLLGATE_TOKEN={token} {cli} token list
 
 Stop with Ctrl-C; run it again to continue with the same data.
 ",

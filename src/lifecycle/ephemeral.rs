@@ -93,7 +93,11 @@ impl Lifecycle<'_> {
             ));
         };
         let jwt = self.config.jwt.as_ref().ok_or_else(|| {
-            LifecycleError::Invalid("this gateway has no `jwt` section: it cannot sign credentials".into())
+            LifecycleError::Invalid(
+                "this gateway has no `jwt` section: it cannot sign credentials (`tollgate keygen` makes a \
+                 signing key and prints its `jwt.keys` line)"
+                    .into(),
+            )
         })?;
         let project_envs =
             self.config.orgs.get(org).and_then(|o| o.projects.get(project)).ok_or_else(|| {

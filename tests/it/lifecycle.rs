@@ -530,6 +530,27 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     assert!(err.contains("--attributes is not valid JSON"), "{err}");
     let err = admin.run(&["service", "create", "x", "--org-role", "viewer", "--attributes", "[1]"]).failed();
     assert!(err.contains("JSON object"), "{err}");
+    // `--remove` is set-role's: the commands that make a user or a service do not offer it.
+    for args in [
+        &["user", "add", "bob@acme.io", "--org-role", "viewer", "--project", "shop", "--remove"][..],
+        &["service", "create", "x", "--org-role", "viewer", "--project", "shop", "--remove"],
+    ] {
+        let err = admin.run(args).failed();
+        assert!(err.contains("unexpected argument '--remove'"), "{args:?}: {err}");
+    }
+    let err = admin
+        .run(&[
+            "user",
+            "set-role",
+            "bob@acme.io",
+            "--project",
+            "shop",
+            "--project-role",
+            "viewer",
+            "--remove",
+        ])
+        .failed();
+    assert!(err.contains("cannot be used with"), "{err}");
     let err = admin.run(&["user", "add", "bob@acme.io", "--org-role", "superuser"]).failed();
     assert!(err.contains("unknown role"), "{err}");
     let err = admin.run(&["token", "issue", "--ttl-minutes", "-5"]).failed();

@@ -137,7 +137,11 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     assert!(echo["headers"]["x-auth-subject"][0].as_str().unwrap().starts_with("user:u_"));
     assert_eq!(echo["headers"]["x-auth-org"][0], "demo");
 
-    // The third line: the CLI against its admin API. Issue one token and revoke another.
+    // The third line: the CLI against its admin API, named as it runs (the binary itself, however
+    // it was started). Issue one token and revoke another.
+    let third = first.printed.iter().find(|l| l.ends_with(" token list")).expect("the token list line");
+    let program = third.split_whitespace().rev().nth(2).unwrap();
+    assert_eq!(std::path::Path::new(program), tollgate_bin(), "{third}");
     let cli = Cli { server: format!("http://127.0.0.1:{admin_port}"), token: token.clone() };
     assert!(cli.run(&["token", "list"]).ok().contains(&token[..10]));
     let kept = cli.run(&["token", "issue", "--display-name", "kept"]).token();
