@@ -459,6 +459,17 @@ pub struct AddedUser {
     pub user: UserView,
     /// Their first token, shown once.
     pub token: Option<String>,
+    /// That token's id (as `service create` gives it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+}
+
+impl AddedUser {
+    /// A user added, with their first token if one was issued.
+    pub fn new(user: UserView, token: Option<String>) -> AddedUser {
+        let token_id = token.as_deref().and_then(|t| t.get(..crate::token::ID_LEN)).map(str::to_string);
+        AddedUser { user, token, token_id }
+    }
 }
 
 async fn list_users(State(s): State<AdminState>, Caller(a): Caller, Path(org): Path<String>) -> Response {
@@ -479,7 +490,7 @@ async fn add_user(
             Err(e) => return ApiError::from(e).into_response(),
         };
     let added = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, first_token).await;
-    created(added.map(|(user, token)| AddedUser { user: user.into(), token }))
+    created(added.map(|(user, token)| AddedUser::new(user.into(), token)))
 }
 
 async fn show_user(
@@ -652,7 +663,9 @@ async fn delete_service(
     Path((org, name)): Path<(String, String)>,
 ) -> Response {
     lifecycle!(s, l);
-    reply(l.delete_service(&a, &org, &name).await.map(|()| serde_json::json!({ "deleted": name })))
+    reply(
+        l.delete_service(&a, &org, &name).await.map(|()| serde_json::json!({ "deleted": name, "org": org })),
+    )
 }
 
 #[derive(Deserialize)]

@@ -573,7 +573,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .with_context(|| format!("bootstrapping org {org:?}"))?;
                 if cli.json {
                     // As `user add --issue-token` answers.
-                    let added = AddedUser { user: UserView::from(user), token: Some(token.token.clone()) };
+                    let added = AddedUser::new(UserView::from(user), Some(token.token.clone()));
                     println!("{}", serde_json::to_string_pretty(&added)?);
                     return Ok(());
                 }

@@ -167,6 +167,7 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     remember_secret(&second);
     assert_eq!(added["email"], "ops@example.com", "{added}");
     assert_eq!(added["org_role"], "admin", "{added}");
+    assert_eq!(added["token_id"], &second[..10], "as service create gives it: {added}");
     assert_eq!(admin.as_token(&second).json(&["token", "get", &second[..10]])["display_name"], "bootstrap");
 
     // The same email cannot be bootstrapped twice.

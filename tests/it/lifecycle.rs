@@ -358,7 +358,8 @@ async fn an_admin_manages_services_end_to_end() {
         "{listed}"
     );
 
-    admin.run(&["service", "delete", "dashboards"]).ok();
+    let deleted = admin.json(&["service", "delete", "dashboards"]);
+    assert_eq!(deleted, json!({ "deleted": "dashboards", "org": "acme" }));
     assert_eq!(
         status(&w, reqwest::Method::GET, "/shop", &embed).await,
         401,
