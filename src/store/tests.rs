@@ -695,3 +695,46 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
         assert!(s.get_token(&token.id).await.unwrap().is_some(), "{}", s.describe());
     }
 }
+
+#[tokio::test]
+async fn an_invalidation_feed_on_another_server_than_the_store_connection_ends() {
+    let timeout = Duration::from_millis(500);
+    let old = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let new = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    // The store's connection on the new server, the subscription on the old one.
+    let mut apart = redis::RedisBackend::new(&new.url(), "test:", timeout).unwrap();
+    apart.get("anything").await.unwrap();
+    apart.subscribe_at(&old.url());
+    let mut feed = apart.subscribe().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), feed.next()).await;
+    assert!(matches!(ended, Ok(None)), "the feed ends, so the cache goes dark and subscribes again");
+
+    // Both on one server: the feed lives on, and carries the store's changes.
+    let together = redis::RedisBackend::new(&new.url(), "test:", timeout).unwrap();
+    together.get("anything").await.unwrap();
+    let mut feed = together.subscribe().await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(2), feed.next()).await;
+    assert!(quiet.is_err(), "no message and no end for several heartbeats: {quiet:?}");
+    let s = Store::new(Arc::new(together), timeout);
+    lifecycle::create_user(&s, "acme", "ann@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    assert!(next(&mut feed).await.is_some());
+
+    // A Redis user granted the invalidation channel alone keeps its feed, without the check.
+    let mut admin = new.client();
+    let _: () = ::redis::cmd("ACL")
+        .arg(&["SETUSER", "feedonly", "on", ">pw", "~*", "resetchannels", "&test:invalidate", "+@all"][..])
+        .query(&mut admin)
+        .unwrap();
+    let url = new.url().replace("redis://", "redis://feedonly:pw@");
+    let narrow = redis::RedisBackend::new(&url, "test:", timeout).unwrap();
+    narrow.get("anything").await.unwrap();
+    let mut feed = narrow.subscribe().await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(2), feed.next()).await;
+    assert!(quiet.is_err(), "no end for several heartbeats: {quiet:?}");
+    lifecycle::create_user(&s, "acme", "bob@x.io", Role::Viewer, BTreeMap::new(), Attributes::new())
+        .await
+        .unwrap();
+    assert!(next(&mut feed).await.is_some());
+}
