@@ -2,7 +2,6 @@
 //! itself) for reads and writes, a Lua script for atomic conditional batches, and a dedicated pub/sub
 //! connection with a heartbeat for invalidations. This is the only module that talks to Redis.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,8 +60,7 @@ pub struct RedisBackend {
     prefix: String,
     channel: String,
     timeout: Duration,
-    /// Shared with the subscription's pump, whose heartbeat publishes through it.
-    conn: Arc<OnceCell<ConnectionManager>>,
+    conn: OnceCell<ConnectionManager>,
     /// When [`Backend::ping`] last succeeded.
     last_ping: tokio::sync::Mutex<Option<std::time::Instant>>,
     script: redis::Script,
@@ -89,7 +87,7 @@ impl RedisBackend {
             prefix: prefix.to_string(),
             channel: format!("{prefix}invalidate"),
             timeout,
-            conn: Arc::new(OnceCell::new()),
+            conn: OnceCell::new(),
             last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
         })
@@ -110,32 +108,9 @@ impl RedisBackend {
         Ok(conn.clone())
     }
 
-    /// Later subscriptions connect to `url`, while the data connection stays where it is: as a
-    /// failover or a DNS change can leave the two apart.
-    #[cfg(test)]
-    pub(crate) fn subscribe_at(&mut self, url: &str) {
-        self.client = redis::Client::open(url).unwrap();
-    }
-
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
-}
-
-/// Whether a message published through the store's data connection (once it exists) reaches the
-/// subscription to `channel`: Redis counts the subscribers a `PUBLISH` reached on its server, and
-/// the subscription is one of them only while both connections are on the same server. The data
-/// connection reconnects by resolving the address again, the subscription stays where it first
-/// connected: after a failover or a DNS change that leaves the old server up, every change would be
-/// written and announced where this instance does not listen, and its cache would serve revoked
-/// tokens. A publish that fails or times out is no answer either way (the store's own calls report
-/// that); only a count of none ends the subscription.
-async fn heard_through(data: &OnceCell<ConnectionManager>, channel: &str, timeout: Duration) -> bool {
-    let Some(conn) = data.get() else { return true };
-    let mut conn = conn.clone();
-    let mut publish = redis::cmd("PUBLISH");
-    publish.arg(channel).arg("beat");
-    !matches!(tokio::time::timeout(timeout, publish.query_async::<i64>(&mut conn)).await, Ok(Ok(0)))
 }
 
 /// Every connection to Redis (data and subscription) gives up on a peer that stopped answering at
@@ -237,26 +212,9 @@ impl Backend for RedisBackend {
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
         let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
         pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
-        // A channel of this subscription's own, for its heartbeat (below). A Redis user granted
-        // the invalidation channel alone (as the README once said) has the feed without this check.
-        let beat_channel = format!("{}:beat:{}", self.channel, crate::token::random_base62(12));
-        let beat_channel = match pubsub.subscribe(&beat_channel).await {
-            Ok(()) => Some(beat_channel),
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "cannot subscribe to the feed's heartbeat channel ({}:beat:*): a move of Redis that \
-                     leaves this instance listening to the old server goes unnoticed; grant it the \
-                     channels {}*",
-                    self.channel,
-                    self.channel
-                );
-                None
-            }
-        };
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
-        let (timeout, data) = (self.timeout, self.conn.clone());
+        let timeout = self.timeout;
         // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered,
         // or the receiver is gone; the cache then treats the channel as lost.
         tokio::spawn(async move {
@@ -265,9 +223,6 @@ impl Backend for RedisBackend {
                 tokio::select! {
                     msg = messages.next() => {
                         let Some(msg) = msg else { return };
-                        if Some(msg.get_channel_name()) == beat_channel.as_deref() {
-                            continue;
-                        }
                         let payload: String = msg.get_payload().unwrap_or_default();
                         let Some(inv) = Invalidation::decode(&payload) else {
                             tracing::warn!(payload = %payload, "ignoring malformed invalidation");
@@ -280,17 +235,6 @@ impl Backend for RedisBackend {
                     _ = beat.tick() => {
                         let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                         if !matches!(pong, Ok(Ok(_))) || tx.is_closed() {
-                            return;
-                        }
-                        let heard = match &beat_channel {
-                            Some(channel) => heard_through(&data, channel, timeout).await,
-                            None => true,
-                        };
-                        if !heard {
-                            tracing::warn!(
-                                "the invalidation feed is not on the Redis server the store's connection \
-                                 reaches (it moved: a failover or a DNS change?); subscribing again"
-                            );
                             return;
                         }
                     }
