@@ -629,18 +629,21 @@ impl<'a> Lifecycle<'a> {
         mint(self.store, self.argon2(), org, owner, spec).await
     }
 
-    /// Stores a freshly minted token with its audit entry.
+    /// Stores a freshly minted token with its audit entry, for another owner only while that
+    /// owner's record (and, if counted, token set) is as `guard` read it.
     async fn store_issued(
         &self,
         actor: &Actor,
         record: &TokenRecord,
         details: serde_json::Value,
+        guard: Option<(Acting, Option<usize>)>,
     ) -> Result<()> {
         let acting = self.acting(actor).await?;
-        Ok(self
-            .store
-            .insert_token(record, Some(&issue_audit(actor, record, details)), acting.as_ref())
-            .await?)
+        let audit = issue_audit(actor, record, details);
+        let (owner, owner_tokens) = guard.map_or((None, None), |(owner, n)| (Some(owner), n));
+        let stored =
+            self.store.insert_token_for(record, Some(&audit), acting.as_ref(), owner.as_ref(), owner_tokens);
+        Ok(stored.await?)
     }
 
     /// A first token made by `actor` for a new owner holding `roles`: unscoped beyond the caller's
@@ -708,7 +711,7 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
-        self.store_issued(actor, &record, serde_json::Value::Null).await?;
+        self.store_issued(actor, &record, serde_json::Value::Null, None).await?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -781,9 +784,7 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let (new, record) =
             self.mint_for(actor, roles, &actor.org, owner, self.wanted(req, now)?, now).await?;
-        let audit = issue_audit(actor, &record, serde_json::json!({ "for": label }));
-        let acting = self.acting(actor).await?;
-        self.store.insert_token_for(&record, Some(&audit), acting.as_ref(), &guard.0, guard.1).await?;
+        self.store_issued(actor, &record, serde_json::json!({ "for": label }), Some(guard)).await?;
         Ok(self.issued(new, &record).await)
     }
 

@@ -756,29 +756,25 @@ impl Store {
         audit: Option<&AuditEvent>,
         actor: Option<&Acting>,
     ) -> Result<(), StoreError> {
-        let mut b = Batch::default();
-        b.audit(audit, self.audit_max())?;
-        b.acting(actor);
-        add_token(&mut b, token)?;
-        self.commit(b).await
+        self.insert_token_for(token, audit, actor, None, None).await
     }
 
-    /// A token issued by one actor to another owner (a user, a service), stored only while the
-    /// owner's record is still `owner` as read (not removed, suspended or changed meanwhile) and,
-    /// with `owner_tokens`, while the owner's token set still holds that many ids (none issued
-    /// meanwhile): else `Changed`.
+    /// [`Store::insert_token`] for a token issued by one actor to another owner (a user, a
+    /// service): with `owner`, stored only while the owner's record is still as read (not removed,
+    /// suspended or changed meanwhile) and, with `owner_tokens`, while the owner's token set still
+    /// holds that many ids (none issued meanwhile): else `Changed`.
     pub async fn insert_token_for(
         &self,
         token: &TokenRecord,
         audit: Option<&AuditEvent>,
         actor: Option<&Acting>,
-        owner: &Acting,
+        owner: Option<&Acting>,
         owner_tokens: Option<usize>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.audit(audit, self.audit_max())?;
         b.acting(actor);
-        b.acting(Some(owner));
+        b.acting(owner);
         if let Some(members) = owner_tokens {
             b.sizes.push((owner_tokens_key(&token.owner), members));
         }

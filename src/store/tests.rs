@@ -674,7 +674,7 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
         s.update_user(&as_read, &suspended, None, None).await.unwrap();
         let (_, token) = mint().await.unwrap();
         let refused =
-            s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await;
+            s.insert_token_for(&token, None, None, Some(&Acting::User(as_read)), Some(held.members)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
         assert!(s.get_token(&token.id).await.unwrap().is_none());
 
@@ -685,13 +685,15 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
             .unwrap();
         let (_, token) = mint().await.unwrap();
         let refused =
-            s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await;
+            s.insert_token_for(&token, None, None, Some(&Acting::User(as_read)), Some(held.members)).await;
         assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
 
         // Nothing changed: stored.
         let (as_read, held) = read().await;
         let (_, token) = mint().await.unwrap();
-        s.insert_token_for(&token, None, None, &Acting::User(as_read), Some(held.members)).await.unwrap();
+        s.insert_token_for(&token, None, None, Some(&Acting::User(as_read)), Some(held.members))
+            .await
+            .unwrap();
         assert!(s.get_token(&token.id).await.unwrap().is_some(), "{}", s.describe());
     }
 }
