@@ -160,7 +160,7 @@ impl ConfigWatcher {
             );
             return Vec::new();
         }
-        match Config::parse(&text) {
+        match Config::parse(&text).and_then(|new| new.check_reload_of(&self.started).map(|()| new)) {
             Ok(new) => {
                 // Compared with what runs, not with the last file: a setting put back is no
                 // change, and one still changed is still reported on every reload.
@@ -478,6 +478,20 @@ mod tests {
         catch_early_signals();
         signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
         assert!(watch_until(w, |c| !c.access_log).await, "the SIGHUP was applied, and the process is alive");
+    }
+
+    #[test]
+    fn a_reload_fronting_the_running_listener_is_refused_and_the_old_config_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watcher(dir.path(), "listen: 127.0.0.1:18080\nlog: { access: true }\n");
+        std::fs::write(
+            &w.path,
+            "listen: 127.0.0.1:18090\nlog: { access: false }\nroutes:\n  - { path: /, upstream: 127.0.0.1:18080, auth: none }\n",
+        )
+        .unwrap();
+        w.reload("test");
+        assert!(w.config.load().access_log, "the running config stays");
+        assert_eq!(w.config.load().routes.iter().count(), 0);
     }
 
     #[test]

@@ -321,6 +321,83 @@ const HEADERS_NOT_IN_PREFIX: [&str; 30] = [
     "traceparent",
 ];
 
+/// Response headers that HTTP, or a client, relies on: the request id, set on every response, may
+/// be none of them (nor of [`HEADERS_NOT_IN_PREFIX`], which it would replace upstream).
+const RESPONSE_HEADERS_RELIED_ON: [&str; 19] = [
+    "set-cookie",
+    "location",
+    "www-authenticate",
+    "proxy-authenticate",
+    "retry-after",
+    "vary",
+    "etag",
+    "last-modified",
+    "expires",
+    "date",
+    "server",
+    "age",
+    "content-location",
+    "content-range",
+    "content-disposition",
+    "accept-ranges",
+    "strict-transport-security",
+    "access-control-allow-origin",
+    "x-real-ip",
+];
+
+/// The header HTTP or its users rely on that `name` is, in any spelling an upstream reads as it
+/// (`Content_Length`), if any: of `names`.
+fn relied_on<'a>(name: &HeaderName, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    names.into_iter().find(|h| crate::proxy::headers::spelled_alike(name.as_str().as_bytes(), h.as_bytes()))
+}
+
+/// A route's `host` (normalized) as requests can name it, or why none can: a DNS name (letters,
+/// digits, `-` and `_` in dot-separated labels), an IPv4 address or a bracketed IPv6 one. A
+/// wildcard, a path, a space or a name in Unicode would leave the route unreachable, its requests
+/// going to a route for any host.
+fn route_host(host: String) -> Result<String, &'static str> {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let ipv6 = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    match () {
+        _ if host.is_empty() => Err("empty; leave `host` out to match any host"),
+        _ if host.contains('*') => Err("wildcards are not supported; give each host its own route, or leave `host` out to match any host"),
+        _ if host.contains('/') => Err("a host name without a scheme or path (api.example.com)"),
+        _ if !host.is_ascii() => Err("write a name in Unicode in its ASCII form, as requests carry it (xn--...)"),
+        _ if ipv6 || (host.len() <= 253 && host.split('.').all(label)) => Ok(host),
+        _ => Err("not a host name (letters, digits, '-' and '_' in labels separated by '.'), an IPv4 address or a bracketed IPv6 one"),
+    }
+}
+
+/// Why no request path can start with `prefix`, if so: a request's path is ASCII, percent-encoded
+/// (RFC 3986), without a query or fragment, and a prefix matches literally (`*` is no wildcard).
+fn path_chars(prefix: &str) -> Result<(), &'static str> {
+    let bytes = prefix.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'*' => return Err("a prefix covers every path under it: no wildcard is needed (`*` would match itself only)"),
+            b'?' | b'#' => return Err("a path prefix without a query or fragment ('?', '#')"),
+            b'%' if !bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {
+                return Err("'%' must start a percent-escape of two hex digits (%25 for '%' itself)")
+            }
+            _ if !b.is_ascii() => {
+                return Err("requests carry such a path percent-encoded: write it so (/caf%C3%A9 for /café)")
+            }
+            _ if !(b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@/%\\".contains(&b)) => {
+                return Err("a path holds only letters, digits, percent-escapes and -._~!$&'()+,;=:@/ (percent-encode the rest)")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Whether a listener on `a` and one on `b` would take the same socket: the same port on the same
 /// address, or on any address of its family where one of them listens on all (`0.0.0.0`, `[::]`).
 pub fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
@@ -378,6 +455,28 @@ pub struct TokenLimits {
 }
 
 impl Config {
+    /// Refused as a reload of `running`: a route whose upstream is one of the running gateway's
+    /// listeners. `listen` and `admin.listen` change only on a restart, so the new file's own
+    /// addresses, which its validation checked, are not the ones serving until then.
+    pub fn check_reload_of(&self, running: &Config) -> Result<(), ConfigError> {
+        let issues: Vec<ConfigIssue> = [("listen", running.listen), ("admin.listen", running.admin.listen)]
+            .into_iter()
+            .flat_map(|(key, own)| {
+                self.routes.iter().filter(move |r| r.upstreams.iter().any(|a| is_own(own, *a))).map(move |r| ConfigIssue {
+                    path: key.into(),
+                    message: format!(
+                        "the running gateway listens on {own} until a restart, and route {:?} names it as its upstream",
+                        r.name
+                    ),
+                })
+            })
+            .collect();
+        match issues.is_empty() {
+            true => Ok(()),
+            false => Err(ConfigError { issues }),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -595,6 +694,14 @@ impl Validator {
             CacheSettings { capacity, ttl: self.duration("cache.ttl", cache.ttl, Duration::from_secs(300)) };
         let credentials = self.credentials(raw.credentials.unwrap_or_default());
         let identity = self.identity(raw.identity.unwrap_or_default());
+        if let (Some(key), Some(identity)) = (&credentials.api_key_header, &identity) {
+            if relied_on(key, [identity.request_id_header.as_str()]).is_some() {
+                self.error(
+                    "credentials.api_key_header",
+                    format!("must differ from identity.request_id_header ({}): a request id that a client or a proxy in front sends would be taken for a credential", identity.request_id_header),
+                );
+            }
+        }
         let policy = self.policy(raw.roles.unwrap_or_default(), raw.scopes.unwrap_or_default());
         let argon2 = self.argon2(raw.argon2.unwrap_or_default());
         let orgs = self.orgs(raw.orgs.unwrap_or_default());
@@ -805,10 +912,14 @@ impl Validator {
                     // The value is not repeated: it may be the secret itself, written by mistake.
                     Err(e) => Err((at("secret_file"), format!("cannot read the file it names: {e}"))),
                 },
-                (None, None, Some(var)) => match std::env::var(&var) {
-                    Ok(secret) => JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret.as_bytes()))
-                        .map_err(|e| (at("secret_env"), e)),
-                    Err(_) => Err((at("secret_env"), "names an environment variable that is not set".into())),
+                // Taken as bytes, as `secret_file` is: a secret need not be UTF-8.
+                (None, None, Some(var)) => match std::env::var_os(&var) {
+                    Some(secret) => {
+                        use std::os::unix::ffi::OsStrExt;
+                        JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret.as_bytes()))
+                            .map_err(|e| (at("secret_env"), e))
+                    }
+                    None => Err((at("secret_env"), "names an environment variable that is not set".into())),
                 },
                 _ => Err((at("key_file"), "give exactly one of key_file, secret_file, secret_env".into())),
             };
@@ -875,6 +986,14 @@ impl Validator {
             raw.api_key_header.and_then(|h| self.header_name("credentials.api_key_header", &h));
         if api_key_header.as_ref().is_some_and(|h| h == http::header::AUTHORIZATION) {
             self.error("credentials.api_key_header", "must differ from Authorization; use `bearer: true`");
+        } else if let Some(header) = api_key_header.as_ref().and_then(|h| relied_on(h, HEADERS_NOT_IN_PREFIX))
+        {
+            // Every request carrying it would be taken as presenting a credential, and the header
+            // is stripped before the upstream.
+            self.error(
+                "credentials.api_key_header",
+                format!("must not be {header}, which HTTP or upstreams rely on; the usual name is X-API-Key"),
+            );
         }
         CredentialSettings { bearer: raw.bearer.unwrap_or(true), query_param, api_key_header }
     }
@@ -920,11 +1039,15 @@ impl Validator {
             "identity.request_id_header",
             raw.request_id_header.as_deref().unwrap_or("x-request-id"),
         );
-        if request_id_header
+        // It replaces the client's header of that name upstream and is set on every response.
+        let relied = request_id_header
             .as_ref()
-            .is_some_and(|h| *h == http::header::HOST || *h == http::header::AUTHORIZATION)
-        {
-            self.error("identity.request_id_header", "must not be Host or Authorization");
+            .and_then(|h| relied_on(h, HEADERS_NOT_IN_PREFIX.into_iter().chain(RESPONSE_HEADERS_RELIED_ON)));
+        if let Some(header) = relied {
+            self.error(
+                "identity.request_id_header",
+                format!("must not be {header}, which HTTP or its clients rely on (it is replaced on every request and response); the default is x-request-id"),
+            );
         }
         if prefix_ok && request_id_header.as_ref().is_some_and(|h| h.as_str().starts_with(&prefix)) {
             self.error(
@@ -1100,7 +1223,7 @@ impl Validator {
             let host = r.host.map(|h| {
                 let normalized = match h.contains("://") {
                     true => Err("a host name without a scheme or path (api.example.com)"),
-                    false => normalize_host(&h),
+                    false => normalize_host(&h).and_then(route_host),
                 };
                 normalized.unwrap_or_else(|why| {
                     self.error(at("host"), format!("{h:?}: {why}"));
@@ -1112,7 +1235,7 @@ impl Validator {
             if let Some(path_prefix) = &path_prefix {
                 // Requests are routed on paths read both as sent and normalized, and must agree; a
                 // prefix only one reading can match would be unreachable.
-                match route_path(path_prefix) {
+                match path_chars(path_prefix).and_then(|()| route_path(path_prefix)) {
                     Ok(std::borrow::Cow::Borrowed(_)) => {}
                     Ok(normal) => self.error(
                         at("path"),
@@ -1206,6 +1329,10 @@ impl Validator {
                 // Every address a name resolves to (`localhost` is `::1` and `127.0.0.1` on most
                 // hosts, and an upstream may listen on one of them only): a connection refused by
                 // one is tried on the next (see `proxy::Gateway::fail_to_connect`).
+                if addr.contains("://") {
+                    self.error(path, format!("{addr:?}: give host:port, without a scheme (upstreams are spoken to in plain HTTP)"));
+                    continue;
+                }
                 match addr.to_socket_addrs().map(Iterator::collect::<Vec<_>>) {
                     Ok(found) if found.is_empty() => {
                         self.error(path, format!("{addr:?} resolves to no address"))
@@ -1284,6 +1411,18 @@ impl Validator {
             ) else {
                 continue;
             };
+            // Neither default granted and no method given its own permission: the route would
+            // refuse every request (a role set renamed `read`, say; one without `write` alone is
+            // a read-only gateway).
+            if !public
+                && methods.is_empty()
+                && ![&read_default, &write_default].iter().any(|p| policy.granted(p.bit))
+            {
+                self.error(
+                    at("permissions"),
+                    "no role grants read or write, which a route asks for by default (read for GET, HEAD and OPTIONS, write for the rest): every request would be refused; give the route `permissions` or a role those permissions",
+                );
+            }
             let name = name.unwrap_or_else(|| path_prefix.clone());
             routes.push(Route::new(RouteSpec {
                 name,

@@ -97,9 +97,17 @@ pub struct RawShutdown {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawStore {
+    /// Present but empty (`redis:` with its lines commented out) is a `redis` section without a
+    /// URL, refused as such, never the embedded store chosen in silence.
+    #[serde(default, deserialize_with = "present")]
     pub redis: Option<RawRedis>,
     pub embedded: Option<RawEmbedded>,
     pub timeout: Option<String>,
+}
+
+/// A key that is present: `Some`, its value or, for `null`, the default.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<Option<T>, D::Error> {
+    Ok(Some(Option::<T>::deserialize(d)?.unwrap_or_default()))
 }
 
 #[derive(Debug, Default, Deserialize)]
