@@ -170,7 +170,16 @@ impl Lifecycle<'_> {
                 // The one key (if any) that travels as the email attribute, however spelled: it
                 // must be an address, checked as `user_email` is, so that no spelling of a
                 // user's address (`Email`, a padded one) escapes the binding below.
-                let email = match attrs.iter().find(|(k, _)| attr_suffix(k).eq("email".chars())) {
+                // Only one: a second, which no header carries (a list, a value with a tab), would
+                // reach upstreams reading `X-Auth-Attributes` unchecked and unbound.
+                let mut spellings = attrs.iter().filter(|(k, _)| attr_suffix(k).eq("email".chars()));
+                let first = spellings.next();
+                if let (Some((a, _)), Some((b, _))) = (first, spellings.next()) {
+                    return Err(LifecycleError::Invalid(format!(
+                        "attributes {a:?} and {b:?} are both the email attribute; keep one"
+                    )));
+                }
+                let email = match first {
                     None => None,
                     Some((_, serde_json::Value::String(e))) => {
                         check_email(e)?;

@@ -506,7 +506,15 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
     let as_attribute =
         minted(&w, &w.gateway, &token, "shop", json!({"attributes": {"Email": "ANN@acme.io"}})).await;
     // A spelling of her address the upstream would read as hers (a space it trims) is refused.
-    for attrs in [json!({"email": "ann@acme.io "}), json!({"EMAIL": " ann@acme.io"}), json!({"email": 7})] {
+    // So is a second spelling beside a checked one, which no header carries but
+    // `X-Auth-Attributes` does: it would name her unchecked and unbound.
+    for attrs in [
+        json!({"email": "ann@acme.io "}),
+        json!({"EMAIL": " ann@acme.io"}),
+        json!({"email": 7}),
+        json!({"EMAIL": "eve@ext.io", "email": "ann@acme.io\t"}),
+        json!({"EMAIL": "eve@ext.io", "email": ["ann@acme.io"]}),
+    ] {
         let (status, answer) =
             mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": attrs})).await;
         assert_eq!(status, 400, "{attrs}: {answer}");
