@@ -41,6 +41,9 @@ pub enum ApiError {
     /// A change was sent to the store and its answer did not come: it may have been made.
     #[error("the store did not answer in time; the change may still have been made: look (token list, user show) before retrying")]
     Unanswered,
+    /// The process is exiting: the call was not begun.
+    #[error("the gateway is shutting down; nothing was done: retry on another instance")]
+    Stopping,
     /// The calling token's first verification would wait too long.
     #[error("too many new tokens are being verified to check this one now; retry shortly")]
     Busy,
@@ -91,7 +94,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Unavailable | ApiError::Unanswered | ApiError::Busy => {
+            ApiError::Unavailable | ApiError::Unanswered | ApiError::Busy | ApiError::Stopping => {
                 (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

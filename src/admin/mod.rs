@@ -149,11 +149,15 @@ pub fn router(state: AdminState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
-        // A graceful shutdown waits for admin calls too (a revocation under way is not cut).
+        // A graceful shutdown waits for admin calls too (a revocation under way is not cut), until
+        // their answers are written: a new secret is never lost. One that would begin as the
+        // process exits is refused, having done nothing.
         .layer(axum::middleware::from_fn(
             |req: axum::extract::Request, next: axum::middleware::Next| async move {
-                let _in_flight = crate::drain::InFlight::begin();
-                next.run(req).await
+                let Some(in_flight) = crate::drain::InFlight::begin_unless_exiting() else {
+                    return ApiError::Stopping.into_response();
+                };
+                next.run(req).await.map(|body| axum::body::Body::new(Counted { body, _in_flight: in_flight }))
             },
         ))
         // A body is read whole, within `admin.read_timeout`, before the call counts as in flight.
@@ -161,6 +165,32 @@ pub fn router(state: AdminState) -> Router {
         // Outermost: a body refused as too large or too slow is logged and counted too.
         .layer(axum::middleware::from_fn_with_state(state.clone(), access))
         .with_state(state)
+}
+
+/// An answer's body, which keeps its call counted in flight until hyper has taken all of it.
+struct Counted {
+    body: axum::body::Body,
+    _in_flight: crate::drain::InFlight,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// One line per call (`tollgate::admin_access`) and a count by route template and status, so that
