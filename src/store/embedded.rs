@@ -229,11 +229,19 @@ impl Backend for EmbeddedBackend {
                         lists.range(range.clone()).map_err(failed)?.next().transpose().map_err(failed)?;
                     let seq = newest.map_or(u64::MAX, |(k, _)| k.value().1.saturating_sub(1));
                     lists.insert((list.as_str(), seq), value.as_str()).map_err(failed)?;
+                    // The entries are numbered one after another from the newest, so those
+                    // `max` or more past it are the stale ones, read from the oldest end: a trim
+                    // costs what it removes (one entry, usually), not a walk past the `max` kept,
+                    // ten million at most, inside the one write transaction.
+                    let kept_below = seq.checked_add(u64::try_from(*max).unwrap_or(u64::MAX));
                     let stale: Vec<u64> = lists
                         .range(range)
                         .map_err(failed)?
-                        .skip(*max)
+                        .rev()
                         .map(|row| row.map(|(k, _)| k.value().1))
+                        .take_while(|row| {
+                            row.as_ref().map_or(true, |s| kept_below.is_some_and(|limit| *s >= limit))
+                        })
                         .collect::<Result<_, _>>()
                         .map_err(failed)?;
                     for seq in stale {
