@@ -176,18 +176,25 @@ fn runs(text: &str) -> impl Iterator<Item = (usize, &str)> {
 }
 
 /// Where a credential starts in a run, and what may be said of it: a token by its id; a JWT
-/// (a run starting `eyJ`, base64 of `{"`, in three non-empty parts: an address such as
-/// `heyJoe.van.dam@acme.io` is none) as `eyJ…`.
+/// (from `eyJ`, base64 of `{"`, at the run's start or after a `_`, `-` or `.`, in three non-empty
+/// parts to the run's end: an address such as `heyJoe.van.dam@acme.io` is none) as `eyJ…`.
 fn credential_in(run: &str) -> Option<(usize, String)> {
     let token = PREFIXES.iter().filter_map(|p| run.find(p)).min().filter(|at| run.len() - at > ID_LEN);
     if let Some(at) = token {
         return Some((at, format!("{}…", &run[at..at + ID_LEN])));
     }
-    let jwt = run.starts_with("eyJ") && {
-        let parts: Vec<&str> = run.split('.').collect();
-        parts.len() >= 3 && parts.iter().all(|p| !p.is_empty())
-    };
-    jwt.then(|| (0, "eyJ…".to_string()))
+    // At the run's start or after a separator in it (`jwt_eyJ…`, `id-eyJ…`), at the first such
+    // start that is one; not within a word (`heyJoe`).
+    let mut from = 0;
+    while let Some(at) = run[from..].find("eyJ").map(|at| from + at) {
+        let parts: Vec<&str> = run[at..].split('.').collect();
+        let starts = at == 0 || matches!(run.as_bytes()[at - 1], b'_' | b'-' | b'.');
+        if starts && parts.len() >= 3 && parts.iter().all(|p| !p.is_empty()) {
+            return Some((at, "eyJ…".to_string()));
+        }
+        from = at + 3;
+    }
+    None
 }
 
 /// Checks format and checksum. Pure: no cache or store is involved.
@@ -411,6 +418,17 @@ mod tests {
         let token = with_checksum_for_tests("tgp_a1B2c30123456789abcdefghijABCDEFGHIJ");
         assert_eq!(redacted(&format!("x-{token}")).as_deref(), Some("tgp_a1B2c3…"));
         assert_eq!(redacted("cb;jwt=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln").as_deref(), Some("eyJ…"));
+        // A JWT after a separator within a run, as a token is found anywhere in one.
+        let jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln";
+        for (glued, cut) in [
+            (format!("jwt_{jwt}"), "jwt_eyJ…"),
+            (format!("id-{jwt}"), "id-eyJ…"),
+            (format!("..{jwt}"), "..eyJ…"),
+            (format!("x.eyJoe.{jwt}"), "x.eyJ…"),
+        ] {
+            assert_eq!(redacted(&glued).as_deref(), Some("eyJ…"), "{glued}");
+            assert_eq!(redacted_within(&glued), cut, "{glued}");
+        }
         for name in ["heyJoe@acme.io", "tgp_a1B2c3", "reporting", "ann@example.com"] {
             assert_eq!(redacted(name), None, "{name}");
         }
@@ -428,7 +446,7 @@ mod tests {
         let near = format!("no token tgp_a1B2c3. {token} heyJoe.van.dam@acme.io");
         assert_eq!(redacted_within(&near), "no token tgp_a1B2c3. tgp_a1B2c3… heyJoe.van.dam@acme.io");
         // Every text comes back whole but for what is cut (runs of only stops and dashes too).
-        for text in [".", "-.-", "x. .", "tgp_.", "eyJ..", "eyJa.b.", "..eyJa.b.c..", ""] {
+        for text in [".", "-.-", "x. .", "tgp_.", "eyJ..", "eyJa.b.", "..eyJa.b", "heyJa.b.c", ""] {
             let with_token = format!("{text} {token} {text}");
             let cut = redacted_within(&with_token);
             assert_eq!(cut, format!("{text} tgp_a1B2c3… {text}"), "{text:?}");

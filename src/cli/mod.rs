@@ -497,7 +497,61 @@ pub(crate) fn init_logging(default_level: &str) {
         .with_writer(std::io::stderr)
         .finish()
         .with(tracing_subscriber::filter::filter_fn(pingora_at_most_info))
+        .with(ClientsPingoraLines)
         .try_init();
+}
+
+/// Drops Pingora's lines about what a client did to its own connection: closed or timed out
+/// before or while sending a request head ("Fail to proxy: ..." at error; the same text after a
+/// request was read is the line Tollgate replaces with its own), left before an error answer, or
+/// sent an unreadable `Content-Length` (at warn). Anyone who can reach the port could fill the
+/// log with them; like Pingora's other refusals of a head, they are neither logged nor counted.
+struct ClientsPingoraLines;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientsPingoraLines {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        const CLIENTS: [(&str, &str); 3] = [
+            ("pingora_proxy", "Fail to proxy: "),
+            ("pingora_proxy", "failed to send error response to downstream"),
+            ("pingora_core", "invalid content-length header value"),
+        ];
+        // Pingora logs through the `log` crate: such an event's own target is `log`, the
+        // module's is a field.
+        if event.metadata().target() != "log" {
+            return true;
+        }
+        let mut line = LogLine::default();
+        event.record(&mut line);
+        !line.target.starts_with("pingora")
+            || !CLIENTS
+                .iter()
+                .any(|(module, start)| line.target.starts_with(module) && line.message.starts_with(start))
+    }
+}
+
+/// A `log` crate event's target and message, as text.
+#[derive(Default)]
+struct LogLine {
+    target: String,
+    message: String,
+}
+
+impl tracing::field::Visit for LogLine {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "log.target" {
+            self.target = value.to_string();
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
 }
 
 /// Pingora never logs below info, whatever the level or `RUST_LOG` says (a directive for one of
@@ -527,11 +581,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Echo { listen } => {
             init_logging("info");
             block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
+                // Handled, not left to their default: as a container's first process (compose's
+                // `echo` service) it would otherwise ignore them, and each stop wait out its grace.
+                let (mut term, mut int) =
+                    (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
                 tracing::info!(%listen, "echo upstream listening");
-                Ok(crate::echo::serve(listener).await?)
+                tokio::select! {
+                    served = crate::echo::serve(listener) => Ok(served?),
+                    _ = term.recv() => Ok(()),
+                    _ = int.recv() => Ok(()),
+                }
             })
         }
         Command::Keygen { algorithm, out } => {

@@ -526,9 +526,12 @@ impl ProxyHttp for Gateway {
         // A failure halfway through a response: the client has its status already.
         let begun = session.response_written().map(|r| r.status.as_u16());
         if code > 0 {
-            // Counted `allowed` in the requests (it was), and here as what became of it.
+            // Counted `allowed` in the requests (it was), and here as what became of it: by the
+            // status the client has, which for a failure halfway through a response is that
+            // response's (a 502 alert must not count answers the client saw as 200).
             let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
-            self.metrics.proxy_failures.with_label_values(&[route, &code.to_string()]).inc();
+            let answered = begun.unwrap_or(code);
+            self.metrics.proxy_failures.with_label_values(&[route, &answered.to_string()]).inc();
             let status = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
             let config = ctx.config.clone().unwrap_or_else(|| self.config.load_full());
             let extra = ctx.deprecation.as_deref().map_or(&[][..], |d| &d[..]);

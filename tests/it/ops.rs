@@ -768,3 +768,74 @@ async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines
     assert!(log.contains("tollgate gateway listening"), "the log itself is written: {log}");
     assert!(!log.contains("tollgate::access") && !log.contains("tollgate::admin_access"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_breaking_off_its_own_request_head_fills_no_log() {
+    let w = World::start().await;
+    // A head cut off by the client, and one with an unreadable length (Pingora answers it 400).
+    {
+        use std::io::Write;
+        let mut cut = std::net::TcpStream::connect(w.gateway.addr()).unwrap();
+        cut.write_all(b"GET /shop HTTP/1.1\r\nHost: x\r\n").unwrap();
+    }
+    let answer =
+        raw_request(w.gateway.addr(), b"POST /shop HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // After both: a request on a new connection is answered and logged.
+    let resp = w.http.get(w.gateway.url("/public/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let logged = eventually(Duration::from_secs(5), || async {
+        w.gateway.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("/public/x"))
+    });
+    assert!(logged.await, "{}", w.gateway.log_text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = w.gateway.log_text();
+    for line in ["Fail to proxy", "invalid content-length"] {
+        assert!(!log.contains(line), "{line:?} logged:\n{log}");
+    }
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_halfway_through_a_response_is_counted_under_the_status_the_client_has() {
+    let mut w = World::start().await;
+    // Promises ten bytes and sends two, then nothing: the route's read bound ends the wait.
+    let short = RawUpstream::start_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok");
+    let port = free_port();
+    let config = gateway_config(port, &w.redis.url(), short.port)
+        .replace("threads: 2", "threads: 2\nupstream_timeouts: { read: 300ms }");
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "h@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let resp = w.http.get(g.url("/shop/x")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.is_err(), "the body is cut short");
+    let metrics = format!("{}/metrics", g.admin_url());
+    let counted = eventually(Duration::from_secs(5), || async {
+        let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        sample(&now, r#"tollgate_proxy_failures_total{route="shop",status="200"}"#) == 1.0
+    });
+    assert!(counted.await, "counted as the 200 the client has");
+    let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+    assert!(!now.contains(r#"tollgate_proxy_failures_total{route="shop",status="504"}"#), "{now}");
+}
+
+#[test]
+fn the_echo_upstream_stops_cleanly_on_sigterm_as_a_container_s_first_process_must() {
+    let port = free_port();
+    let mut echo = std::process::Command::new(tollgate_bin())
+        .args(["echo", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listening = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(listening, "the echo upstream listens");
+    let _ = std::process::Command::new("kill").args(["-TERM", &echo.id().to_string()]).status();
+    let status = exit_within(&mut echo, Duration::from_secs(5)).expect("it stops");
+    // Exiting by its own hand, not killed by the signal's default action (which a container's
+    // first process does not have).
+    assert_eq!(status.code(), Some(0), "{status}");
+}
