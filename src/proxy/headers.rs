@@ -33,20 +33,24 @@ pub struct IdentityHeaders {
 }
 
 struct Made {
-    /// The upstream request's headers before the client's are added: `Host` and the request id as
-    /// placeholders (in that order, so they are found by position), then the identity headers.
+    /// The upstream request's headers before the client's are added: `Host`, the request id and
+    /// `X-Forwarded-For` as placeholders (in that order, so they are found by position), then the
+    /// identity headers.
     /// Cloning it copies the table and counts references; inserting the headers one by one into
     /// the client's map hashed and placed each name again, several times the cost.
     template: http::HeaderMap,
+    /// How many placeholders the template starts with: `Host`, the request id and, unless
+    /// `forwarded_for` is `keep`, `X-Forwarded-For`.
+    placeholders: usize,
     _records: RecordAnchors,
     _route: Weak<Route>,
     _config: Weak<Config>,
 }
 
 impl Made {
-    /// The identity headers alone, in order (the template without its two placeholders).
+    /// The identity headers alone, in order (the template without its placeholders).
     fn identity(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.template.iter().skip(2)
+        self.template.iter().skip(self.placeholders)
     }
 }
 
@@ -65,7 +69,8 @@ impl IdentityHeaders {
             return Ok(made);
         }
         let made = Arc::new(Made {
-            template: template(&config.identity.request_id_header, &make(config, route, grant)?),
+            template: template(config, &make(config, route, grant)?),
+            placeholders: 2 + usize::from(config.forwarded_for != crate::config::ForwardedFor::Keep),
             _records: grant.principal.anchors(),
             _route: Arc::downgrade(route),
             _config: Arc::downgrade(config),
@@ -85,9 +90,17 @@ pub fn forward(
     client: Option<std::net::IpAddr>,
 ) -> pingora::Result<()> {
     edit_request(req, permit.route().preserve_header_case, |req| {
-        rewrite(config, permit, req, request_id, identity_headers)?;
-        forwarded_for(config.forwarded_for, req, client)
+        match rewrite(config, permit, req, request_id, identity_headers, client)? {
+            XffMade::InTemplate => forwarded_node(config.forwarded_for, req, client),
+            XffMade::No => forwarded_for(config.forwarded_for, req, client),
+        }
     })
+}
+
+/// Whether the upstream request's `X-Forwarded-For` was made with its headers.
+enum XffMade {
+    InTemplate,
+    No,
 }
 
 /// `X-Forwarded-For` as `mode` says, with the client's address: an upstream that finds the client
@@ -98,21 +111,38 @@ pub fn forwarded_for(
     req: &mut dyn Upstream,
     client: Option<std::net::IpAddr>,
 ) -> pingora::Result<()> {
-    use crate::config::ForwardedFor;
-    let (Some(client), false) = (client, mode == ForwardedFor::Keep) else { return Ok(()) };
-    let sent = match mode {
-        ForwardedFor::Append => {
-            req.headers().get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
-        }
+    let (Some(client), false) = (client, mode == crate::config::ForwardedFor::Keep) else { return Ok(()) };
+    let list = xff_value(mode, req.headers().get_all(&X_FORWARDED_FOR).iter(), client)?;
+    req.insert(&X_FORWARDED_FOR, &list)?;
+    forwarded_node(mode, req, Some(client))
+}
+
+/// `X-Forwarded-For` as `mode` (not `keep`) makes it for `client`, from the values the client
+/// sent under that name.
+fn xff_value<'a>(
+    mode: crate::config::ForwardedFor,
+    sent: impl Iterator<Item = &'a HeaderValue>,
+    client: std::net::IpAddr,
+) -> pingora::Result<HeaderValue> {
+    let sent: Vec<&str> = match mode {
+        crate::config::ForwardedFor::Append => sent.filter_map(|v| v.to_str().ok()).collect(),
         _ => Vec::new(),
     };
-    let list = match sent.is_empty() {
-        true => address_value(client)?,
-        false => value(format!("{}, {client}", sent.join(", ")))?,
-    };
-    req.insert(&X_FORWARDED_FOR, &list)?;
-    // A `Forwarded` list the client sent ends with the gateway's node too, as `X-Forwarded-For`
-    // does: an upstream that reads it (Rack, Spring) trusts its last entry.
+    match sent.is_empty() {
+        true => address_value(client),
+        false => value(format!("{}, {client}", sent.join(", "))),
+    }
+}
+
+/// Under `append`, a `Forwarded` list the client sent ends with the gateway's node too, as
+/// `X-Forwarded-For` does: an upstream that reads it (Rack, Spring) trusts its last entry.
+fn forwarded_node(
+    mode: crate::config::ForwardedFor,
+    req: &mut dyn Upstream,
+    client: Option<std::net::IpAddr>,
+) -> pingora::Result<()> {
+    use crate::config::ForwardedFor;
+    let Some(client) = client else { return Ok(()) };
     if mode == ForwardedFor::Append && req.headers().contains_key(http::header::FORWARDED) {
         let sent: Vec<&str> =
             req.headers().get_all(http::header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
@@ -153,21 +183,24 @@ fn rewrite(
     req: &mut dyn Upstream,
     request_id: &HeaderValue,
     identity_headers: &IdentityHeaders,
-) -> pingora::Result<()> {
+    client_address: Option<std::net::IpAddr>,
+) -> pingora::Result<XffMade> {
     let identity = &config.identity;
     let Some(grant) = permit.grant() else {
         strip(config, req, false);
-        return req.insert(&identity.request_id_header, request_id);
+        req.insert(&identity.request_id_header, request_id)?;
+        return Ok(XffMade::No);
     };
     let route = permit.route();
     if route.query_token {
         remove_query_token(req, &config.credentials.query_param)?;
     }
     let made = identity_headers.get(config, route, grant)?;
-    match req.bare_headers() {
+    let xff = match req.bare_headers() {
         Some(headers) => {
             let client = std::mem::take(headers);
-            *headers = upstream_headers(&made.template, config, client, request_id)?;
+            *headers = upstream_headers(&made.template, config, client, request_id, client_address)?;
+            XffMade::InTemplate
         }
         None => {
             strip(config, req, true);
@@ -175,8 +208,9 @@ fn rewrite(
             for (name, value) in made.identity() {
                 req.insert(name, value)?;
             }
+            XffMade::No
         }
-    }
+    };
     if route.identity_jwt {
         if let Some(jwt) = &config.jwt {
             let jti = request_id.to_str().unwrap_or_default();
@@ -184,7 +218,7 @@ fn rewrite(
             req.insert(&identity.jwt_header, &value(token)?)?;
         }
     }
-    Ok(())
+    Ok(xff)
 }
 
 /// Header edits on a request or a response.
@@ -305,13 +339,16 @@ fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
     }
 }
 
-/// [`Made::template`] for `headers`.
-fn template(request_id_header: &HeaderName, headers: &[(HeaderName, HeaderValue)]) -> http::HeaderMap {
+/// [`Made::template`] for `headers`, under `config`'s request id header and `forwarded_for`.
+fn template(config: &Config, headers: &[(HeaderName, HeaderValue)]) -> http::HeaderMap {
     let placeholder = HeaderValue::from_static("");
     // Room for the client's headers in the index, which a clone keeps (its entries it does not).
-    let mut template = http::HeaderMap::with_capacity(headers.len() + 2 + CLIENT_HEADERS);
+    let mut template = http::HeaderMap::with_capacity(headers.len() + 3 + CLIENT_HEADERS);
     template.insert(http::header::HOST, placeholder.clone());
-    template.insert(request_id_header.clone(), placeholder);
+    template.insert(config.identity.request_id_header.clone(), placeholder.clone());
+    if config.forwarded_for != crate::config::ForwardedFor::Keep {
+        template.insert(X_FORWARDED_FOR, placeholder);
+    }
     // Clones, not the made values themselves: a clone is a shared buffer, which every request's
     // copy of the template then clones by a counter; the originals are not (each clone of one
     // would check its kind first).
@@ -328,6 +365,7 @@ fn upstream_headers(
     config: &Config,
     client: http::HeaderMap,
     request_id: &HeaderValue,
+    client_address: Option<std::net::IpAddr>,
 ) -> pingora::Result<http::HeaderMap> {
     use http::header::HOST;
     let too_many = |_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many headers");
@@ -336,7 +374,11 @@ fn upstream_headers(
     if let Some(slot) = out.values_mut().nth(1) {
         *slot = request_id.clone();
     }
+    let xff = config.forwarded_for != crate::config::ForwardedFor::Keep;
     let mut host = None;
+    // The client's own `X-Forwarded-For`, set aside for the placeholder's value (no allocation
+    // unless it sent one).
+    let mut sent_xff = Vec::new();
     // A `None` name is another value of the previous name, which is kept only for that.
     let mut values = client.into_iter().peekable();
     let mut previous: Option<HeaderName> = None;
@@ -347,8 +389,29 @@ fn upstream_headers(
         }
         if name == HOST && host.is_none() {
             host = Some(value);
+        } else if xff && name == X_FORWARDED_FOR {
+            sent_xff.push(value);
         } else if !withheld(config, &name, true) {
             out.try_append(name, value).map_err(too_many)?;
+        }
+    }
+    if xff {
+        let made =
+            client_address.map(|ip| xff_value(config.forwarded_for, sent_xff.iter(), ip)).transpose()?;
+        // Found by position (third) when nothing came before it; by name otherwise.
+        let slot = match out.iter_mut().nth(2) {
+            Some((name, slot)) if *name == X_FORWARDED_FOR => Some(slot),
+            _ => out.get_mut(X_FORWARDED_FOR),
+        };
+        match (made, slot) {
+            (Some(made), Some(slot)) => *slot = made,
+            // No client address (not a TCP client): as sent, as `forwarded_for` leaves it.
+            _ => {
+                out.remove(X_FORWARDED_FOR);
+                for value in sent_xff {
+                    out.try_append(X_FORWARDED_FOR, value).map_err(too_many)?;
+                }
+            }
         }
     }
     match (host, out.values_mut().next()) {
@@ -707,7 +770,7 @@ mod tests {
     fn upstream_headers_keep_the_client_s_headers_but_never_its_identity_or_credential() {
         let config = Config::parse("credentials: { api_key_header: X-API-Key }").unwrap();
         let made = [(HeaderName::from_static("x-auth-role"), HeaderValue::from_static("editor"))];
-        let template = template(&config.identity.request_id_header, &made);
+        let template = template(&config, &made);
         let mut client = http::HeaderMap::new();
         for (name, value) in [
             ("user-agent", "curl"),
@@ -723,13 +786,15 @@ mod tests {
             client.append(HeaderName::from_static(name), HeaderValue::from_static(value));
         }
         let id = HeaderValue::from_static("0123");
-        let out = upstream_headers(&template, &config, client, &id).unwrap();
+        let ip = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+        let out = upstream_headers(&template, &config, client, &id, ip).unwrap();
         let wire: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
         assert_eq!(
             wire,
             [
                 ("host", "api.example.com"),
                 ("x-request-id", "0123"),
+                ("x-forwarded-for", "10.0.0.7"),
                 ("x-auth-role", "editor"),
                 ("user-agent", "curl"),
                 ("x-custom", "a"),
@@ -738,7 +803,7 @@ mod tests {
         );
 
         // No Host sent, none forwarded; the template itself is unchanged.
-        let out = upstream_headers(&template, &config, http::HeaderMap::new(), &id).unwrap();
+        let out = upstream_headers(&template, &config, http::HeaderMap::new(), &id, ip).unwrap();
         assert!(!out.contains_key(http::header::HOST));
         assert_eq!(out.get("x-request-id").unwrap(), "0123");
         assert_eq!(template.get("x-request-id").unwrap(), "");
@@ -747,15 +812,74 @@ mod tests {
     #[test]
     fn the_request_id_is_dropped_in_every_spelling_of_its_name() {
         let config = Config::parse("").unwrap();
-        let template = template(&config.identity.request_id_header, &[]);
+        let template = template(&config, &[]);
         let mut client = http::HeaderMap::new();
         client.append(http::header::HOST, HeaderValue::from_static("x"));
         for name in ["x-request-id", "x_request_id", "x_request-id", "x-request_id", "x-request-ids"] {
             client.append(HeaderName::from_static(name), HeaderValue::from_static("forged"));
         }
-        let out = upstream_headers(&template, &config, client, &HeaderValue::from_static("0123")).unwrap();
+        let ip = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+        let out =
+            upstream_headers(&template, &config, client, &HeaderValue::from_static("0123"), ip).unwrap();
         let wire: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
-        assert_eq!(wire, [("host", "x"), ("x-request-id", "0123"), ("x-request-ids", "forged")]);
+        assert_eq!(
+            wire,
+            [
+                ("host", "x"),
+                ("x-request-id", "0123"),
+                ("x-forwarded-for", "10.0.0.7"),
+                ("x-request-ids", "forged")
+            ]
+        );
+    }
+
+    #[test]
+    fn x_forwarded_for_is_made_with_the_upstream_headers_as_each_mode_says() {
+        let ip = std::net::IpAddr::from([10, 0, 0, 7]);
+        let id = HeaderValue::from_static("0123");
+        let sent = |xff: &[&str]| {
+            let mut client = http::HeaderMap::new();
+            client.append(http::header::HOST, HeaderValue::from_static("x"));
+            for v in xff {
+                client.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
+            }
+            client.append(HeaderName::from_static("x-custom"), HeaderValue::from_static("c"));
+            client
+        };
+        let wire = |out: &http::HeaderMap| -> Vec<(String, String)> {
+            out.iter().map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap().to_string())).collect()
+        };
+        let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+            p.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        for (mode, xff, want) in [
+            ("append", &[][..], "10.0.0.7"),
+            ("append", &["1.1.1.1", "2.2.2.2, 3.3.3.3"][..], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7"),
+            ("replace", &["1.1.1.1"][..], "10.0.0.7"),
+        ] {
+            let config = Config::parse(&format!("forwarded_for: {mode}")).unwrap();
+            let out = upstream_headers(&template(&config, &[]), &config, sent(xff), &id, Some(ip)).unwrap();
+            assert_eq!(
+                wire(&out),
+                pairs(&[
+                    ("host", "x"),
+                    ("x-request-id", "0123"),
+                    ("x-forwarded-for", want),
+                    ("x-custom", "c")
+                ]),
+                "{mode} {xff:?}"
+            );
+        }
+        // Kept as sent: under `keep`, and without a client address.
+        let keep = Config::parse("forwarded_for: keep").unwrap();
+        let out = upstream_headers(&template(&keep, &[]), &keep, sent(&["1.1.1.1"]), &id, Some(ip)).unwrap();
+        assert_eq!(out.get_all(X_FORWARDED_FOR).iter().collect::<Vec<_>>(), ["1.1.1.1"]);
+        let append = Config::parse("").unwrap();
+        let out =
+            upstream_headers(&template(&append, &[]), &append, sent(&["1.1.1.1", "2.2.2.2"]), &id, None)
+                .unwrap();
+        assert_eq!(out.get_all(X_FORWARDED_FOR).iter().collect::<Vec<_>>(), ["1.1.1.1", "2.2.2.2"]);
+        assert_eq!(out.len(), 5);
     }
 
     #[test]
