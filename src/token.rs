@@ -184,12 +184,19 @@ fn credential_in(run: &str) -> Option<(usize, String)> {
         return Some((at, format!("{}…", &run[at..at + ID_LEN])));
     }
     // At the run's start or after a separator in it (`jwt_eyJ…`, `id-eyJ…`), at the first such
-    // start that is one; not within a word (`heyJoe`).
-    let mut from = 0;
+    // start that is one; not within a word (`heyJoe`). In one pass over the run, whatever it holds
+    // (this runs on every request's path, which a client writes): from `at`, the run is three
+    // non-empty parts or more when two dots or more follow and no `..` does (a run neither starts
+    // with `eyJ`'s dot nor ends with one).
+    let bytes = run.as_bytes();
+    let dots = bytes.iter().filter(|&&b| b == b'.').count();
+    let last_empty_part = run.rfind("..");
+    let (mut dots_before, mut counted_to, mut from) = (0, 0, 0);
     while let Some(at) = run[from..].find("eyJ").map(|at| from + at) {
-        let parts: Vec<&str> = run[at..].split('.').collect();
-        let starts = at == 0 || matches!(run.as_bytes()[at - 1], b'_' | b'-' | b'.');
-        if starts && parts.len() >= 3 && parts.iter().all(|p| !p.is_empty()) {
+        dots_before += bytes[counted_to..at].iter().filter(|&&b| b == b'.').count();
+        counted_to = at;
+        let starts = at == 0 || matches!(bytes[at - 1], b'_' | b'-' | b'.');
+        if starts && dots - dots_before >= 2 && last_empty_part.is_none_or(|dd| dd < at) {
             return Some((at, "eyJ…".to_string()));
         }
         from = at + 3;
@@ -429,6 +436,12 @@ mod tests {
             assert_eq!(redacted(&glued).as_deref(), Some("eyJ…"), "{glued}");
             assert_eq!(redacted_within(&glued), cut, "{glued}");
         }
+        // Many candidate starts, each but the last failing only at the run's end: read as a
+        // JWT from the first start whose rest is one, and none when no rest is.
+        let many = "-eyJ".repeat(16_000);
+        assert_eq!(credential_in(&format!("{many}a.b.c")).map(|(at, _)| at), Some(1));
+        assert_eq!(credential_in(&format!("{many}a..b.c")), None);
+        assert_eq!(credential_in(&format!("x.b..c{many}a.b.c")).map(|(at, _)| at), Some(7));
         for name in ["heyJoe@acme.io", "tgp_a1B2c3", "reporting", "ann@example.com"] {
             assert_eq!(redacted(name), None, "{name}");
         }
