@@ -160,7 +160,7 @@ impl ConfigWatcher {
             );
             return Vec::new();
         }
-        match Config::parse(&text).and_then(|new| new.check_reload_of(&self.started).map(|()| new)) {
+        match Config::parse_reload(&text, &self.started) {
             Ok(new) => {
                 // Compared with what runs, not with the last file: a setting put back is no
                 // change, and one still changed is still reported on every reload.

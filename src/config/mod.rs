@@ -375,22 +375,30 @@ fn route_host(host: String) -> Result<String, &'static str> {
     }
 }
 
-/// Why no request path can start with `prefix`, if so: a request's path is ASCII, percent-encoded
-/// (RFC 3986), without a query or fragment, and a prefix matches literally (`*` is no wildcard).
+/// Why no request path can start with `prefix`, if so: a request's path has no query or fragment,
+/// no space, control byte, `<`, `>` or `` ` `` (refused by the parser), and a `%` only to start an
+/// escape. A prefix matches literally: `/api/*` is taken for the wildcard it is not. A name in
+/// Unicode is sent percent-encoded by browsers and most clients, and matches as written.
 fn path_chars(prefix: &str) -> Result<(), &'static str> {
     let bytes = prefix.as_bytes();
+    if prefix.ends_with("/*") {
+        return Err("a prefix covers every path under it: drop the `*`, which would match only itself");
+    }
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'*' => return Err("a prefix covers every path under it: no wildcard is needed (`*` would match itself only)"),
             b'?' | b'#' => return Err("a path prefix without a query or fragment ('?', '#')"),
             b'%' if !bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {
                 return Err("'%' must start a percent-escape of two hex digits (%25 for '%' itself)")
             }
-            _ if !b.is_ascii() => {
-                return Err("requests carry such a path percent-encoded: write it so (/caf%C3%A9 for /café)")
+            0x80.. => {
+                return Err(
+                    "write it percent-encoded, as browsers and most clients send it (/caf%C3%A9 for /café)",
+                )
             }
-            _ if !(b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@/%\\".contains(&b)) => {
-                return Err("a path holds only letters, digits, percent-escapes and -._~!$&'()+,;=:@/ (percent-encode the rest)")
+            ..=0x20 | 0x7f | b'<' | b'>' | b'`' => {
+                return Err(
+                    "no request path holds a space, a control character, '<', '>' or '`': percent-encode it",
+                )
             }
             _ => {}
         }
@@ -455,26 +463,11 @@ pub struct TokenLimits {
 }
 
 impl Config {
-    /// Refused as a reload of `running`: a route whose upstream is one of the running gateway's
-    /// listeners. `listen` and `admin.listen` change only on a restart, so the new file's own
-    /// addresses, which its validation checked, are not the ones serving until then.
-    pub fn check_reload_of(&self, running: &Config) -> Result<(), ConfigError> {
-        let issues: Vec<ConfigIssue> = [("listen", running.listen), ("admin.listen", running.admin.listen)]
-            .into_iter()
-            .flat_map(|(key, own)| {
-                self.routes.iter().filter(move |r| r.upstreams.iter().any(|a| is_own(own, *a))).map(move |r| ConfigIssue {
-                    path: key.into(),
-                    message: format!(
-                        "the running gateway listens on {own} until a restart, and route {:?} names it as its upstream",
-                        r.name
-                    ),
-                })
-            })
-            .collect();
-        match issues.is_empty() {
-            true => Ok(()),
-            false => Err(ConfigError { issues }),
-        }
+    /// Reads and validates a reload of `running`: as [`Config::parse`], with the running gateway's
+    /// listeners also refused as upstreams. `listen` and `admin.listen` change only on a restart,
+    /// so until then the new file's own addresses are not the ones serving.
+    pub fn parse_reload(text: &str, running: &Config) -> Result<Config, ConfigError> {
+        Config::parse_with(text, &[running.listen, running.admin.listen])
     }
 
     /// Reads and validates a config file.
@@ -486,11 +479,16 @@ impl Config {
 
     /// Validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, &[])
+    }
+
+    /// [`Config::parse`], `also_own` being listeners of this gateway besides the file's.
+    fn parse_with(text: &str, also_own: &[SocketAddr]) -> Result<Config, ConfigError> {
         let mut issues = Vec::new();
         let Some((raw, unreadable)) = raw::read(text, &mut issues) else {
             return Err(ConfigError { issues });
         };
-        let mut v = Validator { issues, unreadable };
+        let mut v = Validator { issues, unreadable, also_own: also_own.to_vec() };
         let config = v.config(raw);
         match config {
             Some(c) if v.issues.is_empty() => Ok(c),
@@ -590,6 +588,8 @@ struct Validator {
     issues: Vec<ConfigIssue>,
     /// Top-level keys that could not be read: their errors are reported already.
     unreadable: Unreadable,
+    /// The running gateway's listeners, on a reload: no upstream either.
+    also_own: Vec<SocketAddr>,
 }
 
 /// An org, project, environment or service name: 1 to 64 letters, digits, `-`, `_` and `.`, not
@@ -741,7 +741,8 @@ impl Validator {
                 self.error("admin.listen", format!("{admin} takes the port of `listen` ({proxy})"));
             }
         }
-        let own: Vec<SocketAddr> = [listen, admin_listen].into_iter().flatten().collect();
+        let own: Vec<SocketAddr> =
+            [listen, admin_listen].into_iter().flatten().chain(self.also_own.iter().copied()).collect();
         let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts, &own);
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
@@ -1221,9 +1222,12 @@ impl Validator {
                 }
             };
             let host = r.host.map(|h| {
-                let normalized = match h.contains("://") {
-                    true => Err("a host name without a scheme or path (api.example.com)"),
-                    false => normalize_host(&h).and_then(route_host),
+                let normalized = match (h.contains("://"), h.parse::<std::net::Ipv6Addr>().is_ok()) {
+                    (true, _) => Err("a host name without a scheme or path (api.example.com)"),
+                    (_, true) => {
+                        Err("an IPv6 address is written in brackets, as requests carry it: [2001:db8::1]")
+                    }
+                    _ => normalize_host(&h).and_then(route_host),
                 };
                 normalized.unwrap_or_else(|why| {
                     self.error(at("host"), format!("{h:?}: {why}"));
