@@ -501,11 +501,11 @@ pub(crate) fn init_logging(default_level: &str) {
         .try_init();
 }
 
-/// Drops Pingora's lines about what a client did to its own connection: closed or timed out
-/// before or while sending a request head ("Fail to proxy: ..." at error; the same text after a
+/// Drops Pingora's lines (at error) about what a client did to its own connection: closed or
+/// timed out before or while sending a request head ("Fail to proxy: ..."; the same text after a
 /// request was read is the line Tollgate replaces with its own), left before an error answer, or
-/// sent an unreadable `Content-Length` (at warn). Anyone who can reach the port could fill the
-/// log with them; like Pingora's other refusals of a head, they are neither logged nor counted.
+/// closed before the end of a response. Anyone who can reach the port could fill the log with
+/// them; like Pingora's other refusals of a head, they are neither logged nor counted.
 struct ClientsPingoraLines;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientsPingoraLines {
@@ -517,7 +517,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientsPingoraLine
         const CLIENTS: [(&str, &str); 3] = [
             ("pingora_proxy", "Fail to proxy: "),
             ("pingora_proxy", "failed to send error response to downstream"),
-            ("pingora_core", "invalid content-length header value"),
+            ("pingora_proxy", "Error finish sending body to downstream"),
         ];
         // Pingora logs through the `log` crate: such an event's own target is `log`, the
         // module's is a field.

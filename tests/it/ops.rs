@@ -772,16 +772,13 @@ async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_breaking_off_its_own_request_head_fills_no_log() {
     let w = World::start().await;
-    // A head cut off by the client, and one with an unreadable length (Pingora answers it 400).
+    // A head cut off by the client.
     {
         use std::io::Write;
         let mut cut = std::net::TcpStream::connect(w.gateway.addr()).unwrap();
         cut.write_all(b"GET /shop HTTP/1.1\r\nHost: x\r\n").unwrap();
     }
-    let answer =
-        raw_request(w.gateway.addr(), b"POST /shop HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    // After both: a request on a new connection is answered and logged.
+    // After it: a request on a new connection is answered and logged.
     let resp = w.http.get(w.gateway.url("/public/x")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let logged = eventually(Duration::from_secs(5), || async {
@@ -790,9 +787,7 @@ async fn a_client_breaking_off_its_own_request_head_fills_no_log() {
     assert!(logged.await, "{}", w.gateway.log_text());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let log = w.gateway.log_text();
-    for line in ["Fail to proxy", "invalid content-length"] {
-        assert!(!log.contains(line), "{line:?} logged:\n{log}");
-    }
+    assert!(!log.contains("Fail to proxy"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
 }
 
