@@ -440,7 +440,8 @@ fn could_shadow(earlier: &str, prefix: &str) -> bool {
 ///
 /// Otherwise the path as upstreams that normalize read it: a run of `/` counts as one, a
 /// segment's parameters (`;x`, which Tomcat and Jetty drop) are left out, and percent-encoded
-/// unreserved characters (`%61` for `a`) are decoded (borrowed when that changes nothing). Other
+/// characters that a route may hold as they are (`%61` for `a`, `%3A` for `:`; see
+/// [`decoded_in_routing`]) are decoded (borrowed when that changes nothing). Other
 /// upstreams read the path as sent, so the gateway routes a request only when both readings pick
 /// the same route: `/api//admin`, `/api;x/admin` and `/api/%61dmin` are refused beside an
 /// `/api/admin` route, not routed as `/api`.
@@ -463,7 +464,7 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
                 Some([b'2', b'e' | b'E' | b'f' | b'F'] | [b'5', b'c' | b'C']) => {
                     return Err(ENCODED_DOT_OR_SEPARATOR)
                 }
-                Some(&[high, low]) => plain &= unreserved(high, low).is_none(),
+                Some(&[high, low]) => plain &= decoded_in_routing(high, low).is_none(),
                 _ => {}
             },
             b';' => plain = false,
@@ -488,7 +489,7 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
         }
         let mut rest = core;
         while let Some(at) = rest.find('%') {
-            let decoded = rest.as_bytes().get(at + 1..at + 3).and_then(|h| unreserved(h[0], h[1]));
+            let decoded = rest.as_bytes().get(at + 1..at + 3).and_then(|h| decoded_in_routing(h[0], h[1]));
             routed.push_str(&rest[..at]);
             match decoded {
                 Some(c) => {
@@ -509,12 +510,21 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
 const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
 const ENCODED_DOT_OR_SEPARATOR: &str = "the path has an encoded dot or separator, or a backslash";
 
-/// The unreserved character (RFC 3986, section 2.3) that `%<high><low>` encodes, if it is one;
-/// the dot is not among them here, since an encoded dot is refused.
-fn unreserved(high: u8, low: u8) -> Option<char> {
+/// The character that `%<high><low>` encodes, if routing reads it decoded: one a route's path
+/// may hold as it is and upstreams decode alike: the unreserved ones (RFC 3986, section 2.3; the
+/// dot is not among them here, since an encoded dot is refused), the sub-delimiters but `;`,
+/// `:` and `@`, and the `*`, `|`, `[`, `]` and `^` that clients send as they are. So
+/// `/v1/items%3Abatch` reads as `/v1/items:batch`, and is refused where that is another route's.
+fn decoded_in_routing(high: u8, low: u8) -> Option<char> {
     let hex = |d: u8| char::from(d).to_digit(16);
     let c = char::from(u8::try_from(hex(high)? * 16 + hex(low)?).ok()?);
-    (c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '~')).then_some(c)
+    let kept = c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '-' | '_' | '~' | '!' | '$' | '&' | '\'' | '(' | ')' | '*' | '+' | ',' | '=' | ':' | '@'
+        )
+        || matches!(c, '|' | '[' | ']' | '^');
+    kept.then_some(c)
 }
 
 /// Lowercases a host and drops a port and the root's trailing dot (`API.example.com.:8080` ->
@@ -752,6 +762,21 @@ mod tests {
         for (sent, name) in [("/api/admin/x;v=1", "admin"), ("/api//items", "api"), ("/api/%7Ex", "api")] {
             assert_eq!(table.route(None, sent).unwrap().unwrap().name, name, "{sent}");
         }
+        // A character a route holds as it is, sent encoded: the decoded reading finds that route,
+        // so the path as sent (another route's) is refused, not routed by the broader prefix.
+        let table = RouteTable::new(vec![
+            route("batch", None, "/v1/items:batch"),
+            route("logs", None, "/logs-*"),
+            route("root", None, "/"),
+        ]);
+        for sent in ["/v1/items%3Abatch", "/v1/items%3abatch/x", "/logs-%2A/_search"] {
+            assert!(table.route(None, sent).is_err(), "{sent}");
+        }
+        for (sent, name) in [("/v1/items:batch", "batch"), ("/logs-*/_search", "logs"), ("/v1/a%3Ab", "root")]
+        {
+            assert_eq!(table.route(None, sent).unwrap().unwrap().name, name, "{sent}");
+        }
+        assert_eq!(route_path("/a%3B%22%7B%25").as_deref(), Ok("/a%3B%22%7B%25"), "left encoded");
     }
 
     #[test]

@@ -377,12 +377,12 @@ fn route_host(host: String) -> Result<String, &'static str> {
 
 /// Why no request path can start with `prefix`, if so: a request's path has no query or fragment,
 /// no space, control byte, `<`, `>` or `` ` `` (refused by the parser), and a `%` only to start an
-/// escape. A prefix matches literally: `/api/*` is taken for the wildcard it is not. A name in
-/// Unicode is sent percent-encoded by browsers and most clients, and matches as written.
+/// escape; browsers send `"`, `{`, `}` and non-ASCII percent-encoded. A prefix matches literally:
+/// a segment of `*` alone (`/api/*`, `/api/**/x`) is taken for the wildcard it is not.
 fn path_chars(prefix: &str) -> Result<(), &'static str> {
     let bytes = prefix.as_bytes();
-    if prefix.ends_with("/*") {
-        return Err("a prefix covers every path under it: drop the `*`, which would match only itself");
+    if prefix.split('/').any(|segment| !segment.is_empty() && segment.bytes().all(|b| b == b'*')) {
+        return Err("a prefix covers every path under it and matches literally: no `*` segment (it would match only itself)");
     }
     for (i, &b) in bytes.iter().enumerate() {
         match b {
@@ -391,14 +391,13 @@ fn path_chars(prefix: &str) -> Result<(), &'static str> {
                 return Err("'%' must start a percent-escape of two hex digits (%25 for '%' itself)")
             }
             0x80.. => {
-                return Err(
-                    "write it percent-encoded, as browsers and most clients send it (/caf%C3%A9 for /café)",
-                )
+                return Err("write it percent-encoded, as browsers and most clients send it (/caf%C3%A9 for /café)")
             }
             ..=0x20 | 0x7f | b'<' | b'>' | b'`' => {
-                return Err(
-                    "no request path holds a space, a control character, '<', '>' or '`': percent-encode it",
-                )
+                return Err("no request path holds a space, a control character, '<', '>' or '`': percent-encode it")
+            }
+            b'"' | b'{' | b'}' => {
+                return Err("browsers send '\"', '{' and '}' percent-encoded, so no one form would be routed from every client; leave them out of the prefix")
             }
             _ => {}
         }

@@ -789,7 +789,10 @@ fn a_route_host_or_path_no_request_can_name_is_refused() {
         assert_eq!(errors(&route(host, "/x")), Vec::<String>::new(), "{host}");
     }
     for (path, why) in [
-        ("/api/*", "a prefix covers every path under it: drop the `*`"),
+        ("/api/*", "a prefix covers every path under it and matches literally"),
+        ("/api/**/x", "a prefix covers every path under it and matches literally"),
+        ("/*/x", "a prefix covers every path under it and matches literally"),
+        ("/q{x}", "browsers send"),
         ("/api?v=1", "a path prefix without a query or fragment"),
         ("/api#top", "a path prefix without a query or fragment"),
         ("/café", "write it percent-encoded, as browsers"),
@@ -800,7 +803,7 @@ fn a_route_host_or_path_no_request_can_name_is_refused() {
         check(&route("a.example", path), &[&format!("routes[0].path: {path:?}: {why}")]);
     }
     for path in
-        ["/caf%C3%A9", "/v1/items:batch", "/~bob/@me", "/a;b=1", "/logs-*", "/items[0]", "/a|b", "/q{x}"]
+        ["/caf%C3%A9", "/v1/items:batch", "/~bob/@me", "/a;b=1", "/logs-*", "/items[0]", "/a|b", "/a*b/c"]
     {
         let errs = errors(&route("a.example", path));
         assert!(errs.iter().all(|e| !e.contains("percent") && !e.contains("wildcard")), "{path}: {errs:?}");
