@@ -405,8 +405,12 @@ fn upstream_headers(
         };
         match (made, slot) {
             (Some(made), Some(slot)) => *slot = made,
+            // (Not for a template of this config; never the client's list in its place.)
+            (Some(made), None) => {
+                out.try_append(X_FORWARDED_FOR, made).map_err(too_many)?;
+            }
             // No client address (not a TCP client): as sent, as `forwarded_for` leaves it.
-            _ => {
+            (None, _) => {
                 out.remove(X_FORWARDED_FOR);
                 for value in sent_xff {
                     out.try_append(X_FORWARDED_FOR, value).map_err(too_many)?;
@@ -870,6 +874,21 @@ mod tests {
                 "{mode} {xff:?}"
             );
         }
+        // Placed by name when a second `Host` came first, and made without any `Host`.
+        let config = Config::parse("").unwrap();
+        let mut two_hosts = sent(&["1.1.1.1"]);
+        two_hosts.append(http::header::HOST, HeaderValue::from_static("y"));
+        let out = upstream_headers(&template(&config, &[]), &config, two_hosts, &id, Some(ip)).unwrap();
+        assert_eq!(out.get_all(X_FORWARDED_FOR).iter().collect::<Vec<_>>(), ["1.1.1.1, 10.0.0.7"]);
+        assert_eq!(out.get("x-request-id").unwrap(), "0123");
+        let mut no_host = http::HeaderMap::new();
+        no_host.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        let out = upstream_headers(&template(&config, &[]), &config, no_host, &id, Some(ip)).unwrap();
+        assert_eq!(
+            wire(&out),
+            pairs(&[("x-forwarded-for", "1.1.1.1, 10.0.0.7"), ("x-request-id", "0123")]),
+            "no Host: the last header takes its place"
+        );
         // Kept as sent: under `keep`, and without a client address.
         let keep = Config::parse("forwarded_for: keep").unwrap();
         let out = upstream_headers(&template(&keep, &[]), &keep, sent(&["1.1.1.1"]), &id, Some(ip)).unwrap();
