@@ -150,8 +150,8 @@ pub fn router(state: AdminState) -> Router {
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut), until
-        // their answers are written: a new secret is never lost. One that would begin as the
-        // process exits is refused, having done nothing.
+        // hyper has taken their answers: a new secret is not lost to the exit. One that would
+        // begin as the process exits is refused, having done nothing.
         .layer(axum::middleware::from_fn(
             |req: axum::extract::Request, next: axum::middleware::Next| async move {
                 let Some(in_flight) = crate::drain::InFlight::begin_unless_exiting() else {
