@@ -567,6 +567,9 @@ impl<'a> Lifecycle<'a> {
         if display_name.as_ref().is_some_and(|n| n.chars().count() > 100) {
             return Err(LifecycleError::Invalid("display names are at most 100 characters".into()));
         }
+        if let Some(name) = &display_name {
+            refuse_credential("the display name", name)?;
+        }
         Ok(TokenSpec { display_name, scope, environments, expires_at })
     }
 
@@ -877,7 +880,7 @@ impl<'a> Lifecycle<'a> {
         display_name: Option<&str>,
         reason: Option<String>,
     ) -> Result<TokenView> {
-        check_reason(&reason)?;
+        let reason = check_reason(reason)?;
         let before = match (id, display_name) {
             (Some(id), None) => self.visible_token(actor, id).await?,
             (None, Some(name)) => {
@@ -1229,7 +1232,7 @@ impl<'a> Lifecycle<'a> {
         status: UserStatus,
         reason: Option<String>,
     ) -> Result<User> {
-        check_reason(&reason)?;
+        let reason = check_reason(reason)?;
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let before = self.user_in(actor, org, email).await?;
@@ -1257,7 +1260,7 @@ impl<'a> Lifecycle<'a> {
         email: &str,
         reason: Option<String>,
     ) -> Result<usize> {
-        check_reason(&reason)?;
+        let reason = check_reason(reason)?;
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         let user = self.user_in(actor, org, email).await?;
@@ -1424,6 +1427,7 @@ impl<'a> Lifecycle<'a> {
                 req.name
             )));
         }
+        refuse_credential("the service name", &req.name)?;
         if req.org_role.is_none() && req.project_roles.is_empty() {
             return Err(LifecycleError::Invalid("give --org-role or --project with --project-role".into()));
         }
@@ -1526,6 +1530,7 @@ impl<'a> Lifecycle<'a> {
             if !crate::config::is_name(n) {
                 return Err(LifecycleError::Invalid(format!("{n:?} is not a service name")));
             }
+            refuse_credential("the service name", n)?;
             s.name = n.clone();
         }
         if let Some(a) = attributes {
@@ -1675,21 +1680,37 @@ const MAX_ATTRIBUTES_DEPTH: usize = 16;
 /// Longest reason for a revocation, suspension or removal, in characters.
 const MAX_REASON_CHARS: usize = 500;
 
-/// A reason as given, refused when longer than [`MAX_REASON_CHARS`]: it is kept twice (the record
-/// and the audit entry) and read with every audit listing.
-fn check_reason(reason: &Option<String>) -> Result<()> {
+/// A reason as kept, refused when longer than [`MAX_REASON_CHARS`]: it is kept twice (the record
+/// and the audit entry) and read with every audit listing. A token or JWT in it (`leaked tgp_…`,
+/// pasted while revoking it) is cut to what logs show of one, its id: a revocation in a hurry is
+/// not refused for it, and no secret is kept.
+fn check_reason(reason: Option<String>) -> Result<Option<String>> {
     match reason {
         Some(r) if r.chars().count() > MAX_REASON_CHARS => {
             Err(LifecycleError::Invalid(format!("a reason is at most {MAX_REASON_CHARS} characters")))
         }
-        _ => Ok(()),
+        r => Ok(r.map(|r| crate::token::redacted_within(&r).into_owned())),
+    }
+}
+
+/// Refused: a name or value given for keeping (a display name, a service's name, attributes)
+/// that holds a whole token or a JWT. It would be stored, listed, audited and, for attributes
+/// and service names, sent to upstreams: a secret kept where only ids belong.
+fn refuse_credential(what: &str, text: &str) -> Result<()> {
+    match crate::token::whole_credential_in(text) {
+        Some(cut) => Err(LifecycleError::Invalid(format!(
+            "{what} holds a credential ({cut}); give a token by its id, never the token itself"
+        ))),
+        None => Ok(()),
     }
 }
 
 /// A user's, a service's or an end user's attributes: at most [`MAX_ATTRIBUTES_BYTES`] of JSON.
 fn check_attributes(attributes: &Attributes) -> Result<()> {
     // Measured as it travels: non-ASCII escaped (`\uXXXX`), as in `X-Auth-Attributes`.
-    if crate::proxy::headers::ascii_json(attributes).len() > MAX_ATTRIBUTES_BYTES {
+    let json = crate::proxy::headers::ascii_json(attributes);
+    refuse_credential("the attributes", &json)?;
+    if json.len() > MAX_ATTRIBUTES_BYTES {
         return Err(LifecycleError::Invalid(format!(
             "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON, non-ASCII characters \
              counted as their \\uXXXX escapes"

@@ -166,6 +166,18 @@ pub fn redacted_within(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A whole token (its checksum right) or something like a JWT in `text`, as logs show one: what a
+/// value given for keeping (a name, attributes) may not hold. Stricter than [`redacted`] for
+/// tokens, so that a name that merely starts like one (`tgp_migration`) is not taken for one.
+pub fn whole_credential_in(text: &str) -> Option<String> {
+    runs(text).find_map(|(_, run)| {
+        let token = PREFIXES.iter().flat_map(|p| run.match_indices(p)).find_map(|(at, _)| {
+            run.get(at..at + TOKEN_LEN).filter(|t| parse(t).is_ok()).map(|t| format!("{}…", &t[..ID_LEN]))
+        });
+        token.or_else(|| credential_in(run).map(|(_, said)| said).filter(|said| said == "eyJ…"))
+    })
+}
+
 /// The runs of the characters tokens and JWTs are made of, each with its offset in `text`, and
 /// without a sentence's full stop (or a dash) after it.
 fn runs(text: &str) -> impl Iterator<Item = (usize, &str)> {

@@ -92,6 +92,12 @@ impl Client {
     ) -> anyhow::Result<T> {
         let token =
             self.token.as_deref().ok_or_else(|| anyhow!("no token: pass --token or set TOLLGATE_TOKEN"))?;
+        // An argument given as '', '.' or '..' names nothing, and would be sent as another path
+        // (the segment dropped, or a URL's dot-segment taken away), answered as that path.
+        let bare = path.split('?').next().unwrap_or_default();
+        if bare.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+            return Err(anyhow!("an empty argument, '.' or '..' names nothing: give the id, email or name"));
+        }
         let url = format!("{}{path}", self.server);
         let mut req = self.http.request(method, &url).bearer_auth(token);
         if let Some(body) = body {
@@ -107,7 +113,7 @@ impl Client {
                 .and_then(|v| v["error_description"].as_str().map(str::to_string));
             let not_the_api = matches!(status.as_u16(), 404 | 405);
             return Err(match reason {
-                Some(reason) if !reason.starts_with("no route matches") => {
+                Some(reason) if !reason.starts_with("no route matches") && reason != "no such endpoint" => {
                     anyhow!("{reason} ({})", status.as_u16())
                 }
                 // The gateway's own 404, or something that is not Tollgate at all.

@@ -989,3 +989,64 @@ async fn an_admin_issues_a_token_to_a_user_whose_tokens_are_gone() {
     let err = admin.run(&["token", "issue", "--user", "bob@acme.io", "--service", "x"]).failed();
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pasted_into_a_reason_name_or_attributes_is_never_kept() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    let leaked = ann.run(&["token", "issue", "--display-name", "leaky"]).token();
+    let id = leaked[..10].to_string();
+    // Revoked in a hurry with the token in the reason: done, the reason kept with its id only.
+    ann.run(&["token", "revoke", &id, "--reason", &format!("leaked {leaked} in a gist")]).ok();
+    assert_eq!(ann.json(&["token", "get", &id])["revoke_reason"], format!("leaked {id}… in a gist"));
+    let audit = admin.json(&["audit", "--token-id", &id]).to_string();
+    assert!(audit.contains(&format!("leaked {id}…")) && !audit.contains(&leaked[10..]), "{audit}");
+
+    // Kept as a display name, a service's name or an attribute: refused, with nothing made.
+    let live = ann.run(&["token", "issue", "--display-name", "live"]).token();
+    let attributes = serde_json::json!({ "note": format!("key {live}") }).to_string();
+    let refused = [
+        ann.run(&["token", "issue", "--display-name", &format!("copy of {live}")]).failed(),
+        ann.run(&["service", "create", &live, "--org-role", "viewer"]).failed(),
+        ann.run(&["service", "create", "svc", "--org-role", "viewer", "--attributes", &attributes]).failed(),
+        admin
+            .run(&["user", "add", "bo@acme.io", "--org-role", "viewer", "--attributes", &attributes])
+            .failed(),
+    ];
+    for err in &refused {
+        assert!(err.contains("holds a credential") && !err.contains(&live[10..]), "{err}");
+    }
+    let listed = ann.run(&["token", "list"]).ok();
+    assert_eq!(
+        listed.lines().count(),
+        3,
+        "the header, ann's first token and live (leaky is revoked): {listed}"
+    );
+    assert!(admin.run(&["service", "list"]).ok().lines().count() <= 1, "no service made");
+    // A name that merely starts like a token is a name.
+    ann.run(&["token", "issue", "--display-name", "tgp_migration_helper"]).token();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_dot_argument_is_refused_before_it_is_sent_as_another_path() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    for args in [
+        vec!["user", "show", ""],
+        vec!["user", "suspend", "."],
+        vec!["user", "remove", ".."],
+        vec!["token", "get", ""],
+        vec!["token", "revoke", "."],
+        vec!["token", "rotate", "."],
+    ] {
+        let err = admin.run(&args).failed();
+        assert!(err.contains("names nothing"), "{args:?}: {err}");
+    }
+    // Nothing was done: ann and her token still work.
+    assert_eq!(ann.json(&["token", "list"]).as_array().map(Vec::len), Some(1));
+    // A --server with a path of its own is named as the likely mistake.
+    let err = admin.run(&["--server", &format!("{}/v1", w.gateway.admin_url()), "token", "list"]).failed();
+    assert!(err.contains("is --server (TOLLGATE_SERVER) the admin listener"), "{err}");
+}
