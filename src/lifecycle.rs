@@ -1217,6 +1217,10 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(org, &project_roles, Some(&before.project_roles))?;
         let (had, has) = (user_roles(&before), user_roles(&user));
         self.check_grantable(actor, Some(&had), &has)?;
+        // Already so: nothing to write or audit (the caller's right to set it was checked).
+        if user.org_role == before.org_role && user.project_roles == before.project_roles {
+            return Ok(user);
+        }
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1565,6 +1569,10 @@ impl<'a> Lifecycle<'a> {
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
         self.check_service_roles(actor, Some(&service_roles(&before)), &s)?;
         self.check_grantable(actor, Some(&service_roles(&before)), &service_roles(&s))?;
+        // Already so: nothing to write or audit (the caller's right to set it was checked).
+        if s.org_role == before.org_role && s.project_roles == before.project_roles {
+            return Ok(s);
+        }
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;

@@ -1050,3 +1050,21 @@ async fn an_empty_or_dot_argument_is_refused_before_it_is_sent_as_another_path()
     let err = admin.run(&["--server", &format!("{}/v1", w.gateway.admin_url()), "token", "list"]).failed();
     assert!(err.contains("is --server (TOLLGATE_SERVER) the admin listener"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_role_already_held_changes_and_audits_nothing() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    add_user(&admin, "ann@acme.io", "viewer");
+    admin.run(&["service", "create", "svc", "--org-role", "viewer"]).ok();
+    let entries = |admin: &Cli| admin.json(&["audit"]).as_array().map(Vec::len).unwrap_or(0);
+    let before = entries(&admin);
+    admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "viewer"]).ok();
+    admin.run(&["service", "set-role", "svc", "--org-role", "viewer"]).ok();
+    assert_eq!(entries(&admin), before, "no change, no entry");
+    // A change is still a change.
+    admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "editor"]).ok();
+    let audit = admin.json(&["audit"]);
+    assert_eq!(audit.as_array().map(Vec::len), Some(before + 1));
+    assert_eq!(audit[0]["action"], "user.set_role", "{audit}");
+}
