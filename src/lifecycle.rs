@@ -567,7 +567,8 @@ impl<'a> Lifecycle<'a> {
         if display_name.as_ref().is_some_and(|n| n.chars().count() > 100) {
             return Err(LifecycleError::Invalid("display names are at most 100 characters".into()));
         }
-        if let Some(name) = &display_name {
+        // A rotation keeps the name the token had, which was accepted then.
+        if let (Some(name), Making::New) = (&display_name, &making) {
             refuse_credential("the display name", name)?;
         }
         Ok(TokenSpec { display_name, scope, environments, expires_at })
@@ -1217,13 +1218,14 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(org, &project_roles, Some(&before.project_roles))?;
         let (had, has) = (user_roles(&before), user_roles(&user));
         self.check_grantable(actor, Some(&had), &has)?;
+        let acting = self.acting(actor).await?;
         // Already so: nothing to write or audit (the caller's right to set it was checked).
         if user.org_role == before.org_role && user.project_roles == before.project_roles {
             return Ok(user);
         }
         let mut audit = actor.audit("user.set_role", format!("user:{email}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
+        self.store.update_user(&before, &user, Some(&audit), acting.as_ref()).await?;
         Ok(user)
     }
 
@@ -1569,13 +1571,14 @@ impl<'a> Lifecycle<'a> {
         s.org_role = if change.org_role.is_some() || had_org_role { Some(org_role) } else { None };
         self.check_service_roles(actor, Some(&service_roles(&before)), &s)?;
         self.check_grantable(actor, Some(&service_roles(&before)), &service_roles(&s))?;
+        let acting = self.acting(actor).await?;
         // Already so: nothing to write or audit (the caller's right to set it was checked).
         if s.org_role == before.org_role && s.project_roles == before.project_roles {
             return Ok(s);
         }
         let mut audit = actor.audit("service.set_role", format!("service:{name}"));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
-        self.store.update_service(&before, &s, Some(&audit), self.acting(actor).await?.as_ref()).await?;
+        self.store.update_service(&before, &s, Some(&audit), acting.as_ref()).await?;
         Ok(s)
     }
 
@@ -1704,7 +1707,7 @@ fn check_reason(reason: Option<String>) -> Result<Option<String>> {
 /// Refused: a name or value given for keeping (a display name, a service's name, attributes)
 /// that holds a whole token or a JWT. It would be stored, listed, audited and, for attributes
 /// and service names, sent to upstreams: a secret kept where only ids belong.
-fn refuse_credential(what: &str, text: &str) -> Result<()> {
+pub(crate) fn refuse_credential(what: &str, text: &str) -> Result<()> {
     match crate::token::whole_credential_in(text) {
         Some(cut) => Err(LifecycleError::Invalid(format!(
             "{what} holds a credential ({cut}); give a token by its id, never the token itself"
@@ -1768,7 +1771,7 @@ fn check_email(email: &str) -> Result<()> {
             shown(email)
         )));
     }
-    Ok(())
+    refuse_credential("the email address", email)
 }
 
 /// Keeps each name once, in the order first given.

@@ -174,7 +174,12 @@ pub fn whole_credential_in(text: &str) -> Option<String> {
         let token = PREFIXES.iter().flat_map(|p| run.match_indices(p)).find_map(|(at, _)| {
             run.get(at..at + TOKEN_LEN).filter(|t| parse(t).is_ok()).map(|t| format!("{}…", &t[..ID_LEN]))
         });
-        token.or_else(|| credential_in(run).map(|(_, said)| said).filter(|said| said == "eyJ…"))
+        // A JWT's header alone is longer than a word (`eyJhbGciOiJFZERTQSJ9`: 20 characters), so
+        // `eyJane.doe.example` is no JWT here.
+        let jwt = || {
+            jwt_start(run).filter(|&at| run[at..].split('.').next().is_some_and(|header| header.len() >= 16))
+        };
+        token.or_else(|| jwt().map(|_| "eyJ…".to_string()))
     })
 }
 
@@ -195,6 +200,11 @@ fn credential_in(run: &str) -> Option<(usize, String)> {
     if let Some(at) = token {
         return Some((at, format!("{}…", &run[at..at + ID_LEN])));
     }
+    jwt_start(run).map(|at| (at, "eyJ…".to_string()))
+}
+
+/// Where something like a JWT starts in a run: see [`credential_in`].
+fn jwt_start(run: &str) -> Option<usize> {
     // At the run's start or after a separator in it (`jwt_eyJ…`, `id-eyJ…`), at the first such
     // start that is one; not within a word (`heyJoe`). In one pass over the run, whatever it holds
     // (this runs on every request's path, which a client writes): from `at`, the run is three
@@ -209,7 +219,7 @@ fn credential_in(run: &str) -> Option<(usize, String)> {
         counted_to = at;
         let starts = at == 0 || matches!(bytes[at - 1], b'_' | b'-' | b'.');
         if starts && dots - dots_before >= 2 && last_empty_part.is_none_or(|dd| dd < at) {
-            return Some((at, "eyJ…".to_string()));
+            return Some(at);
         }
         from = at + 3;
     }
@@ -429,6 +439,28 @@ mod tests {
         ] {
             assert_eq!(with_checksum_for_tests(body), format!("{body}{checksum}"));
             assert!(parse(&format!("{body}{checksum}")).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_whole_token_or_a_jwt_is_found_in_a_value_and_a_name_like_one_is_not() {
+        let token = with_checksum_for_tests("tgp_a1B2c30123456789abcdefghijABCDEFGHIJ");
+        let jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln";
+        for text in [
+            format!("copy of {token}"),
+            format!("{token}@acme.io"),
+            format!("tgp_migration-{jwt}"),
+            format!("{jwt}-tgp_migration"),
+            format!("key: {jwt}."),
+        ] {
+            assert!(whole_credential_in(&text).is_some(), "{text}");
+        }
+        // A token's shape with a wrong checksum, a prefix in a word, dotted names.
+        let mistyped = format!("{}x", &token[..TOKEN_LEN - 1]);
+        for text in
+            [mistyped.as_str(), "tgp_migration_helper", "eyJane.doe.example", "svc-eyJx.v1.2", "tgp_a1B2c3"]
+        {
+            assert_eq!(whole_credential_in(text), None, "{text}");
         }
     }
 

@@ -116,6 +116,12 @@ impl Client {
                 Some(reason) if !reason.starts_with("no route matches") && reason != "no such endpoint" => {
                     anyhow!("{reason} ({})", status.as_u16())
                 }
+                // The admin API has no such endpoint: a --server with a path of its own, or an
+                // older gateway.
+                Some(reason) if reason == "no such endpoint" => anyhow!(
+                    "{} has no endpoint {path}: is --server (TOLLGATE_SERVER) the admin listener's address without a path (admin.listen, default http://127.0.0.1:8081), and the gateway as new as this CLI?",
+                    self.server
+                ),
                 // The gateway's own 404, or something that is not Tollgate at all.
                 _ if not_the_api => anyhow!(
                     "{} answered {status} to {path}, which is not how the admin API answers: is --server (TOLLGATE_SERVER) the admin listener (admin.listen, default http://127.0.0.1:8081)?",

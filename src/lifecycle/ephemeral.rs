@@ -257,6 +257,7 @@ impl Lifecycle<'_> {
         let jti = token::random_base62(16);
         let sub = req.subject.or_else(|| email.clone()).unwrap_or_else(|| jti.clone());
         header_text("the subject", &sub)?;
+        crate::lifecycle::refuse_credential("the subject", &sub)?;
 
         let now = now_millis() / 1000;
         // It stops with the token that minted it anyway (its expiry, or the end of its

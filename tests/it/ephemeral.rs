@@ -519,6 +519,14 @@ async fn suspending_or_removing_the_user_stops_credentials_minted_for_them_on_bo
             mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": attrs})).await;
         assert_eq!(status, 400, "{attrs}: {answer}");
     }
+    // A token as the subject (sent upstream, audited) or inside an attribute: refused.
+    for body in
+        [json!({"subject": token, "attributes": {}}), json!({"attributes": {"note": format!("key {token}")}})]
+    {
+        let (status, answer) = mint(&w, &w.gateway, &token, "acme", "shop", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.to_string().contains("holds a credential"), "{answer}");
+    }
     let (status, answer) =
         mint(&w, &w.gateway, &token, "acme", "shop", json!({"attributes": {"team_id": "a", "team-id": "b"}}))
             .await;

@@ -1013,6 +1013,7 @@ async fn a_token_pasted_into_a_reason_name_or_attributes_is_never_kept() {
         admin
             .run(&["user", "add", "bo@acme.io", "--org-role", "viewer", "--attributes", &attributes])
             .failed(),
+        admin.run(&["user", "add", &format!("{live}@acme.io"), "--org-role", "viewer"]).failed(),
     ];
     for err in &refused {
         assert!(err.contains("holds a credential") && !err.contains(&live[10..]), "{err}");
