@@ -1604,6 +1604,16 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<Vec<AuditEvent>> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
+        // A filter that matches nothing is a mistake, not an empty log (never repeating a whole
+        // token given for an id).
+        if let Some(id) = token_id.filter(|id| TokenId::parse(id).is_none()) {
+            return Err(LifecycleError::Invalid(match id.len() > crate::token::ID_LEN {
+                true => {
+                    format!("token_id: give a token's {}-character id, never the token", crate::token::ID_LEN)
+                }
+                false => format!("token_id {id:?} is not a token id (such as tgp_a1B2c3)"),
+            }));
+        }
         // A token's entries: its own, and the removal of an owner that revoked it with the rest.
         let about = |e: &AuditEvent, id: &str| {
             e.token_id.as_deref() == Some(id)

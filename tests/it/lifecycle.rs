@@ -1027,6 +1027,17 @@ async fn a_token_pasted_into_a_reason_name_or_attributes_is_never_kept() {
     assert!(admin.run(&["service", "list"]).ok().lines().count() <= 1, "no service made");
     // A name that merely starts like a token is a name.
     ann.run(&["token", "issue", "--display-name", "tgp_migration_helper"]).token();
+
+    // The audit log asked about no token, or about a whole token by the API: refused, not an
+    // empty answer (the CLI itself cuts a whole token to its id).
+    let err = admin.run(&["audit", "--token-id", ""]).failed();
+    assert!(err.contains("is not a token id"), "{err}");
+    let url = format!("{}/v1/orgs/acme/audit?token_id={live}", w.gateway.admin_url());
+    let resp = w.http.get(url).bearer_auth(&admin.token).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("character id") && !body.contains(&live[10..]), "{body}");
+    assert_eq!(admin.json(&["audit", "--token-id", &live]).as_array().map(Vec::len), Some(1), "by its id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
