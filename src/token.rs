@@ -179,7 +179,7 @@ pub fn whole_credential_in(text: &str) -> Option<String> {
         let jwt = || {
             jwt_start(run).filter(|&at| run[at..].split('.').next().is_some_and(|header| header.len() >= 16))
         };
-        token.or_else(|| jwt().map(|_| "eyJ…".to_string()))
+        token.or_else(|| jwt().map(|_| JWT_SHOWN.to_string()))
     })
 }
 
@@ -200,8 +200,11 @@ fn credential_in(run: &str) -> Option<(usize, String)> {
     if let Some(at) = token {
         return Some((at, format!("{}…", &run[at..at + ID_LEN])));
     }
-    jwt_start(run).map(|at| (at, "eyJ…".to_string()))
+    jwt_start(run).map(|at| (at, JWT_SHOWN.to_string()))
 }
+
+/// What is said of something like a JWT: its start (base64 of `{"`), never more.
+const JWT_SHOWN: &str = "eyJ…";
 
 /// Where something like a JWT starts in a run: see [`credential_in`].
 fn jwt_start(run: &str) -> Option<usize> {

@@ -287,6 +287,13 @@ pub enum ForwardedFor {
     Keep,
 }
 
+impl ForwardedFor {
+    /// Whether the gateway writes `X-Forwarded-For` itself (`append`, `replace`).
+    pub fn rewrites(self) -> bool {
+        self != ForwardedFor::Keep
+    }
+}
+
 /// Request headers that HTTP, or an upstream, relies on: the identity prefix may cover none.
 const HEADERS_NOT_IN_PREFIX: [&str; 30] = [
     "host",

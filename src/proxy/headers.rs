@@ -70,7 +70,7 @@ impl IdentityHeaders {
         }
         let made = Arc::new(Made {
             template: template(config, &make(config, route, grant)?),
-            placeholders: 2 + usize::from(config.forwarded_for != crate::config::ForwardedFor::Keep),
+            placeholders: 2 + usize::from(config.forwarded_for.rewrites()),
             _records: grant.principal.anchors(),
             _route: Arc::downgrade(route),
             _config: Arc::downgrade(config),
@@ -111,7 +111,7 @@ pub fn forwarded_for(
     req: &mut dyn Upstream,
     client: Option<std::net::IpAddr>,
 ) -> pingora::Result<()> {
-    let (Some(client), false) = (client, mode == crate::config::ForwardedFor::Keep) else { return Ok(()) };
+    let (Some(client), true) = (client, mode.rewrites()) else { return Ok(()) };
     let list = xff_value(mode, req.headers().get_all(&X_FORWARDED_FOR).iter(), client)?;
     req.insert(&X_FORWARDED_FOR, &list)?;
     forwarded_node(mode, req, Some(client))
@@ -346,7 +346,7 @@ fn template(config: &Config, headers: &[(HeaderName, HeaderValue)]) -> http::Hea
     let mut template = http::HeaderMap::with_capacity(headers.len() + 3 + CLIENT_HEADERS);
     template.insert(http::header::HOST, placeholder.clone());
     template.insert(config.identity.request_id_header.clone(), placeholder.clone());
-    if config.forwarded_for != crate::config::ForwardedFor::Keep {
+    if config.forwarded_for.rewrites() {
         template.insert(X_FORWARDED_FOR, placeholder);
     }
     // Clones, not the made values themselves: a clone is a shared buffer, which every request's
@@ -374,7 +374,7 @@ fn upstream_headers(
     if let Some(slot) = out.values_mut().nth(1) {
         *slot = request_id.clone();
     }
-    let xff = config.forwarded_for != crate::config::ForwardedFor::Keep;
+    let xff = config.forwarded_for.rewrites();
     let mut host = None;
     // The client's own `X-Forwarded-For`, set aside for the placeholder's value (no allocation
     // unless it sent one).
