@@ -3,6 +3,7 @@
 //! error becomes a response in one place ([`ApiError`]). The router is a plain function, so it can be
 //! served by the Pingora service below or called directly.
 
+mod body;
 mod error;
 
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,6 @@ use axum::{Json, Router};
 use pingora::server::ListenFds;
 use pingora::server::ShutdownWatch;
 use pingora::services::Service;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Verifier;
@@ -29,6 +29,7 @@ use crate::lifecycle::{
 };
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
+pub use body::Body;
 pub use error::ApiError;
 
 /// What every handler needs.
@@ -98,28 +99,6 @@ async fn deprecation_headers(mut req: Request, next: axum::middleware::Next) -> 
         response.headers_mut().extend(headers.iter().cloned());
     }
     response
-}
-
-/// A JSON body whose rejection is a JSON error naming what is wrong.
-pub struct Body<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            // Too large (413) and not JSON (415) keep their status; every other unreadable body,
-            // axum's 422 for a field of the wrong type included, is a 400 like the API's own.
-            Err(e) => {
-                let status = match e.status() {
-                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                Err(ApiError::Body(status, e.body_text()))
-            }
-        }
-    }
 }
 
 /// The router with every route.

@@ -224,9 +224,13 @@ impl Backend for RedisBackend {
                     msg = messages.next() => {
                         let Some(msg) = msg else { return };
                         let payload: String = msg.get_payload().unwrap_or_default();
+                        // One that cannot be read (a newer build's, in a rolling upgrade) named
+                        // records this instance cannot tell: the stream ends, so the cache is
+                        // dropped and read from the store until the feed is back, as for a feed lost.
                         let Some(inv) = Invalidation::decode(&payload) else {
-                            tracing::warn!(payload = %payload, "ignoring malformed invalidation");
-                            continue;
+                            let shown: String = payload.chars().take(120).collect();
+                            tracing::warn!(payload = ?shown, "unreadable invalidation; dropping the cache");
+                            return;
                         };
                         if tx.send(inv).await.is_err() {
                             return;

@@ -129,6 +129,24 @@ fn invalidation_wire_form_round_trips() {
     assert_eq!(Invalidation::decode("garbage"), None);
 }
 
+/// An invalidation this build cannot read (a newer build's, in a rolling upgrade) names records it
+/// cannot tell: the feed ends, as for a feed lost, so the cache is dropped rather than kept stale.
+#[tokio::test]
+async fn an_unreadable_invalidation_ends_the_redis_feed() {
+    let server = crate::testing::RedisServer::start(["--save", "", "--appendonly", "no"]);
+    let backend = redis::RedisBackend::new(&server.url(), "tg:", Duration::from_millis(500)).unwrap();
+    let s = Store::new(Arc::new(backend), Duration::from_millis(500));
+    let mut feed = s.subscribe().await.unwrap();
+    let svc = etl(&s).await;
+    assert_eq!(next(&mut feed).await, Some(Invalidation::Service(svc.id.clone())));
+    let _: i64 = ::redis::cmd("PUBLISH")
+        .arg("tg:invalidate")
+        .arg("token:v2-format")
+        .query(&mut server.client())
+        .unwrap();
+    assert_eq!(next(&mut feed).await, None);
+}
+
 #[tokio::test]
 async fn the_embedded_store_keeps_its_data_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();

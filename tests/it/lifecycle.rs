@@ -710,6 +710,29 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
         (&format!("/v1/tokens/{id}/revoke"), r#"{"display_name": "ci"}"#.into(), json, 400, "not both"),
         ("/v1/tokens", format!(r#"{{"display_name": "{}"}}"#, "x".repeat(70_000)), json, 413, "length limit"),
         ("/v1/tokens", "{}".into(), "text/plain", 415, "Content-Type"),
+        // A key given twice in a map would otherwise keep its last value silently.
+        (
+            "/v1/orgs/acme/users",
+            r#"{"email": "twice@acme.io", "org_role": "viewer", "attributes": {"team": "a", "team": "b"}}"#.into(),
+            json,
+            400,
+            r#"the key "team" is given twice"#,
+        ),
+        (
+            "/v1/orgs/acme/services",
+            r#"{"name": "twice", "org_role": "viewer", "project_roles": {"shop": "viewer", "shop": "admin"}}"#
+                .into(),
+            json,
+            400,
+            r#"the key "shop" is given twice"#,
+        ),
+        (
+            "/v1/orgs/acme/services",
+            r#"{"name": "twice", "org_role": "viewer", "attributes": {"x": [{"k": 1, "k": 2}]}}"#.into(),
+            json,
+            400,
+            r#"the key "k" is given twice"#,
+        ),
     ] {
         let resp = post(path, body, content_type).await.unwrap();
         assert_eq!(resp.status(), status, "{path}");

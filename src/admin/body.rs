@@ -1,0 +1,104 @@
+//! Request bodies: JSON, read whole, refused with a JSON error naming what is wrong.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::de::{DeserializeOwned, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use super::ApiError;
+
+/// A JSON body whose rejection is a JSON error naming what is wrong. An object naming a key twice,
+/// at any depth, is refused: serde_json would keep the last one silently, so
+/// `{"attributes": {"team": "a", "team": "b"}}` would store `b`, and a map of project roles its
+/// last role for a project, where a struct's field named twice is refused already.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Too large (413) and not JSON (415) keep their status; every other unreadable body,
+        // axum's 422 for a field of the wrong type included, is a 400 like the API's own.
+        let refused = |e: axum::extract::rejection::JsonRejection| {
+            let status = match e.status() {
+                s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::Body(status, e.body_text())
+        };
+        // (Already read whole, within the limit, by `body_in_time`; kept to be read twice.)
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, super::MAX_BODY_BYTES).await.map_err(|e| {
+            ApiError::Body(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}"))
+        })?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        let Json(value) = Json::<T>::from_request(req, state).await.map_err(refused)?;
+        if let Err(e) = serde_json::from_slice::<UniqueKeys>(&bytes) {
+            let message = format!("Failed to deserialize the JSON body into the target type: {e}");
+            return Err(ApiError::Body(StatusCode::BAD_REQUEST, message));
+        }
+        Ok(Body(value))
+    }
+}
+
+/// Any JSON value, read only to refuse an object that names a key twice.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeys)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(A::Error::custom(format_args!("the key {key:?} is given twice")));
+            }
+            map.next_value::<UniqueKeys>()?;
+            seen.insert(key);
+        }
+        Ok(self)
+    }
+}
