@@ -381,7 +381,7 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Re
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
     let watched = config.clone();
-    let admin = AdminState { config, verifier, store: store.clone(), metrics };
+    let admin = AdminState { config, verifier, store: store.clone(), metrics, last_use: last_use.clone() };
     server.add_service(AdminService::new(admin_listener, admin));
     server.add_service(background_service("invalidation follower", Follower(cache)));
     let shutdown = Shutdown {

@@ -43,6 +43,8 @@ pub struct AdminState {
     pub store: Store,
     /// Every instrument, for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where a caller's token's use is noted, as the gateway notes its requests'.
+    pub last_use: Arc<crate::audit::LastUseLog>,
 }
 
 /// The caller, authenticated by a Bearer token.
@@ -81,6 +83,10 @@ impl FromRequestParts<AdminState> for Caller {
         {
             let _ = slot.0.set(headers);
         }
+        // A use like any: a token that only ever calls this API is not "never used" in `token
+        // list`, and so not taken for a stale one and revoked.
+        let client = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        state.last_use.note(principal.token_id(), client.map(|c| c.0.ip()));
         Ok(Caller(Actor::from_principal(&principal)))
     }
 }

@@ -83,6 +83,14 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         })
         .await
     );
+    // So is a token's use on the admin API: ann's own, which her CLI sends, is used nowhere else.
+    let own_id = ann.token[..10].to_string();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ann.json(&["token", "get", &own_id])["last_used_ip"].as_str() == Some("127.0.0.1")
+        })
+        .await
+    );
 
     // Revoked by the whole token, as pasted from a leak report: only its id travels, and the
     // secret is never printed back.
