@@ -78,6 +78,10 @@ pub const HOT_CAPACITY: usize = 4096;
 /// Longest a hot entry is used after it was read from moka (the TTL, when that is shorter).
 pub const HOT_FOR: Duration = Duration::from_secs(1);
 
+/// Longest wait before subscribing to the invalidation feed again; a feed that lived this long
+/// before it was lost is retried at once (50 ms) again.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 /// An entry of the hot tier and when it stops being used.
 type Hot<V> = (Entry<V>, Instant);
 
@@ -392,7 +396,7 @@ impl Cache {
                 Ok(mut feed) => {
                     self.go_live();
                     tracing::info!(store = %self.store.describe(), "invalidation feed live; cache in use");
-                    backoff = Duration::from_millis(50);
+                    let live_since = tokio::time::Instant::now();
                     loop {
                         tokio::select! {
                             inv = feed.next() => match inv {
@@ -409,6 +413,12 @@ impl Cache {
                     tracing::warn!(
                         "invalidation feed lost; cache dropped, reading the store until it is back"
                     );
+                    // A feed that keeps ending at once (a newer build's invalidations all through
+                    // a rolling upgrade, a connection cut as soon as made) is retried with the
+                    // backoff growing, not every 50 ms with two log lines each time.
+                    if live_since.elapsed() >= MAX_BACKOFF {
+                        backoff = Duration::from_millis(50);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "invalidation feed not available yet");
@@ -418,7 +428,7 @@ impl Cache {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = &mut stop => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

@@ -95,6 +95,12 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     let w = World::start().await;
     let admin = w.bootstrap_admin("acme").await;
     admin.run(&["token", "list"]).ok();
+    // That call's last use is written first: a flush held by the pause would hold the shared
+    // connection's reads behind it.
+    let id = tollgate::token::parse(&admin.token).unwrap().id;
+    assert!(
+        eventually(Duration::from_secs(5), || async { w.store.last_use(&id).await.unwrap().is_some() }).await
+    );
     // Redis holds write commands (the change's script) past the store timeout (1 s), until told.
     let _: () =
         redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut w.redis.client()).unwrap();
