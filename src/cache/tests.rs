@@ -71,52 +71,19 @@ async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
     assert_eq!(backend.reads(), reads + 1, "the cache was dropped while dark");
 }
 
-/// A store whose every subscription ends at once, as Redis's does for an instance that cannot
-/// read the invalidations a newer build publishes.
-#[derive(Default)]
-struct ShortFeeds {
-    inner: MemoryBackend,
-    subscribed: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl crate::store::Backend for ShortFeeds {
-    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.members(set).await
-    }
-    async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.inner.list(key, skip, limit).await
-    }
-    async fn commit(&self, batch: crate::store::Batch) -> Result<(), StoreError> {
-        self.inner.commit(batch).await
-    }
-    async fn subscribe(&self) -> Result<crate::store::InvalidationStream, StoreError> {
-        self.subscribed.fetch_add(1, Ordering::Relaxed);
-        Ok(Box::pin(futures_util::stream::empty()))
-    }
-    fn describe(&self) -> String {
-        "short feeds".into()
-    }
-    async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
-        Ok(None)
-    }
-}
-
 /// Each lost feed drops the cache and logs; one lost as soon as it is live is retried with the
 /// backoff growing to a second, not every 50 ms (time is tokio's, paused: no clock is read).
 #[tokio::test(start_paused = true)]
 async fn a_feed_that_keeps_ending_at_once_is_retried_with_growing_backoff() {
-    let backend = Arc::new(ShortFeeds::default());
+    let backend = Arc::new(MemoryBackend::default());
+    backend.set_feeds_end_at_once(true);
     let store = Store::new(backend.clone(), Duration::from_millis(200));
     let cache = Arc::new(Cache::new(store, CacheSettings { capacity: 100, ttl: Duration::from_secs(60) }));
     let follower = cache.clone();
     tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
     tokio::time::sleep(Duration::from_secs(10)).await;
     // 0, 0.05, 0.15, 0.35, 0.75, 1.55 s, then one a second: 15 in ten seconds (200 at 50 ms).
-    let subscribed = backend.subscribed.load(Ordering::Relaxed);
+    let subscribed = backend.subscriptions();
     assert!((10..=16).contains(&subscribed), "{subscribed} subscriptions in 10 s");
 }
 

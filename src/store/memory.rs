@@ -23,6 +23,8 @@ pub struct MemoryBackend {
     feed: LocalFeed,
     reads: AtomicU64,
     down: AtomicBool,
+    subscriptions: AtomicU64,
+    feeds_end_at_once: AtomicBool,
 }
 
 impl Default for MemoryBackend {
@@ -32,6 +34,8 @@ impl Default for MemoryBackend {
             feed: LocalFeed::default(),
             reads: AtomicU64::new(0),
             down: AtomicBool::new(false),
+            subscriptions: AtomicU64::new(0),
+            feeds_end_at_once: AtomicBool::new(false),
         }
     }
 }
@@ -40,6 +44,17 @@ impl MemoryBackend {
     /// How many reads (`get`, `get_many`, `members`, `list`: store commands) have been served.
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::SeqCst)
+    }
+
+    /// How many times the invalidation feed has been subscribed to.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::SeqCst)
+    }
+
+    /// Makes every subscription end as soon as it is made (as Redis's does for an instance that
+    /// cannot read what a newer build publishes), or not.
+    pub fn set_feeds_end_at_once(&self, end: bool) {
+        self.feeds_end_at_once.store(end, Ordering::SeqCst);
     }
 
     /// Makes every call fail as if the store were unreachable, or brings it back.
@@ -133,6 +148,10 @@ impl Backend for MemoryBackend {
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
         drop(self.state()?);
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        if self.feeds_end_at_once.load(Ordering::SeqCst) {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        }
         Ok(self.feed.subscribe())
     }
 
