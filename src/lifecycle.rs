@@ -1601,7 +1601,7 @@ impl<'a> Lifecycle<'a> {
         org: &str,
         token_id: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<AuditEvent>> {
+    ) -> Result<Vec<AuditEntry>> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         // A filter that matches nothing is a mistake, not an empty log (never repeating a whole
@@ -1620,7 +1620,46 @@ impl<'a> Lifecycle<'a> {
                 || e.target == id
                 || e.details["revoked_tokens"].as_array().is_some_and(|ids| ids.iter().any(|t| t == id))
         };
-        Ok(self.store.audit_matching(org, limit, |e| token_id.is_none_or(|id| about(e, id))).await?)
+        let events =
+            self.store.audit_matching(org, limit, |e| token_id.is_none_or(|id| about(e, id))).await?;
+        Ok(events.into_iter().map(AuditEntry::from).collect())
+    }
+}
+
+/// An audit log entry as the admin API shows it: its time in RFC 3339, as every other time the
+/// API shows (a token's `created_at`, `last_used_at`), not the stored milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When (RFC 3339, UTC, to the second).
+    pub at: String,
+    /// The org.
+    pub org: String,
+    /// Who: `user:<id>`, `service:<name>`, or `bootstrap`.
+    pub actor: String,
+    /// What, e.g. `token.issue`, `user.suspend`.
+    pub action: String,
+    /// On what: a token id, `user:<email>`, `service:<name>`.
+    pub target: String,
+    /// The token involved, if any.
+    pub token_id: Option<String>,
+    /// The reason given, if any.
+    pub reason: Option<String>,
+    /// Anything else worth keeping (new role, new name).
+    pub details: serde_json::Value,
+}
+
+impl From<AuditEvent> for AuditEntry {
+    fn from(e: AuditEvent) -> AuditEntry {
+        AuditEntry {
+            at: format_millis(e.at),
+            org: e.org,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            token_id: e.token_id,
+            reason: e.reason,
+            details: e.details,
+        }
     }
 }
 

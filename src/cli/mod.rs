@@ -18,11 +18,11 @@ use crate::admin::{
 };
 use crate::config::Config;
 use crate::lifecycle::{
-    CreateService, CredentialsRequest, IssueRequest, IssuedCredential, IssuedToken, RoleChange,
+    AuditEntry, CreateService, CredentialsRequest, IssueRequest, IssuedCredential, IssuedToken, RoleChange,
     RotateRequest, TokenView,
 };
 use crate::policy::Role;
-use crate::store::{Attributes, AuditEvent};
+use crate::store::Attributes;
 use crate::{lifecycle, server, store};
 use client::{segment, table, Client};
 
@@ -747,13 +747,13 @@ impl Api {
                 if let Some(id) = id {
                     path.push_str(&format!("&token_id={}", segment(&token_id(&id))));
                 }
-                let events: Vec<AuditEvent> = self.get(&path).await?;
+                let events: Vec<AuditEntry> = self.get(&path).await?;
                 self.show(&events, |events| {
                     let rows = events
                         .iter()
                         .map(|e| {
                             vec![
-                                store::format_millis(e.at),
+                                e.at.clone(),
                                 e.actor.clone(),
                                 e.action.clone(),
                                 e.target.clone(),

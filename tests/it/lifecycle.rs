@@ -31,6 +31,10 @@ async fn assert_audited(w: &World, by: &Cli, changes: &[(&str, &str)]) {
         let entry = log.as_array().unwrap().iter().find(|e| e["action"] == *action && e["target"] == *target);
         let entry = entry.unwrap_or_else(|| panic!("no {action} of {target} in {log}"));
         assert_eq!(entry["actor"], subject.as_str(), "{entry}");
+        // Its time is RFC 3339, as every time the API shows, and recent.
+        let at = humantime::parse_rfc3339(entry["at"].as_str().unwrap_or_default());
+        let age = at.ok().and_then(|at| std::time::SystemTime::now().duration_since(at).ok());
+        assert!(age.is_some_and(|a| a < Duration::from_secs(600)), "{entry}");
     }
 }
 
