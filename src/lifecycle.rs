@@ -1631,6 +1631,7 @@ impl<'a> Lifecycle<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// When (RFC 3339, UTC, to the second).
+    #[serde(deserialize_with = "time_text")]
     pub at: String,
     /// The org.
     pub org: String,
@@ -1646,6 +1647,21 @@ pub struct AuditEntry {
     pub reason: Option<String>,
     /// Anything else worth keeping (new role, new name).
     pub details: serde_json::Value,
+}
+
+/// An audit entry's time as a gateway sends it: RFC 3339, or the epoch milliseconds a gateway
+/// before this view sent (a CLI newer than the gateway still reads its log).
+fn time_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum At {
+        Text(String),
+        Millis(Millis),
+    }
+    Ok(match At::deserialize(d)? {
+        At::Text(text) => text,
+        At::Millis(ms) => format_millis(ms),
+    })
 }
 
 impl From<AuditEvent> for AuditEntry {

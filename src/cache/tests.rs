@@ -11,12 +11,18 @@ use crate::store::Attributes;
 
 async fn live_cache() -> (Arc<MemoryBackend>, Arc<Cache>) {
     let backend = Arc::new(MemoryBackend::default());
+    let cache = following(&backend);
+    wait(|| cache.is_live()).await;
+    (backend, cache)
+}
+
+/// A cache on `backend`, following its feed from now on.
+fn following(backend: &Arc<MemoryBackend>) -> Arc<Cache> {
     let store = Store::new(backend.clone(), Duration::from_millis(200));
     let cache = Arc::new(Cache::new(store, CacheSettings { capacity: 100, ttl: Duration::from_secs(60) }));
     let follower = cache.clone();
     tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
-    wait(|| cache.is_live()).await;
-    (backend, cache)
+    cache
 }
 
 async fn wait(cond: impl Fn() -> bool) {
@@ -77,14 +83,23 @@ async fn a_lost_feed_bypasses_and_drops_the_cache_until_it_is_back() {
 async fn a_feed_that_keeps_ending_at_once_is_retried_with_growing_backoff() {
     let backend = Arc::new(MemoryBackend::default());
     backend.set_feeds_end_at_once(true);
-    let store = Store::new(backend.clone(), Duration::from_millis(200));
-    let cache = Arc::new(Cache::new(store, CacheSettings { capacity: 100, ttl: Duration::from_secs(60) }));
-    let follower = cache.clone();
-    tokio::spawn(async move { follower.follow(Box::pin(std::future::pending())).await });
+    let cache = following(&backend);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    // 0, 0.05, 0.15, 0.35, 0.75, 1.55 s, then one a second: 15 in ten seconds (200 at 50 ms).
+    // 0, 0.05, 0.15, 0.35, 0.75, 1.55 s, then one a second: 14 in ten seconds (200 at 50 ms).
     let subscribed = backend.subscriptions();
     assert!((10..=16).contains(&subscribed), "{subscribed} subscriptions in 10 s");
+
+    // One that then stays live a while, lost, is subscribed to again at once (50 ms), not after
+    // the second the backoff had reached.
+    backend.set_feeds_end_at_once(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(cache.is_live());
+    let before = backend.subscriptions();
+    backend.set_down(true);
+    backend.set_down(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(backend.subscriptions(), before + 1, "subscribed again within 200 ms");
+    assert!(cache.is_live());
 }
 
 #[tokio::test]

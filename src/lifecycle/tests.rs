@@ -577,3 +577,18 @@ async fn a_tokens_history_outlives_a_flood_of_credentials_minted() {
     assert!(newest.iter().all(|e| e.action == "credentials.issue"), "{newest:?}");
     assert_eq!(l.audit_log(&actor, "acme", None, 10).await.unwrap().len(), 4);
 }
+
+/// The CLI reads an audit entry's time as RFC 3339, and as the epoch milliseconds an older
+/// gateway sends.
+#[test]
+fn an_audit_entry_reads_its_time_in_either_form() {
+    let entry = |at: serde_json::Value| -> AuditEntry {
+        serde_json::from_value(serde_json::json!({
+            "at": at, "org": "acme", "actor": "bootstrap", "action": "token.issue", "target": "x",
+            "token_id": null, "reason": null, "details": null,
+        }))
+        .unwrap()
+    };
+    assert_eq!(entry(serde_json::json!(1_764_220_000_000i64)).at, "2025-11-27T05:06:40Z");
+    assert_eq!(entry(serde_json::json!("2026-11-27T06:30:00Z")).at, "2026-11-27T06:30:00Z");
+}
