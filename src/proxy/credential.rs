@@ -125,7 +125,9 @@ pub fn is_param(key: &[u8], name: &str) -> bool {
 }
 
 /// [`is_param`], in any case only when `any_case`. PHP also reads a `[` with no `]` after it as
-/// `_` (`access[token`); with one, the key is an array's and holds a `]`, which no name matches.
+/// `_` (`access[token`); with one, the key names an array by what comes before the `[`
+/// (`access_token[]`, `access_token[0]`: the array `access_token`, as PHP, Rack and Express's
+/// `qs` read it; `access[token]` is the array `access`).
 pub fn reads_as(key: &[u8], name: &str, any_case: bool) -> bool {
     let as_read = |b: u8| match b {
         b' ' | b'.' | b'[' => b'_',
@@ -134,6 +136,10 @@ pub fn reads_as(key: &[u8], name: &str, any_case: bool) -> bool {
     };
     // PHP drops a key that starts with `[`.
     let same = |read: &[u8]| {
+        let read = match read.iter().position(|&b| b == b'[') {
+            Some(at) if at > 0 && read[at + 1..].contains(&b']') => &read[..at],
+            _ => read,
+        };
         read.first() != Some(&b'[')
             && read.len() == name.len()
             && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
@@ -219,6 +225,11 @@ mod tests {
             "+access_token",
             "%20access%2Etoken",
             "access_token%00x",
+            // An array named `access_token`.
+            "access_token[]",
+            "access_token%5B%5D",
+            "access_token[0]",
+            "Access.Token[x]",
         ] {
             assert!(is_param(key.as_bytes(), "access_token"), "{key}");
         }
@@ -229,6 +240,8 @@ mod tests {
             "access__token",
             "xaccess_token",
             "access[token]",
+            "access_token]",
+            "[access_token]",
         ] {
             assert!(!is_param(key.as_bytes(), "access_token"), "{key}");
         }

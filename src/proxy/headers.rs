@@ -259,6 +259,20 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
             && (*name == http::header::AUTHORIZATION
                 || config.credentials.api_key_header.as_ref().is_some_and(alike)))
         || client_address_claim(config.forwarded_for, name)
+        || path_override(name)
+}
+
+/// Headers in which a client could have the upstream's framework run another path than the one
+/// routed and authorized: Zend and Symfony before 3.3 read `X-Original-URL` and `X-Rewrite-URL`
+/// as the request's URI, Yii 2 reads `X-Rewrite-Url` from a trusted proxy (which Tollgate is).
+/// Withheld always, in every spelling.
+const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+fn path_override(name: &HeaderName) -> bool {
+    let spelled = name.as_str().as_bytes();
+    // The lengths first, as for the address headers: most names are neither.
+    matches!(spelled.len(), 13 | 14)
+        && PATH_OVERRIDE_HEADERS.iter().any(|h| spelled_alike(spelled, h.as_bytes()))
 }
 
 /// Whether a client-sent header claiming the client's address is withheld, as `mode` says. Unless
@@ -292,7 +306,7 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
 /// address, or the host and scheme it asked for (Rails, Django, Laravel and Express behind a
 /// trusted proxy build links and redirects from `X-Forwarded-Host` and `-Proto`), and upstream
 /// libraries look for them: removed under `forwarded_for: replace`.
-const CLIENT_ADDRESS_HEADERS: [&str; 11] = [
+const CLIENT_ADDRESS_HEADERS: [&str; 13] = [
     "x-real-ip",
     "x-client-ip",
     "forwarded-for",
@@ -304,6 +318,9 @@ const CLIENT_ADDRESS_HEADERS: [&str; 11] = [
     "x-forwarded-port",
     "x-forwarded-scheme",
     "x-forwarded-ssl",
+    // Yii 2 reads these from a trusted proxy as the host and the scheme.
+    "x-original-host",
+    "front-end-https",
 ];
 const _: () = {
     // The lengths `client_address_claim` lets through are exactly these names'.

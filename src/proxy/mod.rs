@@ -114,7 +114,7 @@ impl Gateway {
                 let theirs = config.routes.route(Some(forwarded), req.uri.path());
                 if !matches!(theirs, Ok(Some(r)) if Arc::ptr_eq(r, &route)) {
                     return Err(Rejection::BadRequest(
-                        "X-Forwarded-Host or Forwarded names a host routed otherwise than Host",
+                        "X-Forwarded-Host, X-Original-Host or Forwarded names a host routed otherwise than Host",
                     ));
                 }
             }
@@ -138,18 +138,21 @@ impl Gateway {
     }
 }
 
-/// The hosts a request's `X-Forwarded-Host` (in any spelling, each of a list) and `Forwarded`
-/// (`host=`, RFC 7239) headers name; refused when such a header is not text (its hosts unknown).
+/// The hosts a request's `X-Forwarded-Host` and `X-Original-Host` (Yii 2's; in any spelling, each
+/// of a list) and `Forwarded` (`host=`, RFC 7239) headers name; refused when such a header is not
+/// text (its hosts unknown).
 fn forwarded_hosts(req: &RequestHeader) -> Result<Vec<&str>, Rejection> {
     let mut hosts = Vec::new();
     for (name, value) in &req.headers {
         let name = name.as_str().as_bytes();
-        let xfh = headers::spelled_alike(name, b"x-forwarded-host");
+        let xfh = headers::spelled_alike(name, b"x-forwarded-host")
+            || headers::spelled_alike(name, b"x-original-host");
         if !xfh && !headers::spelled_alike(name, b"forwarded") {
             continue;
         }
-        let text =
-            value.to_str().map_err(|_| Rejection::BadRequest("X-Forwarded-Host or Forwarded is not text"))?;
+        let text = value.to_str().map_err(|_| {
+            Rejection::BadRequest("X-Forwarded-Host, X-Original-Host or Forwarded is not text")
+        })?;
         for element in text.split(',') {
             if xfh {
                 hosts.push(element.trim());

@@ -85,7 +85,10 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     assert_eq!(echo["uri"], "/shop/search?a=1");
     // And in the other spellings an upstream reads as it: ASP.NET Core ignores case, PHP reads
     // `access.token` as `access_token`. Each is the credential, removed, and counts as a copy.
-    for spelled in ["ACCESS_TOKEN", "access.token", "+access_token"] {
+    // PHP, Rack and Express's `qs` read `access_token[]` and `access_token[0]` as an array named
+    // `access_token`: the same parameter.
+    for spelled in ["ACCESS_TOKEN", "access.token", "+access_token", "access_token[]", "access_token%5B0%5D"]
+    {
         let url = w.gateway.url(&format!("/shop/search?{spelled}={token}&a=1"));
         let echo = echoed(w.http.get(url).send().await.unwrap()).await;
         assert_eq!(echo["uri"], "/shop/search?a=1", "{spelled}");
@@ -138,11 +141,22 @@ async fn forged_identity_headers_never_reach_the_upstream() {
         .header("X.Request.Id", "forged")
         // So is the API-key header a credential came in.
         .header("X_API_Key", &token)
+        // Zend, Symfony before 3.3 and Yii 2 run the path these name instead of the one routed
+        // and authorized.
+        .header("X-Original-URL", "/shop/admin")
+        .header("X_Rewrite_Url", "/shop/admin")
         .send()
         .await
         .unwrap();
     let echo = echoed(resp).await;
     assert_no_forged_request_id(&echo);
+    let rewrites: Vec<&String> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.contains("original") || k.contains("rewrite"))
+        .collect();
+    assert!(rewrites.is_empty(), "{rewrites:?}");
     assert_eq!(header(&echo, "x-auth-subject"), Some(format!("user:{}", user.id).as_str()));
     assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
     assert_eq!(echo["headers"]["x-auth-subject"].as_array().unwrap().len(), 1);
@@ -521,6 +535,8 @@ async fn a_forwarded_host_cannot_lead_the_upstream_past_the_hosts_routes() {
         ("X-Forwarded-Host", "admin.example.com"),
         ("X-Forwarded-Host", "cdn.example.net, ADMIN.example.com:443"),
         ("X_Forwarded_Host", "admin.example.com"),
+        // Yii 2 takes its host from X-Original-Host behind a trusted proxy.
+        ("X-Original-Host", "admin.example.com"),
         ("Forwarded", "for=192.0.2.1;proto=https;host=\"admin.example.com\""),
     ] {
         let (_, body) = error_body(get(&[forged]).await.unwrap(), 400).await;
@@ -1134,6 +1150,8 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             .header("X-Forwarded-Host", "evil.example")
             .header("X_Forwarded_Proto", "https")
             .header("X-Forwarded-Ssl", "on")
+            .header("X-Original-Host", "evil.example")
+            .header("Front-End-Https", "on")
             .send()
     };
     for path in ["/shop/a", "/public/a"] {
@@ -1176,6 +1194,8 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             "x-forwarded-host",
             "x_forwarded_proto",
             "x-forwarded-ssl",
+            "x-original-host",
+            "front-end-https",
         ];
         assert!(
             !names.iter().any(|n| n.contains("forwarded_for")
