@@ -151,6 +151,14 @@ impl Actor {
     }
 }
 
+/// Why a service (an admin one included) is refused a user's token: it would hold a person's
+/// credential, and act as them or beyond what services may (create services, issue PATs).
+const USER_TOKENS_BY_USERS: &str = "a user's token is issued by an org admin who is a user, not by a service";
+
+/// Why a caller who may manage no service is refused a service's listing or details (the same
+/// whether a name exists or not).
+const SERVICES_SEEN_BY: &str = "services are seen by org admins and by editors whose token may write";
+
 /// What a new token may do, as asked for by a client.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -738,9 +746,7 @@ impl<'a> Lifecycle<'a> {
     async fn issue_user_token(&self, actor: &Actor, email: &str, req: IssueRequest) -> Result<IssuedToken> {
         actor.require_admin(self.config)?;
         if actor.user_id.is_none() {
-            return Err(LifecycleError::Forbidden(
-                "a user's token is issued by an org admin who is a user, not by a service".into(),
-            ));
+            return Err(LifecycleError::Forbidden(USER_TOKENS_BY_USERS.into()));
         }
         let user = self.user_in(actor, &actor.org, email).await?;
         if user.status != UserStatus::Active {
@@ -1066,7 +1072,8 @@ impl<'a> Lifecycle<'a> {
         Ok(())
     }
 
-    /// Adds a user (admins only), and with `first_token` their first token (issued by the admin
+    /// Adds a user (admins only), and with `first_token` their first token (by an admin who is a
+    /// user: a service is issued no user's PAT, by this way or any other) (issued by the admin
     /// who added them, within the configured limits, shown once), in one change.
     #[allow(clippy::too_many_arguments)]
     pub async fn add_user(
@@ -1081,6 +1088,9 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<(User, Option<String>)> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
+        if first_token.is_some() && actor.user_id.is_none() {
+            return Err(LifecycleError::Forbidden(USER_TOKENS_BY_USERS.into()));
+        }
         check_email(email)?;
         check_attributes(&attributes)?;
         self.check_roles(org, &project_roles, None)?;
@@ -1478,14 +1488,20 @@ impl<'a> Lifecycle<'a> {
     /// A service to manage: only callers who could manage some service learn whether it exists.
     async fn managed_service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Stored<Service>> {
         actor.require_org(org)?;
-        if actor.require_admin(self.config).is_err()
-            && !(actor.user_id.is_some() && actor.may(self.config, "write"))
-        {
-            return Err(LifecycleError::Forbidden(
-                "only org admins and the service's creator manage it".into(),
-            ));
-        }
+        self.require_service_manager(actor, "only org admins and the service's creator manage it")?;
         self.service_in(actor, org, name).await
+    }
+
+    /// Whether the caller may see and manage services at all: an org admin, or a user whose token
+    /// holds `write` (an editor, who creates services). Checked before any name is looked up, so
+    /// that nobody else learns which services exist: not a viewer, not a token narrowed to `read`
+    /// or `execute`, not a service that is no admin.
+    fn require_service_manager(&self, actor: &Actor, refusal: &str) -> Result<()> {
+        let user_who_writes = actor.user_id.is_some() && actor.may(self.config, "write");
+        if actor.require_admin(self.config).is_err() && !user_who_writes {
+            return Err(LifecycleError::Forbidden(refusal.into()));
+        }
+        Ok(())
     }
 
     async fn service_in(&self, actor: &Actor, org: &str, name: &str) -> Result<Stored<Service>> {
@@ -1496,12 +1512,13 @@ impl<'a> Lifecycle<'a> {
             .ok_or_else(|| LifecycleError::NotFound(format!("no service {:?} in org {org:?}", shown(name))))
     }
 
-    /// The services of an org (editors and admins).
+    /// The services of an org (org admins, and editors whose token holds `write`).
     pub async fn list_services(&self, actor: &Actor, org: &str) -> Result<Vec<Service>> {
         actor.require_org(org)?;
         if actor.roles.org < Role::Editor {
-            return Err(LifecycleError::Forbidden("listing services needs the editor role or higher".into()));
+            return Err(LifecycleError::Forbidden(SERVICES_SEEN_BY.into()));
         }
+        self.require_service_manager(actor, SERVICES_SEEN_BY)?;
         let mut services: Vec<Service> =
             self.store.list_services(org).await?.into_iter().map(Stored::into_inner).collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1512,8 +1529,9 @@ impl<'a> Lifecycle<'a> {
     pub async fn show_service(&self, actor: &Actor, org: &str, name: &str) -> Result<Service> {
         actor.require_org(org)?;
         if actor.roles.org < Role::Editor {
-            return Err(LifecycleError::Forbidden("viewing services needs the editor role or higher".into()));
+            return Err(LifecycleError::Forbidden(SERVICES_SEEN_BY.into()));
         }
+        self.require_service_manager(actor, SERVICES_SEEN_BY)?;
         self.service_in(actor, org, name).await.map(Stored::into_inner)
     }
 

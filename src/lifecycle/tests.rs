@@ -493,6 +493,27 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
         );
     }
 
+    // Nor does an editor whose token may not write, nor a service that is no admin: neither lists
+    // services nor sees one, whether its name exists or not. An editor whose token writes does.
+    let editor = Actor { roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() }, ..actor.clone() };
+    let reader = Actor { scope: Some(vec!["read".into()]), ..editor.clone() };
+    let editor_service = Actor {
+        subject: "service:etl".into(),
+        user_id: None,
+        service_id: Some("s_etl".into()),
+        ..editor.clone()
+    };
+    for who in [&reader, &editor_service] {
+        let why = forbidden(l.list_services(who, "acme").await);
+        assert!(why.contains("services are seen by"), "{}: {why}", who.subject);
+        for name in ["ops", "nope"] {
+            let why = forbidden(l.show_service(who, "acme", name).await);
+            assert!(why.contains("services are seen by"), "{} {name}: {why}", who.subject);
+        }
+    }
+    assert_eq!(l.list_services(&editor, "acme").await.unwrap().len(), 1);
+    assert_eq!(l.show_service(&editor, "acme", "ops").await.unwrap().name, "ops");
+
     // An admin service acting as an org admin may not remove or demote itself.
     let itself = Actor {
         subject: "service:ops".into(),
@@ -505,6 +526,16 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
     let demote = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
     let why = forbidden(l.set_service_role(&itself, "acme", "ops", demote).await);
     assert!(why.contains("may not change its own role"), "{why}");
+    // It adds users, but issues none a first token: it would hold a person's credential (an
+    // admin's, here), and act as them beyond what services may.
+    let first = Some(Lifetime { ttl_minutes: Some(30), expires: None });
+    let roles = BTreeMap::new();
+    let why = forbidden(
+        l.add_user(&itself, "acme", "m@acme.io", Role::Admin, roles.clone(), Attributes::new(), first).await,
+    );
+    assert!(why.contains("not by a service"), "{why}");
+    assert!(store.find_user_by_email("acme", "m@acme.io").await.unwrap().is_none(), "nothing added");
+    l.add_user(&itself, "acme", "m@acme.io", Role::Viewer, roles, Attributes::new(), None).await.unwrap();
     l.delete_service(&actor, "acme", "ops").await.unwrap();
 }
 
