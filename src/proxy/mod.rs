@@ -421,7 +421,20 @@ impl ProxyHttp for Gateway {
             return Err(missing_permit());
         };
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers, client)
+        headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers, client)?;
+        // An HTTP/1.0 client may send no `Host`; the upstream is sent HTTP/1.1, which needs one:
+        // the upstream's address, as nginx sends its `proxy_pass` host (a Go or nginx upstream
+        // answers a request without one 400).
+        if session.req_header().version == http::Version::HTTP_10
+            && !upstream_request.headers.contains_key(http::header::HOST)
+        {
+            let route = permit.route();
+            let n = route.upstreams.len();
+            if let Some(addr) = ctx.upstream.and_then(|(i, _)| route.upstreams.get(i.checked_rem(n)?)) {
+                upstream_request.insert_header(http::header::HOST, addr.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// Tells the client the request id, and warns holders of a token in a rotation's grace.
@@ -433,6 +446,14 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         // A request admitted before a shutdown began and answered after: `Connection: close`.
         if crate::drain::stopping() {
+            session.set_keepalive(None);
+        }
+        // An HTTP/1.0 client reads no chunked body (RFC 9112, section 6.1; Pingora chunks a body of
+        // no stated length for any client): it gets the bytes until the connection closes.
+        if session.req_header().version == http::Version::HTTP_10
+            && response.headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
+            response.remove_header(&http::header::TRANSFER_ENCODING);
             session.set_keepalive(None);
         }
         let Some(config) = &ctx.config else { return Ok(()) };

@@ -1205,3 +1205,35 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
         );
     }
 }
+
+/// An HTTP/1.0 client (ApacheBench, a load balancer's health check) may send no `Host`, and reads
+/// no chunked body. The upstream, sent HTTP/1.1, gets the upstream's address as `Host`; the client
+/// gets the body as bytes until the connection closes, not chunk-size lines in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_gets_a_host_for_the_upstream_and_no_chunked_body() {
+    let mut w = World::start().await;
+    let chunked = RawUpstream::start_answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    let port = free_port();
+    let g = Gateway::start_with(port, &gateway_config(port, &w.redis.url(), chunked.port));
+    let user = w.user("acme", "old@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let answer = raw_request(
+        g.addr(),
+        format!("GET /shop/x HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{head}");
+    assert_eq!(body, "hello world", "{answer}");
+    let sent = chunked.heads();
+    let host = format!("host: 127.0.0.1:{}", chunked.port);
+    assert!(sent.iter().any(|h| h.to_ascii_lowercase().contains(&host)), "{sent:?}");
+
+    // An HTTP/1.1 client still gets it chunked, on a connection kept open.
+    let resp = w.http.get(g.url("/shop/x")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    assert_eq!(resp.text().await.unwrap(), "hello world");
+}
