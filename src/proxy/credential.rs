@@ -127,22 +127,34 @@ pub fn is_param(key: &[u8], name: &str) -> bool {
 /// [`is_param`], in any case only when `any_case`. PHP also reads a `[` with no `]` after it as
 /// `_` (`access[token`); with one, the key names an array by what comes before the `[`
 /// (`access_token[]`, `access_token[0]`: the array `access_token`, as PHP, Rack and Express's
-/// `qs` read it; `access[token]` is the array `access`).
+/// `qs` read it; `access[token]` is the array `access`). Rack and `qs` also read brackets around
+/// a name as a nesting of it (`[access_token]`, `access_token]`).
 pub fn reads_as(key: &[u8], name: &str, any_case: bool) -> bool {
     let as_read = |b: u8| match b {
         b' ' | b'.' | b'[' => b'_',
         b if any_case => b.to_ascii_lowercase(),
         b => b,
     };
-    // PHP drops a key that starts with `[`.
+    let matches = |read: &[u8]| {
+        read.len() == name.len() && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
+    };
     let same = |read: &[u8]| {
-        let read = match read.iter().position(|&b| b == b'[') {
-            Some(at) if at > 0 && read[at + 1..].contains(&b']') => &read[..at],
-            _ => read,
+        if !read.iter().any(|&b| b == b'[' || b == b']') {
+            return matches(read);
+        }
+        // PHP drops a key that starts with `[`, and reads `name[…]` as the array `name`.
+        let php = match read.iter().position(|&b| b == b'[') {
+            Some(0) => None,
+            Some(at) if read[at + 1..].contains(&b']') => Some(&read[..at]),
+            _ => Some(read),
         };
-        read.first() != Some(&b'[')
-            && read.len() == name.len()
-            && read.iter().zip(name.bytes()).all(|(&k, n)| as_read(k) == as_read(n))
+        // Rack and Express's `qs` name a parameter by the first run of other characters, the
+        // brackets around or after it a nesting (`[access_token]`, `access_token]`,
+        // `access_token[x`).
+        let start = read.iter().position(|&b| b != b'[' && b != b']').unwrap_or(read.len());
+        let rest = &read[start..];
+        let rack = &rest[..rest.iter().position(|&b| b == b'[' || b == b']').unwrap_or(rest.len())];
+        php.is_some_and(matches) || matches(rack)
     };
     if key == name.as_bytes() {
         return true;
@@ -230,18 +242,23 @@ mod tests {
             "access_token%5B%5D",
             "access_token[0]",
             "Access.Token[x]",
+            // Rack 2 and `qs` read these as `access_token` too.
+            "[access_token]",
+            "access_token]",
+            "]access_token",
+            "[access_token",
+            "access_token[x",
         ] {
             assert!(is_param(key.as_bytes(), "access_token"), "{key}");
         }
         for key in [
             "access-token",
-            "[access_token",
             "access_tokens",
             "access__token",
             "xaccess_token",
             "access[token]",
-            "access_token]",
-            "[access_token]",
+            "access_token_[x]",
+            "[x]access_token",
         ] {
             assert!(!is_param(key.as_bytes(), "access_token"), "{key}");
         }

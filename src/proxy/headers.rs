@@ -263,8 +263,9 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
 }
 
 /// Headers in which a client could have the upstream's framework run another path than the one
-/// routed and authorized: Zend and Symfony before 3.3 read `X-Original-URL` and `X-Rewrite-URL`
-/// as the request's URI, Yii 2 reads `X-Rewrite-Url` from a trusted proxy (which Tollgate is).
+/// routed and authorized: Zend, and Symfony until its 2018 fix (CVE-2018-14773; 3.4.13, 4.1.2 and
+/// the Laravel and Drupal releases on them), read `X-Original-URL` and `X-Rewrite-URL` as the
+/// request's URI, Yii 2 reads `X-Rewrite-Url` from a trusted proxy (which Tollgate is).
 /// Withheld always, in every spelling.
 const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
@@ -294,7 +295,7 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
             true
         }
         (ForwardedFor::Append, _) => false,
-        (ForwardedFor::Replace, 9 | 11 | 13..=19) => {
+        (ForwardedFor::Replace, 9 | 11 | 13..=20) => {
             *name == http::header::FORWARDED
                 || CLIENT_ADDRESS_HEADERS.iter().any(|h| spelled_alike(spelled, h.as_bytes()))
         }
@@ -306,7 +307,7 @@ fn client_address_claim(mode: crate::config::ForwardedFor, name: &HeaderName) ->
 /// address, or the host and scheme it asked for (Rails, Django, Laravel and Express behind a
 /// trusted proxy build links and redirects from `X-Forwarded-Host` and `-Proto`), and upstream
 /// libraries look for them: removed under `forwarded_for: replace`.
-const CLIENT_ADDRESS_HEADERS: [&str; 13] = [
+const CLIENT_ADDRESS_HEADERS: [&str; 15] = [
     "x-real-ip",
     "x-client-ip",
     "forwarded-for",
@@ -321,12 +322,16 @@ const CLIENT_ADDRESS_HEADERS: [&str; 13] = [
     // Yii 2 reads these from a trusted proxy as the host and the scheme.
     "x-original-host",
     "front-end-https",
+    // gunicorn's `secure_scheme_headers` (trusted from 127.0.0.1); the base path Symfony, Spring
+    // and Werkzeug's `ProxyFix` build links from.
+    "x-forwarded-protocol",
+    "x-forwarded-prefix",
 ];
 const _: () = {
     // The lengths `client_address_claim` lets through are exactly these names'.
     let mut i = 0;
     while i < CLIENT_ADDRESS_HEADERS.len() {
-        assert!(matches!(CLIENT_ADDRESS_HEADERS[i].len(), 9 | 11 | 13..=19));
+        assert!(matches!(CLIENT_ADDRESS_HEADERS[i].len(), 9 | 11 | 13..=20));
         i += 1;
     }
 };

@@ -450,8 +450,12 @@ impl ProxyHttp for Gateway {
         }
         // An HTTP/1.0 client reads no chunked body (RFC 9112, section 6.1; Pingora chunks a body of
         // no stated length for any client): it gets the bytes until the connection closes.
+        // (Only a body no more than chunked: one also gzipped, say, would reach it undecoded.)
         if session.req_header().version == http::Version::HTTP_10
-            && response.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && response
+                .headers
+                .get(http::header::TRANSFER_ENCODING)
+                .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"chunked"))
         {
             response.remove_header(&http::header::TRANSFER_ENCODING);
             session.set_keepalive(None);

@@ -86,9 +86,16 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     // And in the other spellings an upstream reads as it: ASP.NET Core ignores case, PHP reads
     // `access.token` as `access_token`. Each is the credential, removed, and counts as a copy.
     // PHP, Rack and Express's `qs` read `access_token[]` and `access_token[0]` as an array named
-    // `access_token`: the same parameter.
-    for spelled in ["ACCESS_TOKEN", "access.token", "+access_token", "access_token[]", "access_token%5B0%5D"]
-    {
+    // `access_token`, and Rack 2 and `qs` read `[access_token]` as `access_token`: the same
+    // parameter.
+    for spelled in [
+        "ACCESS_TOKEN",
+        "access.token",
+        "+access_token",
+        "access_token[]",
+        "access_token%5B0%5D",
+        "%5Baccess_token%5D",
+    ] {
         let url = w.gateway.url(&format!("/shop/search?{spelled}={token}&a=1"));
         let echo = echoed(w.http.get(url).send().await.unwrap()).await;
         assert_eq!(echo["uri"], "/shop/search?a=1", "{spelled}");
@@ -1152,6 +1159,8 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             .header("X-Forwarded-Ssl", "on")
             .header("X-Original-Host", "evil.example")
             .header("Front-End-Https", "on")
+            .header("X-Forwarded-Protocol", "https")
+            .header("X_Forwarded_Prefix", "/evil")
             .send()
     };
     for path in ["/shop/a", "/public/a"] {
@@ -1196,6 +1205,8 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             "x-forwarded-ssl",
             "x-original-host",
             "front-end-https",
+            "x-forwarded-protocol",
+            "x_forwarded_prefix",
         ];
         assert!(
             !names.iter().any(|n| n.contains("forwarded_for")
