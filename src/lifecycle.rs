@@ -1646,46 +1646,34 @@ impl<'a> Lifecycle<'a> {
 
 /// An audit log entry as the admin API shows it: its time in RFC 3339, as every other time the
 /// API shows (a token's `created_at`, `last_used_at`), not the stored milliseconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// When (RFC 3339, UTC, to the second).
-    #[serde(deserialize_with = "time_text")]
-    pub at: String,
-    /// The org.
-    pub org: String,
-    /// Who: `user:<id>`, `service:<name>`, or `bootstrap`.
-    pub actor: String,
-    /// What, e.g. `token.issue`, `user.suspend`.
-    pub action: String,
-    /// On what: a token id, `user:<email>`, `service:<name>`.
-    pub target: String,
-    /// The token involved, if any.
-    pub token_id: Option<String>,
-    /// The reason given, if any.
-    pub reason: Option<String>,
-    /// Anything else worth keeping (new role, new name).
-    pub details: serde_json::Value,
-}
+pub type AuditEntry = AuditEvent<AuditTime>;
 
-/// An audit entry's time as a gateway sends it: RFC 3339, or the epoch milliseconds a gateway
-/// before this view sent (a CLI newer than the gateway still reads its log).
-fn time_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum At {
-        Text(String),
-        Millis(Millis),
+/// An audit entry's time as the API shows it (RFC 3339, UTC, to the second); read also from the
+/// epoch milliseconds a gateway before this view sent (a CLI newer than the gateway still reads
+/// its log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct AuditTime(pub String);
+
+impl<'de> Deserialize<'de> for AuditTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum At {
+            Text(String),
+            Millis(Millis),
+        }
+        Ok(AuditTime(match At::deserialize(d)? {
+            At::Text(text) => text,
+            At::Millis(ms) => format_millis(ms),
+        }))
     }
-    Ok(match At::deserialize(d)? {
-        At::Text(text) => text,
-        At::Millis(ms) => format_millis(ms),
-    })
 }
 
 impl From<AuditEvent> for AuditEntry {
     fn from(e: AuditEvent) -> AuditEntry {
-        AuditEntry {
-            at: format_millis(e.at),
+        AuditEvent {
+            at: AuditTime(format_millis(e.at)),
             org: e.org,
             actor: e.actor,
             action: e.action,

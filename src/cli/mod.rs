@@ -753,7 +753,7 @@ impl Api {
                         .iter()
                         .map(|e| {
                             vec![
-                                e.at.clone(),
+                                e.at.0.clone(),
                                 e.actor.clone(),
                                 e.action.clone(),
                                 e.target.clone(),

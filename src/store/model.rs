@@ -226,11 +226,12 @@ impl Revocation {
     }
 }
 
-/// One entry of an org's audit log.
+/// One entry of an org's audit log: its time in milliseconds as stored, or as the admin API shows
+/// it ([`crate::lifecycle::AuditEntry`], RFC 3339).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEvent {
+pub struct AuditEvent<At = Millis> {
     /// When.
-    pub at: Millis,
+    pub at: At,
     /// The org.
     pub org: String,
     /// Who: `user:<id>`, `service:<name>`, or `bootstrap`.
