@@ -1072,9 +1072,9 @@ impl<'a> Lifecycle<'a> {
         Ok(())
     }
 
-    /// Adds a user (admins only), and with `first_token` their first token (by an admin who is a
-    /// user: a service is issued no user's PAT, by this way or any other) (issued by the admin
-    /// who added them, within the configured limits, shown once), in one change.
+    /// Adds a user (admins only), and with `first_token` their first token (issued by the admin
+    /// who added them, who must be a user: a service is issued no user's PAT, this way or any
+    /// other; within the configured limits, shown once), in one change.
     #[allow(clippy::too_many_arguments)]
     pub async fn add_user(
         &self,
