@@ -20,6 +20,12 @@ const EMAIL: &str = "admin@demo.local";
 /// starts the echo where the (possibly edited) config expects it.
 const ECHO_MARK: &str = "# quickstart echo upstream: ";
 
+/// The store's file in `dir`, as an absolute path where the working directory is known.
+fn store_path(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("store.redb");
+    std::path::absolute(&file).unwrap_or(file)
+}
+
 fn config_text(port: u16, admin_port: u16, upstream: SocketAddr, dir: &Path) -> String {
     format!(
         r#"# Written by `tollgate quickstart`; edit it and the running gateway reloads it. Later runs of
@@ -47,7 +53,9 @@ routes:
     auth: none
 "#,
         // A JSON string is a YAML double-quoted one: a `"` or `\` in the directory's name stays itself.
-        store = serde_json::Value::from(dir.join("store.redb").to_string_lossy()),
+        // Absolute: a relative path is read from the working directory, and a later run from
+        // another one (`--dir` naming this directory) would open a new, empty store there.
+        store = serde_json::Value::from(store_path(dir).to_string_lossy()),
     )
 }
 

@@ -17,7 +17,17 @@ struct Quickstart {
 impl Quickstart {
     /// Starts it and reads its instructions (everything up to the `token list` line).
     fn start(dir: &std::path::Path, port: u16, admin_port: u16) -> Quickstart {
-        let mut child = Quickstart::spawn(dir, port, admin_port);
+        Quickstart::start_from(None, dir, port, admin_port)
+    }
+
+    /// [`Quickstart::start`] run from the working directory `cwd`, where `dir` may be relative.
+    fn start_from(
+        cwd: Option<&std::path::Path>,
+        dir: &std::path::Path,
+        port: u16,
+        admin_port: u16,
+    ) -> Quickstart {
+        let mut child = Quickstart::spawn(cwd, dir, port, admin_port);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -38,18 +48,25 @@ impl Quickstart {
             }
         }
         assert!(printed.iter().any(|l| l.contains("token list")), "quickstart printed: {printed:#?}");
-        Quickstart { child, printed, log: dir.with_extension("log") }
+        Quickstart { child, printed, log: Quickstart::log(cwd, dir) }
+    }
+
+    fn log(cwd: Option<&std::path::Path>, dir: &std::path::Path) -> std::path::PathBuf {
+        cwd.map_or_else(|| dir.to_path_buf(), |cwd| cwd.join(dir)).with_extension("log")
     }
 
     /// `tollgate quickstart` with its stdout piped (its stderr goes to the log).
-    fn spawn(dir: &std::path::Path, port: u16, admin_port: u16) -> Child {
-        Command::new(tollgate_bin())
-            .arg("quickstart")
+    fn spawn(cwd: Option<&std::path::Path>, dir: &std::path::Path, port: u16, admin_port: u16) -> Child {
+        let mut cmd = Command::new(tollgate_bin());
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd.arg("quickstart")
             .arg("--dir")
             .arg(dir)
             .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+            .stderr(std::fs::File::create(Quickstart::log(cwd, dir)).unwrap())
             .spawn()
             .unwrap()
     }
@@ -125,7 +142,9 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     // unoptimized build on a busy machine takes seconds to finish.
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
 
-    let mut first = Quickstart::start(&dir, port, admin_port);
+    // The first run from the directory above, named relatively (as `tollgate quickstart` with
+    // its default `--dir` is); the second from elsewhere must find the same store.
+    let mut first = Quickstart::start_from(Some(root.path()), std::path::Path::new("qs"), port, admin_port);
     let token = first.token();
     let url = first.curl_url();
     wait_ready(&http, &url, &mut first).await;
@@ -158,13 +177,15 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let edited = format!("{config}  - {{ name: mine, path: /mine, upstream: \"{echo}\", auth: none }}\n");
     std::fs::write(&config_path, &edited).unwrap();
 
-    let mut second = Quickstart::start(&dir, port, admin_port);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut second = Quickstart::start_from(Some(elsewhere.path()), &dir, port, admin_port);
     wait_ready(&http, &url, &mut second).await;
     let second_token = second.token();
     for (t, expected) in [(&token, 200), (&kept, 200), (&revoked, 401), (&second_token, 200)] {
         assert_eq!(status_as_a_client_retries(&http, &url, t).await, expected, "{}", &t[..10]);
     }
     assert_eq!(std::fs::read_to_string(&config_path).unwrap(), edited, "the edited config was rewritten");
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0, "a store made where it was run from");
     let mine = url.replace("/demo/hello", "/mine/x");
     assert_eq!(http.get(&mine).send().await.unwrap().status(), 200, "the route the user added");
     // The second run's token is issued like any other: audited, within the token limits.
@@ -227,7 +248,7 @@ async fn quickstart_keeps_serving_when_nobody_reads_what_it_prints() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("qs");
     let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let mut child = Quickstart::spawn(&dir, port, admin_port);
+    let mut child = Quickstart::spawn(None, &dir, port, admin_port);
     // Whoever read it is gone before it prints (`tollgate quickstart | head -1`, a closed pager).
     drop(child.stdout.take());
     let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
