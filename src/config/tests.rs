@@ -151,6 +151,11 @@ fn structural_errors() {
     );
     check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
     check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);
+    // A managed Redis's TLS URL is valid, but not supported: said so, not called malformed.
+    check(
+        "store: { redis: { url: 'rediss://default:pw@cache.example:6380' } }",
+        &["store.redis.url: TLS to Redis (rediss://) is not supported"],
+    );
     check(
         "orgs: { acme: { projects: { shop: {} } } }",
         &["orgs.acme.projects.shop.environments: list at least one"],

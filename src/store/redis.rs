@@ -313,5 +313,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
     if url.is_empty() {
         return Err("missing; write e.g. redis://127.0.0.1:6379".into());
     }
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    if scheme.eq_ignore_ascii_case("rediss") {
+        return Err("TLS to Redis (rediss://) is not supported: reach it with redis:// over a private network or a TLS tunnel (stunnel, a sidecar)".into());
+    }
     redis::Client::open(url).map(|_| ()).map_err(|_| "not a valid Redis URL (redis://host:port[/db])".into())
 }
