@@ -1085,7 +1085,7 @@ impl<'a> Lifecycle<'a> {
         project_roles: BTreeMap<String, Role>,
         attributes: Attributes,
         first_token: Option<Lifetime>,
-    ) -> Result<(User, Option<String>)> {
+    ) -> Result<(User, Option<IssuedToken>)> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         if first_token.is_some() && actor.user_id.is_none() {
@@ -1114,7 +1114,11 @@ impl<'a> Lifecycle<'a> {
             .create_user(&user, Some(&audit), with, self.acting(actor).await?.as_ref())
             .await
             .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
-        Ok((user, first.map(|(new, _)| new.token)))
+        let first = match first {
+            Some((new, record)) => Some(self.issued(new, &record).await),
+            None => None,
+        };
+        Ok((user, first))
     }
 
     async fn user_in(&self, actor: &Actor, org: &str, email: &str) -> Result<Stored<User>> {
@@ -1984,15 +1988,15 @@ pub async fn create_service(
     Ok(service)
 }
 
-/// The org's first admin and a token for them (within the configured token limits), audited as
-/// done by `bootstrap`.
+/// The org's first admin and a token for them (within the configured token limits, so it may
+/// expire: its expiry comes with it), audited as done by `bootstrap`.
 pub async fn bootstrap(
     store: &Store,
     argon2: Argon2Params,
     limits: &TokenLimits,
     org: &str,
     email: &str,
-) -> Result<(User, NewToken)> {
+) -> Result<(User, NewToken, Option<Millis>)> {
     check_email(email)?;
     ensure_org(store, org).await?;
     let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
@@ -2005,7 +2009,7 @@ pub async fn bootstrap(
         .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }), None)
         .await
         .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
-    Ok((user, token))
+    Ok((user, token, record.expires_at))
 }
 
 /// A fresh token for an existing active user, made by an operator on the store directly

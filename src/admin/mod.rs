@@ -477,13 +477,18 @@ pub struct AddedUser {
     /// That token's id (as `service create` gives it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
+    /// When that token expires (RFC 3339; `null` for never): the configured `tokens.max_ttl`
+    /// gives a first token an expiry no one asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Option<String>>,
 }
 
 impl AddedUser {
-    /// A user added, with their first token if one was issued.
-    pub fn new(user: UserView, token: Option<String>) -> AddedUser {
+    /// A user added, with their first token (and its expiry) if one was issued.
+    pub fn new(user: UserView, token: Option<(String, Option<String>)>) -> AddedUser {
+        let (token, token_expires_at) = token.unzip();
         let token_id = token.as_deref().and_then(|t| t.get(..crate::token::ID_LEN)).map(str::to_string);
-        AddedUser { user, token, token_id }
+        AddedUser { user, token, token_id, token_expires_at }
     }
 }
 
@@ -505,7 +510,7 @@ async fn add_user(
             Err(e) => return ApiError::from(e).into_response(),
         };
     let added = l.add_user(&a, &org, &u.email, u.org_role, u.project_roles, u.attributes, first_token).await;
-    created(added.map(|(user, token)| AddedUser::new(user.into(), token)))
+    created(added.map(|(user, t)| AddedUser::new(user.into(), t.map(|t| (t.token, t.details.expires_at)))))
 }
 
 async fn show_user(
@@ -606,6 +611,10 @@ pub struct CreatedService {
     pub token: String,
     /// The token's id.
     pub token_id: String,
+    /// When the token expires (RFC 3339; `null` for never): the configured `tokens.max_ttl` gives
+    /// a service's first token an expiry no one asked for.
+    #[serde(default)]
+    pub token_expires_at: Option<String>,
 }
 
 async fn list_services(State(s): State<AdminState>, Caller(a): Caller, Path(org): Path<String>) -> Response {
@@ -629,6 +638,7 @@ async fn create_service(
     created(l.create_service(&a, req).await.map(|(svc, t)| CreatedService {
         service: svc.into(),
         token_id: t.details.id,
+        token_expires_at: t.details.expires_at,
         token: t.token,
     }))
 }

@@ -482,7 +482,12 @@ fn token_id(arg: &str) -> String {
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
+    Config::load(path).map_err(|e| invalid(path, &e))
+}
+
+/// A config refused: every problem, one per line, with its YAML path.
+fn invalid(path: &std::path::Path, e: &crate::config::ConfigError) -> anyhow::Error {
+    anyhow!("invalid config {}:\n{e}", path.display())
 }
 
 pub(crate) fn init_logging(default_level: &str) {
@@ -606,6 +611,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow!("unknown algorithm {algorithm:?}; use EdDSA or ES256"))?;
             let pem = crate::jwt::generate_key(alg).map_err(|e| anyhow!(e))?;
             write_private(&out, pem.as_bytes())?;
+            if cli.json {
+                let wrote = serde_json::json!({ "algorithm": name, "key_file": out.to_string_lossy() });
+                println!("{}", serde_json::to_string_pretty(&wrote)?);
+                return Ok(());
+            }
             println!("Wrote a new {name} private key to {}.", out.display());
             println!("Add it under `jwt.keys` with a kid of your own (make that kid `jwt.signing_key` to sign with it):");
             // A JSON string is a YAML double-quoted one.
@@ -613,11 +623,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  - {{ kid: NEW-KID, algorithm: {name}, key_file: {file} }}");
             Ok(())
         }
-        Command::CheckConfig { config: path } => {
-            let config = load(&path)?;
-            println!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
-            Ok(())
-        }
+        Command::CheckConfig { config: path } => match (Config::load(&path), cli.json) {
+            (Ok(config), false) => {
+                println!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
+                Ok(())
+            }
+            (Ok(config), true) => {
+                let ok = serde_json::json!({ "ok": true, "routes": config.routes.iter().count() });
+                println!("{}", serde_json::to_string_pretty(&ok)?);
+                Ok(())
+            }
+            (Err(e), false) => Err(invalid(&path, &e)),
+            // Every problem with its YAML path (empty for the whole file) on stdout, for a script;
+            // the exit code says it failed.
+            (Err(e), true) => {
+                let errors: Vec<_> = e
+                    .issues
+                    .iter()
+                    .map(|i| serde_json::json!({ "path": i.path, "message": i.message }))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "ok": false, "errors": errors }))?
+                );
+                Err(anyhow!("invalid config {} ({} problems)", path.display(), e.issues.len()))
+            }
+        },
         Command::Bootstrap { config, org, email } => {
             let config = load(&config)?;
             if !config.orgs.contains_key(&org) {
@@ -630,19 +661,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             block_on(async {
                 let store = store::open(&config.store, config.audit_max)?;
-                let (user, token) =
+                let (user, token, expires_at) =
                     lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email)
                         .await
                         .with_context(|| format!("bootstrapping org {org:?}"))?;
+                let expires_at = expires_at.map(crate::store::format_millis);
                 if cli.json {
                     // As `user add --issue-token` answers.
-                    let added = AddedUser::new(UserView::from(user), Some(token.token.clone()));
+                    let added = AddedUser::new(UserView::from(user), Some((token.token, expires_at)));
                     println!("{}", serde_json::to_string_pretty(&added)?);
                     return Ok(());
                 }
                 println!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
-                println!("Access token: {}", token.token);
-                println!("Store it now: it will not be shown again.");
+                print_first_token(&token.token, expires_at.as_deref(), "Store it now");
                 Ok(())
             })
         }
@@ -851,10 +882,21 @@ impl Api {
                 };
                 let issued: IssuedToken =
                     self.send(Method::POST, &format!("/v1/tokens/{}/rotate", segment(&id)), &req).await?;
+                // The old token's grace ends at its own expiry if that comes first: its record
+                // says when it stops.
+                let old: Option<TokenView> = match grace_seconds.filter(|g| *g > 0) {
+                    Some(_) if !self.json => self.get(&format!("/v1/tokens/{}", segment(&id))).await.ok(),
+                    _ => None,
+                };
                 self.show(&issued, |t| {
-                    match grace_seconds.filter(|g| *g > 0) {
-                        Some(g) => println!("Rotated {id}; the old token keeps working for {g} seconds."),
-                        None => println!("Rotated {id}; the old token is revoked."),
+                    match (grace_seconds.filter(|g| *g > 0), old.as_ref().and_then(works_until)) {
+                        (Some(_), Some(until)) => {
+                            println!("Rotated {id}; the old token keeps working until {until}.")
+                        }
+                        (Some(g), None) => {
+                            println!("Rotated {id}; the old token keeps working for {g} seconds.")
+                        }
+                        (None, _) => println!("Rotated {id}; the old token is revoked."),
                     }
                     print_issued(t);
                 })
@@ -883,8 +925,8 @@ impl Api {
                     let u = &a.user;
                     println!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role);
                     if let Some(token) = &a.token {
-                        println!("Access token: {token}");
-                        println!("Hand it over now: it will not be shown again.");
+                        let expires_at = a.token_expires_at.as_ref().and_then(Option::as_deref);
+                        print_first_token(token, expires_at, "Hand it over now");
                     }
                 })
             }
@@ -957,8 +999,7 @@ impl Api {
                     self.send(Method::POST, &format!("/v1/orgs/{}/services", segment(&org)), &body).await?;
                 self.show(&created, |c| {
                     println!("Created service {:?} in org {:?}.", c.service.name, c.service.org);
-                    println!("Access token: {}", c.token);
-                    println!("Store it now: it will not be shown again.");
+                    print_first_token(&c.token, c.token_expires_at.as_deref(), "Store it now");
                 })
             }
             ServiceCmd::List { org } => {
@@ -1022,6 +1063,21 @@ fn status_text(s: store::UserStatus) -> String {
 
 fn roles_text(roles: &BTreeMap<String, Role>) -> String {
     roles.iter().map(|(p, r)| format!("{p}:{r}")).collect::<Vec<_>>().join(",")
+}
+
+/// When a token in a rotation's grace stops working: the grace's end, or its expiry if sooner
+/// (both RFC 3339 in UTC, so they compare as text).
+fn works_until(t: &TokenView) -> Option<&str> {
+    let end = t.revoked_at.as_deref()?;
+    Some(t.expires_at.as_deref().map_or(end, |expiry| expiry.min(end)))
+}
+
+/// A first token made with a user or a service: it, and when it expires (`tokens.max_ttl` may
+/// have given it an expiry no one asked for).
+fn print_first_token(token: &str, expires_at: Option<&str>, keep: &str) {
+    println!("Access token: {token}");
+    println!("Expires:      {}", expires_at.unwrap_or("never"));
+    println!("{keep}: it will not be shown again.");
 }
 
 fn print_issued(t: &IssuedToken) {

@@ -178,9 +178,10 @@ async fn first_tokens_of_services_and_users_follow_the_callers_limits_and_the_co
     let scoped = Actor { environments: None, ..actor.clone() };
     let (_, first) = add(scoped.clone()).await.unwrap();
     let first = first.expect("a first token");
-    let view = l.get_token(&scoped, &first[..10]).await.unwrap();
+    let view = l.get_token(&scoped, &first.details.id).await.unwrap();
     assert!(view.permissions.is_some(), "the caller's scope is inherited");
     assert!(view.expires_at.is_some());
+    assert_eq!(first.details.expires_at, view.expires_at, "told with the token");
 }
 
 #[tokio::test]
@@ -394,7 +395,7 @@ async fn a_token_whose_inherited_scope_names_more_than_its_role_can_still_be_rot
         ..scoped_admin
     };
     // The editor rotates it with itself: nothing is widened (the role caps it on every request).
-    let new = l.rotate(&me, &first[..10], RotateRequest::default()).await.unwrap();
+    let new = l.rotate(&me, &first.details.id, RotateRequest::default()).await.unwrap();
     assert_eq!(new.details.permissions, Some(scope));
     // Asked for anew, a scope beyond the role is still refused, as at issue.
     let wider = RotateRequest { scope: Some("admin".into()), ..RotateRequest::default() };

@@ -80,6 +80,15 @@ fn the_line_keygen_prints_loads_as_it_is() {
     let yaml = format!("jwt:\n  signing_key: NEW-KID\n  keys:\n  {}\n", line.trim_end());
     let (ok, text) = check_config(&yaml);
     assert!(ok, "{yaml}\n{text}");
+
+    // With --json: what it wrote, as data.
+    let second = dir.path().join("k2.pem");
+    let out = Command::new(tollgate_bin()).args(["keygen", "--json", "--out"]).arg(&second).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let wrote: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(wrote["algorithm"], "EdDSA", "{wrote}");
+    assert_eq!(wrote["key_file"], second.to_str().unwrap(), "{wrote}");
+    assert!(std::fs::read_to_string(&second).unwrap().contains("PRIVATE KEY"));
 }
 
 #[test]
@@ -98,6 +107,31 @@ routes:
     assert!(text.contains("routes[1].retries: unknown field"), "{text}");
     assert!(text.contains("routes[0].upstream:"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+
+    // With --json, for a script: each problem with its path on stdout, and a failing exit code.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let check = |path: &std::path::Path| {
+        let out =
+            Command::new(tollgate_bin()).args(["check-config", "--json", "--config"]).arg(path).output();
+        let out = out.unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.success(), answer)
+    };
+    let (ok, answer) = check(&path);
+    assert!(!ok);
+    assert_eq!(answer["ok"], false, "{answer}");
+    let errors = answer["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 3, "{answer}");
+    let colour = errors.iter().find(|e| e["path"] == "cache.colour").expect("cache.colour");
+    assert!(colour["message"].as_str().unwrap().contains("unknown field"), "{answer}");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.yaml");
+    let (ok, answer) = check(&example);
+    assert!(ok, "{answer}");
+    assert_eq!(answer["ok"], true);
+    assert!(answer["routes"].as_u64().unwrap() > 0, "{answer}");
 }
 
 #[test]
@@ -149,6 +183,9 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap();
     let month = std::time::Duration::from_secs(30 * 24 * 3600);
     assert!(lifetime > month - std::time::Duration::from_secs(120) && lifetime <= month, "{lifetime:?}");
+    // That expiry, which no one asked for, is printed with the token.
+    let printed = stdout.lines().find_map(|l| l.strip_prefix("Expires:")).expect("an Expires line");
+    assert_eq!(printed.trim(), details["expires_at"], "{stdout}");
     let audit = admin.json(&["audit", "--token-id", id]);
     assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
     assert_eq!(audit[0]["action"], "token.issue");
@@ -168,7 +205,9 @@ async fn bootstrap_prints_a_working_admin_token_once() {
     assert_eq!(added["email"], "ops@example.com", "{added}");
     assert_eq!(added["org_role"], "admin", "{added}");
     assert_eq!(added["token_id"], &second[..10], "as service create gives it: {added}");
-    assert_eq!(admin.as_token(&second).json(&["token", "get", &second[..10]])["display_name"], "bootstrap");
+    let second_details = admin.as_token(&second).json(&["token", "get", &second[..10]]);
+    assert_eq!(second_details["display_name"], "bootstrap");
+    assert_eq!(added["token_expires_at"], second_details["expires_at"], "{added}");
 
     // The same email cannot be bootstrapped twice.
     let again = bootstrap();

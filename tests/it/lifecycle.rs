@@ -17,6 +17,11 @@ async fn admin(w: &mut World, org: &str) -> Cli {
 /// Adds a user through the CLI and returns a CLI acting as them.
 fn add_user(admin: &Cli, email: &str, role: &str) -> Cli {
     let out = admin.run(&["user", "add", email, "--org-role", role, "--issue-token"]);
+    // `tokens.max_ttl` (30d here) gave the token an expiry no one asked for: printed with it.
+    let expires = out.stdout.lines().find_map(|l| l.strip_prefix("Expires:")).expect("an Expires line");
+    let expires = humantime::parse_rfc3339(expires.trim()).expect("an RFC 3339 time");
+    let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    assert!(lifetime > Duration::from_secs(29 * 24 * 3600), "{out:?}");
     admin.as_token(&out.token())
 }
 
@@ -260,6 +265,15 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
         "5",
     ]);
     let new = out.token();
+    // Said with the time it stops: the grace's end, or the old token's expiry where that is sooner.
+    let old_details = ann.json(&["token", "get", &old[..10]]);
+    let until = old_details["revoked_at"].as_str().expect("an end to the grace");
+    assert!(out.stdout.contains(&format!("the old token keeps working until {until}.")), "{out:?}");
+    let short = ann.run(&["token", "issue", "--display-name", "short", "--ttl-minutes", "1"]).token();
+    let out = ann.run(&["token", "rotate", &short[..10], "--grace-seconds", "300"]);
+    out.token();
+    let short_expiry = ann.json(&["token", "get", &short[..10]])["expires_at"].as_str().unwrap().to_string();
+    assert!(out.stdout.contains(&format!("the old token keeps working until {short_expiry}.")), "{out:?}");
     let details = ann.json(&["token", "get", &new[..10]]);
     assert_eq!(details["scope"], "read");
     assert_eq!(details["expires_at"], expires);
@@ -322,6 +336,9 @@ async fn an_admin_manages_services_end_to_end() {
     let out = admin.run(&["service", "create", "reporting", "--org", "acme", "--org-role", "viewer"]);
     assert!(out.stdout.contains("Created service \"reporting\" in org \"acme\"."), "{out:?}");
     let reporting = out.token();
+    // `tokens.max_ttl` (30d here) gave it an expiry no one asked for: printed with it.
+    let expires = out.stdout.lines().find_map(|l| l.strip_prefix("Expires:")).expect("an Expires line");
+    assert_eq!(admin.json(&["token", "get", &reporting[..10]])["expires_at"], expires.trim(), "{out:?}");
     assert!(reporting.starts_with("tgs_"));
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &reporting).await, 403);

@@ -386,7 +386,7 @@ impl World {
     /// The first admin of `org` (`admin@<org>.io`, made by `bootstrap`), as a CLI user.
     pub async fn bootstrap_admin(&self, org: &str) -> Cli {
         lifecycle::ensure_org(&self.store, org).await.unwrap();
-        let (_, token) =
+        let (_, token, _) =
             lifecycle::bootstrap(&self.store, ARGON2, &Default::default(), org, &format!("admin@{org}.io"))
                 .await
                 .unwrap();
