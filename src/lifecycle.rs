@@ -812,7 +812,8 @@ impl<'a> Lifecycle<'a> {
         self.issue_for(actor, roles, owner, label, (Acting::Service(s), None), req).await
     }
 
-    /// A token the caller may see: their own, or any in their org for an admin.
+    /// A token the caller may see: their own, one of a service they manage (as its creator: they
+    /// issue its tokens, so they revoke and rotate them too), or any in their org for an admin.
     async fn visible_token(&self, actor: &Actor, id: &str) -> Result<Stored<TokenRecord>> {
         let not_found = || match id.len() > crate::token::ID_LEN {
             // Perhaps a whole token: never repeat a secret.
@@ -831,13 +832,22 @@ impl<'a> Lifecycle<'a> {
         // itself).
         let own = matches!(&t.owner, Owner::User(u) if Some(u) == actor.user_id.as_ref())
             || actor.token_id.as_ref() == Some(&t.id);
-        if !own && actor.require_admin(self.config).is_err() {
+        if !own && actor.require_admin(self.config).is_err() && !self.manages_owner(actor, &t.owner).await? {
             return Err(not_found());
         }
         Ok(t)
     }
 
-    /// Lists tokens: the caller's own, or (admins) a given user's or service's; `all` adds inactive ones.
+    /// Whether `owner` is a service of the caller's org that the caller manages
+    /// ([`Lifecycle::may_manage_service`]).
+    async fn manages_owner(&self, actor: &Actor, owner: &Owner) -> Result<bool> {
+        let Owner::Service(id) = owner else { return Ok(false) };
+        let Some(s) = self.store.get_service(id).await? else { return Ok(false) };
+        Ok(s.org == actor.org && self.may_manage_service(actor, &s).is_ok())
+    }
+
+    /// Lists tokens: the caller's own, a given user's or service's (admins), or a service's its
+    /// creator manages; `all` adds inactive ones.
     pub async fn list_tokens(&self, actor: &Actor, all: bool, owner: Option<&str>) -> Result<Vec<TokenView>> {
         let owner = match owner {
             None => Owner::User(actor.user_id.clone().ok_or_else(|| {
@@ -846,10 +856,18 @@ impl<'a> Lifecycle<'a> {
                         .into(),
                 )
             })?),
-            Some(name) => {
-                actor.require_admin(self.config)?;
-                self.owner_by_name(&actor.org, name).await?
-            }
+            Some(name) => match actor.require_admin(self.config) {
+                Ok(()) => self.owner_by_name(&actor.org, name).await?,
+                // Anyone else names only a service they manage; whether a user or another service
+                // has that name is not told.
+                Err(not_admin) => {
+                    let service = self.store.find_service_by_name(&actor.org, name).await?;
+                    match service.filter(|s| self.may_manage_service(actor, s).is_ok()) {
+                        Some(s) => Owner::Service(s.into_inner().id),
+                        None => return Err(not_admin),
+                    }
+                }
+            },
         };
         let now = now_millis();
         let mut tokens = self.store.list_owner_tokens(&owner).await?;

@@ -180,7 +180,7 @@ enum TokenCmd {
         /// Include revoked, expired and rotated tokens, with their status.
         #[arg(long)]
         all: bool,
-        /// Another user's (email) or a service's (name) tokens; admins only.
+        /// Another user's (email) or a service's (name) tokens: admins; a service's creator too.
         #[arg(long)]
         owner: Option<String>,
     },

@@ -929,6 +929,28 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     ed.run(&["service", "create", "etl", "--org", "acme", "--org-role", "editor"]).token();
     let etl = ed.run(&["token", "issue", "--service", "etl"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &etl).await, 200);
+    // And sees, rotates and revokes them: a leaked one is theirs to stop.
+    let listed = ed.json(&["token", "list", "--owner", "etl"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(ed.json(&["token", "get", &etl[..10]])["owner"], "service:etl");
+    let etl_new = ed.run(&["token", "rotate", &etl[..10]]).token();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &etl).await, 401, "rotated");
+    ed.run(&["token", "revoke", &etl_new[..10], "--reason", "leaked"]).ok();
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &etl_new).await, 401, "revoked");
+    // Nobody else who is no admin does, nor learns through --owner who or what exists.
+    let eve = add_user(&admin, "eve@acme.io", "editor");
+    let etl = ed.run(&["token", "issue", "--service", "etl"]).token();
+    for args in
+        [["token", "get", &etl[..10]], ["token", "revoke", &etl[..10]], ["token", "rotate", &etl[..10]]]
+    {
+        let err = eve.run(&args).failed();
+        assert!(err.contains("not found"), "{args:?}: {err}");
+    }
+    for owner in ["etl", "ed@acme.io", "nothing-here"] {
+        let err = eve.run(&["token", "list", "--owner", owner]).failed();
+        assert!(err.contains("needs an org admin"), "{owner}: {err}");
+    }
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &etl).await, 200, "untouched");
     admin.run(&["user", "set-role", "ed@acme.io", "--org-role", "viewer"]).ok();
     let err = ed.run(&["token", "issue", "--service", "etl"]).failed();
     assert!(err.contains("403") || err.contains("only org admins"), "{err}");
