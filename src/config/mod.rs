@@ -75,6 +75,9 @@ pub struct StoreSettings {
     pub timeout: Duration,
 }
 
+/// The most replicas `store.redis.wait_replicas` may ask for.
+const MAX_WAIT_REPLICAS: u32 = 16;
+
 /// Where the embedded store keeps its file when neither Redis nor a path is configured.
 pub const DEFAULT_EMBEDDED_PATH: &str = "tollgate-data/tollgate.redb";
 
@@ -85,11 +88,14 @@ pub struct RedisSettings {
     pub url: String,
     /// Prefix of every key and of the invalidation channel.
     pub key_prefix: String,
+    /// How many replicas must have a change before it is acknowledged (Redis `WAIT`); 0 waits
+    /// for none.
+    pub wait_replicas: u32,
 }
 
 impl fmt::Debug for StoreSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redis = self.redis.as_ref().map(|r| (redact_url(&r.url), r.key_prefix.clone()));
+        let redis = self.redis.as_ref().map(|r| (redact_url(&r.url), r.key_prefix.clone(), r.wait_replicas));
         f.debug_struct("StoreSettings")
             .field("redis", &redis)
             .field("embedded_path", &self.embedded_path)
@@ -975,7 +981,14 @@ impl Validator {
             if let Err(e) = crate::store::redis::check_url(&url) {
                 self.error("store.redis.url", e);
             }
-            RedisSettings { url, key_prefix: r.key_prefix.unwrap_or_else(|| "tollgate:".into()) }
+            let wait_replicas = r.wait_replicas.unwrap_or(0);
+            if wait_replicas > MAX_WAIT_REPLICAS {
+                self.error(
+                    "store.redis.wait_replicas",
+                    format!("{wait_replicas} is more replicas than a Redis deployment has; at most {MAX_WAIT_REPLICAS}"),
+                );
+            }
+            RedisSettings { url, key_prefix: r.key_prefix.unwrap_or_else(|| "tollgate:".into()), wait_replicas }
         });
         if redis.is_some() && raw.embedded.is_some() {
             self.error("store", "configure either `redis` or `embedded`, not both");

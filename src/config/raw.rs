@@ -114,6 +114,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Re
 pub struct RawRedis {
     pub url: Option<String>,
     pub key_prefix: Option<String>,
+    pub wait_replicas: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -151,6 +151,10 @@ fn structural_errors() {
     );
     check("roles: { owner: [read] }", &["roles.owner: unknown role"]);
     check("store: { redis: { url: 'http://x' } }", &["store.redis.url: not a valid Redis URL"]);
+    check(
+        "store: { redis: { url: 'redis://127.0.0.1:6379', wait_replicas: 17 } }",
+        &["store.redis.wait_replicas: 17 is more replicas"],
+    );
     // A managed Redis's TLS URL is valid, but not supported: said so, not called malformed.
     check(
         "store: { redis: { url: 'rediss://default:pw@cache.example:6380' } }",

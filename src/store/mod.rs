@@ -434,7 +434,10 @@ fn owner_tokens_key(owner: &Owner) -> String {
 /// process that writes to it must be told, or it trims the log to its own default).
 pub fn open(settings: &crate::config::StoreSettings, audit_max: usize) -> Result<Store, StoreError> {
     let backend: Arc<dyn Backend> = match &settings.redis {
-        Some(r) => Arc::new(redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?),
+        Some(r) => Arc::new(
+            redis::RedisBackend::new(&r.url, &r.key_prefix, settings.timeout)?
+                .waiting_for_replicas(r.wait_replicas),
+        ),
         None => Arc::new(embedded::EmbeddedBackend::open(&settings.embedded_path)?),
     };
     Ok(Store::new(backend, settings.timeout).with_audit_max(audit_max))

@@ -65,6 +65,8 @@ pub struct RedisBackend {
     last_ping: tokio::sync::Mutex<Option<std::time::Instant>>,
     script: redis::Script,
     display: String,
+    /// Replicas that must have a change before it is acknowledged.
+    wait_replicas: u32,
 }
 
 impl RedisBackend {
@@ -90,7 +92,15 @@ impl RedisBackend {
             conn: OnceCell::new(),
             last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
+            wait_replicas: 0,
         })
+    }
+
+    /// Acknowledges a change only once `n` replicas have it (Redis `WAIT`, within the store
+    /// timeout): otherwise a failover to a replica that had not received it yet would bring back
+    /// a revoked token. Short of `n`, the change is answered as one that may have been made.
+    pub fn waiting_for_replicas(self, n: u32) -> RedisBackend {
+        RedisBackend { wait_replicas: n, ..self }
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
@@ -129,6 +139,31 @@ fn tcp_settings(timeout: Duration) -> TcpSettings {
         .set_nodelay(true)
         .set_keepalive(keepalive)
         .set_user_timeout((2 * timeout).max(Duration::from_secs(8)))
+}
+
+impl RedisBackend {
+    /// After a change: `WAIT` for the configured replicas. It waits for everything this
+    /// (multiplexed) connection wrote before it, the change included. Asked to answer a little
+    /// before the connection's own response timeout, so that a shortfall is told as one.
+    async fn replicated(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let within = (self.timeout * 4 / 5).as_millis().max(1) as u64;
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(within)
+            .query_async(conn)
+            .await
+            .map_err(|e| StoreError::Unanswered(format!("waiting for replicas: {e}")))?;
+        match acked >= i64::from(self.wait_replicas) {
+            true => Ok(()),
+            false => Err(StoreError::Unanswered(format!(
+                "the change reached {acked} of the {} replicas store.redis.wait_replicas asks for",
+                self.wait_replicas
+            ))),
+        }
+    }
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -193,7 +228,7 @@ impl Backend for RedisBackend {
                 false => unavailable(e),
             })?;
         if conflict.is_empty() {
-            return Ok(());
+            return self.replicated(&mut conn).await;
         }
         let (changed, prefixed) = match (conflict.strip_prefix('~'), conflict.strip_prefix('=')) {
             (Some(k), _) => (true, k.to_string()),
@@ -302,6 +337,18 @@ impl Backend for RedisBackend {
             if policy.starts_with("allkeys-") {
                 warnings.push(format!("Redis may evict any key (maxmemory-policy {policy}): tokens, users and the indexes that keep emails and service names unique can vanish; use noeviction"));
             }
+        }
+        let replication: Result<String, _> =
+            redis::cmd("INFO").arg("replication").query_async(&mut conn.clone()).await;
+        let replicas = replication.ok().and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("connected_slaves:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        });
+        match (replicas, self.wait_replicas) {
+            (Some(n), 0) if n > 0 => warnings.push(format!("Redis has {n} replica(s) and store.redis.wait_replicas is 0: a failover to a replica can lose changes already acknowledged, a revocation among them; set wait_replicas")),
+            (Some(n), wait) if n < wait => warnings.push(format!("store.redis.wait_replicas is {wait} but Redis has {n} replica(s) connected: every change will answer 503 until they are")),
+            _ => {}
         }
         Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
     }

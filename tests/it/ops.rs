@@ -117,6 +117,46 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     assert!(landed, "the change was made once the pause ended");
 }
 
+/// With replicas, a change is acknowledged only once `store.redis.wait_replicas` of them have it,
+/// so a failover to one loses no acknowledged revocation; short of them, the caller is told the
+/// change may have been made. A gateway that waits for none, with a replica there, warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_acknowledged_once_the_replicas_asked_for_have_it() {
+    let w = World::start_with(|redis, upstream| {
+        let port = free_port();
+        let config = gateway_config(port, &redis.url(), upstream.port)
+            .replace(r#"key_prefix: "t:" }"#, r#"key_prefix: "t:", wait_replicas: 1 }"#)
+            .replace("last_use_flush: 200ms", "last_use_flush: 1h");
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    let primary = w.redis.url();
+    let port = primary.rsplit(':').next().unwrap().to_string();
+    let replica = tollgate::testing::RedisServer::start(["--replicaof", "127.0.0.1", &port, "--save", ""]);
+    let synced = eventually(Duration::from_secs(30), || async {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.client()).unwrap();
+        info.contains("master_link_status:up")
+    });
+    assert!(synced.await, "the replica never caught up");
+
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "replicated"]).token();
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200);
+    // The replica stopped: the revocation reaches the primary, but not the replica asked for.
+    replica.pause();
+    let err = admin.run(&["token", "revoke", &token[..10]]).failed();
+    replica.resume();
+    assert!(err.contains("may still have been made"), "{err}");
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401, "made on the primary");
+    // With it running again, a change is acknowledged.
+    let other = admin.run(&["token", "issue", "--display-name", "after"]).token();
+    admin.run(&["token", "revoke", &other[..10]]).ok();
+
+    let plain = w.second_gateway();
+    let log = plain.log_text();
+    assert!(log.contains("1 replica(s)") && log.contains("wait_replicas"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
     use tokio::io::AsyncWriteExt;
