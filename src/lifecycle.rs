@@ -42,9 +42,44 @@ pub enum LifecycleError {
     /// Hashing the secret failed (bad argon2 parameters).
     #[error("hashing the token secret failed: {0}")]
     Hash(String),
+    /// A change carrying a new token was sent to the store and not answered.
+    #[error(transparent)]
+    UnansweredToken(UnansweredToken),
+}
+
+/// A change carrying a new token that was sent to the store and not answered: it may have been
+/// made, and then this is the caller's only copy of the token. The message, which a log may keep,
+/// names its id only, and `Debug` shows no secret.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the store did not answer in time; the change may still have been made: if it was, token {id} is the new one (look with token get {id})")]
+pub struct UnansweredToken {
+    /// The new token's id.
+    pub id: String,
+    /// The whole new token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for UnansweredToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnansweredToken").field("id", &self.id).field("token", &"<redacted>").finish()
+    }
 }
 
 type Result<T> = std::result::Result<T, LifecycleError>;
+
+/// A store error from storing `new`: one that may have stored it (sent, not answered) keeps the
+/// token, which is otherwise lost with the answer the caller never gets.
+fn keeping(new: &NewToken) -> impl FnOnce(LifecycleError) -> LifecycleError + '_ {
+    move |e| match e {
+        LifecycleError::Store(StoreError::Unanswered(_)) => {
+            LifecycleError::UnansweredToken(UnansweredToken {
+                id: new.id.to_string(),
+                token: new.token.clone(),
+            })
+        }
+        e => e,
+    }
+}
 
 fn conflict(e: StoreError, what: impl FnOnce() -> String) -> LifecycleError {
     match e {
@@ -723,7 +758,7 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
         let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
-        self.store_issued(actor, &record, serde_json::Value::Null, None).await?;
+        self.store_issued(actor, &record, serde_json::Value::Null, None).await.map_err(keeping(&new))?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -794,7 +829,8 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let (new, record) =
             self.mint_for(actor, roles, &actor.org, owner, self.wanted(req, now)?, now).await?;
-        self.store_issued(actor, &record, serde_json::json!({ "for": label }), Some(guard)).await?;
+        let details = serde_json::json!({ "for": label });
+        self.store_issued(actor, &record, details, Some(guard)).await.map_err(keeping(&new))?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -1065,7 +1101,8 @@ impl<'a> Lifecycle<'a> {
         let acting = self.acting(actor).await?;
         self.store
             .rotate_token(&before, &old, &record, [Some(&audit), Some(&issued)], acting.as_ref())
-            .await?;
+            .await
+            .map_err(|e| keeping(&new)(e.into()))?;
         Ok(self.issued(new, &record).await)
     }
 
@@ -1131,7 +1168,11 @@ impl<'a> Lifecycle<'a> {
         self.store
             .create_user(&user, Some(&audit), with, self.acting(actor).await?.as_ref())
             .await
-            .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
+            .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))
+            .map_err(|e| match &first {
+                Some((new, _)) => keeping(new)(e),
+                None => e,
+            })?;
         let first = match first {
             Some((new, record)) => Some(self.issued(new, &record).await),
             None => None,
@@ -1502,7 +1543,8 @@ impl<'a> Lifecycle<'a> {
                 self.acting(actor).await?.as_ref(),
             )
             .await
-            .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))?;
+            .map_err(|e| conflict(e, || format!("service {name:?} already exists in org {org:?}")))
+            .map_err(keeping(&new))?;
         let issued = self.issued(new, &record).await;
         Ok((service, issued))
     }
@@ -2026,7 +2068,8 @@ pub async fn bootstrap(
     store
         .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }), None)
         .await
-        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))?;
+        .map_err(|e| conflict(e, || format!("user {email} already exists in org {org}")))
+        .map_err(keeping(&token))?;
     Ok((user, token, record.expires_at))
 }
 

@@ -41,6 +41,10 @@ pub enum ApiError {
     /// A change was sent to the store and its answer did not come: it may have been made.
     #[error("the store did not answer in time; the change may still have been made: look (token list, user show) before retrying")]
     Unanswered,
+    /// The same, for a change that made a token: the token comes with the answer (its own field,
+    /// never the message), the caller's only copy if the change was made.
+    #[error(transparent)]
+    UnansweredToken(crate::lifecycle::UnansweredToken),
     /// The process is exiting: the call was not begun.
     #[error("the gateway is shutting down; nothing was done: retry on another instance")]
     Stopping,
@@ -70,6 +74,7 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Conflict(m) => ApiError::Conflict(m),
             LifecycleError::Invalid(m) => ApiError::BadRequest(m),
             LifecycleError::Hash(m) => ApiError::Internal(m),
+            LifecycleError::UnansweredToken(u) => ApiError::UnansweredToken(u),
             LifecycleError::Store(StoreError::Unavailable(_)) => ApiError::Unavailable,
             LifecycleError::Store(StoreError::Unanswered(_)) => ApiError::Unanswered,
             LifecycleError::Store(StoreError::Conflict(k)) => {
@@ -94,9 +99,11 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Unavailable | ApiError::Unanswered | ApiError::Busy | ApiError::Stopping => {
-                (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
-            }
+            ApiError::Unavailable
+            | ApiError::Unanswered
+            | ApiError::UnansweredToken(_)
+            | ApiError::Busy
+            | ApiError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -111,7 +118,11 @@ impl IntoResponse for ApiError {
         // A message may quote a value the caller sent, which may be a token pasted into the
         // wrong field: no answer repeats one whole.
         let description = crate::token::redacted_within(&self.to_string()).into_owned();
-        let body = Json(serde_json::json!({ "error": code, "error_description": description }));
+        let mut body = serde_json::json!({ "error": code, "error_description": description });
+        if let ApiError::UnansweredToken(u) = &self {
+            body["token"] = u.token.clone().into();
+        }
+        let body = Json(body);
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
             let value = match code {

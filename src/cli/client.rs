@@ -108,9 +108,13 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.context("reading the admin API's answer")?;
         if !status.is_success() {
-            let reason = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error_description"].as_str().map(str::to_string));
+            let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
+            // A change that made a token, sent to the store and not answered: the token is the
+            // caller's only copy if the change was made.
+            if let Some(token) = answer.as_ref().and_then(|v| v["token"].as_str()) {
+                super::print_kept_token(token);
+            }
+            let reason = answer.and_then(|v| v["error_description"].as_str().map(str::to_string));
             let not_the_api = matches!(status.as_u16(), 404 | 405);
             return Err(match reason {
                 Some(reason) if !reason.starts_with("no route matches") && reason != "no such endpoint" => {

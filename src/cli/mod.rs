@@ -661,10 +661,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             block_on(async {
                 let store = store::open(&config.store, config.audit_max)?;
-                let (user, token, expires_at) =
-                    lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email)
-                        .await
-                        .with_context(|| format!("bootstrapping org {org:?}"))?;
+                let made =
+                    lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email).await;
+                if let Err(lifecycle::LifecycleError::UnansweredToken(u)) = &made {
+                    print_kept_token(&u.token);
+                }
+                let (user, token, expires_at) = made.with_context(|| format!("bootstrapping org {org:?}"))?;
                 let expires_at = expires_at.map(crate::store::format_millis);
                 if cli.json {
                     // As `user add --issue-token` answers.
@@ -1070,6 +1072,12 @@ fn roles_text(roles: &BTreeMap<String, Role>) -> String {
 fn works_until(t: &TokenView) -> Option<&str> {
     let end = t.revoked_at.as_deref()?;
     Some(t.expires_at.as_deref().map_or(end, |expiry| expiry.min(end)))
+}
+
+/// A token made by a change the store did not answer: printed, since the change may have been made.
+pub(crate) fn print_kept_token(token: &str) {
+    println!("Access token: {token}");
+    println!("Keep it: the change may have been made (see below), and then this is the new token; it will not be shown again.");
 }
 
 /// A first token made with a user or a service: it, and when it expires (`tokens.max_ttl` may

@@ -107,14 +107,20 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     // Redis holds write commands (the change's script) past the store timeout (1 s), until told.
     let _: () =
         redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut w.redis.client()).unwrap();
-    let err = admin.run(&["token", "issue", "--display-name", "during-pause"]).failed();
+    let out = admin.run(&["token", "issue", "--display-name", "during-pause"]);
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut w.redis.client()).unwrap();
-    assert!(err.contains("may still have been made"), "{err}");
+    // The new token comes with the answer: if the change was made, it is the caller's only copy.
+    let kept = out.token();
+    let err = out.failed();
+    assert!(err.contains("may still have been made") && err.contains(&kept[..10]), "{err}");
+    assert!(!err.contains(&kept), "the message names the id only: {err}");
     let landed = eventually(Duration::from_secs(15), || async {
         admin.run(&["token", "list"]).stdout.contains("during-pause")
     })
     .await;
     assert!(landed, "the change was made once the pause ended");
+    assert_eq!(w.get(&w.gateway, "/shop", &kept).await.status(), 200, "and the kept token is it");
+    assert!(!w.gateway.log_text().contains(&kept), "never logged");
 }
 
 /// With replicas, a change is acknowledged only once `store.redis.wait_replicas` of them have it,
