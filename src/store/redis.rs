@@ -9,7 +9,6 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::{socket2, TcpSettings};
 use redis::{AsyncCommands, IntoConnectionInfo};
-use tokio::sync::OnceCell;
 
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
@@ -60,7 +59,9 @@ pub struct RedisBackend {
     prefix: String,
     channel: String,
     timeout: Duration,
-    conn: OnceCell<ConnectionManager>,
+    /// The shared data connection, made on first use; dropped (and made again by the next call)
+    /// when it turns out to reach a replica.
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// When [`Backend::ping`] last succeeded.
     last_ping: tokio::sync::Mutex<Option<std::time::Instant>>,
     script: redis::Script,
@@ -89,7 +90,7 @@ impl RedisBackend {
             prefix: prefix.to_string(),
             channel: format!("{prefix}invalidate"),
             timeout,
-            conn: OnceCell::new(),
+            conn: tokio::sync::Mutex::new(None),
             last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
             wait_replicas: 0,
@@ -104,18 +105,22 @@ impl RedisBackend {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(self.timeout);
-                self.client.get_connection_manager_with_config(config).await.map_err(unavailable)
-            })
-            .await?;
-        Ok(conn.clone())
+        let mut shared = self.conn.lock().await;
+        if let Some(conn) = shared.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.timeout);
+        let conn = self.client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
+        Ok(shared.insert(conn).clone())
+    }
+
+    /// Drops the shared connection, so that the next call connects (and resolves the host) anew.
+    async fn reconnect(&self) {
+        self.conn.lock().await.take();
     }
 
     fn key(&self, key: &str) -> String {
@@ -217,13 +222,21 @@ impl Backend for RedisBackend {
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
         let mut conn = self.conn().await?;
+        let mut sent = self.script.arg(&encoded).arg(&self.channel).invoke_async::<String>(&mut conn).await;
+        // A connection to a server that became a replica (a failover that moved the host name or
+        // address to the new primary, while the old one kept its clients) refuses every change:
+        // connected anew, the change goes to whatever the address names now. (Refused, it wrote
+        // nothing: sending it again is safe.)
+        let read_only = redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+        if sent.as_ref().is_err_and(|e| e.kind() == read_only) {
+            tracing::warn!("the Redis connection reaches a read-only replica; connecting again");
+            self.reconnect().await;
+            conn = self.conn().await?;
+            sent = self.script.arg(&encoded).arg(&self.channel).invoke_async(&mut conn).await;
+        }
         // Sent, then no answer (a timeout, a dropped connection): Redis may run it anyway.
-        let conflict: String =
-            self.script.arg(encoded).arg(&self.channel).invoke_async(&mut conn).await.map_err(|e| match e
-                .is_timeout()
-                || e.is_io_error()
-                || e.is_connection_dropped()
-            {
+        let conflict =
+            sent.map_err(|e| match e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
                 true => StoreError::Unanswered(e.to_string()),
                 false => unavailable(e),
             })?;

@@ -123,6 +123,16 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     assert!(!w.gateway.log_text().contains(&kept), "never logged");
 }
 
+/// A `redis-server` replicating the one on `port`, with its data directory (where it writes the
+/// copy it is sent) a temporary one of its own.
+fn replica_of(port: &str) -> (tollgate::testing::RedisServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<std::ffi::OsString> =
+        ["--replicaof", "127.0.0.1", port, "--save", "", "--dir"].map(Into::into).into();
+    args.push(dir.path().into());
+    (tollgate::testing::RedisServer::start(args), dir)
+}
+
 /// With replicas, a change is acknowledged only once `store.redis.wait_replicas` of them have it,
 /// so a failover to one loses no acknowledged revocation; short of them, the caller is told the
 /// change may have been made. A gateway that waits for none, with a replica there, warns.
@@ -138,7 +148,7 @@ async fn a_change_is_acknowledged_once_the_replicas_asked_for_have_it() {
     .await;
     let primary = w.redis.url();
     let port = primary.rsplit(':').next().unwrap().to_string();
-    let replica = tollgate::testing::RedisServer::start(["--replicaof", "127.0.0.1", &port, "--save", ""]);
+    let (replica, _dir) = replica_of(&port);
     let synced = eventually(Duration::from_secs(30), || async {
         let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.client()).unwrap();
         info.contains("master_link_status:up")
@@ -161,6 +171,67 @@ async fn a_change_is_acknowledged_once_the_replicas_asked_for_have_it() {
     let plain = w.second_gateway();
     let log = plain.log_text();
     assert!(log.contains("1 replica(s)") && log.contains("wait_replicas"), "{log}");
+}
+
+/// A TCP forwarder on a port of its own to the Redis port in `target`, read per new connection:
+/// an address that moves to another server, as a failover's DNS name or virtual IP does, while
+/// connections made before it stay with the old one.
+async fn moving_address(target: std::sync::Arc<std::sync::atomic::AtomicU16>) -> u16 {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let to = target.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A failover that moves the store's address to the new primary while the old one, now a
+/// replica, keeps its clients: the gateway's connection there refuses every change (READONLY),
+/// so the gateway connects again, and a revocation lands on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_a_failover_reaches_the_new_primary() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let target = std::sync::Arc::new(AtomicU16::new(0));
+    let w = World::start_with(|redis, upstream| {
+        let primary = redis.url().rsplit(':').next().unwrap().parse().unwrap();
+        target.store(primary, Ordering::SeqCst);
+        let address = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(moving_address(target.clone()))
+        });
+        let port = free_port();
+        let config = gateway_config(port, &format!("redis://127.0.0.1:{address}"), upstream.port)
+            .replace("last_use_flush: 200ms", "last_use_flush: 1h");
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200);
+
+    // The failover: a replica is promoted, the old primary follows it, the address moves.
+    let old = target.load(Ordering::SeqCst).to_string();
+    let (new, _dir) = replica_of(&old);
+    let synced = |server: &tollgate::testing::RedisServer| {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut server.client()).unwrap();
+        info.contains("master_link_status:up")
+    };
+    assert!(eventually(Duration::from_secs(30), || async { synced(&new) }).await, "the replica never synced");
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut new.client()).unwrap();
+    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port).query(&mut w.redis.client()).unwrap();
+    target.store(new.port, Ordering::SeqCst);
+
+    admin.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
+    let revoked: Option<String> =
+        redis::cmd("GET").arg(format!("t:token:{}", &token[..10])).query(&mut new.client()).unwrap();
+    assert!(revoked.is_some_and(|r| r.contains("after the failover")), "the new primary has the revocation");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
