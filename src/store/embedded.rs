@@ -3,6 +3,7 @@
 //! the process, which is enough because only one process can open the file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,10 +23,27 @@ pub struct EmbeddedBackend {
     db: Arc<Database>,
     path: PathBuf,
     feed: Arc<LocalFeed>,
+    /// An I/O error (a full disk, say) met: redb refuses every later write, and every read it
+    /// cannot answer from memory, until the file is opened again, so readiness says so.
+    broken: AtomicBool,
 }
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
+}
+
+/// How an error that leaves the file unusable until it is opened again begins.
+const BROKEN: &str = "embedded store: an I/O error";
+
+/// A redb error; an I/O error, or one redb keeps answering since one, marks the store broken
+/// ([`EmbeddedBackend::blocking`]).
+fn redb_failed(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        e @ (redb::Error::Io(_) | redb::Error::PreviousIo) => {
+            StoreError::Unavailable(format!("{BROKEN}: {e}"))
+        }
+        e => failed(e),
+    }
 }
 
 impl EmbeddedBackend {
@@ -82,12 +100,17 @@ impl EmbeddedBackend {
             }
         }
         // Create the tables so that reads never meet a missing table.
-        let tx = db.begin_write().map_err(failed)?;
-        tx.open_table(KV).map_err(failed)?;
-        tx.open_table(SETS).map_err(failed)?;
-        tx.open_table(LISTS).map_err(failed)?;
-        tx.commit().map_err(failed)?;
-        Ok(EmbeddedBackend { db: Arc::new(db), path: path.to_path_buf(), feed: Arc::default() })
+        let tx = db.begin_write().map_err(redb_failed)?;
+        tx.open_table(KV).map_err(redb_failed)?;
+        tx.open_table(SETS).map_err(redb_failed)?;
+        tx.open_table(LISTS).map_err(redb_failed)?;
+        tx.commit().map_err(redb_failed)?;
+        Ok(EmbeddedBackend {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            feed: Arc::default(),
+            broken: AtomicBool::new(false),
+        })
     }
 
     /// Runs blocking database work off the async threads.
@@ -96,7 +119,17 @@ impl EmbeddedBackend {
         work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&db)).await.map_err(failed)?
+        let done = tokio::task::spawn_blocking(move || work(&db)).await.map_err(failed)?;
+        if let Err(StoreError::Unavailable(why)) = &done {
+            if why.starts_with(BROKEN) && !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %why,
+                    "the embedded store met an I/O error (a full disk?) and refuses further changes: fix the cause, then restart the gateway; /readyz answers 503 until then"
+                );
+            }
+        }
+        done
     }
 }
 
@@ -105,9 +138,9 @@ impl Backend for EmbeddedBackend {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_string();
         self.blocking(move |db| {
-            let tx = db.begin_read().map_err(failed)?;
-            let table = tx.open_table(KV).map_err(failed)?;
-            Ok(table.get(key.as_str()).map_err(failed)?.map(|v| v.value().to_string()))
+            let tx = db.begin_read().map_err(redb_failed)?;
+            let table = tx.open_table(KV).map_err(redb_failed)?;
+            Ok(table.get(key.as_str()).map_err(redb_failed)?.map(|v| v.value().to_string()))
         })
         .await
     }
@@ -115,10 +148,10 @@ impl Backend for EmbeddedBackend {
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
         let keys = keys.to_vec();
         self.blocking(move |db| {
-            let tx = db.begin_read().map_err(failed)?;
-            let table = tx.open_table(KV).map_err(failed)?;
+            let tx = db.begin_read().map_err(redb_failed)?;
+            let table = tx.open_table(KV).map_err(redb_failed)?;
             keys.iter()
-                .map(|key| Ok(table.get(key.as_str()).map_err(failed)?.map(|v| v.value().to_string())))
+                .map(|key| Ok(table.get(key.as_str()).map_err(redb_failed)?.map(|v| v.value().to_string())))
                 .collect()
         })
         .await
@@ -127,11 +160,11 @@ impl Backend for EmbeddedBackend {
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
         let set = set.to_string();
         self.blocking(move |db| {
-            let tx = db.begin_read().map_err(failed)?;
-            let table = tx.open_table(SETS).map_err(failed)?;
+            let tx = db.begin_read().map_err(redb_failed)?;
+            let table = tx.open_table(SETS).map_err(redb_failed)?;
             let mut out = Vec::new();
-            for row in table.range((set.as_str(), "")..).map_err(failed)? {
-                let (key, _) = row.map_err(failed)?;
+            for row in table.range((set.as_str(), "")..).map_err(redb_failed)? {
+                let (key, _) = row.map_err(redb_failed)?;
                 let (s, member) = key.value();
                 if s != set {
                     break;
@@ -146,20 +179,24 @@ impl Backend for EmbeddedBackend {
     async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
         let key = key.to_string();
         self.blocking(move |db| {
-            let tx = db.begin_read().map_err(failed)?;
-            let table = tx.open_table(LISTS).map_err(failed)?;
+            let tx = db.begin_read().map_err(redb_failed)?;
+            let table = tx.open_table(LISTS).map_err(redb_failed)?;
             let mut out = Vec::new();
             // A list's keys are consecutive from its newest (`commit` inserts one below the
             // smallest and trims from the largest), so the `skip`th is found without walking.
             let whole = (key.as_str(), 0)..=(key.as_str(), u64::MAX);
-            let Some(newest) = table.range(whole).map_err(failed)?.next().transpose().map_err(failed)? else {
+            let Some(newest) =
+                table.range(whole).map_err(redb_failed)?.next().transpose().map_err(redb_failed)?
+            else {
                 return Ok(out);
             };
             let Some(start) = newest.0.value().1.checked_add(skip as u64) else { return Ok(out) };
-            for row in
-                table.range((key.as_str(), start)..=(key.as_str(), u64::MAX)).map_err(failed)?.take(limit)
+            for row in table
+                .range((key.as_str(), start)..=(key.as_str(), u64::MAX))
+                .map_err(redb_failed)?
+                .take(limit)
             {
-                out.push(row.map_err(failed)?.1.value().to_string());
+                out.push(row.map_err(redb_failed)?.1.value().to_string());
             }
             Ok(out)
         })
@@ -173,26 +210,26 @@ impl Backend for EmbeddedBackend {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let feed = self.feed.clone();
         self.blocking(move |db| {
-            let tx = db.begin_write().map_err(failed)?;
+            let tx = db.begin_write().map_err(redb_failed)?;
             {
-                let mut kv = tx.open_table(KV).map_err(failed)?;
+                let mut kv = tx.open_table(KV).map_err(redb_failed)?;
                 for k in &batch.absent {
-                    if kv.get(k.as_str()).map_err(failed)?.is_some() {
+                    if kv.get(k.as_str()).map_err(redb_failed)?.is_some() {
                         // Dropping the transaction without commit changes nothing.
                         return Err(StoreError::Conflict(k.clone()));
                     }
                 }
                 for (k, v) in &batch.expect {
-                    if kv.get(k.as_str()).map_err(failed)?.is_none_or(|cur| cur.value() != v.as_str()) {
+                    if kv.get(k.as_str()).map_err(redb_failed)?.is_none_or(|cur| cur.value() != v.as_str()) {
                         return Err(StoreError::Changed(k.clone()));
                     }
                 }
                 if !batch.sizes.is_empty() {
-                    let sets = tx.open_table(SETS).map_err(failed)?;
+                    let sets = tx.open_table(SETS).map_err(redb_failed)?;
                     for (set, members) in &batch.sizes {
                         let mut held = 0;
-                        for row in sets.range((set.as_str(), "")..).map_err(failed)? {
-                            if row.map_err(failed)?.0.value().0 != set.as_str() {
+                        for row in sets.range((set.as_str(), "")..).map_err(redb_failed)? {
+                            if row.map_err(redb_failed)?.0.value().0 != set.as_str() {
                                 break;
                             }
                             held += 1;
@@ -203,32 +240,37 @@ impl Backend for EmbeddedBackend {
                     }
                 }
                 for (k, v) in &batch.put {
-                    kv.insert(k.as_str(), v.as_str()).map_err(failed)?;
+                    kv.insert(k.as_str(), v.as_str()).map_err(redb_failed)?;
                 }
                 for k in &batch.del {
-                    kv.remove(k.as_str()).map_err(failed)?;
+                    kv.remove(k.as_str()).map_err(redb_failed)?;
                 }
                 for (k, v, at) in &batch.newer {
-                    let stored = kv.get(k.as_str()).map_err(failed)?.map(|cur| super::stored_at(cur.value()));
+                    let stored =
+                        kv.get(k.as_str()).map_err(redb_failed)?.map(|cur| super::stored_at(cur.value()));
                     if stored.is_none_or(|stored| stored < *at) {
-                        kv.insert(k.as_str(), v.as_str()).map_err(failed)?;
+                        kv.insert(k.as_str(), v.as_str()).map_err(redb_failed)?;
                     }
                 }
-                let mut sets = tx.open_table(SETS).map_err(failed)?;
+                let mut sets = tx.open_table(SETS).map_err(redb_failed)?;
                 for (s, m) in &batch.sadd {
-                    sets.insert((s.as_str(), m.as_str()), ()).map_err(failed)?;
+                    sets.insert((s.as_str(), m.as_str()), ()).map_err(redb_failed)?;
                 }
                 for (s, m) in &batch.srem {
-                    sets.remove((s.as_str(), m.as_str())).map_err(failed)?;
+                    sets.remove((s.as_str(), m.as_str())).map_err(redb_failed)?;
                 }
-                let mut lists = tx.open_table(LISTS).map_err(failed)?;
+                let mut lists = tx.open_table(LISTS).map_err(redb_failed)?;
                 for (list, value, max) in &batch.lpush {
                     let range = (list.as_str(), 0)..=(list.as_str(), u64::MAX);
                     // The newest entry has the smallest key: one below the current smallest.
-                    let newest =
-                        lists.range(range.clone()).map_err(failed)?.next().transpose().map_err(failed)?;
+                    let newest = lists
+                        .range(range.clone())
+                        .map_err(redb_failed)?
+                        .next()
+                        .transpose()
+                        .map_err(redb_failed)?;
                     let seq = newest.map_or(u64::MAX, |(k, _)| k.value().1.saturating_sub(1));
-                    lists.insert((list.as_str(), seq), value.as_str()).map_err(failed)?;
+                    lists.insert((list.as_str(), seq), value.as_str()).map_err(redb_failed)?;
                     // The entries are numbered one after another from the newest, so those
                     // `max` or more past it are the stale ones, read from the oldest end: a trim
                     // costs what it removes (one entry, usually), not a walk past the `max` kept,
@@ -236,20 +278,20 @@ impl Backend for EmbeddedBackend {
                     let kept_below = seq.checked_add(u64::try_from(*max).unwrap_or(u64::MAX));
                     let stale: Vec<u64> = lists
                         .range(range)
-                        .map_err(failed)?
+                        .map_err(redb_failed)?
                         .rev()
                         .map(|row| row.map(|(k, _)| k.value().1))
                         .take_while(|row| {
                             row.as_ref().map_or(true, |s| kept_below.is_some_and(|limit| *s >= limit))
                         })
                         .collect::<Result<_, _>>()
-                        .map_err(failed)?;
+                        .map_err(redb_failed)?;
                     for seq in stale {
-                        lists.remove((list.as_str(), seq)).map_err(failed)?;
+                        lists.remove((list.as_str(), seq)).map_err(redb_failed)?;
                     }
                 }
             }
-            tx.commit().map_err(failed)?;
+            tx.commit().map_err(redb_failed)?;
             // Published here, with the commit, so that a caller who stopped waiting (a store
             // timeout) cannot leave the change unannounced.
             feed.publish(&batch.publish);
@@ -265,6 +307,17 @@ impl Backend for EmbeddedBackend {
     async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
         // redb fsyncs every commit before it returns.
         Ok(None)
+    }
+
+    /// Not ready once an I/O error broke the file (a read answered from memory would say ready).
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(format!(
+                "{BROKEN} made {} unusable until the gateway restarts",
+                self.path.display()
+            )));
+        }
+        self.get("ping").await.map(|_| ())
     }
 
     fn describe(&self) -> String {

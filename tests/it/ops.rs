@@ -234,6 +234,70 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
     assert!(revoked.is_some_and(|r| r.contains("after the failover")), "the new primary has the revocation");
 }
 
+/// A full disk under the embedded store: changes are refused (503, never a crash), and since
+/// redb refuses every later write until the file is opened anew, `/readyz` says not ready (for an
+/// orchestrator to restart the gateway), where a read answered from memory said ready. The disk
+/// is a small tmpfs in a mount namespace of the gateway's own (`unshare`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_on_a_full_disk_says_it_is_not_ready() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let token_file = dir.path().join("token");
+    let port = free_port();
+    let config = gateway_config(port, "redis://unused", upstream.port).replace(
+        r#"redis: { url: "redis://unused", key_prefix: "t:" }"#,
+        &format!(r#"embedded: {{ path: "{}/store.redb" }}"#, disk.display()),
+    );
+    // Mounted, the first admin made, the disk filled but for 64 KiB, then the gateway.
+    let script = r#"mount -t tmpfs -o size=4m tmpfs "$1" \
+        && "$2" bootstrap --config "$3" --org acme --email admin@acme.io > "$4" \
+        && dd if=/dev/zero of="$1/slack" bs=64k count=1 2>/dev/null \
+        && { dd if=/dev/zero of="$1/filler" bs=4k 2>/dev/null; rm "$1/slack"; } \
+        && exec "$2" serve --config "$3""#;
+    let g = Gateway::start_by(port, &config, |config_path| {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["-rm", "sh", "-c", script, "sh"])
+            .arg(&disk)
+            .arg(tollgate_bin())
+            .arg(config_path)
+            .arg(&token_file);
+        cmd
+    });
+    let printed = std::fs::read_to_string(&token_file).unwrap();
+    let token = printed.lines().find_map(|l| l.strip_prefix("Access token: ")).expect("a token").to_string();
+    remember_secret(&token);
+    let http = reqwest::Client::new();
+    let ready = || async { http.get(format!("{}/readyz", g.admin_url())).send().await.unwrap().status() };
+    assert_eq!(ready().await, 200);
+
+    // Changes (users with 4 KiB of attributes each) until the disk is full: the one refused
+    // answers 503, and the gateway keeps running.
+    let mut refused = None;
+    for i in 0..2000 {
+        let user = serde_json::json!({
+            "email": format!("u{i}@acme.io"), "org_role": "viewer", "attributes": { "blob": "x".repeat(4000) }
+        });
+        let resp = http
+            .post(format!("{}/v1/orgs/acme/users", g.admin_url()))
+            .bearer_auth(&token)
+            .json(&user)
+            .send()
+            .await
+            .unwrap();
+        if !resp.status().is_success() {
+            refused = Some((resp.status(), resp.text().await.unwrap()));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("the disk never filled");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(ready().await, 503, "{}", g.log_text());
+    assert!(g.log_text().contains("restart the gateway"), "{}", g.log_text());
+    assert!(!g.log_text().contains(&token), "never logged");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
     use tokio::io::AsyncWriteExt;

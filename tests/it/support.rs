@@ -280,17 +280,23 @@ impl Gateway {
 
     /// Like [`Gateway::start_with`], with these environment variables set.
     pub fn start_with_env(port: u16, config: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_by(port, config, |config_path| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+            cmd.arg("serve").arg("--config").arg(config_path).envs(env.iter().copied());
+            cmd
+        })
+    }
+
+    /// A gateway started by the command `serve` makes for the config file's path (one that
+    /// prepares something first, then runs `tollgate serve --config` in its own place).
+    pub fn start_by(port: u16, config: &str, serve: impl FnOnce(&std::path::Path) -> Command) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.path().join("tollgate.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
+        let mut child = serve(&config_path)
             .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
