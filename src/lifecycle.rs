@@ -1160,9 +1160,9 @@ impl<'a> Lifecycle<'a> {
             None => None,
         };
         let issued = first.as_ref().map(|(_, record)| {
-            issue_audit(actor, record, serde_json::json!({ "for": format!("user:{email}") }))
+            issue_audit(actor, record, serde_json::json!({ "for": format!("user:{}", user.email) }))
         });
-        let mut audit = actor.audit("user.add", format!("user:{email}"));
+        let mut audit = actor.audit("user.add", format!("user:{}", user.email));
         audit.details = serde_json::json!({ "org_role": org_role, "project_roles": user.project_roles });
         let with = first.as_ref().map(|(_, record)| FirstToken { token: record, audit: issued.as_ref() });
         self.store
@@ -1296,7 +1296,7 @@ impl<'a> Lifecycle<'a> {
         if user.org_role == before.org_role && user.project_roles == before.project_roles {
             return Ok(user);
         }
-        let mut audit = actor.audit("user.set_role", format!("user:{email}"));
+        let mut audit = actor.audit("user.set_role", format!("user:{}", user.email));
         audit.details = serde_json::to_value(&change).unwrap_or_default();
         self.store.update_user(&before, &user, Some(&audit), acting.as_ref()).await?;
         Ok(user)
@@ -1325,7 +1325,7 @@ impl<'a> Lifecycle<'a> {
         }
         user.status = status;
         let action = if status == UserStatus::Suspended { "user.suspend" } else { "user.reactivate" };
-        let mut audit = actor.audit(action, format!("user:{email}"));
+        let mut audit = actor.audit(action, format!("user:{}", user.email));
         audit.reason = reason;
         self.store.update_user(&before, &user, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(user)
@@ -1347,7 +1347,7 @@ impl<'a> Lifecycle<'a> {
             return Err(LifecycleError::Invalid("you cannot remove yourself".into()));
         }
         let tokens = self.revoked_tokens_of(&Owner::User(user.id.clone()), actor, "owner removed").await?;
-        let mut audit = actor.audit("user.remove", format!("user:{email}"));
+        let mut audit = actor.audit("user.remove", format!("user:{}", user.email));
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
@@ -1524,16 +1524,19 @@ impl<'a> Lifecycle<'a> {
         };
         self.check_service_roles(actor, None, &service)?;
         self.check_grantable(actor, None, &service_roles(&service))?;
-        let mut audit = actor.audit("service.create", format!("service:{}", service.name));
-        audit.details =
-            serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
         let roles = service_roles(&service);
         let owner = Owner::Service(service.id.clone());
         let display_name = format!("{} token", service.name);
         let lifetime = Lifetime { ttl_minutes: req.ttl_minutes, expires: req.expires.clone() };
         let (new, record) =
             self.first_token(actor, &service.org, owner, roles, display_name, &lifetime).await?;
-        let issued = issue_audit(actor, &record, serde_json::Value::Null);
+        // Dated once the secret is hashed, just before the write, as the other changes are: an
+        // entry dated before a change written meanwhile would be listed out of order.
+        let label = format!("service:{}", service.name);
+        let mut audit = actor.audit("service.create", label.clone());
+        audit.details =
+            serde_json::json!({ "org_role": service.org_role, "project_roles": service.project_roles });
+        let issued = issue_audit(actor, &record, serde_json::json!({ "for": label }));
         let (org, name) = (req.org.clone(), req.name.clone());
         self.store
             .create_service(
@@ -1624,6 +1627,10 @@ impl<'a> Lifecycle<'a> {
         if let Some(a) = attributes {
             check_attributes(&a)?;
             s.attributes = a;
+        }
+        // Already so: nothing to write, announce or audit (as a role set to what it is).
+        if s.name == before.name && s.attributes == before.attributes {
+            return Ok(s);
         }
         let mut audit = actor.audit("service.edit", format!("service:{name}"));
         audit.details = serde_json::json!({ "new_name": new_name, "attributes": s.attributes });

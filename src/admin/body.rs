@@ -31,10 +31,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             ApiError::Body(status, e.body_text())
         };
         // (Already read whole, within the limit, by `body_in_time`; kept to be read twice.)
-        let (parts, body) = req.into_parts();
-        let bytes = axum::body::to_bytes(body, super::MAX_BODY_BYTES).await.map_err(|e| {
-            ApiError::Body(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}"))
-        })?;
+        let (parts, bytes) = read_whole(req).await?;
         let req = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
         let Json(value) = Json::<T>::from_request(req, state).await.map_err(refused)?;
         if let Err(e) = serde_json::from_slice::<UniqueKeys>(&bytes) {
@@ -42,6 +39,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             return Err(ApiError::Body(StatusCode::BAD_REQUEST, message));
         }
         Ok(Body(value))
+    }
+}
+
+/// A request's head and its whole body.
+async fn read_whole(req: Request) -> Result<(axum::http::request::Parts, axum::body::Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, super::MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ApiError::Body(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")))?;
+    Ok((parts, bytes))
+}
+
+/// A [`Body`] that may be left out (a `DELETE`'s): none at all is `T::default()`; one sent is read
+/// as `Body` reads it, never ignored.
+pub struct OptionalBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, bytes) = read_whole(req).await?;
+        if bytes.is_empty() {
+            return Ok(OptionalBody(T::default()));
+        }
+        let Body(value) = Body::from_request(Request::from_parts(parts, bytes.into()), state).await?;
+        Ok(OptionalBody(value))
     }
 }
 

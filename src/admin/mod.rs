@@ -29,7 +29,7 @@ use crate::lifecycle::{
 };
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
-pub use body::Body;
+pub use body::{Body, OptionalBody};
 pub use error::ApiError;
 
 /// What every handler needs.
@@ -563,10 +563,11 @@ async fn remove_user(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path((org, email)): Path<(String, String)>,
+    OptionalBody(r): OptionalBody<Reason>,
 ) -> Response {
     lifecycle!(s, l);
     reply(
-        l.remove_user(&a, &org, &email, None)
+        l.remove_user(&a, &org, &email, r.reason)
             .await
             .map(|n| serde_json::json!({ "removed": email, "revoked_tokens": n })),
     )

@@ -388,6 +388,9 @@ enum UserCmd {
         /// Org (default: yours).
         #[arg(long)]
         org: Option<String>,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -975,10 +978,10 @@ impl Api {
                 let u: UserView = self.send(Method::POST, &path, &serde_json::json!({})).await?;
                 self.show(&u, |u| println!("Reactivated {}.", u.email))
             }
-            UserCmd::Remove { email, org } => {
+            UserCmd::Remove { email, org, reason } => {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/users/{}", segment(&org), segment(&email));
-                let v: serde_json::Value = self.client.call(Method::DELETE, &path, NONE).await?;
+                let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
                 self.show(&v, |v| println!("Removed {email}; revoked {} token(s).", v["revoked_tokens"]))
             }
         }

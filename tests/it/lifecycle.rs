@@ -370,6 +370,15 @@ async fn an_admin_manages_services_end_to_end() {
     admin.run(&["service", "edit", "embed", "--attributes", "{}"]).ok();
     let echo = echoed(w.get(&w.gateway, "/shop", &embed).await).await;
     assert_eq!(echo["headers"]["x-auth-attributes"][0], "{}");
+    // An edit to what it already is writes and audits nothing.
+    let audited = admin.json(&["audit"]).as_array().unwrap().len();
+    admin.run(&["service", "edit", "embed", "--attributes", "{}", "--new-name", "embed"]).ok();
+    assert_eq!(admin.json(&["audit"]).as_array().unwrap().len(), audited);
+    // A service's first token is audited naming the service, as every other token issued for
+    // someone else is.
+    let log = admin.json(&["audit", "--token-id", &embed[..10]]);
+    let issued = log.as_array().unwrap().iter().find(|e| e["action"] == "token.issue").expect("its issue");
+    assert_eq!(issued["details"]["for"], "service:embed", "{log}");
 
     admin.run(&["service", "set-role", "embed", "--org-role", "viewer"]).ok();
     admin.run(&["service", "set-role", "embed", "--project", "shop", "--remove"]).ok();
@@ -433,7 +442,10 @@ async fn nobody_grants_more_than_they_hold() {
     // Removing the editor kills their PATs and leaves their service working.
     let ed_pat = editor.run(&["token", "issue"]).token();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 200);
-    let out = admin.run(&["user", "remove", "ed@acme.io"]).ok();
+    let out = admin.run(&["user", "remove", "ed@acme.io", "--reason", "left the team"]).ok();
+    let log = admin.json(&["audit"]);
+    let removal = log.as_array().unwrap().iter().find(|e| e["action"] == "user.remove").expect("audited");
+    assert_eq!(removal["reason"], "left the team", "{log}");
     assert!(out.contains("revoked 2 token(s)"), "{out}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 401);
     assert_eq!(
@@ -444,6 +456,16 @@ async fn nobody_grants_more_than_they_hold() {
 
     // Suspension and role changes through the CLI.
     admin.run(&["user", "suspend", "val@acme.io", "--reason", "offboarding"]).ok();
+    // A user named in another case than added is one user in the log: the stored email.
+    add_user(&admin, "Mia@Acme.io", "viewer");
+    admin.run(&["user", "suspend", "MIA@acme.io"]).ok();
+    let log = admin.json(&["audit"]);
+    let suspended = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "user.suspend" && e["target"] != "user:val@acme.io");
+    assert_eq!(suspended.expect("audited")["target"], "user:Mia@Acme.io", "{log}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
     admin.run(&["user", "reactivate", "val@acme.io"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
