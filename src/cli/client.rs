@@ -18,13 +18,19 @@ fn server_url(server: &str) -> anyhow::Result<String> {
         return Err(anyhow!("--server (TOLLGATE_SERVER) is empty: {example}"));
     }
     let scheme_given = server.contains("://");
-    if !scheme_given && (server.starts_with("http:") || server.starts_with("https:")) {
-        return Err(anyhow!("--server {server:?}: the scheme needs two slashes; {example}"));
-    }
     let text = match scheme_given {
         true => server.to_string(),
         false => format!("http://{server}"),
     };
+    // Never repeated whole: a user name and password in it (refused below) are masked, since an
+    // error ends up in terminals and CI logs. (As `http://` adds none, what is shown is as typed.)
+    let server = match scheme_given {
+        true => crate::config::redact_url(server),
+        false => crate::config::redact_url(&text).trim_start_matches("http://").to_string(),
+    };
+    if !scheme_given && (server.starts_with("http:") || server.starts_with("https:")) {
+        return Err(anyhow!("--server {server:?}: the scheme needs two slashes; {example}"));
+    }
     let url = reqwest::Url::parse(&text)
         .map_err(|e| anyhow!("--server {server:?} is not an address ({e}); {example}"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -206,6 +212,11 @@ mod tests {
         // The host is the URL's, not the text before the last colon.
         let err = server_url("localhost:8081@evil.example").unwrap_err().to_string();
         assert!(err.contains("user name or password"), "{err}");
+        // Whose password is never repeated.
+        for given in ["https://ops:S3cret@admin.corp", "ops:S3cret@admin.corp:8081"] {
+            let err = server_url(given).unwrap_err().to_string();
+            assert!(err.contains("user name or password") && !err.contains("S3cret"), "{err}");
+        }
         let err = server_url("127.0.0.1.evil.example:8081").unwrap_err().to_string();
         assert!(err.contains("needs a scheme"), "{err}");
         for (bad, says) in [

@@ -530,6 +530,13 @@ impl ProxyHttp for Gateway {
     /// and, for a token in its grace, the deprecation headers, instead of Pingora's bare error
     /// page. The status is otherwise Pingora's choice, as in its default.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        // A refusal that could not be written (`request_filter` keeps it first): the client is
+        // gone. Nothing was let through, so no proxying failed: counted and logged as refused.
+        if ctx.rejection.is_some() {
+            let error = loggable_error(e);
+            tracing::debug!(request_id = id_text(&ctx.request_id), error, "client gone before its refusal");
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {

@@ -954,9 +954,11 @@ impl Store {
                             events.push(event)
                         }
                         Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(key = %key, error = %e, "an audit entry cannot be read; left out")
-                        }
+                        // Left out, counted and logged as any unreadable record (a line a second).
+                        Err(e) => self.stats.failed(&StoreError::Corrupt {
+                            key: key.clone(),
+                            reason: format!("an audit entry, left out: {e}"),
+                        }),
                     }
                 }
                 if read < want {

@@ -258,9 +258,12 @@ async fn the_audit_log_is_bounded_newest_first_on_every_backend() {
         b.lpush.push((audit_key("acme"), "{\"at\": \"not a time\"".into(), 3));
         s.commit(b).await.unwrap();
         audited_step(&s, &svc, 5).await;
+        let corrupt = s.stats().corrupt.get();
         let actions: Vec<String> =
             s.audit_log("acme", 100).await.unwrap().into_iter().map(|e| e.action).collect();
         assert_eq!(actions, ["step.5", "step.4"], "{}", s.describe());
+        // And it is counted as any unreadable record is (the log line then at most one a second).
+        assert_eq!(s.stats().corrupt.get(), corrupt + 1, "{}", s.describe());
     }
 }
 

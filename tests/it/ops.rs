@@ -335,6 +335,15 @@ async fn a_refusal_the_client_never_reads_is_counted_as_a_refusal() {
     });
     assert!(logged.await, "{}", w.gateway.log_text());
     assert!(!w.gateway.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("allowed")));
+    // Nor is it a failure of proxying (it was never let through): no 5xx counted, none logged.
+    let failures = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("tollgate_proxy_failures_total{"))
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(failures(&after), failures(&before), "{after}");
+    assert!(!w.gateway.log_text().contains("proxying failed"), "{}", w.gateway.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
