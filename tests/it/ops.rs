@@ -211,9 +211,19 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
         Gateway::start_with(port, &config)
     })
     .await;
+    // A second instance on the same address, which makes no change itself.
+    let second = {
+        let port = free_port();
+        let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+        let config = config.replace(&w.gateway.port.to_string(), &port.to_string());
+        let config = config.replace(&w.gateway.admin_port.to_string(), &free_port().to_string());
+        Gateway::start_with(port, &config)
+    };
     let admin = w.bootstrap_admin("acme").await;
     let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
-    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200);
+    for g in [&w.gateway, &second] {
+        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
+    }
 
     // The failover: a replica is promoted, the old primary follows it, the address moves.
     let old = target.load(Ordering::SeqCst).to_string();
@@ -229,6 +239,12 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
 
     admin.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
     assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
+    // The other instance's subscription stays on the old primary, now a replica of the new one:
+    // Redis replicates what is published, so the revocation reaches that instance too.
+    let refused = eventually(Duration::from_secs(5), || async {
+        w.get(&second, "/shop", &token).await.status() == 401
+    });
+    assert!(refused.await, "the other instance still accepts the revoked token: {}", second.log_text());
     let revoked: Option<String> =
         redis::cmd("GET").arg(format!("t:token:{}", &token[..10])).query(&mut new.client()).unwrap();
     assert!(revoked.is_some_and(|r| r.contains("after the failover")), "the new primary has the revocation");
