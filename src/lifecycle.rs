@@ -838,14 +838,20 @@ impl<'a> Lifecycle<'a> {
     /// service's roles and the caller's own narrowing, as a rotation of one of its tokens is.
     async fn issue_service_token(&self, actor: &Actor, name: &str, req: IssueRequest) -> Result<IssuedToken> {
         let s = self.managed_service_in(actor, &actor.org, name).await?;
-        self.may_manage_service(actor, &s)?;
-        // Whoever holds the token acts as the service: only someone who could give it its roles
-        // now (a creator since demoted cannot) gets one.
-        let roles = service_roles(&s);
-        self.check_service_roles(actor, Some(&roles), &s)?;
-        self.check_grantable(actor, None, &roles)?;
+        let roles = self.may_hand_out(actor, &s)?;
         let (owner, label) = (Owner::Service(s.id.clone()), format!("service:{}", s.name));
         self.issue_for(actor, roles, owner, label, (Acting::Service(s), None), req).await
+    }
+
+    /// The service's roles, if `actor` may be handed a token that acts as it: whoever holds one
+    /// acts as the service, so only someone who manages it and could give it its roles now (a
+    /// creator since demoted cannot) gets one, by issue or by rotation.
+    fn may_hand_out(&self, actor: &Actor, s: &Service) -> Result<RoleSet> {
+        self.may_manage_service(actor, s)?;
+        let roles = service_roles(s);
+        self.check_service_roles(actor, Some(&roles), s)?;
+        self.check_grantable(actor, None, &roles)?;
+        Ok(roles)
     }
 
     /// A token the caller may see: their own, one of a service they manage (as its creator: they
@@ -1074,6 +1080,11 @@ impl<'a> Lifecycle<'a> {
                     .get_service(sid)
                     .await?
                     .ok_or_else(|| LifecycleError::NotFound("service gone".into()))?;
+                // The new secret goes to the caller: as for an issue, unless the service rotates
+                // its own token.
+                if actor.token_id.as_ref() != Some(&old.id) {
+                    self.may_hand_out(actor, &s)?;
+                }
                 // The caller's own narrowing (scope, environments) still applies.
                 Actor { roles: service_roles(&s), ..actor.clone() }
             }

@@ -977,10 +977,14 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     let err = ed.run(&["token", "issue", "--service", "etl"]).failed();
     assert!(err.contains("403") || err.contains("only org admins"), "{err}");
     let ann = add_user(&admin, "ann@acme.io", "admin");
-    ann.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
+    let ops = ann.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
     admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "editor"]).ok();
     let err = ann.run(&["token", "issue", "--service", "ops"]).failed();
     assert!(err.contains("may not exceed"), "{err}");
+    // Nor by rotating one of its tokens, which hands the caller a new secret as an issue does.
+    let err = ann.run(&["token", "rotate", &ops[..10]]).failed();
+    assert!(err.contains("may not exceed"), "{err}");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ops).await, 200, "and the token is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
