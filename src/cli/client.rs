@@ -77,16 +77,18 @@ pub struct Client {
     http: reqwest::Client,
     server: String,
     token: Option<String>,
+    /// `--json`: what it prints itself (a token kept from a failed answer) is JSON too.
+    json: bool,
 }
 
 impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
-    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+    pub fn new(server: &str, token: Option<String>, json: bool) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
         let server = server_url(server)?;
         // An empty TOLLGATE_TOKEN is no token, not an empty one.
         let token = token_text(token)?;
-        Ok(Client { http, server, token })
+        Ok(Client { http, server, token, json })
     }
 
     /// Sends a request and decodes the JSON answer, or fails with the API's reason.
@@ -118,7 +120,7 @@ impl Client {
             // A change that made a token, sent to the store and not answered: the token is the
             // caller's only copy if the change was made.
             if let Some(token) = answer.as_ref().and_then(|v| v["token"].as_str()) {
-                super::print_kept_token(token);
+                super::print_kept_token(token, self.json);
             }
             let reason = answer.and_then(|v| v["error_description"].as_str().map(str::to_string));
             let not_the_api = matches!(status.as_u16(), 404 | 405);

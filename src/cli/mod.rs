@@ -667,7 +667,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let made =
                     lifecycle::bootstrap(&store, config.argon2.params, &config.tokens, &org, &email).await;
                 if let Err(lifecycle::LifecycleError::UnansweredToken(u)) = &made {
-                    print_kept_token(&u.token);
+                    print_kept_token(&u.token, cli.json);
                 }
                 let (user, token, expires_at) = made.with_context(|| format!("bootstrapping org {org:?}"))?;
                 let expires_at = expires_at.map(crate::store::format_millis);
@@ -683,7 +683,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         command => {
-            let api = Api { client: Client::new(&cli.server, cli.token)?, json: cli.json };
+            let api = Api { client: Client::new(&cli.server, cli.token, cli.json)?, json: cli.json };
             block_on(api.run(command))
         }
     }
@@ -1077,9 +1077,18 @@ fn works_until(t: &TokenView) -> Option<&str> {
     Some(t.expires_at.as_deref().map_or(end, |expiry| expiry.min(end)))
 }
 
-/// A token made by a change the store did not answer: printed, since the change may have been made.
-pub(crate) fn print_kept_token(token: &str) {
-    println!("Access token: {token}");
+/// A token made by a change the store did not answer: printed, since the change may have been made
+/// (as JSON with `--json`; as sent it is only ever escaped, never cut).
+pub(crate) fn print_kept_token(token: &str, json: bool) {
+    if json {
+        let kept = serde_json::json!({
+            "token": token,
+            "kept": "the change may have been made: if it was, this is the new token, shown once"
+        });
+        println!("{kept}");
+        return;
+    }
+    println!("Access token: {}", client::printable(token));
     println!("Keep it: the change may have been made (see below), and then this is the new token; it will not be shown again.");
 }
 

@@ -74,6 +74,17 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
         Ok(text) => {
             say(&format!("Using {} from an earlier run (delete it for a fresh one).\n", path.display()));
             let config = load(&path)?;
+            // Written relative by an earlier version: read from the working directory, which
+            // may not be the one it was written from.
+            let store = &config.store.embedded_path;
+            if config.store.redis.is_none() && store.is_relative() {
+                let here = std::env::current_dir().map(|d| d.join(store)).unwrap_or_else(|_| store.clone());
+                say(&format!(
+                    "Note: its store path {} is relative, so this run opens {}; if the earlier run's data is elsewhere, stop, and write its absolute path in the config.\n",
+                    store.display(),
+                    here.display()
+                ));
+            }
             for (flag, given, own) in
                 [("--port", port, config.listen), ("--admin-port", admin_port, config.admin.listen)]
             {

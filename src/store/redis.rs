@@ -59,9 +59,12 @@ pub struct RedisBackend {
     prefix: String,
     channel: String,
     timeout: Duration,
-    /// The shared data connection, made on first use; dropped (and made again by the next call)
-    /// when it turns out to reach a replica.
+    /// The shared connection for reads, made on first use.
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The connection changes are sent on, made on first use, so that a change's `WAIT` for
+    /// replicas (which holds every later command of its connection) never holds a read; dropped
+    /// (and made again by the next change) when it turns out to reach a replica.
+    writer: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// When [`Backend::ping`] last succeeded.
     last_ping: tokio::sync::Mutex<Option<std::time::Instant>>,
     script: redis::Script,
@@ -91,6 +94,7 @@ impl RedisBackend {
             channel: format!("{prefix}invalidate"),
             timeout,
             conn: tokio::sync::Mutex::new(None),
+            writer: tokio::sync::Mutex::new(None),
             last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
             wait_replicas: 0,
@@ -105,7 +109,15 @@ impl RedisBackend {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let mut shared = self.conn.lock().await;
+        self.connection(&self.conn).await
+    }
+
+    /// The connection in `slot`, made if there is none.
+    async fn connection(
+        &self,
+        slot: &tokio::sync::Mutex<Option<ConnectionManager>>,
+    ) -> Result<ConnectionManager, StoreError> {
+        let mut shared = slot.lock().await;
         if let Some(conn) = shared.as_ref() {
             return Ok(conn.clone());
         }
@@ -118,9 +130,10 @@ impl RedisBackend {
         Ok(shared.insert(conn).clone())
     }
 
-    /// Drops the shared connection, so that the next call connects (and resolves the host) anew.
-    async fn reconnect(&self) {
-        self.conn.lock().await.take();
+    /// Drops the connection for changes, so that the next change connects (and resolves the
+    /// host) anew.
+    async fn reconnect_writer(&self) {
+        self.writer.lock().await.take();
     }
 
     fn key(&self, key: &str) -> String {
@@ -147,8 +160,8 @@ fn tcp_settings(timeout: Duration) -> TcpSettings {
 }
 
 impl RedisBackend {
-    /// After a change: `WAIT` for the configured replicas. It waits for everything this
-    /// (multiplexed) connection wrote before it, the change included. Asked to answer a little
+    /// After a change: `WAIT` for the configured replicas. It waits for everything the connection
+    /// for changes wrote before it, the change included (reads go on their own connection). Asked to answer a little
     /// before the connection's own response timeout, so that a shortfall is told as one.
     async fn replicated(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
         if self.wait_replicas == 0 {
@@ -221,7 +234,7 @@ impl Backend for RedisBackend {
         batch.newer.iter_mut().for_each(|(k, _, _)| *k = self.key(k));
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
-        let mut conn = self.conn().await?;
+        let mut conn = self.connection(&self.writer).await?;
         let mut sent = self.script.arg(&encoded).arg(&self.channel).invoke_async::<String>(&mut conn).await;
         // A connection to a server that became a replica (a failover that moved the host name or
         // address to the new primary, while the old one kept its clients) refuses every change:
@@ -230,8 +243,8 @@ impl Backend for RedisBackend {
         let read_only = redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         if sent.as_ref().is_err_and(|e| e.kind() == read_only) {
             tracing::warn!("the Redis connection reaches a read-only replica; connecting again");
-            self.reconnect().await;
-            conn = self.conn().await?;
+            self.reconnect_writer().await;
+            conn = self.connection(&self.writer).await?;
             sent = self.script.arg(&encoded).arg(&self.channel).invoke_async(&mut conn).await;
         }
         // Sent, then no answer (a timeout, a dropped connection): Redis may run it anyway.

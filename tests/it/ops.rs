@@ -108,7 +108,13 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     let _: () =
         redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut w.redis.client()).unwrap();
     let out = admin.run(&["token", "issue", "--display-name", "during-pause"]);
+    let as_json = admin.run(&["--json", "token", "issue", "--display-name", "during-pause-json"]);
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut w.redis.client()).unwrap();
+    // With --json, the kept token is JSON too.
+    let kept_json: serde_json::Value = serde_json::from_str(&as_json.stdout).expect("JSON");
+    let kept_json = kept_json["token"].as_str().expect("the token").to_string();
+    remember_secret(&kept_json);
+    assert!(!as_json.ok && as_json.stderr.contains(&kept_json[..10]), "{as_json:?}");
     // The new token comes with the answer: if the change was made, it is the caller's only copy.
     let kept = out.token();
     let err = out.failed();

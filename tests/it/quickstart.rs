@@ -15,12 +15,8 @@ struct Quickstart {
 }
 
 impl Quickstart {
-    /// Starts it and reads its instructions (everything up to the `token list` line).
-    fn start(dir: &std::path::Path, port: u16, admin_port: u16) -> Quickstart {
-        Quickstart::start_from(None, dir, port, admin_port)
-    }
-
-    /// [`Quickstart::start`] run from the working directory `cwd`, where `dir` may be relative.
+    /// Starts it, run from the working directory `cwd` (this process's if none), where `dir` may
+    /// be relative, and reads its instructions (everything up to the `token list` line).
     fn start_from(
         cwd: Option<&std::path::Path>,
         dir: &std::path::Path,
@@ -232,7 +228,18 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let [other] = tollgate::testing::free_ports();
     let err = run(&dir, other);
     assert!(err.contains(&format!("--port {other} differs from")) && err.contains("tollgate.yaml"), "{err}");
-    let mut third = Quickstart::start(&dir, port, admin_port);
+    // A config an earlier version wrote, with its store path relative (to where it was run):
+    // run from there it finds the same store, and says the path is relative.
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let absolute = serde_json::Value::from(dir.join("store.redb").to_string_lossy()).to_string();
+    assert!(config.contains(&absolute), "{config}");
+    std::fs::write(&config_path, config.replace(&absolute, "\"qs/store.redb\"")).unwrap();
+    let mut third = Quickstart::start_from(Some(root.path()), std::path::Path::new("qs"), port, admin_port);
+    assert!(
+        third.printed.iter().any(|l| l.contains("store path qs/store.redb is relative")),
+        "{:#?}",
+        third.printed
+    );
     wait_ready(&http, &url, &mut third).await;
     let cli = Cli { server: cli.server.clone(), token: third.token() };
     // Proven through the proxy first (the admin API shares the proof), as above.
