@@ -1683,12 +1683,20 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// Deletes a service; its tokens (and anything they minted) stop at once.
-    pub async fn delete_service(&self, actor: &Actor, org: &str, name: &str) -> Result<()> {
+    pub async fn delete_service(
+        &self,
+        actor: &Actor,
+        org: &str,
+        name: &str,
+        reason: Option<String>,
+    ) -> Result<()> {
+        let reason = check_reason(reason)?;
         let s = self.managed_service_in(actor, org, name).await?;
         self.may_manage_service(actor, &s)?;
         not_itself(actor, &s, "delete itself")?;
         let tokens = self.revoked_tokens_of(&Owner::Service(s.id.clone()), actor, "service deleted").await?;
         let mut audit = actor.audit("service.delete", format!("service:{name}"));
+        audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_service(&s, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok(())

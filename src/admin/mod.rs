@@ -532,7 +532,7 @@ async fn set_user_role(
     reply(l.set_user_role(&a, &org, &email, change).await.map(UserView::from))
 }
 
-/// An optional reason, for suspensions and removals.
+/// An optional reason, for suspensions and removals (of users and services).
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
@@ -687,11 +687,11 @@ async fn delete_service(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path((org, name)): Path<(String, String)>,
+    OptionalBody(r): OptionalBody<Reason>,
 ) -> Response {
     lifecycle!(s, l);
-    reply(
-        l.delete_service(&a, &org, &name).await.map(|()| serde_json::json!({ "deleted": name, "org": org })),
-    )
+    let deleted = l.delete_service(&a, &org, &name, r.reason).await;
+    reply(deleted.map(|()| serde_json::json!({ "deleted": name, "org": org })))
 }
 
 #[derive(Deserialize)]

@@ -456,6 +456,9 @@ enum ServiceCmd {
         /// Org (default: yours).
         #[arg(long)]
         org: Option<String>,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -1045,10 +1048,10 @@ impl Api {
                 let s: ServiceView = self.send(Method::POST, &path, &roles.change()).await?;
                 self.show(&s, print_service)
             }
-            ServiceCmd::Delete { name, org } => {
+            ServiceCmd::Delete { name, org, reason } => {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
-                let v: serde_json::Value = self.client.call(Method::DELETE, &path, NONE).await?;
+                let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
                 self.show(&v, |_| {
                     println!("Deleted service {name:?} from org {org:?}; its tokens are refused.")
                 })

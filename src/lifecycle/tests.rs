@@ -350,7 +350,7 @@ async fn a_deleted_services_tokens_and_a_token_revoked_in_its_grace_read_as_revo
     let l = Lifecycle::new(&store, &config);
     let req = viewer_service("etl");
     let (_, token) = l.create_service(&actor, req).await.unwrap();
-    l.delete_service(&actor, "acme", "etl").await.unwrap();
+    l.delete_service(&actor, "acme", "etl", None).await.unwrap();
     let view = l.get_token(&actor, &token.details.id).await.unwrap();
     assert_eq!((view.status.as_str(), view.revoke_reason.as_deref()), ("revoked", Some("service deleted")));
     // The token's history says who revoked it, with the rest of the service's.
@@ -489,7 +489,7 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
         let why = forbidden(l.edit_service(&viewer, "acme", name, None, Some(Attributes::new())).await);
         assert!(why.contains("only org admins"), "{name}: {why}");
         assert!(
-            forbidden(l.delete_service(&viewer, "acme", name).await).contains("only org admins"),
+            forbidden(l.delete_service(&viewer, "acme", name, None).await).contains("only org admins"),
             "{name}"
         );
     }
@@ -523,7 +523,7 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
         roles: RoleSet { org: Role::Admin, projects: BTreeMap::new() },
         ..actor.clone()
     };
-    assert!(forbidden(l.delete_service(&itself, "acme", "ops").await).contains("may not delete itself"));
+    assert!(forbidden(l.delete_service(&itself, "acme", "ops", None).await).contains("may not delete itself"));
     let demote = RoleChange { org_role: Some(Role::Viewer), ..RoleChange::default() };
     let why = forbidden(l.set_service_role(&itself, "acme", "ops", demote).await);
     assert!(why.contains("may not change its own role"), "{why}");
@@ -537,7 +537,7 @@ async fn services_are_not_probed_by_non_managers_nor_deleted_or_demoted_by_thems
     assert!(why.contains("not by a service"), "{why}");
     assert!(store.find_user_by_email("acme", "m@acme.io").await.unwrap().is_none(), "nothing added");
     l.add_user(&itself, "acme", "m@acme.io", Role::Viewer, roles, Attributes::new(), None).await.unwrap();
-    l.delete_service(&actor, "acme", "ops").await.unwrap();
+    l.delete_service(&actor, "acme", "ops", None).await.unwrap();
 }
 
 #[tokio::test]

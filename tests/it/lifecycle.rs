@@ -396,8 +396,11 @@ async fn an_admin_manages_services_end_to_end() {
         "{listed}"
     );
 
-    let deleted = admin.json(&["service", "delete", "dashboards"]);
+    let deleted = admin.json(&["service", "delete", "dashboards", "--reason", "retired"]);
     assert_eq!(deleted, json!({ "deleted": "dashboards", "org": "acme" }));
+    let log = admin.json(&["audit"]);
+    let deletion = log.as_array().unwrap().iter().find(|e| e["action"] == "service.delete").expect("audited");
+    assert_eq!(deletion["reason"], "retired", "{log}");
     assert_eq!(
         status(&w, reqwest::Method::GET, "/shop", &embed).await,
         401,
