@@ -424,6 +424,11 @@ impl JwtSettings {
             },
         )?;
         let now = crate::store::now_millis() / 1000;
+        // jsonwebtoken lets `exp + leeway == now` pass, where a cached credential is refused
+        // ([`JwtSettings::still_valid`]): one boundary for both, as RFC 7519 has it with no leeway.
+        if data.claims.exp.saturating_add(self.leeway.as_secs() as i64) <= now {
+            return Err(JwtError::Expired);
+        }
         if data.claims.tg != EPHEMERAL
             || !self.lifetime_allowed(&data.claims, now)
             || !header_claims(&data.claims)

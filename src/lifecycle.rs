@@ -287,7 +287,8 @@ pub struct TokenView {
     pub created_at: String,
     /// Expiry time (RFC 3339).
     pub expires_at: Option<String>,
-    /// `active`, `deprecated` (in a rotation's grace), `expired`, `revoked` or `rotated`.
+    /// `active`, `deprecated` (in a rotation's grace), `suspended` (working, but its owner is
+    /// suspended: refused until they are reactivated), `expired`, `revoked` or `rotated`.
     pub status: String,
     /// When it was or will be revoked.
     pub revoked_at: Option<String>,
@@ -617,15 +618,17 @@ impl<'a> Lifecycle<'a> {
         Ok(TokenSpec { display_name, scope, environments, expires_at })
     }
 
-    async fn owner_label(&self, owner: &Owner) -> String {
+    /// How a token's owner is shown, and whether it is a suspended user (whose tokens the
+    /// gateway refuses while they are).
+    async fn owner_label(&self, owner: &Owner) -> (String, bool) {
         match owner {
             Owner::User(id) => match self.store.get_user(id).await {
-                Ok(Some(u)) => format!("user:{}", u.email),
-                _ => format!("user:{id}"),
+                Ok(Some(u)) => (format!("user:{}", u.email), u.status == UserStatus::Suspended),
+                _ => (format!("user:{id}"), false),
             },
             Owner::Service(id) => match self.store.get_service(id).await {
-                Ok(Some(s)) => format!("service:{}", s.name),
-                _ => format!("service:{id}"),
+                Ok(Some(s)) => (format!("service:{}", s.name), false),
+                _ => (format!("service:{id}"), false),
             },
         }
     }
@@ -651,7 +654,12 @@ impl<'a> Lifecycle<'a> {
         Self::view_of(t, last, self.owner_label(&t.owner).await)
     }
 
-    fn view_of(t: &TokenRecord, last: Option<LastUse>, owner: String) -> TokenView {
+    fn view_of(t: &TokenRecord, last: Option<LastUse>, (owner, suspended): (String, bool)) -> TokenView {
+        // A working token of a suspended user is refused as long as they are: said so.
+        let status = match token_status(t, now_millis()) {
+            "active" | "deprecated" if suspended => "suspended",
+            status => status,
+        };
         TokenView {
             id: t.id.to_string(),
             kind: t.kind.as_str().to_string(),
@@ -663,7 +671,7 @@ impl<'a> Lifecycle<'a> {
             environments: t.environments.clone(),
             created_at: format_millis(t.created_at),
             expires_at: t.expires_at.map(format_millis),
-            status: token_status(t, now_millis()).to_string(),
+            status: status.to_string(),
             revoked_at: t.revoked.as_ref().map(|r| format_millis(r.at)),
             revoke_reason: t.revoked.as_ref().and_then(|r| r.reason.clone()),
             rotated_to: t.rotated_to.as_ref().map(|id| id.to_string()),
@@ -1028,10 +1036,13 @@ impl<'a> Lifecycle<'a> {
         }
     }
 
+    /// The tokens a caller may name by display name: a user's own; for a service, the token it
+    /// calls with (its only one it may revoke, as by id).
     async fn list_owned(&self, actor: &Actor) -> Result<Vec<Stored<TokenRecord>>> {
-        match &actor.user_id {
-            Some(id) => Ok(self.store.list_owner_tokens(&Owner::User(id.clone())).await?),
-            None => Ok(vec![]),
+        match (&actor.user_id, &actor.token_id) {
+            (Some(id), _) => Ok(self.store.list_owner_tokens(&Owner::User(id.clone())).await?),
+            (None, Some(id)) => Ok(self.store.get_token(id).await?.into_iter().collect()),
+            (None, None) => Ok(vec![]),
         }
     }
 

@@ -71,6 +71,8 @@ fn refusals() {
     check("eyJhbGciOiJub25lIn0.e30.", JwtError::Malformed);
     check("not a jwt", JwtError::Malformed);
     check(&s.sign(&claims(-10)).unwrap(), JwtError::Expired);
+    // At `exp` itself (no leeway here), as a cached credential is (`still_valid`).
+    check(&s.sign(&claims(0)).unwrap(), JwtError::Expired);
     let mut identity = claims(60);
     identity.tg = IDENTITY.into();
     check(&s.sign(&identity).unwrap(), JwtError::Claims);

@@ -470,8 +470,20 @@ async fn nobody_grants_more_than_they_hold() {
         .find(|e| e["action"] == "user.suspend" && e["target"] != "user:val@acme.io");
     assert_eq!(suspended.expect("audited")["target"], "user:Mia@Acme.io", "{log}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
+    // The suspended user's tokens say so, as the gateway refuses them; and no longer once back.
+    let statuses = || {
+        let listed = admin.json(&["token", "list", "--owner", "val@acme.io"]);
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["status"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(!statuses().is_empty() && statuses().iter().all(|s| s == "suspended"), "{:?}", statuses());
     admin.run(&["user", "reactivate", "val@acme.io"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
+    assert!(statuses().iter().all(|s| s == "active"), "{:?}", statuses());
     // A change that changes nothing is refused, and not audited.
     let audited = admin.json(&["audit"]).as_array().unwrap().len();
     let err = admin.run(&["user", "reactivate", "val@acme.io"]).failed();
@@ -933,7 +945,8 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &again).await, 401, "rotated without grace");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &rotated).await, 200);
     let nightly = admin.as_token(&rotated);
-    nightly.run(&["token", "revoke", &rotated[..10], "--reason", "moved to vault"]).ok();
+    // By display name too (the rotation kept it): a service names only the token it calls with.
+    nightly.run(&["token", "revoke", "--display-name", "again", "--reason", "moved to vault"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &rotated).await, 401);
     let again = admin.run(&["token", "issue", "--service", "nightly"]).token();
     let err = admin.as_token(&again).run(&["token", "get", &first[..10]]).failed();
