@@ -424,9 +424,9 @@ impl JwtSettings {
             },
         )?;
         let now = crate::store::now_millis() / 1000;
-        // jsonwebtoken lets `exp + leeway == now` pass, where a cached credential is refused
-        // ([`JwtSettings::still_valid`]): one boundary for both, as RFC 7519 has it with no leeway.
-        if data.claims.exp.saturating_add(self.leeway.as_secs() as i64) <= now {
+        // jsonwebtoken lets `exp + leeway == now` pass: the boundary a cached credential is held
+        // to ([`JwtSettings::still_valid`]) decides here too.
+        if self.expired(data.claims.exp, now) {
             return Err(JwtError::Expired);
         }
         if data.claims.tg != EPHEMERAL
@@ -451,10 +451,10 @@ impl JwtSettings {
             Some(k) if k.fingerprint == key.hash => {}
             _ => return Err(JwtError::UnknownKey),
         }
-        let leeway = self.leeway.as_secs() as i64;
-        if claims.exp.saturating_add(leeway) <= now {
+        if self.expired(claims.exp, now) {
             return Err(JwtError::Expired);
         }
+        let leeway = self.leeway.as_secs() as i64;
         if claims.nbf.saturating_sub(leeway) > now
             || claims.iss != self.issuer
             || claims.aud != self.audience
@@ -463,6 +463,12 @@ impl JwtSettings {
             return Err(JwtError::Claims);
         }
         Ok(())
+    }
+
+    /// Whether a credential expiring at `exp` is expired at `now` (seconds): on and after `exp`
+    /// plus the leeway, as RFC 7519 has it with none.
+    fn expired(&self, exp: i64, now: i64) -> bool {
+        exp.saturating_add(self.leeway.as_secs() as i64) <= now
     }
 
     /// Whether a credential's lifetime (from `iat` to `exp`) is within `max_ttl` as configured

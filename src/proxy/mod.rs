@@ -530,17 +530,13 @@ impl ProxyHttp for Gateway {
     /// and, for a token in its grace, the deprecation headers, instead of Pingora's bare error
     /// page. The status is otherwise Pingora's choice, as in its default.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        // A refusal that could not be written (`request_filter` keeps it first) to a client gone.
-        // Nothing was let through, so no proxying failed: counted and logged as refused. (One
-        // that could not be made at all is an internal error, below.)
-        let client_gone = matches!(e.etype(), ErrorType::WriteError | ErrorType::ConnectionClosed);
-        if ctx.rejection.is_some() && client_gone {
-            let error = loggable_error(e);
-            tracing::debug!(request_id = id_text(&ctx.request_id), error, "client gone before its refusal");
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
-        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
+            // A refusal (`request_filter` keeps it before sending it) that could not be written:
+            // the client is gone, as below, though Pingora leaves this error's source unset.
+            // Nothing was let through, so no proxying failed. (One that could not be made at all
+            // stays an internal error.)
+            ErrorType::WriteError | ErrorType::ConnectionClosed if ctx.rejection.is_some() => 0,
             _ => match e.esource() {
                 // The route's `upstream_timeouts` ran out.
                 pingora::ErrorSource::Upstream
