@@ -151,9 +151,48 @@ struct LifetimeArgs {
     expires: Option<String>,
 }
 
+impl LifetimeArgs {
+    fn is_unset(&self) -> bool {
+        self.ttl_minutes.is_none() && self.expires.is_none()
+    }
+}
+
+/// Whether a person is at the command: its input and its prompts' output are a terminal.
+fn at_a_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal() && std::io::stderr().is_terminal()
+}
+
+/// Asks on stderr for a new token's display name and lifetime, as `rill token issue` does when
+/// given neither: an empty answer (or the end of input) leaves either unset; a lifetime is a
+/// number of minutes or an RFC 3339 time (checked by the server, as `--expires` is).
+fn ask_name_and_lifetime(
+    input: &mut impl std::io::BufRead,
+) -> anyhow::Result<(Option<String>, LifetimeArgs)> {
+    let mut ask = |question: &str| -> anyhow::Result<Option<String>> {
+        eprint!("{question}");
+        let mut line = String::new();
+        input.read_line(&mut line).context("reading the answer")?;
+        let answer = line.trim();
+        Ok((!answer.is_empty()).then(|| answer.to_string()))
+    };
+    let name = ask("Display name (empty for none): ")?;
+    let lifetime = match ask(
+        "Expires in minutes, or at an RFC 3339 time (empty: never, or the most the config allows): ",
+    )? {
+        None => LifetimeArgs { ttl_minutes: None, expires: None },
+        Some(answer) => match answer.parse::<i64>() {
+            Ok(minutes) => LifetimeArgs { ttl_minutes: Some(minutes), expires: None },
+            Err(_) => LifetimeArgs { ttl_minutes: None, expires: Some(answer) },
+        },
+    };
+    Ok((name, lifetime))
+}
+
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Issue a personal access token; it is shown once.
+    /// Issue a personal access token; it is shown once. Run at a terminal with neither a name nor
+    /// a lifetime, it asks for both.
     #[command(visible_alias = "create")]
     Issue {
         /// A name to recognise it by, as `--display-name` (`token create my-token`).
@@ -814,8 +853,11 @@ impl Api {
 
     async fn token(&self, cmd: TokenCmd) -> anyhow::Result<()> {
         match cmd {
-            TokenCmd::Issue { name, display_name, service, user, lifetime, narrowing } => {
-                let display_name = display_name.or(name);
+            TokenCmd::Issue { name, display_name, service, user, mut lifetime, narrowing } => {
+                let mut display_name = display_name.or(name);
+                if display_name.is_none() && lifetime.is_unset() && !self.json && at_a_terminal() {
+                    (display_name, lifetime) = ask_name_and_lifetime(&mut std::io::stdin().lock())?;
+                }
                 let (scope, permissions, environments) = narrowing.into_parts();
                 let LifetimeArgs { ttl_minutes, expires } = lifetime;
                 let req = IssueRequest {

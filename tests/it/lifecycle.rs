@@ -47,6 +47,48 @@ async fn status(w: &World, method: reqwest::Method, path: &str, token: &str) -> 
     w.http.request(method, w.gateway.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
 }
 
+/// Seed 000: `rill token issue` alone asks for a display name and, optionally, an expiry. So does
+/// `tollgate token issue` at a terminal; a script (no terminal) is asked nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_issue_alone_at_a_terminal_asks_for_a_name_and_a_lifetime() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+
+    let asked = admin.run_at_terminal(&["token", "issue"], "Local Development\n1440\n");
+    assert!(asked.ok, "{asked:?}");
+    assert!(asked.stdout.contains("Display name (empty for none): "), "{asked:?}");
+    assert!(asked.stdout.contains("Expires in minutes"), "{asked:?}");
+    let token = asked.token();
+    let got = admin.json(&["token", "get", &token[..10]]);
+    assert_eq!(got["display_name"], "Local Development", "{got}");
+    let expires =
+        humantime::parse_rfc3339(got["expires_at"].as_str().unwrap_or_default()).expect("an expiry");
+    let lifetime = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default().as_secs();
+    assert!((1430 * 60..=1440 * 60).contains(&lifetime), "{got}");
+
+    // An expiry time instead of minutes; no name.
+    let at = format_millis(tollgate::store::now_millis() / 1000 * 1000 + 2 * 3_600_000);
+    let asked = admin.run_at_terminal(&["token", "issue"], &format!("\n{at}\n"));
+    let got = admin.json(&["token", "get", &asked.token()[..10]]);
+    assert_eq!(got["display_name"], serde_json::Value::Null, "{got}");
+    assert_eq!(got["expires_at"], at.as_str(), "{got}");
+
+    // A bad answer is the server's readable refusal, as for `--expires`.
+    let refused = admin.run_at_terminal(&["token", "issue"], "x\nnext tuesday\n");
+    assert!(!refused.ok && refused.stdout.contains("expires"), "{refused:?}");
+
+    // Given a name, or run with no terminal, or with `--json`: nothing is asked.
+    for (args, at_terminal) in [
+        (&["token", "issue", "--display-name", "ci"][..], true),
+        (&["token", "issue"][..], false),
+        (&["--json", "token", "issue"][..], true),
+    ] {
+        let out = if at_terminal { admin.run_at_terminal(args, "") } else { admin.run(args) };
+        assert!(out.ok, "{out:?}");
+        assert!(!out.stdout.contains("Display name (") && !out.stderr.contains("Display name ("), "{out:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let mut w = World::start().await;

@@ -543,6 +543,35 @@ impl Cli {
         }
     }
 
+    /// Runs `tollgate ARGS` as [`Cli::run`] does, but at a terminal (a pseudo-terminal made by
+    /// util-linux's `script`) on which `typed` is typed: `stdout` is what the terminal showed (the
+    /// typed text's echo, the prompts and the output, lines ending in `\n`).
+    pub fn run_at_terminal(&self, args: &[&str], typed: &str) -> Output {
+        use std::io::Write;
+        let quoted = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = quoted(&tollgate_bin().to_string_lossy());
+        for arg in args {
+            line.push(' ');
+            line.push_str(&quoted(arg));
+        }
+        let mut child = Command::new("script")
+            .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+            .env("TOLLGATE_SERVER", &self.server)
+            .env("TOLLGATE_TOKEN", &self.token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run script (util-linux)");
+        child.stdin.take().expect("stdin").write_all(typed.as_bytes()).expect("type");
+        let out = child.wait_with_output().expect("run tollgate at a terminal");
+        Output {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n"),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Runs with `--json` and parses the answer.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];
