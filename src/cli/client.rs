@@ -73,6 +73,9 @@ fn token_text(token: Option<String>) -> anyhow::Result<Option<String>> {
 }
 
 /// An admin API client.
+/// How long the CLI waits for the admin API's answer.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Client {
     http: reqwest::Client,
     server: String,
@@ -84,11 +87,38 @@ pub struct Client {
 impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
     pub fn new(server: &str, token: Option<String>, json: bool) -> anyhow::Result<Client> {
-        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
         let server = server_url(server)?;
+        let mut http = reqwest::Client::builder().timeout(ANSWER_WITHIN);
+        // Plain HTTP is for the machine's own loopback (`server_url`): an `http_proxy` in the
+        // environment would get the token in the clear, and could not reach the loopback anyway.
+        // (Over HTTPS a proxy only tunnels.)
+        if server.starts_with("http://") {
+            http = http.no_proxy();
+        }
+        let http = http.build()?;
         // An empty TOLLGATE_TOKEN is no token, not an empty one.
         let token = token_text(token)?;
         Ok(Client { http, server, token, json })
+    }
+
+    /// The token to call with, or why there is none.
+    pub fn token(&self) -> anyhow::Result<&str> {
+        self.token.as_deref().ok_or_else(|| anyhow!("no token: pass --token or set TOLLGATE_TOKEN"))
+    }
+
+    /// Why a request got no answer. One that was sent and timed out may have made its change (a
+    /// token issued or rotated, say): the message says so, rather than that the API was never
+    /// reached.
+    fn unanswered(&self, e: reqwest::Error) -> anyhow::Error {
+        let server = &self.server;
+        if e.is_timeout() {
+            anyhow!(
+                "the admin API at {server} did not answer within {} s; a change asked for may have been made all the same: look (`token list`, `audit`) before asking again",
+                ANSWER_WITHIN.as_secs()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot reach the admin API at {server}"))
+        }
     }
 
     /// Sends a request and decodes the JSON answer, or fails with the API's reason.
@@ -98,8 +128,7 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> anyhow::Result<T> {
-        let token =
-            self.token.as_deref().ok_or_else(|| anyhow!("no token: pass --token or set TOLLGATE_TOKEN"))?;
+        let token = self.token()?;
         // An argument given as '', '.' or '..' names nothing, and would be sent as another path
         // (the segment dropped, or a URL's dot-segment taken away), answered as that path.
         let bare = path.split('?').next().unwrap_or_default();
@@ -111,10 +140,9 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp =
-            req.send().await.with_context(|| format!("cannot reach the admin API at {}", self.server))?;
+        let resp = req.send().await.map_err(|e| self.unanswered(e))?;
         let status = resp.status();
-        let text = resp.text().await.context("reading the admin API's answer")?;
+        let text = resp.text().await.map_err(|e| self.unanswered(e))?;
         if !status.is_success() {
             let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
             // A change that made a token, sent to the store and not answered: the token is the

@@ -856,6 +856,8 @@ impl Api {
             TokenCmd::Issue { name, display_name, service, user, mut lifetime, narrowing } => {
                 let mut display_name = display_name.or(name);
                 if display_name.is_none() && lifetime.is_unset() && !self.json && at_a_terminal() {
+                    // Not asked only to be told there is nothing to call with.
+                    self.client.token()?;
                     (display_name, lifetime) = ask_name_and_lifetime(&mut std::io::stdin().lock())?;
                 }
                 let (scope, permissions, environments) = narrowing.into_parts();

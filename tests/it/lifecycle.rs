@@ -77,6 +77,11 @@ async fn token_issue_alone_at_a_terminal_asks_for_a_name_and_a_lifetime() {
     let refused = admin.run_at_terminal(&["token", "issue"], "x\nnext tuesday\n");
     assert!(!refused.ok && refused.stdout.contains("expires"), "{refused:?}");
 
+    // With no token to call with, that is said before anything is asked.
+    let tokenless = admin.as_token("").run_at_terminal(&["token", "issue"], "never read\n");
+    assert!(!tokenless.ok && tokenless.stdout.contains("no token"), "{tokenless:?}");
+    assert!(!tokenless.stdout.contains("Display name ("), "{tokenless:?}");
+
     // Given a name, or run with no terminal, or with `--json`: nothing is asked.
     for (args, at_terminal) in [
         (&["token", "issue", "--display-name", "ci"][..], true),
@@ -87,6 +92,45 @@ async fn token_issue_alone_at_a_terminal_asks_for_a_name_and_a_lifetime() {
         assert!(out.ok, "{out:?}");
         assert!(!out.stdout.contains("Display name (") && !out.stderr.contains("Display name ("), "{out:?}");
     }
+}
+
+/// The admin API over plain HTTP is on the machine's loopback: an `http_proxy` set in the
+/// environment (as on many CI runners) is not handed the token, and could not reach it anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_never_sends_its_token_through_an_http_proxy() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    // A proxy that takes connections and answers none, counting them.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    proxy.set_nonblocking(true).unwrap();
+    let out = admin.run_with(&["token", "list"], |c| {
+        for name in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+            c.env(name, &proxy_url);
+        }
+        c.env_remove("no_proxy").env_remove("NO_PROXY");
+    });
+    assert!(out.ok, "{out:?}");
+    assert!(proxy.accept().is_err(), "the CLI connected to the proxy");
+}
+
+/// A request the admin API took and never answered may have made its change: the CLI says so,
+/// rather than that it could not reach the API (a new token's secret would be in that answer).
+#[test]
+fn an_unanswered_call_may_have_made_its_change() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let (connection, _) = silent.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(40));
+        drop(connection);
+    });
+    let cli = Cli { server, token: "tgp_0000000000".into() };
+    let out = cli.run(&["token", "issue", "--display-name", "ci"]);
+    let said = out.failed();
+    assert!(said.contains("did not answer within 30 s") && said.contains("may have been made"), "{said}");
+    assert!(!said.contains("cannot reach"), "{said}");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -530,12 +530,16 @@ impl Cli {
 
     /// Runs `tollgate ARGS` with `TOLLGATE_SERVER` and `TOLLGATE_TOKEN` set.
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(tollgate_bin())
-            .args(args)
-            .env("TOLLGATE_SERVER", &self.server)
-            .env("TOLLGATE_TOKEN", &self.token)
-            .output()
-            .expect("run tollgate");
+        self.run_with(args, |_| {})
+    }
+
+    /// Runs `tollgate ARGS` as [`Cli::run`] does, after `more` has set the command up further
+    /// (its environment, say).
+    pub fn run_with(&self, args: &[&str], more: impl FnOnce(&mut Command)) -> Output {
+        let mut command = Command::new(tollgate_bin());
+        command.args(args).env("TOLLGATE_SERVER", &self.server).env("TOLLGATE_TOKEN", &self.token);
+        more(&mut command);
+        let out = command.output().expect("run tollgate");
         Output {
             ok: out.status.success(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
