@@ -517,13 +517,31 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
 
 /// The token id of `arg`: a whole token (pasted, say, from a leak report, even mistyped) is
 /// reduced to its id here, so that its secret never travels in a URL or comes back in a message.
-fn token_id(arg: &str) -> String {
+/// An ephemeral credential (a JWT) is refused here, sending nothing: it has no token id, and is
+/// stopped by revoking the service token that minted it, which the message names.
+fn token_id(arg: &str) -> anyhow::Result<String> {
     let arg = arg.trim();
+    if crate::jwt::looks_like_jwt(arg) {
+        let minted_by = minting_token(arg).map_or(String::new(), |tid| format!(" ({tid})"));
+        return Err(anyhow!(
+            "that is an ephemeral credential (a JWT), which has no token id: it ends at its expiry, or when the service token that minted it{minted_by} is revoked, which ends every credential that token minted"
+        ));
+    }
     let prefixed = crate::token::PREFIXES.iter().any(|p| arg.starts_with(p));
-    match arg.get(..crate::token::ID_LEN) {
+    Ok(match arg.get(..crate::token::ID_LEN) {
         Some(id) if prefixed && arg.len() > crate::token::ID_LEN => id.to_string(),
         _ => arg.to_string(),
-    }
+    })
+}
+
+/// The `tid` claim (the minting service token's id) of a JWT, read without verifying it: it only
+/// names what to look at.
+fn minting_token(jwt: &str) -> Option<crate::token::TokenId> {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    crate::token::TokenId::parse(claims["tid"].as_str()?)
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
@@ -820,10 +838,11 @@ impl Api {
                 })
             }
             Command::Audit { org, token_id: id, limit } => {
+                let id = id.as_deref().map(token_id).transpose()?;
                 let org = self.org(org).await?;
                 let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
                 if let Some(id) = id {
-                    path.push_str(&format!("&token_id={}", segment(&token_id(&id))));
+                    path.push_str(&format!("&token_id={}", segment(&id)));
                 }
                 let events: Vec<AuditEntry> = self.get(&path).await?;
                 self.show(&events, |events| {
@@ -908,14 +927,14 @@ impl Api {
                 })
             }
             TokenCmd::Get { id } => {
-                let id = token_id(&id);
+                let id = token_id(&id)?;
                 let t: TokenView = self.get(&format!("/v1/tokens/{}", segment(&id))).await?;
                 self.show(&t, print_token)
             }
             TokenCmd::Revoke { id, display_name, reason } => {
                 let (path, req) = match id {
                     Some(id) => (
-                        format!("/v1/tokens/{}/revoke", segment(&token_id(&id))),
+                        format!("/v1/tokens/{}/revoke", segment(&token_id(&id)?)),
                         RevokeRequest { display_name: None, reason },
                     ),
                     None => ("/v1/tokens/revoke".to_string(), RevokeRequest { display_name, reason }),
@@ -924,7 +943,7 @@ impl Api {
                 self.show(&t, |t| println!("Revoked token {}.", t.id))
             }
             TokenCmd::Rotate { id, scope, permission, expires, ttl_minutes, grace_seconds } => {
-                let id = token_id(&id);
+                let id = token_id(&id)?;
                 let req = RotateRequest {
                     scope,
                     permissions: (!permission.is_empty()).then_some(permission),

@@ -90,6 +90,15 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     );
     let jwt = out.token();
 
+    // Handed to `token revoke` or `token get` (a leaked embed credential, say), it is never sent:
+    // the message names the service token whose revocation ends it.
+    let nowhere = Cli { server: "http://127.0.0.1:9".into(), token: service_token.clone() };
+    for args in [&["token", "revoke", &jwt][..], &["token", "get", &jwt], &["audit", "--token-id", &jwt]] {
+        let said = nowhere.run(args).failed();
+        assert!(said.contains("ephemeral credential") && said.contains(&service_token[..10]), "{said}");
+        assert!(!said.contains("cannot reach") && !said.contains(&jwt), "{said}");
+    }
+
     let echo = echoed(w.get(&w.gateway, "/shop/orders", &jwt).await).await;
     let h = &echo["headers"];
     assert_eq!(h["x-auth-subject"][0], "ephemeral:eu@customer.io");
