@@ -915,7 +915,11 @@ impl Api {
                                 t.id.clone(),
                                 t.display_name.clone().unwrap_or_default(),
                                 short_time(&t.created_at),
-                                t.expires_at.as_deref().map_or("Never".into(), short_time),
+                                // In a rotation's grace: when it stops, which is sooner.
+                                works_until(t)
+                                    .filter(|_| t.status == "deprecated")
+                                    .or(t.expires_at.as_deref())
+                                    .map_or("Never".into(), short_time),
                             ];
                             if status {
                                 row.push(t.status.clone());
@@ -1200,7 +1204,11 @@ fn print_token(t: &TokenView) {
                 _ => "never".into(),
             },
         ),
-        ("Revoked", or_dash(&t.revoked_at)),
+        // A token in a rotation's grace is "revoked" from a time still to come: when it stops.
+        match works_until(t).filter(|_| t.status == "deprecated") {
+            Some(until) => ("Works until", format!("{until} (a rotation's grace)")),
+            None => ("Revoked", or_dash(&t.revoked_at)),
+        },
         ("Reason", or_dash(&t.revoke_reason)),
         ("Rotated to", or_dash(&t.rotated_to)),
     ];

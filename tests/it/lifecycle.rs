@@ -355,6 +355,15 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
     let old_details = ann.json(&["token", "get", &old[..10]]);
     let until = old_details["revoked_at"].as_str().expect("an end to the grace");
     assert!(out.stdout.contains(&format!("the old token keeps working until {until}.")), "{out:?}");
+    // `token get` says so too, not that it was revoked at a time still to come; `token list`
+    // shows that time (today) where the expiry (in three days) would be.
+    let shown = ann.run(&["token", "get", &old[..10]]).ok();
+    assert!(shown.lines().any(|l| l.starts_with("Works until:") && l.contains(until)), "{shown}");
+    assert!(!shown.lines().any(|l| l.starts_with("Revoked:")), "{shown}");
+    let listed = ann.run(&["token", "list"]).ok();
+    let row = listed.lines().find(|l| l.contains(&old[..10])).expect(&listed);
+    let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    assert_eq!(cells.get(3).copied(), Some(until[..16].replace('T', " ").as_str()), "EXPIRES in {listed}");
     let short = ann.run(&["token", "issue", "--display-name", "short", "--ttl-minutes", "1"]).token();
     let out = ann.run(&["token", "rotate", &short[..10], "--grace-seconds", "300"]);
     out.token();
