@@ -14,7 +14,12 @@ pub fn extract<'r>(
     req: &'r RequestHeader,
 ) -> Result<&'r str, Rejection> {
     let mut found: Option<&'r str> = None;
+    // An empty value presents nothing (as `Authorization: Bearer ` alone does, which arrives as
+    // `Bearer`): not a second credential beside one, nor a malformed one alone.
     let mut offer = |value: &'r str| -> Result<(), Rejection> {
+        if value.is_empty() {
+            return Ok(());
+        }
         match found.replace(value) {
             None => Ok(()),
             Some(_) => Err(Rejection::BadRequest("send the token once, in one place only")),
@@ -23,10 +28,10 @@ pub fn extract<'r>(
 
     if settings.bearer {
         if let Some(value) = single_header(req, &http::header::AUTHORIZATION)? {
-            let value = value.to_str().map_err(|_| Rejection::Malformed)?;
-            // The scheme is the text before the first space: `Bearer <token>`, in any case.
-            if value.get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer ")) {
-                offer(value[7..].trim())?;
+            // The scheme is the text before the first space: `Bearer <token>`, in any case. Another
+            // scheme's value is not a token, whatever bytes it holds.
+            if is_bearer(value) {
+                offer(value.to_str().map_err(|_| Rejection::Malformed)?[7..].trim())?;
             }
         }
     }
@@ -43,6 +48,11 @@ pub fn extract<'r>(
         }
     }
     found.ok_or(Rejection::Missing)
+}
+
+/// Whether an `Authorization` value is of the `Bearer` scheme.
+pub fn is_bearer(value: &http::HeaderValue) -> bool {
+    value.as_bytes().get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
 }
 
 /// By the parsed name: looking up by text would parse the name again on every request.

@@ -188,6 +188,7 @@ fn rewrite(
     let identity = &config.identity;
     let Some(grant) = permit.grant() else {
         strip(config, req, false);
+        strip_own_credentials(config, req);
         req.insert(&identity.request_id_header, request_id)?;
         return Ok(XffMade::No);
     };
@@ -356,6 +357,31 @@ pub(crate) fn spelled_alike(a: &[u8], b: &[u8]) -> bool {
 fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
     let names: Vec<HeaderName> =
         req.headers().keys().filter(|name| withheld(config, name, credential)).cloned().collect();
+    for name in &names {
+        req.remove(name);
+    }
+}
+
+/// On a public route, which keeps the client's credentials for the upstream's own scheme, what
+/// is plainly Tollgate's own still goes: the API-key header (in every spelling) and an
+/// `Authorization: Bearer` holding a Tollgate token. A token sent where none is needed would
+/// otherwise reach an upstream that may be a third party's.
+fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) {
+    let ours = |name: &HeaderName, value: &HeaderValue| {
+        let api_key = config.credentials.api_key_header.as_ref();
+        api_key.is_some_and(|key| spelled_alike(name.as_str().as_bytes(), key.as_str().as_bytes()))
+            || (*name == http::header::AUTHORIZATION
+                && super::credential::is_bearer(value)
+                && value
+                    .to_str()
+                    .is_ok_and(|v| crate::token::PREFIXES.iter().any(|p| v[7..].trim().starts_with(p))))
+    };
+    let names: Vec<HeaderName> = req
+        .headers()
+        .iter()
+        .filter(|(name, value)| ours(name, value))
+        .map(|(name, _)| name.clone())
+        .collect();
     for name in &names {
         req.remove(name);
     }

@@ -124,6 +124,84 @@ async fn a_query_token_is_removed_and_the_rest_of_the_query_kept_in_order() {
     assert_eq!(echo["uri"], "/noquery/search?z=1&access_token=upstream-own&b");
 }
 
+/// What is not a credential is not taken for one: an empty API-key header or query parameter
+/// beside a token (as an empty `Bearer` already was), or an `Authorization` of another scheme
+/// holding bytes outside ASCII beside a token in the API-key header.
+#[tokio::test]
+async fn only_a_credential_counts_as_one() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "c@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    let echo = echoed(
+        w.http
+            .get(w.gateway.url("/shop/a"))
+            .bearer_auth(&token)
+            .header("X-API-Key", "")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
+    assert!(header(&echo, "x-api-key").is_none(), "{echo}");
+    let url = w.gateway.url("/shop/search?access_token=&a=1");
+    let echo = echoed(w.http.get(url).bearer_auth(&token).send().await.unwrap()).await;
+    assert_eq!(echo["uri"], "/shop/search?a=1");
+    // Alone, an empty one is no credential, as an empty `Bearer` is.
+    for empty in [
+        w.http.get(w.gateway.url("/shop/a")).header("X-API-Key", ""),
+        w.http.get(w.gateway.url("/shop/a?access_token=")),
+        w.http.get(w.gateway.url("/shop/a")).header("Authorization", "Bearer "),
+    ] {
+        let (_, body) = error_body(empty.send().await.unwrap(), 401).await;
+        assert_eq!(body["error"], "unauthorized", "{body}");
+    }
+
+    let digest = http::HeaderValue::from_bytes(b"Digest username=\"Jos\xe9\"").unwrap();
+    let resp = w
+        .http
+        .get(w.gateway.url("/shop/a"))
+        .header("X-API-Key", &token)
+        .header("Authorization", digest)
+        .send()
+        .await
+        .unwrap();
+    let echo = echoed(resp).await;
+    assert_eq!(header(&echo, "x-auth-role"), Some("viewer"));
+    assert!(
+        header(&echo, "authorization").is_none(),
+        "the client's Authorization goes on a protected route: {echo}"
+    );
+}
+
+/// A public route keeps the client's `Authorization` for the upstream's own scheme, but a
+/// Tollgate token sent there, in the API-key header (any spelling) or as a `Bearer`, goes no
+/// further: the upstream of a public route may be a third party's.
+#[tokio::test]
+async fn a_public_route_passes_no_tollgate_token_on() {
+    let mut w = World::start().await;
+    let user = w.user("acme", "p@example.com", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+
+    for (name, value) in [
+        ("X-API-Key", token.clone()),
+        ("X_API_Key", token.clone()),
+        ("Authorization", format!("Bearer {token}")),
+        ("Authorization", format!("bearer  {}tgs_{}", "", &token[4..])),
+    ] {
+        let resp = w.http.get(w.gateway.url("/public/a")).header(name, &value).send().await.unwrap();
+        let echo = echoed(resp).await;
+        let leaked =
+            echo["headers"].as_object().unwrap().values().any(|v| v.to_string().contains(&token[10..]));
+        assert!(!leaked, "{name}: {echo}");
+    }
+    for own in ["Basic dXNlcjpwYXNz", "Bearer upstream-session-1"] {
+        let resp = w.http.get(w.gateway.url("/public/a")).header("Authorization", own).send().await.unwrap();
+        assert_eq!(header(&echoed(resp).await, "authorization"), Some(own));
+    }
+}
+
 #[tokio::test]
 async fn forged_identity_headers_never_reach_the_upstream() {
     let mut w = World::start().await;
