@@ -523,15 +523,16 @@ impl<'a> Lifecycle<'a> {
             once_each(envs);
         }
         let policy = &self.config.policy;
+        let asked = scope.is_some();
         // A token made with a narrowed token stays as narrow. (Inherited, it cannot exceed what
         // the caller holds: the owner's role caps it on every request.)
         let scope = match (scope, making) {
             (None, Making::New) => actor.scope.clone().map(|permissions| Scope { name: None, permissions }),
             (scope, _) => scope,
         };
-        let inherited = making == Making::New
-            && scope.is_some()
-            && scope.as_ref().map(|s| &s.permissions) == actor.scope.as_ref();
+        // Only when left unset: one asked for is checked against what the caller holds, even
+        // when it names the caller's own scope (an admin's scoped token, its owner since demoted).
+        let inherited = making == Making::New && !asked && actor.scope.is_some();
         // Never more than the caller holds anywhere in the org, narrowed by the caller's own scope.
         let held = actor.permissions_for(self.config, actor.roles.highest());
         let role = policy.role_permissions(actor.roles.highest());

@@ -530,6 +530,16 @@ async fn nobody_grants_more_than_they_hold() {
     // The viewer's own default token can only read.
     let token = viewer.run(&["token", "issue"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403);
+    // Nor does naming a scope its token was given when its owner held more: an admin's
+    // `--scope admin` token, its owner since made a viewer, asks for that scope again in vain
+    // (left unset, the new token inherits it, and the viewer's role caps it).
+    let ada = add_user(&admin, "ada@acme.io", "admin");
+    let ada = ada.as_token(&ada.run(&["token", "issue", "--scope", "admin"]).token());
+    admin.run(&["user", "set-role", "ada@acme.io", "--org-role", "viewer"]).ok();
+    let err = ada.run(&["token", "issue", "--scope", "admin"]).failed();
+    assert!(err.contains("more rights"), "{err}");
+    let inherited = ada.run(&["token", "issue"]).token();
+    assert_eq!(status(&w, reqwest::Method::POST, "/shop", &inherited).await, 403, "capped by the role");
 
     let err = editor.run(&["service", "create", "big", "--org-role", "admin"]).failed();
     assert!(err.contains("may not exceed"), "{err}");
