@@ -1084,7 +1084,10 @@ impl<'a> Lifecycle<'a> {
             true => old.scope.as_deref().cloned(),
             false => self.requested_scope(req.scope, req.permissions)?,
         };
-        // A service token is rotated on behalf of its service, within the service's rights.
+        // A service token is rotated on behalf of its service, within the service's rights; the
+        // service read for that is the one the new token is stored against (a role change
+        // meanwhile refuses the rotation, as it does an issue).
+        let mut owner_guard = None;
         let owner_actor = match &old.owner {
             Owner::Service(sid) => {
                 let s = self
@@ -1098,7 +1101,9 @@ impl<'a> Lifecycle<'a> {
                     self.may_hand_out(actor, &s)?;
                 }
                 // The caller's own narrowing (scope, environments) still applies.
-                Actor { roles: service_roles(&s), ..actor.clone() }
+                let owner_actor = Actor { roles: service_roles(&s), ..actor.clone() };
+                owner_guard = Some(Acting::Service(s));
+                owner_actor
             }
             Owner::User(_) => actor.clone(),
         };
@@ -1123,7 +1128,14 @@ impl<'a> Lifecycle<'a> {
         let issued = issue_audit(actor, &record, serde_json::json!({ "rotated_from": old.id.to_string() }));
         let acting = self.acting(actor).await?;
         self.store
-            .rotate_token(&before, &old, &record, [Some(&audit), Some(&issued)], acting.as_ref())
+            .rotate_token(
+                &before,
+                &old,
+                &record,
+                [Some(&audit), Some(&issued)],
+                acting.as_ref(),
+                owner_guard.as_ref(),
+            )
             .await
             .map_err(|e| keeping(&new)(e.into()))?;
         Ok(self.issued(new, &record).await)

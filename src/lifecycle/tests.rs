@@ -624,3 +624,24 @@ fn an_audit_entry_reads_its_time_in_either_form() {
     assert_eq!(entry(serde_json::json!(1_764_220_000_000i64)).at.0, "2025-11-27T05:06:40Z");
     assert_eq!(entry(serde_json::json!("2026-11-27T06:30:00Z")).at.0, "2026-11-27T06:30:00Z");
 }
+
+#[tokio::test]
+async fn a_service_token_rotated_by_its_manager_is_stored_only_while_the_service_is_as_read() {
+    let (store, config, actor) = setup().await;
+    let l = Lifecycle::new(&store, &config);
+    let (service, token) = l.create_service(&actor, viewer_service("etl")).await.unwrap();
+    let id = TokenId::parse(&token.details.id).unwrap();
+    // Read when the rotation was decided; the service's role changed before it is written.
+    let read = store.get_service(&service.id).await.unwrap().unwrap();
+    let mut changed = (*read).clone();
+    changed.org_role = Some(Role::Editor);
+    store.update_service(&read, &changed, None, None).await.unwrap();
+
+    let before = store.get_token(&id).await.unwrap().unwrap();
+    let mut new = (*before).clone();
+    new.id = TokenId::parse("tgs_Zz9Zz9").unwrap();
+    let guard = Acting::Service(read);
+    let written = store.rotate_token(&before, &before, &new, [None, None], None, Some(&guard)).await;
+    assert!(matches!(written, Err(StoreError::Changed(_))), "{written:?}");
+    assert!(store.get_token(&new.id).await.unwrap().is_none(), "nothing stored");
+}

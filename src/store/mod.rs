@@ -870,6 +870,8 @@ impl Store {
 
     /// Stores a rotated pair: the new token and the old one with its (possibly future) revocation,
     /// with the rotation's audit entry (under the old token) and the new token's (under its own).
+    /// `owner`: the service a manager rotates a token of, as read when the rotation was decided;
+    /// changed since, nothing is stored.
     pub async fn rotate_token(
         &self,
         before: &Stored<TokenRecord>,
@@ -877,9 +879,11 @@ impl Store {
         new: &TokenRecord,
         audit: [Option<&AuditEvent>; 2],
         actor: Option<&Acting>,
+        owner: Option<&Acting>,
     ) -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.acting(actor);
+        b.acting(owner);
         for entry in audit {
             b.audit(entry, self.audit_max())?;
         }
