@@ -260,6 +260,8 @@ pub struct RotateRequest {
     pub expires: Option<String>,
     /// New lifetime in minutes.
     pub ttl_minutes: Option<i64>,
+    /// New environments it works in.
+    pub environments: Option<Vec<String>>,
     /// Seconds the old token keeps working (with a `Deprecation` header); 0 revokes it at once.
     pub grace_seconds: Option<i64>,
 }
@@ -354,9 +356,9 @@ enum Making {
     /// stays as narrow).
     New,
     /// A rotation: unset means unrestricted, as on the token it replaces, refused if the caller
-    /// is narrower rather than silently narrowed. `scope_kept`: the scope is the old token's, not
-    /// asked for anew.
-    Rotation { scope_kept: bool },
+    /// is narrower rather than silently narrowed. `scope_kept`, `envs_kept`: the scope, the
+    /// environments are the old token's, not asked for anew.
+    Rotation { scope_kept: bool, envs_kept: bool },
 }
 
 /// A display name as kept and as looked up: trimmed, and none if empty.
@@ -540,7 +542,9 @@ impl<'a> Lifecycle<'a> {
             // A kept scope may name more than the owner's role now (inherited from an admin's
             // scoped token, or the owner since demoted): the role caps it on every request, so
             // what it gives is what counts.
-            (Some(s), Making::Rotation { scope_kept: true }) => policy.set_of(&s.permissions).intersect(role),
+            (Some(s), Making::Rotation { scope_kept: true, .. }) => {
+                policy.set_of(&s.permissions).intersect(role)
+            }
             (Some(s), _) => policy.set_of(&s.permissions),
             (None, _) => role,
         };
@@ -567,7 +571,8 @@ impl<'a> Lifecycle<'a> {
                 .unwrap_or_default();
             // A rotation keeps the old token's environments, one since removed from the config
             // included: it is not asked for again (and is refused by the proxy until it returns).
-            if let Some(bad) = envs.iter().find(|e| making == Making::New && !known.contains(e)) {
+            let asked = !matches!(making, Making::Rotation { envs_kept: true, .. });
+            if let Some(bad) = envs.iter().find(|e| asked && !known.contains(e)) {
                 return Err(LifecycleError::Invalid(format!(
                     "unknown environment {bad:?} in org {:?}",
                     actor.org
@@ -1107,13 +1112,14 @@ impl<'a> Lifecycle<'a> {
             }
             Owner::User(_) => actor.clone(),
         };
+        let envs_kept = req.environments.is_none();
         let wanted = TokenSpec {
             display_name: old.display_name.clone(),
             scope,
-            environments: old.environments.clone(),
+            environments: req.environments.or_else(|| old.environments.clone()),
             expires_at,
         };
-        let spec = self.spec(&owner_actor, wanted, Making::Rotation { scope_kept }, now)?;
+        let spec = self.spec(&owner_actor, wanted, Making::Rotation { scope_kept, envs_kept }, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,

@@ -244,12 +244,9 @@ enum TokenCmd {
     Rotate {
         /// Token id (or the whole token: only its id is sent).
         id: String,
-        /// New scope preset.
-        #[arg(long, conflicts_with = "permission")]
-        scope: Option<String>,
-        /// New explicit permissions (repeatable).
-        #[arg(long)]
-        permission: Vec<String>,
+        /// A new scope, permissions or environments (each kept from the old token when not given).
+        #[command(flatten)]
+        narrowing: Narrowing,
         /// New expiry (RFC 3339).
         #[arg(long, conflicts_with = "ttl_minutes")]
         expires: Option<String>,
@@ -946,15 +943,11 @@ impl Api {
                 let t: TokenView = self.send(Method::POST, &path, &req).await?;
                 self.show(&t, |t| println!("Revoked token {}.", t.id))
             }
-            TokenCmd::Rotate { id, scope, permission, expires, ttl_minutes, grace_seconds } => {
+            TokenCmd::Rotate { id, narrowing, expires, ttl_minutes, grace_seconds } => {
                 let id = token_id(&id)?;
-                let req = RotateRequest {
-                    scope,
-                    permissions: (!permission.is_empty()).then_some(permission),
-                    expires,
-                    ttl_minutes,
-                    grace_seconds,
-                };
+                let (scope, permissions, environments) = narrowing.into_parts();
+                let req =
+                    RotateRequest { scope, permissions, expires, ttl_minutes, environments, grace_seconds };
                 let issued: IssuedToken =
                     self.send(Method::POST, &format!("/v1/tokens/{}/rotate", segment(&id)), &req).await?;
                 // The old token's grace ends at its own expiry if that comes first: its record

@@ -133,6 +133,37 @@ fn an_unanswered_call_may_have_made_its_change() {
     drop(held);
 }
 
+/// Seed 004 rotates a token to change its restrictions: environments too (`--env`), checked as
+/// on an issue; left out, they are the old token's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_may_move_a_token_to_other_environments() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let ann = add_user(&admin, "ann@acme.io", "editor");
+    let prod = ann.run(&["token", "issue", "--display-name", "ci", "--env", "production"]).token();
+    assert_eq!(status(&w, reqwest::Method::GET, "/staging", &prod).await, 403);
+
+    let staging =
+        ann.run(&["tokens", "rotate", &prod[..10], "--scope", "execute", "--env", "staging"]).token();
+    assert_eq!(status(&w, reqwest::Method::GET, "/staging", &staging).await, 200);
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &staging).await, 403, "production no more");
+    let got = ann.json(&["token", "get", &staging[..10]]);
+    assert_eq!(got["environments"], json!(["staging"]), "{got}");
+    assert_eq!(got["scope"], "execute", "{got}");
+    // Left out, they are kept.
+    let kept = ann.run(&["token", "rotate", &staging[..10]]).token();
+    assert_eq!(ann.json(&["token", "get", &kept[..10]])["environments"], json!(["staging"]));
+
+    let err = ann.run(&["token", "rotate", &kept[..10], "--env", "moon"]).failed();
+    assert!(err.contains("unknown environment \"moon\""), "{err}");
+    // No wider than the calling token: one for production only moves nothing to staging.
+    let narrow = ann.as_token(&ann.run(&["token", "issue", "--env", "production"]).token());
+    let other = ann.run(&["token", "issue", "--env", "production"]).token();
+    let err = narrow.run(&["token", "rotate", &other[..10], "--env", "staging"]).failed();
+    assert!(err.contains("may not be used in environment \"staging\""), "{err}");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &other).await, 200, "nothing rotated");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let mut w = World::start().await;
