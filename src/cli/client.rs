@@ -82,6 +82,8 @@ pub struct Client {
     token: Option<String>,
     /// `--json`: what it prints itself (a token kept from a failed answer) is JSON too.
     json: bool,
+    /// Whether the calling token's grace was said already.
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -98,7 +100,7 @@ impl Client {
         let http = http.build()?;
         // An empty TOLLGATE_TOKEN is no token, not an empty one.
         let token = token_text(token)?;
-        Ok(Client { http, server, token, json })
+        Ok(Client { http, server, token, json, warned: Default::default() })
     }
 
     /// The token to call with, or why there is none.
@@ -141,6 +143,15 @@ impl Client {
             req = req.json(body);
         }
         let resp = req.send().await.map_err(|e| self.unanswered(e))?;
+        // The API marks every answer to a token in a rotation's grace (RFC 8594): said once.
+        if let Some(sunset) = resp.headers().get("sunset").and_then(|v| v.to_str().ok()) {
+            if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "warning: the token you called with was rotated and stops working at {}; use its replacement",
+                    printable(sunset)
+                );
+            }
+        }
         let status = resp.status();
         let text = resp.text().await.map_err(|e| self.unanswered(e))?;
         if !status.is_success() {

@@ -436,7 +436,12 @@ async fn rotation_changes_scope_and_expiry_and_the_old_token_dies_after_its_grac
         assert!(err.contains("was rotated"), "{args:?}: {err}");
     }
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &new).await, 200, "the replacement is untouched");
-    assert!(old_cli.run(&["token", "list"]).ok().contains(&new[..10]), "reading still works");
+    let read = old_cli.run(&["token", "list"]);
+    // Said to whoever still calls with it, once, on stderr (the output stays as it was).
+    let sunset = resp.headers().get("sunset").unwrap().to_str().unwrap();
+    let warning = format!("warning: the token you called with was rotated and stops working at {sunset}");
+    assert_eq!(read.stderr.matches(&warning).count(), 1, "{read:?}");
+    assert!(read.ok().contains(&new[..10]), "reading still works");
     // The plain list shows it, with a status saying it is on its way out.
     let listed = ann.run(&["token", "list"]).ok();
     assert!(listed.lines().next().unwrap().contains("STATUS"), "{listed}");
