@@ -627,21 +627,18 @@ fn an_audit_entry_reads_its_time_in_either_form() {
 
 #[tokio::test]
 async fn a_service_token_rotated_by_its_manager_is_stored_only_while_the_service_is_as_read() {
-    let (store, config, actor) = setup().await;
+    let backend = Arc::new(MemoryBackend::default());
+    let (store, config, actor) = setup_on(backend.clone()).await;
     let l = Lifecycle::new(&store, &config);
     let (service, token) = l.create_service(&actor, viewer_service("etl")).await.unwrap();
-    let id = TokenId::parse(&token.details.id).unwrap();
-    // Read when the rotation was decided; the service's role changed before it is written.
-    let read = store.get_service(&service.id).await.unwrap().unwrap();
-    let mut changed = (*read).clone();
-    changed.org_role = Some(Role::Editor);
-    store.update_service(&read, &changed, None, None).await.unwrap();
-
-    let before = store.get_token(&id).await.unwrap().unwrap();
-    let mut new = (*before).clone();
-    new.id = TokenId::parse("tgs_Zz9Zz9").unwrap();
-    let guard = Acting::Service(read);
-    let written = store.rotate_token(&before, &before, &new, [None, None], None, Some(&guard)).await;
-    assert!(matches!(written, Err(StoreError::Changed(_))), "{written:?}");
-    assert!(store.get_token(&new.id).await.unwrap().is_none(), "nothing stored");
+    // The service's record changes (a role given, say) after the rotation read it.
+    let id = service.id.clone();
+    backend.before_next_commit(move |kv| {
+        let (_, record) = kv.iter_mut().find(|(k, v)| k.contains(&id) && v.contains("\"org_role\"")).unwrap();
+        record.push(' ');
+    });
+    let rotated = l.rotate(&actor, &token.details.id, RotateRequest::default()).await;
+    assert!(matches!(rotated, Err(LifecycleError::Store(StoreError::Changed(_)))), "{rotated:?}");
+    let old = TokenId::parse(&token.details.id).unwrap();
+    assert!(store.get_token(&old).await.unwrap().unwrap().revoked.is_none(), "nothing rotated");
 }

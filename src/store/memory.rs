@@ -25,7 +25,11 @@ pub struct MemoryBackend {
     down: AtomicBool,
     subscriptions: AtomicU64,
     feeds_end_at_once: AtomicBool,
+    before_commit: Mutex<Option<BeforeCommit>>,
 }
+
+/// A change another writer makes just before the next batch is checked.
+type BeforeCommit = Box<dyn FnOnce(&mut HashMap<String, String>) + Send>;
 
 impl Default for MemoryBackend {
     fn default() -> Self {
@@ -36,6 +40,7 @@ impl Default for MemoryBackend {
             down: AtomicBool::new(false),
             subscriptions: AtomicU64::new(0),
             feeds_end_at_once: AtomicBool::new(false),
+            before_commit: Mutex::default(),
         }
     }
 }
@@ -55,6 +60,12 @@ impl MemoryBackend {
     /// cannot read what a newer build publishes), or not.
     pub fn set_feeds_end_at_once(&self, end: bool) {
         self.feeds_end_at_once.store(end, Ordering::SeqCst);
+    }
+
+    /// Runs `change` on the stored values just before the next batch is checked: another writer's
+    /// change landing between a decision's reads and its write.
+    pub fn before_next_commit(&self, change: impl FnOnce(&mut HashMap<String, String>) + Send + 'static) {
+        *self.before_commit.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(change));
     }
 
     /// Makes every call fail as if the store were unreachable, or brings it back.
@@ -106,6 +117,10 @@ impl Backend for MemoryBackend {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         {
             let mut state = self.state()?;
+            let change = self.before_commit.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(change) = change {
+                change(&mut state.kv);
+            }
             if let Some(k) = batch.absent.iter().find(|k| state.kv.contains_key(*k)) {
                 return Err(StoreError::Conflict(k.clone()));
             }
