@@ -44,19 +44,21 @@ fn server_url(server: &str) -> anyhow::Result<String> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err(anyhow!("--server {server:?}: an address without `?` or `#`; {example}"));
     }
-    if !scheme_given {
-        let host = url.host_str().unwrap_or_default();
-        let loopback = host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
-            return Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}"));
-        }
+    if !scheme_given && !is_loopback(&url) {
+        return Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}"));
     }
     Ok(text.trim_end_matches('/').to_string())
+}
+
+/// Whether an address names this machine's loopback (`localhost`, `127.x.x.x`, `[::1]`).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The token (`--token`, `TOLLGATE_TOKEN`) without the whitespace a copy brings along (a `\r` from
@@ -72,10 +74,12 @@ fn token_text(token: Option<String>) -> anyhow::Result<Option<String>> {
     Ok(Some(token))
 }
 
-/// An admin API client.
 /// How long the CLI waits for the admin API's answer.
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long it waits for a connection to the admin API (nothing sent yet).
+const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// An admin API client.
 pub struct Client {
     http: reqwest::Client,
     server: String,
@@ -90,11 +94,10 @@ impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8081`) authenticating with `token`.
     pub fn new(server: &str, token: Option<String>, json: bool) -> anyhow::Result<Client> {
         let server = server_url(server)?;
-        let mut http = reqwest::Client::builder().timeout(ANSWER_WITHIN);
-        // Plain HTTP is for the machine's own loopback (`server_url`): an `http_proxy` in the
-        // environment would get the token in the clear, and could not reach the loopback anyway.
-        // (Over HTTPS a proxy only tunnels.)
-        if server.starts_with("http://") {
+        let mut http = reqwest::Client::builder().connect_timeout(CONNECT_WITHIN).timeout(ANSWER_WITHIN);
+        // A proxy from the environment (`http_proxy`, `ALL_PROXY`) cannot reach this machine's
+        // loopback, and over plain HTTP would get the token in the clear.
+        if reqwest::Url::parse(&server).is_ok_and(|url| is_loopback(&url)) {
             http = http.no_proxy();
         }
         let http = http.build()?;
@@ -108,18 +111,19 @@ impl Client {
         self.token.as_deref().ok_or_else(|| anyhow!("no token: pass --token or set TOLLGATE_TOKEN"))
     }
 
-    /// Why a request got no answer. One that was sent and timed out may have made its change (a
-    /// token issued or rotated, say): the message says so, rather than that the API was never
-    /// reached.
+    /// Why a request got no answer. Never connected, nothing was sent; otherwise the change asked
+    /// for may have been made (a token issued or rotated, say), and the message says so rather
+    /// than that the API was never reached.
     fn unanswered(&self, e: reqwest::Error) -> anyhow::Error {
         let server = &self.server;
-        if e.is_timeout() {
-            anyhow!(
-                "the admin API at {server} did not answer within {} s; a change asked for may have been made all the same: look (`token list`, `audit`) before asking again",
-                ANSWER_WITHIN.as_secs()
-            )
-        } else {
+        let look = "a change asked for may have been made all the same: look (`token list`, `audit`) before asking again";
+        if e.is_connect() {
             anyhow::Error::new(e).context(format!("cannot reach the admin API at {server}"))
+        } else if e.is_timeout() {
+            anyhow!("the admin API at {server} did not answer within {} s; {look}", ANSWER_WITHIN.as_secs())
+        } else {
+            anyhow::Error::new(e)
+                .context(format!("the admin API at {server} did not finish its answer; {look}"))
         }
     }
 

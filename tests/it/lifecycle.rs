@@ -104,14 +104,25 @@ async fn the_cli_never_sends_its_token_through_an_http_proxy() {
     let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
     proxy.set_nonblocking(true).unwrap();
-    let out = admin.run_with(&["token", "list"], |c| {
-        for name in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
-            c.env(name, &proxy_url);
-        }
-        c.env_remove("no_proxy").env_remove("NO_PROXY");
-    });
-    assert!(out.ok, "{out:?}");
-    assert!(proxy.accept().is_err(), "the CLI connected to the proxy");
+    // The scheme in any case (a URL's scheme is case-insensitive), and `localhost` too.
+    let port = admin.server.rsplit(':').next().unwrap();
+    for server in
+        [admin.server.clone(), admin.server.replace("http://", "HTTP://"), format!("localhost:{port}")]
+    {
+        let cli = Cli { server: server.clone(), token: admin.token.clone() };
+        let out = cli.run_with(&["token", "list"], |c| {
+            for name in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+                c.env(name, &proxy_url);
+            }
+            c.env_remove("no_proxy").env_remove("NO_PROXY");
+        });
+        assert!(out.ok, "{server}: {out:?}");
+        assert!(proxy.accept().is_err(), "{server}: the CLI connected to the proxy");
+    }
+    // Nothing listening: it says it could not reach the API (nothing was sent).
+    let closed = Cli { server: format!("127.0.0.1:{}", free_port()), token: admin.token.clone() };
+    let said = closed.run(&["token", "issue"]).failed();
+    assert!(said.contains("cannot reach the admin API") && !said.contains("may have been made"), "{said}");
 }
 
 /// A request the admin API took and never answered may have made its change: the CLI says so,
