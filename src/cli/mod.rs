@@ -534,11 +534,7 @@ fn token_id(arg: &str) -> anyhow::Result<String> {
 /// The `tid` claim (the minting service token's id) of a JWT, read without verifying it: it only
 /// names what to look at.
 fn minting_token(jwt: &str) -> Option<crate::token::TokenId> {
-    use base64::Engine;
-    let payload = jwt.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    crate::token::TokenId::parse(claims["tid"].as_str()?)
+    crate::token::TokenId::parse(crate::jwt::unverified_claims(jwt)?["tid"].as_str()?)
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {

@@ -28,10 +28,8 @@ pub fn extract<'r>(
 
     if settings.bearer {
         if let Some(value) = single_header(req, &http::header::AUTHORIZATION)? {
-            // The scheme is the text before the first space: `Bearer <token>`, in any case. Another
-            // scheme's value is not a token, whatever bytes it holds.
-            if is_bearer(value) {
-                offer(value.to_str().map_err(|_| Rejection::Malformed)?[7..].trim())?;
+            if let Some(token) = bearer_token(value)? {
+                offer(token)?;
             }
         }
     }
@@ -50,9 +48,14 @@ pub fn extract<'r>(
     found.ok_or(Rejection::Missing)
 }
 
-/// Whether an `Authorization` value is of the `Bearer` scheme.
-pub fn is_bearer(value: &http::HeaderValue) -> bool {
-    value.as_bytes().get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+/// The token an `Authorization` value presents: `Bearer <token>` (the scheme in any case), the
+/// token trimmed. Another scheme's value presents none, whatever bytes it holds; a `Bearer` one
+/// that is not text is malformed.
+pub fn bearer_token(value: &http::HeaderValue) -> Result<Option<&str>, Rejection> {
+    if !value.as_bytes().get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer ")) {
+        return Ok(None);
+    }
+    Ok(Some(value.to_str().map_err(|_| Rejection::Malformed)?[7..].trim()))
 }
 
 /// By the parsed name: looking up by text would parse the name again on every request.

@@ -188,7 +188,7 @@ fn rewrite(
     let identity = &config.identity;
     let Some(grant) = permit.grant() else {
         strip(config, req, false);
-        strip_own_credentials(config, req);
+        strip_own_credentials(config, req)?;
         req.insert(&identity.request_id_header, request_id)?;
         return Ok(XffMade::No);
     };
@@ -256,11 +256,25 @@ fn withheld(config: &Config, name: &HeaderName, credential: bool) -> bool {
     let alike = |other: &HeaderName| spelled_alike(name.as_str().as_bytes(), other.as_str().as_bytes());
     in_namespace(name.as_str(), &identity.prefix)
         || alike(&identity.request_id_header)
-        || (credential
-            && (*name == http::header::AUTHORIZATION
-                || config.credentials.api_key_header.as_ref().is_some_and(alike)))
+        || (credential && (*name == http::header::AUTHORIZATION || api_key_header(config, name)))
         || client_address_claim(config.forwarded_for, name)
         || path_override(name)
+}
+
+/// Whether `name` is the configured API-key header, in any spelling an upstream reads as it.
+fn api_key_header(config: &Config, name: &HeaderName) -> bool {
+    let key = config.credentials.api_key_header.as_ref();
+    key.is_some_and(|key| spelled_alike(name.as_str().as_bytes(), key.as_str().as_bytes()))
+}
+
+/// Whether `text` is plainly a credential of this gateway's: a token by its prefix, or a JWT whose
+/// (unverified) issuer is the configured one.
+fn own_credential(config: &Config, text: &str) -> bool {
+    let issuer = |jwt: &crate::jwt::JwtSettings| {
+        crate::jwt::unverified_claims(text).is_some_and(|c| c["iss"].as_str() == Some(jwt.issuer.as_str()))
+    };
+    crate::token::PREFIXES.iter().any(|p| text.starts_with(p))
+        || (crate::jwt::looks_like_jwt(text) && config.jwt.as_ref().is_some_and(issuer))
 }
 
 /// Headers in which a client could have the upstream's framework run another path than the one
@@ -363,18 +377,15 @@ fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
 }
 
 /// On a public route, which keeps the client's credentials for the upstream's own scheme, what
-/// is plainly Tollgate's own still goes: the API-key header (in every spelling) and an
-/// `Authorization: Bearer` holding a Tollgate token. A token sent where none is needed would
-/// otherwise reach an upstream that may be a third party's.
-fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) {
+/// is plainly Tollgate's own still goes: the API-key header (in every spelling), an
+/// `Authorization: Bearer` holding a Tollgate token or a JWT of its issuer, and the token query
+/// parameter holding either. A credential sent where none is needed would otherwise reach an
+/// upstream that may be a third party's (and its access log, from a query).
+fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Result<()> {
     let ours = |name: &HeaderName, value: &HeaderValue| {
-        let api_key = config.credentials.api_key_header.as_ref();
-        api_key.is_some_and(|key| spelled_alike(name.as_str().as_bytes(), key.as_str().as_bytes()))
+        api_key_header(config, name)
             || (*name == http::header::AUTHORIZATION
-                && super::credential::is_bearer(value)
-                && value
-                    .to_str()
-                    .is_ok_and(|v| crate::token::PREFIXES.iter().any(|p| v[7..].trim().starts_with(p))))
+                && matches!(super::credential::bearer_token(value), Ok(Some(t)) if own_credential(config, t)))
     };
     let names: Vec<HeaderName> = req
         .headers()
@@ -385,6 +396,14 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) {
     for name in &names {
         req.remove(name);
     }
+    let param = &config.credentials.query_param;
+    let target = req.target();
+    let query = target.iter().position(|&b| b == b'?').map(|at| &target[at + 1..]);
+    let query = query.and_then(|q| std::str::from_utf8(q).ok()).unwrap_or_default();
+    if super::credential::query_values(query, param).iter().any(|v| own_credential(config, v)) {
+        remove_query_token(req, param)?;
+    }
+    Ok(())
 }
 
 /// [`Made::template`] for `headers`, under `config`'s request id header and `forwarded_for`.

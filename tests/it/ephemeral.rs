@@ -90,6 +90,24 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     );
     let jwt = out.token();
 
+    // Sent to a public route (in the header or the query), it goes no further; a JWT of another
+    // issuer, the upstream's own, does.
+    let public = |target: &str, bearer: Option<&str>| {
+        let req = w.http.get(w.gateway.url(target));
+        let req = match bearer {
+            Some(b) => req.bearer_auth(b),
+            None => req,
+        };
+        async move { echoed(req.send().await.unwrap()).await }
+    };
+    let echo = public("/public/x", Some(&jwt)).await;
+    assert!(echo["headers"].get("authorization").is_none(), "{echo}");
+    assert_eq!(public(&format!("/public/x?access_token={jwt}&y=1"), None).await["uri"], "/public/x?y=1");
+    let part = |json: &str| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, json);
+    let foreign = format!("{}.{}.c2ln", part(r#"{"alg":"HS256"}"#), part(r#"{"iss":"https://idp.example"}"#));
+    let echo = public("/public/x", Some(&foreign)).await;
+    assert_eq!(echo["headers"]["authorization"][0], format!("Bearer {foreign}"), "{echo}");
+
     // Handed to `token revoke` or `token get` (a leaked embed credential, say), it is never sent:
     // the message names the service token whose revocation ends it.
     let nowhere = Cli { server: "http://127.0.0.1:9".into(), token: service_token.clone() };

@@ -196,6 +196,17 @@ async fn a_public_route_passes_no_tollgate_token_on() {
             echo["headers"].as_object().unwrap().values().any(|v| v.to_string().contains(&token[10..]));
         assert!(!leaked, "{name}: {echo}");
     }
+    // In the token query parameter too (a query lands in the upstream's access log); the
+    // parameter holding anything else is the upstream's.
+    let echo = echoed(
+        w.http.get(w.gateway.url(&format!("/public/a?access_token={token}&x=1"))).send().await.unwrap(),
+    )
+    .await;
+    assert_eq!(echo["uri"], "/public/a?x=1");
+    let echo =
+        echoed(w.http.get(w.gateway.url("/public/a?access_token=upstream-own&x=1")).send().await.unwrap())
+            .await;
+    assert_eq!(echo["uri"], "/public/a?access_token=upstream-own&x=1");
     for own in ["Basic dXNlcjpwYXNz", "Bearer upstream-session-1"] {
         let resp = w.http.get(w.gateway.url("/public/a")).header("Authorization", own).send().await.unwrap();
         assert_eq!(header(&echoed(resp).await, "authorization"), Some(own));
