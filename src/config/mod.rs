@@ -1103,6 +1103,17 @@ impl Validator {
             }
         }
         let mut all_scopes = Policy::default_scopes();
+        // PRODUCT: `admin` = all. Unless the config says otherwise, every permission a role holds,
+        // custom ones included (a `deploy` added to roles is in an `admin`-scoped token too).
+        if !scopes.contains_key("admin") {
+            let mut all: Vec<String> = Vec::new();
+            for p in all_roles.values().flatten() {
+                if !all.contains(p) {
+                    all.push(p.clone());
+                }
+            }
+            all_scopes.insert("admin".into(), all);
+        }
         all_scopes.extend(scopes);
         for (name, perms) in all_roles
             .iter()

@@ -876,3 +876,22 @@ fn a_secret_env_holding_bytes_that_are_not_utf8_is_read_as_bytes() {
     let config = Config::parse(yaml);
     assert!(config.is_ok(), "{:?}", config.err().map(|e| e.to_string()));
 }
+
+/// PRODUCT: the `admin` preset is all permissions: with a custom one added to roles, an
+/// `admin`-scoped token holds it too, unless the config defines `admin` itself.
+#[test]
+fn the_admin_preset_is_every_permission_a_role_holds() {
+    let roles =
+        "roles: { editor: [read, write, execute, deploy], admin: [read, write, execute, admin, deploy] }\n";
+    let config = Config::parse(roles).unwrap();
+    let admin = config.policy.scope_preset("admin").unwrap();
+    for p in ["read", "write", "execute", "admin", "deploy"] {
+        assert!(admin.iter().any(|a| a == p), "{p} in {admin:?}");
+    }
+    assert_eq!(config.policy.scope_preset("read-write").unwrap(), ["read", "write", "execute"]);
+    let config = Config::parse(&format!("{roles}scopes: {{ admin: [read, admin] }}\n")).unwrap();
+    assert_eq!(config.policy.scope_preset("admin").unwrap(), ["read", "admin"]);
+    // Without custom permissions, as PRODUCT lists it.
+    let config = Config::parse("").unwrap();
+    assert_eq!(config.policy.scope_preset("admin").unwrap(), ["read", "write", "execute", "admin"]);
+}
