@@ -755,7 +755,16 @@ impl Validator {
         }
         let own: Vec<SocketAddr> =
             [listen, admin_listen].into_iter().flatten().chain(self.also_own.iter().copied()).collect();
-        let routes = self.routes(raw.routes.unwrap_or_default(), &orgs, &policy, jwt_present, timeouts, &own);
+        // Where no header carries a token, only a route's query can.
+        let headers_carry = credentials.bearer || credentials.api_key_header.is_some();
+        let routes = self.routes(
+            raw.routes.unwrap_or_default(),
+            &orgs,
+            &policy,
+            (jwt_present, headers_carry),
+            timeouts,
+            &own,
+        );
         // An upstream verifies an HMAC-signed identity JWT with the secret itself, and that secret
         // also signs credentials: an upstream could then mint a credential of any service.
         if let Some(hmac) = jwt.as_ref().map(|j| j.signing_key()).filter(|k| jwt::is_hmac(k.algorithm)) {
@@ -1224,7 +1233,7 @@ impl Validator {
         raw: Vec<Option<RawRoute>>,
         orgs: &BTreeMap<String, OrgSettings>,
         policy: &Policy,
-        jwt_present: bool,
+        (jwt_present, headers_carry): (bool, bool),
         timeouts: UpstreamTimeouts,
         own: &[SocketAddr],
     ) -> RouteTable {
@@ -1410,6 +1419,12 @@ impl Validator {
                 self.error(
                     at("query_token"),
                     "a public route (auth: none) reads no token; drop `query_token`",
+                );
+            }
+            if !public && !headers_carry && r.query_token != Some(true) {
+                self.error(
+                    at("query_token"),
+                    "no token can reach this route: `credentials.bearer` is false and no `credentials.api_key_header` is set; give the route `query_token: true`, or read tokens from a header",
                 );
             }
             let (org, project, environment) =

@@ -895,3 +895,16 @@ fn the_admin_preset_is_every_permission_a_role_holds() {
     let config = Config::parse("").unwrap();
     assert_eq!(config.policy.scope_preset("admin").unwrap(), ["read", "write", "execute", "admin"]);
 }
+
+/// With no header to carry a token (`bearer: false`, no API-key header), a protected route that
+/// reads none from its query would refuse every request: refused, naming the route.
+#[test]
+fn a_route_no_token_can_reach_is_refused() {
+    let routes = "orgs: { acme: { projects: { shop: { environments: [prod] } } } }\nroutes:\n  - { path: /a, upstream: \"127.0.0.1:1\", org: acme, project: shop, environment: prod }\n  - { path: /b, upstream: \"127.0.0.1:1\", org: acme, project: shop, environment: prod, query_token: true }\n  - { path: /c, upstream: \"127.0.0.1:1\", auth: none }\n";
+    check(
+        &format!("credentials: {{ bearer: false }}\n{routes}"),
+        &["routes[0].query_token: no token can reach this route"],
+    );
+    check(&format!("credentials: {{ bearer: false, api_key_header: X-Key }}\n{routes}"), &[]);
+    check(routes, &[]);
+}
