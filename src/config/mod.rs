@@ -1177,6 +1177,23 @@ impl Validator {
                 within = false;
             }
         }
+        // argon2's own minima, said with the key that breaks them.
+        for (path, value) in
+            [("argon2.iterations", params.iterations), ("argon2.parallelism", params.parallelism)]
+        {
+            if value == 0 {
+                self.error(path, "must be at least 1");
+                within = false;
+            }
+        }
+        let least_memory = 8 * params.parallelism.max(1);
+        if params.memory_kib < least_memory {
+            self.error(
+                "argon2.memory_kib",
+                format!("must be at least {least_memory} (8 per lane of argon2.parallelism)"),
+            );
+            within = false;
+        }
         if let (true, Err(e)) = (within, params.validate()) {
             self.error("argon2", format!("invalid parameters: {e}"));
         }

@@ -679,6 +679,20 @@ fn thread_counts_and_argon2_costs_are_bounded() {
         ],
     );
     assert!(Config::parse("threads: 1024\nargon2: { memory_kib: 1048576, max_concurrency: 1024 }\n").is_ok());
+    // And below argon2's minima, each named by its key (not argon2's own wording).
+    check(
+        "argon2: { memory_kib: 4, iterations: 0, parallelism: 0 }\n",
+        &[
+            "argon2.iterations: must be at least 1",
+            "argon2.parallelism: must be at least 1",
+            "argon2.memory_kib: must be at least 8",
+        ],
+    );
+    check(
+        "argon2: { memory_kib: 31, parallelism: 4 }\n",
+        &["argon2.memory_kib: must be at least 32 (8 per lane"],
+    );
+    assert!(Config::parse("argon2: { memory_kib: 32, iterations: 1, parallelism: 4 }\n").is_ok());
 }
 
 #[test]
