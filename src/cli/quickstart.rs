@@ -131,7 +131,13 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    super::init_logging("warn,tollgate=info");
+    // The config's `log.level` where it asks for more or less than the default (`info`, which
+    // here is Tollgate's lines at info and only warnings from the rest).
+    let level = match config.log_level.as_str() {
+        "info" => "warn,tollgate=info",
+        level => level,
+    };
+    super::init_logging(level);
 
     // The ports first: a token issued for a gateway that then cannot start would be left behind.
     for (what, addr) in [("listen", config.listen), ("admin.listen", config.admin.listen)] {

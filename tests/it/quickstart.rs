@@ -162,6 +162,8 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let kept = cli.run(&["token", "issue", "--display-name", "kept"]).token();
     let revoked = cli.run(&["token", "issue", "--display-name", "gone"]).token();
     cli.run(&["token", "revoke", &revoked[..10]]).ok();
+    let first_log = std::fs::read_to_string(&first.log).unwrap();
+    assert!(first_log.contains("INFO"), "quickstart's own lines at info: {first_log}");
     first.stop();
 
     // The user's edits to the config survive a second run, and its echo upstream starts where
@@ -170,7 +172,10 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let config = std::fs::read_to_string(&config_path).unwrap();
     let echo =
         config.lines().find_map(|l| l.strip_prefix("# quickstart echo upstream: ")).expect("echo line");
-    let edited = format!("{config}  - {{ name: mine, path: /mine, upstream: \"{echo}\", auth: none }}\n");
+    // `log.level` too, which applies at the next start.
+    let edited = format!(
+        "{config}  - {{ name: mine, path: /mine, upstream: \"{echo}\", auth: none }}\nlog: {{ level: warn }}\n"
+    );
     std::fs::write(&config_path, &edited).unwrap();
 
     let elsewhere = tempfile::tempdir().unwrap();
@@ -184,6 +189,8 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0, "a store made where it was run from");
     let mine = url.replace("/demo/hello", "/mine/x");
     assert_eq!(http.get(&mine).send().await.unwrap().status(), 200, "the route the user added");
+    let second_log = std::fs::read_to_string(&second.log).unwrap();
+    assert!(!second_log.contains("INFO"), "log.level: warn, as edited: {second_log}");
     // The second run's token is issued like any other: audited, within the token limits.
     let audit = cli.json(&["audit", "--org", "demo", "--token-id", &second_token[..10]]);
     assert_eq!(audit[0]["action"], "token.issue", "{audit}");
