@@ -313,7 +313,7 @@ fn warn_if_not_durable(store: &store::Store) {
         Err(e) => tracing::warn!(
             store = %store.describe(),
             error = %e,
-            "store unreachable at start; requests that need it get 503 until it is back"
+            "could not check at start whether the store is durable (is it reachable?); requests that need it get 503 until it answers"
         ),
     }
 }

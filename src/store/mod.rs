@@ -588,9 +588,12 @@ impl Store {
         self.bounded(self.backend.subscribe()).await
     }
 
-    /// Why an acknowledged write could still be lost, if it could.
+    /// Why an acknowledged write could still be lost, if it could. A check of several round
+    /// trips (on Redis a connection of its own and five queries in turn), run once at start: it is
+    /// given ten times `store.timeout`, at least 5 s, where one call gets one.
     pub async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
-        self.bounded(self.backend.durability_warning()).await
+        let limit = (self.timeout * 10).max(std::time::Duration::from_secs(5));
+        self.measured(self.backend.durability_warning(), Some((limit, StoreError::Unavailable))).await
     }
 
     /// Checks the backend answers.
