@@ -923,7 +923,10 @@ impl Validator {
                 (Some(file), None, None) => match std::fs::read_to_string(&file) {
                     Ok(text) => JwtKey::load(&kid, algorithm, KeyMaterial::Pem(&text))
                         .map_err(|e| (at("key_file"), e)),
-                    Err(e) => Err((at("key_file"), format!("cannot read {file}: {e}"))),
+                    // Repeated only when it cannot be a key's text written by mistake: no base64
+                    // alphabet has a `.`, which a file name all but always has.
+                    Err(e) if file.contains('.') => Err((at("key_file"), format!("cannot read {file}: {e}"))),
+                    Err(e) => Err((at("key_file"), format!("cannot read the file it names: {e}"))),
                 },
                 (None, Some(file), None) => match std::fs::read(&file) {
                     Ok(bytes) => {

@@ -438,6 +438,7 @@ jwt:
     - {{ kid: k8, algorithm: HS256, secret_env: a3f9s3cret0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8 }}
     - {{ kid: k9, algorithm: HS256, secret_file: q8Zxs3cretAbCdEfGhIjKlMnOpQrStUvWxYz0123456789 }}
     - {{ kid: k10, algorithm: HS256, secret_env: JWT-SECRET-UNSET }}
+    - {{ kid: k11, key_file: MC4CAQAwBQYDK2VwBCIEIPASTEDs3cret/one+line== }}
 routes:
   - {{ path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }}
 "#,
@@ -459,6 +460,7 @@ routes:
             "jwt.keys[8].secret_env: names an environment variable that is not set",
             "jwt.keys[9].secret_file: cannot read the file it names",
             "jwt.keys[10].secret_env: names an environment variable that is not set",
+            "jwt.keys[11].key_file: cannot read the file it names",
             "jwt.signing_key: no key in jwt.keys has kid \"nope\"",
             "routes[0].identity_jwt: a public route has no identity to sign",
         ],
