@@ -490,6 +490,8 @@ impl Verifier {
         let claims = &ephemeral.claims;
         let parent = TokenId::parse(&claims.tid).ok_or(invalid(JwtError::Claims))?;
         let record = self.cache.token(&parent).await?.ok_or(AuthError::Invalid(Invalid::OwnerGone))?;
+        // As of after the read (a store read may take up to `store.timeout`), as for a token.
+        let now = now_millis();
         if record.is_revoked(now) {
             return Err(AuthError::Invalid(Invalid::Revoked));
         }
