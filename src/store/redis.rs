@@ -130,10 +130,13 @@ impl RedisBackend {
         Ok(shared.insert(conn).clone())
     }
 
-    /// Drops the connection for changes, so that the next change connects (and resolves the
-    /// host) anew.
-    async fn reconnect_writer(&self) {
+    /// Drops the connections for reads and changes, so that the next call connects (and resolves
+    /// the host) anew: after a failover, reads must come from where changes go and invalidations
+    /// come from, or a record read from a demoted primary that no longer follows (or lags) the new
+    /// one would be cached after its invalidation, and served until `cache.ttl`.
+    async fn reconnect(&self) {
         self.writer.lock().await.take();
+        self.conn.lock().await.take();
     }
 
     fn key(&self, key: &str) -> String {
@@ -243,7 +246,7 @@ impl Backend for RedisBackend {
         let read_only = redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         if sent.as_ref().is_err_and(|e| e.kind() == read_only) {
             tracing::warn!("the Redis connection reaches a read-only replica; connecting again");
-            self.reconnect_writer().await;
+            self.reconnect().await;
             conn = self.connection(&self.writer).await?;
             sent = self.script.arg(&encoded).arg(&self.channel).invoke_async(&mut conn).await;
         }
@@ -271,6 +274,9 @@ impl Backend for RedisBackend {
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
+        // A feed made anew (the first, or one after the last was lost: a stalled server, a
+        // failover) and the connections it guards go to the same server.
+        self.reconnect().await;
         let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
         pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
         let (mut sink, mut messages) = pubsub.split();

@@ -256,6 +256,68 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
     assert!(revoked.is_some_and(|r| r.contains("after the failover")), "the new primary has the revocation");
 }
 
+/// After a failover, an instance whose invalidation feed was lost (its server stalled) subscribes
+/// again at the address, now the new primary, and reads from there too: a record read from the
+/// old primary, which may lag the new one or no longer follow it, would be cached after its
+/// invalidation and served until `cache.ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_reads_come_from_where_invalidations_come_from() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let target = std::sync::Arc::new(AtomicU16::new(0));
+    let w = World::start_with(|redis, upstream| {
+        let primary = redis.url().rsplit(':').next().unwrap().parse().unwrap();
+        target.store(primary, Ordering::SeqCst);
+        let address = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(moving_address(target.clone()))
+        });
+        let port = free_port();
+        let config = gateway_config(port, &format!("redis://127.0.0.1:{address}"), upstream.port)
+            .replace("last_use_flush: 200ms", "last_use_flush: 1h");
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    let another = || {
+        let port = free_port();
+        let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+        let config = config.replace(&w.gateway.port.to_string(), &port.to_string());
+        let config = config.replace(&w.gateway.admin_port.to_string(), &free_port().to_string());
+        Gateway::start_with(port, &config)
+    };
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
+    assert_eq!(
+        w.get(&w.gateway, "/shop", &token).await.status(),
+        200,
+        "cached, its connections on the old primary"
+    );
+
+    // The failover; then the old primary stalls past the feed's heartbeat (`store.timeout`, 1 s
+    // here), so the instance subscribes again, at the address that now names the new primary.
+    let old = target.load(Ordering::SeqCst).to_string();
+    let (new, _dir) = replica_of(&old);
+    let synced = |server: &tollgate::testing::RedisServer| {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut server.client()).unwrap();
+        info.contains("master_link_status:up")
+    };
+    assert!(eventually(Duration::from_secs(30), || async { synced(&new) }).await, "the replica never synced");
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut new.client()).unwrap();
+    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port).query(&mut w.redis.client()).unwrap();
+    target.store(new.port, Ordering::SeqCst);
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query(&mut w.redis.client()).unwrap();
+    // Past the pause, the old primary is cut off from the new one: it keeps what it had.
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut w.redis.client()).unwrap();
+
+    // Revoked through an instance started after the failover (its every connection on the new
+    // primary): the first instance hears it from there, and must read the record from there.
+    let third = another();
+    let by_third = Cli { server: third.admin_url(), token: admin.token.clone() };
+    by_third.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
+    let refused = eventually(Duration::from_secs(10), || async {
+        w.get(&w.gateway, "/shop", &token).await.status() == 401
+    });
+    assert!(refused.await, "the first instance still accepts the revoked token: {}", w.gateway.log_text());
+}
+
 /// A full disk under the embedded store: changes are refused (503, never a crash), and since
 /// redb refuses every later write until the file is opened anew, `/readyz` says not ready (for an
 /// orchestrator to restart the gateway), where a read answered from memory said ready. The disk
