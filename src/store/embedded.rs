@@ -26,7 +26,16 @@ pub struct EmbeddedBackend {
     /// An I/O error (a full disk, say) met: redb refuses every later write, and every read it
     /// cannot answer from memory, until the file is opened again, so readiness says so.
     broken: AtomicBool,
+    /// Slots for reads on the blocking threads: see [`READS_AT_ONCE`].
+    reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Reads run on blocking threads at most this many at once. One given up on past
+/// `store.timeout` still runs to its end, so under a flood of reads the database answers more
+/// slowly than they come (each unknown token id a client makes up is one), a read waits for a
+/// slot within its bound and is given up on without queueing work, rather than the blocking
+/// queue and its memory growing with the flood.
+const READS_AT_ONCE: usize = 32;
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -110,7 +119,27 @@ impl EmbeddedBackend {
             path: path.to_path_buf(),
             feed: Arc::default(),
             broken: AtomicBool::new(false),
+            reads: Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE)),
         })
+    }
+
+    /// Runs a read off the async threads once a read slot is free; the slot goes with the work.
+    async fn reading<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = self.reads.clone().acquire_owned().await.map_err(failed)?;
+        self.blocking(move |db| {
+            let _slot = slot;
+            work(db)
+        })
+        .await
+    }
+
+    /// Every read slot, held: reads wait as under a flood.
+    #[cfg(test)]
+    pub(crate) async fn hold_read_slots(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.reads.clone().acquire_many_owned(READS_AT_ONCE as u32).await.expect("open")
     }
 
     /// Runs blocking database work off the async threads.
@@ -137,7 +166,7 @@ impl EmbeddedBackend {
 impl Backend for EmbeddedBackend {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_string();
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let tx = db.begin_read().map_err(redb_failed)?;
             let table = tx.open_table(KV).map_err(redb_failed)?;
             Ok(table.get(key.as_str()).map_err(redb_failed)?.map(|v| v.value().to_string()))
@@ -147,7 +176,7 @@ impl Backend for EmbeddedBackend {
 
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
         let keys = keys.to_vec();
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let tx = db.begin_read().map_err(redb_failed)?;
             let table = tx.open_table(KV).map_err(redb_failed)?;
             keys.iter()
@@ -159,7 +188,7 @@ impl Backend for EmbeddedBackend {
 
     async fn members(&self, set: &str) -> Result<Vec<String>, StoreError> {
         let set = set.to_string();
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let tx = db.begin_read().map_err(redb_failed)?;
             let table = tx.open_table(SETS).map_err(redb_failed)?;
             let mut out = Vec::new();
@@ -178,7 +207,7 @@ impl Backend for EmbeddedBackend {
 
     async fn list(&self, key: &str, skip: usize, limit: usize) -> Result<Vec<String>, StoreError> {
         let key = key.to_string();
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let tx = db.begin_read().map_err(redb_failed)?;
             let table = tx.open_table(LISTS).map_err(redb_failed)?;
             let mut out = Vec::new();

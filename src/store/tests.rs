@@ -718,3 +718,24 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
         assert!(s.get_token(&token.id).await.unwrap().is_some(), "{}", s.describe());
     }
 }
+
+/// Under a flood of reads the embedded database answers more slowly than they come, a read waits
+/// for a slot within `store.timeout` and is refused (503) without queueing work; changes do not
+/// wait for read slots; once slots are free, reads are answered again.
+#[tokio::test]
+async fn an_embedded_read_waits_for_a_slot_within_its_bound_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(embedded::EmbeddedBackend::open(&dir.path().join("store.redb")).unwrap());
+    let store = Store::new(backend.clone(), Duration::from_millis(100));
+    let held = backend.hold_read_slots().await;
+    let started = std::time::Instant::now();
+    let id = TokenId::parse("tgp_AAAAAA").unwrap();
+    assert!(matches!(store.get_token(&id).await, Err(StoreError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_secs(5), "refused within its bound");
+    let user =
+        lifecycle::create_user(&store, "acme", "a@x.io", Role::Admin, BTreeMap::new(), Attributes::new())
+            .await
+            .expect("a change needs no read slot");
+    drop(held);
+    assert_eq!(record(store.get_user(&user.id).await.unwrap()), Some(user));
+}
