@@ -95,9 +95,9 @@ impl Client {
     pub fn new(server: &str, token: Option<String>, json: bool) -> anyhow::Result<Client> {
         let server = server_url(server)?;
         let mut http = reqwest::Client::builder().connect_timeout(CONNECT_WITHIN).timeout(ANSWER_WITHIN);
-        // A proxy from the environment (`http_proxy`, `ALL_PROXY`) cannot reach this machine's
-        // loopback, and over plain HTTP would get the token in the clear.
-        if reqwest::Url::parse(&server).is_ok_and(|url| is_loopback(&url)) {
+        // A proxy from the environment (`http_proxy`, `ALL_PROXY`) would get the token in the
+        // clear over plain HTTP, and cannot reach this machine's loopback at all.
+        if reqwest::Url::parse(&server).is_ok_and(|url| url.scheme() == "http" || is_loopback(&url)) {
             http = http.no_proxy();
         }
         let http = http.build()?;

@@ -704,6 +704,8 @@ impl Validator {
         }
         let cache =
             CacheSettings { capacity, ttl: self.duration("cache.ttl", cache.ttl, Duration::from_secs(300)) };
+        // A header named at all, valid or not (an invalid one is told apart).
+        let api_key_named = raw.credentials.as_ref().is_some_and(|c| c.api_key_header.is_some());
         let credentials = self.credentials(raw.credentials.unwrap_or_default());
         let identity = self.identity(raw.identity.unwrap_or_default());
         if let (Some(key), Some(identity)) = (&credentials.api_key_header, &identity) {
@@ -756,7 +758,7 @@ impl Validator {
         let own: Vec<SocketAddr> =
             [listen, admin_listen].into_iter().flatten().chain(self.also_own.iter().copied()).collect();
         // Where no header carries a token, only a route's query can.
-        let headers_carry = credentials.bearer || credentials.api_key_header.is_some();
+        let headers_carry = credentials.bearer || api_key_named;
         let routes = self.routes(
             raw.routes.unwrap_or_default(),
             &orgs,
@@ -1115,17 +1117,7 @@ impl Validator {
             }
         }
         let mut all_scopes = Policy::default_scopes();
-        // PRODUCT: `admin` = all. Unless the config says otherwise, every permission a role holds,
-        // custom ones included (a `deploy` added to roles is in an `admin`-scoped token too).
-        if !scopes.contains_key("admin") {
-            let mut all: Vec<String> = Vec::new();
-            for p in all_roles.values().flatten() {
-                if !all.contains(p) {
-                    all.push(p.clone());
-                }
-            }
-            all_scopes.insert("admin".into(), all);
-        }
+        let admin_given = scopes.contains_key("admin");
         all_scopes.extend(scopes);
         for (name, perms) in all_roles
             .iter()
@@ -1140,6 +1132,18 @@ impl Validator {
                     );
                 }
             }
+        }
+        // PRODUCT: `admin` = all. Unless the config says otherwise, every permission a role holds,
+        // custom ones included (a `deploy` added to roles is in an `admin`-scoped token too). Made
+        // after the names are checked: a bad one is told once, where it is written.
+        if !admin_given {
+            let mut all: Vec<String> = Vec::new();
+            for p in all_roles.values().flatten() {
+                if !all.contains(p) {
+                    all.push(p.clone());
+                }
+            }
+            all_scopes.insert("admin".into(), all);
         }
         // The admin API's org-admin calls need the admin role and the `admin` permission: an
         // admin role without it would leave nobody able to add a user or revoke another's token.
@@ -1189,16 +1193,19 @@ impl Validator {
                 within = false;
             }
         }
-        let least_memory = 8 * params.parallelism.max(1);
-        if params.memory_kib < least_memory {
+        let least_memory = 8 * params.parallelism.clamp(1, 64);
+        if params.parallelism <= 64 && params.memory_kib < least_memory {
             self.error(
                 "argon2.memory_kib",
                 format!("must be at least {least_memory} (8 per lane of argon2.parallelism)"),
             );
             within = false;
         }
-        if let (true, Err(e)) = (within, params.validate()) {
-            self.error("argon2", format!("invalid parameters: {e}"));
+        // Only within the bounds: argon2's own check multiplies them.
+        if within {
+            if let Err(e) = params.validate() {
+                self.error("argon2", format!("invalid parameters: {e}"));
+            }
         }
         let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
         let max_concurrency = raw.max_concurrency.unwrap_or(cpus.min(MAX_THREADS));

@@ -695,6 +695,8 @@ fn thread_counts_and_argon2_costs_are_bounded() {
         &["argon2.memory_kib: must be at least 32 (8 per lane"],
     );
     assert!(Config::parse("argon2: { memory_kib: 32, iterations: 1, parallelism: 4 }\n").is_ok());
+    // A parallelism past its bound is told once (no memory minimum made of it, no overflow).
+    check("argon2: { parallelism: 600000000 }\n", &["argon2.parallelism: must be at most 64"]);
 }
 
 #[test]
@@ -907,6 +909,9 @@ fn the_admin_preset_is_every_permission_a_role_holds() {
     assert_eq!(config.policy.scope_preset("read-write").unwrap(), ["read", "write", "execute"]);
     let config = Config::parse(&format!("{roles}scopes: {{ admin: [read, admin] }}\n")).unwrap();
     assert_eq!(config.policy.scope_preset("admin").unwrap(), ["read", "admin"]);
+    // A bad permission name is told where it is written, not again under the made preset.
+    let errs = errors("roles: { editor: [read, de.ploy] }\n");
+    assert!(errs.len() == 1 && errs[0].starts_with("roles.editor[1]"), "{errs:#?}");
     // Without custom permissions, as PRODUCT lists it.
     let config = Config::parse("").unwrap();
     assert_eq!(config.policy.scope_preset("admin").unwrap(), ["read", "write", "execute", "admin"]);
@@ -922,5 +927,8 @@ fn a_route_no_token_can_reach_is_refused() {
         &["routes[0].query_token: no token can reach this route"],
     );
     check(&format!("credentials: {{ bearer: false, api_key_header: X-Key }}\n{routes}"), &[]);
+    // A header named but invalid is told as that alone.
+    let errs = errors(&format!("credentials: {{ bearer: false, api_key_header: \"X API Key\" }}\n{routes}"));
+    assert!(errs.len() == 1 && errs[0].starts_with("credentials.api_key_header"), "{errs:#?}");
     check(routes, &[]);
 }

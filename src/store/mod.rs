@@ -589,10 +589,13 @@ impl Store {
     }
 
     /// Why an acknowledged write could still be lost, if it could. A check of several round
-    /// trips (on Redis a connection of its own and five queries in turn), run once at start: it is
-    /// given ten times `store.timeout`, at least 5 s, where one call gets one.
+    /// trips (on Redis a connection of its own and five queries in turn), run once at start, before
+    /// the ports are bound: it is given ten times `store.timeout` within 5 to 10 s, or one
+    /// `store.timeout` where that is longer.
     pub async fn durability_warning(&self) -> Result<Option<String>, StoreError> {
-        let limit = (self.timeout * 10).max(std::time::Duration::from_secs(5));
+        use std::time::Duration;
+        let limit =
+            (self.timeout * 10).clamp(Duration::from_secs(5), Duration::from_secs(10)).max(self.timeout);
         self.measured(self.backend.durability_warning(), Some((limit, StoreError::Unavailable))).await
     }
 

@@ -274,11 +274,12 @@ impl Backend for RedisBackend {
     }
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
-        // A feed made anew (the first, or one after the last was lost: a stalled server, a
-        // failover) and the connections it guards go to the same server.
-        self.reconnect().await;
         let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
         pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
+        // A feed made anew (the first, or one after the last was lost: a stalled server, a
+        // failover) and the connections it guards go to the same server. (Only once it is made:
+        // a subscription refused again and again, an ACL without the channel, leaves them be.)
+        self.reconnect().await;
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
         let timeout = self.timeout;

@@ -106,9 +106,14 @@ async fn the_cli_never_sends_its_token_through_an_http_proxy() {
     proxy.set_nonblocking(true).unwrap();
     // The scheme in any case (a URL's scheme is case-insensitive), and `localhost` too.
     let port = admin.server.rsplit(':').next().unwrap();
-    for server in
-        [admin.server.clone(), admin.server.replace("http://", "HTTP://"), format!("localhost:{port}")]
-    {
+    // `0.0.0.0`, no loopback name, reaches the listener on Linux: plain HTTP to any host.
+    let any_host = format!("http://0.0.0.0:{port}");
+    for server in [
+        admin.server.clone(),
+        admin.server.replace("http://", "HTTP://"),
+        format!("localhost:{port}"),
+        any_host,
+    ] {
         let cli = Cli { server: server.clone(), token: admin.token.clone() };
         let out = cli.run_with(&["token", "list"], |c| {
             for name in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {

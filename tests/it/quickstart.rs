@@ -61,6 +61,8 @@ impl Quickstart {
             .arg("--dir")
             .arg(dir)
             .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+            // Its log level is its config's, which the tests read, not the caller's.
+            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(Quickstart::log(cwd, dir)).unwrap())
             .spawn()
