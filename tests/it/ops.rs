@@ -198,11 +198,9 @@ async fn moving_address(target: std::sync::Arc<std::sync::atomic::AtomicU16>) ->
     port
 }
 
-/// A failover that moves the store's address to the new primary while the old one, now a
-/// replica, keeps its clients: the gateway's connection there refuses every change (READONLY),
-/// so the gateway connects again, and a revocation lands on the new primary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_after_a_failover_reaches_the_new_primary() {
+/// A gateway whose Redis address moves (see [`moving_address`]): its world, and where the
+/// address points.
+async fn behind_a_moving_address() -> (World, std::sync::Arc<std::sync::atomic::AtomicU16>) {
     use std::sync::atomic::{AtomicU16, Ordering};
     let target = std::sync::Arc::new(AtomicU16::new(0));
     let w = World::start_with(|redis, upstream| {
@@ -217,23 +215,27 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
         Gateway::start_with(port, &config)
     })
     .await;
-    // A second instance on the same address, which makes no change itself.
-    let second = {
-        let port = free_port();
-        let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
-        let config = config.replace(&w.gateway.port.to_string(), &port.to_string());
-        let config = config.replace(&w.gateway.admin_port.to_string(), &free_port().to_string());
-        Gateway::start_with(port, &config)
-    };
-    let admin = w.bootstrap_admin("acme").await;
-    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
-    for g in [&w.gateway, &second] {
-        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
-    }
+    (w, target)
+}
 
-    // The failover: a replica is promoted, the old primary follows it, the address moves.
+/// Another instance of `w`'s gateway, on the same (moving) Redis address.
+fn another_instance(w: &World) -> Gateway {
+    let port = free_port();
+    let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
+    let config = config.replace(&w.gateway.port.to_string(), &port.to_string());
+    let config = config.replace(&w.gateway.admin_port.to_string(), &free_port().to_string());
+    Gateway::start_with(port, &config)
+}
+
+/// The failover: a replica of `w`'s Redis is synced and promoted, the old primary follows it,
+/// the address moves to it. The new primary, and the directory it keeps.
+async fn fail_over(
+    w: &World,
+    target: &std::sync::atomic::AtomicU16,
+) -> (tollgate::testing::RedisServer, tempfile::TempDir) {
+    use std::sync::atomic::Ordering;
     let old = target.load(Ordering::SeqCst).to_string();
-    let (new, _dir) = replica_of(&old);
+    let (new, dir) = replica_of(&old);
     let synced = |server: &tollgate::testing::RedisServer| {
         let info: String = redis::cmd("INFO").arg("replication").query(&mut server.client()).unwrap();
         info.contains("master_link_status:up")
@@ -242,7 +244,24 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
     let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut new.client()).unwrap();
     let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port).query(&mut w.redis.client()).unwrap();
     target.store(new.port, Ordering::SeqCst);
+    (new, dir)
+}
 
+/// A failover that moves the store's address to the new primary while the old one, now a
+/// replica, keeps its clients: the gateway's connection there refuses every change (READONLY),
+/// so the gateway connects again, and a revocation lands on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_a_failover_reaches_the_new_primary() {
+    let (w, target) = behind_a_moving_address().await;
+    // A second instance on the same address, which makes no change itself.
+    let second = another_instance(&w);
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
+    for g in [&w.gateway, &second] {
+        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
+    }
+
+    let (new, _dir) = fail_over(&w, &target).await;
     admin.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
     assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
     // The other instance's subscription stays on the old primary, now a replica of the new one:
@@ -262,54 +281,22 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
 /// invalidation and served until `cache.ttl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_reads_come_from_where_invalidations_come_from() {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    let target = std::sync::Arc::new(AtomicU16::new(0));
-    let w = World::start_with(|redis, upstream| {
-        let primary = redis.url().rsplit(':').next().unwrap().parse().unwrap();
-        target.store(primary, Ordering::SeqCst);
-        let address = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(moving_address(target.clone()))
-        });
-        let port = free_port();
-        let config = gateway_config(port, &format!("redis://127.0.0.1:{address}"), upstream.port)
-            .replace("last_use_flush: 200ms", "last_use_flush: 1h");
-        Gateway::start_with(port, &config)
-    })
-    .await;
-    let another = || {
-        let port = free_port();
-        let config = std::fs::read_to_string(&w.gateway.config_path).unwrap();
-        let config = config.replace(&w.gateway.port.to_string(), &port.to_string());
-        let config = config.replace(&w.gateway.admin_port.to_string(), &free_port().to_string());
-        Gateway::start_with(port, &config)
-    };
+    let (w, target) = behind_a_moving_address().await;
     let admin = w.bootstrap_admin("acme").await;
     let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
-    assert_eq!(
-        w.get(&w.gateway, "/shop", &token).await.status(),
-        200,
-        "cached, its connections on the old primary"
-    );
+    let cached = w.get(&w.gateway, "/shop", &token).await.status();
+    assert_eq!(cached, 200, "cached, its connections on the old primary");
 
     // The failover; then the old primary stalls past the feed's heartbeat (`store.timeout`, 1 s
     // here), so the instance subscribes again, at the address that now names the new primary.
-    let old = target.load(Ordering::SeqCst).to_string();
-    let (new, _dir) = replica_of(&old);
-    let synced = |server: &tollgate::testing::RedisServer| {
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut server.client()).unwrap();
-        info.contains("master_link_status:up")
-    };
-    assert!(eventually(Duration::from_secs(30), || async { synced(&new) }).await, "the replica never synced");
-    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut new.client()).unwrap();
-    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port).query(&mut w.redis.client()).unwrap();
-    target.store(new.port, Ordering::SeqCst);
+    let (_new, _dir) = fail_over(&w, &target).await;
     let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query(&mut w.redis.client()).unwrap();
     // Past the pause, the old primary is cut off from the new one: it keeps what it had.
     let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut w.redis.client()).unwrap();
 
     // Revoked through an instance started after the failover (its every connection on the new
     // primary): the first instance hears it from there, and must read the record from there.
-    let third = another();
+    let third = another_instance(&w);
     let by_third = Cli { server: third.admin_url(), token: admin.token.clone() };
     by_third.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
     let refused = eventually(Duration::from_secs(10), || async {
