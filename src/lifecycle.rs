@@ -771,9 +771,25 @@ impl<'a> Lifecycle<'a> {
             .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
         let now = now_millis();
         let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
-        let (new, record) = self.mint(&actor.org, Owner::User(user_id), spec).await?;
+        let owner = Owner::User(user_id);
+        self.room_for_a_token(&owner, now).await?;
+        let (new, record) = self.mint(&actor.org, owner, spec).await?;
         self.store_issued(actor, &record, serde_json::Value::Null, None).await.map_err(keeping(&new))?;
         Ok(self.issued(new, &record).await)
+    }
+
+    /// Whether `owner` may be issued another token: at most `tokens.max_per_owner` working ones
+    /// (a rotation, which ends the one it replaces, is not counted against it).
+    async fn room_for_a_token(&self, owner: &Owner, now: Millis) -> Result<()> {
+        let max = self.config.tokens.max_per_owner;
+        let tokens = self.store.list_owner_tokens(owner).await?;
+        let working = tokens.iter().filter(|t| !t.is_revoked(now) && !t.is_expired(now)).count();
+        if working >= max {
+            return Err(LifecycleError::Conflict(format!(
+                "{working} working tokens already, the most tokens.max_per_owner allows: revoke one first"
+            )));
+        }
+        Ok(())
     }
 
     /// What `req` asks a new token to be.
@@ -841,6 +857,7 @@ impl<'a> Lifecycle<'a> {
         req: IssueRequest,
     ) -> Result<IssuedToken> {
         let now = now_millis();
+        self.room_for_a_token(&owner, now).await?;
         let (new, record) =
             self.mint_for(actor, roles, &actor.org, owner, self.wanted(req, now)?, now).await?;
         let details = serde_json::json!({ "for": label });

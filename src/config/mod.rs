@@ -472,7 +472,14 @@ pub struct TokenLimits {
     pub max_ttl: Option<Duration>,
     /// Whether every new token needs an expiry.
     pub require_expiry: bool,
+    /// Most working (not revoked, not expired) tokens one user or service may hold when another
+    /// is issued: records are kept after they end, and any user may issue their own, so without
+    /// a bound one owner could grow the store, and the change that removes them, without end.
+    pub max_per_owner: usize,
 }
+
+/// [`TokenLimits::max_per_owner`]'s default.
+pub const DEFAULT_MAX_TOKENS_PER_OWNER: usize = 1000;
 
 impl Config {
     /// Reads and validates a reload of `running`: as [`Config::parse`], with the running gateway's
@@ -795,7 +802,11 @@ impl Validator {
         let tokens = TokenLimits {
             max_ttl: tokens.max_ttl.map(|t| self.duration("tokens.max_ttl", Some(t), Duration::from_secs(1))),
             require_expiry: tokens.require_expiry.unwrap_or(false),
+            max_per_owner: tokens.max_per_owner.unwrap_or(DEFAULT_MAX_TOKENS_PER_OWNER),
         };
+        if !(1..=100_000).contains(&tokens.max_per_owner) {
+            self.error("tokens.max_per_owner", "must be between 1 and 100000");
+        }
         let audit_max = raw.audit.and_then(|a| a.max_entries).unwrap_or(crate::store::DEFAULT_AUDIT_MAX);
         if audit_max == 0 {
             self.error("audit.max_entries", "must be at least 1");

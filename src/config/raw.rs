@@ -60,6 +60,7 @@ pub struct RawAdmin {
 pub struct RawTokens {
     pub max_ttl: Option<String>,
     pub require_expiry: Option<bool>,
+    pub max_per_owner: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -932,3 +932,11 @@ fn a_route_no_token_can_reach_is_refused() {
     assert!(errs.len() == 1 && errs[0].starts_with("credentials.api_key_header"), "{errs:#?}");
     check(routes, &[]);
 }
+
+#[test]
+fn tokens_per_owner_are_bounded_from_one_to_a_hundred_thousand() {
+    assert_eq!(Config::parse("").unwrap().tokens.max_per_owner, 1000);
+    check("tokens: { max_per_owner: 0 }\n", &["tokens.max_per_owner: must be between 1 and 100000"]);
+    check("tokens: { max_per_owner: 100001 }\n", &["tokens.max_per_owner: must be between 1 and 100000"]);
+    assert_eq!(Config::parse("tokens: { max_per_owner: 5 }\n").unwrap().tokens.max_per_owner, 5);
+}

@@ -642,3 +642,34 @@ async fn a_service_token_rotated_by_its_manager_is_stored_only_while_the_service
     let old = TokenId::parse(&token.details.id).unwrap();
     assert!(store.get_token(&old).await.unwrap().unwrap().revoked.is_none(), "nothing rotated");
 }
+
+/// An owner holds at most `tokens.max_per_owner` working tokens: another is refused (409) until
+/// one is revoked; a service's by issue as a user's; a rotation is not counted against it.
+#[tokio::test]
+async fn an_owner_holds_at_most_the_configured_working_tokens() {
+    let (store, _, actor) = setup().await;
+    let config = Config::parse(&CONFIG.replace("max_ttl: 1h }", "max_ttl: 1h, max_per_owner: 2 }")).unwrap();
+    let l = Lifecycle::new(&store, &config);
+    let issue = || l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() });
+    let first = issue().await.unwrap();
+    issue().await.unwrap();
+    let refused = issue().await;
+    assert!(
+        matches!(&refused, Err(LifecycleError::Conflict(m)) if m.contains("tokens.max_per_owner")),
+        "{refused:?}"
+    );
+    // A rotation replaces one: not refused.
+    let rotated = l.rotate(&actor, &first.details.id, RotateRequest::default()).await.unwrap();
+    l.revoke(&actor, Some(&rotated.details.id), None, None).await.unwrap();
+    issue().await.expect("room again once one is revoked");
+
+    let (service, _) = l.create_service(&actor, viewer_service("etl")).await.unwrap();
+    let for_service = |name: &str| IssueRequest {
+        ttl_minutes: Some(5),
+        service: Some(name.to_string()),
+        ..IssueRequest::default()
+    };
+    l.issue_pat(&actor, for_service(&service.name)).await.unwrap();
+    let refused = l.issue_pat(&actor, for_service(&service.name)).await;
+    assert!(matches!(&refused, Err(LifecycleError::Conflict(_))), "{refused:?}");
+}
