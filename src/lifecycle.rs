@@ -1396,7 +1396,7 @@ impl<'a> Lifecycle<'a> {
         org: &str,
         email: &str,
         reason: Option<String>,
-    ) -> Result<usize> {
+    ) -> Result<(String, usize)> {
         let reason = check_reason(reason)?;
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
@@ -1409,7 +1409,7 @@ impl<'a> Lifecycle<'a> {
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
-        Ok(tokens.tokens.len())
+        Ok((user.email.clone(), tokens.tokens.len()))
     }
 
     /// An owner's tokens not yet revoked, revoked now by `actor`: written with the owner's removal,

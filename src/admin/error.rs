@@ -136,6 +136,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
+        // A new secret in the answer: kept by no cache, as a 201's is not.
+        if matches!(self, ApiError::UnansweredToken(_)) {
+            response
+                .headers_mut()
+                .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        }
         response
     }
 }

@@ -569,7 +569,7 @@ async fn remove_user(
     reply(
         l.remove_user(&a, &org, &email, r.reason)
             .await
-            .map(|n| serde_json::json!({ "removed": email, "revoked_tokens": n })),
+            .map(|(removed, n)| serde_json::json!({ "removed": removed, "revoked_tokens": n })),
     )
 }
 

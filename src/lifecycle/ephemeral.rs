@@ -49,9 +49,11 @@ pub struct IssuedCredential {
     pub org: String,
     /// Project.
     pub project: String,
-    /// Scope permissions, if narrowed.
+    /// Scope permissions, if narrowed (absent otherwise, as the OpenAPI document says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<Vec<String>>,
-    /// Environments, if restricted.
+    /// Environments, if restricted (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environments: Option<Vec<String>>,
     /// Expiry (RFC 3339).
     pub expires_at: String,

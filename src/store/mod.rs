@@ -401,7 +401,9 @@ fn org_key(name: &str) -> String {
     format!("org:{name}")
 }
 fn user_email_key(org: &str, email: &str) -> String {
-    format!("user-email:{org}:{}", email.to_lowercase())
+    // Stored emails are ASCII (`check_email`): a name in another script (the Kelvin sign, which
+    // Unicode lowercases to `k`) names no one.
+    format!("user-email:{org}:{}", email.to_ascii_lowercase())
 }
 fn service_name_key(org: &str, name: &str) -> String {
     format!("service-name:{org}:{name}")

@@ -436,6 +436,10 @@ async fn minting_refuses_what_the_service_may_not_grant() {
     assert_eq!(status, 201, "{answer}");
     let expires_in = answer["expires_in"].as_i64().unwrap();
     assert!((100..=120).contains(&expires_in), "{answer}");
+    // Neither narrowed: no `permissions` or `environments` at all (the OpenAPI document's arrays
+    // are not nullable), rather than `null`.
+    let answer = answer.as_object().unwrap();
+    assert!(!answer.contains_key("permissions") && !answer.contains_key("environments"), "{answer:?}");
 
     // An environment named twice is carried once.
     let (status, answer) =

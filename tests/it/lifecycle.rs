@@ -626,6 +626,13 @@ async fn nobody_grants_more_than_they_hold() {
         .iter()
         .find(|e| e["action"] == "user.suspend" && e["target"] != "user:val@acme.io");
     assert_eq!(suspended.expect("audited")["target"], "user:Mia@Acme.io", "{log}");
+    // Only ASCII case is folded: the Kelvin sign (which Unicode lowercases to `k`) names no one.
+    add_user(&admin, "kate@acme.io", "viewer");
+    let err = admin.run(&["user", "show", "\u{212a}ate@acme.io"]).failed();
+    assert!(err.contains("404") || err.contains("no user"), "{err}");
+    // Removed by another case, the answer names the stored email.
+    let removed = admin.json(&["user", "remove", "KATE@acme.io"]);
+    assert_eq!(removed["removed"], "kate@acme.io", "{removed}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 401);
     // The suspended user's tokens say so, as the gateway refuses them; and no longer once back.
     let statuses = || {

@@ -109,6 +109,12 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
         redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").query(&mut w.redis.client()).unwrap();
     let out = admin.run(&["token", "issue", "--display-name", "during-pause"]);
     let as_json = admin.run(&["--json", "token", "issue", "--display-name", "during-pause-json"]);
+    // The answer carries a secret: no cache keeps it, as none keeps a 201's.
+    let raw = w.http.post(format!("{}/v1/tokens", w.gateway.admin_url())).bearer_auth(&admin.token);
+    let raw = raw.json(&serde_json::json!({ "display_name": "during-pause-raw" })).send().await.unwrap();
+    assert_eq!(raw.status(), 503);
+    assert_eq!(raw.headers().get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
+    remember_secret(raw.json::<serde_json::Value>().await.unwrap()["token"].as_str().expect("the token"));
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut w.redis.client()).unwrap();
     // With --json, the kept token is JSON too.
     let kept_json: serde_json::Value = serde_json::from_str(&as_json.stdout).expect("JSON");
