@@ -397,13 +397,10 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Re
         req.remove(name);
     }
     let param = &config.credentials.query_param;
-    let target = req.target();
-    let query = target.iter().position(|&b| b == b'?').map(|at| &target[at + 1..]);
-    let query = query.and_then(|q| std::str::from_utf8(q).ok()).unwrap_or_default();
-    if super::credential::query_values(query, param).iter().any(|v| own_credential(config, v)) {
-        remove_query_token(req, param)?;
-    }
-    Ok(())
+    remove_query_param_if(req, param, |query| {
+        let query = std::str::from_utf8(query).unwrap_or_default();
+        super::credential::query_values(query, param).iter().any(|v| own_credential(config, v))
+    })
 }
 
 /// [`Made::template`] for `headers`, under `config`'s request id header and `forwarded_for`.
@@ -744,10 +741,19 @@ fn identity_jwt(
 /// the URI, which holds only a lossy rendering of a target that is not UTF-8: everything else
 /// reaches the upstream byte for byte (and an absolute-form target stays one).
 fn remove_query_token(req: &mut dyn Upstream, param: &str) -> pingora::Result<()> {
+    remove_query_param_if(req, param, |_| true)
+}
+
+/// [`remove_query_token`], where the raw query also passes `wanted`.
+fn remove_query_param_if(
+    req: &mut dyn Upstream,
+    param: &str,
+    wanted: impl FnOnce(&[u8]) -> bool,
+) -> pingora::Result<()> {
     let target = req.target();
     let Some(at) = target.iter().position(|&b| b == b'?') else { return Ok(()) };
     let query = &target[at + 1..];
-    if !has_query_param(query, param) {
+    if !has_query_param(query, param) || !wanted(query) {
         return Ok(());
     }
     let rest = strip_query_param(query, param);
