@@ -479,8 +479,14 @@ pub struct AddedUser {
     pub token_id: Option<String>,
     /// When that token expires (RFC 3339; `null` for never): the configured `tokens.max_ttl`
     /// gives a first token an expiry no one asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "given")]
     pub token_expires_at: Option<Option<String>>,
+}
+
+/// A field that is there, `null` included (serde reads a `null` as absent): the CLI prints back
+/// what it was answered.
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 impl AddedUser {
@@ -814,6 +820,30 @@ impl Service for AdminService {
 mod tests {
     use super::*;
     use crate::lifecycle::{CreateService, CredentialsRequest, IssueRequest, RoleChange, RotateRequest};
+
+    /// `user add --issue-token --json` prints what it was answered: a token that never expires
+    /// keeps its `"token_expires_at": null`, as `bootstrap --json` prints it.
+    #[test]
+    fn a_user_added_with_a_token_reads_back_as_it_was_answered() {
+        let user = UserView {
+            id: "u1".into(),
+            org: "acme".into(),
+            email: "a@acme.io".into(),
+            status: UserStatus::Active,
+            org_role: crate::policy::Role::Viewer,
+            project_roles: Default::default(),
+            attributes: Default::default(),
+            created_at: "2026-11-27T00:00:00Z".into(),
+        };
+        let none = AddedUser::new(user.clone(), None);
+        let never = AddedUser::new(user.clone(), Some(("tgp_x".repeat(3), None)));
+        let soon = AddedUser::new(user, Some(("tgp_x".repeat(3), Some("2026-12-01T00:00:00Z".into()))));
+        for added in [none, never, soon] {
+            let answered = serde_json::to_value(&added).unwrap();
+            let read: AddedUser = serde_json::from_value(answered.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&read).unwrap(), answered);
+        }
+    }
 
     /// Every request body the API takes is described field for field (clients are generated from
     /// the document, and the bodies refuse unknown fields).

@@ -216,27 +216,57 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 
 /// Prints rows under headers, columns padded to their widest cell, control characters escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    for line in table_lines(headers, rows) {
+        println!("{line}");
+    }
+}
+
+/// [`table`]'s lines. Cells are measured in terminal columns, not characters: a CJK name or an
+/// emoji takes two, a combining accent none, and the columns after it still line up.
+fn table_lines(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    use unicode_width::UnicodeWidthStr;
     let rows: Vec<Vec<String>> =
         rows.iter().map(|row| row.iter().map(|cell| printable(cell).into_owned()).collect()).collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.width()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(cell.width());
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.width()))).collect();
+        padded.join("  ").trim_end().to_string()
     };
-    line(headers.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    std::iter::once(line(headers.to_vec()))
+        .chain(rows.iter().map(|row| line(row.iter().map(String::as_str).collect())))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::{printable, server_url, token_text};
+
+    #[test]
+    fn table_columns_line_up_on_a_terminal_whatever_the_names_hold() {
+        use unicode_width::UnicodeWidthStr;
+        let rows = [
+            vec!["tgp_aaaaaa".to_string(), "本番デプロイ".to_string(), "2026-11-27".to_string()],
+            vec!["tgp_bbbbbb".to_string(), "cafe\u{301}".to_string(), "2026-11-28".to_string()],
+            vec!["tgp_cccccc".to_string(), "ci".to_string(), "2026-11-29".to_string()],
+        ];
+        let lines = super::table_lines(&["ID", "DISPLAY NAME", "CREATED"], &rows);
+        // Where CREATED starts, in terminal columns, is the same on every line.
+        let starts: Vec<usize> = lines
+            .iter()
+            .map(|l| {
+                let at = l.find("CREATED").or_else(|| l.find("2026")).unwrap();
+                l[..at].width()
+            })
+            .collect();
+        assert_eq!(starts, vec![starts[0]; 4], "{lines:#?}");
+        assert_eq!(starts[0], "tgp_aaaaaa  本番デプロイ  ".width());
+    }
 
     #[test]
     fn control_characters_are_shown_escaped() {

@@ -265,11 +265,11 @@ struct Narrowing {
     /// Scope preset (read, execute, read-write, admin, or one from config).
     #[arg(long, conflicts_with = "permission")]
     scope: Option<String>,
-    /// Explicit permissions instead of a preset (repeatable).
-    #[arg(long)]
+    /// Explicit permissions instead of a preset (`--permission read execute`, or repeated).
+    #[arg(long, num_args = 1.., value_name = "P")]
     permission: Vec<String>,
-    /// Environments it works in (repeatable).
-    #[arg(long = "env")]
+    /// Environments it works in (`--env production staging`, or repeated).
+    #[arg(long = "env", num_args = 1.., value_name = "E")]
     env: Vec<String>,
 }
 
@@ -1125,7 +1125,11 @@ fn status_text(s: store::UserStatus) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
+/// Project roles as `project:role,...`, or `-` for none (as an org role's cell says it).
 fn roles_text(roles: &BTreeMap<String, Role>) -> String {
+    if roles.is_empty() {
+        return "-".into();
+    }
     roles.iter().map(|(p, r)| format!("{p}:{r}")).collect::<Vec<_>>().join(",")
 }
 

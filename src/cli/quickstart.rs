@@ -238,7 +238,8 @@ fn print_instructions(config: &Config, path: &Path, token: &str) {
     let gw = format!("http://{}", config.listen);
     let admin = format!("http://{}", config.admin.listen);
     // The binary running now, however it was started (`cargo run` builds it in `target/`).
-    let cli = std::env::current_exe().map_or_else(|_| "tollgate".into(), |p| p.display().to_string());
+    let cli =
+        std::env::current_exe().map_or_else(|_| "tollgate".into(), |p| shell_word(&p.display().to_string()));
     say(&format!(
         "Tollgate is starting.
   gateway    {gw}   (route /demo -> a built-in echo upstream, org \"{ORG}\")
@@ -257,6 +258,16 @@ Stop with Ctrl-C; run it again to continue with the same data.
 ",
         path.display()
     ));
+}
+
+/// `word` as a POSIX shell reads it back: as it is when it holds nothing the shell treats
+/// specially, else in single quotes (a checkout under `~/My Projects` is one word, not two).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// Writes `text` to stdout, whether or not anyone still reads it: the gateway keeps running when
@@ -279,5 +290,23 @@ mod tests {
         let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let config = Config::parse(&config_text(18080, 18081, upstream, dir)).unwrap();
         assert_eq!(config.store.embedded_path, dir.join("store.redb"));
+    }
+
+    /// The printed `token list` line names the binary so that a shell runs that binary, wherever
+    /// the checkout is.
+    #[test]
+    fn the_printed_binary_path_is_one_shell_word() {
+        assert_eq!(
+            shell_word("/src/tollgate/target/release/tollgate"),
+            "/src/tollgate/target/release/tollgate"
+        );
+        for path in ["/home/me/My Projects/tollgate", "/tmp/it's $HOME; `x` \\ \"q\"", "/tmp/a*b?"] {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_word(path)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), path);
+        }
     }
 }

@@ -326,6 +326,15 @@ async fn a_scoped_token_with_two_environments_works_only_there() {
     let details = ann.json(&["token", "get", &token[..10]]);
     assert_eq!(details["scope"], "execute");
     assert_eq!(details["environments"], serde_json::json!(["production", "staging"]));
+
+    // As PRODUCT writes it (`--env E...`, `--permission P...`): every value after the flag is one
+    // of its own, never the token's name.
+    let out =
+        ann.run(&["token", "issue", "--permission", "read", "execute", "--env", "production", "staging"]);
+    let details = ann.json(&["token", "get", &out.token()[..10]]);
+    assert_eq!(details["permissions"], serde_json::json!(["read", "execute"]), "{details}");
+    assert_eq!(details["environments"], serde_json::json!(["production", "staging"]));
+    assert!(details["display_name"].is_null(), "{details}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,6 +498,10 @@ async fn an_admin_manages_services_end_to_end() {
     assert!(reporting.starts_with("tgs_"));
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &reporting).await, 200);
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &reporting).await, 403);
+    // No project role reads `-`, as no org role does (Rill's `service list`).
+    let listed = admin.run(&["service", "list"]).ok();
+    let line = listed.lines().find(|l| l.starts_with("reporting")).expect("listed");
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>(), ["reporting", "viewer", "-", "{}"], "{listed}");
 
     let out = admin.run(&[
         "service",
