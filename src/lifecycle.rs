@@ -691,17 +691,21 @@ impl<'a> Lifecycle<'a> {
     }
 
     /// Stores a freshly minted token with its audit entry, for another owner only while that
-    /// owner's record (and, if counted, token set) is as `guard` read it.
+    /// owner's record (and, if counted, token set) is as `guard` read it, and only while the
+    /// owner's token set holds at most `room` ids ([`Lifecycle::room_for_a_token`]).
     async fn store_issued(
         &self,
         actor: &Actor,
         record: &TokenRecord,
         details: serde_json::Value,
         guard: Option<(Acting, Option<usize>)>,
+        room: usize,
     ) -> Result<()> {
         let acting = self.acting(actor).await?;
         let audit = issue_audit(actor, record, details);
-        let (owner, owner_tokens) = guard.map_or((None, None), |(owner, n)| (Some(owner), n));
+        let (owner, members) = guard.map_or((None, None), |(owner, n)| (Some(owner), n));
+        // The tighter of the two bounds on the owner's token set.
+        let owner_tokens = Some(members.map_or(room, |n| n.min(room)));
         let stored =
             self.store.insert_token_for(record, Some(&audit), acting.as_ref(), owner.as_ref(), owner_tokens);
         Ok(stored.await?)
@@ -772,24 +776,29 @@ impl<'a> Lifecycle<'a> {
         let now = now_millis();
         let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
         let owner = Owner::User(user_id);
-        self.room_for_a_token(&owner, now).await?;
+        let room = self.room_for_a_token(&owner, now).await?;
         let (new, record) = self.mint(&actor.org, owner, spec).await?;
-        self.store_issued(actor, &record, serde_json::Value::Null, None).await.map_err(keeping(&new))?;
+        self.store_issued(actor, &record, serde_json::Value::Null, None, room)
+            .await
+            .map_err(keeping(&new))?;
         Ok(self.issued(new, &record).await)
     }
 
     /// Whether `owner` may be issued another token: at most `tokens.max_per_owner` working ones
-    /// (a rotation, which ends the one it replaces, is not counted against it).
-    async fn room_for_a_token(&self, owner: &Owner, now: Millis) -> Result<()> {
+    /// (a rotation, which ends the one it replaces, is not counted against it). Answers how many
+    /// ids the owner's token set may hold when the new one is stored: each id added meanwhile by
+    /// another issue counts as a working token, so issues at the same moment cannot pass the cap
+    /// together, and far from it they do not refuse each other.
+    async fn room_for_a_token(&self, owner: &Owner, now: Millis) -> Result<usize> {
         let max = self.config.tokens.max_per_owner;
-        let tokens = self.store.list_owner_tokens(owner).await?;
-        let working = tokens.iter().filter(|t| !t.is_revoked(now) && !t.is_expired(now)).count();
+        let held = self.store.owner_tokens(owner).await?;
+        let working = held.tokens.iter().filter(|t| !t.is_revoked(now) && !t.is_expired(now)).count();
         if working >= max {
             return Err(LifecycleError::Conflict(format!(
                 "{working} working tokens already, the most tokens.max_per_owner allows: revoke one first"
             )));
         }
-        Ok(())
+        Ok(held.members + (max - working - 1))
     }
 
     /// What `req` asks a new token to be.
@@ -857,11 +866,11 @@ impl<'a> Lifecycle<'a> {
         req: IssueRequest,
     ) -> Result<IssuedToken> {
         let now = now_millis();
-        self.room_for_a_token(&owner, now).await?;
+        let room = self.room_for_a_token(&owner, now).await?;
         let (new, record) =
             self.mint_for(actor, roles, &actor.org, owner, self.wanted(req, now)?, now).await?;
         let details = serde_json::json!({ "for": label });
-        self.store_issued(actor, &record, details, Some(guard)).await.map_err(keeping(&new))?;
+        self.store_issued(actor, &record, details, Some(guard), room).await.map_err(keeping(&new))?;
         Ok(self.issued(new, &record).await)
     }
 

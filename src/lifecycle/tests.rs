@@ -633,7 +633,7 @@ async fn a_service_token_rotated_by_its_manager_is_stored_only_while_the_service
     let (service, token) = l.create_service(&actor, viewer_service("etl")).await.unwrap();
     // The service's record changes (a role given, say) after the rotation read it.
     let id = service.id.clone();
-    backend.before_next_commit(move |kv| {
+    backend.before_next_commit(move |(kv, _)| {
         let (_, record) = kv.iter_mut().find(|(k, v)| k.contains(&id) && v.contains("\"org_role\"")).unwrap();
         record.push(' ');
     });
@@ -672,4 +672,29 @@ async fn an_owner_holds_at_most_the_configured_working_tokens() {
     l.issue_pat(&actor, for_service(&service.name)).await.unwrap();
     let refused = l.issue_pat(&actor, for_service(&service.name)).await;
     assert!(matches!(&refused, Err(LifecycleError::Conflict(_))), "{refused:?}");
+}
+
+/// Issues at the same moment each read the owner's tokens before the others store theirs: the
+/// cap still holds, and far from it they do not refuse each other.
+#[tokio::test]
+async fn issues_at_the_same_moment_do_not_pass_the_cap_together() {
+    let backend = Arc::new(MemoryBackend::default());
+    let (store, _, actor) = setup_on(backend.clone()).await;
+    let config = Config::parse(&CONFIG.replace("max_ttl: 1h }", "max_ttl: 1h, max_per_owner: 3 }")).unwrap();
+    let l = Lifecycle::new(&store, &config);
+    let issue = || l.issue_pat(&actor, IssueRequest { ttl_minutes: Some(5), ..IssueRequest::default() });
+    // Another issue lands between this one's count and its write.
+    let another_lands = || {
+        let user = actor.user_id.clone().unwrap();
+        backend.before_next_commit(move |(_, sets)| {
+            let (_, ids) = sets.iter_mut().find(|(k, _)| k.contains(&user)).unwrap();
+            ids.insert(format!("tgp_{}", ids.len()));
+        });
+    };
+    issue().await.unwrap();
+    another_lands();
+    issue().await.expect("two working, one landing meanwhile: three, the cap");
+    another_lands();
+    let refused = issue().await;
+    assert!(matches!(&refused, Err(LifecycleError::Store(StoreError::Changed(_)))), "{refused:?}");
 }

@@ -263,7 +263,7 @@ impl Backend for EmbeddedBackend {
                             }
                             held += 1;
                         }
-                        if held != *members {
+                        if held > *members {
                             return Err(StoreError::Changed(set.clone()));
                         }
                     }

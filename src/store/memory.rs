@@ -29,7 +29,9 @@ pub struct MemoryBackend {
 }
 
 /// A change another writer makes just before the next batch is checked.
-type BeforeCommit = Box<dyn FnOnce(&mut HashMap<String, String>) + Send>;
+/// Values, then sets, as [`MemoryBackend::before_next_commit`] changes them.
+pub type Changed<'a> = (&'a mut HashMap<String, String>, &'a mut HashMap<String, BTreeSet<String>>);
+type BeforeCommit = Box<dyn FnOnce(Changed<'_>) + Send>;
 
 impl Default for MemoryBackend {
     fn default() -> Self {
@@ -62,9 +64,9 @@ impl MemoryBackend {
         self.feeds_end_at_once.store(end, Ordering::SeqCst);
     }
 
-    /// Runs `change` on the stored values just before the next batch is checked: another writer's
-    /// change landing between a decision's reads and its write.
-    pub fn before_next_commit(&self, change: impl FnOnce(&mut HashMap<String, String>) + Send + 'static) {
+    /// Runs `change` on the stored values and sets just before the next batch is checked: another
+    /// writer's change landing between a decision's reads and its write.
+    pub fn before_next_commit(&self, change: impl FnOnce(Changed<'_>) + Send + 'static) {
         *self.before_commit.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(change));
     }
 
@@ -119,7 +121,8 @@ impl Backend for MemoryBackend {
             let mut state = self.state()?;
             let change = self.before_commit.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(change) = change {
-                change(&mut state.kv);
+                let State { kv, sets, .. } = &mut *state;
+                change((kv, sets));
             }
             if let Some(k) = batch.absent.iter().find(|k| state.kv.contains_key(*k)) {
                 return Err(StoreError::Conflict(k.clone()));
@@ -128,7 +131,7 @@ impl Backend for MemoryBackend {
                 return Err(StoreError::Changed(k.clone()));
             }
             if let Some((k, _)) =
-                batch.sizes.iter().find(|(k, n)| state.sets.get(k).map_or(0, |s| s.len()) != *n)
+                batch.sizes.iter().find(|(k, n)| state.sets.get(k).map_or(0, |s| s.len()) > *n)
             {
                 return Err(StoreError::Changed(k.clone()));
             }

@@ -138,8 +138,9 @@ pub struct Batch {
     pub absent: Vec<String>,
     /// Keys that must still hold exactly this text (the record as it was read: [`Stored`]).
     pub expect: Vec<(String, String)>,
-    /// Sets that must still hold exactly this many members. An owner's token set only ever grows,
-    /// so the count it had when read tells whether a token was added since.
+    /// Sets that must hold at most this many members. An owner's token set only ever grows while
+    /// the owner is there, so its count when read tells whether a token was added since, and a
+    /// larger bound lets that many be added meanwhile (issues within `tokens.max_per_owner`).
     pub sizes: Vec<(String, usize)>,
     /// Keys to set to JSON values.
     pub put: Vec<(String, String)>,
@@ -772,8 +773,8 @@ impl Store {
 
     /// [`Store::insert_token`] for a token issued by one actor to another owner (a user, a
     /// service): with `owner`, stored only while the owner's record is still as read (not removed,
-    /// suspended or changed meanwhile) and, with `owner_tokens`, while the owner's token set still
-    /// holds that many ids (none issued meanwhile): else `Changed`.
+    /// suspended or changed meanwhile) and, with `owner_tokens`, while the owner's token set holds
+    /// at most that many ids (its count when read: none issued meanwhile): else `Changed`.
     pub async fn insert_token_for(
         &self,
         token: &TokenRecord,

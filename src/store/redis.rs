@@ -13,7 +13,7 @@ use redis::{AsyncCommands, IntoConnectionInfo};
 use super::{Backend, Batch, Invalidation, InvalidationStream, StoreError};
 
 /// Applies a batch atomically: checks that the `absent` keys do not exist, the `expect` keys hold
-/// what was read and the `sizes` sets as many members as then, then publishes, then writes. Answers '' (done), '=' + a key (exists) or
+/// what was read and the `sizes` sets at most so many members, then publishes, then writes. Answers '' (done), '=' + a key (exists) or
 /// '~' + a key (changed): every answer but the first is tagged, so no key prefix reads as a tag. Redis does not undo a script's writes when a later command fails, so the invalidations
 /// go first: a Redis user refused PUBLISH (Redis 7's `acl-pubsub-default` is `resetchannels`) fails
 /// the batch before anything is written, instead of storing a revocation no instance hears of; and
@@ -27,7 +27,7 @@ for _, e in ipairs(b.expect) do
   if redis.call('GET', e[1]) ~= e[2] then return '~' .. e[1] end
 end
 for _, c in ipairs(b.sizes) do
-  if redis.call('SCARD', c[1]) ~= c[2] then return '~' .. c[1] end
+  if redis.call('SCARD', c[1]) > c[2] then return '~' .. c[1] end
 end
 for _, msg in ipairs(b.publish) do redis.call('PUBLISH', ARGV[2], msg) end
 for _, kv in ipairs(b.put) do redis.call('SET', kv[1], kv[2]) end

@@ -716,6 +716,21 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
             .await
             .unwrap();
         assert!(s.get_token(&token.id).await.unwrap().is_some(), "{}", s.describe());
+
+        // The bound is a most: with room for one more id, one issued meanwhile passes, two do not
+        // (`tokens.max_per_owner` near its cap).
+        let (_, held) = read().await;
+        let issue =
+            || lifecycle::issue_token(&s, params, "acme", owner.clone(), lifecycle::TokenSpec::default());
+        issue().await.unwrap();
+        let (_, token) = mint().await.unwrap();
+        s.insert_token_for(&token, None, None, None, Some(held.members + 2)).await.unwrap();
+        let (_, held) = read().await;
+        issue().await.unwrap();
+        issue().await.unwrap();
+        let (_, token) = mint().await.unwrap();
+        let refused = s.insert_token_for(&token, None, None, None, Some(held.members + 1)).await;
+        assert!(matches!(refused, Err(StoreError::Changed(_))), "{}: {refused:?}", s.describe());
     }
 }
 
