@@ -43,6 +43,10 @@ pub struct Route {
     pub query_token: bool,
     /// Whether the upstream gets a signed identity JWT (`X-Auth-Jwt`).
     pub identity_jwt: bool,
+    /// The identity JWT's `aud` on this route, where not `jwt.upstream_audience`: an upstream
+    /// that checks its own cannot be handed another upstream's JWT (each sees them all within
+    /// `jwt.upstream_ttl`).
+    pub identity_audience: Option<String>,
     /// Whether header names keep the case they were sent in, both ways. Off: Pingora writes
     /// standard names in their usual capitalization and every other name in lowercase, which
     /// spares its second, case-keeping header map and a parse of every inserted name.
@@ -135,6 +139,8 @@ pub struct RouteSpec {
     pub query_token: bool,
     /// See [`Route::identity_jwt`].
     pub identity_jwt: bool,
+    /// See [`Route::identity_audience`].
+    pub identity_audience: Option<String>,
     /// See [`Route::preserve_header_case`].
     pub preserve_header_case: bool,
     /// See [`Route::case_sensitive`].
@@ -177,6 +183,7 @@ impl Route {
             public: spec.public,
             query_token: spec.query_token,
             identity_jwt: spec.identity_jwt,
+            identity_audience: spec.identity_audience,
             preserve_header_case: spec.preserve_header_case,
             case_sensitive: spec.case_sensitive,
             format_extensions: spec.format_extensions,
@@ -580,6 +587,7 @@ mod tests {
             public: false,
             query_token: false,
             identity_jwt: false,
+            identity_audience: None,
             preserve_header_case: false,
             case_sensitive: false,
             format_extensions: true,

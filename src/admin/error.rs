@@ -60,6 +60,7 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {
             AuthError::Invalid(i) => ApiError::Refused(i.description()),
+            AuthError::Unavailable(e @ StoreError::Corrupt { .. }) => ApiError::Internal(e.to_string()),
             AuthError::Unavailable(_) => ApiError::Unavailable,
             AuthError::Busy => ApiError::Busy,
         }

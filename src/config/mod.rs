@@ -668,6 +668,11 @@ impl Validator {
     fn address(&mut self, path: &str, value: Option<String>, default: &str) -> Option<SocketAddr> {
         let text = value.unwrap_or_else(|| default.to_string());
         match text.parse::<SocketAddr>() {
+            // The kernel would pick one, and nothing would say which: no client could find it.
+            Ok(a) if a.port() == 0 => {
+                self.error(path, format!("{text:?} has port 0; give a fixed port, like {default}"));
+                None
+            }
             Ok(a) => Some(a),
             Err(_) => {
                 self.error(path, format!("{text:?} is not an address like {default}"));
@@ -770,7 +775,7 @@ impl Validator {
             raw.routes.unwrap_or_default(),
             &orgs,
             &policy,
-            (jwt_present, headers_carry),
+            (jwt_present, jwt.as_ref().map(|j| j.audience.as_str()), headers_carry),
             timeouts,
             &own,
         );
@@ -895,6 +900,8 @@ impl Validator {
         }
         self.whole_seconds("jwt.upstream_ttl", upstream_ttl);
         let mut keys: Vec<Arc<JwtKey>> = Vec::new();
+        // Kids of keys listed but not loaded: the signing key among them has its error already.
+        let mut failed: Vec<String> = Vec::new();
         let raw_keys = raw.keys.unwrap_or_default();
         if raw_keys.is_empty() {
             self.error("jwt.keys", "list at least one key");
@@ -913,6 +920,7 @@ impl Validator {
             else {
                 let known: Vec<&str> = jwt::ALGORITHMS.iter().map(|(n, _)| *n).collect();
                 self.error(at("algorithm"), format!("{alg_name:?} is not one of {}", known.join(", ")));
+                failed.push(kid);
                 continue;
             };
             // A key or secret written where its file or variable is named is not echoed back.
@@ -963,7 +971,10 @@ impl Validator {
             };
             match loaded {
                 Ok(key) => keys.push(Arc::new(key)),
-                Err((path, message)) => self.error(path, message),
+                Err((path, message)) => {
+                    self.error(path, message);
+                    failed.push(kid);
+                }
             }
         }
         let signing = match raw.signing_key {
@@ -980,6 +991,7 @@ impl Validator {
                     );
                     None
                 }
+                None if failed.contains(&kid) => None,
                 None => {
                     self.error("jwt.signing_key", format!("no key in jwt.keys has kid {kid:?}"));
                     None
@@ -1271,7 +1283,7 @@ impl Validator {
         raw: Vec<Option<RawRoute>>,
         orgs: &BTreeMap<String, OrgSettings>,
         policy: &Policy,
-        (jwt_present, headers_carry): (bool, bool),
+        (jwt_present, credential_audience, headers_carry): (bool, Option<&str>, bool),
         timeouts: UpstreamTimeouts,
         own: &[SocketAddr],
     ) -> RouteTable {
@@ -1445,6 +1457,19 @@ impl Validator {
             if identity_jwt && public {
                 self.error(at("identity_jwt"), "a public route has no identity to sign");
             }
+            let identity_audience = r.identity_jwt_audience.filter(|audience| {
+                let why = if !identity_jwt {
+                    "only for a route with `identity_jwt: true`"
+                } else if audience.trim().is_empty() {
+                    "must not be empty"
+                } else if credential_audience == Some(audience.as_str()) {
+                    "must differ from jwt.audience, so an identity JWT is never accepted as a credential"
+                } else {
+                    return true;
+                };
+                self.error(at("identity_jwt_audience"), why);
+                false
+            });
             // A public route checks no token, so it could hold to no permission or token parameter:
             // every method would pass, whatever `permissions` says.
             if public && r.permissions.as_ref().is_some_and(|p| !p.0.is_empty()) {
@@ -1523,6 +1548,7 @@ impl Validator {
                 public,
                 query_token: r.query_token.unwrap_or(false),
                 identity_jwt,
+                identity_audience,
                 preserve_header_case: r.preserve_header_case.unwrap_or(false),
                 case_sensitive,
                 format_extensions: r.format_extensions.unwrap_or(true),

@@ -183,6 +183,7 @@ pub struct RawRoute {
     pub auth: Option<RawAuth>,
     pub query_token: Option<bool>,
     pub identity_jwt: Option<bool>,
+    pub identity_jwt_audience: Option<String>,
     pub preserve_header_case: Option<bool>,
     pub case_sensitive: Option<bool>,
     pub format_extensions: Option<bool>,
@@ -286,6 +287,12 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "admin" => section(text, name, issues).map(|v| raw.admin = v),
             "tokens" => section(text, name, issues).map(|v| raw.tokens = v),
             "audit" => section(text, name, issues).map(|v| raw.audit = v),
+            // Present but empty (`jwt:` with its lines commented out) is a section without keys,
+            // refused as such: ephemeral credentials would otherwise all fail at run time.
+            "jwt" if value.is_null() => {
+                raw.jwt = Some(RawJwt::default());
+                Some(())
+            }
             "jwt" => section(text, name, issues).map(|v| raw.jwt = v),
             "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
             "keepalive_timeout" => section(text, name, issues).map(|v| raw.keepalive_timeout = v),

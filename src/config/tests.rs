@@ -114,6 +114,11 @@ fn a_route_permission_only_a_scope_preset_names_and_an_admin_role_without_admin_
 #[test]
 fn structural_errors() {
     check("listen: nowhere", &["listen: \"nowhere\" is not an address"]);
+    // A port the kernel picks is one no client could find.
+    check(
+        "listen: '127.0.0.1:0'\nadmin: { listen: '[::1]:0' }\n",
+        &["listen: \"127.0.0.1:0\" has port 0", "admin.listen: \"[::1]:0\" has port 0"],
+    );
     check(
         "routes:\n  - path: /x\n    upstream: 127.0.0.1:1\n",
         &["routes[0].org: missing", "routes[0].project: missing", "routes[0].environment: missing"],
@@ -392,6 +397,40 @@ fn jwt_keys_load_and_every_error_is_named() {
     check(
         "routes:\n  - { path: /p, upstream: '127.0.0.1:1', auth: none, identity_jwt: true }\n",
         &["routes[0].identity_jwt: needs a `jwt` section", "routes[0].identity_jwt: a public route"],
+    );
+    // A route's own identity audience: only where it signs one, never empty, never the
+    // credentials' audience.
+    let routes = "routes:\n  \
+         - { path: /a, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: true, identity_jwt_audience: billing }\n  \
+         - { path: /b, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt_audience: billing }\n  \
+         - { path: /c, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: true, identity_jwt_audience: ' ' }\n  \
+         - { path: /d, upstream: '127.0.0.1:1', org: acme, project: shop, environment: production, identity_jwt: true, identity_jwt_audience: tollgate }\n";
+    let orgs = "orgs:\n  acme:\n    projects:\n      shop: { environments: [production] }\n";
+    check(
+        &format!("{good}{orgs}{routes}"),
+        &[
+            "routes[1].identity_jwt_audience: only for a route with `identity_jwt: true`",
+            "routes[2].identity_jwt_audience: must not be empty",
+            "routes[3].identity_jwt_audience: must differ from jwt.audience",
+        ],
+    );
+    let one = routes.lines().take(2).collect::<Vec<_>>().join("\n");
+    let c = Config::parse(&format!("{good}{orgs}{one}\n")).unwrap();
+    let route = c.routes.iter().next().unwrap();
+    assert_eq!(route.identity_audience.as_deref(), Some("billing"));
+    // A signing key that did not load is named once, where it failed; a `jwt:` whose lines are
+    // commented out is a section without keys, never "no JWTs" in silence.
+    check(
+        "jwt:\n  signing_key: k1\n  keys:\n    - { kid: k1, key_file: /nonexistent/k1.pem }\n",
+        &["jwt.keys[0].key_file: cannot read /nonexistent/k1.pem"],
+    );
+    check(
+        "jwt:\n  signing_key: k1\n  keys:\n    - { kid: k1, algorithm: PS512, key_file: x.pem }\n",
+        &["jwt.keys[0].algorithm: \"PS512\" is not one of"],
+    );
+    check(
+        "jwt:\n#  signing_key: k1\n#  keys: []\n",
+        &["jwt.keys: list at least one key", "jwt.signing_key: missing"],
     );
     // Without `default_ttl`, a `max_ttl` under 15 minutes is the default lifetime too.
     let short = good.replace("jwt:\n", "jwt:\n  max_ttl: 10m\n");

@@ -27,6 +27,7 @@ fn route(policy: &Policy) -> Arc<Route> {
         public: false,
         query_token: false,
         identity_jwt: false,
+        identity_audience: None,
         preserve_header_case: false,
         case_sensitive: false,
         format_extensions: true,

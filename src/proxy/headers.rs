@@ -397,9 +397,13 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Re
         req.remove(name);
     }
     let param = &config.credentials.query_param;
+    // Each value as the upstream's query parser reads it: form-decoded (`tgp%5F...` is a token).
     remove_query_param_if(req, param, |query| {
-        let query = std::str::from_utf8(query).unwrap_or_default();
-        super::credential::query_values(query, param).iter().any(|v| own_credential(config, v))
+        let query = String::from_utf8_lossy(query);
+        super::credential::query_values(&query, param).iter().any(|v| {
+            let value = super::credential::form_decoded(v.as_bytes());
+            own_credential(config, String::from_utf8_lossy(&value).trim())
+        })
     })
 }
 
@@ -713,7 +717,7 @@ fn identity_jwt(
     let permissions = config.policy.names_of(grant.permissions);
     let claims = IdentityClaims {
         iss: &jwt.issuer,
-        aud: &jwt.upstream_audience,
+        aud: route.identity_audience.as_deref().unwrap_or(&jwt.upstream_audience),
         sub: &subject,
         iat: now,
         exp: now + jwt.upstream_ttl.as_secs() as i64,

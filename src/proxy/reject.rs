@@ -9,6 +9,7 @@ use pingora::proxy::Session;
 
 use crate::auth::{AuthError, Invalid};
 use crate::policy::Forbidden;
+use crate::store::StoreError;
 
 /// Why the gateway answers a request itself instead of forwarding it.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub enum Rejection {
     Forbidden(Forbidden),
     /// The store is needed and unreachable.
     Unavailable,
+    /// A record the credential needs is in the store but this build cannot read it (written by
+    /// another version, or by hand): no retry helps, so no `Retry-After`.
+    Unreadable,
     /// The token's first verification would wait too long (argon2 is busy).
     Busy,
     /// Not a refusal: the request was let through and proxying it failed with this status (the
@@ -38,6 +42,7 @@ impl From<AuthError> for Rejection {
     fn from(e: AuthError) -> Rejection {
         match e {
             AuthError::Invalid(i) => Rejection::Invalid(i),
+            AuthError::Unavailable(StoreError::Corrupt { .. }) => Rejection::Unreadable,
             AuthError::Unavailable(_) => Rejection::Unavailable,
             AuthError::Busy => Rejection::Busy,
         }
@@ -67,6 +72,11 @@ impl Rejection {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
                 "the token store is unreachable; retry shortly".into(),
+            ),
+            Rejection::Unreadable => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "a stored record this credential needs cannot be read; the gateway's log names it".into(),
             ),
             Rejection::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +110,7 @@ impl Rejection {
             Rejection::Forbidden(Forbidden::Project(_)) => "forbidden_project",
             Rejection::Forbidden(Forbidden::Permission(_)) => "forbidden_permission",
             Rejection::Unavailable => "store_unavailable",
+            Rejection::Unreadable => "store_unreadable",
             Rejection::Busy => "verification_busy",
             Rejection::ProxyFailed(_) => "proxy_failed",
         }
@@ -202,6 +213,8 @@ mod tests {
         check(Rejection::Unavailable, 503, None);
         assert_eq!(header(&Rejection::Unavailable, "retry-after").as_deref(), Some("1"));
         check(Rejection::Busy, 503, None);
+        check(Rejection::Unreadable, 500, None);
+        assert_eq!(header(&Rejection::Unreadable, "retry-after"), None, "no retry mends it");
         check(Rejection::ProxyFailed(StatusCode::BAD_GATEWAY), 502, None);
         check(Rejection::ProxyFailed(StatusCode::BAD_REQUEST), 400, None);
         assert_eq!(header(&Rejection::Busy, "retry-after").as_deref(), Some("1"));

@@ -767,6 +767,12 @@ async fn an_independent_implementation_verifies_minted_and_identity_jwts_with_th
     .await;
     assert!(echo["headers"].get("x-auth-jwt").is_none(), "{echo}");
 
+    // A route with its own audience signs for it: that upstream cannot be handed another's.
+    let echo = echoed(w.get(&w.gateway, "/billing/x", &pat).await).await;
+    let claims = verify_independently(&published, echo["headers"]["x-auth-jwt"][0].as_str().unwrap());
+    assert_eq!(claims.custom["aud"], "billing");
+    assert_eq!(claims.custom["sub"], format!("user:{}", user.id));
+
     // The identity JWT is not a credential.
     assert_refused(&w, echo_identity(&w, &pat).await.as_str(), "identity JWT presented as a credential")
         .await;

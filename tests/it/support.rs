@@ -241,10 +241,12 @@ impl JwtKeys {
     }
 }
 
-/// The gateway config plus a route that sends the upstream an identity JWT, and a `jwt` section.
+/// The gateway config plus routes that send the upstream an identity JWT (`/billing` with its own
+/// audience), and a `jwt` section.
 pub fn jwt_gateway_config(port: u16, redis_url: &str, upstream: u16, jwt_section: &str) -> String {
     format!(
-        "{}  - {{ name: signed, path: /signed, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production, identity_jwt: true }}\n{jwt_section}",
+        "{}  - {{ name: signed, path: /signed, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production, identity_jwt: true }}\n  \
+         - {{ name: billing, path: /billing, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production, identity_jwt: true, identity_jwt_audience: billing }}\n{jwt_section}",
         gateway_config(port, redis_url, upstream)
     )
 }
