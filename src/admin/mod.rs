@@ -845,6 +845,27 @@ mod tests {
         }
     }
 
+    /// Every operation of the API describes the JSON error of any status it does not list (a
+    /// generated client otherwise has no type for a 405, 413 or 500).
+    #[test]
+    fn every_api_operation_describes_its_errors_whatever_the_status() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let error = &doc["components"]["responses"]["OtherError"]["content"]["application/json"]["schema"];
+        assert_eq!(error["$ref"], "#/components/schemas/Error");
+        let mut operations = 0;
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for (method, op) in methods.as_object().unwrap() {
+                let default = &op["responses"]["default"]["$ref"];
+                assert_eq!(default, "#/components/responses/OtherError", "{method} {path}");
+                operations += 1;
+            }
+        }
+        assert!(operations > 20, "{operations}");
+    }
+
     /// Every request body the API takes is described field for field (clients are generated from
     /// the document, and the bodies refuse unknown fields).
     #[test]
