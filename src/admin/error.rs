@@ -56,11 +56,15 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// What a caller is told of a record this build cannot decode: its key and the decoder's message
+/// (which can quote the stored text) go to the log only (`StoreStats::failed`).
+const UNREADABLE: &str = "a stored record cannot be read; the gateway's log names it";
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {
             AuthError::Invalid(i) => ApiError::Refused(i.description()),
-            AuthError::Unavailable(e @ StoreError::Corrupt { .. }) => ApiError::Internal(e.to_string()),
+            AuthError::Unavailable(StoreError::Corrupt { .. }) => ApiError::Internal(UNREADABLE.into()),
             AuthError::Unavailable(_) => ApiError::Unavailable,
             AuthError::Busy => ApiError::Busy,
         }
@@ -85,7 +89,7 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Store(e @ StoreError::Changed(_)) => {
                 ApiError::Conflict(format!("{e}; try again"))
             }
-            LifecycleError::Store(e @ StoreError::Corrupt { .. }) => ApiError::Internal(e.to_string()),
+            LifecycleError::Store(StoreError::Corrupt { .. }) => ApiError::Internal(UNREADABLE.into()),
         }
     }
 }

@@ -74,10 +74,10 @@ enum Command {
         dir: PathBuf,
         /// Gateway port, for a new config [default: 8080] (a later run uses the config it finds in
         /// --dir, and refuses a port that differs from it).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// Admin API port, for a new config [default: 8081].
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         admin_port: Option<u16>,
     },
     /// Serve the echo upstream (answers every request with JSON of what it received).
@@ -265,10 +265,12 @@ struct Narrowing {
     /// Scope preset (read, execute, read-write, admin, or one from config).
     #[arg(long, conflicts_with = "permission")]
     scope: Option<String>,
-    /// Explicit permissions instead of a preset (`--permission read execute`, or repeated).
+    /// Explicit permissions instead of a preset (`--permission read execute`, or repeated; a
+    /// token's name or id goes before it).
     #[arg(long, num_args = 1.., value_name = "P")]
     permission: Vec<String>,
-    /// Environments it works in (`--env production staging`, or repeated).
+    /// Environments it works in (`--env production staging`, or repeated; a token's name or id
+    /// goes before it).
     #[arg(long = "env", num_args = 1.., value_name = "E")]
     env: Vec<String>,
 }

@@ -774,7 +774,8 @@ impl Store {
     /// [`Store::insert_token`] for a token issued by one actor to another owner (a user, a
     /// service): with `owner`, stored only while the owner's record is still as read (not removed,
     /// suspended or changed meanwhile) and, with `owner_tokens`, while the owner's token set holds
-    /// at most that many ids (its count when read: none issued meanwhile): else `Changed`.
+    /// at most that many ids (its count when read for none issued meanwhile, more for room under
+    /// `tokens.max_per_owner`): else `Changed`.
     pub async fn insert_token_for(
         &self,
         token: &TokenRecord,

@@ -767,13 +767,20 @@ async fn a_record_that_cannot_be_read_is_a_500_without_retry_after() {
     let key = format!("t:token:{}", &token[..10]);
     let kept: String = redis::cmd("GET").arg(&key).query(&mut w.redis.client()).unwrap();
     let _: () =
-        redis::cmd("SET").arg(&key).arg("{\"from\": \"a newer build\"").query(&mut w.redis.client()).unwrap();
+        redis::cmd("SET").arg(&key).arg("\"from a newer build\"").query(&mut w.redis.client()).unwrap();
 
     let resp = w.get(&w.gateway, "/shop", &token).await;
     assert_eq!(resp.headers().get("retry-after"), None);
     let (_, body) = error_body(resp, 500).await;
     assert_eq!(body["error"], "server_error", "{body}");
     assert!(!body.to_string().contains(&token[10..]), "{body}");
+    // The admin API says the same, quoting nothing it read.
+    let resp =
+        w.http.get(format!("{}/v1/whoami", w.gateway.admin_url())).bearer_auth(&token).send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers().get("retry-after")), (500, None));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "internal_error", "{body}");
+    assert!(!body.to_string().contains("newer build"), "{body}");
 
     // Nothing of it was kept: the record read again is the token's.
     let _: () = redis::cmd("SET").arg(&key).arg(&kept).query(&mut w.redis.client()).unwrap();

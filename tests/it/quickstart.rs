@@ -274,3 +274,21 @@ async fn quickstart_keeps_serving_when_nobody_reads_what_it_prints() {
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
     assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
 }
+
+/// A port the kernel would pick is no port a config can keep: refused before anything is written
+/// (a file with `:0` in it would have stopped every later run).
+#[test]
+fn quickstart_refuses_port_0_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for flag in ["--port", "--admin-port"] {
+        let out = Command::new(tollgate_bin())
+            .args(["quickstart", "--dir"])
+            .arg(dir.path().join("qs"))
+            .args([flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(flag), "{out:?}");
+        assert!(!dir.path().join("qs").exists(), "{flag}: something was written");
+    }
+}
