@@ -1445,6 +1445,9 @@ impl<'a> Lifecycle<'a> {
         Ok(Revoking { members: read.members, tokens })
     }
 
+    /// Org admins manage every service; its creator, who is no admin, while their token may write
+    /// everywhere and the service holds no role above theirs now (a creator since demoted does
+    /// not delete, rename, re-role or revoke the org's admin automation, nor take its name).
     fn may_manage_service(&self, actor: &Actor, s: &Service) -> Result<()> {
         if actor.require_admin(self.config).is_ok() {
             return Ok(());
@@ -1453,7 +1456,15 @@ impl<'a> Lifecycle<'a> {
             (Some(creator), Some(me))
                 if creator == me && actor.may(self.config, "write") && actor.environments.is_none() =>
             {
-                Ok(())
+                let mine = &actor.roles;
+                let above = s.org_role.is_some_and(|r| r > mine.org)
+                    || s.project_roles.iter().any(|(project, role)| *role > mine.on(project));
+                match above {
+                    true => Err(LifecycleError::Forbidden(
+                        "the service holds a role above yours now: only org admins manage it".into(),
+                    )),
+                    false => Ok(()),
+                }
             }
             _ => Err(LifecycleError::Forbidden("only org admins and the service's creator manage it".into())),
         }

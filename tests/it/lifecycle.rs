@@ -1173,11 +1173,23 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     let ops = ann.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
     admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "editor"]).ok();
     let err = ann.run(&["token", "issue", "--service", "ops"]).failed();
-    assert!(err.contains("may not exceed"), "{err}");
+    assert!(err.contains("above yours"), "{err}");
     // Nor by rotating one of its tokens, which hands the caller a new secret as an issue does.
     let err = ann.run(&["token", "rotate", &ops[..10]]).failed();
-    assert!(err.contains("may not exceed"), "{err}");
+    assert!(err.contains("not found"), "no longer one of theirs: {err}");
+    // Nor switches off, demotes or renames the service that now outranks them (and so takes its
+    // name and its X-Auth-Subject).
+    for args in [
+        vec!["service", "delete", "ops"],
+        vec!["service", "set-role", "ops", "--org-role", "viewer"],
+        vec!["service", "edit", "ops", "--new-name", "ops-old"],
+        vec!["token", "revoke", &ops[..10]],
+    ] {
+        let err = ann.run(&args).failed();
+        assert!(err.contains("above yours") || err.contains("not found"), "{args:?}: {err}");
+    }
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ops).await, 200, "and the token is untouched");
+    assert_eq!(admin.json(&["service", "show", "ops"])["org_role"], "admin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
