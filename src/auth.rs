@@ -726,7 +726,7 @@ fn judge(p: &Proven, digest: &blake3::Hash) -> Result<(), AuthError> {
 const DEFAULT_ARGON2_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long an idle argon2 thread keeps its memory (19 MiB with the default parameters).
-const ARGON2_MEMORY_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const ARGON2_MEMORY_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Starts `n` long-lived argon2 threads at the lowest scheduling priority; they end when the sender
 /// is dropped. Each keeps the memory of its last run until it has been idle for
