@@ -333,7 +333,9 @@ async fn issue_credentials(
     created(l.issue_credentials(&a, &org, &project, req).await)
 }
 
+/// A parameter misspelt is refused, never dropped: the answer would be unfiltered.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     #[serde(default)]
     all: bool,
@@ -538,7 +540,7 @@ async fn set_user_role(
     reply(l.set_user_role(&a, &org, &email, change).await.map(UserView::from))
 }
 
-/// An optional reason, for suspensions and removals (of users and services).
+/// An optional reason, for suspensions, reactivations and removals (of users and services).
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
@@ -560,9 +562,10 @@ async fn reactivate_user(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path((org, email)): Path<(String, String)>,
+    OptionalBody(r): OptionalBody<Reason>,
 ) -> Response {
     lifecycle!(s, l);
-    reply(l.set_user_status(&a, &org, &email, UserStatus::Active, None).await.map(UserView::from))
+    reply(l.set_user_status(&a, &org, &email, UserStatus::Active, r.reason).await.map(UserView::from))
 }
 
 async fn remove_user(
@@ -700,7 +703,9 @@ async fn delete_service(
     reply(deleted.map(|()| serde_json::json!({ "deleted": name, "org": org })))
 }
 
+/// See [`ListQuery`].
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditQuery {
     token_id: Option<String>,
     limit: Option<usize>,

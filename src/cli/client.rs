@@ -161,8 +161,16 @@ impl Client {
         if !status.is_success() {
             let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
             // A change that made a token, sent to the store and not answered: the token is the
-            // caller's only copy if the change was made.
-            if let Some(token) = answer.as_ref().and_then(|v| v["token"].as_str()) {
+            // caller's only copy if the change was made. Only that answer (a 503) carries one; a
+            // `token` in any other error is not shown as a credential.
+            let kept = answer
+                .as_ref()
+                .filter(|v| {
+                    status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        && v["error"] == "temporarily_unavailable"
+                })
+                .and_then(|v| v["token"].as_str());
+            if let Some(token) = kept {
                 super::print_kept_token(token, self.json);
             }
             let reason = answer.and_then(|v| v["error_description"].as_str().map(str::to_string));

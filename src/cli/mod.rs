@@ -418,6 +418,9 @@ enum UserCmd {
         /// Org (default: yours).
         #[arg(long)]
         org: Option<String>,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Remove a user and revoke their tokens; services they created stay.
     Remove {
@@ -1033,10 +1036,10 @@ impl Api {
                 let u: UserView = self.send(Method::POST, &path, &Reason { reason }).await?;
                 self.show(&u, |u| println!("Suspended {}: all their tokens are refused.", u.email))
             }
-            UserCmd::Reactivate { email, org } => {
+            UserCmd::Reactivate { email, org, reason } => {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/users/{}/reactivate", segment(&org), segment(&email));
-                let u: UserView = self.send(Method::POST, &path, &serde_json::json!({})).await?;
+                let u: UserView = self.send(Method::POST, &path, &Reason { reason }).await?;
                 self.show(&u, |u| println!("Reactivated {}.", u.email))
             }
             UserCmd::Remove { email, org, reason } => {

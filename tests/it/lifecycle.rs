@@ -149,6 +149,37 @@ fn an_unanswered_call_may_have_made_its_change() {
     drop(held);
 }
 
+/// Only the admin API's answer to a change it could not confirm (a 503) carries a token to keep;
+/// a `token` in any other error (from whatever `--server` names) is not shown as a credential.
+#[test]
+fn only_an_unconfirmed_change_hands_over_a_token() {
+    let answer = |status: &str, error: &str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        let body = format!(r#"{{"error":"{error}","error_description":"no","token":"tgp_fromelsewhere"}}"#);
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let served = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut connection, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = connection.read(&mut request);
+            connection.write_all(reply.as_bytes()).unwrap();
+        });
+        let out =
+            Cli { server, token: "tgp_0000000000".into() }.run(&["token", "issue", "--display-name", "ci"]);
+        served.join().unwrap();
+        assert!(!out.ok, "{out:?}");
+        format!("{}{}", out.stdout, out.stderr)
+    };
+    let said = answer("400 Bad Request", "invalid_request");
+    assert!(!said.contains("tgp_fromelsewhere"), "{said}");
+    let said = answer("503 Service Unavailable", "temporarily_unavailable");
+    assert!(said.contains("Access token: tgp_fromelsewhere"), "{said}");
+}
+
 /// Seed 004 rotates a token to change its restrictions: environments too (`--env`), checked as
 /// on an issue; left out, they are the old token's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,9 +689,12 @@ async fn nobody_grants_more_than_they_hold() {
             .collect::<Vec<_>>()
     };
     assert!(!statuses().is_empty() && statuses().iter().all(|s| s == "suspended"), "{:?}", statuses());
-    admin.run(&["user", "reactivate", "val@acme.io"]).ok();
+    admin.run(&["user", "reactivate", "val@acme.io", "--reason", "back from leave"]).ok();
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &token).await, 200);
     assert!(statuses().iter().all(|s| s == "active"), "{:?}", statuses());
+    let log = admin.json(&["audit"]);
+    let entry = log.as_array().unwrap().iter().find(|e| e["action"] == "user.reactivate").unwrap();
+    assert_eq!(entry["reason"], "back from leave", "kept as a suspension's is: {entry}");
     // A change that changes nothing is refused, and not audited.
     let audited = admin.json(&["audit"]).as_array().unwrap().len();
     let err = admin.run(&["user", "reactivate", "val@acme.io"]).failed();
@@ -868,6 +902,9 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
     for (method, path, status) in [
         (reqwest::Method::GET, "/v1/orgs/acme/audit?limit=abc", 400),
         (reqwest::Method::GET, "/v1/tokens?all=1", 400),
+        // A filter misspelt would answer unfiltered.
+        (reqwest::Method::GET, "/v1/orgs/acme/audit?tokenid=tgp_a1B2c3", 400),
+        (reqwest::Method::GET, "/v1/tokens?owners=etl", 400),
         (reqwest::Method::GET, "/v1/orgs/acme/users/%FF", 400),
         (reqwest::Method::PUT, "/v1/tokens", 405),
     ] {
