@@ -110,7 +110,7 @@ async fn deprecation_headers(mut req: Request, next: axum::middleware::Next) -> 
 /// The router with every route.
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -270,6 +270,19 @@ async fn openapi() -> Response {
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+/// Liveness: up, unless something broke that only a restart mends (the embedded store's file
+/// after an I/O error), for an orchestrator to restart it; a store that is only unreachable is
+/// `/readyz`'s to say, since restarting would not bring it back.
+async fn healthz(State(s): State<AdminState>) -> Response {
+    match s.store.broken() {
+        None => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Some(why) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": why })))
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -340,13 +340,16 @@ impl Backend for EmbeddedBackend {
 
     /// Not ready once an I/O error broke the file (a read answered from memory would say ready).
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(StoreError::Unavailable(format!(
-                "{BROKEN} made {} unusable until the gateway restarts",
-                self.path.display()
-            )));
+        if let Some(why) = self.broken() {
+            return Err(StoreError::Unavailable(why));
         }
         self.get("ping").await.map(|_| ())
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken
+            .load(Ordering::Relaxed)
+            .then(|| format!("{BROKEN} made {} unusable until the gateway restarts", self.path.display()))
     }
 
     fn describe(&self) -> String {

@@ -307,6 +307,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         self.get("ping").await.map(|_| ())
     }
+    /// Why the backend cannot work again until the process restarts, if so (the embedded file
+    /// after an I/O error); an outage that can end by itself (Redis down) is not this.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What a call given up on is: [`StoreError::Unavailable`] for a read, [`StoreError::Unanswered`]
@@ -605,6 +610,11 @@ impl Store {
     /// Checks the backend answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(self.backend.ping()).await
+    }
+
+    /// See [`Backend::broken`].
+    pub fn broken(&self) -> Option<String> {
+        self.backend.broken()
     }
 
     /// A token by id.

@@ -52,6 +52,27 @@ fn the_shipped_redis_writes_every_change_to_disk_before_it_answers() {
     assert_eq!(setting("--appendfsync"), Some("always"), "{command:?}");
 }
 
+/// The gateway serves the config in this checkout, so an edit to it is picked up while it runs
+/// (reload), and every service comes back after a reboot or a crash.
+#[test]
+fn the_shipped_compose_file_serves_the_checkouts_config_and_restarts() {
+    let command = compose_list("tollgate", "command");
+    let config = command.iter().position(|a| a == "--config").and_then(|i| command.get(i + 1)).unwrap();
+    let volumes = compose_list("tollgate", "volumes");
+    let (host, inside) = volumes
+        .iter()
+        .find_map(|v| v.strip_suffix(":ro")?.split_once(':').filter(|(_, inside)| config.starts_with(inside)))
+        .unwrap_or_else(|| panic!("{config} is on no mounted directory: {volumes:?}"));
+    let on_host =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(host).join(&config[inside.len() + 1..]);
+    assert!(on_host.ends_with("config/docker.yaml") && on_host.exists(), "{}", on_host.display());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml");
+    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for service in ["redis", "echo", "tollgate"] {
+        assert_eq!(compose["services"][service]["restart"].as_str(), Some("unless-stopped"), "{service}");
+    }
+}
+
 /// The admin API manages tokens: the shipped compose file publishes it to the host's loopback
 /// only (a published port skips the host's firewall), the proxy to every interface.
 #[test]

@@ -348,6 +348,7 @@ async fn an_embedded_store_on_a_full_disk_says_it_is_not_ready() {
     let http = reqwest::Client::new();
     let ready = || async { http.get(format!("{}/readyz", g.admin_url())).send().await.unwrap().status() };
     assert_eq!(ready().await, 200);
+    assert_eq!(http.get(format!("{}/healthz", g.admin_url())).send().await.unwrap().status(), 200);
 
     // Changes (users with 4 KiB of attributes each) until the disk is full: the one refused
     // answers 503, and the gateway keeps running.
@@ -371,6 +372,10 @@ async fn an_embedded_store_on_a_full_disk_says_it_is_not_ready() {
     let (status, body) = refused.expect("the disk never filled");
     assert_eq!(status, 503, "{body}");
     assert_eq!(ready().await, 503, "{}", g.log_text());
+    // Liveness says so too: only a restart mends it, and an orchestrator restarts on liveness.
+    let live = http.get(format!("{}/healthz", g.admin_url())).send().await.unwrap();
+    assert_eq!(live.status(), 503);
+    assert!(live.text().await.unwrap().contains("restarts"));
     assert!(g.log_text().contains("restart the gateway"), "{}", g.log_text());
     assert!(!g.log_text().contains(&token), "never logged");
 }
