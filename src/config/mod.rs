@@ -106,10 +106,10 @@ impl fmt::Debug for StoreSettings {
 
 /// `redis://user:pass@host` -> `redis://***@host`.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
-        }
+    // After the scheme if there is one (`user:password@host:port` is hidden without one too).
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => format!("{}***{}", &url[..start], &url[at..]),
         _ => url.to_string(),
     }
 }
@@ -1422,13 +1422,15 @@ impl Validator {
                 // Every address a name resolves to (`localhost` is `::1` and `127.0.0.1` on most
                 // hosts, and an upstream may listen on one of them only): a connection refused by
                 // one is tried on the next (see `proxy::Gateway::fail_to_connect`).
+                // Repeated with any `user:password@` hidden.
+                let shown = redact_url(addr);
                 if addr.contains("://") {
-                    self.error(path, format!("{addr:?}: give host:port, without a scheme (upstreams are spoken to in plain HTTP)"));
+                    self.error(path, format!("{shown:?}: give host:port, without a scheme (upstreams are spoken to in plain HTTP)"));
                     continue;
                 }
                 match addr.to_socket_addrs().map(Iterator::collect::<Vec<_>>) {
                     Ok(found) if found.is_empty() => {
-                        self.error(path, format!("{addr:?} resolves to no address"))
+                        self.error(path, format!("{shown:?} resolves to no address"))
                     }
                     Ok(found) => {
                         // The gateway as its own upstream: a protected route strips the
@@ -1437,7 +1439,7 @@ impl Validator {
                         if let Some(me) = found.iter().find(|a| own.iter().any(|o| is_own(*o, **a))) {
                             self.error(
                                 path.clone(),
-                                format!("{addr:?} ({me}) is this gateway's own listener; name the service it fronts"),
+                                format!("{shown:?} ({me}) is this gateway's own listener; name the service it fronts"),
                             );
                         }
                         for a in found {
@@ -1446,7 +1448,7 @@ impl Validator {
                             }
                         }
                     }
-                    Err(e) => self.error(path, format!("{addr:?} is not a reachable host:port ({e})")),
+                    Err(e) => self.error(path, format!("{shown:?} is not a reachable host:port ({e})")),
                 }
             }
             let timeouts = self.timeouts(&at("upstream_timeouts"), r.upstream_timeouts, timeouts);

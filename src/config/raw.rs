@@ -416,9 +416,12 @@ fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
     let message = error.to_string();
     // serde_yaml names the path in its message too: say it once.
     let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
-    // A value under `store` may be a URL with a password: the message never repeats it.
-    let message = match (path == "store" || path.starts_with("store."), message.find('"'), message.rfind('"'))
-    {
+    // A value under `store`, or an upstream address, may be a URL with a password: the message
+    // never repeats it.
+    let secretive = path == "store"
+        || path.starts_with("store.")
+        || path.split('.').any(|step| matches!(step.split('[').next(), Some("upstream" | "upstreams")));
+    let message = match (secretive, message.find('"'), message.rfind('"')) {
         (true, Some(open), Some(close)) if close > open => {
             format!("{}(value not shown){}", &message[..open], &message[close + 1..])
         }

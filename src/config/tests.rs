@@ -150,6 +150,16 @@ fn structural_errors() {
         "routes:\n  - { path: /x, upstream: 'http://127.0.0.1:9000', auth: none }\n",
         &["routes[0].upstream: \"http://127.0.0.1:9000\": give host:port, without a scheme"],
     );
+    // An upstream's password, with a scheme or without, or where a list was expected, is never
+    // repeated (errors reach stderr, --json output and the reload log).
+    let yaml = "routes:\n  \
+                - { path: /x, upstream: 'http://svc:S3cret@127.0.0.1:9000', auth: none }\n  \
+                - { path: /y, upstream: 'svc:S3cret@127.0.0.1:9000', auth: none }\n  \
+                - { path: /z, upstreams: 'http://svc:S3cret@127.0.0.1:9000', auth: none }\n";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("\"http://***@127.0.0.1:9000\": give host:port")), "{errs:#?}");
+    assert!(errs.iter().all(|e| !e.contains("S3cret")), "{errs:#?}");
     check(
         "routes:\n  - { path: /x, host: 'a.example:abc', upstream: 127.0.0.1:1, auth: none }\n",
         &["routes[0].host: \"a.example:abc\": the host's port is not a number"],
