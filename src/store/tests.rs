@@ -486,8 +486,11 @@ async fn a_redis_user_that_may_not_publish_stores_nothing() {
     let narrow = Store::new(Arc::new(redis::RedisBackend::new(&url, "test:", timeout).unwrap()), timeout);
     let svc = etl(&full).await;
     let (token, _) = service_token(&full, &svc).await;
+    // The user reaches the store (reads work): what is refused is the change, for its PUBLISH.
+    assert!(narrow.get_token(&token.id).await.unwrap().is_some());
     let refused = narrow.revoke_token(&token.id, Some("leaked".into()), None).await;
-    assert!(refused.is_err(), "{refused:?}");
+    let why = format!("{refused:?}");
+    assert!(refused.is_err() && why.contains("can't publish"), "{why}");
     let stored = full.get_token(&token.id).await.unwrap().unwrap();
     assert!(!stored.is_revoked(now_millis()), "nothing was written");
 }

@@ -673,7 +673,7 @@ async fn nobody_grants_more_than_they_hold() {
     // Only ASCII case is folded: the Kelvin sign (which Unicode lowercases to `k`) names no one.
     add_user(&admin, "kate@acme.io", "viewer");
     let err = admin.run(&["user", "show", "\u{212a}ate@acme.io"]).failed();
-    assert!(err.contains("404") || err.contains("no user"), "{err}");
+    assert!(err.contains("no user"), "{err}");
     // Removed by another case, the answer names the stored email.
     let removed = admin.json(&["user", "remove", "KATE@acme.io"]);
     assert_eq!(removed["removed"], "kate@acme.io", "{removed}");
@@ -1171,7 +1171,7 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     assert!(err.contains("more rights"), "{err}");
     let viewer = add_user(&admin, "vic@acme.io", "viewer");
     let err = viewer.run(&["token", "issue", "--service", "nightly"]).failed();
-    assert!(err.contains("403") || err.contains("only org admins"), "{err}");
+    assert!(err.contains("only org admins and the service's creator"), "{err}");
     let err = admin.run(&["token", "issue", "--service", "nobody"]).failed();
     assert!(err.contains("no service"), "{err}");
 
@@ -1205,7 +1205,7 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &etl).await, 200, "untouched");
     admin.run(&["user", "set-role", "ed@acme.io", "--org-role", "viewer"]).ok();
     let err = ed.run(&["token", "issue", "--service", "etl"]).failed();
-    assert!(err.contains("403") || err.contains("only org admins"), "{err}");
+    assert!(err.contains("only org admins and the service's creator"), "{err}");
     let ann = add_user(&admin, "ann@acme.io", "admin");
     let ops = ann.run(&["service", "create", "ops", "--org", "acme", "--org-role", "admin"]).token();
     admin.run(&["user", "set-role", "ann@acme.io", "--org-role", "editor"]).ok();

@@ -167,6 +167,11 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let first_log = std::fs::read_to_string(&first.log).unwrap();
     assert!(first_log.contains("INFO"), "quickstart's own lines at info: {first_log}");
     first.stop();
+    // Each run's log is scanned before the next run (which writes the same file) starts.
+    assert_no_secret_in(
+        &std::fs::read_to_string(&first.log).expect("the first run's log"),
+        "the first run's log",
+    );
 
     // The user's edits to the config survive a second run, and its echo upstream starts where
     // the config says.
@@ -221,7 +226,12 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     let err = run(&dir, port);
     assert!(err.contains("in use by another tollgate process"), "{err}");
     let tokens = cli.json(&["token", "list"]).as_array().unwrap().len();
+    let second_log_path = second.log.clone();
     drop(second);
+    assert_no_secret_in(
+        &std::fs::read_to_string(&second_log_path).expect("the second run's log"),
+        "the second run's log",
+    );
     // With its gateway port taken, a run stops before it issues a token.
     let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = run(&dir, port);
@@ -255,8 +265,8 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
     assert_eq!(status_as_a_client_retries(&http, &url, &cli.token).await, 200);
     assert_eq!(cli.json(&["token", "list"]).as_array().unwrap().len(), tokens + 1, "only the third run's");
     drop(third);
-    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
-    assert_no_secret_in(&log, "the quickstart log");
+    let log = std::fs::read_to_string(dir.with_extension("log")).expect("the third run's log");
+    assert_no_secret_in(&log, "the third run's log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

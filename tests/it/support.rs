@@ -76,6 +76,18 @@ impl Redis {
             .unwrap_or(0)
     }
 
+    /// The commands run since the last `CONFIG RESETSTAT`, but the invalidation feeds' heartbeats
+    /// and a test's own inspection (`ping`, `info`, `config|resetstat`).
+    pub fn commands_run(&self) -> Vec<String> {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.client()).expect("INFO");
+        info.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| l.split(':').next())
+            .filter(|c| !["ping", "info", "config|resetstat"].contains(c))
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn reset_stats(&self) {
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut self.client()).expect("RESETSTAT");
     }
