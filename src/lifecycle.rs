@@ -1230,7 +1230,9 @@ impl<'a> Lifecycle<'a> {
             issue_audit(actor, record, serde_json::json!({ "for": format!("user:{}", user.email) }))
         });
         let mut audit = actor.audit("user.add", format!("user:{}", user.email));
-        audit.details = serde_json::json!({ "org_role": org_role, "project_roles": user.project_roles });
+        // The id the user's own actions are audited under (`user:<id>`), beside their email.
+        audit.details =
+            serde_json::json!({ "id": user.id, "org_role": org_role, "project_roles": user.project_roles });
         let with = first.as_ref().map(|(_, record)| FirstToken { token: record, audit: issued.as_ref() });
         self.store
             .create_user(&user, Some(&audit), with, self.acting(actor).await?.as_ref())
@@ -1416,7 +1418,7 @@ impl<'a> Lifecycle<'a> {
         let tokens = self.revoked_tokens_of(&Owner::User(user.id.clone()), actor, "owner removed").await?;
         let mut audit = actor.audit("user.remove", format!("user:{}", user.email));
         audit.reason = reason;
-        audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
+        audit.details = serde_json::json!({ "id": user.id, "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_user(&user, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
         Ok((user.email.clone(), tokens.tokens.len()))
     }
@@ -1749,14 +1751,15 @@ impl<'a> Lifecycle<'a> {
         Ok(s)
     }
 
-    /// Deletes a service; its tokens (and anything they minted) stop at once.
+    /// Deletes a service; its tokens (and anything they minted) stop at once. Answers how many
+    /// working tokens it revoked.
     pub async fn delete_service(
         &self,
         actor: &Actor,
         org: &str,
         name: &str,
         reason: Option<String>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let reason = check_reason(reason)?;
         let s = self.managed_service_in(actor, org, name).await?;
         self.may_manage_service(actor, &s)?;
@@ -1766,7 +1769,7 @@ impl<'a> Lifecycle<'a> {
         audit.reason = reason;
         audit.details = serde_json::json!({ "revoked_tokens": revoked_ids(&tokens) });
         self.store.delete_service(&s, &tokens, Some(&audit), self.acting(actor).await?.as_ref()).await?;
-        Ok(())
+        Ok(tokens.tokens.len())
     }
 
     /// The org's audit log, newest first, optionally for one token (admins only).
@@ -2156,7 +2159,7 @@ pub async fn bootstrap(
     let now = now_millis();
     let (token, record, issued) =
         operator_mint(store, argon2, limits, &user, "bootstrap", "bootstrap", now).await?;
-    let details = serde_json::json!({ "org_role": "admin" });
+    let details = serde_json::json!({ "id": user.id, "org_role": "admin" });
     let added = operator_audit(org, "bootstrap", "user.add", format!("user:{email}"), details, now);
     store
         .create_user(&user, Some(&added), Some(FirstToken { token: &record, audit: Some(&issued) }), None)

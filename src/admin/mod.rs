@@ -713,7 +713,7 @@ async fn delete_service(
 ) -> Response {
     lifecycle!(s, l);
     let deleted = l.delete_service(&a, &org, &name, r.reason).await;
-    reply(deleted.map(|()| serde_json::json!({ "deleted": name, "org": org })))
+    reply(deleted.map(|n| serde_json::json!({ "deleted": name, "org": org, "revoked_tokens": n })))
 }
 
 /// See [`ListQuery`].

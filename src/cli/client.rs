@@ -29,23 +29,31 @@ fn server_url(server: &str) -> anyhow::Result<String> {
         false => crate::config::redact_url(&text).trim_start_matches("http://").to_string(),
     };
     if !scheme_given && (server.starts_with("http:") || server.starts_with("https:")) {
-        return Err(anyhow!("--server {server:?}: the scheme needs two slashes; {example}"));
+        return Err(anyhow!(
+            "--server (TOLLGATE_SERVER) {server:?}: the scheme needs two slashes; {example}"
+        ));
     }
     let url = reqwest::Url::parse(&text)
-        .map_err(|e| anyhow!("--server {server:?} is not an address ({e}); {example}"))?;
+        .map_err(|e| anyhow!("--server (TOLLGATE_SERVER) {server:?} is not an address ({e}); {example}"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(anyhow!("--server {server:?}: the admin API speaks http:// or https://"));
+        return Err(anyhow!(
+            "--server (TOLLGATE_SERVER) {server:?}: the admin API speaks http:// or https://"
+        ));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(anyhow!(
-            "--server {server:?} holds a user name or password: the token is the only credential"
+            "--server (TOLLGATE_SERVER) {server:?} holds a user name or password: the token is the only credential"
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(anyhow!("--server {server:?}: an address without `?` or `#`; {example}"));
+        return Err(anyhow!(
+            "--server (TOLLGATE_SERVER) {server:?}: an address without `?` or `#`; {example}"
+        ));
     }
     if !scheme_given && !is_loopback(&url) {
-        return Err(anyhow!("--server {server:?} needs a scheme: https://{server} or http://{server}"));
+        return Err(anyhow!(
+            "--server (TOLLGATE_SERVER) {server:?} needs a scheme: https://{server} or http://{server}"
+        ));
     }
     Ok(text.trim_end_matches('/').to_string())
 }
@@ -292,6 +300,8 @@ mod tests {
         assert_eq!(server_url("https://ops.corp/tollgate/").unwrap(), "https://ops.corp/tollgate");
         let err = server_url("admin.corp:8443").unwrap_err().to_string();
         assert!(err.contains("needs a scheme: https://admin.corp:8443"), "{err}");
+        // Named both ways: the value may have come from the environment, with no flag given.
+        assert!(err.contains("--server (TOLLGATE_SERVER)"), "{err}");
         // The host is the URL's, not the text before the last colon.
         let err = server_url("localhost:8081@evil.example").unwrap_err().to_string();
         assert!(err.contains("user name or password"), "{err}");

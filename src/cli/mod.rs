@@ -832,6 +832,13 @@ impl Api {
                         "Issued an ephemeral credential for {:?} on {}/{}, expiring {} (in {} s).",
                         c.subject, c.org, c.project, c.expires_at, c.expires_in
                     );
+                    println!("Credential id: {}", c.id);
+                    if let Some(permissions) = &c.permissions {
+                        println!("Permissions:   {}", permissions.join(", "));
+                    }
+                    if let Some(environments) = &c.environments {
+                        println!("Environments:  {}", environments.join(", "));
+                    }
                     println!("Access token: {}", c.token);
                 })
             }
@@ -847,16 +854,25 @@ impl Api {
                     let rows = events
                         .iter()
                         .map(|e| {
+                            // What the change was (a rotation's new token, the role given):
+                            // the entry's details, on one line.
+                            let details = match &e.details {
+                                serde_json::Value::Null => String::new(),
+                                serde_json::Value::Object(m) if m.is_empty() => String::new(),
+                                d => d.to_string(),
+                            };
                             vec![
                                 e.at.0.clone(),
                                 e.actor.clone(),
                                 e.action.clone(),
                                 e.target.clone(),
+                                e.token_id.clone().unwrap_or_default(),
                                 e.reason.clone().unwrap_or_default(),
+                                details,
                             ]
                         })
                         .collect::<Vec<_>>();
-                    table(&["TIME", "ACTOR", "ACTION", "TARGET", "REASON"], &rows);
+                    table(&["TIME", "ACTOR", "ACTION", "TARGET", "TOKEN", "REASON", "DETAILS"], &rows);
                 })
             }
             Command::Serve { .. }
@@ -1113,8 +1129,11 @@ impl Api {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
                 let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
-                self.show(&v, |_| {
-                    println!("Deleted service {name:?} from org {org:?}; its tokens are refused.")
+                self.show(&v, |v| {
+                    println!(
+                        "Deleted service {name:?} from org {org:?}; revoked {} token(s), and every credential they minted is refused.",
+                        v["revoked_tokens"]
+                    )
                 })
             }
         }

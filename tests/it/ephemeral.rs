@@ -89,6 +89,10 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
         "{out:?}"
     );
     let jwt = out.token();
+    // Its id, which upstreams see as X-Auth-Token-Id and the audit log keeps, is printed too.
+    let id = out.stdout.lines().find_map(|l| l.strip_prefix("Credential id: ")).expect("the id line");
+    let claims = tollgate::jwt::unverified_claims(&jwt).unwrap();
+    assert_eq!(claims["jti"].as_str(), Some(id), "{out:?}");
 
     // Sent to a public route (in the header or the query), it goes no further; a JWT of another
     // issuer, the upstream's own, does.
