@@ -555,14 +555,35 @@ async fn sigterm_shuts_down_gracefully_within_the_configured_bounds() {
             &format!("127.0.0.1:{}\", last_use_flush", w.gateway.admin_port),
             &format!("127.0.0.1:{}\", last_use_flush", free_port()),
         );
+    // A route whose upstream answers only after 120 s, and may be waited on that long.
+    let slow = RawUpstream::start_slow(Duration::from_secs(120));
+    let config = config
+        + &format!(
+            "  - {{ name: slow, path: /slow, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
+             environment: production, upstream_timeouts: {{ read: 300s }} }}\n",
+            slow.port
+        );
     let mut g = Gateway::start_with(port, &config);
     let user = w.user("acme", "s@acme.io", Role::Viewer, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
     assert_eq!(w.get(&g, "/shop", &token).await.status(), 200);
+    // A request still running at SIGTERM: the shutdown timeout ends it, not the upstream.
+    let held = tokio::spawn({
+        let (http, url, token) = (reqwest::Client::new(), g.url("/slow/x"), token.clone());
+        async move { http.get(url).bearer_auth(token).send().await.map(|r| r.status().as_u16()) }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async { !slow.heads().is_empty() }).await,
+        "it reached the upstream"
+    );
     g.signal("TERM");
-    // Grace (1 s) plus the shutdown timeout (2 s), with room for a loaded machine.
-    let status = g.wait_exit(std::time::Duration::from_secs(20)).expect("the gateway exits after SIGTERM");
+    // Grace (1 s) plus the shutdown timeout (2 s), with room for a loaded machine; far before
+    // the upstream would answer.
+    let status = g.wait_exit(std::time::Duration::from_secs(30)).expect("the gateway exits after SIGTERM");
     assert!(status.success(), "{status}");
+    let cut =
+        tokio::time::timeout(Duration::from_secs(10), held).await.expect("the held request ended").unwrap();
+    assert_ne!(cut.ok(), Some(200), "the held request was cut off, not answered by the upstream");
     w.gateway.signal("TERM");
     assert!(w.gateway.wait_exit(std::time::Duration::from_secs(30)).is_some());
 }
