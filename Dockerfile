@@ -18,9 +18,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /var/lib/tollgate --create-home tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
-COPY config/docker.yaml /etc/tollgate/docker.yaml
+COPY config/docker.yaml /etc/tollgate/tollgate.yaml
 USER tollgate
 WORKDIR /var/lib/tollgate
 EXPOSE 8080 8081
 ENTRYPOINT ["tollgate"]
-CMD ["serve", "--config", "/etc/tollgate/docker.yaml"]
+CMD ["serve", "--config", "/etc/tollgate/tollgate.yaml"]

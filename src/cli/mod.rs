@@ -856,11 +856,7 @@ impl Api {
                         .map(|e| {
                             // What the change was (a rotation's new token, the role given):
                             // the entry's details, on one line.
-                            let details = match &e.details {
-                                serde_json::Value::Null => String::new(),
-                                serde_json::Value::Object(m) if m.is_empty() => String::new(),
-                                d => d.to_string(),
-                            };
+                            let details = details_text(&e.details);
                             vec![
                                 e.at.0.clone(),
                                 e.actor.clone(),
@@ -1129,11 +1125,12 @@ impl Api {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
                 let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
-                self.show(&v, |v| {
-                    println!(
-                        "Deleted service {name:?} from org {org:?}; revoked {} token(s), and every credential they minted is refused.",
-                        v["revoked_tokens"]
-                    )
+                self.show(&v, |v| match v["revoked_tokens"].as_u64() {
+                    Some(n) => println!(
+                        "Deleted service {name:?} from org {org:?}; revoked {n} token(s), and every credential they minted is refused."
+                    ),
+                    // A gateway older than this CLI does not count them.
+                    None => println!("Deleted service {name:?} from org {org:?}; its tokens are refused."),
                 })
             }
         }
@@ -1147,6 +1144,32 @@ fn short_time(rfc3339: &str) -> String {
 
 fn status_text(s: store::UserStatus) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// An audit entry's details on one line: a long list as its length (a removal's every revoked
+/// token id), and the whole cut at 160 characters (`--json` has it all).
+fn details_text(details: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let shown = match details {
+        Value::Null => return String::new(),
+        Value::Object(m) if m.is_empty() => return String::new(),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| match v {
+                    Value::Array(items) if items.len() > 3 => {
+                        (k.clone(), format!("{} items", items.len()).into())
+                    }
+                    v => (k.clone(), v.clone()),
+                })
+                .collect(),
+        ),
+        d => d.clone(),
+    };
+    let text = shown.to_string();
+    match text.char_indices().nth(160) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
 }
 
 /// Project roles as `project:role,...`, or `-` for none (as an org role's cell says it).
@@ -1256,4 +1279,28 @@ fn print_service(s: &ServiceView) {
     field("Project roles:", roles_text(&s.project_roles));
     field("Attributes:", serde_json::Value::Object(s.attributes.clone()));
     field("Created:", &s.created_at);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::details_text;
+
+    /// An audit row stays one readable line: a removal's thousand revoked ids are a count, and a
+    /// long entry is cut (`--json` has it whole).
+    #[test]
+    fn audit_details_fit_a_table_row() {
+        assert_eq!(details_text(&serde_json::Value::Null), "");
+        assert_eq!(details_text(&serde_json::json!({})), "");
+        let rotated = serde_json::json!({ "rotated_from": "tgp_a1B2c3" });
+        assert_eq!(details_text(&rotated), r#"{"rotated_from":"tgp_a1B2c3"}"#);
+        let ids: Vec<String> = (0..1000).map(|i| format!("tgp_{i:06}")).collect();
+        let removal = serde_json::json!({ "id": "u_1", "revoked_tokens": ids });
+        assert_eq!(details_text(&removal), r#"{"id":"u_1","revoked_tokens":"1000 items"}"#);
+        let few = serde_json::json!({ "revoked_tokens": ["tgp_a", "tgp_b"] });
+        assert_eq!(details_text(&few), r#"{"revoked_tokens":["tgp_a","tgp_b"]}"#);
+        let wide = serde_json::json!({ "attributes": { "note": "é".repeat(400) } });
+        let text = details_text(&wide);
+        assert_eq!(text.chars().count(), 161, "{text}");
+        assert!(text.ends_with('…'));
+    }
 }

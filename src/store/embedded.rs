@@ -154,7 +154,7 @@ impl EmbeddedBackend {
                 tracing::error!(
                     path = %self.path.display(),
                     error = %why,
-                    "the embedded store met an I/O error (a full disk?) and refuses further changes: fix the cause, then restart the gateway; /readyz answers 503 until then"
+                    "the embedded store met an I/O error (a full disk?) and refuses further changes: fix the cause, then restart the gateway; /readyz and /healthz answer 503 until then"
                 );
             }
         }
