@@ -519,8 +519,9 @@ const ENCODED_DOT_OR_SEPARATOR: &str = "the path has an encoded dot or separator
 
 /// The character that `%<high><low>` encodes, if routing reads it decoded: one a route's path
 /// may hold as it is and upstreams decode alike: the unreserved ones (RFC 3986, section 2.3; the
-/// dot is not among them here, since an encoded dot is refused), the sub-delimiters but `;`,
-/// `:` and `@`, and the `*`, `|`, `[`, `]` and `^` that clients send as they are. So
+/// dot is not among them here, since an encoded dot is refused), the sub-delimiters but `;`
+/// (so `*` among them), `:` and `@` too, and the `|`, `[`, `]` and `^` that clients send as
+/// they are. So
 /// `/v1/items%3Abatch` reads as `/v1/items:batch`, and is refused where that is another route's.
 fn decoded_in_routing(high: u8, low: u8) -> Option<char> {
     let hex = |d: u8| char::from(d).to_digit(16);

@@ -561,6 +561,10 @@ pub(crate) fn init_logging(default_level: &str) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr closed: `quickstart 2>&1 | head`, a closed
+        // terminal) is dropped; reporting it would write to the same stderr with `eprintln!`,
+        // which panics there, in the middle of serving a request.
+        .log_internal_errors(false)
         .finish()
         .with(tracing_subscriber::filter::filter_fn(pingora_at_most_info))
         .with(ClientsPingoraLines)

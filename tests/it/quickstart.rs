@@ -285,6 +285,38 @@ async fn quickstart_keeps_serving_when_nobody_reads_what_it_prints() {
     assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
 }
 
+/// Nor when its log cannot be written (`quickstart 2>&1 | head`, a closed terminal): a line that
+/// cannot be written is dropped, and the gateway and the admin API go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_keeps_serving_when_its_log_cannot_be_written() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("qs");
+    let [port, admin_port, _echo] = tollgate::testing::free_ports();
+    let mut child = Command::new(tollgate_bin())
+        .arg("quickstart")
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/demo/hello");
+    wait_ready(&http, &url, &mut quickstart).await;
+    // Each request writes an access line (the proxy's and the admin API's).
+    for _ in 0..3 {
+        assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+        let admin = http.get(format!("http://127.0.0.1:{admin_port}/v1/whoami")).send().await.unwrap();
+        assert_eq!(admin.status(), 401);
+    }
+    assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
+}
+
 /// A port the kernel would pick is no port a config can keep: refused before anything is written
 /// (a file with `:0` in it would have stopped every later run).
 #[test]
