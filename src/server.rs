@@ -302,6 +302,21 @@ fn drain(last_use: &LastUseLog, store: &store::Store, deadline: std::time::Insta
 }
 
 /// No revocation may be lost: say so at start when the store could lose acknowledged writes.
+/// [`Verifier::trust_minted`] for each token, against its record as stored (a token whose record
+/// cannot be read is proven by argon2 as any other).
+fn trust_minted(verifier: &Verifier, store: &store::Store, minted: &[String]) {
+    if minted.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+    for token in minted {
+        let Ok(parsed) = crate::token::parse(token) else { continue };
+        if let Ok(Some(record)) = runtime.block_on(store.get_token(&parsed.id)) {
+            verifier.trust_minted(token, &record.secret_hash);
+        }
+    }
+}
+
 fn warn_if_not_durable(store: &store::Store) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -318,8 +333,10 @@ fn warn_if_not_durable(store: &store::Store) {
     }
 }
 
-/// Runs the gateway until a shutdown signal; exits the process.
-pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Result<()> {
+/// Runs the gateway until a shutdown signal; exits the process. `minted`: tokens this process
+/// has just issued (quickstart's), whose secrets are known good, so their first check needs no
+/// argon2 run.
+pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>, minted: &[String]) -> anyhow::Result<()> {
     let store = store::open(&config.store, config.audit_max)?;
     warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
@@ -352,6 +369,7 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>) -> anyhow::Re
         Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency)
             .with_argon2_wait(config.argon2.max_wait),
     );
+    trust_minted(&verifier, &store, minted);
     let (listen, admin_listen) = (config.listen, config.admin.listen);
     let flush_interval = config.admin.last_use_flush;
     let shutdown = config.shutdown;

@@ -100,6 +100,28 @@ async fn a_valid_token_verifies_and_then_hits_the_cache() {
     assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1, "a cache hit must not run argon2");
 }
 
+/// A token this process has just minted (quickstart's) is proven without argon2; a wrong secret
+/// for its id is still refused, and a record whose hash is not the one trusted proves nothing.
+#[tokio::test]
+async fn a_token_just_minted_is_trusted_without_argon2_and_only_its_secret() {
+    let f = Fixture::new().await;
+    let id = crate::token::parse(&f.token).unwrap().id;
+    let stored = f.store.get_token(&id).await.unwrap().unwrap();
+    assert!(f.verifier.trust_minted(&f.token, &stored.secret_hash));
+    f.verifier.verify(&f.token).await.unwrap();
+    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 0);
+    let other = crate::token::generate(crate::token::TokenKind::Pat).token;
+    let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &f.token[..10], &other[10..40]));
+    assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
+    assert!(!f.verifier.trust_minted("not a token", &stored.secret_hash));
+
+    // Trusted against another hash: the stored record's is checked by argon2 as ever.
+    let g = Fixture::new().await;
+    assert!(g.verifier.trust_minted(&g.token, "$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaA"));
+    g.verifier.verify(&g.token).await.unwrap();
+    assert_eq!(g.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_bad_checksum_is_refused_without_touching_the_store() {
     let f = Fixture::new().await;

@@ -153,7 +153,9 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
         echo::spawn(listener)?;
     }
     print_instructions(&config, &path, &token);
-    server::run(config, &path, loaded)
+    // Its secret is known good: the printed lines work at once, however busy the machine (a
+    // first check's argon2 runs at the lowest priority).
+    server::run(config, &path, loaded, std::slice::from_ref(&token))
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
