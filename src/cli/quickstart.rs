@@ -124,8 +124,8 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
                 .and_then(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).ok())
                 .map_or_else(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)), Ok)
                 .context("cannot start the echo upstream")?;
-            std::fs::write(&path, config_text(port, admin_port, listener.local_addr()?, dir))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            write_whole(&path, &config_text(port, admin_port, listener.local_addr()?, dir))
+                .with_context(|| format!("cannot write {} (nothing was written)", path.display()))?;
             loaded = server::file_stamp(&path);
             (load(&path)?, Some(listener))
         }
@@ -149,10 +149,11 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
         })?;
     }
     let token = first_token(&config)?;
+    let echo = upstream_listener.is_some();
     if let Some(listener) = upstream_listener {
         echo::spawn(listener)?;
     }
-    print_instructions(&config, &path, &token);
+    print_instructions(&config, &path, &token, echo);
     // Its secret is known good: the printed lines work at once, however busy the machine (a
     // first check's argon2 runs at the lowest priority).
     server::run(config, &path, loaded, std::slice::from_ref(&token))
@@ -236,15 +237,36 @@ fn first_token(config: &Config) -> anyhow::Result<String> {
     })
 }
 
-fn print_instructions(config: &Config, path: &Path, token: &str) {
+/// Writes `text` to `path` whole or not at all (a file cut short by a full disk would be read
+/// back, by every later run, as a config with nothing in it).
+fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    let partial = path.with_extension("yaml.partial");
+    let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+fn print_instructions(config: &Config, path: &Path, token: &str, echo: bool) {
+    say(&instructions(config, path, token, echo));
+}
+
+/// What [`print_instructions`] prints.
+fn instructions(config: &Config, path: &Path, token: &str, echo: bool) -> String {
     let gw = format!("http://{}", config.listen);
     let admin = format!("http://{}", config.admin.listen);
     // The binary running now, however it was started (`cargo run` builds it in `target/`).
     let cli =
         std::env::current_exe().map_or_else(|_| "tollgate".into(), |p| shell_word(&p.display().to_string()));
-    say(&format!(
+    // Only where one was started (an older config's echo port may be someone else's now).
+    let demo = match echo {
+        true => "route /demo -> a built-in echo upstream",
+        false => "route /demo -> the upstream your config names; no echo upstream was started",
+    };
+    format!(
         "Tollgate is starting.
-  gateway    {gw}   (route /demo -> a built-in echo upstream, org \"{ORG}\")
+  gateway    {gw}   ({demo}, org \"{ORG}\")
   admin API  {admin}
   config     {}   (edits are picked up while it runs)
 
@@ -259,7 +281,7 @@ Try:
 Stop with Ctrl-C; run it again to continue with the same data.
 ",
         path.display()
-    ));
+    )
 }
 
 /// `word` as a POSIX shell reads it back: as it is when it holds nothing the shell treats
@@ -292,6 +314,32 @@ mod tests {
         let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let config = Config::parse(&config_text(18080, 18081, upstream, dir)).unwrap();
         assert_eq!(config.store.embedded_path, dir.join("store.redb"));
+    }
+
+    /// The first line says where /demo leads: to the echo upstream only where one was started.
+    #[test]
+    fn the_instructions_promise_an_echo_upstream_only_when_one_runs() {
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let config = Config::parse(&config_text(18080, 18081, upstream, Path::new("/tmp/qs"))).unwrap();
+        let path = Path::new("/tmp/qs/tollgate.yaml");
+        let started = instructions(&config, path, "tgp_x", true);
+        assert!(started.contains("route /demo -> a built-in echo upstream"), "{started}");
+        let none = instructions(&config, path, "tgp_x", false);
+        assert!(none.contains("no echo upstream was started") && !none.contains("built-in echo"), "{none}");
+    }
+
+    /// A config is written whole or not at all: a write that fails leaves the earlier file as it
+    /// was (a file cut short by a full disk was read back by every later run as an empty config).
+    #[test]
+    fn a_config_write_that_fails_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.yaml");
+        write_whole(&path, "listen: 127.0.0.1:18080\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "listen: 127.0.0.1:18080\n");
+        // The write cannot happen (its temporary name is taken by a directory).
+        std::fs::create_dir(path.with_extension("yaml.partial")).unwrap();
+        assert!(write_whole(&path, "listen: 127.0.0.1:19090\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "listen: 127.0.0.1:18080\n");
     }
 
     /// The printed `token list` line names the binary so that a shell runs that binary, wherever
