@@ -62,6 +62,9 @@ struct ConfigWatcher {
     /// The file's stamp from just before `started` was read: an edit made after that, before
     /// the watcher starts, is applied at its start, not left waiting for the next edit.
     loaded: Option<FileStamp>,
+    /// A `SIGHUP` stops the gateway instead of reloading it: quickstart's, in a terminal that
+    /// closes (whose hangup would otherwise leave it serving unseen, holding its ports).
+    hangup_stops: bool,
 }
 
 /// The settings read once at start that differ in `new`: they apply only after a restart.
@@ -189,6 +192,14 @@ impl ConfigWatcher {
     }
 }
 
+/// A graceful shutdown, as on `SIGTERM`, for a hangup that stops the gateway.
+fn stop_on_hangup() {
+    tracing::info!("SIGHUP (the terminal closed): stopping");
+    if let Err(e) = signal_hook::low_level::raise(signal_hook::consts::SIGTERM) {
+        tracing::warn!(error = %e, "could not stop on SIGHUP");
+    }
+}
+
 #[async_trait]
 impl BackgroundService for ConfigWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -202,7 +213,11 @@ impl BackgroundService for ConfigWatcher {
         };
         let mut stamp = self.loaded;
         // Listened for from here on (above): one that came earlier is applied now.
-        if early_hangup() {
+        let early = early_hangup();
+        if early && self.hangup_stops {
+            return stop_on_hangup();
+        }
+        if early {
             stamp = file_stamp(&self.path);
             self.reload("SIGHUP during start-up");
         }
@@ -215,6 +230,9 @@ impl BackgroundService for ConfigWatcher {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    if self.hangup_stops {
+                        return stop_on_hangup();
+                    }
                     stamp = file_stamp(&self.path);
                     settling = None;
                     self.reload("SIGHUP");
@@ -333,10 +351,23 @@ fn warn_if_not_durable(store: &store::Store) {
     }
 }
 
-/// Runs the gateway until a shutdown signal; exits the process. `minted`: tokens this process
-/// has just issued (quickstart's), whose secrets are known good, so their first check needs no
-/// argon2 run.
-pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>, minted: &[String]) -> anyhow::Result<()> {
+/// How the gateway is started: by `serve` (the default), or by `quickstart` at a terminal.
+#[derive(Debug, Default)]
+pub struct Started {
+    /// Tokens this process has just issued, whose secrets are known good: their first check
+    /// needs no argon2 run.
+    pub minted: Vec<String>,
+    /// A `SIGHUP` stops the gateway instead of reloading it (see [`ConfigWatcher`]).
+    pub hangup_stops: bool,
+}
+
+/// Runs the gateway until a shutdown signal; exits the process.
+pub fn run(
+    config: Config,
+    path: &Path,
+    loaded: Option<FileStamp>,
+    started_by: Started,
+) -> anyhow::Result<()> {
     let store = store::open(&config.store, config.audit_max)?;
     warn_if_not_durable(&store);
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
@@ -369,7 +400,7 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>, minted: &[Str
         Verifier::new(cache.clone(), config.cache.capacity, config.argon2.max_concurrency)
             .with_argon2_wait(config.argon2.max_wait),
     );
-    trust_minted(&verifier, &store, minted);
+    trust_minted(&verifier, &store, &started_by.minted);
     let (listen, admin_listen) = (config.listen, config.admin.listen);
     let flush_interval = config.admin.last_use_flush;
     let shutdown = config.shutdown;
@@ -411,8 +442,14 @@ pub fn run(config: Config, path: &Path, loaded: Option<FileStamp>, minted: &[Str
     let flusher = LastUseFlusher { log: last_use, store: store.clone(), interval: flush_interval };
     server.add_service(background_service("last-use flusher", flusher));
     let started = watched.load_full();
-    let watcher =
-        ConfigWatcher { path: path.to_path_buf(), config: watched, started, store: store.clone(), loaded };
+    let watcher = ConfigWatcher {
+        path: path.to_path_buf(),
+        config: watched,
+        started,
+        store: store.clone(),
+        loaded,
+        hangup_stops: started_by.hangup_stops,
+    };
     server.add_service(background_service("config watcher", watcher));
 
     tracing::info!(%listen, %admin_listen, routes, store = %store.describe(), "tollgate gateway listening");
@@ -433,6 +470,7 @@ mod tests {
             started,
             store: store::Store::new(backend, std::time::Duration::from_millis(500)),
             loaded: None,
+            hangup_stops: false,
         }
     }
 

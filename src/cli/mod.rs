@@ -645,7 +645,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let loaded = server::file_stamp(&path);
             let config = load(&path)?;
             init_logging(&config.log_level);
-            server::run(config, &path, loaded, &[])
+            server::run(config, &path, loaded, server::Started::default())
         }
         Command::Quickstart { dir, port, admin_port } => quickstart::run(&dir, port, admin_port),
         Command::Echo { listen } => {

@@ -156,7 +156,8 @@ pub fn run(dir: &Path, port: Option<u16>, admin_port: Option<u16>) -> anyhow::Re
     print_instructions(&config, &path, &token, echo);
     // Its secret is known good: the printed lines work at once, however busy the machine (a
     // first check's argon2 runs at the lowest priority).
-    server::run(config, &path, loaded, std::slice::from_ref(&token))
+    // And a closed terminal's hangup stops it, rather than leave it serving unseen.
+    server::run(config, &path, loaded, server::Started { minted: vec![token], hangup_stops: true })
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {

@@ -321,6 +321,21 @@ async fn quickstart_keeps_serving_when_its_log_cannot_be_written() {
     assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
 }
 
+/// A closed terminal sends its quickstart `SIGHUP`: it stops, gracefully, rather than serve on
+/// unseen holding its ports and store (the next run would be told the store is in use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_stops_when_its_terminal_hangs_up() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("qs");
+    let [port, admin_port, _echo] = tollgate::testing::free_ports();
+    let mut quickstart = Quickstart::start_from(None, &dir, port, admin_port);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    wait_ready(&http, &format!("http://127.0.0.1:{port}/demo/hello"), &mut quickstart).await;
+    let _ = Command::new("kill").arg("-HUP").arg(quickstart.child.id().to_string()).status();
+    let status = exit_within(&mut quickstart.child, Duration::from_secs(30)).expect("it stops on SIGHUP");
+    assert!(status.success(), "{status}");
+}
+
 /// A port the kernel would pick is no port a config can keep: refused before anything is written
 /// (a file with `:0` in it would have stopped every later run).
 #[test]
