@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::Semaphore;
@@ -349,12 +349,24 @@ struct Proven {
 }
 
 /// Counters for metrics and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VerifierStats {
-    /// argon2 verifications run.
-    pub argon2_runs: AtomicU64,
+    /// argon2 verifications run (`tollgate_argon2_runs_total`).
+    pub argon2_runs: prometheus::IntCounter,
     /// Verifications waiting for an argon2 slot.
     pub argon2_waiting: AtomicUsize,
+}
+
+impl Default for VerifierStats {
+    fn default() -> VerifierStats {
+        VerifierStats {
+            argon2_runs: crate::metrics::counter(
+                "tollgate_argon2_runs_total",
+                "Secrets checked with argon2 (first checks on this instance)",
+            ),
+            argon2_waiting: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// Puts the calling thread at the lowest scheduling priority: Linux's SCHED_IDLE where it can
@@ -429,11 +441,19 @@ impl Verifier {
     /// not a token.
     pub fn trust_minted(&self, token: &str, secret_hash: &str) -> bool {
         let Ok(parsed) = token::parse(token) else { return false };
-        let key = self.id_hasher.hash_one(parsed.id.as_str());
-        let proof =
-            Proven { secret: self.digester.digest(parsed.secret), phc: self.id_hasher.hash_one(secret_hash) };
-        self.prover.proven.insert(key, proof);
+        let claim = self.claim(&parsed, secret_hash);
+        self.prover.proven.insert(claim.key, Proven { secret: claim.digest, phc: claim.phc });
         true
+    }
+
+    /// What `parsed` presents against `secret_hash`, the record's stored hash, in the keyed
+    /// forms a proof is kept and judged in.
+    fn claim(&self, parsed: &ParsedToken<'_>, secret_hash: &str) -> Claim {
+        Claim {
+            key: self.id_hasher.hash_one(parsed.id.as_str()),
+            digest: self.digester.digest(parsed.secret),
+            phc: self.id_hasher.hash_one(secret_hash),
+        }
     }
 
     /// The same verifier, answering [`AuthError::Busy`] when a first verification would wait
@@ -593,17 +613,15 @@ impl Verifier {
         parsed: &ParsedToken<'_>,
         record: &TokenRecord,
     ) -> Result<Waited, AuthError> {
-        let digest = self.digester.digest(parsed.secret);
-        let phc = self.id_hasher.hash_one(record.secret_hash.as_str());
-        let key = self.id_hasher.hash_one(parsed.id.as_str());
+        let claim = self.claim(parsed, &record.secret_hash);
         // A hit pays no timer.
-        if let Some(p) = self.prover.proven.get(&key).filter(|p| p.phc == phc) {
-            return judge(&p, &digest).map(|()| Waited::No);
+        if let Some(p) = self.prover.proven.get(&claim.key).filter(|p| p.phc == claim.phc) {
+            return judge(&p, &claim.digest).map(|()| Waited::No);
         }
         let deadline = tokio::time::Instant::now() + self.argon2_wait;
         // The turn and the run belong to a task of their own, which outlives this request when
         // the run outlasts the bound.
-        let (prover, claim) = (self.prover.clone(), Claim { key, digest, phc });
+        let prover = self.prover.clone();
         let (secret, stored) = (parsed.secret.to_owned(), record.secret_hash.clone());
         let proving = tokio::spawn(async move { prover.prove(claim, &secret, &stored, deadline).await });
         match tokio::time::timeout_at(deadline + self.argon2_wait, proving).await {
@@ -683,7 +701,7 @@ impl Prover {
         };
         // Past the deadline, or the slots closed (never, while the verifier lives).
         let Ok(Ok(slot)) = slot else { return Err(AuthError::Busy) };
-        self.stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
+        self.stats.argon2_runs.inc();
         let (done, result) = tokio::sync::oneshot::channel();
         let job = Argon2Job { secret: secret.to_owned(), phc: phc.to_owned(), done, _slot: slot };
         if self.workers.send(job).is_err() {

@@ -186,6 +186,16 @@ impl Actor {
     }
 }
 
+/// The first of `s`'s roles above `cap`: where (`org role`, `role on project "p"`), the service's
+/// role there and `cap`'s.
+fn role_above(s: &Service, cap: &RoleSet) -> Option<(String, Role, Role)> {
+    if let Some(role) = s.org_role.filter(|r| *r > cap.org) {
+        return Some(("org role".into(), role, cap.org));
+    }
+    let (project, role) = s.project_roles.iter().find(|(project, role)| **role > cap.on(project))?;
+    Some((format!("role on project {project:?}"), *role, cap.on(project)))
+}
+
 /// Why a service (an admin one included) is refused a user's token: it would hold a person's
 /// credential, and act as them or beyond what services may (create services, issue PATs).
 const USER_TOKENS_BY_USERS: &str = "a user's token is issued by an org admin who is a user, not by a service";
@@ -1458,14 +1468,11 @@ impl<'a> Lifecycle<'a> {
             (Some(creator), Some(me))
                 if creator == me && actor.may(self.config, "write") && actor.environments.is_none() =>
             {
-                let mine = &actor.roles;
-                let above = s.org_role.is_some_and(|r| r > mine.org)
-                    || s.project_roles.iter().any(|(project, role)| *role > mine.on(project));
-                match above {
-                    true => Err(LifecycleError::Forbidden(
+                match role_above(s, &actor.roles) {
+                    Some(_) => Err(LifecycleError::Forbidden(
                         "the service holds a role above yours now: only org admins manage it".into(),
                     )),
-                    false => Ok(()),
+                    None => Ok(()),
                 }
             }
             _ => Err(LifecycleError::Forbidden("only org admins and the service's creator manage it".into())),
@@ -1517,19 +1524,10 @@ impl<'a> Lifecycle<'a> {
         self.check_roles(&s.org, &s.project_roles, before.map(|b| &b.projects))?;
         let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
         for cap in caps.iter().flatten() {
-            if let Some(role) = s.org_role.filter(|r| *r > cap.org) {
+            if let Some((place, role, capped)) = role_above(s, cap) {
                 return Err(LifecycleError::Forbidden(format!(
-                    "a service's org role ({role}) may not exceed its creator's or yours ({})",
-                    cap.org
+                    "a service's {place} ({role}) may not exceed its creator's or yours ({capped})"
                 )));
-            }
-            for (project, role) in &s.project_roles {
-                if *role > cap.on(project) {
-                    return Err(LifecycleError::Forbidden(format!(
-                        "a service's role on project {project:?} ({role}) may not exceed its creator's or yours ({})",
-                        cap.on(project)
-                    )));
-                }
             }
         }
         // A creator who is no org admin holds the service's first token: where roles do not

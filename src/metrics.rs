@@ -71,8 +71,6 @@ impl Default for ProxyMetrics {
 pub struct Metrics {
     registry: Registry,
     argon2_waiting: IntGauge,
-    /// Brought up to the verifier's count on each scrape, one scrape at a time.
-    argon2_runs: std::sync::Mutex<IntCounter>,
     verifier: Arc<VerifierStats>,
     /// Admin API calls by route template (never the path as sent: it names emails and ids) and
     /// status.
@@ -87,10 +85,6 @@ impl Metrics {
     ) -> Metrics {
         let registry = Registry::new();
         let argon2_waiting = gauge("tollgate_argon2_queue_depth", "Verifications waiting for an argon2 slot");
-        let argon2_runs = counter(
-            "tollgate_argon2_runs_total",
-            "Secrets checked with argon2 (first checks on this instance)",
-        );
         let admin_requests = counter_vec(
             "tollgate_admin_requests_total",
             "Admin API calls by route template and status",
@@ -98,7 +92,7 @@ impl Metrics {
         );
         let all = collectors.into_iter().chain([
             Box::new(argon2_waiting.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(argon2_runs.clone()),
+            Box::new(verifier.argon2_runs.clone()),
             Box::new(admin_requests.clone()),
         ]);
         for c in all {
@@ -106,23 +100,12 @@ impl Metrics {
                 tracing::error!(error = %e, "metric not registered");
             }
         }
-        Metrics {
-            registry,
-            argon2_waiting,
-            argon2_runs: std::sync::Mutex::new(argon2_runs),
-            verifier,
-            admin_requests,
-        }
+        Metrics { registry, argon2_waiting, verifier, admin_requests }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         self.argon2_waiting.set(self.verifier.argon2_waiting.load(Ordering::Relaxed) as i64);
-        {
-            let counter = self.argon2_runs.lock().unwrap_or_else(|e| e.into_inner());
-            let runs = self.verifier.argon2_runs.load(Ordering::Relaxed);
-            counter.inc_by(runs.saturating_sub(counter.get()));
-        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "metrics not encoded");

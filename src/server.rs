@@ -319,7 +319,6 @@ fn drain(last_use: &LastUseLog, store: &store::Store, deadline: std::time::Insta
     std::process::exit(0);
 }
 
-/// No revocation may be lost: say so at start when the store could lose acknowledged writes.
 /// [`Verifier::trust_minted`] for each token, against its record as stored (a token whose record
 /// cannot be read is proven by argon2 as any other).
 fn trust_minted(verifier: &Verifier, store: &store::Store, minted: &[String]) {
@@ -335,6 +334,7 @@ fn trust_minted(verifier: &Verifier, store: &store::Store, minted: &[String]) {
     }
 }
 
+/// No revocation may be lost: say so at start when the store could lose acknowledged writes.
 fn warn_if_not_durable(store: &store::Store) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,

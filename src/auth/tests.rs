@@ -90,14 +90,14 @@ async fn a_valid_token_verifies_and_then_hits_the_cache() {
     let p = f.verifier.verify(&f.token).await.unwrap();
     assert_eq!(p.subject(), format!("user:{}", f.user.id));
     assert_eq!(p.role_on("any"), Role::Editor);
-    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+    assert_eq!(f.verifier.stats().argon2_runs.get(), 1);
 
     let reads = f.backend.reads();
     for _ in 0..10 {
         f.verifier.verify(&f.token).await.unwrap();
     }
     assert_eq!(f.backend.reads(), reads, "a cache hit must not read the store");
-    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1, "a cache hit must not run argon2");
+    assert_eq!(f.verifier.stats().argon2_runs.get(), 1, "a cache hit must not run argon2");
 }
 
 /// A token this process has just minted (quickstart's) is proven without argon2; a wrong secret
@@ -109,7 +109,7 @@ async fn a_token_just_minted_is_trusted_without_argon2_and_only_its_secret() {
     let stored = f.store.get_token(&id).await.unwrap().unwrap();
     assert!(f.verifier.trust_minted(&f.token, &stored.secret_hash));
     f.verifier.verify(&f.token).await.unwrap();
-    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 0);
+    assert_eq!(f.verifier.stats().argon2_runs.get(), 0);
     let other = crate::token::generate(crate::token::TokenKind::Pat).token;
     let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &f.token[..10], &other[10..40]));
     assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
@@ -119,7 +119,7 @@ async fn a_token_just_minted_is_trusted_without_argon2_and_only_its_secret() {
     let g = Fixture::new().await;
     assert!(g.verifier.trust_minted(&g.token, "$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaA"));
     g.verifier.verify(&g.token).await.unwrap();
-    assert_eq!(g.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+    assert_eq!(g.verifier.stats().argon2_runs.get(), 1);
 }
 
 #[tokio::test]
@@ -146,9 +146,9 @@ async fn unknown_id_and_wrong_secret_are_both_refused() {
     assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
     // After the right secret is proven, a wrong one is still refused (now without argon2).
     f.verifier.verify(&f.token).await.unwrap();
-    let runs = f.verifier.stats().argon2_runs.load(Ordering::SeqCst);
+    let runs = f.verifier.stats().argon2_runs.get();
     assert_eq!(invalid(f.verifier.verify(&wrong).await), Invalid::WrongSecret);
-    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), runs);
+    assert_eq!(f.verifier.stats().argon2_runs.get(), runs);
     assert_eq!(Invalid::Unknown.description(), Invalid::WrongSecret.description());
 }
 
@@ -165,7 +165,7 @@ async fn concurrent_misses_share_one_store_read_and_one_argon2_run() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(f.verifier.stats().argon2_runs.load(Ordering::SeqCst), 1);
+    assert_eq!(f.verifier.stats().argon2_runs.get(), 1);
     // One read of the token, one of its user.
     assert_eq!(f.backend.reads() - reads, 2);
 }
@@ -327,9 +327,9 @@ async fn a_first_verification_that_would_wait_too_long_is_busy_not_a_hang() {
     };
     tokio::time::timeout(Duration::from_secs(60), proved).await.expect("proven once a slot is free");
     v.verify(&f.token).await.unwrap();
-    let runs = v.stats.argon2_runs.load(Ordering::Relaxed);
+    let runs = v.stats.argon2_runs.get();
     v.verify(&f.token).await.unwrap();
-    assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), runs);
+    assert_eq!(v.stats.argon2_runs.get(), runs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +347,7 @@ async fn a_run_that_outlasts_the_bound_is_busy_and_its_proof_serves_the_retry() 
     // past its own bound) rather than starting a second run on the free slot.
     let answer = v.verify(&f.token).await;
     assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
-    assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1, "one run at a time per token");
+    assert_eq!(v.stats.argon2_runs.get(), 1, "one run at a time per token");
     assert_eq!(queue.len(), 1);
     // The run ends, matching: its proof is kept, and the retry after it needs no run of its own.
     let job = queue.recv_timeout(Duration::from_secs(10)).expect("the run");
@@ -360,7 +360,7 @@ async fn a_run_that_outlasts_the_bound_is_busy_and_its_proof_serves_the_retry() 
     };
     tokio::time::timeout(Duration::from_secs(10), kept).await.expect("the run's proof is kept");
     v.verify(&f.token).await.unwrap();
-    assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1);
+    assert_eq!(v.stats.argon2_runs.get(), 1);
 }
 
 #[tokio::test]

@@ -12,10 +12,12 @@ use serde::Serialize;
 /// `evil.example`), and an address with a user name or password, a query or a fragment is
 /// refused: the token is the credential, and the API's paths are appended.
 fn server_url(server: &str) -> anyhow::Result<String> {
+    // Named both ways in every message: the value may come from either.
+    const SERVER: &str = "--server (TOLLGATE_SERVER)";
     let server = server.trim();
     let example = "write e.g. http://127.0.0.1:8081 or https://admin.example.com";
     if server.is_empty() {
-        return Err(anyhow!("--server (TOLLGATE_SERVER) is empty: {example}"));
+        return Err(anyhow!("{SERVER} is empty: {example}"));
     }
     let scheme_given = server.contains("://");
     let text = match scheme_given {
@@ -29,31 +31,23 @@ fn server_url(server: &str) -> anyhow::Result<String> {
         false => crate::config::redact_url(&text).trim_start_matches("http://").to_string(),
     };
     if !scheme_given && (server.starts_with("http:") || server.starts_with("https:")) {
-        return Err(anyhow!(
-            "--server (TOLLGATE_SERVER) {server:?}: the scheme needs two slashes; {example}"
-        ));
+        return Err(anyhow!("{SERVER} {server:?}: the scheme needs two slashes; {example}"));
     }
     let url = reqwest::Url::parse(&text)
-        .map_err(|e| anyhow!("--server (TOLLGATE_SERVER) {server:?} is not an address ({e}); {example}"))?;
+        .map_err(|e| anyhow!("{SERVER} {server:?} is not an address ({e}); {example}"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(anyhow!(
-            "--server (TOLLGATE_SERVER) {server:?}: the admin API speaks http:// or https://"
-        ));
+        return Err(anyhow!("{SERVER} {server:?}: the admin API speaks http:// or https://"));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(anyhow!(
-            "--server (TOLLGATE_SERVER) {server:?} holds a user name or password: the token is the only credential"
+            "{SERVER} {server:?} holds a user name or password: the token is the only credential"
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(anyhow!(
-            "--server (TOLLGATE_SERVER) {server:?}: an address without `?` or `#`; {example}"
-        ));
+        return Err(anyhow!("{SERVER} {server:?}: an address without `?` or `#`; {example}"));
     }
     if !scheme_given && !is_loopback(&url) {
-        return Err(anyhow!(
-            "--server (TOLLGATE_SERVER) {server:?} needs a scheme: https://{server} or http://{server}"
-        ));
+        return Err(anyhow!("{SERVER} {server:?} needs a scheme: https://{server} or http://{server}"));
     }
     Ok(text.trim_end_matches('/').to_string())
 }

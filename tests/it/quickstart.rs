@@ -53,6 +53,14 @@ impl Quickstart {
 
     /// `tollgate quickstart` with its stdout piped (its stderr goes to the log).
     fn spawn(cwd: Option<&std::path::Path>, dir: &std::path::Path, port: u16, admin_port: u16) -> Child {
+        Quickstart::command(cwd, dir, port, admin_port)
+            .stderr(std::fs::File::create(Quickstart::log(cwd, dir)).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `tollgate quickstart` with its stdout piped, its stderr for the caller to say.
+    fn command(cwd: Option<&std::path::Path>, dir: &std::path::Path, port: u16, admin_port: u16) -> Command {
         let mut cmd = Command::new(tollgate_bin());
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
@@ -63,10 +71,8 @@ impl Quickstart {
             .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
             // Its log level is its config's, which the tests read, not the caller's.
             .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(Quickstart::log(cwd, dir)).unwrap())
-            .spawn()
-            .unwrap()
+            .stdout(Stdio::piped());
+        cmd
     }
 
     fn token(&self) -> String {
@@ -296,16 +302,7 @@ async fn quickstart_keeps_serving_when_its_log_cannot_be_written() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("qs");
     let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let mut child = Command::new(tollgate_bin())
-        .arg("quickstart")
-        .arg("--dir")
-        .arg(&dir)
-        .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Quickstart::command(None, &dir, port, admin_port).stderr(Stdio::piped()).spawn().unwrap();
     drop(child.stdout.take());
     drop(child.stderr.take());
     let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
