@@ -281,40 +281,61 @@ async fn quickstart_prints_a_token_that_works_and_the_embedded_store_survives_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_keeps_serving_when_nobody_reads_what_it_prints() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("qs");
-    let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let mut child = Quickstart::spawn(None, &dir, port, admin_port);
-    // Whoever read it is gone before it prints (`tollgate quickstart | head -1`, a closed pager).
-    drop(child.stdout.take());
-    let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let url = format!("http://127.0.0.1:{port}/demo/hello");
-    wait_ready(&http, &url, &mut quickstart).await;
-    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let s = Serving::start(|dir, port, admin_port| {
+        let mut child = Quickstart::spawn(None, dir, port, admin_port);
+        // Whoever read it is gone before it prints (`tollgate quickstart | head -1`, a closed pager).
+        drop(child.stdout.take());
+        child
+    })
+    .await;
+    assert_eq!(s.http.get(&s.url).send().await.unwrap().status(), 401);
+    let mut quickstart = s.quickstart;
     assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
+}
+
+/// A quickstart of its own in a fresh directory, answering at `url` (its `/demo` route).
+struct Serving {
+    _root: tempfile::TempDir,
+    quickstart: Quickstart,
+    http: reqwest::Client,
+    url: String,
+    admin_port: u16,
+}
+
+impl Serving {
+    /// Started by `spawn(dir, port, admin_port)`, once it answers.
+    async fn start(spawn: impl FnOnce(&std::path::Path, u16, u16) -> Child) -> Serving {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("qs");
+        let [port, admin_port, _echo] = tollgate::testing::free_ports();
+        let child = spawn(&dir, port, admin_port);
+        let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let url = format!("http://127.0.0.1:{port}/demo/hello");
+        wait_ready(&http, &url, &mut quickstart).await;
+        Serving { _root: root, quickstart, http, url, admin_port }
+    }
 }
 
 /// Nor when its log cannot be written (`quickstart 2>&1 | head`, a closed terminal): a line that
 /// cannot be written is dropped, and the gateway and the admin API go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_keeps_serving_when_its_log_cannot_be_written() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("qs");
-    let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let mut child = Quickstart::command(None, &dir, port, admin_port).stderr(Stdio::piped()).spawn().unwrap();
-    drop(child.stdout.take());
-    drop(child.stderr.take());
-    let mut quickstart = Quickstart { child, printed: Vec::new(), log: dir.with_extension("log") };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let url = format!("http://127.0.0.1:{port}/demo/hello");
-    wait_ready(&http, &url, &mut quickstart).await;
+    let s = Serving::start(|dir, port, admin_port| {
+        let mut child =
+            Quickstart::command(None, dir, port, admin_port).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        child
+    })
+    .await;
     // Each request writes an access line (the proxy's and the admin API's).
     for _ in 0..3 {
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
-        let admin = http.get(format!("http://127.0.0.1:{admin_port}/v1/whoami")).send().await.unwrap();
-        assert_eq!(admin.status(), 401);
+        assert_eq!(s.http.get(&s.url).send().await.unwrap().status(), 401);
+        let whoami = format!("http://127.0.0.1:{}/v1/whoami", s.admin_port);
+        assert_eq!(s.http.get(whoami).send().await.unwrap().status(), 401);
     }
+    let mut quickstart = s.quickstart;
     assert!(quickstart.child.try_wait().unwrap().is_none(), "still running");
 }
 
@@ -322,12 +343,8 @@ async fn quickstart_keeps_serving_when_its_log_cannot_be_written() {
 /// unseen holding its ports and store (the next run would be told the store is in use).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_stops_when_its_terminal_hangs_up() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("qs");
-    let [port, admin_port, _echo] = tollgate::testing::free_ports();
-    let mut quickstart = Quickstart::start_from(None, &dir, port, admin_port);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    wait_ready(&http, &format!("http://127.0.0.1:{port}/demo/hello"), &mut quickstart).await;
+    let s = Serving::start(|dir, port, admin_port| Quickstart::spawn(None, dir, port, admin_port)).await;
+    let mut quickstart = s.quickstart;
     let _ = Command::new("kill").arg("-HUP").arg(quickstart.child.id().to_string()).status();
     let status = exit_within(&mut quickstart.child, Duration::from_secs(30)).expect("it stops on SIGHUP");
     assert!(status.success(), "{status}");
