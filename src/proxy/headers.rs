@@ -195,6 +195,10 @@ fn rewrite(
     let route = permit.route();
     if route.query_token {
         remove_query_token(req, &config.credentials.query_param)?;
+    } else {
+        // Not this route's credential, but a Tollgate token all the same (an SDK that adds it to
+        // every URL): kept from the upstream and its access log, as on a public route.
+        strip_own_query_tokens(config, req)?;
     }
     let made = identity_headers.get(config, route, grant)?;
     let xff = match req.bare_headers() {
@@ -396,6 +400,11 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Re
     for name in &names {
         req.remove(name);
     }
+    strip_own_query_tokens(config, req)
+}
+
+/// Removes the token query parameter where it holds a Tollgate token or a JWT of its issuer.
+fn strip_own_query_tokens(config: &Config, req: &mut dyn Upstream) -> pingora::Result<()> {
     let param = &config.credentials.query_param;
     // Each value as the upstream's query parser reads it: form-decoded (`tgp%5F...` is a token).
     remove_query_param_if(req, param, |query| {

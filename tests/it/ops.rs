@@ -746,31 +746,6 @@ async fn serve_warns_when_redis_could_lose_a_revocation() {
     );
 }
 
-/// Reads one response (head, then a `Content-Length` body) off a kept-alive connection.
-fn read_one_response(stream: &mut std::net::TcpStream) -> String {
-    use std::io::Read;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            if got.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let n = stream.read(&mut buf).expect("the response arrives");
-        assert!(n > 0, "the connection closed before the response was whole: {text:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// Whether the peer closes `stream` within `within` (whatever it sends first is kept in `sent`).
 fn closed_within(stream: &mut std::net::TcpStream, within: Duration, sent: &mut Vec<u8>) -> bool {
     use std::io::Read;
