@@ -150,6 +150,29 @@ impl Lifecycle<'_> {
             }
         }
 
+        // Unasked, it is as narrow as the token minting it (as a PAT made with a narrowed token
+        // is), and says so: the gateway narrows it by that token on every use anyway.
+        let scope = match scope {
+            Some(s) => Some(s.permissions),
+            None if actor.scope.is_some() => {
+                Some(policy.names_of(held).split(',').map(str::to_string).collect())
+            }
+            None => None,
+        };
+        let environments = match (environments, &actor.environments) {
+            (None, Some(mine)) => {
+                let here: Vec<String> = mine.iter().filter(|e| project_envs.contains(e)).cloned().collect();
+                if here.is_empty() {
+                    return Err(LifecycleError::Forbidden(format!(
+                        "the service token may be used only in {}, none of them an environment of project {project:?}",
+                        mine.join(", ")
+                    )));
+                }
+                Some(here)
+            }
+            (environments, _) => environments,
+        };
+
         let max = jwt.max_ttl.as_secs() as i64;
         let ttl = match req.ttl_seconds {
             None => jwt.default_ttl.as_secs() as i64,
@@ -294,7 +317,7 @@ impl Lifecycle<'_> {
             email,
             uid,
             attrs,
-            scope: scope.map(|s| s.permissions),
+            scope,
             env: environments,
         };
         let token = jwt.sign(&claims).map_err(|e| LifecycleError::Invalid(format!("signing failed: {e}")))?;

@@ -452,6 +452,23 @@ async fn minting_refuses_what_the_service_may_not_grant() {
     assert_eq!(status, 201, "{answer}");
     assert_eq!(answer["environments"], json!(["staging"]));
 
+    // Unasked, it is as narrow as the token minting it (its scope within the service's role, its
+    // environments of the project), and says so; the CLI prints both.
+    let (status, answer) = mint(&w, &w.gateway, &editor_read, "acme", "shop", attrs.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!((&answer["permissions"], &answer["environments"]), (&json!(["read"]), &json!(["staging"])));
+    let out = Cli::new(&w.gateway, &editor_read)
+        .run(&["credentials", "issue", "--org", "acme", "--project", "shop", "--attributes", "{}"])
+        .ok();
+    let line = |words: &[&str]| out.lines().any(|l| l.split_whitespace().eq(words.iter().copied()));
+    assert!(line(&["Permissions:", "read"]) && line(&["Environments:", "staging"]), "{out}");
+    // A token that may be used in none of the project's environments mints nothing there.
+    let staging_only = TokenSpec { environments: Some(vec!["staging".into()]), ..TokenSpec::default() };
+    let (_, blog_staging) = w.service("acme", "blog-svc", &[("blog", Role::Editor)], staging_only).await;
+    let (status, answer) = mint(&w, &w.gateway, &blog_staging, "acme", "blog", attrs.clone()).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["error_description"].as_str().unwrap().contains("none of them"), "{answer}");
+
     // The CLI shows the reason.
     let err = Cli::new(&w.gateway, &viewer)
         .run(&[
