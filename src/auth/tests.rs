@@ -210,6 +210,49 @@ async fn role_change_suspension_revocation_and_removal_apply_to_the_next_request
     f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
     f.settle(applied, 2).await;
     assert_eq!(invalid(f.verifier.verify(&f.token).await), Invalid::Revoked);
+
+    // Removed, with a token of theirs not revoked (a removal always revokes them; a record
+    // written otherwise, or by another version): the owner is gone.
+    let kept = issue(&f.store, &user, TokenSpec::default()).await;
+    f.verifier.verify(&kept).await.unwrap();
+    let applied = f.verifier.cache().invalidations_applied();
+    let before = f.store.get_user(&user.id).await.unwrap().unwrap();
+    let revoking_none = crate::store::Revoking { members: 2, tokens: vec![] };
+    f.store.delete_user(&before, &revoking_none, None, None).await.unwrap();
+    f.settle(applied, 1).await;
+    assert_eq!(invalid(f.verifier.verify(&kept).await), Invalid::OwnerGone);
+}
+
+/// A token whose record names an org other than its owner's is its owner's in no org.
+#[tokio::test]
+async fn a_token_of_another_orgs_owner_is_refused() {
+    let f = Fixture::new().await;
+    let globex = lifecycle::create_user(
+        &f.store,
+        "globex",
+        "gus@globex.io",
+        Role::Admin,
+        BTreeMap::new(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let applied = f.verifier.cache().invalidations_applied();
+    let token = lifecycle::issue_token(
+        &f.store,
+        ARGON2,
+        "acme",
+        Owner::User(globex.id.clone()),
+        TokenSpec::default(),
+    )
+    .await
+    .unwrap()
+    .0
+    .token;
+    f.settle(applied, 1).await;
+    assert_eq!(invalid(f.verifier.verify(&token).await), Invalid::OwnerGone);
+    // Its own org's token of the same user verifies.
+    f.verifier.verify(&issue(&f.store, &globex, TokenSpec::default()).await).await.unwrap();
 }
 
 #[tokio::test]
@@ -377,34 +420,56 @@ async fn without_argon2_threads_a_first_check_is_busy_never_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_while_a_first_check_waits_for_argon2_is_not_missed() {
-    let mut f = Fixture::new().await;
-    // No bound on the wait: argon2 runs at the lowest priority, and a busy machine must not turn
-    // this into a test of `argon2.max_wait`.
-    f.verifier = Arc::new(
-        Verifier::new(f.verifier.cache().clone(), 100, 2).with_argon2_wait(Duration::from_secs(600)),
-    );
-    // A slower hash, so that the check is still under way when the token is revoked.
-    let slow = Argon2Params { memory_kib: 32 * 1024, iterations: 4, parallelism: 1 };
-    let (new, _) =
-        lifecycle::issue_token(&f.store, slow, "acme", Owner::User(f.user.id.clone()), TokenSpec::default())
-            .await
-            .unwrap();
-    let token = new.token;
+    let f = Fixture::new().await;
+    // No bound on the wait, and the argon2 threads are the test's: a run lasts until the test
+    // ends it, so the right secret's check is surely waiting when the token is revoked.
+    let mut v = Verifier::new(f.verifier.cache().clone(), 100, 2).with_argon2_wait(Duration::from_secs(600));
+    let (jobs, queue) = crossbeam_channel::unbounded::<Argon2Job>();
+    Arc::get_mut(&mut v.prover).expect("not shared yet").workers = jobs;
+    let v = Arc::new(v);
+    let token = issue(&f.store, &f.user, TokenSpec::default()).await;
     let other = crate::token::generate(crate::token::TokenKind::Pat).token;
     let wrong = crate::token::with_checksum_for_tests(&format!("{}{}", &token[..10], &other[10..40]));
-    // A made-up secret takes the token's turn; the right one reads the record and waits behind it.
-    let (v, w) = (f.verifier.clone(), wrong.clone());
-    let flood = tokio::spawn(async move { v.verify(&w).await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let (v, t) = (f.verifier.clone(), token.clone());
-    let right = tokio::spawn(async move { v.verify(&t).await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // A made-up secret takes the token's turn (its run held by the test)...
+    let (v1, w) = (v.clone(), wrong.clone());
+    let flood = tokio::spawn(async move { v1.verify(&w).await.map(|_| ()) });
+    let flood_job = tokio::task::spawn_blocking({
+        let queue = queue.clone();
+        move || queue.recv_timeout(Duration::from_secs(10)).expect("the made-up secret's run")
+    })
+    .await
+    .unwrap();
+    // ... and the right one reads the token's record, then waits behind it.
+    let lookups = || {
+        let stats = &f.verifier.cache().stats().lookups;
+        stats.with_label_values(&["token", "hit"]).get() + stats.with_label_values(&["token", "miss"]).get()
+    };
+    let read_before = lookups();
+    let (v2, t) = (v.clone(), token.clone());
+    let right = tokio::spawn(async move { v2.verify(&t).await.map(|_| ()) });
+    let read = async {
+        while lookups() == read_before {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the right secret's check reads the record");
 
     let applied = f.verifier.cache().invalidations_applied();
     let id = crate::token::parse(&token).unwrap().id;
     f.store.revoke_token(&id, Some("leaked".into()), None).await.unwrap();
     f.settle(applied, 1).await;
-    assert!(!right.is_finished(), "the check ended before the revocation: the test needs a slower hash");
+    assert!(!right.is_finished(), "the right secret's check waits for the token's turn");
+    // The made-up secret's run fails; the right one's runs and matches, and the record read
+    // again after the wait is revoked.
+    flood_job.done.send(false).unwrap();
+    let right_job = tokio::task::spawn_blocking(move || {
+        queue.recv_timeout(Duration::from_secs(10)).expect("the right secret's run")
+    })
+    .await
+    .unwrap();
+    right_job.done.send(true).unwrap();
     let answer = right.await.unwrap();
     assert!(matches!(answer, Err(AuthError::Invalid(Invalid::Revoked))), "{answer:?}");
     assert!(flood.await.unwrap().is_err());

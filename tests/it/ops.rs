@@ -992,7 +992,7 @@ async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines
     let config = gateway_config(port, &w.redis.url(), w.upstream.port)
         .replace("log: { level: debug }", "log: { level: debug, access: false }")
         + "identity: { prefix: x-gw- }\n";
-    let g = Gateway::start_with(port, &config);
+    let mut g = Gateway::start_with(port, &config);
     let user = w.user("acme", "prefix@acme.io", Role::Viewer, serde_json::json!({"tier": "gold"})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
 
@@ -1033,7 +1033,9 @@ async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines
         metrics().await.contains(r#"tollgate_requests_total{outcome="missing_token",route="shop"} 1"#)
     });
     assert!(counted.await, "{}", metrics().await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped, so that whatever it would write is written.
+    g.signal("TERM");
+    assert!(g.wait_exit(Duration::from_secs(30)).is_some(), "it stops");
     let log = g.log_text();
     assert!(log.contains("tollgate gateway listening"), "the log itself is written: {log}");
     assert!(!log.contains("tollgate::access") && !log.contains("tollgate::admin_access"), "{log}");
@@ -1041,7 +1043,7 @@ async fn a_custom_identity_prefix_names_and_guards_the_identity_and_access_lines
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_breaking_off_its_own_request_head_fills_no_log() {
-    let w = World::start().await;
+    let mut w = World::start().await;
     // A head cut off by the client.
     {
         use std::io::Write;
@@ -1055,7 +1057,9 @@ async fn a_client_breaking_off_its_own_request_head_fills_no_log() {
         w.gateway.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("/public/x"))
     });
     assert!(logged.await, "{}", w.gateway.log_text());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stopped, so that whatever it would write of the cut connection is written.
+    w.gateway.signal("TERM");
+    assert!(w.gateway.wait_exit(Duration::from_secs(30)).is_some(), "it stops");
     let log = w.gateway.log_text();
     assert!(!log.contains("Fail to proxy"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");

@@ -195,7 +195,7 @@ store:
   timeout: 1s
 cache: {{ capacity: 1000, ttl: 60s }}
 credentials: {{ query_param: access_token, api_key_header: X-API-Key }}
-argon2: {{ memory_kib: {mem}, iterations: 1, parallelism: 1, max_concurrency: 2 }}
+argon2: {{ memory_kib: {mem}, iterations: 1, parallelism: 1, max_concurrency: 2, max_wait: 120s }}
 orgs:
   acme:
     projects:
