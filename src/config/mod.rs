@@ -1031,6 +1031,13 @@ impl Validator {
             self.error("store", "configure either `redis` or `embedded`, not both");
         }
         let embedded_path = raw.embedded.and_then(|e| e.path).unwrap_or_else(|| DEFAULT_EMBEDDED_PATH.into());
+        // (An unset variable substituted into the file, say.)
+        if embedded_path.trim().is_empty() {
+            self.error(
+                "store.embedded.path",
+                format!("must not be empty; leave it out for the default, {DEFAULT_EMBEDDED_PATH}"),
+            );
+        }
         StoreSettings { redis, embedded_path: embedded_path.into(), timeout }
     }
 
@@ -1056,8 +1063,20 @@ impl Validator {
     }
 
     fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
-        let prefix = raw.prefix.unwrap_or_else(|| "x-auth-".into()).to_ascii_lowercase();
-        let mut prefix_ok = self.header_name("identity.prefix", &format!("{prefix}x")).is_some();
+        let written = raw.prefix.unwrap_or_else(|| "x-auth-".into());
+        let prefix = written.to_ascii_lowercase();
+        let mut prefix_ok = HeaderName::from_bytes(format!("{prefix}x").as_bytes()).is_ok();
+        if !prefix_ok {
+            // Quoted as written, with the character a header name cannot hold.
+            let bad = written.chars().find(|c| HeaderName::from_bytes(format!("x{c}").as_bytes()).is_err());
+            self.error(
+                "identity.prefix",
+                match bad {
+                    Some(c) => format!("{written:?} cannot start a header name: {c:?} is not allowed in one"),
+                    None => format!("{written:?} cannot start a header name"),
+                },
+            );
+        }
         // Whatever a client sends under the prefix is stripped: it must not cover a header that
         // HTTP or an upstream relies on (`content-` took `Content-Length` and `Content-Type` away).
         let covered = HEADERS_NOT_IN_PREFIX.iter().find(|h| crate::proxy::headers::in_namespace(h, &prefix));

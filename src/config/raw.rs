@@ -237,6 +237,17 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             return None;
         }
     };
+    // YAML's merge key (`<<: *base`) is not applied by the reader: said once, where it is,
+    // rather than as an unknown field and every setting it would have brought as missing.
+    if let Some(path) = merge_key(&tree, String::new()) {
+        issues.push(ConfigIssue {
+            path,
+            message: "YAML merge keys (`<<: *anchor`) are not supported: write the settings out \
+                      (an alias, `*anchor`, standing for a whole value works)"
+                .into(),
+        });
+        return None;
+    }
     let mut raw = RawConfig::default();
     let mut unreadable = Unreadable::new();
     let keys = match tree {
@@ -267,7 +278,15 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
     }
     for (key, value) in &keys {
         let Some(name) = key.as_str().and_then(|k| SECTIONS.iter().copied().find(|s| *s == k)) else {
-            issues.push(ConfigIssue { path: key_text(key), message: "unknown field".into() });
+            // `tokens.max_ttl: 30d` at the top level: one key whose name has a dot, as YAML reads it.
+            let message = match key.as_str().and_then(|k| k.split_once('.')) {
+                Some((section, rest)) if SECTIONS.contains(&section) => format!(
+                    "unknown top-level key; a setting of `{section}` is written nested: `{section}:` on \
+                     one line, `  {rest}: ...` indented under it"
+                ),
+                _ => "unknown field".into(),
+            };
+            issues.push(ConfigIssue { path: key_text(key), message });
             continue;
         };
         let read = match name {
@@ -386,10 +405,13 @@ where
         // Every other key is skipped, which serde_ignored reports too; and so is every route before
         // the first one a later routes pass reads (`routes[0]`): only keys inside this one count.
         let mut ignored = |path: serde_ignored::Path<'_>| {
+            // (A top-level key `admin.listen` is not inside `admin`: its first step is not `admin`.)
+            let under_name = top_key(&path) == Some(name);
             let path = yaml_path(&path);
-            let inside = path
-                .strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('.') || (rest.starts_with('[') && rest.contains('.')));
+            let inside = under_name
+                && path.strip_prefix(name).is_some_and(|rest| {
+                    rest.starts_with('.') || (rest.starts_with('[') && rest.contains('.'))
+                });
             if inside {
                 unknown.push(path);
             }
@@ -421,6 +443,8 @@ fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
     let secretive = path == "store"
         || path.starts_with("store.")
         || path.split('.').any(|step| matches!(step.split('[').next(), Some("upstream" | "upstreams")));
+    // A repeated key's name is no value.
+    let secretive = secretive && !message.starts_with("duplicate entry with key");
     let message = match (secretive, message.find('"'), message.rfind('"')) {
         (true, Some(open), Some(close)) if close > open => {
             format!("{}(value not shown){}", &message[..open], &message[close + 1..])
@@ -428,6 +452,38 @@ fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
         _ => message,
     };
     ConfigIssue { path, message }
+}
+
+/// The path of the first merge key (`<<`) in `value`, under `at`.
+fn merge_key(value: &Value, at: String) -> Option<String> {
+    let join = |key: &str| if at.is_empty() { key.to_string() } else { format!("{at}.{key}") };
+    match value {
+        Value::Mapping(map) => map.iter().find_map(|(k, v)| match k.as_str() {
+            Some("<<") => Some(join("<<")),
+            Some(key) => merge_key(v, join(key)),
+            None => merge_key(v, at.clone()),
+        }),
+        Value::Sequence(items) => {
+            items.iter().enumerate().find_map(|(i, v)| merge_key(v, format!("{at}[{i}]")))
+        }
+        Value::Tagged(tagged) => merge_key(&tagged.value, at),
+        _ => None,
+    }
+}
+
+/// The top-level key a path starts with.
+fn top_key<'a>(path: &'a serde_ignored::Path<'a>) -> Option<&'a str> {
+    match path {
+        serde_ignored::Path::Root => None,
+        serde_ignored::Path::Map { parent, key } => match **parent {
+            serde_ignored::Path::Root => Some(key.as_str()),
+            _ => top_key(parent),
+        },
+        serde_ignored::Path::Seq { parent, .. }
+        | serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => top_key(parent),
+    }
 }
 
 fn yaml_path(path: &serde_ignored::Path<'_>) -> String {

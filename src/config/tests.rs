@@ -989,3 +989,36 @@ fn tokens_per_owner_are_bounded_from_one_to_a_hundred_thousand() {
     check("tokens: { max_per_owner: 100001 }\n", &["tokens.max_per_owner: must be between 1 and 100000"]);
     assert_eq!(Config::parse("tokens: { max_per_owner: 5 }\n").unwrap().tokens.max_per_owner, 5);
 }
+
+/// Mistakes a YAML writer makes, each said once, at its path, in the user's own words.
+#[test]
+fn yaml_shapes_a_user_writes_by_mistake_are_named_once() {
+    // An empty embedded path (an unset variable substituted in) is refused here, not at `serve`.
+    check("store: { embedded: { path: '' } }\n", &["store.embedded.path: must not be empty"]);
+    // A setting written flat with a dot is one top-level key, said once even beside its section.
+    let errs = errors("tokens.max_ttl: 30d\nadmin.listen: 127.0.0.1:9091\nadmin: { last_use_flush: 1s }\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    let said = |start: &str| errs.iter().any(|e| e.starts_with(start) && e.contains("written nested"));
+    assert!(
+        said("admin.listen: unknown top-level key") && said("tokens.max_ttl: unknown top-level key"),
+        "{errs:#?}"
+    );
+    // A merge key: one error where it is, not an unknown field and the settings it brings missing.
+    check(
+        "routes:\n  - &base { path: /a, upstream: 127.0.0.1:9000, auth: none }\n  - <<: *base\n    path: /b\n",
+        &["routes[1].<<: YAML merge keys"],
+    );
+    // An alias for a whole value works.
+    assert_eq!(
+        errors("listen: &l 127.0.0.1:8081\nadmin: { listen: 127.0.0.1:9092 }\n"),
+        Vec::<String>::new()
+    );
+    // A repeated key is named, under `store` too (a key is no secret).
+    let errs = errors("store:\n  timeout: 1s\n  embedded: { path: x.redb }\n  timeout: 2s\n");
+    assert!(errs.len() == 1 && errs[0].contains("\"timeout\""), "{errs:#?}");
+    // The identity prefix is quoted as written, with the character that cannot be in a name.
+    check(
+        "identity: { prefix: 'x auth-' }\n",
+        &["identity.prefix: \"x auth-\" cannot start a header name: ' '"],
+    );
+}

@@ -233,3 +233,11 @@ fn a_lifetime_dated_ahead_is_refused_and_a_far_expiry_never_overflows() {
     let since_ever = EphemeralClaims { nbf: i64::MIN, ..verified.clone() };
     assert_eq!(s.still_valid(&since_ever, &key, now), Ok(()));
 }
+
+#[test]
+fn keys_not_generated_here_say_how_to_make_them() {
+    let hs = generate_key(Algorithm::HS256).unwrap_err();
+    assert!(hs.contains("openssl rand") && hs.contains("secret_file"), "{hs}");
+    let rs = generate_key(Algorithm::RS256).unwrap_err();
+    assert!(rs.contains("openssl genpkey"), "{rs}");
+}
