@@ -233,7 +233,22 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
     let tree: Value = match serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)) {
         Ok(tree) => tree,
         Err(e) => {
-            issues.push(type_error(e.path().to_string(), e.into_inner()));
+            let mut issue = type_error(e.path().to_string(), e.into_inner());
+            // A top-level key given twice comes without a line: the lines that give it.
+            if issue.path.is_empty() && !issue.message.contains(" line ") {
+                if let Some(key) = issue.message.strip_prefix("duplicate entry with key \"") {
+                    let key = key.split('"').next().unwrap_or_default();
+                    let at: Vec<String> = (1..)
+                        .zip(text.lines())
+                        .filter(|(_, l)| l.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')))
+                        .map(|(n, _)| n.to_string())
+                        .collect();
+                    if at.len() > 1 {
+                        issue.message = format!("{} (lines {})", issue.message, at.join(" and "));
+                    }
+                }
+            }
+            issues.push(issue);
             return None;
         }
     };

@@ -1016,6 +1016,9 @@ fn yaml_shapes_a_user_writes_by_mistake_are_named_once() {
     // A repeated key is named, under `store` too (a key is no secret).
     let errs = errors("store:\n  timeout: 1s\n  embedded: { path: x.redb }\n  timeout: 2s\n");
     assert!(errs.len() == 1 && errs[0].contains("\"timeout\""), "{errs:#?}");
+    // A top-level key given twice says where.
+    let errs = errors("listen: 127.0.0.1:8081\nthreads: 2\nlisten: 127.0.0.1:8082\n");
+    assert!(errs.len() == 1 && errs[0].contains("\"listen\" (lines 1 and 3)"), "{errs:#?}");
     // The identity prefix is quoted as written, with the character that cannot be in a name.
     check(
         "identity: { prefix: 'x auth-' }\n",
