@@ -511,7 +511,7 @@ pub fn generate_key(algorithm: Algorithm) -> Result<String, String> {
         .map_err(|e| e.to_string())?,
         Algorithm::HS256 => {
             return Err("HS256 keys are not generated here: an HS256 key is a shared secret of 32 bytes \
-                        or more, made with `openssl rand -base64 32 > secret` and listed with `secret_file:` \
+                        or more, made with `(umask 077; openssl rand -base64 32 > secret)` and listed with `secret_file:` \
                         (or `secret_env:`); or use EdDSA or ES256"
                 .into())
         }

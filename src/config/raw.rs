@@ -295,6 +295,9 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
         let Some(name) = key.as_str().and_then(|k| SECTIONS.iter().copied().find(|s| *s == k)) else {
             // `tokens.max_ttl: 30d` at the top level: one key whose name has a dot, as YAML reads it.
             let message = match key.as_str().and_then(|k| k.split_once('.')) {
+                Some((value, _)) if SINGLE_VALUES.contains(&value) => {
+                    format!("unknown top-level key; `{value}` takes one value (`{value}: ...`), no settings under it")
+                }
                 Some((section, rest)) if SECTIONS.contains(&section) => format!(
                     "unknown top-level key; a setting of `{section}` is written nested: `{section}:` on \
                      one line, `  {rest}: ...` indented under it"
@@ -341,6 +344,9 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level keys, as in [`RawConfig`].
+/// The top-level settings that take one value rather than settings of their own.
+const SINGLE_VALUES: [&str; 4] = ["listen", "threads", "keepalive_timeout", "forwarded_for"];
+
 const SECTIONS: [&str; 20] = [
     "listen",
     "threads",

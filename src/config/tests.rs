@@ -1003,6 +1003,8 @@ fn yaml_shapes_a_user_writes_by_mistake_are_named_once() {
         said("admin.listen: unknown top-level key") && said("tokens.max_ttl: unknown top-level key"),
         "{errs:#?}"
     );
+    // One that takes a single value has no settings under it.
+    check("listen.port: 8080\n", &["listen.port: unknown top-level key; `listen` takes one value"]);
     // A merge key: one error where it is, not an unknown field and the settings it brings missing.
     check(
         "routes:\n  - &base { path: /a, upstream: 127.0.0.1:9000, auth: none }\n  - <<: *base\n    path: /b\n",

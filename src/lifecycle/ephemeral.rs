@@ -150,15 +150,10 @@ impl Lifecycle<'_> {
             }
         }
 
-        // Unasked, it is as narrow as the token minting it (as a PAT made with a narrowed token
-        // is), and says so: the gateway narrows it by that token on every use anyway.
-        let scope = match scope {
-            Some(s) => Some(s.permissions),
-            None if actor.scope.is_some() => {
-                Some(policy.names_of(held).split(',').map(str::to_string).collect())
-            }
-            None => None,
-        };
+        // Unasked, it is as narrow as the token minting it, as a PAT made with a narrowed token is
+        // (the service's role still caps it on every use), and says so: the gateway narrows it by
+        // that token on every use anyway.
+        let scope = scope.map(|s| s.permissions).or_else(|| actor.scope.clone());
         let environments = match (environments, &actor.environments) {
             (None, Some(mine)) => {
                 let here: Vec<String> = mine.iter().filter(|e| project_envs.contains(e)).cloned().collect();

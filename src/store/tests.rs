@@ -737,11 +737,12 @@ async fn a_token_issued_for_another_owner_lands_only_while_the_owner_is_as_read_
     }
 }
 
-/// Under a flood of reads the embedded database answers more slowly than they come, a read waits
-/// for a slot within `store.timeout` and is refused (503) without queueing work; changes do not
-/// wait for read slots; once slots are free, reads are answered again.
+/// Under a flood of reads the embedded database answers more slowly than they come: a read with no
+/// free slot is refused (503) once `store.timeout` has passed, rather than queued until one frees
+/// (how soon is not asserted: the machine may be loaded); changes do not wait for read slots;
+/// once slots are free, reads are answered again.
 #[tokio::test]
-async fn an_embedded_read_waits_for_a_slot_within_its_bound_only() {
+async fn an_embedded_read_with_no_free_slot_is_refused_not_queued() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(embedded::EmbeddedBackend::open(&dir.path().join("store.redb")).unwrap());
     let store = Store::new(backend.clone(), Duration::from_millis(100));

@@ -462,6 +462,17 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         .ok();
     let line = |words: &[&str]| out.lines().any(|l| l.split_whitespace().eq(words.iter().copied()));
     assert!(line(&["Permissions:", "read"]) && line(&["Environments:", "staging"]), "{out}");
+    // The minting token's scope as it is, as a PAT inherits it: a viewer service's token scoped
+    // read-write mints credentials scoped read-write, which its role caps at read on each use
+    // (and would not, were the service made an editor).
+    let wide = TokenSpec {
+        scope: Some(Scope { name: None, permissions: vec!["read".into(), "write".into()] }),
+        ..TokenSpec::default()
+    };
+    let (_, viewer_wide) = w.service("acme", "viewer-wide", &[("shop", Role::Viewer)], wide).await;
+    let (status, answer) = mint(&w, &w.gateway, &viewer_wide, "acme", "shop", attrs.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["permissions"], json!(["read", "write"]));
     // A token that may be used in none of the project's environments mints nothing there.
     let staging_only = TokenSpec { environments: Some(vec!["staging".into()]), ..TokenSpec::default() };
     let (_, blog_staging) = w.service("acme", "blog-svc", &[("blog", Role::Editor)], staging_only).await;

@@ -1379,10 +1379,9 @@ async fn an_http_1_0_client_gets_a_host_for_the_upstream_and_no_chunked_body() {
     assert_eq!(resp.text().await.unwrap(), "hello world");
 }
 
-/// A kept-alive connection remembers the token it proved, so that the same bytes again skip the
-/// parse and the digest; every request on it is still judged: another token, or a wrong secret
-/// for the same id, is judged as itself, and a revocation through the admin API refuses the very
-/// next request.
+/// Every request on a kept-alive connection is judged on its own (a guard for any state kept per
+/// connection): another token, or a wrong secret for the same id, is judged as itself, and a
+/// revocation through the admin API refuses the very next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_on_a_kept_alive_connection_is_judged_as_itself() {
     let mut w = World::start().await;
