@@ -343,10 +343,10 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
     Some((raw, unreadable))
 }
 
-/// The top-level keys, as in [`RawConfig`].
 /// The top-level settings that take one value rather than settings of their own.
 const SINGLE_VALUES: [&str; 4] = ["listen", "threads", "keepalive_timeout", "forwarded_for"];
 
+/// The top-level keys, as in [`RawConfig`].
 const SECTIONS: [&str; 20] = [
     "listen",
     "threads",
