@@ -180,6 +180,7 @@ impl Actor {
             action: action.to_string(),
             target: target.into(),
             token_id: None,
+            by_token: self.token_id.as_ref().map(|t| t.to_string()),
             reason: None,
             details: serde_json::Value::Null,
         }
@@ -1781,20 +1782,29 @@ impl<'a> Lifecycle<'a> {
         actor.require_org(org)?;
         actor.require_admin(self.config)?;
         // A filter that matches nothing is a mistake, not an empty log (never repeating a whole
-        // token given for an id).
-        if let Some(id) = token_id.filter(|id| TokenId::parse(id).is_none()) {
+        // token given for an id). An ephemeral credential's id (its `X-Auth-Token-Id`) finds its
+        // minting.
+        let credential = token_id.filter(|id| ephemeral::is_credential_id(id));
+        if let Some(id) = token_id.filter(|id| TokenId::parse(id).is_none() && credential.is_none()) {
             return Err(LifecycleError::Invalid(match id.len() > crate::token::ID_LEN {
-                true => {
-                    format!("token_id: give a token's {}-character id, never the token", crate::token::ID_LEN)
-                }
-                false => format!("token_id {id:?} is not a token id (such as tgp_a1B2c3)"),
+                true if id.len() != ephemeral::CREDENTIAL_ID_LEN => format!(
+                    "token_id: give a token's {}-character id (or a credential's {}-character one), never the token",
+                    crate::token::ID_LEN,
+                    ephemeral::CREDENTIAL_ID_LEN
+                ),
+                _ => format!("token_id {id:?} is not a token id (such as tgp_a1B2c3) or a credential's"),
             }));
         }
-        // A token's entries: its own, and the removal of an owner that revoked it with the rest.
-        let about = |e: &AuditEvent, id: &str| {
-            e.token_id.as_deref() == Some(id)
-                || e.target == id
-                || e.details["revoked_tokens"].as_array().is_some_and(|ids| ids.iter().any(|t| t == id))
+        // A token's entries: its own, what was done with it, and the removal of an owner that
+        // revoked it with the rest; a credential's, its minting.
+        let about = |e: &AuditEvent, id: &str| match credential {
+            Some(_) => e.action == "credentials.issue" && e.details["id"] == id,
+            None => {
+                e.token_id.as_deref() == Some(id)
+                    || e.by_token.as_deref() == Some(id)
+                    || e.target == id
+                    || e.details["revoked_tokens"].as_array().is_some_and(|ids| ids.iter().any(|t| t == id))
+            }
         };
         let events =
             self.store.audit_matching(org, limit, |e| token_id.is_none_or(|id| about(e, id))).await?;
@@ -1837,6 +1847,7 @@ impl From<AuditEvent> for AuditEntry {
             action: e.action,
             target: e.target,
             token_id: e.token_id,
+            by_token: e.by_token,
             reason: e.reason,
             details: e.details,
         }
@@ -2226,6 +2237,7 @@ fn operator_audit(
         action: action.into(),
         target,
         token_id: None,
+        by_token: None,
         reason: None,
         details,
     }

@@ -861,9 +861,14 @@ impl Api {
                             // What the change was (a rotation's new token, the role given):
                             // the entry's details, on one line.
                             let details = details_text(&e.details);
+                            // With the token it acted with: what a leaked token did shows.
+                            let actor = match &e.by_token {
+                                Some(t) => format!("{} ({t})", e.actor),
+                                None => e.actor.clone(),
+                            };
                             vec![
                                 e.at.0.clone(),
-                                e.actor.clone(),
+                                actor,
                                 e.action.clone(),
                                 e.target.clone(),
                                 e.token_id.clone().unwrap_or_default(),

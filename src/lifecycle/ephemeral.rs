@@ -61,6 +61,14 @@ pub struct IssuedCredential {
     pub expires_in: i64,
 }
 
+/// The length of a credential's id (its `jti`, shown as `X-Auth-Token-Id`).
+pub const CREDENTIAL_ID_LEN: usize = 16;
+
+/// Whether `id` has the form of a credential's id.
+pub fn is_credential_id(id: &str) -> bool {
+    id.len() == CREDENTIAL_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 fn header_text(what: &str, value: &str) -> Result<()> {
     if !crate::jwt::is_claim_text(value) {
         return Err(LifecycleError::Invalid(format!("{what} must be 1 to 256 printable ASCII characters")));
@@ -274,7 +282,7 @@ impl Lifecycle<'_> {
                 }
             }
         }
-        let jti = token::random_base62(16);
+        let jti = token::random_base62(CREDENTIAL_ID_LEN);
         let sub = req.subject.or_else(|| email.clone()).unwrap_or_else(|| jti.clone());
         header_text("the subject", &sub)?;
         crate::lifecycle::refuse_credential("the subject", &sub)?;

@@ -597,6 +597,7 @@ async fn a_tokens_history_outlives_a_flood_of_credentials_minted() {
             action: "credentials.issue".into(),
             target: "project:shop".into(),
             token_id: Some("tgs_aaaaaa".into()),
+            by_token: None,
             reason: None,
             details: serde_json::Value::Null,
         };

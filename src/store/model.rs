@@ -240,8 +240,12 @@ pub struct AuditEvent<At = Millis> {
     pub action: String,
     /// On what: a token id, `user:<email>`, `service:<name>`.
     pub target: String,
-    /// The token involved, if any.
+    /// The token acted on (or, for `credentials.issue`, the one that minted), if any.
     pub token_id: Option<String>,
+    /// The token the actor made the change with (`None` for an operator on the store directly, and
+    /// in entries written before 2026-11-27): what a leaked token did is found by it.
+    #[serde(default)]
+    pub by_token: Option<String>,
     /// The reason given, if any.
     pub reason: Option<String>,
     /// Anything else worth keeping (new role, new name).

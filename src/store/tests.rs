@@ -233,6 +233,7 @@ async fn audited_step(s: &Store, svc: &Service, i: Millis) {
         action: format!("step.{i}"),
         target: "service:etl".into(),
         token_id: None,
+        by_token: None,
         reason: None,
         details: serde_json::Value::Null,
     };
@@ -598,6 +599,7 @@ async fn credentials_minted_do_not_push_the_orgs_changes_out_of_the_audit_log() 
                 action: "credentials.issue".into(),
                 target: "project:shop".into(),
                 token_id: None,
+                by_token: None,
                 reason: None,
                 details: serde_json::json!({ "n": i }),
             };

@@ -93,6 +93,12 @@ async fn a_minted_credential_works_on_its_project_only_and_until_it_expires() {
     let id = out.stdout.lines().find_map(|l| l.strip_prefix("Credential id: ")).expect("the id line");
     let claims = tollgate::jwt::unverified_claims(&jwt).unwrap();
     assert_eq!(claims["jti"].as_str(), Some(id), "{out:?}");
+    // By that id (an upstream's log has it) the audit log finds its minting.
+    let admin = w.bootstrap_admin("acme").await;
+    let found = admin.json(&["audit", "--token-id", id]);
+    let found = found.as_array().unwrap();
+    assert!(found.len() == 1 && found[0]["action"] == "credentials.issue", "{found:?}");
+    assert_eq!(found[0]["token_id"], &service_token[..10]);
 
     // Sent to a public route (in the header or the query), it goes no further; a JWT of another
     // issuer, the upstream's own, does.

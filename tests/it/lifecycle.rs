@@ -36,6 +36,8 @@ async fn assert_audited(w: &World, by: &Cli, changes: &[(&str, &str)]) {
         let entry = log.as_array().unwrap().iter().find(|e| e["action"] == *action && e["target"] == *target);
         let entry = entry.unwrap_or_else(|| panic!("no {action} of {target} in {log}"));
         assert_eq!(entry["actor"], subject.as_str(), "{entry}");
+        // With the token it was made with.
+        assert_eq!(entry["by_token"], &by.token[..10], "{entry}");
         // Its time is RFC 3339, as every time the API shows, and recent.
         let at = humantime::parse_rfc3339(entry["at"].as_str().unwrap_or_default());
         let age = at.ok().and_then(|at| std::time::SystemTime::now().duration_since(at).ok());
@@ -341,6 +343,15 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["token.revoke", "token.issue"]);
     assert_eq!(audit[0]["reason"], "no longer in use");
+    // What a token did is found by it too (a leaked token's use): the admin's added ann.
+    let by_admin = admin.json(&["audit", "--token-id", &admin.token[..10]]);
+    let added = by_admin.as_array().unwrap().iter().find(|e| e["action"] == "user.add");
+    assert!(added.is_some_and(|e| e["target"] == "user:ann@acme.io"), "{by_admin}");
+    let table = admin.run(&["audit", "--token-id", &admin.token[..10]]).ok();
+    assert!(
+        table.lines().any(|l| l.contains("user.add") && l.contains(&format!("({})", &admin.token[..10]))),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
