@@ -306,7 +306,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
 }
 
-/// The caller as the API sees them.
+/// The caller as the API sees them: who, their roles now, and what the calling token may do.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WhoAmI {
     /// `user:<id>` or `service:<name>`.
@@ -315,10 +315,30 @@ pub struct WhoAmI {
     pub org: String,
     /// Org role.
     pub org_role: Role,
+    /// Roles on single projects (a gateway before 2026-11-27 sent none).
+    #[serde(default)]
+    pub project_roles: std::collections::BTreeMap<String, Role>,
+    /// The calling token's id.
+    #[serde(default)]
+    pub token_id: Option<String>,
+    /// The calling token's scope, if narrowed.
+    #[serde(default)]
+    pub scope: Option<Vec<String>>,
+    /// The calling token's environments, if restricted.
+    #[serde(default)]
+    pub environments: Option<Vec<String>>,
 }
 
 async fn whoami(Caller(a): Caller) -> Json<WhoAmI> {
-    Json(WhoAmI { subject: a.subject, org: a.org, org_role: a.roles.org })
+    Json(WhoAmI {
+        subject: a.subject,
+        org: a.org,
+        org_role: a.roles.org,
+        project_roles: a.roles.projects,
+        token_id: a.token_id.map(|t| t.to_string()),
+        scope: a.scope,
+        environments: a.environments,
+    })
 }
 
 macro_rules! lifecycle {

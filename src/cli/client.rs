@@ -120,7 +120,15 @@ impl Client {
         let server = &self.server;
         let look = "a change asked for may have been made all the same: look (`token list`, `audit`) before asking again";
         if e.is_connect() {
-            anyhow::Error::new(e).context(format!("cannot reach the admin API at {server}"))
+            // Nothing listens there: the likeliest reasons, said (a TLS failure says its own).
+            let refused = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            let hint = match refused {
+                true => ": is the gateway running, and is --server (TOLLGATE_SERVER) its admin.listen address (default http://127.0.0.1:8081)?",
+                false => "",
+            };
+            anyhow::Error::new(e).context(format!("cannot reach the admin API at {server}{hint}"))
         } else if e.is_timeout() {
             anyhow!("the admin API at {server} did not answer within {} s; {look}", ANSWER_WITHIN.as_secs())
         } else {

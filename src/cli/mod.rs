@@ -125,6 +125,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Who the token is: its owner, their roles now, and the token's own scope and environments.
+    Whoami,
     /// The audit log of an org.
     Audit {
         /// Org (default: yours).
@@ -844,6 +846,23 @@ impl Api {
                         println!("Environments:  {}", environments.join(", "));
                     }
                     println!("Access token: {}", c.token);
+                })
+            }
+            Command::Whoami => {
+                let me: WhoAmI = self.get("/v1/whoami").await?;
+                self.show(&me, |me| {
+                    println!("Subject:       {}", me.subject);
+                    println!("Org:           {} (role {})", me.org, me.org_role);
+                    println!("Project roles: {}", roles_text(&me.project_roles));
+                    if let Some(id) = &me.token_id {
+                        println!("Token:         {id}");
+                    }
+                    if let Some(scope) = &me.scope {
+                        println!("Scope:         {}", scope.join(", "));
+                    }
+                    if let Some(envs) = &me.environments {
+                        println!("Environments:  {}", envs.join(", "));
+                    }
                 })
             }
             Command::Audit { org, token_id: id, limit } => {

@@ -130,6 +130,8 @@ async fn the_cli_never_sends_its_token_through_an_http_proxy() {
     let closed = Cli { server: format!("127.0.0.1:{}", free_port()), token: admin.token.clone() };
     let said = closed.run(&["token", "issue"]).failed();
     assert!(said.contains("cannot reach the admin API") && !said.contains("may have been made"), "{said}");
+    // Nothing listening there: what to look at.
+    assert!(said.contains("is the gateway running, and is --server (TOLLGATE_SERVER)"), "{said}");
 }
 
 /// A request the admin API took and never answered may have made its change: the CLI says so,
@@ -343,6 +345,19 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
         audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["token.revoke", "token.issue"]);
     assert_eq!(audit[0]["reason"], "no longer in use");
+    // A narrowed token tells who it is and what it may do.
+    let ci =
+        ann.run(&["token", "issue", "--display-name", "who", "--scope", "read", "--env", "staging"]).token();
+    let me = ann.as_token(&ci).run(&["whoami"]).ok();
+    let line = |words: &[&str]| me.lines().any(|l| l.split_whitespace().eq(words.iter().copied()));
+    assert!(line(&["Org:", "acme", "(role", "editor)"]) && line(&["Token:", &ci[..10]]), "{me}");
+    assert!(line(&["Scope:", "read"]) && line(&["Environments:", "staging"]), "{me}");
+    let me = ann.as_token(&ci).json(&["whoami"]);
+    assert!(me["subject"].as_str().is_some_and(|s| s.starts_with("user:u_")), "{me}");
+    assert_eq!(
+        (&me["org_role"], &me["token_id"]),
+        (&serde_json::json!("editor"), &serde_json::json!(&ci[..10]))
+    );
     // What a token did is found by it too (a leaked token's use): the admin's added ann.
     let by_admin = admin.json(&["audit", "--token-id", &admin.token[..10]]);
     let added = by_admin.as_array().unwrap().iter().find(|e| e["action"] == "user.add");
