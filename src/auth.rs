@@ -30,8 +30,10 @@ pub enum Invalid {
     WrongSecret,
     /// Past its expiry.
     Expired,
-    /// Revoked (or rotated out).
+    /// Revoked.
     Revoked,
+    /// Rotated out: replaced by a rotation, its grace (if any) over.
+    Rotated,
     /// The owning user is suspended.
     OwnerSuspended,
     /// The owning user or service no longer exists.
@@ -50,6 +52,7 @@ impl Invalid {
             Invalid::Jwt(_) => "the access token is invalid",
             Invalid::Expired => "the access token has expired",
             Invalid::Revoked => "the access token has been revoked",
+            Invalid::Rotated => "the access token was rotated: use the token that replaced it",
             Invalid::OwnerSuspended => "the owner of the access token is suspended",
             Invalid::OwnerGone => "the owner of the access token no longer exists",
         }
@@ -63,6 +66,7 @@ impl Invalid {
             Invalid::WrongSecret => "wrong_secret",
             Invalid::Expired => "expired",
             Invalid::Revoked => "revoked",
+            Invalid::Rotated => "rotated",
             Invalid::OwnerSuspended => "owner_suspended",
             Invalid::OwnerGone => "owner_gone",
             Invalid::Jwt(e) => e.label(),
@@ -570,7 +574,9 @@ impl Verifier {
 
         let now = now_millis();
         if record.is_revoked(now) {
-            return Err(AuthError::Invalid(Invalid::Revoked));
+            // Its holder is told it was replaced, not that someone revoked it.
+            let why = if record.revoked_by_rotation() { Invalid::Rotated } else { Invalid::Revoked };
+            return Err(AuthError::Invalid(why));
         }
         if record.is_expired(now) {
             return Err(AuthError::Invalid(Invalid::Expired));

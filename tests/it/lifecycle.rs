@@ -408,7 +408,10 @@ async fn a_rotation_without_grace_refuses_the_old_token_at_once_on_every_instanc
     let resp = w.get(&w.gateway, "/shop", &old).await;
     assert_eq!(resp.status(), 401, "refused once the call returns");
     let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(body["error_description"], "the access token has been revoked", "{body}");
+    assert_eq!(
+        body["error_description"], "the access token was rotated: use the token that replaced it",
+        "{body}"
+    );
     let refused =
         eventually(Duration::from_secs(2), || async { w.get(&second, "/shop", &old).await.status() == 401 });
     assert!(refused.await, "and on the other instance");
