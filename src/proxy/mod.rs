@@ -538,6 +538,14 @@ impl ProxyHttp for Gateway {
             // stays an internal error.)
             ErrorType::WriteError | ErrorType::ConnectionClosed if ctx.rejection.is_some() => 0,
             _ => match e.esource() {
+                // The upstream waited for the rest of a body the client stopped sending: the
+                // client's doing, not the upstream's silence.
+                pingora::ErrorSource::Upstream
+                    if *e.etype() == ErrorType::ReadTimedout
+                        && !session.as_downstream_mut().is_body_done() =>
+                {
+                    408
+                }
                 // The route's `upstream_timeouts` ran out.
                 pingora::ErrorSource::Upstream
                     if matches!(

@@ -89,6 +89,9 @@ impl Rejection {
                         ("bad_gateway", "the upstream could not be reached, or its answer could not be read")
                     }
                     StatusCode::GATEWAY_TIMEOUT => ("gateway_timeout", "the upstream did not answer in time"),
+                    StatusCode::REQUEST_TIMEOUT => {
+                        ("request_timeout", "the request's body stopped arriving before it was whole")
+                    }
                     s if s.is_client_error() => ("invalid_request", "the request could not be read"),
                     _ => ("internal_error", "the gateway could not proxy this request"),
                 };

@@ -705,6 +705,26 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
     });
     assert!(counted.await, "the 504 is counted as a proxy failure");
 
+    // An upstream waiting for the rest of a body the client stopped sending is not silent: the
+    // client is told it stopped (408), and no 504 is counted against the upstream.
+    let (addr, bearer) = (g.addr(), token.clone());
+    let stalled = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "GET /shop/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
+        );
+        client.write_all(head.as_bytes()).unwrap();
+        read_one_response(&mut client)
+    })
+    .await
+    .unwrap();
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(stalled.contains(r#""error":"request_timeout""#), "{stalled}");
+    let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&now, failures), 1.0, "{now}");
+
     // The route's own bound replaces the file's: the same upstream's answer arrives.
     let resp = w.http.get(g.url("/patient/slow")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status(), 200);
