@@ -386,10 +386,15 @@ fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
 /// parameter holding either. A credential sent where none is needed would otherwise reach an
 /// upstream that may be a third party's (and its access log, from a query).
 fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Result<()> {
+    // In an `Authorization` of any spelling (`Bearer\t…`, `Bearer "…"`, `Bearer: …`), as an
+    // upstream splitting it otherwise than Tollgate might read it: any word of it that is one.
+    let words = |value: &HeaderValue| {
+        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '=' | ':' | ',' | ';'))
+            .any(|word| own_credential(config, word))
+    };
     let ours = |name: &HeaderName, value: &HeaderValue| {
-        api_key_header(config, name)
-            || (*name == http::header::AUTHORIZATION
-                && matches!(super::credential::bearer_token(value), Ok(Some(t)) if own_credential(config, t)))
+        api_key_header(config, name) || (*name == http::header::AUTHORIZATION && words(value))
     };
     let names: Vec<HeaderName> = req
         .headers()

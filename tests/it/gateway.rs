@@ -196,6 +196,11 @@ async fn a_public_route_passes_no_tollgate_token_on() {
         ("X_API_Key", token.clone()),
         ("Authorization", format!("Bearer {token}")),
         ("Authorization", format!("bearer  {}tgs_{}", "", &token[4..])),
+        // Spellings Tollgate does not read as a bearer token, which an upstream may.
+        ("Authorization", format!("Bearer\t{token}")),
+        ("Authorization", format!("Bearer \"{token}\"")),
+        ("Authorization", format!("Bearer: {token}")),
+        ("Authorization", format!("Bearer={token}")),
     ] {
         let resp = w.http.get(w.gateway.url("/public/a")).header(name, &value).send().await.unwrap();
         let echo = echoed(resp).await;
