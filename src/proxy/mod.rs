@@ -293,6 +293,17 @@ fn loggable_error(e: &Error) -> String {
     text
 }
 
+/// Whether the request asks for its connection to be closed in a `Connection` header after the
+/// first (RFC 9110: the lines are one list), which Pingora does not read: `Connection: foo` then
+/// `Connection: close` left the connection open for the keep-alive timeout.
+fn asks_to_close(req: &RequestHeader) -> bool {
+    let mut lines = req.headers.get_all(http::header::CONNECTION).iter();
+    lines.next();
+    lines.any(|line| {
+        line.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// Bounds how long a client's connection waits idle for its next request (`keepalive_timeout`;
 /// Pingora's own default waits forever), where the client keeps it open at all: HTTP/1.1 without
 /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
@@ -335,6 +346,9 @@ impl ProxyHttp for Gateway {
         // Once a shutdown has begun, no connection is kept for a next request that would find the
         // listener gone and the connection reset.
         bound_keepalive(session, if crate::drain::stopping() { None } else { config.keepalive });
+        if asks_to_close(session.req_header()) {
+            session.set_keepalive(None);
+        }
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();

@@ -782,6 +782,32 @@ fn closed_within(stream: &mut std::net::TcpStream, within: Duration, sent: &mut 
     }
 }
 
+/// `Connection: close` in a second `Connection` line counts (RFC 9110: the lines are one list):
+/// the answer says close and the connection is closed, not kept for the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_in_any_connection_line_closes_the_connection() {
+    let w = World::start().await;
+    let addr = w.gateway.addr();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        for (version, lines) in [
+            ("1.1", "Connection: bar\r\nConnection: close"),
+            ("1.0", "Connection: keep-alive\r\nConnection: close"),
+        ] {
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            let request = format!("GET /public/x HTTP/{version}\r\nHost: x\r\n{lines}\r\n\r\n");
+            conn.write_all(request.as_bytes()).unwrap();
+            let mut sent = Vec::new();
+            // Closed well before the keep-alive timeout (60 s), after the whole answer.
+            assert!(closed_within(&mut conn, Duration::from_secs(20), &mut sent), "{version}: kept open");
+            let answer = String::from_utf8_lossy(&sent).to_ascii_lowercase();
+            assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_half_sent_connections_are_closed_on_both_listeners() {
     use std::io::Write;
