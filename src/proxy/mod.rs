@@ -75,6 +75,19 @@ impl Gateway {
         if req.method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
             return Err(Rejection::BadRequest("the request method must be in upper case"));
         }
+        // Framing Pingora passes on changed or as written, which an upstream reads otherwise:
+        // `Transfer-Encoding: gzip, chunked` goes on as plain `chunked` (the body then misread), a
+        // `Content-Length` list as the list. Refused, as nginx refuses them.
+        if req
+            .headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_some_and(|te| !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(Rejection::BadRequest("a Transfer-Encoding other than chunked is not supported"));
+        }
+        if req.headers.get(http::header::CONTENT_LENGTH).is_some_and(|cl| cl.as_bytes().contains(&b',')) {
+            return Err(Rejection::BadRequest("Content-Length must be one number"));
+        }
         let mut hosts = req.headers.get_all(http::header::HOST).iter();
         let header_host = hosts.next();
         if hosts.next().is_some() {

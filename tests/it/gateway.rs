@@ -696,6 +696,17 @@ async fn bodies_and_the_upstreams_own_answers_pass_through_untouched() {
     let raw = raw_request(w.gateway.addr(), chunked.as_bytes());
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     assert!(raw.contains(r#""body":"hello, world""#), "{raw}");
+    // Framing the gateway would pass on otherwise than sent is refused, before any route.
+    for (framing, reason) in [
+        ("Transfer-Encoding: gzip, chunked", "a Transfer-Encoding other than chunked is not supported"),
+        ("Content-Length: 5, 5", "Content-Length must be one number"),
+    ] {
+        let request = format!(
+            "POST /public/upload HTTP/1.1\r\nHost: x\r\n{framing}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let raw = raw_request(w.gateway.addr(), request.as_bytes());
+        assert!(raw.starts_with("HTTP/1.1 400") && raw.contains(reason), "{framing}: {raw}");
+    }
 
     // The upstream's own error is its answer, not the gateway's: status, headers and body.
     const DOWN: &[u8] =
