@@ -315,9 +315,9 @@ pub struct WhoAmI {
     pub org: String,
     /// Org role.
     pub org_role: Role,
-    /// Roles on single projects (a gateway before 2026-11-27 sent none).
+    /// Roles on single projects (`None` from a gateway before 2026-11-27, which did not say).
     #[serde(default)]
-    pub project_roles: std::collections::BTreeMap<String, Role>,
+    pub project_roles: Option<std::collections::BTreeMap<String, Role>>,
     /// The calling token's id.
     #[serde(default)]
     pub token_id: Option<String>,
@@ -334,7 +334,7 @@ async fn whoami(Caller(a): Caller) -> Json<WhoAmI> {
         subject: a.subject,
         org: a.org,
         org_role: a.roles.org,
-        project_roles: a.roles.projects,
+        project_roles: Some(a.roles.projects),
         token_id: a.token_id.map(|t| t.to_string()),
         scope: a.scope,
         environments: a.environments,

@@ -853,7 +853,10 @@ impl Api {
                 self.show(&me, |me| {
                     println!("Subject:       {}", me.subject);
                     println!("Org:           {} (role {})", me.org, me.org_role);
-                    println!("Project roles: {}", roles_text(&me.project_roles));
+                    match &me.project_roles {
+                        Some(roles) => println!("Project roles: {}", roles_text(roles)),
+                        None => println!("Project roles: (not told by this gateway, an older version)"),
+                    }
                     if let Some(id) = &me.token_id {
                         println!("Token:         {id}");
                     }

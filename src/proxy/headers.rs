@@ -382,8 +382,8 @@ fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
 
 /// On a public route, which keeps the client's credentials for the upstream's own scheme, what
 /// is plainly Tollgate's own still goes: the API-key header (in every spelling), an
-/// `Authorization: Bearer` holding a Tollgate token or a JWT of its issuer, and the token query
-/// parameter holding either. A credential sent where none is needed would otherwise reach an
+/// `Authorization` with a Tollgate token or a JWT of its issuer as any of its words, and the token
+/// query parameter holding either. A credential sent where none is needed would otherwise reach an
 /// upstream that may be a third party's (and its access log, from a query).
 fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Result<()> {
     // In an `Authorization` of any spelling (`Bearer\t…`, `Bearer "…"`, `Bearer: …`), as an

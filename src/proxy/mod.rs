@@ -76,17 +76,17 @@ impl Gateway {
             return Err(Rejection::BadRequest("the request method must be in upper case"));
         }
         // Framing Pingora passes on changed or as written, which an upstream reads otherwise:
-        // `Transfer-Encoding: gzip, chunked` goes on as plain `chunked` (the body then misread), a
-        // `Content-Length` list as the list. Refused, as nginx refuses them.
-        if req
-            .headers
-            .get(http::header::TRANSFER_ENCODING)
-            .is_some_and(|te| !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        {
-            return Err(Rejection::BadRequest("a Transfer-Encoding other than chunked is not supported"));
+        // `Transfer-Encoding: gzip, chunked` goes on as plain `chunked` (the body then misread; so
+        // would a second line after a first `chunked`), a `Content-Length` list or repeated line
+        // as written. Refused, as nginx refuses them.
+        let mut te = req.headers.get_all(http::header::TRANSFER_ENCODING).iter();
+        let chunked = |v: &HeaderValue| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+        if te.next().is_some_and(|first| !chunked(first)) || te.next().is_some() {
+            return Err(Rejection::BadRequest("a Transfer-Encoding other than one chunked is not supported"));
         }
-        if req.headers.get(http::header::CONTENT_LENGTH).is_some_and(|cl| cl.as_bytes().contains(&b',')) {
-            return Err(Rejection::BadRequest("Content-Length must be one number"));
+        let mut cl = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+        if cl.next().is_some_and(|first| first.as_bytes().contains(&b',')) || cl.next().is_some() {
+            return Err(Rejection::BadRequest("Content-Length must be one number, on one line"));
         }
         let mut hosts = req.headers.get_all(http::header::HOST).iter();
         let header_host = hosts.next();

@@ -698,8 +698,14 @@ async fn bodies_and_the_upstreams_own_answers_pass_through_untouched() {
     assert!(raw.contains(r#""body":"hello, world""#), "{raw}");
     // Framing the gateway would pass on otherwise than sent is refused, before any route.
     for (framing, reason) in [
-        ("Transfer-Encoding: gzip, chunked", "a Transfer-Encoding other than chunked is not supported"),
-        ("Content-Length: 5, 5", "Content-Length must be one number"),
+        ("Transfer-Encoding: gzip, chunked", "a Transfer-Encoding other than one chunked is not supported"),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip, chunked",
+            "a Transfer-Encoding other than one chunked is not supported",
+        ),
+        ("Content-Length: 5, 5", "Content-Length must be one number, on one line"),
+        ("Content-Length: 5\r\nContent-Length: 5, 5", "Content-Length must be one number, on one line"),
+        ("Content-Length: 5\r\nContent-Length: 5", "Content-Length must be one number, on one line"),
     ] {
         let request = format!(
             "POST /public/upload HTTP/1.1\r\nHost: x\r\n{framing}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
