@@ -674,11 +674,14 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
     let mut w = World::start().await;
     // It answers each request 1.5 s after its head.
     let slow = RawUpstream::start_slow(Duration::from_millis(1500));
+    // One that never answers within the test: only a timeout ends a request to it.
+    let mute = RawUpstream::start_slow(Duration::from_secs(3600));
     let port = free_port();
     let patient = format!(
         "  - {{ name: patient, path: /patient, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
-         environment: production, upstream_timeouts: {{ read: 30s }} }}\n",
-        slow.port
+         environment: production, upstream_timeouts: {{ read: 30s }} }}\n  - {{ name: mute, path: /mute, \
+         upstream: \"127.0.0.1:{}\", org: acme, project: shop, environment: production }}\n",
+        slow.port, mute.port
     );
     let config = gateway_config(port, &w.redis.url(), slow.port)
         .replace("threads: 2", "threads: 2\nupstream_timeouts: { read: 300ms }")
@@ -687,17 +690,17 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
     let user = w.user("acme", "t@acme.io", Role::Viewer, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
 
-    let resp = w.http.get(g.url("/shop/slow")).bearer_auth(&token).send().await.unwrap();
+    let resp = w.http.get(g.url("/mute/slow")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status(), 504);
     assert!(resp.headers().get("www-authenticate").is_none(), "the token was accepted");
     let id = resp.headers().get("x-request-id").expect("a request id").to_str().unwrap().to_string();
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout", "{body}");
     assert_eq!(body["request_id"], id.as_str(), "{body}");
-    assert!(!slow.heads().is_empty(), "the request reached the upstream before the gateway gave up");
+    assert!(!mute.heads().is_empty(), "the request reached the upstream before the gateway gave up");
     // Counted as allowed (it was), and as a proxy failure an operator can alert on.
-    let failures = r#"tollgate_proxy_failures_total{route="shop",status="504"}"#;
-    let allowed = r#"tollgate_requests_total{outcome="allowed",route="shop"}"#;
+    let failures = r#"tollgate_proxy_failures_total{route="mute",status="504"}"#;
+    let allowed = r#"tollgate_requests_total{outcome="allowed",route="mute"}"#;
     let metrics = format!("{}/metrics", g.admin_url());
     let counted = eventually(Duration::from_secs(5), || async {
         let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
@@ -713,7 +716,7 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
         let mut client = std::net::TcpStream::connect(addr).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let head = format!(
-            "GET /shop/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
+            "GET /mute/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
         );
         client.write_all(head.as_bytes()).unwrap();
         read_one_response(&mut client)
