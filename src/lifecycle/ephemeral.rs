@@ -158,9 +158,8 @@ impl Lifecycle<'_> {
             }
         }
 
-        // Unasked, it is as narrow as the token minting it, as a PAT made with a narrowed token is
-        // (the service's role still caps it on every use), and says so: the gateway narrows it by
-        // that token on every use anyway.
+        // Unasked, it is as narrow as the token minting it (which narrows it on every use anyway),
+        // as a PAT made with a narrowed token is, and says so; the service's role still caps it.
         let scope = scope.map(|s| s.permissions).or_else(|| actor.scope.clone());
         let environments = match (environments, &actor.environments) {
             (None, Some(mine)) => {

@@ -389,8 +389,8 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Re
     // In an `Authorization` of any spelling (`Bearer\t…`, `Bearer "…"`, `Bearer: …`), as an
     // upstream splitting it otherwise than Tollgate might read it: any word of it that is one.
     let words = |value: &HeaderValue| {
-        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '=' | ':' | ',' | ';'))
+        String::from_utf8_lossy(value.as_bytes())
+            .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '=' | ':' | ',' | ';'))
             .any(|word| own_credential(config, word))
     };
     let ours = |name: &HeaderName, value: &HeaderValue| {
