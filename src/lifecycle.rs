@@ -939,16 +939,25 @@ impl<'a> Lifecycle<'a> {
         Ok(s.org == actor.org && self.may_manage_service(actor, &s).is_ok())
     }
 
-    /// Lists tokens: the caller's own, a given user's or service's (admins), or a service's its
-    /// creator manages; `all` adds inactive ones.
+    /// Lists tokens: the caller's own (a service's token: itself, the one of its service's tokens
+    /// it sees, as `get_token`), a given user's or service's (admins), or a service's its creator
+    /// manages; `all` adds inactive ones.
     pub async fn list_tokens(&self, actor: &Actor, all: bool, owner: Option<&str>) -> Result<Vec<TokenView>> {
+        let mut only = None;
         let owner = match owner {
-            None => Owner::User(actor.user_id.clone().ok_or_else(|| {
-                LifecycleError::Invalid(
-                    "only users list their own tokens; an org admin lists a service's with --owner <name>"
-                        .into(),
-                )
-            })?),
+            None => match (&actor.user_id, &actor.service_id, &actor.token_id) {
+                (Some(user), _, _) => Owner::User(user.clone()),
+                (None, Some(service), Some(id)) => {
+                    only = Some(id);
+                    Owner::Service(service.clone())
+                }
+                _ => {
+                    return Err(LifecycleError::Invalid(
+                        "this caller has no tokens of its own; an org admin lists a user's or a service's with --owner <name>"
+                            .into(),
+                    ))
+                }
+            },
             Some(name) => match actor.require_admin(self.config) {
                 Ok(()) => self.owner_by_name(&actor.org, name).await?,
                 // Anyone else names only a service they manage; whether a user or another service
@@ -964,6 +973,7 @@ impl<'a> Lifecycle<'a> {
         };
         let now = now_millis();
         let mut tokens = self.store.list_owner_tokens(&owner).await?;
+        tokens.retain(|t| only.is_none_or(|id| *id == t.id));
         tokens.retain(|t| all || matches!(token_status(t, now), "active" | "deprecated"));
         tokens.sort_by_key(|t| t.created_at);
         // One owner, and the last uses read together: a read per token made listing a service
@@ -1364,7 +1374,7 @@ impl<'a> Lifecycle<'a> {
         // As with suspending or removing oneself: the acting admin stays one, so an org always
         // keeps an admin (only admins change roles).
         if actor.user_id.as_deref() == Some(user.id.as_str()) && user.org_role < before.org_role {
-            return Err(LifecycleError::Invalid(
+            return Err(LifecycleError::Forbidden(
                 "you cannot lower your own org role; another org admin can".into(),
             ));
         }
@@ -1397,7 +1407,9 @@ impl<'a> Lifecycle<'a> {
         let before = self.user_in(actor, org, email).await?;
         let mut user = (*before).clone();
         if actor.user_id.as_deref() == Some(user.id.as_str()) && status == UserStatus::Suspended {
-            return Err(LifecycleError::Invalid("you cannot suspend yourself".into()));
+            return Err(LifecycleError::Forbidden(
+                "you cannot suspend yourself; another org admin can".into(),
+            ));
         }
         if user.status == status {
             let now = if status == UserStatus::Suspended { "suspended" } else { "active" };
@@ -1424,7 +1436,9 @@ impl<'a> Lifecycle<'a> {
         actor.require_admin(self.config)?;
         let user = self.user_in(actor, org, email).await?;
         if actor.user_id.as_deref() == Some(user.id.as_str()) {
-            return Err(LifecycleError::Invalid("you cannot remove yourself".into()));
+            return Err(LifecycleError::Forbidden(
+                "you cannot remove yourself; another org admin can".into(),
+            ));
         }
         let tokens = self.revoked_tokens_of(&Owner::User(user.id.clone()), actor, "owner removed").await?;
         let mut audit = actor.audit("user.remove", format!("user:{}", user.email));

@@ -51,7 +51,8 @@ async fn read_whole(req: Request) -> Result<(axum::http::request::Parts, axum::b
     Ok((parts, bytes))
 }
 
-/// A [`Body`] that may be left out (a `DELETE`'s): none at all is `T::default()`; one sent is read
+/// A [`Body`] that may be left out (a `DELETE`'s, or one whose every field is optional: a
+/// revocation's reason, a suspension's): none at all is `T::default()`; one sent is read
 /// as `Body` reads it, never ignored.
 pub struct OptionalBody<T>(pub T);
 

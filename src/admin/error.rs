@@ -138,7 +138,10 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
             }
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        // A retry helps where nothing was done; a change that may have been made is looked for
+        // first (its message says so), or a client that honours `Retry-After` makes it twice.
+        let maybe_made = matches!(self, ApiError::Unanswered | ApiError::UnansweredToken(_));
+        if status == StatusCode::SERVICE_UNAVAILABLE && !maybe_made {
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
         // A new secret in the answer: kept by no cache, as a 201's is not.

@@ -383,7 +383,7 @@ async fn list_tokens(State(s): State<AdminState>, Caller(a): Caller, Query(q): Q
 async fn issue_token(
     State(s): State<AdminState>,
     Caller(a): Caller,
-    Body(req): Body<IssueRequest>,
+    OptionalBody(req): OptionalBody<IssueRequest>,
 ) -> Response {
     lifecycle!(s, l);
     created(l.issue_pat(&a, req).await)
@@ -408,7 +408,7 @@ async fn revoke_token(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path(id): Path<String>,
-    Body(req): Body<RevokeRequest>,
+    OptionalBody(req): OptionalBody<RevokeRequest>,
 ) -> Response {
     lifecycle!(s, l);
     if req.display_name.is_some() {
@@ -433,7 +433,7 @@ async fn rotate_token(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path(id): Path<String>,
-    Body(req): Body<RotateRequest>,
+    OptionalBody(req): OptionalBody<RotateRequest>,
 ) -> Response {
     lifecycle!(s, l);
     created(l.rotate(&a, &id, req).await)
@@ -585,7 +585,7 @@ async fn suspend_user(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path((org, email)): Path<(String, String)>,
-    Body(r): Body<Reason>,
+    OptionalBody(r): OptionalBody<Reason>,
 ) -> Response {
     lifecycle!(s, l);
     reply(l.set_user_status(&a, &org, &email, UserStatus::Suspended, r.reason).await.map(UserView::from))
@@ -601,6 +601,15 @@ async fn reactivate_user(
     reply(l.set_user_status(&a, &org, &email, UserStatus::Active, r.reason).await.map(UserView::from))
 }
 
+/// A removed user, and how many of their tokens the removal revoked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemovedUser {
+    /// The removed user's email.
+    pub removed: String,
+    /// How many of the user's working tokens were revoked.
+    pub revoked_tokens: usize,
+}
+
 async fn remove_user(
     State(s): State<AdminState>,
     Caller(a): Caller,
@@ -611,7 +620,7 @@ async fn remove_user(
     reply(
         l.remove_user(&a, &org, &email, r.reason)
             .await
-            .map(|(removed, n)| serde_json::json!({ "removed": removed, "revoked_tokens": n })),
+            .map(|(removed, revoked_tokens)| RemovedUser { removed, revoked_tokens }),
     )
 }
 
@@ -725,6 +734,17 @@ async fn set_service_role(
     reply(l.set_service_role(&a, &org, &name, change).await.map(ServiceView::from))
 }
 
+/// A deleted service, and how many of its tokens the deletion revoked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeletedService {
+    /// The deleted service's name.
+    pub deleted: String,
+    /// Its org.
+    pub org: String,
+    /// How many of its working tokens were revoked (anything they minted stops too).
+    pub revoked_tokens: usize,
+}
+
 async fn delete_service(
     State(s): State<AdminState>,
     Caller(a): Caller,
@@ -733,7 +753,7 @@ async fn delete_service(
 ) -> Response {
     lifecycle!(s, l);
     let deleted = l.delete_service(&a, &org, &name, r.reason).await;
-    reply(deleted.map(|n| serde_json::json!({ "deleted": name, "org": org, "revoked_tokens": n })))
+    reply(deleted.map(|revoked_tokens| DeletedService { deleted: name, org, revoked_tokens }))
 }
 
 /// See [`ListQuery`].
@@ -949,5 +969,147 @@ mod tests {
             assert_eq!(described, fields, "{name}");
             assert_eq!(schema["additionalProperties"], false, "{name}");
         }
+    }
+
+    /// Every answer the API gives is described field for field, and every success of every
+    /// operation names its answer's schema (clients are generated from the document).
+    #[test]
+    fn the_openapi_response_schemas_name_exactly_the_fields_the_answers_carry() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let time = || Some("2026-11-27T00:00:00Z".to_string());
+        let roles = std::collections::BTreeMap::from([("shop".to_string(), Role::Editor)]);
+        let mut attributes = Attributes::new();
+        attributes.insert("team".into(), "payments".into());
+        let token = crate::lifecycle::TokenView {
+            id: "tgp_a1B2c3".into(),
+            kind: "pat".into(),
+            org: "acme".into(),
+            owner: "user:a@acme.io".into(),
+            display_name: Some("ci".into()),
+            scope: Some("read-only".into()),
+            permissions: Some(vec!["read".into()]),
+            environments: Some(vec!["staging".into()]),
+            created_at: "2026-11-27T00:00:00Z".into(),
+            expires_at: time(),
+            status: "rotated".into(),
+            revoked_at: time(),
+            revoke_reason: Some("rotated to tgp_d4E5f6".into()),
+            rotated_to: Some("tgp_d4E5f6".into()),
+            last_used_at: time(),
+            last_used_ip: Some("192.0.2.1".into()),
+        };
+        let user = UserView {
+            id: "u1".into(),
+            org: "acme".into(),
+            email: "a@acme.io".into(),
+            status: UserStatus::Active,
+            org_role: Role::Viewer,
+            project_roles: roles.clone(),
+            attributes: attributes.clone(),
+            created_at: "2026-11-27T00:00:00Z".into(),
+        };
+        let added = AddedUser {
+            user: user.clone(),
+            token: Some("tgp_x".repeat(3)),
+            token_id: Some("tgp_xtgp_x".into()),
+            token_expires_at: Some(time()),
+        };
+        let service = ServiceView {
+            name: "etl".into(),
+            org: "acme".into(),
+            org_role: Some(Role::Viewer),
+            project_roles: roles.clone(),
+            attributes,
+            created_at: "2026-11-27T00:00:00Z".into(),
+        };
+        let created = CreatedService {
+            service: service.clone(),
+            token: "tgs_x".repeat(3),
+            token_id: "tgs_xtgs_x".into(),
+            token_expires_at: time(),
+        };
+        let audit: crate::lifecycle::AuditEntry = crate::store::AuditEvent {
+            at: crate::lifecycle::AuditTime("2026-11-27T00:00:00Z".into()),
+            org: "acme".into(),
+            actor: "user:u1".into(),
+            action: "token.rotate".into(),
+            target: "tgp_a1B2c3".into(),
+            token_id: Some("tgp_a1B2c3".into()),
+            by_token: Some("tgp_g7H8i9".into()),
+            reason: Some("scheduled".into()),
+            details: serde_json::json!({ "new_token_id": "tgp_d4E5f6", "grace_seconds": 0 }),
+        };
+        let whoami = WhoAmI {
+            subject: "user:u1".into(),
+            org: "acme".into(),
+            org_role: Role::Viewer,
+            project_roles: Some(roles),
+            token_id: Some("tgp_a1B2c3".into()),
+            scope: Some(vec!["read".into()]),
+            environments: Some(vec!["staging".into()]),
+        };
+        let credential = crate::lifecycle::IssuedCredential {
+            token: "eyJ.eyJ.sig".into(),
+            token_type: "Bearer".into(),
+            id: "a1B2c3d4E5f6g7H8".into(),
+            subject: "ephemeral:user:u1".into(),
+            org: "acme".into(),
+            project: "shop".into(),
+            permissions: Some(vec!["read".into()]),
+            environments: Some(vec!["staging".into()]),
+            expires_at: "2026-11-27T00:05:00Z".into(),
+            expires_in: 300,
+        };
+        let issued = crate::lifecycle::IssuedToken { token: "tgp_x".repeat(3), details: token.clone() };
+        let removed = RemovedUser { removed: user.email.clone(), revoked_tokens: 2 };
+        let (deleted, org) = (service.name.clone(), service.org.clone());
+        let deleted = DeletedService { deleted, org, revoked_tokens: 1 };
+        let answers = [
+            ("TokenView", serde_json::to_value(token)),
+            ("IssuedToken", serde_json::to_value(issued)),
+            ("UserView", serde_json::to_value(user)),
+            ("AddedUser", serde_json::to_value(added)),
+            ("RemovedUser", serde_json::to_value(removed)),
+            ("ServiceView", serde_json::to_value(service)),
+            ("CreatedService", serde_json::to_value(created)),
+            ("DeletedService", serde_json::to_value(deleted)),
+            ("AuditEntry", serde_json::to_value(audit)),
+            ("WhoAmI", serde_json::to_value(whoami)),
+            ("IssuedCredential", serde_json::to_value(credential)),
+        ];
+        for (name, answer) in answers {
+            let answer = answer.unwrap();
+            let mut fields: Vec<&String> = answer.as_object().unwrap().keys().collect();
+            fields.sort();
+            let schema = &doc["components"]["schemas"][name];
+            let properties = schema["properties"].as_object().unwrap_or_else(|| panic!("no schema {name}"));
+            let mut described: Vec<&String> = properties.keys().collect();
+            described.sort();
+            assert_eq!(described, fields, "{name}");
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap();
+                assert!(properties.contains_key(required), "{name}: {required} is required, not described");
+            }
+        }
+        // A route added later without its answer's schema fails here.
+        let mut successes = 0;
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for (method, op) in methods.as_object().unwrap() {
+                for status in ["200", "201"] {
+                    let Some(success) = op["responses"].get(status) else { continue };
+                    let schema = &success["content"]["application/json"]["schema"];
+                    let named = schema.get("items").unwrap_or(schema)["$ref"].as_str();
+                    let name = named.and_then(|r| r.strip_prefix("#/components/schemas/"));
+                    let name = name.unwrap_or_else(|| panic!("{method} {path}: {status} names no schema"));
+                    let described = &doc["components"]["schemas"][name]["properties"];
+                    assert!(described.is_object(), "{method} {path}: no schema {name}");
+                    successes += 1;
+                }
+            }
+        }
+        assert!(successes > 20, "{successes}");
     }
 }

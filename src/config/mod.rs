@@ -951,7 +951,7 @@ impl Validator {
                 },
                 (None, Some(file), None) => match std::fs::read(&file) {
                     Ok(bytes) => {
-                        let secret = bytes.trim_ascii();
+                        let secret = secret_in_file(&bytes);
                         JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret))
                             .map_err(|e| (at("secret_file"), e))
                     }
@@ -1249,7 +1249,12 @@ impl Validator {
                 self.error("argon2", format!("invalid parameters: {e}"));
             }
         }
-        let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
+        // The CPUs this process could use when it first read a config: a reload resolves the
+        // same default, where the CPUs it may use now (an affinity or a cgroup quota changed
+        // meanwhile) would be a change that applies only after a restart, warned of on every
+        // reload of a file that never set it.
+        static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
         let max_concurrency = raw.max_concurrency.unwrap_or(cpus.min(MAX_THREADS));
         if max_concurrency == 0 {
             self.error("argon2.max_concurrency", "must be at least 1");
@@ -1651,6 +1656,20 @@ impl Validator {
         }
         (org, project, environment)
     }
+}
+
+/// The secret a `secret_file` holds. A text file (printable ASCII: a base64 or hex secret, as
+/// `openssl rand -base64 32 > secret` writes) loses its one line end, which editors and `echo`
+/// add and which is no part of the secret; any other file is taken byte for byte, as another
+/// system reading it raw takes it: a binary secret's first or last byte may well be a space or
+/// a newline.
+fn secret_in_file(bytes: &[u8]) -> &[u8] {
+    let text = |b: &u8| b.is_ascii_graphic() || b" \t\r\n".contains(b);
+    if !bytes.iter().all(text) {
+        return bytes;
+    }
+    let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 #[cfg(test)]

@@ -934,6 +934,38 @@ fn a_reload_may_not_front_the_listeners_still_serving() {
 }
 
 #[test]
+fn a_secret_file_is_taken_byte_for_byte_but_for_a_text_files_line_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    // Signed with the file's key, checked with the bytes another system would take.
+    let signs_as = |stored: &[u8], secret: &[u8]| {
+        std::fs::write(&file, stored).unwrap();
+        let yaml = format!(
+            "jwt:\n  signing_key: k1\n  keys: [ {{ kid: k1, algorithm: HS256, secret_file: '{}' }} ]\n",
+            file.display()
+        );
+        let config = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}"));
+        let signed = config.jwt.as_ref().unwrap().sign(&serde_json::json!({ "sub": "x" })).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        let key = jsonwebtoken::DecodingKey::from_secret(secret);
+        jsonwebtoken::decode::<serde_json::Value>(&signed, &key, &validation).is_ok()
+    };
+    // Random bytes whose first and last are whitespace: all of them are the secret.
+    let binary: Vec<u8> =
+        [b"\n ".as_slice(), &(0..40u8).map(|i| 0x80 | i).collect::<Vec<_>>(), b" \n"].concat();
+    assert!(signs_as(&binary, &binary));
+    assert!(!signs_as(&binary, binary.trim_ascii()));
+    // A text secret loses its line end only.
+    let text = "q8Zxs3cretAbCdEfGhIjKlMnOpQrStUvWxYz0123456789";
+    for stored in [format!("{text}\n"), format!("{text}\r\n"), text.to_string()] {
+        assert!(signs_as(stored.as_bytes(), text.as_bytes()), "{stored:?}");
+    }
+    assert!(signs_as(format!(" {text} \n").as_bytes(), format!(" {text} ").as_bytes()));
+}
+
+#[test]
 fn a_secret_env_holding_bytes_that_are_not_utf8_is_read_as_bytes() {
     use std::os::unix::ffi::OsStrExt;
     // As `secret_file` takes any bytes; it was reported as not set.

@@ -2,6 +2,7 @@
 //! itself) for reads and writes, a Lua script for atomic conditional batches, and a dedicated pub/sub
 //! connection with a heartbeat for invalidations. This is the only module that talks to Redis.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,9 @@ pub struct RedisBackend {
     display: String,
     /// Replicas that must have a change before it is acknowledged.
     wait_replicas: u32,
+    /// Counts [`RedisBackend::reconnect`]s: a feed made before the last one ends, so that it is
+    /// made anew where the address names now (see [`Backend::subscribe`]).
+    reconnects: tokio::sync::watch::Sender<u64>,
 }
 
 impl RedisBackend {
@@ -98,6 +102,7 @@ impl RedisBackend {
             last_ping: tokio::sync::Mutex::new(None),
             script: redis::Script::new(COMMIT_SCRIPT),
             wait_replicas: 0,
+            reconnects: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -131,16 +136,58 @@ impl RedisBackend {
     }
 
     /// Drops the connections for reads and changes, so that the next call connects (and resolves
-    /// the host) anew: after a failover, reads must come from where changes go and invalidations
-    /// come from, or a record read from a demoted primary that no longer follows (or lags) the new
-    /// one would be cached after its invalidation, and served until `cache.ttl`.
+    /// the host) anew, and ends the invalidation feed, which the cache then makes anew (and so
+    /// connects anew too): after a failover, reads must come from where changes go and
+    /// invalidations come from, or a record read from a demoted primary that no longer follows
+    /// (or lags) the new one would be cached after its invalidation, and served until
+    /// `cache.ttl`; and invalidations heard from the demoted primary are only those it still
+    /// receives from the new one.
     async fn reconnect(&self) {
         self.writer.lock().await.take();
         self.conn.lock().await.take();
+        self.reconnects.send_modify(|n| *n += 1);
     }
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+}
+
+/// Whether the server a feed is subscribed on is still a primary. A primary demoted to a replica
+/// keeps its clients and answers their `PING`s, but hears only what the new primary still sends
+/// it (nothing, if the link between them is down): a feed there would miss revocations. The
+/// probe is `HELLO` without arguments on the connection made beside the subscription: it answers
+/// the server's `role` and, unlike `ROLE` or `INFO` (`@admin`, `@dangerous`), any Redis user may
+/// send it; nor is it held by a `CLIENT PAUSE WRITE` (a failover's), as a change would be.
+struct Probe {
+    /// `None` once the server refused the probe (a Redis older than 6, or an ACL without
+    /// `HELLO`): the feed then goes on without it, as it did before.
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl Probe {
+    /// False when the server is a replica now or the probe's connection is lost.
+    async fn primary(&mut self) -> bool {
+        let Some(conn) = self.conn.as_mut() else { return true };
+        let answer = redis::cmd("HELLO").query_async::<HashMap<String, redis::Value>>(conn).await;
+        match answer {
+            Ok(fields) => {
+                let role = fields.get("role").and_then(|r| redis::from_redis_value_ref::<String>(r).ok());
+                if role.as_deref() == Some("replica") {
+                    tracing::warn!(
+                        "the Redis server of the invalidation feed is a replica now; subscribing anew"
+                    );
+                    return false;
+                }
+                true
+            }
+            Err(e) if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "the invalidation feed cannot check that its server is a primary (HELLO refused); it goes on without");
+                self.conn = None;
+                true
+            }
+        }
     }
 }
 
@@ -280,15 +327,29 @@ impl Backend for RedisBackend {
         // failover) and the connections it guards go to the same server. (Only once it is made:
         // a subscription refused again and again, an ACL without the channel, leaves them be.)
         self.reconnect().await;
+        let mut reconnected = self.reconnects.subscribe();
+        // A connection beside the subscription, made to the same address at the same moment,
+        // that tells whether the server is still a primary (see `Probe`).
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let probe = self.client.get_multiplexed_async_connection_with_config(&config).await;
+        let mut probe = Probe { conn: Some(probe.map_err(unavailable)?) };
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
         let timeout = self.timeout;
-        // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered,
-        // or the receiver is gone; the cache then treats the channel as lost.
+        // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered
+        // (or is answered with an error), the server turns out to be a replica, this instance
+        // connects anew for changes and reads (a failover it met), or the receiver is gone; the
+        // cache then treats the channel as lost.
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(HEARTBEAT);
             loop {
                 tokio::select! {
+                    _ = reconnected.changed() => {
+                        tracing::warn!("connected anew to Redis for changes; subscribing anew too");
+                        return;
+                    }
                     msg = messages.next() => {
                         let Some(msg) = msg else { return };
                         let payload: String = msg.get_payload().unwrap_or_default();
@@ -306,7 +367,8 @@ impl Backend for RedisBackend {
                     }
                     _ = beat.tick() => {
                         let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
-                        if !matches!(pong, Ok(Ok(_))) || tx.is_closed() {
+                        let answered = matches!(pong, Ok(Ok(ref v)) if !matches!(v, redis::Value::ServerError(_)));
+                        if !answered || tx.is_closed() || !probe.primary().await {
                             return;
                         }
                     }

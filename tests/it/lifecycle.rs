@@ -1470,3 +1470,61 @@ async fn setting_a_role_already_held_changes_and_audits_nothing() {
     assert_eq!(audit.as_array().map(Vec::len), Some(before + 1));
     assert_eq!(audit[0]["action"], "user.set_role", "{audit}");
 }
+
+/// A call whose every body field is optional (an issue, a revocation by id, a rotation, a
+/// suspension) may send no body, as a reactivation may; an admin cannot suspend, remove or demote
+/// themself (`403`, as a service acting on itself); a service's token lists itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_calls_self_refusals_and_a_service_listing_itself() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let api = w.gateway.admin_url();
+    let bare = |method: reqwest::Method, path: &str, token: &str| {
+        w.http.request(method, format!("{api}{path}")).bearer_auth(token).send()
+    };
+
+    let issued = bare(reqwest::Method::POST, "/v1/tokens", &admin.token).await.unwrap();
+    assert_eq!(issued.status(), 201);
+    let issued: serde_json::Value = issued.json().await.unwrap();
+    let token = issued["token"].as_str().expect("the new token").to_string();
+    remember_secret(&token);
+    let rotated = bare(reqwest::Method::POST, &format!("/v1/tokens/{}/rotate", &token[..10]), &admin.token);
+    let rotated = rotated.await.unwrap();
+    assert_eq!(rotated.status(), 201);
+    let rotated: serde_json::Value = rotated.json().await.unwrap();
+    let successor = rotated["token"].as_str().expect("the new token").to_string();
+    remember_secret(&successor);
+    let revoked =
+        bare(reqwest::Method::POST, &format!("/v1/tokens/{}/revoke", &successor[..10]), &admin.token);
+    assert_eq!(revoked.await.unwrap().status(), 200);
+    assert_eq!(w.get(&w.gateway, "/shop", &successor).await.status(), 401);
+
+    admin.run(&["user", "add", "bob@acme.io", "--org-role", "viewer"]).ok();
+    let suspended = bare(reqwest::Method::POST, "/v1/orgs/acme/users/bob@acme.io/suspend", &admin.token);
+    assert_eq!(suspended.await.unwrap().status(), 200);
+    assert!(admin.run(&["user", "show", "bob@acme.io"]).ok().contains("suspended"));
+
+    // Refused as forbidden, with the reason, and nothing changed.
+    let user = "/v1/orgs/acme/users/admin@acme.io".to_string();
+    for (method, path) in
+        [(reqwest::Method::POST, format!("{user}/suspend")), (reqwest::Method::DELETE, user.clone())]
+    {
+        let resp = bare(method.clone(), &path, &admin.token).await.unwrap();
+        assert_eq!(resp.status(), 403, "{method} {path}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(json["error"], "forbidden", "{method} {path}");
+        assert!(json["error_description"].as_str().unwrap().contains("yourself"), "{json}");
+    }
+    let demote = w.http.post(format!("{api}{user}/role")).bearer_auth(&admin.token);
+    let demote = demote.json(&json!({ "org_role": "viewer" })).send().await.unwrap();
+    assert_eq!(demote.status(), 403);
+    assert_eq!(admin.json(&["whoami"])["org_role"], "admin", "still an admin");
+
+    // A service's token lists what it sees of its service's tokens: itself.
+    let etl = admin.run(&["service", "create", "etl", "--org-role", "viewer"]).token();
+    admin.run(&["token", "issue", "--service", "etl", "--display-name", "second"]).ok();
+    let listed = admin.as_token(&etl).json(&["token", "list"]);
+    let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [&etl[..10]], "{listed}");
+    assert_eq!(admin.json(&["token", "list", "--owner", "etl"]).as_array().unwrap().len(), 2);
+}

@@ -107,6 +107,8 @@ async fn a_change_redis_answers_too_late_is_said_to_be_possibly_made() {
     let raw = raw.json(&serde_json::json!({ "display_name": "during-pause-raw" })).send().await.unwrap();
     assert_eq!(raw.status(), 503);
     assert_eq!(raw.headers().get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
+    // Looked for before retrying, not retried at a `Retry-After` (which would make it twice).
+    assert_eq!(raw.headers().get("retry-after"), None);
     remember_secret(raw.json::<serde_json::Value>().await.unwrap()["token"].as_str().expect("the token"));
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut w.redis.client()).unwrap();
     // With --json, the kept token is JSON too.
@@ -272,6 +274,57 @@ async fn a_change_after_a_failover_reaches_the_new_primary() {
     let revoked: Option<String> =
         redis::cmd("GET").arg(format!("t:token:{}", &token[..10])).query(&mut new.client()).unwrap();
     assert!(revoked.is_some_and(|r| r.contains("after the failover")), "the new primary has the revocation");
+}
+
+/// `argon2.max_concurrency` left out defaults to the CPUs the gateway could use at start: a reload
+/// after it was given fewer (an affinity, a cgroup quota) is no change that waits for a restart,
+/// which it would otherwise warn of on every reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_the_cpus_changed_warns_of_no_restart() {
+    let w = World::start_with(|redis, upstream| {
+        let port = free_port();
+        let config = gateway_config(port, &redis.url(), upstream.port).replace(" max_concurrency: 2,", "");
+        assert!(!config.contains("max_concurrency"), "{config}");
+        Gateway::start_with(port, &config)
+    })
+    .await;
+    // (On a machine of one CPU, pinning to it changes nothing.)
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &w.gateway.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(pinned.status.success(), "{pinned:?}");
+    w.gateway.reload(|c| format!("{c}\n# reloaded once pinned to one CPU\n")).await;
+    let log = w.gateway.log_text();
+    assert!(!log.contains("applies only after a restart"), "{log}");
+}
+
+/// After a failover that left the old primary a replica cut off from the new one (it answers
+/// `PING`s and reads, but hears nothing the new primary publishes), an instance subscribed there
+/// that makes no change itself still hears a revocation made on the new primary: its feed sees
+/// that its server is no longer a primary and subscribes anew, where the address now points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_left_on_a_demoted_primary_is_made_anew_at_the_new_one() {
+    let (w, target) = behind_a_moving_address().await;
+    let second = another_instance(&w);
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
+    for g in [&w.gateway, &second] {
+        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
+    }
+
+    let (_new, _dir) = fail_over(&w, &target).await;
+    // The old primary follows a server that is not there: a replica that hears nothing new.
+    let nowhere = free_port();
+    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(nowhere).query(&mut w.redis.client()).unwrap();
+    admin.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
+    let refused = eventually(Duration::from_secs(10), || async {
+        w.get(&second, "/shop", &token).await.status() == 401
+    });
+    assert!(refused.await, "the other instance still accepts the revoked token: {}", second.log_text());
+    let log = second.log_text();
+    assert!(log.contains("is a replica now"), "{log}");
 }
 
 /// After a failover, an instance whose invalidation feed was lost (its server stalled) subscribes

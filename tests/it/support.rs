@@ -338,6 +338,11 @@ impl Gateway {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`HUP`, `TERM`) to the gateway process.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
