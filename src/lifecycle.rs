@@ -939,16 +939,19 @@ impl<'a> Lifecycle<'a> {
         Ok(s.org == actor.org && self.may_manage_service(actor, &s).is_ok())
     }
 
-    /// Lists tokens: the caller's own (a service's token: itself, the one of its service's tokens
-    /// it sees, as `get_token`), a given user's or service's (admins), or a service's its creator
-    /// manages; `all` adds inactive ones.
+    /// Lists tokens: the caller's own (a service's token: those of its service's tokens it sees,
+    /// as `get_token`: itself, or all of them for an admin service), a given user's or service's
+    /// (admins), or a service's its creator manages; `all` adds inactive ones.
     pub async fn list_tokens(&self, actor: &Actor, all: bool, owner: Option<&str>) -> Result<Vec<TokenView>> {
         let mut only = None;
         let owner = match owner {
             None => match (&actor.user_id, &actor.service_id, &actor.token_id) {
                 (Some(user), _, _) => Owner::User(user.clone()),
                 (None, Some(service), Some(id)) => {
-                    only = Some(id);
+                    // An org admin's (an admin service's) sees every one, as `get_token` does.
+                    if actor.require_admin(self.config).is_err() {
+                        only = Some(id);
+                    }
                     Owner::Service(service.clone())
                 }
                 _ => {

@@ -360,7 +360,7 @@ async fn issue_credentials(
     State(s): State<AdminState>,
     Caller(a): Caller,
     Path((org, project)): Path<(String, String)>,
-    Body(req): Body<CredentialsRequest>,
+    OptionalBody(req): OptionalBody<CredentialsRequest>,
 ) -> Response {
     lifecycle!(s, l);
     created(l.issue_credentials(&a, &org, &project, req).await)

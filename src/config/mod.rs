@@ -950,11 +950,9 @@ impl Validator {
                     Err(e) => Err((at("key_file"), format!("cannot read the file it names: {e}"))),
                 },
                 (None, Some(file), None) => match std::fs::read(&file) {
-                    Ok(bytes) => {
-                        let secret = secret_in_file(&bytes);
-                        JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret))
-                            .map_err(|e| (at("secret_file"), e))
-                    }
+                    Ok(bytes) => secret_in_file(&bytes)
+                        .and_then(|secret| JwtKey::load(&kid, algorithm, KeyMaterial::Secret(secret)))
+                        .map_err(|e| (at("secret_file"), e)),
                     // The value is not repeated: it may be the secret itself, written by mistake.
                     Err(e) => Err((at("secret_file"), format!("cannot read the file it names: {e}"))),
                 },
@@ -1658,18 +1656,26 @@ impl Validator {
     }
 }
 
-/// The secret a `secret_file` holds. A text file (printable ASCII: a base64 or hex secret, as
-/// `openssl rand -base64 32 > secret` writes) loses its one line end, which editors and `echo`
-/// add and which is no part of the secret; any other file is taken byte for byte, as another
-/// system reading it raw takes it: a binary secret's first or last byte may well be a space or
-/// a newline.
-fn secret_in_file(bytes: &[u8]) -> &[u8] {
-    let text = |b: &u8| b.is_ascii_graphic() || b" \t\r\n".contains(b);
-    if !bytes.iter().all(text) {
-        return bytes;
+/// The secret a `secret_file` holds. A text file (UTF-8: a base64 or hex secret, as
+/// `openssl rand -base64 32 > secret` writes, or a passphrase) loses its one line end, which
+/// editors and `echo` add and which is no part of the secret; any other file is taken byte for
+/// byte, as another system reading it raw takes it (a binary secret's first or last byte may well
+/// be a space or a newline, and random bytes are all but never UTF-8). Text that still begins or
+/// ends with white space is refused: whether that is part of the secret, each system reading the
+/// file decides for itself (and versions before this one trimmed it), so a key that signs
+/// differently would fail with no hint why.
+fn secret_in_file(bytes: &[u8]) -> Result<&[u8], String> {
+    if std::str::from_utf8(bytes).is_err() {
+        return Ok(bytes);
     }
     let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    line.strip_suffix(b"\r").unwrap_or(line)
+    let secret = line.strip_suffix(b"\r").unwrap_or(line);
+    if secret.trim_ascii() != secret {
+        return Err("the file's text begins or ends with white space (a space, a tab, a second line end), \
+                    which readers of the file take differently; remove it"
+            .into());
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]

@@ -962,7 +962,19 @@ fn a_secret_file_is_taken_byte_for_byte_but_for_a_text_files_line_end() {
     for stored in [format!("{text}\n"), format!("{text}\r\n"), text.to_string()] {
         assert!(signs_as(stored.as_bytes(), text.as_bytes()), "{stored:?}");
     }
-    assert!(signs_as(format!(" {text} \n").as_bytes(), format!(" {text} ").as_bytes()));
+    // Text with white space left at an edge: refused, naming the setting.
+    for stored in [format!(" {text}\n"), format!("{text} \n"), format!("{text}\n\n"), format!("{text}\t")] {
+        std::fs::write(&file, &stored).unwrap();
+        let yaml = format!(
+            "jwt:\n  signing_key: k1\n  keys: [ {{ kid: k1, algorithm: HS256, secret_file: '{}' }} ]\n",
+            file.display()
+        );
+        let err = Config::parse(&yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("jwt.keys[0].secret_file: the file's text begins or ends with white space"),
+            "{stored:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -142,10 +142,25 @@ impl RedisBackend {
     /// (or lags) the new one would be cached after its invalidation, and served until
     /// `cache.ttl`; and invalidations heard from the demoted primary are only those it still
     /// receives from the new one.
-    async fn reconnect(&self) {
-        self.writer.lock().await.take();
-        self.conn.lock().await.take();
-        self.reconnects.send_modify(|n| *n += 1);
+    ///
+    /// `seen` is the count of reconnects when the caller took the connection that met a replica:
+    /// one made since (another change's, a new feed's) already made the connections anew, and a
+    /// change sent before it and answered after it (the last-use flush, one of several in flight)
+    /// would otherwise end the feed just made at the new primary, and drop the cache again.
+    async fn reconnect(&self, seen: Option<u64>) {
+        let mut writer = self.writer.lock().await;
+        let mut conn = self.conn.lock().await;
+        let anew = self.reconnects.send_if_modified(|n| match seen.is_none_or(|seen| seen == *n) {
+            true => {
+                *n += 1;
+                true
+            }
+            false => false,
+        });
+        if anew {
+            writer.take();
+            conn.take();
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -284,6 +299,7 @@ impl Backend for RedisBackend {
         batch.newer.iter_mut().for_each(|(k, _, _)| *k = self.key(k));
         let encoded = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Corrupt { key: "batch".into(), reason: e.to_string() })?;
+        let seen = *self.reconnects.borrow();
         let mut conn = self.connection(&self.writer).await?;
         let mut sent = self.script.arg(&encoded).arg(&self.channel).invoke_async::<String>(&mut conn).await;
         // A connection to a server that became a replica (a failover that moved the host name or
@@ -293,7 +309,7 @@ impl Backend for RedisBackend {
         let read_only = redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         if sent.as_ref().is_err_and(|e| e.kind() == read_only) {
             tracing::warn!("the Redis connection reaches a read-only replica; connecting again");
-            self.reconnect().await;
+            self.reconnect(Some(seen)).await;
             conn = self.connection(&self.writer).await?;
             sent = self.script.arg(&encoded).arg(&self.channel).invoke_async(&mut conn).await;
         }
@@ -322,19 +338,20 @@ impl Backend for RedisBackend {
 
     async fn subscribe(&self) -> Result<InvalidationStream, StoreError> {
         let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
-        pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
-        // A feed made anew (the first, or one after the last was lost: a stalled server, a
-        // failover) and the connections it guards go to the same server. (Only once it is made:
-        // a subscription refused again and again, an ACL without the channel, leaves them be.)
-        self.reconnect().await;
-        let mut reconnected = self.reconnects.subscribe();
-        // A connection beside the subscription, made to the same address at the same moment,
-        // that tells whether the server is still a primary (see `Probe`).
+        // A connection beside the subscription, made to the same address right after it (nothing
+        // waited for between the two), that tells whether the server is still a primary (see
+        // `Probe`).
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
         let probe = self.client.get_multiplexed_async_connection_with_config(&config).await;
         let mut probe = Probe { conn: Some(probe.map_err(unavailable)?) };
+        pubsub.subscribe(&self.channel).await.map_err(unavailable)?;
+        // A feed made anew (the first, or one after the last was lost: a stalled server, a
+        // failover) and the connections it guards go to the same server. (Only once it is made:
+        // a subscription refused again and again, an ACL without the channel, leaves them be.)
+        self.reconnect(None).await;
+        let mut reconnected = self.reconnects.subscribe();
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
         let timeout = self.timeout;

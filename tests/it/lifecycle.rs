@@ -1527,4 +1527,13 @@ async fn bodyless_calls_self_refusals_and_a_service_listing_itself() {
     let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [&etl[..10]], "{listed}");
     assert_eq!(admin.json(&["token", "list", "--owner", "etl"]).as_array().unwrap().len(), 2);
+    // An admin service's token sees every one of its service's tokens, as `token get` does.
+    let ops = admin.run(&["service", "create", "ops", "--org-role", "admin"]).token();
+    admin.run(&["token", "issue", "--service", "ops", "--display-name", "second"]).ok();
+    assert_eq!(admin.as_token(&ops).json(&["token", "list"]).as_array().unwrap().len(), 2);
+    // Minting takes no body either: the call is read and judged (this gateway signs nothing).
+    let minted = bare(reqwest::Method::POST, "/v1/orgs/acme/projects/shop/credentials", &etl).await.unwrap();
+    assert_eq!(minted.status(), 400);
+    let minted: serde_json::Value = minted.json().await.unwrap();
+    assert!(minted["error_description"].as_str().unwrap().contains("no `jwt` section"), "{minted}");
 }
