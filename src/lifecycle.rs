@@ -1540,11 +1540,11 @@ impl<'a> Lifecycle<'a> {
     /// The roles a service may have: never above its creator's at creation, nor the actor's now.
     fn check_service_roles(&self, actor: &Actor, before: Option<&RoleSet>, s: &Service) -> Result<()> {
         self.check_roles(&s.org, &s.project_roles, before.map(|b| &b.projects))?;
-        let caps = [s.creator_roles.clone(), Some(actor.roles.clone())];
-        for cap in caps.iter().flatten() {
+        let caps = [(s.creator_roles.clone(), "its creator's"), (Some(actor.roles.clone()), "yours")];
+        for (cap, whose) in caps.iter().filter_map(|(cap, whose)| Some((cap.as_ref()?, whose))) {
             if let Some((place, role, capped)) = role_above(s, cap) {
                 return Err(LifecycleError::Forbidden(format!(
-                    "a service's {place} ({role}) may not exceed its creator's or yours ({capped})"
+                    "a service's {place} ({role}) may not exceed {whose} ({capped})"
                 )));
             }
         }
@@ -1591,9 +1591,14 @@ impl<'a> Lifecycle<'a> {
             .user_id
             .clone()
             .ok_or_else(|| LifecycleError::Forbidden("services are created by users".into()))?;
-        if actor.roles.org < Role::Editor || !actor.may(self.config, "write") {
+        if actor.roles.org < Role::Editor {
             return Err(LifecycleError::Forbidden(
                 "creating a service needs the editor role or higher".into(),
+            ));
+        }
+        if !actor.may(self.config, "write") {
+            return Err(LifecycleError::Forbidden(
+                "creating a service needs a token that may `write`; this one's scope leaves it out".into(),
             ));
         }
         if !crate::config::is_name(&req.name) {

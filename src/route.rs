@@ -373,7 +373,17 @@ impl RouteTable {
 
     /// The host as the table is keyed ([`normalize_host`]), refused if its port is not a number;
     /// `None` when no route names a host, which spares making it (an allocation).
+    ///
+    /// A request's host holding what ends a host in a URL (`/`, `?`, `#`, `\`, `@`), a space or a
+    /// byte that is no ASCII is refused too: `api.example.com/` would be looked up as no route's
+    /// host, while an upstream building the request's URL from `Host` (Node's `new URL(req.url,
+    /// 'http://' + host)`, and the frameworks built on it) reads `api.example.com`. (A route's
+    /// own `host` is checked at config load, with hints.)
     fn host_key(&self, host: Option<&str>) -> Result<Option<String>, &'static str> {
+        let ends_a_host = |b: u8| matches!(b, b'/' | b'?' | b'#' | b'\\' | b'@') || b <= b' ' || b >= 0x7f;
+        if host.is_some_and(|h| h.bytes().any(ends_a_host)) {
+            return Err("the host holds a character no host name has (/, ?, #, \\, @, a space)");
+        }
         let Some(name) = host.map(host_name).transpose()? else { return Ok(None) };
         Ok((!self.by_host.is_empty()).then(|| fold_name(name)))
     }
@@ -815,6 +825,18 @@ mod tests {
         let anywhere = RouteTable::new(vec![route("open", None, "/vault")]);
         for table in [&hosted, &anywhere] {
             assert!(table.route(Some("api.example.com:abc"), "/vault").is_err());
+            // Nor one an upstream building a URL from it reads as `api.example.com`.
+            for bad in [
+                "api.example.com/",
+                "api.example.com?",
+                "api.example.com#x",
+                "api.example.com\\",
+                "u@api.example.com",
+                "api.example.com x",
+                "api.exämple.com",
+            ] {
+                assert!(table.route(Some(bad), "/vault").is_err(), "{bad}");
+            }
         }
         assert_eq!(hosted.route(Some("API.example.com:8443"), "/vault").unwrap().unwrap().name, "vault");
     }

@@ -14,7 +14,8 @@ use super::ApiError;
 /// A JSON body whose rejection is a JSON error naming what is wrong. An object naming a key twice,
 /// at any depth, is refused: serde_json would keep the last one silently, so
 /// `{"attributes": {"team": "a", "team": "b"}}` would store `b`, and a map of project roles its
-/// last role for a project, where a struct's field named twice is refused already.
+/// last role for a project, where a struct's field named twice is refused already. So is a number
+/// too large to be kept exactly (see [`check_json`]).
 pub struct Body<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
@@ -34,7 +35,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         let (parts, bytes) = read_whole(req).await?;
         let req = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
         let Json(value) = Json::<T>::from_request(req, state).await.map_err(refused)?;
-        if let Err(e) = serde_json::from_slice::<UniqueKeys>(&bytes) {
+        if let Err(e) = check_json(&bytes) {
             let message = format!("Failed to deserialize the JSON body into the target type: {e}");
             return Err(ApiError::Body(StatusCode::BAD_REQUEST, message));
         }
@@ -69,7 +70,16 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalB
     }
 }
 
-/// Any JSON value, read only to refuse an object that names a key twice.
+/// Whether a JSON text is one the admin API keeps as sent: no object names a key twice, at any
+/// depth, and no number is an integer beyond what a double holds exactly (2^53): serde_json reads
+/// one beyond 64 bits as a double, so `{"customer_id": 123456789012345678901}` and
+/// `…902` would both be stored, and sent upstream, as `123456789012345680000`. (The CLI checks
+/// its `--attributes` with it before sending, as it parses them.)
+pub fn check_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<UniqueKeys>(bytes).map(|_| ())
+}
+
+/// Any JSON value, read only to refuse what [`check_json`] refuses.
 struct UniqueKeys;
 
 impl<'de> Deserialize<'de> for UniqueKeys {
@@ -97,7 +107,13 @@ impl<'de> Visitor<'de> for UniqueKeys {
         Ok(self)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self, E> {
+        // 2^53: above it a double holds no longer every integer.
+        if v.abs() >= 9_007_199_254_740_992.0 {
+            return Err(E::custom(format_args!(
+                "the number {v} is too large to be kept exactly (an integer of at most 64 bits, or a number below 2^53); send it as a string"
+            )));
+        }
         Ok(self)
     }
 

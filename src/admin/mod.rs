@@ -29,7 +29,7 @@ use crate::lifecycle::{
 };
 use crate::policy::Role;
 use crate::store::{format_millis, Attributes, Service as ServiceRecord, Store, User, UserStatus};
-pub use body::{Body, OptionalBody};
+pub use body::{check_json, Body, OptionalBody};
 pub use error::ApiError;
 
 /// What every handler needs.
@@ -195,6 +195,7 @@ async fn access(
     let status = response.status().as_u16();
     state.metrics.admin_requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
     if state.config.load().access_log {
+        let method = crate::proxy::loggable_path(method.as_str());
         tracing::info!(target: "tollgate::admin_access", method = %method, route, status, "admin request");
     }
     response

@@ -513,6 +513,9 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
     let Some(text) = text else { return Ok(None) };
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| anyhow!("--attributes is not valid JSON: {e}"))?;
+    // As the admin API checks a body: parsed and sent again, a key given twice would go as its
+    // last value, and a too large number rounded, unnoticed.
+    crate::admin::check_json(text.as_bytes()).map_err(|e| anyhow!("--attributes: {e}"))?;
     match value {
         serde_json::Value::Object(map) => Ok(Some(map)),
         _ => Err(anyhow!("--attributes must be a JSON object, like '{{\"team\":\"data\"}}'")),

@@ -386,12 +386,18 @@ fn strip(config: &Config, req: &mut dyn Upstream, credential: bool) {
 /// query parameter holding either. A credential sent where none is needed would otherwise reach an
 /// upstream that may be a third party's (and its access log, from a query).
 fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Result<()> {
-    // In an `Authorization` of any spelling (`Bearer\t…`, `Bearer "…"`, `Bearer: …`), as an
-    // upstream splitting it otherwise than Tollgate might read it: any word of it that is one.
+    // In an `Authorization` of any spelling (`Bearer\t…`, `Bearer "…"`, `Bearer: …`, `Bearer
+    // <…>`, `Bearer%20…`, a non-ASCII space), as an upstream splitting or decoding it otherwise
+    // than Tollgate might read it: any run of it, percent-decoded or not, of the characters a token
+    // (letters, digits, `_`) or a JWT (those, `.` and `-`) is made of.
     let words = |value: &HeaderValue| {
-        String::from_utf8_lossy(value.as_bytes())
-            .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '=' | ':' | ',' | ';'))
-            .any(|word| own_credential(config, word))
+        let decoded = percent_encoding::percent_decode(value.as_bytes()).collect::<Vec<u8>>();
+        [value.as_bytes(), &decoded[..]].iter().any(|text| {
+            let text = String::from_utf8_lossy(text);
+            let token = |c: char| !(c.is_ascii_alphanumeric() || c == '_');
+            let jwt = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            text.split(token).chain(text.split(jwt)).any(|word| own_credential(config, word))
+        })
     };
     let ours = |name: &HeaderName, value: &HeaderValue| {
         api_key_header(config, name) || (*name == http::header::AUTHORIZATION && words(value))

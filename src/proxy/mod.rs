@@ -278,8 +278,10 @@ fn id_text(id: &HeaderValue) -> &str {
 /// A request path as logs show it: a path segment that holds a Tollgate token anywhere (a
 /// client's mistake: `/items/tgp_…`, `/x;key=tgp_…`, percent-encoded or not) is logged as the
 /// token id, and one that holds something like a JWT as `eyJ…`. A path without a token prefix, a
-/// JWT's start or a percent-escape comes back as it is, unallocated.
-fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+/// JWT's start or a percent-escape comes back as it is, unallocated. So is a request method
+/// (the proxy's and the admin API's access lines): any token of characters a client may send as
+/// one, a pasted token included (`curl -X "$TOKEN"`).
+pub(crate) fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
     let suspect = crate::token::PREFIXES.iter().chain(&["eyJ", "%"]).any(|p| path.contains(p));
     if !suspect {
         return std::borrow::Cow::Borrowed(path);
@@ -538,7 +540,7 @@ impl ProxyHttp for Gateway {
         tracing::info!(
             target: "tollgate::access",
             request_id = id_text(&ctx.request_id),
-            method = %session.req_header().method,
+            method = %loggable_path(session.req_header().method.as_str()),
             path = %loggable_path(session.req_header().uri.path()),
             route,
             token_id = grant
@@ -651,7 +653,9 @@ impl ProxyHttp for Gateway {
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         let req = session.req_header();
         let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        format!("{} {}, Host: {host}", req.method, loggable_path(req.uri.path()))
+        let (method, path, host) =
+            (loggable_path(req.method.as_str()), loggable_path(req.uri.path()), loggable_path(host));
+        format!("{method} {path}, Host: {host}")
     }
 }
 

@@ -201,6 +201,9 @@ async fn a_public_route_passes_no_tollgate_token_on() {
         ("Authorization", format!("Bearer \"{token}\"")),
         ("Authorization", format!("Bearer: {token}")),
         ("Authorization", format!("Bearer={token}")),
+        ("Authorization", format!("Bearer <{token}>")),
+        ("Authorization", format!("Bearer%20{token}")),
+        ("Authorization", format!("Bearer\u{a0}{token}")),
     ] {
         let resp = w.http.get(w.gateway.url("/public/a")).header(name, &value).send().await.unwrap();
         let echo = echoed(resp).await;
@@ -1039,6 +1042,12 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
         let raw = get("/vault", &format!("Host: {host}\r\n"));
         assert_eq!(status(&raw), 400, "{host}: {raw}");
         assert!(raw.contains("port is not a number"), "{host}: {raw}");
+    }
+    // Nor does what ends a host in a URL, which an upstream building the URL from `Host` drops.
+    for host in ["api.example.com/", "api.example.com?", "api.example.com#", "api.example.com\\"] {
+        let raw = get("/vault", &format!("Host: {host}\r\n"));
+        assert_eq!(status(&raw), 400, "{host}: {raw}");
+        assert!(raw.contains("no host name has"), "{host}: {raw}");
     }
     assert_eq!(status(&get("/vault", "Host: api.example.com:8443\r\n")), 401);
     // (Pingora itself refuses user info in the target.)

@@ -680,7 +680,14 @@ async fn nobody_grants_more_than_they_hold() {
     assert!(err.contains("may not exceed"), "{err}");
     let etl = editor.run(&["service", "create", "etl", "--org-role", "editor"]).token();
     let err = admin.run(&["service", "set-role", "etl", "--org-role", "admin"]).failed();
-    assert!(err.contains("may not exceed"), "a service made by an editor cannot become admin: {err}");
+    assert!(
+        err.contains("may not exceed its creator's (editor)"),
+        "a service made by an editor cannot become admin: {err}"
+    );
+    // An editor whose token may not `write` is told so, not that the role is missing.
+    let reading = editor.as_token(&editor.run(&["token", "issue", "--scope", "execute"]).token());
+    let err = reading.run(&["service", "create", "annex", "--org-role", "viewer"]).failed();
+    assert!(err.contains("a token that may `write`"), "{err}");
 
     // Removing the editor kills their PATs and leaves their service working.
     let ed_pat = editor.run(&["token", "issue"]).token();
@@ -698,7 +705,7 @@ async fn nobody_grants_more_than_they_hold() {
         .iter()
         .find(|e| e["action"] == "user.add" && e["target"] == "user:ed@acme.io");
     assert_eq!(added.expect("ed's addition")["details"]["id"], ed_subject.as_str());
-    assert!(out.contains("revoked 2 token(s)"), "{out}");
+    assert!(out.contains("revoked 3 token(s)"), "the one he was added with, the execute one, ed_pat: {out}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &ed_pat).await, 401);
     assert_eq!(
         status(&w, reqwest::Method::POST, "/shop", &etl).await,
@@ -1536,4 +1543,34 @@ async fn bodyless_calls_self_refusals_and_a_service_listing_itself() {
     assert_eq!(minted.status(), 400);
     let minted: serde_json::Value = minted.json().await.unwrap();
     assert!(minted["error_description"].as_str().unwrap().contains("no `jwt` section"), "{minted}");
+}
+
+/// What the CLI's `--attributes` would change unnoticed (a key given twice, a number too large to
+/// keep exactly) is refused there, as the admin API refuses it; a 64-bit id is kept exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_are_kept_as_sent_or_refused() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let twice = r#"{"t":"gold","t":"free"}"#;
+    let err =
+        admin.run(&["service", "create", "twice", "--org-role", "viewer", "--attributes", twice]).failed();
+    assert!(err.contains("given twice"), "{err}");
+    let big = r#"{"customer_id":123456789012345678901}"#;
+    let err = admin.run(&["user", "add", "n@acme.io", "--org-role", "viewer", "--attributes", big]).failed();
+    assert!(err.contains("too large to be kept exactly"), "{err}");
+    let listed = admin.run(&["service", "list"]).ok();
+    assert!(!listed.contains("twice"), "nothing was made: {listed}");
+    let api = format!("{}/v1/orgs/acme/services", w.gateway.admin_url());
+    let body = r#"{"name":"big","org_role":"viewer","attributes":{"customer_id":123456789012345678903}}"#;
+    let resp = w.http.post(api).bearer_auth(&admin.token).header("content-type", "application/json");
+    let resp = resp.body(body).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    assert!(json["error_description"].as_str().unwrap().contains("too large"), "{json}");
+
+    let exact = r#"{"customer_id":12345678901234567890}"#;
+    let token =
+        admin.run(&["service", "create", "exact", "--org-role", "viewer", "--attributes", exact]).token();
+    let echo = echoed(w.get(&w.gateway, "/shop", &token).await).await;
+    assert_eq!(echo["headers"]["x-auth-attributes"][0], exact, "{echo}");
 }

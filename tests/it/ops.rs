@@ -496,6 +496,15 @@ async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() 
     assert!(log.contains("tollgate::access"), "one access line per request: {log}");
     assert!(log.contains(&token[..10]), "the access line names the token id");
     assert!(log.contains("proxying failed") && log.contains("/dead/x"), "the failure's own line: {log}");
+    // A token sent as the Host (to a route for any host) is cut to its id in that line too.
+    let resp = w.http.get(w.gateway.url("/dead/y")).header("host", &token).bearer_auth(&token);
+    let resp = resp.send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let cut = eventually(Duration::from_secs(5), || async {
+        let log = w.gateway.log_text();
+        log.lines().any(|l| l.contains("proxying failed") && l.contains(&format!("Host: {}", &token[..10])))
+    });
+    assert!(cut.await, "{}", w.gateway.log_text());
     // A refused token's access line names its id too (who still uses a revoked token).
     w.store.revoke_token(&tollgate::token::parse(&token).unwrap().id, None, None).await.unwrap();
     let refused = eventually(Duration::from_secs(5), || async {
@@ -508,6 +517,22 @@ async fn no_log_line_holds_a_token_not_even_from_the_query_or_pingoras_errors() 
         })
     });
     assert!(named.await, "{}", w.gateway.log_text());
+    // A token sent as the method (`curl -X "$TOKEN"`) is logged by its id, on both listeners.
+    let as_method = reqwest::Method::from_bytes(token.as_bytes()).unwrap();
+    let proxied = w.http.request(as_method.clone(), w.gateway.url("/shop")).send().await.unwrap();
+    assert!(proxied.status().is_client_error(), "{proxied:?}");
+    let admin = format!("{}/v1/whoami", w.gateway.admin_url());
+    let admin = w.http.request(as_method, admin).send().await.unwrap();
+    assert!(admin.status().is_client_error(), "{admin:?}");
+    let by_id = format!("method={}", &token[..10]);
+    let both = eventually(Duration::from_secs(5), || async {
+        let log = w.gateway.log_text();
+        ["tollgate::access", "tollgate::admin_access"]
+            .iter()
+            .all(|target| log.lines().any(|l| l.contains(target) && l.contains(&by_id)))
+    });
+    assert!(both.await, "{}", w.gateway.log_text());
+    assert!(!w.gateway.log_text().contains(&token), "never the token");
     // World's drop scans the whole log for every issued token.
 }
 
