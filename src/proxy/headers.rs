@@ -135,7 +135,9 @@ fn xff_value<'a>(
 }
 
 /// Under `append`, a `Forwarded` list the client sent ends with the gateway's node too, as
-/// `X-Forwarded-For` does: an upstream that reads it (Rack, Spring) trusts its last entry.
+/// `X-Forwarded-For` does: an upstream that reads it (Rack, Spring) trusts its last entry. A line
+/// of it that ends inside a quoted string (`for="1.2.3.4`) is dropped: the node appended after it
+/// would be read as part of the client's quoted text, and the address the gateway vouches for lost.
 fn forwarded_node(
     mode: crate::config::ForwardedFor,
     req: &mut dyn Upstream,
@@ -144,8 +146,13 @@ fn forwarded_node(
     use crate::config::ForwardedFor;
     let Some(client) = client else { return Ok(()) };
     if mode == ForwardedFor::Append && req.headers().contains_key(http::header::FORWARDED) {
-        let sent: Vec<&str> =
-            req.headers().get_all(http::header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+        let sent: Vec<&str> = req
+            .headers()
+            .get_all(http::header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter(|v| quotes_closed(v))
+            .collect();
         let node = match client {
             std::net::IpAddr::V4(v4) => format!("for={v4}"),
             std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
@@ -154,6 +161,21 @@ fn forwarded_node(
         req.insert(&http::header::FORWARDED, &list)?;
     }
     Ok(())
+}
+
+/// Whether every quoted string in `value` ends (RFC 9110's quoted-string: `\` escapes the next
+/// character inside one).
+fn quotes_closed(value: &str) -> bool {
+    let (mut quoted, mut escaped) = (false, false);
+    for b in value.bytes() {
+        match (quoted, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (_, _, b'"') => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

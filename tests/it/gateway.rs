@@ -1343,6 +1343,17 @@ async fn the_upstream_finds_the_clients_address_at_the_end_of_x_forwarded_for() 
             "{path}: append keeps it"
         );
     }
+    // A `Forwarded` line ending inside a quoted string would swallow the node appended after it:
+    // it is dropped, and the gateway's node stands alone.
+    for unclosed in [r#"for="1.2.3.4"#, r##"for="1.2.3.4\""##] {
+        let resp = w.http.get(g.url("/public/a")).header("Forwarded", unclosed).send().await.unwrap();
+        let echo = echoed(resp).await;
+        assert_eq!(echo["headers"]["forwarded"], serde_json::json!(["for=127.0.0.1"]), "{unclosed}: {echo}");
+    }
+    let resp = w.http.get(g.url("/public/a")).header("Forwarded", r#"for="[2001:db8::1]";proto=http"#);
+    let echo = echoed(resp.send().await.unwrap()).await;
+    let kept = r#"for="[2001:db8::1]";proto=http, for=127.0.0.1"#;
+    assert_eq!(echo["headers"]["forwarded"], serde_json::json!([kept]), "{echo}");
 
     // At the edge, what the client sends is dropped.
     let port = free_port();
