@@ -253,9 +253,24 @@ impl Route {
         }
         let bare = prefix.strip_suffix(b"/").unwrap_or(prefix);
         let Some((head, rest)) = path.as_bytes().split_at_checked(bare.len()) else { return false };
-        let same = if fold_case { head.eq_ignore_ascii_case(bare) } else { head == bare };
+        let same = if fold_case { head.eq_ignore_ascii_case(bare) } else { same_escaped(head, bare) };
         same && matches!(rest.first(), None | Some(b'/' | b'?'))
     }
+}
+
+/// Whether two paths are the same, a percent-escape's hex digits in either case (RFC 3986,
+/// section 6.2.2.1: `%c3%a9` is `%C3%A9`; Pingora writes a raw byte it re-encodes in lower case,
+/// while a route's path holds what its author wrote).
+fn same_escaped(a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    let in_escape = |p: &[u8], i: usize| (i >= 1 && p[i - 1] == b'%') || (i >= 2 && p[i - 2] == b'%');
+    a.len() == b.len()
+        && a.iter().zip(b).enumerate().all(|(i, (x, y))| {
+            x == y
+                || (x.eq_ignore_ascii_case(y) && x.is_ascii_hexdigit() && in_escape(a, i) && in_escape(b, i))
+        })
 }
 
 /// Routes grouped by host, each group ordered longest prefix first.
@@ -808,6 +823,19 @@ mod tests {
         check("API.example.com.:443", "api.example.com");
         check("example.com.", "example.com");
         check("example.com:", "example.com");
+    }
+
+    #[test]
+    fn a_percent_escape_matches_in_either_case() {
+        // Pingora re-encodes a raw byte of a target in lower-case hex; a route's path holds what
+        // its author wrote, as browsers send it.
+        let table = RouteTable::new(vec![route("cafe", None, "/pub/caf%C3%A9"), route("pub", None, "/pub")]);
+        for path in ["/pub/caf%C3%A9/x", "/pub/caf%c3%a9/x", "/pub/caf%C3%a9"] {
+            assert_eq!(table.route(None, path).unwrap().unwrap().name, "cafe", "{path}");
+        }
+        // Only the hex digits of an escape: a letter elsewhere still counts its case (and an
+        // upstream that ignores it would read cafe's route: refused).
+        assert!(table.route(None, "/pub/CAF%C3%A9").is_err());
     }
 
     #[test]
