@@ -235,7 +235,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 /// Prints rows under headers, columns padded to their widest cell, control characters escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     for line in table_lines(headers, rows) {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 

@@ -1,6 +1,14 @@
 //! The `tollgate` command line. `serve`, `check-config` and `bootstrap` work on a config file; every
 //! other command is a client of the admin API (`--server`, `--token`, `--json`).
 
+/// A line of a command's answer, kept until [`flush_out`] writes the whole answer at once (see
+/// there): every answer of the CLI is printed with it, none with `println!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::out_line(format_args!($($arg)*))
+    };
+}
+
 mod client;
 mod quickstart;
 
@@ -26,6 +34,46 @@ use crate::store::Attributes;
 use crate::{lifecycle, server, store};
 use client::{segment, table, Client};
 
+thread_local! {
+    /// The answer being made: [`outln!`] appends to it, [`flush_out`] writes it.
+    static OUT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Appends a line to the answer being made (see [`outln!`]).
+pub(crate) fn out_line(args: std::fmt::Arguments) {
+    OUT.with(|out| {
+        use std::fmt::Write as _;
+        let mut out = out.borrow_mut();
+        let _ = out.write_fmt(args);
+        out.push('\n');
+    });
+}
+
+/// Writes the answer made so far to stdout, and says so when it cannot be (a full disk, a reader
+/// gone from a pipe where `SIGPIPE` does not end the command): `println!` would panic there, and
+/// a new token's only copy be lost with a backtrace. (A stdout closed before the command started
+/// is `/dev/null` to a Rust program, which opens that in its place: the answer goes nowhere, as
+/// with `> /dev/null`.)
+pub(crate) fn flush_out() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let text = OUT.with(|out| std::mem::take(&mut *out.borrow_mut()));
+    if text.is_empty() {
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the answer to stdout")
+}
+
+/// What is said when a new token's answer could not be written: it was made, and works.
+fn secret_lost(id: &str) -> String {
+    format!(
+        "token {id} was made but its secret could not be shown: revoke it (tollgate token revoke {id}) and make another"
+    )
+}
+
 /// Tollgate: an authentication gateway.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about)]
@@ -46,7 +94,8 @@ pub struct Cli {
 impl Cli {
     /// Whether printing into a closed pipe may simply end the command (default SIGPIPE): not for
     /// the servers, nor for `bootstrap`, which talks to the store itself (a Unix-socket Redis
-    /// that drops the connection would otherwise kill it without a word).
+    /// that drops the connection would otherwise kill it without a word), nor for a command that
+    /// makes a secret: killed, it would not say which token was made and lost.
     pub fn may_die_of_sigpipe(&self) -> bool {
         !matches!(
             self.command,
@@ -54,6 +103,10 @@ impl Cli {
                 | Command::Quickstart { .. }
                 | Command::Echo { .. }
                 | Command::Bootstrap { .. }
+                | Command::Token(TokenCmd::Issue { .. } | TokenCmd::Rotate { .. })
+                | Command::User(UserCmd::Add { issue_token: true, .. })
+                | Command::Service(ServiceCmd::Create { .. })
+                | Command::Credentials(_)
         )
     }
 }
@@ -179,16 +232,23 @@ fn ask_name_and_lifetime(
         Ok((!answer.is_empty()).then(|| answer.to_string()))
     };
     let name = ask("Display name (empty for none): ")?;
-    let lifetime = match ask(
-        "Expires in minutes, or at an RFC 3339 time (empty: never, or the most the config allows): ",
-    )? {
-        None => LifetimeArgs { ttl_minutes: None, expires: None },
-        Some(answer) => match answer.parse::<i64>() {
-            Ok(minutes) => LifetimeArgs { ttl_minutes: Some(minutes), expires: None },
-            Err(_) => LifetimeArgs { ttl_minutes: None, expires: Some(answer) },
-        },
-    };
+    let lifetime = ask_lifetime(input, "")?.unwrap_or(LifetimeArgs { ttl_minutes: None, expires: None });
     Ok((name, lifetime))
+}
+
+/// Asks on stderr for a lifetime, after `first` (a number of minutes or an RFC 3339 time);
+/// `None` for an empty answer or the end of input.
+fn ask_lifetime(input: &mut impl std::io::BufRead, first: &str) -> anyhow::Result<Option<LifetimeArgs>> {
+    eprint!(
+        "{first}Expires in minutes, or at an RFC 3339 time (empty: never, or the most the config allows): "
+    );
+    let mut line = String::new();
+    input.read_line(&mut line).context("reading the answer")?;
+    let answer = line.trim();
+    Ok((!answer.is_empty()).then(|| match answer.parse::<i64>() {
+        Ok(minutes) => LifetimeArgs { ttl_minutes: Some(minutes), expires: None },
+        Err(_) => LifetimeArgs { ttl_minutes: None, expires: Some(answer.to_string()) },
+    }))
 }
 
 #[derive(Debug, Subcommand)]
@@ -643,6 +703,13 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> any
 
 /// Runs the command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // What a command printed before it failed (`check-config --json`'s errors) is written too.
+    let done = run_command(cli);
+    let written = flush_out();
+    done.and(written)
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
             server::catch_early_signals();
@@ -683,24 +750,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             write_private(&out, pem.as_bytes())?;
             if cli.json {
                 let wrote = serde_json::json!({ "algorithm": name, "key_file": out.to_string_lossy() });
-                println!("{}", serde_json::to_string_pretty(&wrote)?);
+                outln!("{}", serde_json::to_string_pretty(&wrote)?);
                 return Ok(());
             }
-            println!("Wrote a new {name} private key to {}.", out.display());
-            println!("Add it under `jwt.keys` with a kid of your own (make that kid `jwt.signing_key` to sign with it):");
+            outln!("Wrote a new {name} private key to {}.", out.display());
+            outln!("Add it under `jwt.keys` with a kid of your own (make that kid `jwt.signing_key` to sign with it):");
             // A JSON string is a YAML double-quoted one.
             let file = serde_json::Value::from(out.to_string_lossy());
-            println!("  - {{ kid: NEW-KID, algorithm: {name}, key_file: {file} }}");
+            outln!("  - {{ kid: NEW-KID, algorithm: {name}, key_file: {file} }}");
             Ok(())
         }
         Command::CheckConfig { config: path } => match (Config::load(&path), cli.json) {
             (Ok(config), false) => {
-                println!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
+                outln!("{}: ok ({} routes)", path.display(), config.routes.iter().count());
                 Ok(())
             }
             (Ok(config), true) => {
                 let ok = serde_json::json!({ "ok": true, "routes": config.routes.iter().count() });
-                println!("{}", serde_json::to_string_pretty(&ok)?);
+                outln!("{}", serde_json::to_string_pretty(&ok)?);
                 Ok(())
             }
             (Err(e), false) => Err(invalid(&path, &e)),
@@ -712,7 +779,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|i| serde_json::json!({ "path": i.path, "message": i.message }))
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({ "ok": false, "errors": errors }))?
                 );
@@ -738,15 +805,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let (user, token, expires_at) = made.with_context(|| format!("bootstrapping org {org:?}"))?;
                 let expires_at = expires_at.map(crate::store::format_millis);
+                let id = token.token[..crate::token::ID_LEN].to_string();
                 if cli.json {
                     // As `user add --issue-token` answers.
                     let added = AddedUser::new(UserView::from(user), Some((token.token, expires_at)));
-                    println!("{}", serde_json::to_string_pretty(&added)?);
-                    return Ok(());
+                    outln!("{}", serde_json::to_string_pretty(&added)?);
+                } else {
+                    outln!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
+                    print_first_token(&token.token, expires_at.as_deref(), "Store it now");
                 }
-                println!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
-                print_first_token(&token.token, expires_at.as_deref(), "Store it now");
-                Ok(())
+                flush_out().with_context(|| secret_lost(&id))
             })
         }
         command => {
@@ -800,14 +868,14 @@ impl Api {
         }
     }
 
-    /// Prints JSON with `--json`, else runs `human`.
+    /// Prints JSON with `--json`, else what `human` makes of it (with [`outln!`]).
     fn show<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            outln!("{}", serde_json::to_string_pretty(value)?);
         } else {
             human(value);
         }
-        Ok(())
+        flush_out()
     }
 
     async fn run(&self, command: Command) -> anyhow::Result<()> {
@@ -837,37 +905,41 @@ impl Api {
                 let path = format!("/v1/orgs/{}/projects/{}/credentials", segment(&org), segment(&project));
                 let issued: IssuedCredential = self.send(Method::POST, &path, &req).await?;
                 self.show(&issued, |c| {
-                    println!(
+                    outln!(
                         "Issued an ephemeral credential for {:?} on {}/{}, expiring {} (in {} s).",
-                        c.subject, c.org, c.project, c.expires_at, c.expires_in
+                        c.subject,
+                        c.org,
+                        c.project,
+                        c.expires_at,
+                        c.expires_in
                     );
-                    println!("Credential id: {}", c.id);
+                    outln!("Credential id: {}", c.id);
                     if let Some(permissions) = &c.permissions {
-                        println!("Permissions:   {}", permissions.join(", "));
+                        outln!("Permissions:   {}", permissions.join(", "));
                     }
                     if let Some(environments) = &c.environments {
-                        println!("Environments:  {}", environments.join(", "));
+                        outln!("Environments:  {}", environments.join(", "));
                     }
-                    println!("Access token: {}", c.token);
+                    outln!("Access token: {}", c.token);
                 })
             }
             Command::Whoami => {
                 let me: WhoAmI = self.get("/v1/whoami").await?;
                 self.show(&me, |me| {
-                    println!("Subject:       {}", me.subject);
-                    println!("Org:           {} (role {})", me.org, me.org_role);
+                    outln!("Subject:       {}", me.subject);
+                    outln!("Org:           {} (role {})", me.org, me.org_role);
                     match &me.project_roles {
-                        Some(roles) => println!("Project roles: {}", roles_text(roles)),
-                        None => println!("Project roles: (not told by this gateway, an older version)"),
+                        Some(roles) => outln!("Project roles: {}", roles_text(roles)),
+                        None => outln!("Project roles: (not told by this gateway, an older version)"),
                     }
                     if let Some(id) = &me.token_id {
-                        println!("Token:         {id}");
+                        outln!("Token:         {id}");
                     }
                     if let Some(scope) = &me.scope {
-                        println!("Scope:         {}", scope.join(", "));
+                        outln!("Scope:         {}", scope.join(", "));
                     }
                     if let Some(envs) = &me.environments {
-                        println!("Environments:  {}", envs.join(", "));
+                        outln!("Environments:  {}", envs.join(", "));
                     }
                 })
             }
@@ -918,14 +990,15 @@ impl Api {
         match cmd {
             TokenCmd::Issue { name, display_name, service, user, mut lifetime, narrowing } => {
                 let mut display_name = display_name.or(name);
-                if display_name.is_none() && lifetime.is_unset() && !self.json && at_a_terminal() {
+                let asking = display_name.is_none() && lifetime.is_unset() && !self.json && at_a_terminal();
+                if asking {
                     // Not asked only to be told there is nothing to call with.
                     self.client.token()?;
                     (display_name, lifetime) = ask_name_and_lifetime(&mut std::io::stdin().lock())?;
                 }
                 let (scope, permissions, environments) = narrowing.into_parts();
                 let LifetimeArgs { ttl_minutes, expires } = lifetime;
-                let req = IssueRequest {
+                let mut req = IssueRequest {
                     display_name,
                     ttl_minutes,
                     expires,
@@ -935,8 +1008,22 @@ impl Api {
                     service,
                     user,
                 };
-                let issued: IssuedToken = self.send(Method::POST, "/v1/tokens", &req).await?;
-                self.show(&issued, print_issued)
+                let mut sent = self.send(Method::POST, "/v1/tokens", &req).await;
+                // Left empty where the gateway requires an expiry (which the prompt cannot know):
+                // asked again, as the prompt offered the empty answer.
+                while asking
+                    && req.ttl_minutes.is_none()
+                    && req.expires.is_none()
+                    && sent.as_ref().is_err_and(|e| e.to_string().contains("requires an expiry"))
+                {
+                    let asked =
+                        ask_lifetime(&mut std::io::stdin().lock(), "This gateway requires an expiry: ")?;
+                    let Some(LifetimeArgs { ttl_minutes, expires }) = asked else { break };
+                    (req.ttl_minutes, req.expires) = (ttl_minutes, expires);
+                    sent = self.send(Method::POST, "/v1/tokens", &req).await;
+                }
+                let issued: IssuedToken = sent?;
+                self.show(&issued, print_issued).with_context(|| secret_lost(&issued.details.id))
             }
             TokenCmd::List { all, owner } => {
                 let mut path = format!("/v1/tokens?all={all}");
@@ -988,7 +1075,7 @@ impl Api {
                     None => ("/v1/tokens/revoke".to_string(), RevokeRequest { display_name, reason }),
                 };
                 let t: TokenView = self.send(Method::POST, &path, &req).await?;
-                self.show(&t, |t| println!("Revoked token {}.", t.id))
+                self.show(&t, |t| outln!("Revoked token {}.", t.id))
             }
             TokenCmd::Rotate { id, narrowing, expires, ttl_minutes, grace_seconds } => {
                 let id = token_id(&id)?;
@@ -1006,15 +1093,16 @@ impl Api {
                 self.show(&issued, |t| {
                     match (grace_seconds.filter(|g| *g > 0), old.as_ref().and_then(works_until)) {
                         (Some(_), Some(until)) => {
-                            println!("Rotated {id}; the old token keeps working until {until}.")
+                            outln!("Rotated {id}; the old token keeps working until {until}.")
                         }
                         (Some(g), None) => {
-                            println!("Rotated {id}; the old token keeps working for {g} seconds.")
+                            outln!("Rotated {id}; the old token keeps working for {g} seconds.")
                         }
-                        (None, _) => println!("Rotated {id}; the old token is revoked."),
+                        (None, _) => outln!("Rotated {id}; the old token is revoked."),
                     }
                     print_issued(t);
                 })
+                .with_context(|| secret_lost(&issued.details.id))
             }
         }
     }
@@ -1036,14 +1124,16 @@ impl Api {
                 let org = self.org(org).await?;
                 let added: AddedUser =
                     self.send(Method::POST, &format!("/v1/orgs/{}/users", segment(&org)), &body).await?;
+                let made = added.token_id.clone();
                 self.show(&added, |a| {
                     let u = &a.user;
-                    println!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role);
+                    outln!("Added user {:?} ({}) to org {:?} as {}.", u.email, u.id, u.org, u.org_role);
                     if let Some(token) = &a.token {
                         let expires_at = a.token_expires_at.as_ref().and_then(Option::as_deref);
                         print_first_token(token, expires_at, "Hand it over now");
                     }
                 })
+                .with_context(|| made.as_deref().map(secret_lost).unwrap_or_default())
             }
             UserCmd::List { org } => {
                 let org = self.org(org).await?;
@@ -1080,19 +1170,19 @@ impl Api {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/users/{}/suspend", segment(&org), segment(&email));
                 let u: UserView = self.send(Method::POST, &path, &Reason { reason }).await?;
-                self.show(&u, |u| println!("Suspended {}: all their tokens are refused.", u.email))
+                self.show(&u, |u| outln!("Suspended {}: all their tokens are refused.", u.email))
             }
             UserCmd::Reactivate { email, org, reason } => {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/users/{}/reactivate", segment(&org), segment(&email));
                 let u: UserView = self.send(Method::POST, &path, &Reason { reason }).await?;
-                self.show(&u, |u| println!("Reactivated {}.", u.email))
+                self.show(&u, |u| outln!("Reactivated {}.", u.email))
             }
             UserCmd::Remove { email, org, reason } => {
                 let org = self.org(org).await?;
                 let path = format!("/v1/orgs/{}/users/{}", segment(&org), segment(&email));
                 let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
-                self.show(&v, |v| println!("Removed {email}; revoked {} token(s).", v["revoked_tokens"]))
+                self.show(&v, |v| outln!("Removed {email}; revoked {} token(s).", v["revoked_tokens"]))
             }
         }
     }
@@ -1113,9 +1203,10 @@ impl Api {
                 let created: CreatedService =
                     self.send(Method::POST, &format!("/v1/orgs/{}/services", segment(&org)), &body).await?;
                 self.show(&created, |c| {
-                    println!("Created service {:?} in org {:?}.", c.service.name, c.service.org);
+                    outln!("Created service {:?} in org {:?}.", c.service.name, c.service.org);
                     print_first_token(&c.token, c.token_expires_at.as_deref(), "Store it now");
                 })
+                .with_context(|| secret_lost(&created.token_id))
             }
             ServiceCmd::List { org } => {
                 let org = self.org(org).await?;
@@ -1160,11 +1251,11 @@ impl Api {
                 let path = format!("/v1/orgs/{}/services/{}", segment(&org), segment(&name));
                 let v: serde_json::Value = self.send(Method::DELETE, &path, &Reason { reason }).await?;
                 self.show(&v, |v| match v["revoked_tokens"].as_u64() {
-                    Some(n) => println!(
+                    Some(n) => outln!(
                         "Deleted service {name:?} from org {org:?}; revoked {n} token(s), and every credential they minted is refused."
                     ),
                     // A gateway older than this CLI does not count them.
-                    None => println!("Deleted service {name:?} from org {org:?}; its tokens are refused."),
+                    None => outln!("Deleted service {name:?} from org {org:?}; its tokens are refused."),
                 })
             }
         }
@@ -1229,29 +1320,29 @@ pub(crate) fn print_kept_token(token: &str, json: bool) {
             "token": token,
             "kept": "the change may have been made: if it was, this is the new token, shown once"
         });
-        println!("{kept}");
+        outln!("{kept}");
         return;
     }
-    println!("Access token: {}", client::printable(token));
-    println!("Keep it: the change may have been made (see below), and then this is the new token; it will not be shown again.");
+    outln!("Access token: {}", client::printable(token));
+    outln!("Keep it: the change may have been made (see below), and then this is the new token; it will not be shown again.");
 }
 
 /// A first token made with a user or a service: it, and when it expires (`tokens.max_ttl` may
 /// have given it an expiry no one asked for).
 fn print_first_token(token: &str, expires_at: Option<&str>, keep: &str) {
-    println!("Access token: {token}");
-    println!("Expires:      {}", expires_at.unwrap_or("never"));
-    println!("{keep}: it will not be shown again.");
+    outln!("Access token: {token}");
+    outln!("Expires:      {}", expires_at.unwrap_or("never"));
+    outln!("{keep}: it will not be shown again.");
 }
 
 fn print_issued(t: &IssuedToken) {
-    println!("Token issued: {}", t.details.id);
+    outln!("Token issued: {}", t.details.id);
     if let Some(name) = &t.details.display_name {
-        println!("Display name: {}", client::printable(name));
+        outln!("Display name: {}", client::printable(name));
     }
-    println!("Expires:      {}", t.details.expires_at.as_deref().unwrap_or("never"));
-    println!("Access token: {}", t.token);
-    println!("Store it now: it will not be shown again.");
+    outln!("Expires:      {}", t.details.expires_at.as_deref().unwrap_or("never"));
+    outln!("Access token: {}", t.token);
+    outln!("Store it now: it will not be shown again.");
 }
 
 fn print_token(t: &TokenView) {
@@ -1287,13 +1378,13 @@ fn print_token(t: &TokenView) {
         ("Rotated to", or_dash(&t.rotated_to)),
     ];
     for (k, v) in rows {
-        println!("{:<14}{}", format!("{k}:"), client::printable(&v));
+        outln!("{:<14}{}", format!("{k}:"), client::printable(&v));
     }
 }
 
 /// One `Label:   value` line of a record, the value shown with control characters escaped.
 fn field(label: &str, value: impl std::fmt::Display) {
-    println!("{label:<15}{}", client::printable(&value.to_string()));
+    outln!("{label:<15}{}", client::printable(&value.to_string()));
 }
 
 fn print_user(u: &UserView) {

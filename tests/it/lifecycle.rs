@@ -94,6 +94,18 @@ async fn token_issue_alone_at_a_terminal_asks_for_a_name_and_a_lifetime() {
         assert!(out.ok, "{out:?}");
         assert!(!out.stdout.contains("Display name (") && !out.stderr.contains("Display name ("), "{out:?}");
     }
+
+    // Where the gateway requires an expiry and sets no maximum, the empty answer the prompt
+    // offers is asked again, not refused.
+    w.gateway.reload(|c| c.replace("tokens: { max_ttl: 30d }", "tokens: { require_expiry: true }")).await;
+    let asked = admin.run_at_terminal(&["token", "issue"], "required\n\n60\n");
+    assert!(asked.ok && asked.stdout.contains("This gateway requires an expiry"), "{asked:?}");
+    let got = admin.json(&["token", "get", &asked.token()[..10]]);
+    assert_eq!(got["display_name"], "required", "{got}");
+    assert!(got["expires_at"].is_string(), "{got}");
+    // Left empty again: the refusal, as before.
+    let refused = admin.run_at_terminal(&["token", "issue"], "required\n\n\n");
+    assert!(!refused.ok && refused.stdout.contains("requires an expiry"), "{refused:?}");
 }
 
 /// The admin API over plain HTTP is on the machine's loopback: an `http_proxy` set in the
@@ -1573,4 +1585,25 @@ async fn attributes_are_kept_as_sent_or_refused() {
         admin.run(&["service", "create", "exact", "--org-role", "viewer", "--attributes", exact]).token();
     let echo = echoed(w.get(&w.gateway, "/shop", &token).await).await;
     assert_eq!(echo["headers"]["x-auth-attributes"][0], exact, "{echo}");
+}
+
+/// A new secret the CLI cannot write out is not lost without a word: a full disk under stdout
+/// gets a failure naming the token made (to revoke), and no panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_cannot_be_shown_is_named_for_revoking() {
+    let mut w = World::start().await;
+    let admin = admin(&mut w, "acme").await;
+    let full = |c: &mut std::process::Command| {
+        c.stdout(std::fs::File::create("/dev/full").unwrap());
+    };
+    let out = admin.run_with(&["token", "issue", "--display-name", "to-a-full-disk"], full);
+    assert!(!out.ok && !out.stderr.contains("panicked"), "{out:?}");
+    assert!(out.stderr.contains("was made but its secret could not be shown"), "{out:?}");
+    let listed = admin.json(&["token", "list"]);
+    let made = listed.as_array().unwrap().iter().find(|t| t["display_name"] == "to-a-full-disk");
+    let id = made.expect("the token was made")["id"].as_str().unwrap().to_string();
+    assert!(out.stderr.contains(&format!("tollgate token revoke {id}")), "{out:?}");
+    // A listing into a full disk fails with a reason, no panic either.
+    let out = admin.run_with(&["token", "list"], full);
+    assert!(!out.ok && out.stderr.contains("cannot write the answer to stdout"), "{out:?}");
 }
