@@ -783,7 +783,12 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({ "ok": false, "errors": errors }))?
                 );
-                Err(anyhow!("invalid config {} ({} problems)", path.display(), e.issues.len()))
+                let n = e.issues.len();
+                Err(anyhow!(
+                    "invalid config {} ({n} problem{})",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                ))
             }
         },
         Command::Bootstrap { config, org, email } => {

@@ -146,6 +146,11 @@ routes:
     assert_eq!(answer["ok"], false, "{answer}");
     let errors = answer["errors"].as_array().expect("errors");
     assert_eq!(errors.len(), 3, "{answer}");
+    let one = dir.path().join("one.yaml");
+    std::fs::write(&one, "cache: { colour: blue }\n").unwrap();
+    let out = Command::new(tollgate_bin()).args(["check-config", "--json", "--config"]).arg(&one).output();
+    let out = out.unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(1 problem)"), "{out:?}");
     let colour = errors.iter().find(|e| e["path"] == "cache.colour").expect("cache.colour");
     assert!(colour["message"].as_str().unwrap().contains("unknown field"), "{answer}");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.yaml");
