@@ -248,25 +248,33 @@ async fn fail_over(
     (new, dir)
 }
 
-/// A failover that moves the store's address to the new primary while the old one, now a
-/// replica, keeps its clients: the gateway's connection there refuses every change (READONLY),
-/// so the gateway connects again, and a revocation lands on the new primary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_after_a_failover_reaches_the_new_primary() {
+/// A gateway behind a moving address and a second instance on it, which makes no change itself,
+/// both caching a token of `admin`'s: the world, where the address points, the second instance,
+/// the admin and the token.
+async fn two_instances_caching_a_token(
+) -> (World, std::sync::Arc<std::sync::atomic::AtomicU16>, Gateway, Cli, String) {
     let (w, target) = behind_a_moving_address().await;
-    // A second instance on the same address, which makes no change itself.
     let second = another_instance(&w);
     let admin = w.bootstrap_admin("acme").await;
     let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
     for g in [&w.gateway, &second] {
         assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
     }
+    (w, target, second, admin, token)
+}
+
+/// A failover that moves the store's address to the new primary while the old one, now a
+/// replica, keeps its clients: the gateway's connection there refuses every change (READONLY),
+/// so the gateway connects again, and a revocation lands on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_a_failover_reaches_the_new_primary() {
+    let (w, target, second, admin, token) = two_instances_caching_a_token().await;
 
     let (new, _dir) = fail_over(&w, &target).await;
     admin.run(&["token", "revoke", &token[..10], "--reason", "after the failover"]).ok();
     assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
-    // The other instance's subscription stays on the old primary, now a replica of the new one:
-    // Redis replicates what is published, so the revocation reaches that instance too.
+    // The other instance hears it: from the new primary once its feed finds the old one a
+    // replica, or, until then, from the old one, which replicates what the new one publishes.
     let refused = eventually(Duration::from_secs(5), || async {
         w.get(&second, "/shop", &token).await.status() == 401
     });
@@ -309,13 +317,7 @@ async fn a_reload_after_the_cpus_changed_warns_of_no_restart() {
 /// that its server is no longer a primary and subscribes anew, where the address now points.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_left_on_a_demoted_primary_is_made_anew_at_the_new_one() {
-    let (w, target) = behind_a_moving_address().await;
-    let second = another_instance(&w);
-    let admin = w.bootstrap_admin("acme").await;
-    let token = admin.run(&["token", "issue", "--display-name", "before"]).token();
-    for g in [&w.gateway, &second] {
-        assert_eq!(w.get(g, "/shop", &token).await.status(), 200, "cached on both");
-    }
+    let (w, target, second, admin, token) = two_instances_caching_a_token().await;
 
     let (_new, _dir) = fail_over(&w, &target).await;
     // The old primary follows a server that is not there: a replica that hears nothing new.
