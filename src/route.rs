@@ -473,7 +473,8 @@ fn could_shadow(earlier: &str, prefix: &str) -> bool {
 /// Otherwise the path as upstreams that normalize read it: a run of `/` counts as one, a
 /// segment's parameters (`;x`, which Tomcat and Jetty drop) are left out, and percent-encoded
 /// characters that a route may hold as they are (`%61` for `a`, `%3A` for `:`; see
-/// [`decoded_in_routing`]) are decoded (borrowed when that changes nothing). Other
+/// [`decoded_in_routing`]) are decoded, and bytes that are no ASCII (a raw UTF-8 target)
+/// encoded (borrowed when that changes nothing). Other
 /// upstreams read the path as sent, so the gateway routes a request only when both readings pick
 /// the same route: `/api//admin`, `/api;x/admin` and `/api/%61dmin` are refused beside an
 /// `/api/admin` route, not routed as `/api`.
@@ -500,6 +501,7 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
                 _ => {}
             },
             b';' => plain = false,
+            0x80.. => plain = false,
             _ => {}
         }
     }
@@ -522,7 +524,7 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
         let mut rest = core;
         while let Some(at) = rest.find('%') {
             let decoded = rest.as_bytes().get(at + 1..at + 3).and_then(|h| decoded_in_routing(h[0], h[1]));
-            routed.push_str(&rest[..at]);
+            push_encoded(&mut routed, &rest[..at]);
             match decoded {
                 Some(c) => {
                     routed.push(c);
@@ -534,9 +536,25 @@ pub fn route_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
                 }
             }
         }
-        routed.push_str(rest);
+        push_encoded(&mut routed, rest);
     }
     Ok(Cow::Owned(routed))
+}
+
+/// Appends `text` with each byte that is no ASCII percent-encoded (upper-case hex), as a route's
+/// path holds it: Pingora hands a raw UTF-8 target on as sent, and upstreams (Go, Spring) read
+/// `/café` as `/caf%C3%A9`.
+fn push_encoded(routed: &mut String, text: &str) {
+    if text.is_ascii() {
+        routed.push_str(text);
+        return;
+    }
+    for b in text.bytes() {
+        match b {
+            0x80.. => routed.push_str(&format!("%{b:02X}")),
+            _ => routed.push(char::from(b)),
+        }
+    }
 }
 
 const DOT_SEGMENT: &str = "the path has a dot-segment (./ or ../)";
@@ -833,6 +851,9 @@ mod tests {
         for path in ["/pub/caf%C3%A9/x", "/pub/caf%c3%a9/x", "/pub/caf%C3%a9"] {
             assert_eq!(table.route(None, path).unwrap().unwrap().name, "cafe", "{path}");
         }
+        // Sent raw, as UTF-8 (Pingora hands such a target on as it came): read as its encoding,
+        // as upstreams read it, so it cannot pass as `/pub`'s.
+        assert!(table.route(None, "/pub/café/x").is_err());
         // Only the hex digits of an escape: a letter elsewhere still counts its case (and an
         // upstream that ignores it would read cafe's route: refused).
         assert!(table.route(None, "/pub/CAF%C3%A9").is_err());

@@ -71,12 +71,50 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalB
 }
 
 /// Whether a JSON text is one the admin API keeps as sent: no object names a key twice, at any
-/// depth, and no number is an integer beyond what a double holds exactly (2^53): serde_json reads
-/// one beyond 64 bits as a double, so `{"customer_id": 123456789012345678901}` and
-/// `…902` would both be stored, and sent upstream, as `123456789012345680000`. (The CLI checks
-/// its `--attributes` with it before sending, as it parses them.)
-pub fn check_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
-    serde_json::from_slice::<UniqueKeys>(bytes).map(|_| ())
+/// depth, and no integer is beyond 64 bits: serde_json reads one as a double, so
+/// `{"customer_id": 123456789012345678901}` and `…902` would both be stored, and sent upstream,
+/// as `123456789012345680000`. (A number written with a fraction or an exponent is a double as
+/// sent.) The CLI checks its `--attributes` with it before sending, as it parses them.
+pub fn check_json(bytes: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<UniqueKeys>(bytes).map_err(|e| e.to_string())?;
+    match integers(bytes).find(|n| n.parse::<i64>().is_err() && n.parse::<u64>().is_err()) {
+        Some(n) => Err(format!(
+            "the integer {n} is beyond 64 bits and would not be kept exactly; send it as a string"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The integer literals of a JSON text (numbers with neither a fraction nor an exponent), outside
+/// its strings.
+fn integers(bytes: &[u8]) -> impl Iterator<Item = &str> {
+    let (mut at, mut in_string, mut escaped) = (0, false, false);
+    std::iter::from_fn(move || {
+        while at < bytes.len() {
+            let b = bytes[at];
+            match (in_string, escaped, b) {
+                (true, true, _) => escaped = false,
+                (true, false, b'\\') => escaped = true,
+                (_, _, b'"') => in_string = !in_string,
+                (false, _, b'-' | b'0'..=b'9') => {
+                    let start = at;
+                    while at < bytes.len()
+                        && matches!(bytes[at], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                    {
+                        at += 1;
+                    }
+                    let number = std::str::from_utf8(&bytes[start..at]).unwrap_or_default();
+                    if !number.contains(['.', 'e', 'E']) {
+                        return Some(number);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            at += 1;
+        }
+        None
+    })
 }
 
 /// Any JSON value, read only to refuse what [`check_json`] refuses.
@@ -107,13 +145,7 @@ impl<'de> Visitor<'de> for UniqueKeys {
         Ok(self)
     }
 
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self, E> {
-        // 2^53: above it a double holds no longer every integer.
-        if v.abs() >= 9_007_199_254_740_992.0 {
-            return Err(E::custom(format_args!(
-                "the number {v} is too large to be kept exactly (an integer of at most 64 bits, or a number below 2^53); send it as a string"
-            )));
-        }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
         Ok(self)
     }
 

@@ -706,7 +706,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // What a command printed before it failed (`check-config --json`'s errors) is written too.
     let done = run_command(cli);
     let written = flush_out();
-    done.and(written)
+    match (done, written) {
+        // Both said: what was left to write may be a token kept from an unanswered change.
+        (Err(e), Err(w)) => Err(anyhow!("{e:#}; and the answer could not be written either: {w:#}")),
+        (done, written) => done.and(written),
+    }
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
@@ -819,7 +823,12 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     outln!("Created admin user {email:?} ({}) in org {org:?}.", user.id);
                     print_first_token(&token.token, expires_at.as_deref(), "Store it now");
                 }
-                flush_out().with_context(|| secret_lost(&id))
+                flush_out().with_context(|| {
+                    format!(
+                        "the first admin's token {id} was made but its secret could not be shown: bootstrap another \
+                         admin (another --email), and revoke {id} with that one's token"
+                    )
+                })
             })
         }
         command => {
@@ -1138,7 +1147,10 @@ impl Api {
                         print_first_token(token, expires_at, "Hand it over now");
                     }
                 })
-                .with_context(|| made.as_deref().map(secret_lost).unwrap_or_default())
+                .map_err(|e| match &made {
+                    Some(id) => e.context(secret_lost(id)),
+                    None => e,
+                })
             }
             UserCmd::List { org } => {
                 let org = self.org(org).await?;

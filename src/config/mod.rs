@@ -403,6 +403,10 @@ fn path_chars(prefix: &str) -> Result<(), &'static str> {
             b'%' if !bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {
                 return Err("'%' must start a percent-escape of two hex digits (%25 for '%' itself)")
             }
+            // Requests match escapes in either case, so two routes must not differ by it alone.
+            b'%' if bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase) => {
+                return Err("write a percent-escape's hex digits in upper case (%C3%A9), as RFC 3986 has them")
+            }
             0x80.. => {
                 return Err("write it percent-encoded, as browsers and most clients send it (/caf%C3%A9 for /café)")
             }

@@ -875,6 +875,8 @@ fn a_route_host_or_path_no_request_can_name_is_refused() {
         ("/a b", "no request path holds a space"),
         ("/a%zz", "'%' must start a percent-escape"),
         ("/a%2", "'%' must start a percent-escape"),
+        // Requests match escapes in either case: `/caf%c3%a9` would be `/caf%C3%A9`'s twin.
+        ("/caf%c3%a9", "write a percent-escape's hex digits in upper case"),
     ] {
         check(&route("a.example", path), &[&format!("routes[0].path: {path:?}: {why}")]);
     }

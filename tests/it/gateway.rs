@@ -225,7 +225,11 @@ async fn a_public_route_passes_no_tollgate_token_on() {
         echoed(w.http.get(w.gateway.url("/public/a?access_token=upstream-own&x=1")).send().await.unwrap())
             .await;
     assert_eq!(echo["uri"], "/public/a?access_token=upstream-own&x=1");
-    for own in ["Basic dXNlcjpwYXNz", "Bearer upstream-session-1"] {
+    for own in [
+        "Basic dXNlcjpwYXNz",
+        "Bearer upstream-session-1",
+        r#"Digest username="u", uri="/public/tgs_2024.csv", response="6629fae49393a05397450978507c4ef1""#,
+    ] {
         let resp = w.http.get(w.gateway.url("/public/a")).header("Authorization", own).send().await.unwrap();
         assert_eq!(header(&echoed(resp).await, "authorization"), Some(own));
     }
