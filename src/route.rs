@@ -259,8 +259,8 @@ impl Route {
 }
 
 /// Whether two paths are the same, a percent-escape's hex digits in either case (RFC 3986,
-/// section 6.2.2.1: `%c3%a9` is `%C3%A9`; Pingora writes a raw byte it re-encodes in lower case,
-/// while a route's path holds what its author wrote).
+/// section 6.2.2.1: `%c3%a9` is `%C3%A9`; clients and libraries differ in the case they write,
+/// and upstreams decode both alike, while a route's path holds them in upper case).
 fn same_escaped(a: &[u8], b: &[u8]) -> bool {
     if a == b {
         return true;
@@ -845,8 +845,8 @@ mod tests {
 
     #[test]
     fn a_percent_escape_matches_in_either_case() {
-        // Pingora re-encodes a raw byte of a target in lower-case hex; a route's path holds what
-        // its author wrote, as browsers send it.
+        // Clients differ in the case of an escape's hex digits; a route's path holds them in
+        // upper case, as browsers send them.
         let table = RouteTable::new(vec![route("cafe", None, "/pub/caf%C3%A9"), route("pub", None, "/pub")]);
         for path in ["/pub/caf%C3%A9/x", "/pub/caf%c3%a9/x", "/pub/caf%C3%a9"] {
             assert_eq!(table.route(None, path).unwrap().unwrap().name, "cafe", "{path}");

@@ -14,8 +14,8 @@ use super::ApiError;
 /// A JSON body whose rejection is a JSON error naming what is wrong. An object naming a key twice,
 /// at any depth, is refused: serde_json would keep the last one silently, so
 /// `{"attributes": {"team": "a", "team": "b"}}` would store `b`, and a map of project roles its
-/// last role for a project, where a struct's field named twice is refused already. So is a number
-/// too large to be kept exactly (see [`check_json`]).
+/// last role for a project, where a struct's field named twice is refused already. So is an integer
+/// beyond 64 bits (see [`check_json`]).
 pub struct Body<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
