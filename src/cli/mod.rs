@@ -232,16 +232,17 @@ fn ask_name_and_lifetime(
         Ok((!answer.is_empty()).then(|| answer.to_string()))
     };
     let name = ask("Display name (empty for none): ")?;
-    let lifetime = ask_lifetime(input, "")?.unwrap_or(LifetimeArgs { ttl_minutes: None, expires: None });
+    let question =
+        "Expires in minutes, or at an RFC 3339 time (empty: never, or the most the config allows): ";
+    let lifetime =
+        ask_lifetime(input, question)?.unwrap_or(LifetimeArgs { ttl_minutes: None, expires: None });
     Ok((name, lifetime))
 }
 
-/// Asks on stderr for a lifetime, after `first` (a number of minutes or an RFC 3339 time);
-/// `None` for an empty answer or the end of input.
-fn ask_lifetime(input: &mut impl std::io::BufRead, first: &str) -> anyhow::Result<Option<LifetimeArgs>> {
-    eprint!(
-        "{first}Expires in minutes, or at an RFC 3339 time (empty: never, or the most the config allows): "
-    );
+/// Asks `question` on stderr for a lifetime (a number of minutes or an RFC 3339 time); `None` for
+/// an empty answer or the end of input.
+fn ask_lifetime(input: &mut impl std::io::BufRead, question: &str) -> anyhow::Result<Option<LifetimeArgs>> {
+    eprint!("{question}");
     let mut line = String::new();
     input.read_line(&mut line).context("reading the answer")?;
     let answer = line.trim();
@@ -574,7 +575,7 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| anyhow!("--attributes is not valid JSON: {e}"))?;
     // As the admin API checks a body: parsed and sent again, a key given twice would go as its
-    // last value, and a too large number rounded, unnoticed.
+    // last value, and an integer beyond 64 bits rounded, unnoticed.
     crate::admin::check_json(text.as_bytes()).map_err(|e| anyhow!("--attributes: {e}"))?;
     match value {
         serde_json::Value::Object(map) => Ok(Some(map)),
@@ -1030,8 +1031,8 @@ impl Api {
                     && req.expires.is_none()
                     && sent.as_ref().is_err_and(|e| e.to_string().contains("requires an expiry"))
                 {
-                    let asked =
-                        ask_lifetime(&mut std::io::stdin().lock(), "This gateway requires an expiry: ")?;
+                    let question = "This gateway requires an expiry: in minutes, or at an RFC 3339 time (empty to give up): ";
+                    let asked = ask_lifetime(&mut std::io::stdin().lock(), question)?;
                     let Some(LifetimeArgs { ttl_minutes, expires }) = asked else { break };
                     (req.ttl_minutes, req.expires) = (ttl_minutes, expires);
                     sent = self.send(Method::POST, "/v1/tokens", &req).await;
