@@ -253,7 +253,7 @@ impl Route {
         }
         let bare = prefix.strip_suffix(b"/").unwrap_or(prefix);
         let Some((head, rest)) = path.as_bytes().split_at_checked(bare.len()) else { return false };
-        let same = if fold_case { head.eq_ignore_ascii_case(bare) } else { same_escaped(head, bare) };
+        let same = if fold_case { caseless_eq(head, bare) } else { same_escaped(head, bare) };
         same && matches!(rest.first(), None | Some(b'/' | b'?'))
     }
 }
@@ -271,6 +271,21 @@ fn same_escaped(a: &[u8], b: &[u8]) -> bool {
             x == y
                 || (x.eq_ignore_ascii_case(y) && x.is_ascii_hexdigit() && in_escape(a, i) && in_escape(b, i))
         })
+}
+
+/// Whether two paths read alike without regard to letter case, a letter that is no ASCII too once
+/// its escapes are decoded (ASP.NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read
+/// `%C3%89`, É, as `%C3%A9`, é). (A letter whose other case is of another length in UTF-8, such
+/// as the Kelvin sign, is not matched: the two paths are compared at equal lengths.)
+fn caseless_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    if !a.contains(&b'%') && !b.contains(&b'%') {
+        return false;
+    }
+    let fold = |p: &[u8]| percent_encoding::percent_decode(p).decode_utf8_lossy().to_lowercase();
+    fold(a) == fold(b)
 }
 
 /// Routes grouped by host, each group ordered longest prefix first.
@@ -346,6 +361,20 @@ impl RouteTable {
     pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<&Arc<Route>>, &'static str> {
         let host = self.host_key(host)?;
         let host = host.as_deref();
+        // Bytes that are no ASCII, sent raw (Pingora passes them on), are read as their encoding
+        // every way, as upstreams read them: no route's path holds them raw.
+        let encoded;
+        let path = match path.is_ascii() {
+            true => path,
+            false => {
+                encoded = {
+                    let mut encoded = String::with_capacity(path.len() * 2);
+                    push_encoded(&mut encoded, path);
+                    encoded
+                };
+                encoded.as_str()
+            }
+        };
         let normalized = route_path(path)?;
         let sent = self.find(host, path, false);
         let same = |other: Option<&Entry>| match (sent, other) {
@@ -394,12 +423,20 @@ impl RouteTable {
     /// host, while an upstream building the request's URL from `Host` (Node's `new URL(req.url,
     /// 'http://' + host)`, and the frameworks built on it) reads `api.example.com`. (A route's
     /// own `host` is checked at config load, with hints.)
+    ///
+    /// So is a host with a `%` (Node decodes `%73ecure.example.com` to `secure.example.com`) and
+    /// an IPv4 address in any form but dotted decimal (`0x0a.9.8.7`, `168364039`, `012.9.8.7`,
+    /// which WHATWG URL parsers read as `10.9.8.7`).
     fn host_key(&self, host: Option<&str>) -> Result<Option<String>, &'static str> {
-        let ends_a_host = |b: u8| matches!(b, b'/' | b'?' | b'#' | b'\\' | b'@') || b <= b' ' || b >= 0x7f;
+        let ends_a_host =
+            |b: u8| matches!(b, b'/' | b'?' | b'#' | b'\\' | b'@' | b'%') || b <= b' ' || b >= 0x7f;
         if host.is_some_and(|h| h.bytes().any(ends_a_host)) {
-            return Err("the host holds a character no host name has (/, ?, #, \\, @, a space)");
+            return Err("the host holds a character no host name has (/, ?, #, \\, @, %, a space)");
         }
         let Some(name) = host.map(host_name).transpose()? else { return Ok(None) };
+        if odd_ipv4(name) {
+            return Err("an IPv4 address is written in dotted decimal (10.9.8.7)");
+        }
         Ok((!self.by_host.is_empty()).then(|| fold_name(name)))
     }
 
@@ -453,12 +490,12 @@ fn could_shadow(earlier: &str, prefix: &str) -> bool {
         // Longer: a path under `prefix` whose next segments spell the rest of `earlier` in
         // another case (`/shop/ADMIN` beside `/shop/admin`).
         Some((head, rest)) if !rest.is_empty() => {
-            head.eq_ignore_ascii_case(prefix) && (prefix.ends_with(b"/") || rest[0] == b'/')
+            caseless_eq(head, prefix) && (prefix.ends_with(b"/") || rest[0] == b'/')
         }
         // As long or shorter: `prefix` itself in another case. One that is exactly a prefix of
         // it already matches every path it does, case-sensitively.
         _ => {
-            prefix.get(..earlier.len()).is_some_and(|head| head.eq_ignore_ascii_case(earlier))
+            prefix.get(..earlier.len()).is_some_and(|head| caseless_eq(head, earlier))
                 && !prefix.starts_with(earlier)
         }
     }
@@ -603,6 +640,20 @@ fn host_name(host: &str) -> Result<&str, &'static str> {
         Some(digits) if digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(name),
         _ => Err(BAD_PORT),
     }
+}
+
+/// Whether a host (without its port) is an IPv4 address written otherwise than in dotted decimal:
+/// a URL parser takes a host whose last label is a number (decimal, `0x` hex, or octal by a
+/// leading zero) for an address, in any of its forms.
+fn odd_ipv4(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let last = name.rsplit('.').next().unwrap_or_default();
+    let hex = last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"));
+    let numeric = match hex {
+        true => last[2..].bytes().all(|b| b.is_ascii_hexdigit()),
+        false => !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()),
+    };
+    numeric && !name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.to_string() == name)
 }
 
 /// A host name as routes are keyed: lowercase, without the root's trailing dot.
@@ -852,11 +903,13 @@ mod tests {
             assert_eq!(table.route(None, path).unwrap().unwrap().name, "cafe", "{path}");
         }
         // Sent raw, as UTF-8 (Pingora hands such a target on as it came): read as its encoding,
-        // as upstreams read it, so it cannot pass as `/pub`'s.
-        assert!(table.route(None, "/pub/café/x").is_err());
+        // as upstreams read it, so it is cafe's, not `/pub`'s.
+        assert_eq!(table.route(None, "/pub/café/x").unwrap().unwrap().name, "cafe");
         // Only the hex digits of an escape: a letter elsewhere still counts its case (and an
-        // upstream that ignores it would read cafe's route: refused).
+        // upstream that ignores it would read cafe's route: refused), an encoded one too.
         assert!(table.route(None, "/pub/CAF%C3%A9").is_err());
+        assert!(table.route(None, "/pub/caf%C3%89/x").is_err(), "É");
+        assert!(table.route(None, "/pub/CAFÉ/x").is_err(), "É sent raw");
     }
 
     #[test]
@@ -883,8 +936,26 @@ mod tests {
                 "u@api.example.com",
                 "api.example.com x",
                 "api.exämple.com",
+                // Read by URL parsers as another host, or as 10.9.8.7.
+                "%61pi.example.com",
+                "api%2Eexample.com",
+                "0x0a.9.8.7",
+                "10.9.2055",
+                "168364039",
+                "012.9.8.7",
             ] {
                 assert!(table.route(Some(bad), "/vault").is_err(), "{bad}");
+            }
+            for good in [
+                "10.9.8.7",
+                "10.9.8.7:8080",
+                "[::1]:80",
+                "10.9.8.7.:80",
+                "xn--bcher-kva.example",
+                "svc_a.internal.",
+                "v2.example",
+            ] {
+                assert!(table.route(Some(good), "/vault").is_ok(), "{good}");
             }
         }
         assert_eq!(hosted.route(Some("API.example.com:8443"), "/vault").unwrap().unwrap().name, "vault");

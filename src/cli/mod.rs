@@ -709,7 +709,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let written = flush_out();
     match (done, written) {
         // Both said: what was left to write may be a token kept from an unanswered change.
-        (Err(e), Err(w)) => Err(anyhow!("{e:#}; and the answer could not be written either: {w:#}")),
+        (Err(e), Err(w)) => Err(anyhow!(
+            "{e:#}; and the answer could not be written either: {w:#} (if it named a token that was made, revoke it: tollgate token revoke <its id>)"
+        )),
         (done, written) => done.and(written),
     }
 }

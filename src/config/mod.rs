@@ -1674,7 +1674,10 @@ fn secret_in_file(bytes: &[u8]) -> Result<&[u8], String> {
     }
     let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     let secret = line.strip_suffix(b"\r").unwrap_or(line);
-    if secret.trim_ascii() != secret {
+    // Unicode's white space (a vertical tab, a no-break space, U+2028 too), as Python's and Go's
+    // strip functions take it.
+    let text = std::str::from_utf8(secret).unwrap_or_default();
+    if text.trim() != text {
         return Err("the file's text begins or ends with white space (a space, a tab, a second line end), \
                     which readers of the file take differently; remove it"
             .into());

@@ -965,7 +965,9 @@ fn a_secret_file_is_taken_byte_for_byte_but_for_a_text_files_line_end() {
         assert!(signs_as(stored.as_bytes(), text.as_bytes()), "{stored:?}");
     }
     // Text with white space left at an edge: refused, naming the setting.
-    for stored in [format!(" {text}\n"), format!("{text} \n"), format!("{text}\n\n"), format!("{text}\t")] {
+    let edges =
+        [" {text}\n", "{text} \n", "{text}\n\n", "{text}\t", "{text}\u{b}", "{text}\u{a0}", "{text}\u{2028}"];
+    for stored in edges.map(|edge| edge.replace("{text}", text)) {
         std::fs::write(&file, &stored).unwrap();
         let yaml = format!(
             "jwt:\n  signing_key: k1\n  keys: [ {{ kid: k1, algorithm: HS256, secret_file: '{}' }} ]\n",

@@ -413,21 +413,19 @@ fn strip_own_credentials(config: &Config, req: &mut dyn Upstream) -> pingora::Re
     // than Tollgate might read it: any run of it, percent-decoded or not, of the characters a token
     // (letters, digits, `_`) or a JWT (those, `.` and `-`) is made of.
     let words = |value: &HeaderValue| {
-        let sent = String::from_utf8_lossy(value.as_bytes());
-        // A word (split at white space and quoting) with a Tollgate prefix, even mistyped.
-        let quoting = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '=' | ':' | ',' | ';');
-        if sent.split(quoting).any(|word| own_credential(config, word)) {
-            return true;
-        }
-        // Within any run of a token's characters, as sent or percent-decoded: a whole token (its
-        // checksum right) or a JWT of this gateway's issuer, so that a path of the upstream's
-        // own scheme that merely holds a prefix (Digest's `uri="/files/tgs_2024.csv"`) is kept.
+        // Within any run of a token's characters, as sent or percent-decoded: a token (of a
+        // token's whole shape, its checksum right or mistyped) or a JWT of this gateway's issuer;
+        // an upstream's own credential that merely starts like one (`Bearer tgs_live_abc`,
+        // Digest's `uri="/files/tgs_2024.csv"`) is kept.
         let decoded = percent_encoding::percent_decode(value.as_bytes()).collect::<Vec<u8>>();
         [value.as_bytes(), &decoded[..]].iter().any(|text| {
             let text = String::from_utf8_lossy(text);
             let token = |c: char| !(c.is_ascii_alphanumeric() || c == '_');
             let jwt = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-            text.split(token).any(|word| crate::token::parse(word).is_ok())
+            let shaped = |word: &str| {
+                matches!(crate::token::parse(word), Ok(_) | Err(crate::token::FormatError::Checksum))
+            };
+            text.split(token).any(shaped)
                 || text
                     .split(jwt)
                     .any(|word| crate::jwt::looks_like_jwt(word) && own_credential(config, word))

@@ -211,6 +211,11 @@ async fn a_public_route_passes_no_tollgate_token_on() {
             echo["headers"].as_object().unwrap().values().any(|v| v.to_string().contains(&token[10..]));
         assert!(!leaked, "{name}: {echo}");
     }
+    // A token mistyped in one character (its checksum wrong) is still near enough the secret.
+    let last = if token.ends_with('A') { 'B' } else { 'A' };
+    let typo = format!("{}{last}", &token[..token.len() - 1]);
+    let resp = w.http.get(w.gateway.url("/public/a")).bearer_auth(&typo).send().await.unwrap();
+    assert_eq!(header(&echoed(resp).await, "authorization"), None);
     // In the token query parameter too (a query lands in the upstream's access log); the
     // parameter holding anything else is the upstream's.
     // As sent, and in the encodings the upstream's query parser reads back as the token.
@@ -229,6 +234,8 @@ async fn a_public_route_passes_no_tollgate_token_on() {
         "Basic dXNlcjpwYXNz",
         "Bearer upstream-session-1",
         r#"Digest username="u", uri="/public/tgs_2024.csv", response="6629fae49393a05397450978507c4ef1""#,
+        r#"Digest username="tgs_2024", uri="/public/a", response="6629fae49393a05397450978507c4ef1""#,
+        "Bearer tgs_live_abc123",
     ] {
         let resp = w.http.get(w.gateway.url("/public/a")).header("Authorization", own).send().await.unwrap();
         assert_eq!(header(&echoed(resp).await, "authorization"), Some(own));
@@ -1048,11 +1055,16 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
         assert!(raw.contains("port is not a number"), "{host}: {raw}");
     }
     // Nor does what ends a host in a URL, which an upstream building the URL from `Host` drops.
-    for host in ["api.example.com/", "api.example.com?", "api.example.com#", "api.example.com\\"] {
+    for host in
+        ["api.example.com/", "api.example.com?", "api.example.com#", "api.example.com\\", "%61pi.example.com"]
+    {
         let raw = get("/vault", &format!("Host: {host}\r\n"));
         assert_eq!(status(&raw), 400, "{host}: {raw}");
         assert!(raw.contains("no host name has"), "{host}: {raw}");
     }
+    // Nor an IPv4 address in another notation, which URL parsers read as the dotted one.
+    let raw = get("/vault", "Host: 0x7f.1\r\n");
+    assert!(status(&raw) == 400 && raw.contains("dotted decimal"), "{raw}");
     assert_eq!(status(&get("/vault", "Host: api.example.com:8443\r\n")), 401);
     // (Pingora itself refuses user info in the target.)
     assert_eq!(status(&get("http://user@api.example.com/vault", "Host: api.example.com\r\n")), 400);
