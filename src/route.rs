@@ -653,7 +653,15 @@ fn odd_ipv4(name: &str) -> bool {
         true => last[2..].bytes().all(|b| b.is_ascii_hexdigit()),
         false => !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()),
     };
-    numeric && !name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.to_string() == name)
+    // Four decimal numbers of at most 255, without a leading zero (nothing allocated: a request
+    // to an address runs this).
+    let decimal = |l: &str| {
+        (1..=3).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_digit())
+            && (l == "0" || !l.starts_with('0'))
+            && l.parse::<u16>().is_ok_and(|n| n <= 255)
+    };
+    numeric && !(name.split('.').count() == 4 && name.split('.').all(decimal))
 }
 
 /// A host name as routes are keyed: lowercase, without the root's trailing dot.
