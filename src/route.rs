@@ -363,15 +363,11 @@ impl RouteTable {
         let host = host.as_deref();
         // Bytes that are no ASCII, sent raw (Pingora passes them on), are read as their encoding
         // every way, as upstreams read them: no route's path holds them raw.
-        let encoded;
+        let mut encoded = String::new();
         let path = match path.is_ascii() {
             true => path,
             false => {
-                encoded = {
-                    let mut encoded = String::with_capacity(path.len() * 2);
-                    push_encoded(&mut encoded, path);
-                    encoded
-                };
+                push_encoded(&mut encoded, path);
                 encoded.as_str()
             }
         };
@@ -584,9 +580,12 @@ fn push_encoded(routed: &mut String, text: &str) {
         routed.push_str(text);
         return;
     }
+    use std::fmt::Write as _;
     for b in text.bytes() {
         match b {
-            0x80.. => routed.push_str(&format!("%{b:02X}")),
+            0x80.. => {
+                let _ = write!(routed, "%{b:02X}");
+            }
             _ => routed.push(char::from(b)),
         }
     }

@@ -1118,14 +1118,10 @@ async fn a_request_is_routed_as_the_upstream_will_read_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_gets_the_target_as_sent_and_only_a_path_or_a_full_url() {
     let upstream = RawUpstream::start();
-    let mut w = World::start_with(|redis, echo| {
-        let port = free_port();
-        let u = upstream.port;
-        let extra = format!(
-            "  - {{ name: raw, path: /raw, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true }}\n  - {{ name: raw-keep, path: /rawkeep, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true, preserve_header_case: true }}\n  - {{ name: root, path: /, upstream: \"127.0.0.1:{u}\", auth: none }}\n"
-        );
-        Gateway::start_with(port, &(gateway_config(port, &redis.url(), echo.port) + &extra))
-    })
+    let u = upstream.port;
+    let mut w = World::with_routes(&format!(
+        "  - {{ name: raw, path: /raw, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true }}\n  - {{ name: raw-keep, path: /rawkeep, upstream: \"127.0.0.1:{u}\", org: acme, project: shop, environment: production, query_token: true, preserve_header_case: true }}\n  - {{ name: root, path: /, upstream: \"127.0.0.1:{u}\", auth: none }}\n"
+    ))
     .await;
     let user = w.user("acme", "raw@example.com", Role::Viewer, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
@@ -1529,13 +1525,9 @@ async fn bodies_stream_through_in_both_directions() {
         go_rx.recv_timeout(WAIT).unwrap();
         conn.write_all(b"4\r\nrest\r\n0\r\n\r\n").unwrap();
     });
-    let mut w = World::start_with(|redis, echo| {
-        let port = free_port();
-        let extra = format!(
-            "  - {{ name: stream, path: /stream, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production }}\n"
-        );
-        Gateway::start_with(port, &(gateway_config(port, &redis.url(), echo.port) + &extra))
-    })
+    let mut w = World::with_routes(&format!(
+        "  - {{ name: stream, path: /stream, upstream: \"127.0.0.1:{upstream}\", org: acme, project: shop, environment: production }}\n"
+    ))
     .await;
     let user = w.user("acme", "stream@example.com", Role::Editor, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;

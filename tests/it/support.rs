@@ -429,6 +429,15 @@ impl World {
     }
 
     /// Like [`World::start`], with the gateway `gateway` starts.
+    /// A world whose gateway has `routes` (YAML list items) after the usual ones.
+    pub async fn with_routes(routes: &str) -> World {
+        World::start_with(|redis, echo| {
+            let port = free_port();
+            Gateway::start_with(port, &(gateway_config(port, &redis.url(), echo.port) + routes))
+        })
+        .await
+    }
+
     pub async fn start_with(gateway: impl FnOnce(&Redis, &Upstream) -> Gateway) -> World {
         let redis = Redis::start();
         let upstream = Upstream::start().await;
