@@ -107,6 +107,8 @@ pub struct Actor {
     pub token_id: Option<TokenId>,
     /// The service behind the token, if a service.
     pub service_id: Option<String>,
+    /// The user's email, if a user.
+    pub email: Option<String>,
 }
 
 impl Actor {
@@ -127,6 +129,10 @@ impl Actor {
             service_id: match p.owner() {
                 OwnerRecord::Service(s) => Some(s.id.clone()),
                 OwnerRecord::User(_) => None,
+            },
+            email: match p.owner() {
+                OwnerRecord::User(u) => Some(u.email.clone()),
+                OwnerRecord::Service(_) => None,
             },
         }
     }
@@ -181,6 +187,7 @@ impl Actor {
             target: target.into(),
             token_id: None,
             by_token: self.token_id.as_ref().map(|t| t.to_string()),
+            actor_email: self.email.clone(),
             reason: None,
             details: serde_json::Value::Null,
         }
@@ -1870,13 +1877,14 @@ impl From<AuditEvent> for AuditEntry {
             target: e.target,
             token_id: e.token_id,
             by_token: e.by_token,
+            actor_email: e.actor_email,
             reason: e.reason,
             details: e.details,
         }
     }
 }
 
-/// A role change: the org role, or one project's role set or removed.
+/// A role change: the org role, one project's role set or removed, or both.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleChange {
@@ -1897,21 +1905,44 @@ impl RoleChange {
         org_role: &mut Role,
         projects: &mut BTreeMap<String, Role>,
     ) -> Result<BTreeMap<String, Role>> {
-        match (self.org_role, &self.project, self.project_role, self.remove) {
-            (Some(r), None, None, false) => *org_role = r,
-            (None, Some(p), Some(r), false) => {
+        // The org role and one project's role may change together, as `user add` and `service
+        // create` give both.
+        let project =
+            match (&self.project, self.project_role, self.remove) {
+                (None, None, false) => None,
+                (Some(p), Some(r), false) => Some((p, Some(r))),
+                (Some(p), None, true) => Some((p, None)),
+                (Some(_), Some(_), true) => return Err(LifecycleError::Invalid(
+                    "give --project-role to set the project's role, or --remove to take it away, not both"
+                        .into(),
+                )),
+                (Some(_), None, false) => {
+                    return Err(LifecycleError::Invalid(
+                        "with --project, give --project-role (the role there) or --remove".into(),
+                    ))
+                }
+                (None, _, _) => {
+                    return Err(LifecycleError::Invalid("--project-role and --remove need --project".into()))
+                }
+            };
+        if self.org_role.is_none() && project.is_none() {
+            return Err(LifecycleError::Invalid(
+                "give --org-role, or --project with --project-role or --remove (or both)".into(),
+            ));
+        }
+        match project {
+            Some((p, Some(r))) => {
                 projects.insert(p.clone(), r);
             }
-            (None, Some(p), None, true) => {
-                if projects.remove(p).is_none() {
-                    return Err(LifecycleError::NotFound(format!("no role on project {p:?} to remove")));
-                }
+            Some((p, None)) => {
+                projects
+                    .remove(p)
+                    .ok_or_else(|| LifecycleError::NotFound(format!("no role on project {p:?} to remove")))?;
             }
-            _ => {
-                return Err(LifecycleError::Invalid(
-                    "give --org-role, or --project with --project-role, or --project with --remove".into(),
-                ))
-            }
+            None => {}
+        }
+        if let Some(r) = self.org_role {
+            *org_role = r;
         }
         Ok(projects.clone())
     }
@@ -2021,15 +2052,30 @@ fn check_attributes(attributes: &Attributes) -> Result<()> {
     Ok(())
 }
 
-/// `local@domain`, in printable ASCII (it travels in `X-Auth-Email`, a header), at most 254 bytes.
+/// `local@domain`, in printable ASCII (it travels in `X-Auth-Email`, a header), at most 254 bytes,
+/// shaped as mail servers take it (RFC 5321/5322): the local part at most 64 bytes, dot-separated
+/// words of letters, digits and ``!#$%&'*+-/=?^_`{|}~`` (or one quoted string); the domain
+/// dot-separated labels of letters, digits and `-`, none empty or starting or ending with `-` (or
+/// an address literal in brackets). `a..b@x.io`, `.a@x.io` and `a@x.io.` are refused: the last
+/// would be a second user for the mailbox `a@x.io`.
 fn check_email(email: &str) -> Result<()> {
+    fn words(s: &str, char_ok: impl Fn(u8) -> bool, word_ok: impl Fn(&str) -> bool) -> bool {
+        s.split('.').all(|w| !w.is_empty() && w.bytes().all(&char_ok) && word_ok(w))
+    }
+    let atext = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b);
+    let quoted = |l: &str| l.len() >= 2 && l.starts_with('"') && l.ends_with('"');
+    let label = |l: &str| l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
+    let literal = |d: &str| d.len() > 2 && d.starts_with('[') && d.ends_with(']');
     let printable = email.bytes().all(|b| b.is_ascii_graphic());
     let shaped = matches!(email.split_once('@'), Some((local, domain))
-        if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+        if !domain.contains('@')
+            && local.len() <= 64
+            && (quoted(local) || words(local, atext, |_| true))
+            && (literal(domain) || words(domain, |b| b.is_ascii_alphanumeric() || b == b'-', label)));
     if !printable || !shaped || email.len() > 254 {
         return Err(LifecycleError::Invalid(format!(
-            "{:?} is not an email address (local@domain, printable ASCII: write an \
-             internationalized domain in its xn-- form)",
+            "{:?} is not an email address (local@domain, printable ASCII, no empty part between \
+             dots: write an internationalized domain in its xn-- form)",
             shown(email)
         )));
     }
@@ -2260,6 +2306,7 @@ fn operator_audit(
         target,
         token_id: None,
         by_token: None,
+        actor_email: None,
         reason: None,
         details,
     }

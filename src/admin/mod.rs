@@ -132,6 +132,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/orgs/{org}/projects/{project}/credentials", post(issue_credentials))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn(no_stray_query))
         .layer(axum::middleware::map_response(error::json_refusals))
         .layer(axum::middleware::from_fn(deprecation_headers))
         // A graceful shutdown waits for admin calls too (a revocation under way is not cut), until
@@ -176,6 +177,29 @@ impl http_body::Body for Counted {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
+}
+
+/// The calls that read a query string (`GET /v1/tokens?all=true`, the audit's filters). Every
+/// other `/v1` call refuses one instead of ignoring it: `POST /v1/tokens?ttl_minutes=1` would
+/// make a token that never expires, `rotate?grace_seconds=300` cut the old token off at once, and
+/// `revoke?reason=leaked` record no reason. (`/healthz`, `/metrics` and the like are left to
+/// probes and scrapers that add their own.)
+async fn no_stray_query(req: Request, next: axum::middleware::Next) -> Response {
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str());
+    let reads_query = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        && matches!(route, Some("/v1/tokens" | "/v1/orgs/{org}/audit"));
+    let stray = req.uri().query().is_some_and(|q| !q.is_empty());
+    if stray && !reads_query && route.is_some_and(|r| r.starts_with("/v1/")) {
+        let settings = match *req.method() {
+            http::Method::GET | http::Method::HEAD => "it has no settings",
+            _ => "its settings go in the JSON body",
+        };
+        return ApiError::BadRequest(format!(
+            "this call takes no query parameters: {settings} (see /openapi.json)"
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// One line per call (`tollgate::admin_access`) and a count by route template and status, so that
@@ -312,6 +336,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 pub struct WhoAmI {
     /// `user:<id>` or `service:<name>`.
     pub subject: String,
+    /// The user's email, if a user (`None` from a gateway before 2026-11-28, which did not say).
+    #[serde(default)]
+    pub email: Option<String>,
     /// Org.
     pub org: String,
     /// Org role.
@@ -333,6 +360,7 @@ pub struct WhoAmI {
 async fn whoami(Caller(a): Caller) -> Json<WhoAmI> {
     Json(WhoAmI {
         subject: a.subject,
+        email: a.email,
         org: a.org,
         org_role: a.roles.org,
         project_roles: Some(a.roles.projects),
@@ -1037,11 +1065,13 @@ mod tests {
             target: "tgp_a1B2c3".into(),
             token_id: Some("tgp_a1B2c3".into()),
             by_token: Some("tgp_g7H8i9".into()),
+            actor_email: Some("ann@acme.io".into()),
             reason: Some("scheduled".into()),
             details: serde_json::json!({ "new_token_id": "tgp_d4E5f6", "grace_seconds": 0 }),
         };
         let whoami = WhoAmI {
             subject: "user:u1".into(),
+            email: Some("ann@acme.io".into()),
             org: "acme".into(),
             org_role: Role::Viewer,
             project_roles: Some(roles),

@@ -583,11 +583,26 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<Option<Attributes>> {
     }
 }
 
-/// The token id of `arg`: a whole token (pasted, say, from a leak report, even mistyped) is
-/// reduced to its id here, so that its secret never travels in a URL or comes back in a message.
-/// An ephemeral credential (a JWT) is refused here, sending nothing: it has no token id, and is
-/// stopped by revoking the service token that minted it, which the message names.
+/// The token id of `arg`: the id itself (`tgp_a1B2c3`), or a whole token (pasted, say, from a leak
+/// report, even with a character of its secret mistyped: its length and alphabet still make it
+/// one). Anything else is refused, sending nothing: a revocation or rotation is not undone, and
+/// `tgp_a1B2c3,tgp_d4E5f6` or `tgp_a1B2c3/x` must not act on the first id alone.
 fn token_id(arg: &str) -> anyhow::Result<String> {
+    use crate::token::{TokenId, ID_LEN, TOKEN_LEN};
+    match TokenId::parse(unless_whole_token(arg)?) {
+        Some(id) => Ok(id.to_string()),
+        // Not echoed: it may be a secret, whole or in part.
+        None => Err(anyhow!(
+            "that is not a token id: give one id of {ID_LEN} characters, as `token list` shows it (like tgp_a1B2c3), or a whole token ({TOKEN_LEN} characters)"
+        )),
+    }
+}
+
+/// `arg`, trimmed, or the id of the whole token it is, so that a secret never travels in a URL or
+/// comes back in a message. An ephemeral credential (a JWT) is refused, sending nothing: it has no
+/// token id, and is stopped by revoking the service token that minted it, which the message names.
+fn unless_whole_token(arg: &str) -> anyhow::Result<&str> {
+    use crate::token::{ID_LEN, TOKEN_LEN};
     let arg = arg.trim();
     if crate::jwt::looks_like_jwt(arg) {
         let minted_by = minting_token(arg).map_or(String::new(), |tid| format!(" ({tid})"));
@@ -595,11 +610,11 @@ fn token_id(arg: &str) -> anyhow::Result<String> {
             "that is an ephemeral credential (a JWT), which has no token id: it ends at its expiry, or when the service token that minted it{minted_by} is revoked, which ends every credential that token minted"
         ));
     }
-    let prefixed = crate::token::PREFIXES.iter().any(|p| arg.starts_with(p));
-    Ok(match arg.get(..crate::token::ID_LEN) {
-        Some(id) if prefixed && arg.len() > crate::token::ID_LEN => id.to_string(),
-        _ => arg.to_string(),
-    })
+    let whole = arg.len() == TOKEN_LEN
+        && crate::token::PREFIXES
+            .iter()
+            .any(|p| arg.strip_prefix(p).is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_alphanumeric())));
+    Ok(if whole { &arg[..ID_LEN] } else { arg })
 }
 
 /// The `tid` claim (the minting service token's id) of a JWT, read without verifying it: it only
@@ -944,6 +959,9 @@ impl Api {
                 let me: WhoAmI = self.get("/v1/whoami").await?;
                 self.show(&me, |me| {
                     outln!("Subject:       {}", me.subject);
+                    if let Some(email) = &me.email {
+                        outln!("Email:         {email}");
+                    }
                     outln!("Org:           {} (role {})", me.org, me.org_role);
                     match &me.project_roles {
                         Some(roles) => outln!("Project roles: {}", roles_text(roles)),
@@ -961,11 +979,13 @@ impl Api {
                 })
             }
             Command::Audit { org, token_id: id, limit } => {
-                let id = id.as_deref().map(token_id).transpose()?;
+                // A stored token's id, or an ephemeral credential's (its `jti`), which the API
+                // checks.
+                let id = id.as_deref().map(unless_whole_token).transpose()?;
                 let org = self.org(org).await?;
                 let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
                 if let Some(id) = id {
-                    path.push_str(&format!("&token_id={}", segment(&id)));
+                    path.push_str(&format!("&token_id={}", segment(id)));
                 }
                 let events: Vec<AuditEntry> = self.get(&path).await?;
                 self.show(&events, |events| {
@@ -975,10 +995,13 @@ impl Api {
                             // What the change was (a rotation's new token, the role given):
                             // the entry's details, on one line.
                             let details = details_text(&e.details);
-                            // With the token it acted with: what a leaked token did shows.
+                            // A user by their email (`user:<id>` names nobody a command can
+                            // look up), with the token they acted with: what a leaked token did
+                            // shows.
+                            let who = e.actor_email.as_deref().unwrap_or(&e.actor);
                             let actor = match &e.by_token {
-                                Some(t) => format!("{} ({t})", e.actor),
-                                None => e.actor.clone(),
+                                Some(t) => format!("{who} ({t})"),
+                                None => who.to_string(),
                             };
                             vec![
                                 e.at.0.clone(),

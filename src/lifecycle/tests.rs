@@ -32,6 +32,7 @@ async fn setup_on(backend: Arc<MemoryBackend>) -> (Store, Config, Actor) {
         environments: None,
         token_id: None,
         service_id: None,
+        email: Some("a@acme.io".into()),
     };
     (store, config, actor)
 }
@@ -44,6 +45,7 @@ async fn editor(store: &Store, admin: &Actor) -> Actor {
     Actor {
         subject: format!("user:{}", ed.id),
         user_id: Some(ed.id.clone()),
+        email: Some(ed.email.clone()),
         roles: RoleSet { org: Role::Editor, projects: BTreeMap::new() },
         ..admin.clone()
     }
@@ -288,10 +290,32 @@ async fn a_change_needs_the_acting_admin_as_authenticated() {
 async fn bad_input_is_refused_with_a_reason() {
     let (store, config, actor) = setup().await;
     let l = Lifecycle::new(&store, &config);
-    for bad in ["a@", "@b", "a@b@c", "a b@c", "\u{e9}@acme.io", "a\u{7}@acme.io"] {
+    let long_local = format!("{}@acme.io", "a".repeat(65));
+    let bad_shapes =
+        ["a@example..com", "a@-example.com", "a@example-.com", ".a@acme.io", "a.@acme.io", "a..b@acme.io"];
+    for bad in [
+        "a@",
+        "@b",
+        "a@b@c",
+        "a b@c",
+        "\u{e9}@acme.io",
+        "a\u{7}@acme.io",
+        "a@acme.io.",
+        "a,b@acme.io",
+        &long_local,
+    ]
+    .into_iter()
+    .chain(bad_shapes)
+    {
         assert!(check_email(bad).is_err(), "{bad:?}");
     }
-    for good in ["a@b", "first.last+tag@sub.acme.io"] {
+    for good in [
+        "a@b",
+        "first.last+tag@sub.acme.io",
+        "o'neil@xn--bcher-kva.example",
+        "\"a..b\"@acme.io",
+        "a@[10.0.0.1]",
+    ] {
         assert!(check_email(good).is_ok(), "{good:?}");
     }
     let mut big = Attributes::new();
@@ -598,6 +622,7 @@ async fn a_tokens_history_outlives_a_flood_of_credentials_minted() {
             target: "project:shop".into(),
             token_id: Some("tgs_aaaaaa".into()),
             by_token: None,
+            actor_email: None,
             reason: None,
             details: serde_json::Value::Null,
         };

@@ -246,6 +246,10 @@ pub struct AuditEvent<At = Millis> {
     /// in entries written before 2026-11-27): what a leaked token did is found by it.
     #[serde(default)]
     pub by_token: Option<String>,
+    /// The acting user's email (`None` for a service, an operator, and in entries written before
+    /// 2026-11-28): who `user:<id>` was, even once removed.
+    #[serde(default)]
+    pub actor_email: Option<String>,
     /// The reason given, if any.
     pub reason: Option<String>,
     /// Anything else worth keeping (new role, new name).

@@ -234,6 +234,7 @@ async fn audited_step(s: &Store, svc: &Service, i: Millis) {
         target: "service:etl".into(),
         token_id: None,
         by_token: None,
+        actor_email: None,
         reason: None,
         details: serde_json::Value::Null,
     };
@@ -600,6 +601,7 @@ async fn credentials_minted_do_not_push_the_orgs_changes_out_of_the_audit_log() 
                 target: "project:shop".into(),
                 token_id: None,
                 by_token: None,
+                actor_email: None,
                 reason: None,
                 details: serde_json::json!({ "n": i }),
             };

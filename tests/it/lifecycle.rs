@@ -350,6 +350,25 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let err = ann.run(&["token", "revoke", "--display-name", "ci"]).failed();
     assert!(err.contains(&a[..10]) && err.contains(&b[..10]), "{err}");
     assert_eq!(status(&w, reqwest::Method::GET, "/shop", &a).await, 200, "nothing was revoked");
+    // Anything else that merely starts like an id is refused, sending nothing: a list, a path,
+    // an id with more after it would otherwise revoke or rotate the first id alone.
+    let (a_id, b_id) = (&a[..10], &b[..10]);
+    for arg in [format!("{a_id},{b_id}"), format!("{a_id}/../x"), format!("{a_id}_wrong"), a_id[..9].into()] {
+        for verb in ["revoke", "rotate", "get"] {
+            let err = ann.run(&["token", verb, &arg]).failed();
+            assert!(err.contains("not a token id"), "{verb} {arg}: {err}");
+        }
+    }
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &a).await, 200, "neither revoked nor rotated");
+    assert_eq!(status(&w, reqwest::Method::GET, "/shop", &b).await, 200, "neither revoked nor rotated");
+    // A whole token with a character of its secret mistyped is still that token's.
+    let mistyped = format!("{}{}", &b[..b.len() - 1], if b.ends_with('x') { 'y' } else { 'x' });
+    ann.run(&["token", "revoke", &mistyped]).ok();
+    assert_eq!(
+        status(&w, reqwest::Method::GET, "/shop", &b).await,
+        401,
+        "revoked by its mistyped whole token"
+    );
 
     // The audit log has who did what, with the reason.
     let audit = admin.json(&["audit", "--token-id", &mcp_id]);
@@ -364,8 +383,10 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let line = |words: &[&str]| me.lines().any(|l| l.split_whitespace().eq(words.iter().copied()));
     assert!(line(&["Org:", "acme", "(role", "editor)"]) && line(&["Token:", &ci[..10]]), "{me}");
     assert!(line(&["Scope:", "read"]) && line(&["Environments:", "staging"]), "{me}");
+    assert!(line(&["Email:", "ann@acme.io"]), "{me}");
     let me = ann.as_token(&ci).json(&["whoami"]);
     assert!(me["subject"].as_str().is_some_and(|s| s.starts_with("user:u_")), "{me}");
+    assert_eq!(me["email"], "ann@acme.io", "{me}");
     assert_eq!(
         (&me["org_role"], &me["token_id"]),
         (&serde_json::json!("editor"), &serde_json::json!(&ci[..10]))
@@ -374,11 +395,11 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let by_admin = admin.json(&["audit", "--token-id", &admin.token[..10]]);
     let added = by_admin.as_array().unwrap().iter().find(|e| e["action"] == "user.add");
     assert!(added.is_some_and(|e| e["target"] == "user:ann@acme.io"), "{by_admin}");
+    // Who `user:<id>` is, by the email no command needs the id for.
+    assert!(added.is_some_and(|e| e["actor_email"] == "admin@acme.io"), "{by_admin}");
     let table = admin.run(&["audit", "--token-id", &admin.token[..10]]).ok();
-    assert!(
-        table.lines().any(|l| l.contains("user.add") && l.contains(&format!("({})", &admin.token[..10]))),
-        "{table}"
-    );
+    let by = format!("admin@acme.io ({})", &admin.token[..10]);
+    assert!(table.lines().any(|l| l.contains("user.add") && l.contains(&by)), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,8 +643,12 @@ async fn an_admin_manages_services_end_to_end() {
     let issued = log.as_array().unwrap().iter().find(|e| e["action"] == "token.issue").expect("its issue");
     assert_eq!(issued["details"]["for"], "service:embed", "{log}");
 
-    admin.run(&["service", "set-role", "embed", "--org-role", "viewer"]).ok();
-    admin.run(&["service", "set-role", "embed", "--project", "shop", "--remove"]).ok();
+    // The org role and a project's role change in one call, as `service create` sets both.
+    admin
+        .run(&["service", "set-role", "embed", "--org-role", "viewer", "--project", "shop", "--remove"])
+        .ok();
+    let err = admin.run(&["service", "set-role", "embed", "--project", "shop"]).failed();
+    assert!(err.contains("give --project-role (the role there) or --remove"), "{err}");
     let shown = admin.json(&["service", "show", "embed"]);
     assert_eq!(shown["org_role"], "viewer");
     assert_eq!(shown["project_roles"], serde_json::json!({}));
@@ -1057,6 +1082,10 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
         (&format!("/v1/tokens/{id}/revoke"), r#"{"display_name": "ci"}"#.into(), json, 400, "not both"),
         ("/v1/tokens", format!(r#"{{"display_name": "{}"}}"#, "x".repeat(70_000)), json, 413, "length limit"),
         ("/v1/tokens", "{}".into(), "text/plain", 415, "Content-Type"),
+        // Settings sent as query parameters are refused, never ignored: this token would never
+        // expire, and that rotation would cut the old token off at once.
+        ("/v1/tokens?ttl_minutes=1", "{}".into(), json, 400, "no query parameters"),
+        (&format!("/v1/tokens/{id}/rotate?grace_seconds=300"), "{}".into(), json, 400, "no query parameters"),
         // A key given twice in a map would otherwise keep its last value silently.
         (
             "/v1/orgs/acme/users",
@@ -1088,6 +1117,10 @@ async fn malformed_input_gets_a_clear_error_and_changes_nothing() {
         assert!(answer["error_description"].as_str().unwrap().contains(says), "{path}: {answer}");
     }
     assert!(admin.json(&["audit"]).as_array().is_some(), "the audit log still reads");
+    let resp = http.get(format!("{admin_url}/v1/tokens/{id}?fields=all")).bearer_auth(&admin.token).send();
+    assert_eq!(resp.await.unwrap().status(), 400, "a query the call does not read");
+    let details = admin.json(&["token", "get", &id]);
+    assert_eq!(details["status"], "active", "not rotated: {details}");
     admin.run(&["token", "revoke", &id]).ok();
     // A client that waits for `100 Continue` is refused before it sends a declared-too-long body.
     let addr: std::net::SocketAddr = admin_url.trim_start_matches("http://").parse().unwrap();
@@ -1463,7 +1496,8 @@ async fn an_empty_or_dot_argument_is_refused_before_it_is_sent_as_another_path()
         vec!["token", "rotate", "."],
     ] {
         let err = admin.run(&args).failed();
-        assert!(err.contains("names nothing"), "{args:?}: {err}");
+        let token_id = args[0] == "token" && err.contains("is not a token id");
+        assert!(err.contains("names nothing") || token_id, "{args:?}: {err}");
     }
     // Nothing was done: ann and her token still work.
     assert_eq!(ann.json(&["token", "list"]).as_array().map(Vec::len), Some(1));
