@@ -276,6 +276,8 @@ pub struct Config {
     /// How long a client's connection may sit idle between requests, in whole seconds; `None`:
     /// one request per connection (`keepalive_timeout: 0s`).
     pub keepalive: Option<u64>,
+    /// How long the gateway waits for each piece of a request's body (`client_body_timeout`).
+    pub client_body_timeout: Duration,
     /// What the upstream's `X-Forwarded-For` says (`forwarded_for`).
     pub forwarded_for: ForwardedFor,
 }
@@ -749,6 +751,9 @@ impl Validator {
             .collect();
         let timeouts = self.timeouts("upstream_timeouts", raw.upstream_timeouts, UpstreamTimeouts::default());
         let keepalive = self.duration_or_zero("keepalive_timeout", raw.keepalive_timeout, DEFAULT_KEEPALIVE);
+        // nginx's `client_body_timeout`, and Pingora's own bound on each read.
+        let client_body_timeout =
+            self.duration("client_body_timeout", raw.client_body_timeout, Duration::from_secs(60));
         let forwarded_for = match raw.forwarded_for.as_deref() {
             None | Some("append") => ForwardedFor::Append,
             Some("replace") => ForwardedFor::Replace,
@@ -842,6 +847,7 @@ impl Validator {
             access_log,
             jwt,
             keepalive,
+            client_body_timeout,
             forwarded_for,
         })
     }

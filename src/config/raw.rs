@@ -39,6 +39,7 @@ pub struct RawConfig {
     pub jwt: Option<RawJwt>,
     pub upstream_timeouts: Option<RawTimeouts>,
     pub keepalive_timeout: Option<String>,
+    pub client_body_timeout: Option<String>,
     pub forwarded_for: Option<String>,
 }
 
@@ -333,6 +334,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "jwt" => section(text, name, issues).map(|v| raw.jwt = v),
             "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
             "keepalive_timeout" => section(text, name, issues).map(|v| raw.keepalive_timeout = v),
+            "client_body_timeout" => section(text, name, issues).map(|v| raw.client_body_timeout = v),
             "forwarded_for" => section(text, name, issues).map(|v| raw.forwarded_for = v),
             _ => Some(()),
         };
@@ -344,10 +346,11 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level settings that take one value rather than settings of their own.
-const SINGLE_VALUES: [&str; 4] = ["listen", "threads", "keepalive_timeout", "forwarded_for"];
+const SINGLE_VALUES: [&str; 5] =
+    ["listen", "threads", "keepalive_timeout", "client_body_timeout", "forwarded_for"];
 
 /// The top-level keys, as in [`RawConfig`].
-const SECTIONS: [&str; 20] = [
+const SECTIONS: [&str; 21] = [
     "listen",
     "threads",
     "shutdown",
@@ -367,6 +370,7 @@ const SECTIONS: [&str; 20] = [
     "jwt",
     "upstream_timeouts",
     "keepalive_timeout",
+    "client_body_timeout",
     "forwarded_for",
 ];
 

@@ -364,6 +364,11 @@ impl ProxyHttp for Gateway {
         if asks_to_close(session.req_header()) {
             session.set_keepalive(None);
         }
+        // A next request (or a stray CRLF) that arrives while this one is being answered waits
+        // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
+        // may already have carried out, as a malformed request.
+        session.set_pipelining_enabled(true);
+        session.set_read_timeout(Some(config.client_body_timeout));
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();
@@ -454,6 +459,11 @@ impl ProxyHttp for Gateway {
         // An HTTP/1.0 client may send no `Host`; the upstream is sent HTTP/1.1, which needs one:
         // the upstream's address, as nginx sends its `proxy_pass` host (a Go or nginx upstream
         // answers a request without one 400).
+        // Nor may an HTTP/1.0 client be sent a `100 Continue` it cannot read as anything but its
+        // answer (RFC 9110, sections 10.1.1 and 15.2): its expectation goes no further.
+        if session.req_header().version == http::Version::HTTP_10 {
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
         if session.req_header().version == http::Version::HTTP_10
             && !upstream_request.headers.contains_key(http::header::HOST)
         {
@@ -588,6 +598,8 @@ impl ProxyHttp for Gateway {
                 pingora::ErrorSource::Downstream => match e.etype() {
                     // The client is gone: nobody to answer.
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    // Its body stopped arriving for `client_body_timeout`.
+                    ErrorType::ReadTimedout => 408,
                     _ => 400,
                 },
                 pingora::ErrorSource::Internal | pingora::ErrorSource::Unset => 500,

@@ -1412,7 +1412,7 @@ async fn an_http_1_0_client_gets_a_host_for_the_upstream_and_no_chunked_body() {
     );
     let port = free_port();
     let g = Gateway::start_with(port, &gateway_config(port, &w.redis.url(), chunked.port));
-    let user = w.user("acme", "old@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let user = w.user("acme", "old@acme.io", Role::Editor, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
 
     let answer = raw_request(
@@ -1431,6 +1431,31 @@ async fn an_http_1_0_client_gets_a_host_for_the_upstream_and_no_chunked_body() {
     let resp = w.http.get(g.url("/shop/x")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.headers()["transfer-encoding"], "chunked");
     assert_eq!(resp.text().await.unwrap(), "hello world");
+
+    // Nor is it sent a `100 Continue` (which it would read as its answer): its expectation stops
+    // at the gateway, and the (echo) upstream, which honours one, gets none.
+    let addr = w.gateway.addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "POST /shop/x HTTP/1.0\r\nAuthorization: Bearer {token}\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        client.write_all(b"hi").unwrap();
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    let echo: serde_json::Value = serde_json::from_str(body).expect("the echo's JSON");
+    assert!(header(&echo, "expect").is_none(), "{echo}");
+    assert_eq!(echo["body"], "hi", "{echo}");
 }
 
 /// Every request on a kept-alive connection is judged on its own (a guard for any state kept per
@@ -1570,4 +1595,50 @@ async fn bodies_stream_through_in_both_directions() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_while_another_is_answered_waits_its_turn() {
+    // It answers 800 ms after each request head: the second request, and a stray CRLF before it,
+    // arrive while the first is with the upstream.
+    let slow = RawUpstream::start_slow(Duration::from_millis(800));
+    let mut w = World::with_routes(&format!(
+        "  - {{ name: slow, path: /slow, upstream: \"127.0.0.1:{}\", org: acme, project: shop, environment: production }}\n",
+        slow.port
+    ))
+    .await;
+    let ann = w.user("acme", "ann@example.com", Role::Editor, serde_json::json!({})).await;
+    let bob = w.user("acme", "bob@example.com", Role::Editor, serde_json::json!({})).await;
+    let (ann, bob) = (w.pat(&ann, TokenSpec::default()).await, w.pat(&bob, TokenSpec::default()).await);
+    for token in [&ann, &bob] {
+        let warm = w.http.get(w.gateway.url("/shop")).bearer_auth(token).send().await.unwrap();
+        assert_eq!(warm.status(), 200);
+    }
+    let addr = w.gateway.addr();
+    let answers = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let first = format!("POST /slow/order HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ann}\r\nContent-Length: 2\r\n\r\nhi");
+        client.write_all(first.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        client.write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let second =
+            format!("GET /shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob}\r\nConnection: close\r\n\r\n");
+        client.write_all(second.as_bytes()).unwrap();
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    })
+    .await
+    .unwrap();
+    // Both answered, in order, each as its own caller: the first with the upstream's answer
+    // (not a 400 for the bytes that came after it), the second as bob.
+    let (first, second) = answers.split_at(answers.find("\r\n\r\nok").map_or(0, |at| at + 6));
+    assert!(first.starts_with("HTTP/1.1 200 Fine By Me"), "{answers}");
+    assert!(second.starts_with("HTTP/1.1 200"), "{answers}");
+    assert!(second.contains("bob@example.com") && !second.contains("ann@example.com"), "{answers}");
+    let heads = slow.heads();
+    assert!(heads.len() == 1 && heads[0].contains("x-auth-email: ann@example.com"), "{heads:?}");
 }

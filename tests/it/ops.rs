@@ -1241,3 +1241,41 @@ fn the_echo_upstream_stops_cleanly_on_sigterm_as_a_container_s_first_process_mus
     // first process does not have).
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_gets_a_408_whichever_side_gives_up_first() {
+    let mut w = World::start().await;
+    // One that never answers within the test, on a route that would wait for it a long time:
+    // the gateway's own wait for the client's body (`client_body_timeout`) ends the request.
+    let mute = RawUpstream::start_slow(Duration::from_secs(3600));
+    let port = free_port();
+    let route = format!(
+        "  - {{ name: upload, path: /upload, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
+         environment: production, upstream_timeouts: {{ read: 5m }} }}\n",
+        mute.port
+    );
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port)
+        .replace("threads: 2", "threads: 2\nclient_body_timeout: 300ms")
+        + &route;
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "t@acme.io", Role::Editor, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let (addr, bearer) = (g.addr(), token.clone());
+    let stalled = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "POST /upload/report HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
+        );
+        client.write_all(head.as_bytes()).unwrap();
+        read_one_response(&mut client)
+    })
+    .await
+    .unwrap();
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(stalled.contains(r#""error":"request_timeout""#), "{stalled}");
+    let failures = r#"tollgate_proxy_failures_total{route="upload",status="408"}"#;
+    let now = w.http.get(format!("{}/metrics", g.admin_url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&now, failures), 1.0, "{now}");
+}
