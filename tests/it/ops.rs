@@ -794,21 +794,7 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
 
     // An upstream waiting for the rest of a body the client stopped sending is not silent: the
     // client is told it stopped (408), and no 504 is counted against the upstream.
-    let (addr, bearer) = (g.addr(), token.clone());
-    let stalled = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let head = format!(
-            "GET /mute/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
-        );
-        client.write_all(head.as_bytes()).unwrap();
-        read_one_response(&mut client)
-    })
-    .await
-    .unwrap();
-    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
-    assert!(stalled.contains(r#""error":"request_timeout""#), "{stalled}");
+    stalled_body_gets_a_408(g.addr(), "GET /mute/upload", &token).await;
     let now = w.http.get(&metrics).send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&now, failures), 1.0, "{now}");
 
@@ -1260,14 +1246,22 @@ async fn a_body_that_stops_arriving_gets_a_408_whichever_side_gives_up_first() {
     let g = Gateway::start_with(port, &config);
     let user = w.user("acme", "t@acme.io", Role::Editor, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
-    let (addr, bearer) = (g.addr(), token.clone());
+    stalled_body_gets_a_408(g.addr(), "POST /upload/report", &token).await;
+    let failures = r#"tollgate_proxy_failures_total{route="upload",status="408"}"#;
+    let now = w.http.get(format!("{}/metrics", g.admin_url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&now, failures), 1.0, "{now}");
+}
+
+/// Sends `request` (method and path) with 3 of its 100 declared body bytes, then nothing: the
+/// answer is `408 request_timeout`.
+async fn stalled_body_gets_a_408(addr: std::net::SocketAddr, request: &str, token: &str) {
+    let head = format!(
+        "{request} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 100\r\n\r\nabc"
+    );
     let stalled = tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut client = std::net::TcpStream::connect(addr).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let head = format!(
-            "POST /upload/report HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 100\r\n\r\nabc"
-        );
         client.write_all(head.as_bytes()).unwrap();
         read_one_response(&mut client)
     })
@@ -1275,7 +1269,4 @@ async fn a_body_that_stops_arriving_gets_a_408_whichever_side_gives_up_first() {
     .unwrap();
     assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
     assert!(stalled.contains(r#""error":"request_timeout""#), "{stalled}");
-    let failures = r#"tollgate_proxy_failures_total{route="upload",status="408"}"#;
-    let now = w.http.get(format!("{}/metrics", g.admin_url())).send().await.unwrap().text().await.unwrap();
-    assert_eq!(sample(&now, failures), 1.0, "{now}");
 }
