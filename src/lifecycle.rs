@@ -1244,7 +1244,7 @@ impl<'a> Lifecycle<'a> {
         if first_token.is_some() && actor.user_id.is_none() {
             return Err(LifecycleError::Forbidden(USER_TOKENS_BY_USERS.into()));
         }
-        check_email(email)?;
+        check_new_email(email)?;
         check_attributes(&attributes)?;
         self.check_roles(org, &project_roles, None)?;
         self.check_grantable(actor, None, &RoleSet { org: org_role, projects: project_roles.clone() })?;
@@ -2052,34 +2052,50 @@ fn check_attributes(attributes: &Attributes) -> Result<()> {
     Ok(())
 }
 
-/// `local@domain`, in printable ASCII (it travels in `X-Auth-Email`, a header), at most 254 bytes,
-/// shaped as mail servers take it (RFC 5321/5322): the local part at most 64 bytes, dot-separated
-/// words of letters, digits and ``!#$%&'*+-/=?^_`{|}~`` (or one quoted string); the domain
-/// dot-separated labels of letters, digits and `-`, none empty or starting or ending with `-` (or
-/// an address literal in brackets). `a..b@x.io`, `.a@x.io` and `a@x.io.` are refused: the last
-/// would be a second user for the mailbox `a@x.io`.
+/// `local@domain`, in printable ASCII (it travels in `X-Auth-Email`, a header), at most 254 bytes:
+/// the shape every address the gateway takes has, stored users' included, however they were
+/// added (end users' addresses for credentials, and the subject guard, take this much).
 fn check_email(email: &str) -> Result<()> {
+    let printable = email.bytes().all(|b| b.is_ascii_graphic());
+    let shaped = matches!(email.split_once('@'), Some((local, domain))
+        if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+    if !printable || !shaped || email.len() > 254 {
+        return Err(not_an_email(email));
+    }
+    refuse_credential("the email address", email)
+}
+
+/// A new user's address, shaped as mail servers take it (RFC 5321/5322), beyond [`check_email`]:
+/// the local part at most 64 bytes of dot-separated words of letters, digits and
+/// ``!#$%&'*+-/=?^_`{|}~`` (no quoted string: its comma or quote would reach upstreams in
+/// `X-Auth-Email`); the domain dot-separated labels of letters, digits and `-`, none empty or
+/// starting or ending with `-`, or an address literal in brackets. `a..b@x.io`, `.a@x.io` and
+/// `a@x.io.` are refused: the last would be a second user for the mailbox `a@x.io`. (Users added
+/// before this check keep their addresses, and are found by them.)
+fn check_new_email(email: &str) -> Result<()> {
     fn words(s: &str, char_ok: impl Fn(u8) -> bool, word_ok: impl Fn(&str) -> bool) -> bool {
         s.split('.').all(|w| !w.is_empty() && w.bytes().all(&char_ok) && word_ok(w))
     }
+    check_email(email)?;
     let atext = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b);
-    let quoted = |l: &str| l.len() >= 2 && l.starts_with('"') && l.ends_with('"');
     let label = |l: &str| l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
     let literal = |d: &str| d.len() > 2 && d.starts_with('[') && d.ends_with(']');
-    let printable = email.bytes().all(|b| b.is_ascii_graphic());
     let shaped = matches!(email.split_once('@'), Some((local, domain))
-        if !domain.contains('@')
-            && local.len() <= 64
-            && (quoted(local) || words(local, atext, |_| true))
+        if local.len() <= 64
+            && words(local, atext, |_| true)
             && (literal(domain) || words(domain, |b| b.is_ascii_alphanumeric() || b == b'-', label)));
-    if !printable || !shaped || email.len() > 254 {
-        return Err(LifecycleError::Invalid(format!(
-            "{:?} is not an email address (local@domain, printable ASCII, no empty part between \
-             dots: write an internationalized domain in its xn-- form)",
-            shown(email)
-        )));
+    match shaped {
+        true => Ok(()),
+        false => Err(not_an_email(email)),
     }
-    refuse_credential("the email address", email)
+}
+
+fn not_an_email(email: &str) -> LifecycleError {
+    LifecycleError::Invalid(format!(
+        "{:?} is not an email address (local@domain, printable ASCII, no empty part between dots: \
+         write an internationalized domain in its xn-- form)",
+        shown(email)
+    ))
 }
 
 /// Keeps each name once, in the order first given.
@@ -2230,7 +2246,7 @@ pub async fn bootstrap(
     org: &str,
     email: &str,
 ) -> Result<(User, NewToken, Option<Millis>)> {
-    check_email(email)?;
+    check_new_email(email)?;
     ensure_org(store, org).await?;
     let user = new_user(org, email, Role::Admin, BTreeMap::new(), Attributes::new());
     let now = now_millis();

@@ -598,6 +598,18 @@ fn token_id(arg: &str) -> anyhow::Result<String> {
     }
 }
 
+/// What `audit --token-id` sends: a stored token's id (what starts like one is cut to its first
+/// 10 characters, so that no part of a secret, however mangled in the pasting, travels in the
+/// URL: this only reads), or an ephemeral credential's id (its `jti`), which the API checks.
+fn audited_id(arg: &str) -> anyhow::Result<&str> {
+    let arg = unless_whole_token(arg)?;
+    let prefixed = crate::token::PREFIXES.iter().any(|p| arg.starts_with(p));
+    Ok(match arg.get(..crate::token::ID_LEN) {
+        Some(id) if prefixed => id,
+        _ => arg,
+    })
+}
+
 /// `arg`, trimmed, or the id of the whole token it is, so that a secret never travels in a URL or
 /// comes back in a message. An ephemeral credential (a JWT) is refused, sending nothing: it has no
 /// token id, and is stopped by revoking the service token that minted it, which the message names.
@@ -979,9 +991,7 @@ impl Api {
                 })
             }
             Command::Audit { org, token_id: id, limit } => {
-                // A stored token's id, or an ephemeral credential's (its `jti`), which the API
-                // checks.
-                let id = id.as_deref().map(unless_whole_token).transpose()?;
+                let id = id.as_deref().map(audited_id).transpose()?;
                 let org = self.org(org).await?;
                 let mut path = format!("/v1/orgs/{}/audit?limit={limit}", segment(&org));
                 if let Some(id) = id {

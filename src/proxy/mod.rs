@@ -368,12 +368,19 @@ impl ProxyHttp for Gateway {
         // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
         // may already have carried out, as a malformed request.
         session.set_pipelining_enabled(true);
-        session.set_read_timeout(Some(config.client_body_timeout));
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();
         match admitted {
             Ok(permit) => {
+                // Each read of the body waits `client_body_timeout`; of an upgraded connection's
+                // client side (a WebSocket's), as long as the route waits on its upstream: an
+                // idle WebSocket needs a longer `upstream_timeouts.read`, and gets it both ways.
+                let wait = match session.is_upgrade_req() {
+                    true => permit.route().timeouts.read,
+                    false => config.client_body_timeout,
+                };
+                session.set_read_timeout(Some(wait));
                 ctx.permit = Some(permit);
                 Ok(false)
             }

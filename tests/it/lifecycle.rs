@@ -1480,6 +1480,13 @@ async fn a_token_pasted_into_a_reason_name_or_attributes_is_never_kept() {
     let body = resp.text().await.unwrap();
     assert!(body.contains("character id") && !body.contains(&live[10..]), "{body}");
     assert_eq!(admin.json(&["audit", "--token-id", &live]).as_array().map(Vec::len), Some(1), "by its id");
+    // Pasted with a stray character after it, it is still cut to its id, never sent.
+    let pasted = format!("{live}.");
+    assert_eq!(
+        admin.json(&["audit", "--token-id", &pasted]).as_array().map(Vec::len),
+        Some(1),
+        "a whole token and a dot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1229,20 +1229,41 @@ fn the_echo_upstream_stops_cleanly_on_sigterm_as_a_container_s_first_process_mus
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_stops_arriving_gets_a_408_whichever_side_gives_up_first() {
+async fn a_body_that_stops_arriving_gets_a_408_but_an_idle_websocket_waits_as_its_route_does() {
     let mut w = World::start().await;
     // One that never answers within the test, on a route that would wait for it a long time:
     // the gateway's own wait for the client's body (`client_body_timeout`) ends the request.
     let mute = RawUpstream::start_slow(Duration::from_secs(3600));
+    // One that accepts a WebSocket, then speaks 1 s later (the client says nothing meanwhile).
+    let ws = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ws_port = ws.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = ws.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        conn.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = conn.write_all(b"late news");
+        std::thread::sleep(Duration::from_secs(5));
+    });
     let port = free_port();
-    let route = format!(
+    let routes = format!(
         "  - {{ name: upload, path: /upload, upstream: \"127.0.0.1:{}\", org: acme, project: shop, \
-         environment: production, upstream_timeouts: {{ read: 5m }} }}\n",
+         environment: production, upstream_timeouts: {{ read: 5m }} }}\n  - {{ name: ws, path: /ws, \
+         upstream: \"127.0.0.1:{ws_port}\", org: acme, project: shop, environment: production, \
+         upstream_timeouts: {{ read: 5m }} }}\n",
         mute.port
     );
     let config = gateway_config(port, &w.redis.url(), w.upstream.port)
         .replace("threads: 2", "threads: 2\nclient_body_timeout: 300ms")
-        + &route;
+        + &routes;
     let g = Gateway::start_with(port, &config);
     let user = w.user("acme", "t@acme.io", Role::Editor, serde_json::json!({})).await;
     let token = w.pat(&user, TokenSpec::default()).await;
@@ -1250,6 +1271,33 @@ async fn a_body_that_stops_arriving_gets_a_408_whichever_side_gives_up_first() {
     let failures = r#"tollgate_proxy_failures_total{route="upload",status="408"}"#;
     let now = w.http.get(format!("{}/metrics", g.admin_url())).send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&now, failures), 1.0, "{now}");
+
+    // An upgraded connection's client side is no body to time out at `client_body_timeout`: the
+    // upstream's word a second later still reaches the silent client.
+    let (addr, bearer) = (g.addr(), token.clone());
+    let heard = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("late news") {
+            match client.read(&mut chunk) {
+                Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(heard.starts_with("HTTP/1.1 101"), "{heard}");
+    assert!(heard.contains("late news"), "cut before the upstream spoke: {heard}");
 }
 
 /// Sends `request` (method and path) with 3 of its 100 declared body bytes, then nothing: the
