@@ -308,6 +308,15 @@ fn loggable_error(e: &Error) -> String {
     text
 }
 
+/// Whether the client waits for a `100 Continue` before it sends its body (Pingora's own test).
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Whether the request asks for its connection to be closed in a `Connection` header after the
 /// first (RFC 9110: the lines are one list), which Pingora does not read: `Connection: foo` then
 /// `Connection: close` left the connection open for the keep-alive timeout.
@@ -368,18 +377,29 @@ impl ProxyHttp for Gateway {
         // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
         // may already have carried out, as a malformed request.
         session.set_pipelining_enabled(true);
+        // A client that half-closes once its request is sent (`printf ... | nc -N`) still gets
+        // the answer (RFC 9112, section 9.6), as HAProxy gives it; a gone client shows when the
+        // answer cannot be written.
+        session.set_abort_on_close(false);
+        // Nor may an HTTP/1.0 client be sent an informational answer (a `103 Early Hints`),
+        // which it would read as its answer (RFC 9110, section 15.2).
+        if session.req_header().version == http::Version::HTTP_10 {
+            session.set_ignore_info_resp(true);
+        }
         let timer = self.metrics.auth_latency.start_timer();
         let admitted = self.admit(&config, session.req_header(), ctx).await;
         timer.observe_duration();
         match admitted {
             Ok(permit) => {
-                // Each read of the body waits `client_body_timeout`; of an upgraded connection's
-                // client side (a WebSocket's), as long as the route waits on its upstream: an
-                // idle WebSocket needs a longer `upstream_timeouts.read`, and gets it both ways.
-                let wait = match session.is_upgrade_req() {
-                    true => permit.route().timeouts.read,
-                    false => config.client_body_timeout,
-                };
+                // Each read of the body waits `client_body_timeout`, but for a client waiting on
+                // the upstream: an upgraded connection's client side (a WebSocket's), and one that
+                // waits for the upstream's `100 Continue` before it sends its body. Those wait as
+                // long as the route waits on its upstream (an idle WebSocket needs a longer
+                // `upstream_timeouts.read`, and gets it both ways).
+                let (mut wait, route_wait) = (config.client_body_timeout, permit.route().timeouts.read);
+                if route_wait > wait && (session.is_upgrade_req() || expects_continue(session.req_header())) {
+                    wait = route_wait;
+                }
                 session.set_read_timeout(Some(wait));
                 ctx.permit = Some(permit);
                 Ok(false)
