@@ -48,6 +48,9 @@ pub struct RequestCtx {
     deprecation: Option<Box<headers::Deprecation>>,
     /// The upstream address last tried ([`Route::upstream_after`]'s index) and how many were.
     upstream: Option<(usize, u32)>,
+    /// `client_body_timeout`, to bound the body's reads again once its first piece has come,
+    /// where the wait for it was the route's (see `request_filter`).
+    body_wait: Option<std::time::Duration>,
 }
 
 impl Gateway {
@@ -360,6 +363,7 @@ impl ProxyHttp for Gateway {
             rejection: None,
             deprecation: None,
             upstream: None,
+            body_wait: None,
         }
     }
 
@@ -377,10 +381,6 @@ impl ProxyHttp for Gateway {
         // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
         // may already have carried out, as a malformed request.
         session.set_pipelining_enabled(true);
-        // A client that half-closes once its request is sent (`printf ... | nc -N`) still gets
-        // the answer (RFC 9112, section 9.6), as HAProxy gives it; a gone client shows when the
-        // answer cannot be written.
-        session.set_abort_on_close(false);
         // Nor may an HTTP/1.0 client be sent an informational answer (a `103 Early Hints`),
         // which it would read as its answer (RFC 9110, section 15.2).
         if session.req_header().version == http::Version::HTTP_10 {
@@ -393,14 +393,19 @@ impl ProxyHttp for Gateway {
             Ok(permit) => {
                 // Each read of the body waits `client_body_timeout`, but for a client waiting on
                 // the upstream: an upgraded connection's client side (a WebSocket's), and one that
-                // waits for the upstream's `100 Continue` before it sends its body. Those wait as
-                // long as the route waits on its upstream (an idle WebSocket needs a longer
-                // `upstream_timeouts.read`, and gets it both ways).
-                let (mut wait, route_wait) = (config.client_body_timeout, permit.route().timeouts.read);
-                if route_wait > wait && (session.is_upgrade_req() || expects_continue(session.req_header())) {
-                    wait = route_wait;
+                // waits for the upstream's `100 Continue` before it sends its body (until its
+                // first piece comes: `request_body_filter`). Those wait as long as the route waits
+                // on its upstream (an idle WebSocket needs a longer `upstream_timeouts.read`, and
+                // gets it both ways).
+                let (wait, route_wait) = (config.client_body_timeout, permit.route().timeouts.read);
+                if route_wait > wait && session.is_upgrade_req() {
+                    session.set_read_timeout(Some(route_wait));
+                } else if route_wait > wait && expects_continue(session.req_header()) {
+                    ctx.body_wait = Some(wait);
+                    session.set_read_timeout(Some(route_wait));
+                } else {
+                    session.set_read_timeout(Some(wait));
                 }
-                session.set_read_timeout(Some(wait));
                 ctx.permit = Some(permit);
                 Ok(false)
             }
@@ -414,6 +419,21 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    /// The body a client waited on the upstream's `100 Continue` for has begun to come: its other
+    /// pieces wait `client_body_timeout` again.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if ctx.body_wait.is_some() && body.as_ref().is_some_and(|b| !b.is_empty()) {
+            session.set_read_timeout(ctx.body_wait.take());
+        }
+        Ok(())
     }
 
     /// The permit's route names the upstream.

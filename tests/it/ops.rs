@@ -1253,23 +1253,32 @@ async fn a_body_that_stops_arriving_gets_a_408_but_an_idle_websocket_waits_as_it
         let _ = conn.write_all(b"late news");
         std::thread::sleep(Duration::from_secs(5));
     });
-    // One that takes a second to say `100 Continue`, then reads the body and answers.
+    // One that takes a second to say `100 Continue`, then reads a 2-byte body and answers (or,
+    // for /late/stall, reads until the connection ends).
     let late = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let late_port = late.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let (mut conn, _) = late.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
-            head.push(byte[0]);
+        for mut conn in late.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+                if String::from_utf8_lossy(&head).contains("/late/stall") {
+                    let _ = conn.read_to_end(&mut Vec::new());
+                    return;
+                }
+                let mut body = [0u8; 2];
+                conn.read_exact(&mut body).unwrap();
+                // (One request per connection: the next goes on a new one.)
+                conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+                    .unwrap();
+            });
         }
-        std::thread::sleep(Duration::from_secs(1));
-        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
-        let mut body = [0u8; 2];
-        conn.read_exact(&mut body).unwrap();
-        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
-        std::thread::sleep(Duration::from_secs(5));
     });
     let port = free_port();
     let routes = format!(
@@ -1317,40 +1326,48 @@ async fn a_body_that_stops_arriving_gets_a_408_but_an_idle_websocket_waits_as_it
     .await
     .unwrap();
     assert!(heard.starts_with("HTTP/1.1 101"), "{heard}");
-    assert!(heard.contains("late news"), "cut before the upstream spoke: {heard}");
+    assert!(heard.contains("late news"), "cut before the upstream spoke: {heard}\n{}", g.log_text());
 
     // Nor is a client waiting, as asked, for the upstream's `100 Continue` (a second coming)
     // before it sends its body.
-    let (addr, bearer) = (g.addr(), token.clone());
-    let answered = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let head = format!(
-            "POST /late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nExpect: 100-continue\r\n\
-             Content-Length: 2\r\n\r\n"
-        );
-        client.write_all(head.as_bytes()).unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
-            let n = client.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-        }
-        client.write_all(b"hi").unwrap();
-        while !String::from_utf8_lossy(&got).ends_with("ok") {
-            match client.read(&mut chunk) {
-                Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
-                _ => break,
+    let continued = |path: &'static str, length: usize| {
+        let (addr, bearer) = (g.addr(), token.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nExpect: 100-continue\r\n\
+                 Content-Length: {length}\r\n\r\n"
+            );
+            client.write_all(head.as_bytes()).unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+                let n = client.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&chunk[..n]);
             }
-        }
-        String::from_utf8_lossy(&got).into_owned()
-    })
-    .await
-    .unwrap();
+            client.write_all(b"hi").unwrap();
+            loop {
+                match client.read(&mut chunk) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                    _ => break String::from_utf8_lossy(&got).into_owned(),
+                }
+            }
+        })
+    };
+    let answered = continued("/late", 2).await.unwrap();
     assert!(answered.starts_with("HTTP/1.1 100 Continue"), "{answered}");
     assert!(answered.contains("HTTP/1.1 200") && answered.ends_with("ok"), "{answered}");
+    // Once its body has begun, its stalling is the client's again: `client_body_timeout`, not
+    // the route's five minutes.
+    let stalled = continued("/late/stall", 10).await.unwrap();
+    assert!(
+        stalled.contains("HTTP/1.1 408") && stalled.contains("request_timeout"),
+        "{stalled}\n{}",
+        g.log_text()
+    );
 }
 
 /// Sends `request` (method and path) with 3 of its 100 declared body bytes, then nothing: the
