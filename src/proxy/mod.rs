@@ -381,8 +381,8 @@ impl ProxyHttp for Gateway {
         // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
         // may already have carried out, as a malformed request.
         session.set_pipelining_enabled(true);
-        // Nor may an HTTP/1.0 client be sent an informational answer (a `103 Early Hints`),
-        // which it would read as its answer (RFC 9110, section 15.2).
+        // An HTTP/1.0 client is sent no informational answer (a `103 Early Hints`), which it
+        // would read as its answer (RFC 9110, section 15.2).
         if session.req_header().version == http::Version::HTTP_10 {
             session.set_ignore_info_resp(true);
         }
@@ -503,21 +503,19 @@ impl ProxyHttp for Gateway {
         };
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         headers::forward(config, permit, upstream_request, &ctx.request_id, &self.identity_headers, client)?;
-        // An HTTP/1.0 client may send no `Host`; the upstream is sent HTTP/1.1, which needs one:
-        // the upstream's address, as nginx sends its `proxy_pass` host (a Go or nginx upstream
-        // answers a request without one 400).
-        // Nor may an HTTP/1.0 client be sent a `100 Continue` it cannot read as anything but its
-        // answer (RFC 9110, sections 10.1.1 and 15.2): its expectation goes no further.
         if session.req_header().version == http::Version::HTTP_10 {
+            // An HTTP/1.0 client's expectation goes no further: the upstream, sent HTTP/1.1,
+            // would answer `100 Continue`, which the client can only read as its answer (RFC 9110,
+            // sections 10.1.1 and 15.2).
             upstream_request.remove_header(&http::header::EXPECT);
-        }
-        if session.req_header().version == http::Version::HTTP_10
-            && !upstream_request.headers.contains_key(http::header::HOST)
-        {
-            let route = permit.route();
-            let n = route.upstreams.len();
-            if let Some(addr) = ctx.upstream.and_then(|(i, _)| route.upstreams.get(i.checked_rem(n)?)) {
-                upstream_request.insert_header(http::header::HOST, addr.to_string())?;
+            // It may send no `Host`; HTTP/1.1 needs one: the upstream's address, as nginx sends
+            // its `proxy_pass` host (a Go or nginx upstream answers a request without one 400).
+            if !upstream_request.headers.contains_key(http::header::HOST) {
+                let route = permit.route();
+                let n = route.upstreams.len();
+                if let Some(addr) = ctx.upstream.and_then(|(i, _)| route.upstreams.get(i.checked_rem(n)?)) {
+                    upstream_request.insert_header(http::header::HOST, addr.to_string())?;
+                }
             }
         }
         Ok(())
