@@ -1315,13 +1315,18 @@ async fn a_body_that_stops_arriving_gets_a_408_but_an_idle_websocket_waits_as_it
         client.write_all(head.as_bytes()).unwrap();
         let mut got = Vec::new();
         let mut chunk = [0u8; 1024];
+        let mut ended = String::new();
         while !String::from_utf8_lossy(&got).contains("late news") {
             match client.read(&mut chunk) {
                 Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
-                _ => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                end => {
+                    ended = format!("(the read ended: {end:?})");
+                    break;
+                }
             }
         }
-        String::from_utf8_lossy(&got).into_owned()
+        format!("{}{ended}", String::from_utf8_lossy(&got))
     })
     .await
     .unwrap();
