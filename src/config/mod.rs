@@ -278,6 +278,9 @@ pub struct Config {
     pub keepalive: Option<u64>,
     /// How long the gateway waits for each piece of a request's body (`client_body_timeout`).
     pub client_body_timeout: Duration,
+    /// How long the gateway waits for the client to take each piece of its answer
+    /// (`client_send_timeout`).
+    pub client_send_timeout: Duration,
     /// What the upstream's `X-Forwarded-For` says (`forwarded_for`).
     pub forwarded_for: ForwardedFor,
 }
@@ -754,6 +757,9 @@ impl Validator {
         // nginx's `client_body_timeout`, and Pingora's own bound on each read.
         let client_body_timeout =
             self.duration("client_body_timeout", raw.client_body_timeout, Duration::from_secs(60));
+        // nginx's `send_timeout`; Pingora alone waits for ever.
+        let client_send_timeout =
+            self.duration("client_send_timeout", raw.client_send_timeout, Duration::from_secs(60));
         let forwarded_for = match raw.forwarded_for.as_deref() {
             None | Some("append") => ForwardedFor::Append,
             Some("replace") => ForwardedFor::Replace,
@@ -848,6 +854,7 @@ impl Validator {
             jwt,
             keepalive,
             client_body_timeout,
+            client_send_timeout,
             forwarded_for,
         })
     }

@@ -40,6 +40,7 @@ pub struct RawConfig {
     pub upstream_timeouts: Option<RawTimeouts>,
     pub keepalive_timeout: Option<String>,
     pub client_body_timeout: Option<String>,
+    pub client_send_timeout: Option<String>,
     pub forwarded_for: Option<String>,
 }
 
@@ -335,6 +336,7 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
             "upstream_timeouts" => section(text, name, issues).map(|v| raw.upstream_timeouts = v),
             "keepalive_timeout" => section(text, name, issues).map(|v| raw.keepalive_timeout = v),
             "client_body_timeout" => section(text, name, issues).map(|v| raw.client_body_timeout = v),
+            "client_send_timeout" => section(text, name, issues).map(|v| raw.client_send_timeout = v),
             "forwarded_for" => section(text, name, issues).map(|v| raw.forwarded_for = v),
             _ => Some(()),
         };
@@ -346,11 +348,11 @@ pub fn read(text: &str, issues: &mut Vec<ConfigIssue>) -> Option<(RawConfig, Unr
 }
 
 /// The top-level settings that take one value rather than settings of their own.
-const SINGLE_VALUES: [&str; 5] =
-    ["listen", "threads", "keepalive_timeout", "client_body_timeout", "forwarded_for"];
+const SINGLE_VALUES: [&str; 6] =
+    ["listen", "threads", "keepalive_timeout", "client_body_timeout", "client_send_timeout", "forwarded_for"];
 
 /// The top-level keys, as in [`RawConfig`].
-const SECTIONS: [&str; 21] = [
+const SECTIONS: [&str; 22] = [
     "listen",
     "threads",
     "shutdown",
@@ -371,6 +373,7 @@ const SECTIONS: [&str; 21] = [
     "upstream_timeouts",
     "keepalive_timeout",
     "client_body_timeout",
+    "client_send_timeout",
     "forwarded_for",
 ];
 

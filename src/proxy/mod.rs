@@ -381,6 +381,9 @@ impl ProxyHttp for Gateway {
         // for its turn (RFC 9112, section 9.3.2) instead of failing this one, which the upstream
         // may already have carried out, as a malformed request.
         session.set_pipelining_enabled(true);
+        // A client that stops taking its answer (reads nothing, its window full) lets go of its
+        // connection, and of the upstream's, after `client_send_timeout`, as behind nginx.
+        session.set_write_timeout(Some(config.client_send_timeout));
         // An HTTP/1.0 client is sent no informational answer (a `103 Early Hints`), which it
         // would read as its answer (RFC 9110, section 15.2).
         if session.req_header().version == http::Version::HTTP_10 {
@@ -620,7 +623,11 @@ impl ProxyHttp for Gateway {
             // the client is gone, as below, though Pingora leaves this error's source unset.
             // Nothing was let through, so no proxying failed. (One that could not be made at all
             // stays an internal error.)
-            ErrorType::WriteError | ErrorType::ConnectionClosed if ctx.rejection.is_some() => 0,
+            ErrorType::WriteError | ErrorType::WriteTimedout | ErrorType::ConnectionClosed
+                if ctx.rejection.is_some() =>
+            {
+                0
+            }
             _ => match e.esource() {
                 // The upstream waited for the rest of a body the client stopped sending: the
                 // client's doing, not the upstream's silence.
@@ -641,8 +648,11 @@ impl ProxyHttp for Gateway {
                 }
                 pingora::ErrorSource::Upstream => 502,
                 pingora::ErrorSource::Downstream => match e.etype() {
-                    // The client is gone: nobody to answer.
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    // The client is gone, or stopped taking its answer: nobody to answer.
+                    ErrorType::WriteError
+                    | ErrorType::ReadError
+                    | ErrorType::ConnectionClosed
+                    | ErrorType::WriteTimedout => 0,
                     // Its body stopped arriving for `client_body_timeout`.
                     ErrorType::ReadTimedout => 408,
                     _ => 400,

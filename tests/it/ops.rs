@@ -1393,3 +1393,47 @@ async fn stalled_body_gets_a_408(addr: std::net::SocketAddr, request: &str, toke
     assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
     assert!(stalled.contains(r#""error":"request_timeout""#), "{stalled}");
 }
+
+/// A client that stops taking its answer (reads nothing while a large one comes) is let go after
+/// `client_send_timeout`: its connection, and the upstream's, are not held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answer_is_let_go() {
+    let mut w = World::start().await;
+    const LENGTH: usize = 64 << 20;
+    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {LENGTH}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + LENGTH, b'x');
+    let big = RawUpstream::start_answering(Box::leak(answer.into_boxed_slice()));
+    let port = free_port();
+    let route = format!(
+        "  - {{ name: big, path: /big, upstream: \"127.0.0.1:{}\", org: acme, project: shop, environment: production }}\n",
+        big.port
+    );
+    let config = gateway_config(port, &w.redis.url(), w.upstream.port)
+        .replace("threads: 2", "threads: 2\nclient_send_timeout: 300ms")
+        + &route;
+    let g = Gateway::start_with(port, &config);
+    let user = w.user("acme", "slow@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let mut client = std::net::TcpStream::connect(g.addr()).unwrap();
+    std::io::Write::write_all(
+        &mut client,
+        format!("GET /big/file HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    // Nothing is read; the gateway gives up on the client, and says so in its access line.
+    let let_go = eventually(Duration::from_secs(20), || async {
+        g.log_text().lines().any(|l| l.contains("tollgate::access") && l.contains("WriteTimedout"))
+    });
+    assert!(let_go.await, "{}", g.log_text());
+    // And what the client finally reads ends before the whole answer.
+    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut read = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    while let Ok(n) = std::io::Read::read(&mut client, &mut chunk) {
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    assert!(read < LENGTH, "{read} bytes: the whole answer");
+}
