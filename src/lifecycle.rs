@@ -114,9 +114,13 @@ pub struct Actor {
 impl Actor {
     /// The actor behind a verified principal.
     pub fn from_principal(p: &Principal) -> Actor {
-        let (subject, user_id, roles) = match p.owner() {
-            OwnerRecord::User(u) => (format!("user:{}", u.id), Some(u.id.clone()), user_roles(u)),
-            OwnerRecord::Service(s) => (format!("service:{}", s.name), None, service_roles(s)),
+        let (subject, user_id, roles, service_id, email) = match p.owner() {
+            OwnerRecord::User(u) => {
+                (format!("user:{}", u.id), Some(u.id.clone()), user_roles(u), None, Some(u.email.clone()))
+            }
+            OwnerRecord::Service(s) => {
+                (format!("service:{}", s.name), None, service_roles(s), Some(s.id.clone()), None)
+            }
         };
         Actor {
             subject,
@@ -126,14 +130,8 @@ impl Actor {
             scope: p.scope().map(<[String]>::to_vec),
             environments: p.environments().map(<[String]>::to_vec),
             token_id: Some(p.token_id().clone()),
-            service_id: match p.owner() {
-                OwnerRecord::Service(s) => Some(s.id.clone()),
-                OwnerRecord::User(_) => None,
-            },
-            email: match p.owner() {
-                OwnerRecord::User(u) => Some(u.email.clone()),
-                OwnerRecord::Service(_) => None,
-            },
+            service_id,
+            email,
         }
     }
 

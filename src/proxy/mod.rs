@@ -311,15 +311,6 @@ fn loggable_error(e: &Error) -> String {
     text
 }
 
-/// Whether the client waits for a `100 Continue` before it sends its body (Pingora's own test).
-fn expects_continue(req: &RequestHeader) -> bool {
-    req.version == http::Version::HTTP_11
-        && req
-            .headers
-            .get(http::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-}
-
 /// Whether the request asks for its connection to be closed in a `Connection` header after the
 /// first (RFC 9110: the lines are one list), which Pingora does not read: `Connection: foo` then
 /// `Connection: close` left the connection open for the keep-alive timeout.
@@ -403,7 +394,9 @@ impl ProxyHttp for Gateway {
                 let (wait, route_wait) = (config.client_body_timeout, permit.route().timeouts.read);
                 if route_wait > wait && session.is_upgrade_req() {
                     session.set_read_timeout(Some(route_wait));
-                } else if route_wait > wait && expects_continue(session.req_header()) {
+                } else if route_wait > wait
+                    && pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header())
+                {
                     ctx.body_wait = Some(wait);
                     session.set_read_timeout(Some(route_wait));
                 } else {
