@@ -9,6 +9,7 @@ COPY Cargo.toml Cargo.lock clippy.toml rustfmt.toml ./
 COPY src ./src
 COPY tests ./tests
 COPY benches ./benches
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin tollgate
 
 FROM debian:bookworm-slim

@@ -1686,3 +1686,79 @@ async fn an_http_1_0_client_gets_no_informational_answer() {
     .unwrap();
     assert!(new.starts_with("HTTP/1.1 103") && new.contains("HTTP/1.1 200"), "{new}");
 }
+
+/// A WebSocket carries both ways, however quickly its upstream says `101`: an upstream whose
+/// answer is there before the gateway has finished with the request's own (empty) body once got
+/// the tunnel torn down right after the `101` (cloudflare/pingora#946), about every other time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_carries_both_ways_however_fast_its_upstream_answers() {
+    // Says `101` as soon as a connection comes, then echoes what arrives after the request head.
+    let ws = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ws_port = ws.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in ws.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let mut chunk = [0u8; 256];
+                while let Ok(n @ 1..) = conn.read(&mut chunk) {
+                    if conn.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut w = World::with_routes(&format!(
+        "  - {{ name: ws, path: /ws, upstream: \"127.0.0.1:{ws_port}\", org: acme, project: shop, \
+         environment: production }}\n"
+    ))
+    .await;
+    let user = w.user("acme", "ws@acme.io", Role::Viewer, serde_json::json!({})).await;
+    let token = w.pat(&user, TokenSpec::default()).await;
+    let addr = w.gateway.addr();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        (0..64)
+            .map(|i| {
+                use std::io::{Read, Write};
+                let mut client = std::net::TcpStream::connect(addr).unwrap();
+                client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let head = format!(
+                    "GET /ws/{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                );
+                client.write_all(head.as_bytes()).unwrap();
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let mut sent = false;
+                let ping = format!("ping {i}");
+                loop {
+                    if !sent && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        // The 101 is in: the client speaks first.
+                        client.write_all(ping.as_bytes()).unwrap();
+                        sent = true;
+                    }
+                    if String::from_utf8_lossy(&got).ends_with(&ping) {
+                        break format!("ok {i}");
+                    }
+                    match client.read(&mut chunk) {
+                        Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        end => break format!("{i}: {:?} then {end:?}", String::from_utf8_lossy(&got)),
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.starts_with("ok")).collect();
+    assert!(failed.is_empty(), "{} of 64 cut: {failed:#?}", failed.len());
+}
