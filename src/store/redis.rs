@@ -354,7 +354,7 @@ impl Backend for RedisBackend {
         let mut reconnected = self.reconnects.subscribe();
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
-        let timeout = self.timeout;
+        let wait = self.timeout.min(HEARTBEAT);
         // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered
         // (or is answered with an error), the server turns out to be a replica, this instance
         // connects anew for changes and reads (a failover it met), or the receiver is gone; the
@@ -383,9 +383,15 @@ impl Backend for RedisBackend {
                         }
                     }
                     _ = beat.tick() => {
-                        let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
-                        let answered = matches!(pong, Ok(Ok(ref v)) if !matches!(v, redis::Value::ServerError(_)));
-                        if !answered || tx.is_closed() || !probe.primary().await {
+                        // Each beat waits no longer than a beat (or the store timeout, if that is
+                        // shorter) for its answers: a feed gone dark without closing stops the
+                        // cache within two beats, whatever `store.timeout` is.
+                        let ping = tokio::time::timeout(wait, sink.ping::<redis::Value>()).await;
+                        let answered = matches!(ping, Ok(Ok(ref v)) if !matches!(v, redis::Value::ServerError(_)));
+                        if !answered
+                            || tx.is_closed()
+                            || !tokio::time::timeout(wait, probe.primary()).await.unwrap_or(false)
+                        {
                             return;
                         }
                     }
