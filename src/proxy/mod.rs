@@ -292,8 +292,20 @@ pub(crate) fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
     let cut: Vec<String> = path
         .split('/')
         .map(|segment| {
-            let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-            crate::token::redacted(&decoded).unwrap_or_else(|| segment.to_string())
+            // Decoded for as long as that changes it: a client that escaped an escaped URL sent
+            // `%2574gp_…`, which one decoding leaves as `%74gp_…`. (Each round that changes it
+            // takes an escape away.)
+            let mut form = std::borrow::Cow::Borrowed(segment);
+            loop {
+                if let Some(cut) = crate::token::redacted(&form) {
+                    return cut;
+                }
+                let decoded = percent_encoding::percent_decode_str(&form).decode_utf8_lossy();
+                if decoded == form {
+                    return segment.to_string();
+                }
+                form = std::borrow::Cow::Owned(decoded.into_owned());
+            }
         })
         .collect();
     std::borrow::Cow::Owned(cut.join("/"))
@@ -734,6 +746,12 @@ mod tests {
             (format!("/x;key={token}/y"), "/tgp_AbCdEf…/y".to_string()),
             (format!("/shop/{}", token.replacen('_', "%5F", 1)), "/shop/tgp_AbCdEf…".to_string()),
             (format!("/shop/%74{}", &token[1..]), "/shop/tgp_AbCdEf…".to_string()),
+            // Encoded twice or more, as a client that escapes an escaped URL sends it.
+            (format!("/shop/%2574{}", &token[1..]), "/shop/tgp_AbCdEf…".to_string()),
+            (
+                format!("/shop/%252574{}", token[1..].replacen('_', "%255F", 1)),
+                "/shop/tgp_AbCdEf…".to_string(),
+            ),
             ("/cb;jwt=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln".to_string(), "/eyJ…".to_string()),
             ("/caf%C3%A9/menu".to_string(), "/caf%C3%A9/menu".to_string()),
         ] {
