@@ -188,7 +188,7 @@ enum Command {
         /// Only entries about this token.
         #[arg(long)]
         token_id: Option<String>,
-        /// Most entries to show.
+        /// Most entries to show, newest first.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
@@ -1025,6 +1025,14 @@ impl Api {
                         })
                         .collect::<Vec<_>>();
                     table(&["TIME", "ACTOR", "ACTION", "TARGET", "TOKEN", "REASON", "DETAILS"], &rows);
+                    if events.len() >= limit {
+                        // Said on stderr, beside the table a script may read: older entries exist.
+                        use std::io::Write;
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "(the newest {limit} entries: older ones may exist; `--limit` shows more)"
+                        );
+                    }
                 })
             }
             Command::Serve { .. }

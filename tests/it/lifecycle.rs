@@ -400,6 +400,12 @@ async fn a_user_issues_lists_and_revokes_tokens_by_id_and_by_display_name() {
     let table = admin.run(&["audit", "--token-id", &admin.token[..10]]).ok();
     let by = format!("admin@acme.io ({})", &admin.token[..10]);
     assert!(table.lines().any(|l| l.contains("user.add") && l.contains(&by)), "{table}");
+    // A list cut at `--limit` says so, beside the table (stderr); a whole one says nothing.
+    let cut = admin.run(&["audit", "--limit", "1"]);
+    assert!(cut.ok && cut.stdout.lines().count() == 2, "{cut:?}");
+    assert!(cut.stderr.contains("the newest 1 entries") && cut.stderr.contains("--limit"), "{cut:?}");
+    let whole = admin.run(&["audit", "--limit", "1000"]);
+    assert!(whole.ok && whole.stderr.is_empty(), "{whole:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
