@@ -163,6 +163,16 @@ impl ConfigWatcher {
             );
             return Vec::new();
         }
+        // Nor is `routes:` with nothing after it, as a file being written ends a moment before
+        // its routes come (`routes: []` serves none).
+        if crate::config::leaves_routes_empty(&text) {
+            tracing::error!(
+                path = %self.path.display(),
+                why,
+                "config reload refused: `routes:` holds nothing (a file being written? `routes: []` serves none); the running config stays"
+            );
+            return Vec::new();
+        }
         match Config::parse_reload(&text, &self.started) {
             Ok(new) => {
                 // Compared with what runs, not with the last file: a setting put back is no

@@ -512,6 +512,7 @@ impl Config {
 
     /// [`Config::parse`], `also_own` being listeners of this gateway besides the file's.
     fn parse_with(text: &str, also_own: &[SocketAddr]) -> Result<Config, ConfigError> {
+        let text = without_bom(text);
         let mut issues = Vec::new();
         let Some((raw, unreadable)) = raw::read(text, &mut issues) else {
             return Err(ConfigError { issues });
@@ -528,11 +529,27 @@ impl Config {
 /// Whether config text sets nothing: empty, only comments, or a document that is null or an empty
 /// mapping (`---`, `null`, `{}`). Such a file is a valid config with every default and no routes.
 pub fn sets_nothing(text: &str) -> bool {
-    match serde_yaml::from_str::<serde_yaml::Value>(text) {
+    match serde_yaml::from_str::<serde_yaml::Value>(without_bom(text)) {
         Ok(serde_yaml::Value::Null) => true,
         Ok(serde_yaml::Value::Mapping(m)) => m.is_empty(),
         _ => false,
     }
+}
+
+/// Whether config text names `routes` and gives it nothing (`routes:` ending the file, or
+/// `routes: null`): a valid config with no routes, but on a reload the end of a file being
+/// written (`routes: []` says "none").
+pub fn leaves_routes_empty(text: &str) -> bool {
+    matches!(
+        serde_yaml::from_str::<serde_yaml::Value>(without_bom(text)),
+        Ok(serde_yaml::Value::Mapping(m)) if m.get("routes").is_some_and(serde_yaml::Value::is_null)
+    )
+}
+
+/// Config text without the byte order mark some editors write before it (Windows' own, and
+/// PowerShell 5's `-Encoding utf8`; YAML allows one): serde_yaml would read it as a first document.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// The methods a route's `permissions` knows by name: IANA's HTTP method registry (the standard

@@ -466,15 +466,22 @@ fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
     let message = error.to_string();
     // serde_yaml names the path in its message too: say it once.
     let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
-    // A value under `store`, or an upstream address, may be a URL with a password: the message
-    // never repeats it.
+    // A value under `store`, or an upstream address, may be a URL with a password, and one given
+    // for `secret_file` or `secret_env` may be the secret itself: the message never repeats it,
+    // quoted as a string ("…") or as a number too large to read (`…`, a hex one in decimal).
     let secretive = path == "store"
         || path.starts_with("store.")
-        || path.split('.').any(|step| matches!(step.split('[').next(), Some("upstream" | "upstreams")));
+        || path.split('.').any(|step| {
+            matches!(step.split('[').next(), Some("upstream" | "upstreams" | "secret_file" | "secret_env"))
+        });
     // A repeated key's name is no value.
     let secretive = secretive && !message.starts_with("duplicate entry with key");
-    let message = match (secretive, message.find('"'), message.rfind('"')) {
-        (true, Some(open), Some(close)) if close > open => {
+    let quoted = ['"', '`'].into_iter().find_map(|q| {
+        let (open, close) = (message.find(q)?, message.rfind(q)?);
+        (close > open).then_some((open, close))
+    });
+    let message = match (secretive, quoted) {
+        (true, Some((open, close))) => {
             format!("{}(value not shown){}", &message[..open], &message[close + 1..])
         }
         _ => message,

@@ -382,6 +382,16 @@ fn files_that_set_nothing_are_known() {
     for text in ["threads: 2", "routes: []", "[]", "listen: [", "x"] {
         assert!(!sets_nothing(text), "{text:?}");
     }
+    // `routes:` given nothing, as a file being written ends before its routes come.
+    for text in ["threads: 2\nroutes:\n", "routes: null", "\u{feff}threads: 2\nroutes: ~\n"] {
+        assert!(leaves_routes_empty(text), "{text:?}");
+        assert_eq!(Config::parse(text).unwrap().routes.iter().count(), 0, "{text:?}");
+    }
+    for text in
+        ["threads: 2", "routes: []", "routes:\n  - { path: /a, upstream: '127.0.0.1:1', auth: none }", "x"]
+    {
+        assert!(!leaves_routes_empty(text), "{text:?}");
+    }
 }
 
 #[test]
@@ -649,6 +659,33 @@ fn a_store_value_of_the_wrong_type_is_not_repeated_in_the_error() {
         errs.iter().any(|e| e.contains("threads") && e.contains("\"two\"")),
         "other values are quoted: {errs:#?}"
     );
+}
+
+#[test]
+fn a_secret_written_as_a_number_is_not_repeated_in_the_error() {
+    // YAML reads an unquoted run of digits (or `0x…`, `0o…`) as an integer, one beyond 64 bits
+    // fails to read, and its message quotes it (in decimal, for a hex one) in backticks.
+    for (key, value, shown) in [
+        ("secret_env", "12345678901234567890123456789012", "12345678901234567890123456789012"),
+        ("secret_file", "0x9f3a77b2c1d4e5f60718293a4b5c6d7e", "211650832316940391011605355563675577726"),
+    ] {
+        let yaml = format!(
+            "jwt:\n  signing_key: hs\n  keys:\n    - {{ kid: hs, algorithm: HS256, {key}: {value} }}\n"
+        );
+        let errs = errors(&yaml);
+        assert!(errs.iter().any(|e| e.contains(key) && e.contains("(value not shown)")), "{errs:#?}");
+        assert!(!errs.iter().any(|e| e.contains(shown) || e.contains(value)), "{errs:#?}");
+    }
+    let errs = errors("store: { redis: { url: 123456789012345678901234567890 } }\n");
+    assert!(errs.iter().any(|e| e.contains("(value not shown)")), "{errs:#?}");
+    assert!(!errs.iter().any(|e| e.contains("1234567890123")), "{errs:#?}");
+}
+
+#[test]
+fn a_byte_order_mark_before_the_config_is_no_second_document() {
+    // Windows editors and PowerShell 5's `-Encoding utf8` write one; YAML allows it.
+    let c = Config::parse(&format!("\u{feff}{}", GOOD.trim_start())).expect("read as without it");
+    assert_eq!(c.listen.port(), 18080);
 }
 
 #[test]

@@ -604,6 +604,15 @@ async fn reloads_under_load_drop_nothing_add_routes_and_refuse_invalid_configs()
     });
     assert!(refused.await, "{}", w.gateway.log_text());
     assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
+    // So is one whose routes have not come yet: everything up to `routes:`, as a file being
+    // written stands for a moment.
+    let cut = &added[..added.find("routes:").unwrap() + "routes:\n".len()];
+    std::fs::write(&w.gateway.config_path, cut).unwrap();
+    let refused = eventually(std::time::Duration::from_secs(5), || async {
+        w.gateway.log_text().contains("config reload refused: `routes:` holds nothing")
+    });
+    assert!(refused.await, "{}", w.gateway.log_text());
+    assert_eq!(w.http.get(w.gateway.url("/added/x")).send().await.unwrap().status(), 200);
 
     // A setting that applies only after a restart is applied with the rest, and the log says so.
     let resized = added.replace("cache: { capacity: 1000,", "cache: { capacity: 2000,");
