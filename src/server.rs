@@ -152,24 +152,14 @@ impl ConfigWatcher {
                 return Vec::new();
             }
         };
-        // A file with no settings (empty, only comments, `---`, `{}`, `null`) is a valid config
-        // with no routes; on a reload it is a file being written (or a mistake), never a wish to
-        // refuse every request.
-        if crate::config::sets_nothing(&text) {
+        // A file with no settings (empty, only comments, `---`, `{}`, `null`), or whose `routes:`
+        // holds nothing, is a valid config with no routes; on a reload it is a file being written
+        // (or a mistake), never a wish to refuse every request.
+        if let Some(refusal) = crate::config::reload_refusal(&text) {
             tracing::error!(
                 path = %self.path.display(),
                 why,
-                "config reload refused: the file sets nothing (empty, only comments, `{{}}` or `null`); the running config stays"
-            );
-            return Vec::new();
-        }
-        // Nor is `routes:` with nothing after it, as a file being written ends a moment before
-        // its routes come (`routes: []` serves none).
-        if crate::config::leaves_routes_empty(&text) {
-            tracing::error!(
-                path = %self.path.display(),
-                why,
-                "config reload refused: `routes:` holds nothing (a file being written? `routes: []` serves none); the running config stays"
+                "config reload refused: {refusal}; the running config stays"
             );
             return Vec::new();
         }
@@ -594,7 +584,7 @@ mod tests {
     fn a_reload_that_sets_nothing_keeps_the_running_config() {
         let dir = tempfile::tempdir().unwrap();
         let w = watcher(dir.path(), "threads: 3\n");
-        for text in ["", "# soon\n", "---\n", "{}\n", "null\n"] {
+        for text in ["", "# soon\n", "---\n", "{}\n", "null\n", "threads: 5\nroutes:\n"] {
             std::fs::write(&w.path, text).unwrap();
             w.reload("test");
             assert_eq!(w.config.load().threads, 3, "{text:?}");

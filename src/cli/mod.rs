@@ -1025,7 +1025,7 @@ impl Api {
                         })
                         .collect::<Vec<_>>();
                     table(&["TIME", "ACTOR", "ACTION", "TARGET", "TOKEN", "REASON", "DETAILS"], &rows);
-                    if events.len() >= limit {
+                    if limit > 0 && events.len() >= limit {
                         // Said on stderr, beside the table a script may read: older entries exist.
                         use std::io::Write;
                         let _ = writeln!(

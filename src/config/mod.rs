@@ -526,25 +526,22 @@ impl Config {
     }
 }
 
-/// Whether config text sets nothing: empty, only comments, or a document that is null or an empty
-/// mapping (`---`, `null`, `{}`). Such a file is a valid config with every default and no routes.
-pub fn sets_nothing(text: &str) -> bool {
+/// Why a reload does not take config text that is valid at start (where it means no routes), if
+/// it does not: a file that sets nothing (empty, only comments, or a document that is null or an
+/// empty mapping: `---`, `null`, `{}`), or that names `routes` and gives it nothing (`routes:`
+/// ending the file): a file being written, or a mistake, never a wish to refuse every request.
+pub fn reload_refusal(text: &str) -> Option<&'static str> {
     match serde_yaml::from_str::<serde_yaml::Value>(without_bom(text)) {
-        Ok(serde_yaml::Value::Null) => true,
-        Ok(serde_yaml::Value::Mapping(m)) => m.is_empty(),
-        _ => false,
+        Ok(serde_yaml::Value::Null) => Some(SETS_NOTHING),
+        Ok(serde_yaml::Value::Mapping(m)) if m.is_empty() => Some(SETS_NOTHING),
+        Ok(serde_yaml::Value::Mapping(m)) if m.get("routes").is_some_and(serde_yaml::Value::is_null) => {
+            Some("`routes:` holds nothing (a file being written? `routes: []` serves none)")
+        }
+        _ => None,
     }
 }
 
-/// Whether config text names `routes` and gives it nothing (`routes:` ending the file, or
-/// `routes: null`): a valid config with no routes, but on a reload the end of a file being
-/// written (`routes: []` says "none").
-pub fn leaves_routes_empty(text: &str) -> bool {
-    matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(without_bom(text)),
-        Ok(serde_yaml::Value::Mapping(m)) if m.get("routes").is_some_and(serde_yaml::Value::is_null)
-    )
-}
+const SETS_NOTHING: &str = "the file sets nothing (empty, only comments, `{}` or `null`)";
 
 /// Config text without the byte order mark some editors write before it (Windows' own, and
 /// PowerShell 5's `-Encoding utf8`; YAML allows one): serde_yaml would read it as a first document.

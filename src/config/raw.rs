@@ -476,10 +476,13 @@ fn type_error(path: String, error: serde_yaml::Error) -> ConfigIssue {
         });
     // A repeated key's name is no value.
     let secretive = secretive && !message.starts_with("duplicate entry with key");
-    let quoted = ['"', '`'].into_iter().find_map(|q| {
-        let (open, close) = (message.find(q)?, message.rfind(q)?);
-        (close > open).then_some((open, close))
-    });
+    // A string is quoted to its last `"` (it may hold escaped ones); a number is the first span
+    // in backticks (a later one would be what was expected).
+    let quoted = match (message.find('"'), message.rfind('"'), message.find('`')) {
+        (Some(open), Some(close), _) if close > open => Some((open, close)),
+        (_, _, Some(open)) => message[open + 1..].find('`').map(|len| (open, open + 1 + len)),
+        _ => None,
+    };
     let message = match (secretive, quoted) {
         (true, Some((open, close))) => {
             format!("{}(value not shown){}", &message[..open], &message[close + 1..])

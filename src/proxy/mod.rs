@@ -293,10 +293,11 @@ pub(crate) fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
         .split('/')
         .map(|segment| {
             // Decoded for as long as that changes it: a client that escaped an escaped URL sent
-            // `%2574gp_…`, which one decoding leaves as `%74gp_…`. (Each round that changes it
-            // takes an escape away.)
+            // `%2574gp_…`, which one decoding leaves as `%74gp_…`. A few rounds at most: a
+            // segment still changing after them (`%252525…`, each round a pass over it) is not
+            // shown, rather than read again and again on every request that sends one.
             let mut form = std::borrow::Cow::Borrowed(segment);
-            loop {
+            for round in 0..=DECODINGS {
                 if let Some(cut) = crate::token::redacted(&form) {
                     return cut;
                 }
@@ -304,12 +305,19 @@ pub(crate) fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
                 if decoded == form {
                     return segment.to_string();
                 }
+                if round == DECODINGS {
+                    break;
+                }
                 form = std::borrow::Cow::Owned(decoded.into_owned());
             }
+            "…".to_string()
         })
         .collect();
     std::borrow::Cow::Owned(cut.join("/"))
 }
+
+/// How many times [`loggable_path`] percent-decodes a segment, looking for a token in each form.
+const DECODINGS: usize = 4;
 
 /// An error as logs show it: where and what, and the system's reason (`Connection refused`), but
 /// never its context, which for a head Pingora could not parse quotes the head (an upstream's
@@ -754,6 +762,13 @@ mod tests {
             ),
             ("/cb;jwt=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln".to_string(), "/eyJ…".to_string()),
             ("/caf%C3%A9/menu".to_string(), "/caf%C3%A9/menu".to_string()),
+            ("/100%25/off".to_string(), "/100%25/off".to_string()),
+            // Escaped more times than it is decoded: not shown, token or not.
+            (format!("/a/%2525252525{}/b", "41".repeat(3)), "/a/…/b".to_string()),
+            (format!("/shop/%2525252574{}", &token[1..]), "/shop/…".to_string()),
+            // Escaped as many times as it is decoded: shown as it is, or as a token's id.
+            ("/a/%252525%2541".to_string(), "/a/%252525%2541".to_string()),
+            (format!("/shop/%25252574{}", &token[1..]), "/shop/tgp_AbCdEf…".to_string()),
         ] {
             let shown = loggable_path(&path);
             assert_eq!(shown, logged.as_str(), "{path}");

@@ -361,6 +361,8 @@ impl Backend for RedisBackend {
         // cache then treats the channel as lost.
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(HEARTBEAT);
+            // A beat that took long (its answers waited for) is not followed by a burst of them.
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = reconnected.changed() => {
