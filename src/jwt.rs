@@ -323,9 +323,10 @@ fn header_claims(claims: &EphemeralClaims) -> bool {
         && claims.email.as_deref().is_none_or(is_claim_text)
 }
 
-/// 1 to 256 printable ASCII characters: what a claim that travels in a header may be.
+/// 1 to 256 printable ASCII characters, no space at either end: what a claim that travels in a
+/// header may be (one an upstream reads as it was sent).
 pub(crate) fn is_claim_text(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 256 && crate::proxy::headers::is_header_text(s)
+    !s.is_empty() && s.len() <= 256 && crate::proxy::headers::arrives_unchanged(s)
 }
 
 /// The claims of the identity JWT a route can send to its upstream (`X-Auth-Jwt`).

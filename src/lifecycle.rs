@@ -365,6 +365,29 @@ pub struct TokenSpec {
 const EMPTY_ENVIRONMENTS: &str =
     "an environment list names at least one environment (leave it out for every environment)";
 
+/// Whose rights a new token's are checked against ([`Lifecycle::spec`]), as a refusal names them.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    /// The caller's own token (their PAT, a rotation of it).
+    Caller,
+    /// A user's, issued by an admin.
+    User,
+    /// A service's.
+    Service,
+}
+
+impl Holder {
+    /// "you hold", or the owner's, through the caller's token where that is narrowed.
+    fn holds(self, actor: &Actor) -> String {
+        let through = if actor.scope.is_some() { " through your token" } else { "" };
+        match self {
+            Holder::Caller => "you hold".into(),
+            Holder::User => format!("the user holds{through}"),
+            Holder::Service => format!("the service holds{through}"),
+        }
+    }
+}
+
 /// What a token is made as, which decides what its unset scope or environments mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Making {
@@ -535,7 +558,14 @@ impl<'a> Lifecycle<'a> {
 
     /// Validates a token's settings against the config and the caller's rights. Where `wanted`
     /// leaves the scope or the environments unset, `making` says what that means.
-    fn spec(&self, actor: &Actor, wanted: TokenSpec, making: Making, now: Millis) -> Result<TokenSpec> {
+    fn spec(
+        &self,
+        actor: &Actor,
+        holder: Holder,
+        wanted: TokenSpec,
+        making: Making,
+        now: Millis,
+    ) -> Result<TokenSpec> {
         let TokenSpec { display_name, scope, mut environments, expires_at } = wanted;
         if let Some(envs) = &mut environments {
             once_each(envs);
@@ -566,8 +596,9 @@ impl<'a> Lifecycle<'a> {
         };
         if !inherited && !held.contains(wanted) {
             return Err(LifecycleError::Forbidden(format!(
-                "the token would have more rights ({}) than you hold ({}){}",
+                "the token would have more rights ({}) than {} ({}){}",
                 policy.names_of(wanted),
+                holder.holds(actor),
                 policy.names_of(held),
                 match making {
                     Making::Rotation { .. } => "; give a narrower --scope, or use a token that holds them",
@@ -761,7 +792,11 @@ impl<'a> Lifecycle<'a> {
         now: Millis,
     ) -> Result<(NewToken, TokenRecord)> {
         let owner_actor = Actor { roles, ..actor.clone() };
-        let spec = self.spec(&owner_actor, wanted, Making::New, now)?;
+        let holder = match owner {
+            Owner::User(_) => Holder::User,
+            Owner::Service(_) => Holder::Service,
+        };
+        let spec = self.spec(&owner_actor, holder, wanted, Making::New, now)?;
         self.mint(org, owner, spec).await
     }
 
@@ -790,7 +825,7 @@ impl<'a> Lifecycle<'a> {
             .clone()
             .ok_or_else(|| LifecycleError::Forbidden("only users have personal access tokens".into()))?;
         let now = now_millis();
-        let spec = self.spec(actor, self.wanted(req, now)?, Making::New, now)?;
+        let spec = self.spec(actor, Holder::Caller, self.wanted(req, now)?, Making::New, now)?;
         let owner = Owner::User(user_id);
         let room = self.room_for_a_token(&owner, now).await?;
         let (new, record) = self.mint(&actor.org, owner, spec).await?;
@@ -1174,7 +1209,12 @@ impl<'a> Lifecycle<'a> {
             environments: req.environments.or_else(|| old.environments.clone()),
             expires_at,
         };
-        let spec = self.spec(&owner_actor, wanted, Making::Rotation { scope_kept, envs_kept }, now)?;
+        let holder = match &old.owner {
+            Owner::Service(sid) if actor.service_id.as_ref() != Some(sid) => Holder::Service,
+            _ => Holder::Caller,
+        };
+        let spec =
+            self.spec(&owner_actor, holder, wanted, Making::Rotation { scope_kept, envs_kept }, now)?;
         let (new, record) = self.mint(&old.org, old.owner.clone(), spec).await?;
         old.revoked = Some(Box::new(Revocation {
             at: now + grace * 1000,
@@ -1979,6 +2019,11 @@ const MAX_ATTRIBUTES_BYTES: usize = 4096;
 /// Deepest nesting of lists and objects inside an attribute value.
 const MAX_ATTRIBUTES_DEPTH: usize = 16;
 
+/// How many attributes a user, a service or an end user has at most: each scalar one travels in a
+/// header of its own, beside the 13 identity headers and the client's, and upstream servers
+/// commonly refuse a request of more than 100 headers (hyper's and gunicorn's bound).
+const MAX_ATTRIBUTES: usize = 50;
+
 /// Longest reason for a revocation, suspension or removal, in characters.
 const MAX_REASON_CHARS: usize = 500;
 
@@ -2007,11 +2052,20 @@ pub(crate) fn refuse_credential(what: &str, text: &str) -> Result<()> {
     }
 }
 
-/// A user's, a service's or an end user's attributes: at most [`MAX_ATTRIBUTES_BYTES`] of JSON.
+/// A user's, a service's or an end user's attributes: at most [`MAX_ATTRIBUTES`] of them, in at
+/// most [`MAX_ATTRIBUTES_BYTES`] of JSON.
 fn check_attributes(attributes: &Attributes) -> Result<()> {
     // Measured as it travels: non-ASCII escaped (`\uXXXX`), as in `X-Auth-Attributes`.
     let json = crate::proxy::headers::ascii_json(attributes);
     refuse_credential("the attributes", &json)?;
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(LifecycleError::Invalid(format!(
+            "at most {MAX_ATTRIBUTES} attributes ({} given): each scalar one travels in a header of its own, and \
+             upstream servers commonly refuse a request of more than 100 headers; group them under \
+             one key (an object) instead",
+            attributes.len()
+        )));
+    }
     if json.len() > MAX_ATTRIBUTES_BYTES {
         return Err(LifecycleError::Invalid(format!(
             "attributes are at most {MAX_ATTRIBUTES_BYTES} bytes of JSON, non-ASCII characters \

@@ -71,7 +71,10 @@ pub fn is_credential_id(id: &str) -> bool {
 
 fn header_text(what: &str, value: &str) -> Result<()> {
     if !crate::jwt::is_claim_text(value) {
-        return Err(LifecycleError::Invalid(format!("{what} must be 1 to 256 printable ASCII characters")));
+        return Err(LifecycleError::Invalid(format!(
+            "{what} must be 1 to 256 printable ASCII characters, with no space at either end (it \
+             travels in a header, whose value an upstream reads without them)"
+        )));
     }
     Ok(())
 }
@@ -128,8 +131,13 @@ impl Lifecycle<'_> {
             let wanted = policy.set_of(&s.permissions);
             if !held.contains(wanted) {
                 return Err(LifecycleError::Forbidden(format!(
-                    "the credential would have more rights ({}) than the service holds on project {project:?} ({})",
+                    "the credential would have more rights ({}) than {} on project {project:?} ({})",
                     policy.names_of(wanted),
+                    if actor.scope.is_some() {
+                        "this token of the service holds"
+                    } else {
+                        "the service holds"
+                    },
                     policy.names_of(held)
                 )));
             }

@@ -849,7 +849,7 @@ fn attr_headers(
 
 /// The text of an attribute that travels in a header of its own (`<prefix>attr-<key>`): a string,
 /// number or boolean under a non-empty ASCII key (other characters would be lost in the name),
-/// whose text can be a header value as it is. Every other one travels in `X-Auth-Attributes` only.
+/// whose text arrives as it is sent ([`arrives_unchanged`]). Every other one travels in `X-Auth-Attributes` only.
 pub(crate) fn own_header_text(key: &str, value: &serde_json::Value) -> Option<String> {
     let text = match value {
         serde_json::Value::String(s) => s.clone(),
@@ -862,7 +862,14 @@ pub(crate) fn own_header_text(key: &str, value: &serde_json::Value) -> Option<St
 
 /// See [`own_header_text`].
 fn own_header(key: &str, text: &str) -> bool {
-    !key.is_empty() && key.is_ascii() && is_header_text(text)
+    !key.is_empty() && key.is_ascii() && arrives_unchanged(text)
+}
+
+/// Whether `s` reaches an upstream as it is sent in a header value: printable ASCII, with no
+/// space at either end (an HTTP parser drops those: RFC 9110, section 5.5), so that ` gold` and
+/// `gold` do not arrive as one.
+pub(crate) fn arrives_unchanged(s: &str) -> bool {
+    is_header_text(s) && !s.starts_with(' ') && !s.ends_with(' ')
 }
 
 /// The name an attribute's header has after `<prefix>attr-`: letters and digits in lower case,
@@ -898,6 +905,23 @@ pub fn ascii_json<T: serde::Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attribute_has_a_header_of_its_own_only_where_an_upstream_reads_it_as_sent() {
+        use serde_json::json;
+        assert_eq!(own_header_text("tier", &json!("gold")).as_deref(), Some("gold"));
+        assert_eq!(own_header_text("n", &json!(7)).as_deref(), Some("7"));
+        assert_eq!(own_header_text("flag", &json!(false)).as_deref(), Some("false"));
+        assert_eq!(own_header_text("tenant", &json!("a b")).as_deref(), Some("a b"));
+        // A space at an end would be dropped by the upstream's parser (` victim ` as `victim`).
+        for v in
+            [json!(" victim"), json!("victim "), json!(" "), json!("Zürich"), json!(null), json!({"a": 1})]
+        {
+            assert_eq!(own_header_text("tenant", &v), None, "{v}");
+        }
+        assert_eq!(own_header_text("Zone", &json!("x")).as_deref(), Some("x"));
+        assert_eq!(own_header_text("Zóne", &json!("x")), None);
+    }
 
     #[test]
     fn upstream_headers_keep_the_client_s_headers_but_never_its_identity_or_credential() {

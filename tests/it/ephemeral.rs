@@ -392,7 +392,14 @@ async fn minting_refuses_what_the_service_may_not_grant() {
             "more rights (read,write,execute)",
         ),
         (&viewer, "acme", "shop", with(json!({"scope": "read"})), 201, ""),
-        (&editor_read, "acme", "shop", with(json!({"permissions": ["write"]})), 403, "more rights (write)"),
+        (
+            &editor_read,
+            "acme",
+            "shop",
+            with(json!({"permissions": ["write"]})),
+            403,
+            "more rights (write) than this token of the service holds",
+        ),
         (&editor_read, "acme", "shop", with(json!({"environments": ["production"]})), 403, "environment"),
         (&viewer, "acme", "blog", attrs.clone(), 403, "no permissions on project"),
         (&viewer, "acme", "nowhere", attrs.clone(), 404, "not found"),
@@ -421,6 +428,18 @@ async fn minting_refuses_what_the_service_may_not_grant() {
         ),
         (&viewer, "acme", "shop", json!({"user_email": "ann@acme.io", "subject": "ANN@acme.io"}), 201, ""),
         (&viewer, "acme", "shop", with(json!({"subject": "carol@elsewhere.io"})), 201, ""),
+        // `alice ` would reach the upstream as `alice`: two end users as one.
+        (&viewer, "acme", "shop", with(json!({"subject": "alice "})), 400, "no space at either end"),
+        (&viewer, "acme", "shop", with(json!({"subject": " alice"})), 400, "no space at either end"),
+        // Each a header of its own: more than upstream servers take in one request.
+        (
+            &viewer,
+            "acme",
+            "shop",
+            json!({"attributes": (0..51).map(|i| (format!("k{i}"), json!(1))).collect::<serde_json::Map<_, _>>()}),
+            400,
+            "at most 50 attributes (51 given)",
+        ),
     ];
     for (caller, org, project, body, want, reason) in cases {
         let (status, answer) = mint(&w, &w.gateway, caller, org, project, body.clone()).await;

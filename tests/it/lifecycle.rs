@@ -704,7 +704,7 @@ async fn nobody_grants_more_than_they_hold() {
     let err = viewer.run(&["service", "create", "sneaky", "--org-role", "viewer"]).failed();
     assert!(err.contains("editor role"), "{err}");
     let err = viewer.run(&["token", "issue", "--scope", "admin"]).failed();
-    assert!(err.contains("more rights"), "{err}");
+    assert!(err.contains("more rights") && err.contains("than you hold ("), "{err}");
     // The viewer's own default token can only read.
     let token = viewer.run(&["token", "issue"]).token();
     assert_eq!(status(&w, reqwest::Method::POST, "/shop", &token).await, 403);
@@ -1274,7 +1274,7 @@ async fn a_service_whose_tokens_are_gone_is_issued_a_new_one() {
 
     // Within the service's roles, and only for those who manage it.
     let err = admin.run(&["token", "issue", "--service", "nightly", "--scope", "admin"]).failed();
-    assert!(err.contains("more rights"), "{err}");
+    assert!(err.contains("more rights") && err.contains("than the service holds ("), "{err}");
     let viewer = add_user(&admin, "vic@acme.io", "viewer");
     let err = viewer.run(&["token", "issue", "--service", "nightly"]).failed();
     assert!(err.contains("only org admins and the service's creator"), "{err}");
