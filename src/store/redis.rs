@@ -354,7 +354,7 @@ impl Backend for RedisBackend {
         let mut reconnected = self.reconnects.subscribe();
         let (mut sink, mut messages) = pubsub.split();
         let (tx, rx) = tokio::sync::mpsc::channel::<Invalidation>(1024);
-        let wait = self.timeout.min(HEARTBEAT);
+        let timeout = self.timeout;
         // The pump ends (and so the stream) when the connection drops, a heartbeat goes unanswered
         // (or is answered with an error), the server turns out to be a replica, this instance
         // connects anew for changes and reads (a failover it met), or the receiver is gone; the
@@ -385,15 +385,12 @@ impl Backend for RedisBackend {
                         }
                     }
                     _ = beat.tick() => {
-                        // Each beat waits no longer than a beat (or the store timeout, if that is
-                        // shorter) for its answers: a feed gone dark without closing stops the
-                        // cache within two beats, whatever `store.timeout` is.
-                        let ping = tokio::time::timeout(wait, sink.ping::<redis::Value>()).await;
-                        let answered = matches!(ping, Ok(Ok(ref v)) if !matches!(v, redis::Value::ServerError(_)));
-                        if !answered
-                            || tx.is_closed()
-                            || !tokio::time::timeout(wait, probe.primary()).await.unwrap_or(false)
-                        {
+                        // Answered within the store timeout, as every store call is: a shorter
+                        // bound would end the feed, and drop the cache, whenever a busy machine
+                        // (or a Redis an operator gave a longer timeout) is slower than it.
+                        let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                        let answered = matches!(pong, Ok(Ok(ref v)) if !matches!(v, redis::Value::ServerError(_)));
+                        if !answered || tx.is_closed() || !probe.primary().await {
                             return;
                         }
                     }
