@@ -51,6 +51,9 @@ pub enum ApiError {
     /// The calling token's first verification would wait too long.
     #[error("too many new tokens are being verified to check this one now; retry shortly")]
     Busy,
+    /// The store refused the change for want of memory: nothing was changed.
+    #[error("{0}")]
+    StoreFull(String),
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -82,6 +85,7 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::UnansweredToken(u) => ApiError::UnansweredToken(u),
             LifecycleError::Store(StoreError::Unavailable(_)) => ApiError::Unavailable,
             LifecycleError::Store(StoreError::Unanswered(_)) => ApiError::Unanswered,
+            LifecycleError::Store(StoreError::Full(why)) => ApiError::StoreFull(why),
             LifecycleError::Store(StoreError::Conflict(k)) => {
                 ApiError::Conflict(format!("{k} already exists"))
             }
@@ -109,6 +113,8 @@ impl ApiError {
             | ApiError::UnansweredToken(_)
             | ApiError::Busy
             | ApiError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+            // Not 503: retrying does not help until an operator frees memory (no Retry-After).
+            ApiError::StoreFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }

@@ -41,6 +41,10 @@ pub enum StoreError {
     /// A unique key is already taken (duplicate email, service name, token id).
     #[error("{0} already exists")]
     Conflict(String),
+    /// The store refused a change for want of memory (Redis past `maxmemory` under
+    /// `noeviction`): nothing was changed, and retrying does not help until memory is freed.
+    #[error("the store is full: {0}")]
+    Full(String),
     /// A record the change needs does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -353,7 +357,7 @@ impl StoreStats {
     /// Counts a failed call and logs it, at most once a second.
     fn failed(&self, e: &StoreError) {
         match e {
-            StoreError::Unavailable(_) | StoreError::Unanswered(_) => self.errors.inc(),
+            StoreError::Unavailable(_) | StoreError::Unanswered(_) | StoreError::Full(_) => self.errors.inc(),
             StoreError::Corrupt { .. } => self.corrupt.inc(),
             _ => return,
         }

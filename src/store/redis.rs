@@ -250,6 +250,14 @@ impl RedisBackend {
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
+    // Refused before it ran (a write, or a script that may write, under `noeviction`).
+    if e.code() == Some("OOM") {
+        return StoreError::Full(
+            "Redis is out of memory (used memory above maxmemory): nothing was changed; free memory \
+             or raise maxmemory"
+                .into(),
+        );
+    }
     StoreError::Unavailable(e.to_string())
 }
 

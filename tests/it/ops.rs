@@ -1446,3 +1446,40 @@ async fn a_client_that_stops_reading_its_answer_is_let_go() {
     }
     assert!(read < LENGTH, "{read} bytes: the whole answer");
 }
+
+/// A Redis out of memory (past `maxmemory`, evicting nothing, as recommended) refuses changes:
+/// the caller is told so, not that the store is unreachable, and is not asked to retry shortly;
+/// nothing was changed, and once memory is freed the change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_is_told_as_such_and_changes_nothing() {
+    let w = World::start().await;
+    let admin = w.bootstrap_admin("acme").await;
+    let token = admin.run(&["token", "issue", "--display-name", "kept"]).token();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(&mut w.redis.client())
+        .unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query(&mut w.redis.client()).unwrap();
+    let resp = w
+        .http
+        .post(format!("{}/v1/tokens/{}/revoke", w.gateway.admin_url(), &token[..10]))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp.headers().get("retry-after").is_some();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query(&mut w.redis.client()).unwrap();
+    assert_eq!((status, &body["error"]), (507, &serde_json::json!("insufficient_storage")), "{body}");
+    assert!(body["error_description"].as_str().unwrap().contains("out of memory"), "{body}");
+    assert!(!retry, "retrying does not help until memory is freed");
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 200, "nothing was changed");
+    let out = admin.run(&["token", "revoke", &token[..10]]).ok();
+    assert!(out.contains("Revoked"), "{out}");
+    assert_eq!(w.get(&w.gateway, "/shop", &token).await.status(), 401);
+}
