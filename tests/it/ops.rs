@@ -821,12 +821,7 @@ async fn an_upstream_silent_past_its_read_timeout_gets_a_504_and_a_route_may_wai
 async fn serve_warns_when_redis_could_lose_a_revocation() {
     let w = World::start().await;
     assert!(!w.gateway.log_text().contains("not durable"), "AOF with appendfsync always is durable");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("appendfsync")
-        .arg("everysec")
-        .query(&mut w.redis.client())
-        .unwrap();
+    w.redis.config_set("appendfsync", "everysec");
     let second = w.second_gateway();
     let log = second.log_text();
     assert!(log.contains("store is not durable") && log.contains("appendfsync everysec"), "{log}");
@@ -836,8 +831,7 @@ async fn serve_warns_when_redis_could_lose_a_revocation() {
     for (name, value) in
         [("appendfsync", "always"), ("no-appendfsync-on-rewrite", "yes"), ("maxmemory-policy", "allkeys-lru")]
     {
-        let _: () =
-            redis::cmd("CONFIG").arg("SET").arg(name).arg(value).query(&mut w.redis.client()).unwrap();
+        w.redis.config_set(name, value);
     }
     let third = w.second_gateway();
     let log = third.log_text();
@@ -1455,14 +1449,8 @@ async fn a_redis_out_of_memory_is_told_as_such_and_changes_nothing() {
     let w = World::start().await;
     let admin = w.bootstrap_admin("acme").await;
     let token = admin.run(&["token", "issue", "--display-name", "kept"]).token();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .query(&mut w.redis.client())
-        .unwrap();
-    let _: () =
-        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query(&mut w.redis.client()).unwrap();
+    w.redis.config_set("maxmemory-policy", "noeviction");
+    w.redis.config_set("maxmemory", "1");
     let resp = w
         .http
         .post(format!("{}/v1/tokens/{}/revoke", w.gateway.admin_url(), &token[..10]))
@@ -1473,8 +1461,7 @@ async fn a_redis_out_of_memory_is_told_as_such_and_changes_nothing() {
     let status = resp.status().as_u16();
     let retry = resp.headers().get("retry-after").is_some();
     let body: serde_json::Value = resp.json().await.unwrap();
-    let _: () =
-        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query(&mut w.redis.client()).unwrap();
+    w.redis.config_set("maxmemory", "0");
     assert_eq!((status, &body["error"]), (507, &serde_json::json!("insufficient_storage")), "{body}");
     assert!(body["error_description"].as_str().unwrap().contains("out of memory"), "{body}");
     assert!(!retry, "retrying does not help until memory is freed");

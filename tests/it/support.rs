@@ -65,6 +65,16 @@ impl Redis {
         self.server.client()
     }
 
+    /// `CONFIG SET name value` on the server, as an operator would.
+    pub fn config_set(&self, name: &str, value: &str) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut self.client())
+            .expect("CONFIG SET");
+    }
+
     /// How many times a command has run since the last `CONFIG RESETSTAT`.
     pub fn command_calls(&self, command: &str) -> u64 {
         let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.client()).expect("INFO");
